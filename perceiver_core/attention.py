@@ -1,0 +1,164 @@
+"""Attention and MLP blocks: the only place attention math lives.
+
+Numerics follow transformers' ``PerceiverLayer``: pre-LayerNorm (eps 1e-5) on queries and, for
+cross-attention, on the key/value inputs; ``scores = q·kᵀ / sqrt(qk_channels / heads)``; exact-erf GELU;
+query residual around attention (optional for cross-attention), MLP residual always.
+
+Single-head cross-attention can be *reassociated* so that one of the two large projections is never
+materialised. Both forms are exact up to rounding:
+
+* ``fold_kv`` (many inputs M, few queries N — every encoder):
+  ``softmax(q Kᵀ) V = softmax((q W_k) X̂ᵀ) X̂ W_vᵀ + b_v``, where X̂ = LN(X). The ``q·b_k`` term is
+  constant along each softmax row and drops out; rows of P sum to one so ``b_v`` passes through.
+* ``fold_q`` (many queries, few latents — the optical-flow decoder):
+  ``softmax(Q̂ W_qᵀ Kᵀ + b_q Kᵀ) V W_oᵀ = softmax(Q̂ (K W_q)ᵀ + K b_q) (V W_oᵀ)``.
+
+The cheaper form is picked per call from the actual shapes (see ``_plan``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+# Score matrices above this many elements are computed in query chunks to bound peak memory.
+_MAX_SCORE_ELEMENTS = 1 << 28
+
+
+def resolve_channels(
+    q_dim: int, kv_dim: int, qk_channels: int | None, v_channels: int | None, shape_for_attention: str
+) -> tuple[int, int]:
+    """transformers' channel rule: qk defaults to the kv (or q) width, v defaults to qk."""
+    qk = qk_channels if qk_channels is not None else (kv_dim if shape_for_attention == "kv" else q_dim)
+    return qk, v_channels if v_channels is not None else qk
+
+
+class Attention(nn.Module):
+    """Pre-LayerNorm multi-head attention followed by its output projection (no residual)."""
+
+    def __init__(
+        self,
+        q_dim: int,
+        kv_dim: int,
+        qk_channels: int,
+        v_channels: int,
+        num_heads: int,
+        out_dim: int,
+        cross: bool,
+    ) -> None:
+        super().__init__()
+        if qk_channels % num_heads:
+            raise ValueError(f"qk_channels ({qk_channels}) must be divisible by num_heads ({num_heads})")
+        if v_channels % num_heads:
+            raise ValueError(f"v_channels ({v_channels}) must be divisible by num_heads ({num_heads})")
+        self.num_heads = num_heads
+        self.cross = cross
+        self.scale = 1.0 / math.sqrt(qk_channels // num_heads)
+        self.norm_q = nn.LayerNorm(q_dim)
+        self.norm_kv = nn.LayerNorm(kv_dim) if cross else None
+        self.q = nn.Linear(q_dim, qk_channels)
+        self.k = nn.Linear(kv_dim, qk_channels)
+        self.v = nn.Linear(kv_dim, v_channels)
+        self.o = nn.Linear(v_channels, out_dim)
+        # Tests switch this off to compare the reassociated forms against the plain one.
+        self.allow_reassociation = True
+
+    def forward(self, x: Tensor, kv: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
+        """x: [B, N, Cq] queries; kv: [B, M, Ckv] inputs (None for self-attention); mask: bool [B, M]."""
+        xq = self.norm_q(x)
+        if self.norm_kv is None or kv is None:
+            xkv = xq
+        else:
+            xkv = self.norm_kv(kv)
+        plan = self._plan(xq.shape[1], xkv.shape[1])
+        key_mask = None if mask is None else mask[:, None, None, :]  # [B, 1, 1, M]
+        if plan == "fold_kv":
+            qw = self.q(xq) @ self.k.weight  # [B, N, Ckv]
+            out = _attend(qw[:, None], xkv[:, None], xkv[:, None], key_mask, self.scale)[:, 0]
+            return self.o(F.linear(out, self.v.weight, self.v.bias))
+        if plan == "fold_q":
+            k = self.k(xkv)  # [B, M, qk]
+            bias = (k @ self.q.bias * self.scale)[:, None, None, :]  # [B, 1, 1, M]
+            if key_mask is not None:
+                bias = bias.masked_fill(~key_mask, torch.finfo(bias.dtype).min)
+            keys = (k @ self.q.weight)[:, None]  # [B, 1, M, Cq]
+            values = F.linear(self.v(xkv), self.o.weight)[:, None]  # [B, 1, M, out]
+            return _attend(xq[:, None], keys, values, bias, self.scale)[:, 0] + self.o.bias
+        b, n, _ = xq.shape
+        h = self.num_heads
+        q = self.q(xq).view(b, n, h, -1).transpose(1, 2)  # [B, H, N, qk/H]
+        k = self.k(xkv).view(b, xkv.shape[1], h, -1).transpose(1, 2)
+        v = self.v(xkv).view(b, xkv.shape[1], h, -1).transpose(1, 2)
+        out = _attend(q, k, v, key_mask, self.scale)  # [B, H, N, v/H]
+        return self.o(out.transpose(1, 2).reshape(b, n, -1))
+
+    def _plan(self, n: int, m: int) -> str:
+        """Pick the form with the fewest multiply-adds for N queries against M inputs."""
+        if not (self.cross and self.num_heads == 1 and self.allow_reassociation):
+            return "plain"
+        cq, ckv = self.q.in_features, self.k.in_features
+        qk, v, out = self.q.out_features, self.v.out_features, self.o.out_features
+        costs = {
+            "plain": n * cq * qk + m * ckv * (qk + v) + n * m * (qk + v) + n * v * out,
+            "fold_kv": n * cq * qk + n * qk * ckv + 2 * n * m * ckv + n * ckv * v + n * v * out,
+            "fold_q": m * ckv * (qk + v) + m * qk * cq + m * v * out + n * m * (cq + out),
+        }
+        return min(costs, key=costs.__getitem__)
+
+
+def _attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float) -> Tensor:
+    """SDPA over [B, H, N, E] queries, chunked along N when the score matrix would be huge."""
+    b, h, n, _ = q.shape
+    rows = max(1, _MAX_SCORE_ELEMENTS // max(1, b * h * k.shape[2]))
+    if n <= rows:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    parts = [
+        F.scaled_dot_product_attention(q[:, :, i : i + rows], k, v, attn_mask=mask, scale=scale)
+        for i in range(0, n, rows)
+    ]
+    return torch.cat(parts, dim=2)
+
+
+class MLP(nn.Module):
+    """Linear → exact GELU → Linear."""
+
+    def __init__(self, dim: int, widening_factor: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, widening_factor * dim)
+        self.fc2 = nn.Linear(widening_factor * dim, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class PerceiverLayer(nn.Module):
+    """Attention (+ optional query residual) followed by a residual MLP on the attention output."""
+
+    def __init__(
+        self,
+        q_dim: int,
+        kv_dim: int,
+        qk_channels: int,
+        v_channels: int,
+        num_heads: int,
+        widening_factor: int,
+        cross: bool,
+        query_residual: bool = True,
+    ) -> None:
+        super().__init__()
+        if not cross and v_channels != q_dim:
+            raise ValueError(f"self-attention needs v_channels ({v_channels}) == q_dim ({q_dim}) for its residual")
+        out_dim = q_dim if cross else v_channels
+        self.attn = Attention(q_dim, kv_dim, qk_channels, v_channels, num_heads, out_dim, cross)
+        self.query_residual = query_residual
+        self.norm = nn.LayerNorm(q_dim)
+        self.mlp = MLP(q_dim, widening_factor)
+
+    def forward(self, x: Tensor, kv: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
+        h = self.attn(x, kv, mask)
+        if self.query_residual:
+            h = h + x
+        return h + self.mlp(self.norm(h))

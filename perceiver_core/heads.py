@@ -1,0 +1,292 @@
+"""The published Perceiver IO heads, assembled from adapters, encoder and decoders.
+
+Each head takes the same keyword arguments and tensors as its transformers counterpart and returns a
+``PerceiverOutput`` whose ``logits`` have the same shape and scale. Inference-only extras:
+``PerceiverForMaskedLM(positions=...)`` decodes only chosen positions, and
+``PerceiverForMultimodalAutoencoding.autoencode`` runs the encoder once for a whole video.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .adapters.flow import FlowPatchAdapter
+from .adapters.image import ConvImageAdapter, FourierImageAdapter, LearnedImageAdapter
+from .adapters.multimodal import MultimodalAdapter, MultimodalQueries
+from .adapters.text import TextAdapter
+from .config import PerceiverConfig
+from .decoder import CrossAttentionDecoder
+from .encoder import PerceiverEncoder
+from .position import TrainablePositionEncoding
+
+
+@dataclass
+class PerceiverOutput:
+    """logits: head-specific tensor (or dict per modality); last_hidden_state: latents [B, N, D]."""
+
+    logits: Tensor | dict[str, Tensor] | None
+    last_hidden_state: Tensor
+
+
+def _pick(inputs: Tensor | None, alias: Tensor | None, alias_name: str) -> Tensor:
+    if inputs is not None and alias is not None:
+        raise ValueError(f"pass either inputs or {alias_name}, not both")
+    chosen = inputs if inputs is not None else alias
+    if chosen is None:
+        raise ValueError(f"missing inputs (or {alias_name})")
+    return chosen
+
+
+def _key_mask(attention_mask: Tensor | None) -> Tensor | None:
+    return None if attention_mask is None else attention_mask.to(torch.bool)
+
+
+class PerceiverHead(nn.Module):
+    """Common plumbing: the config, the encoder, and the parameter dtype/device."""
+
+    def __init__(self, config: PerceiverConfig) -> None:
+        super().__init__()
+        self.config = config
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def _float(self, x: Tensor) -> Tensor:
+        return x.to(device=self.device, dtype=self.dtype)
+
+
+class PerceiverModel(PerceiverHead):
+    """The bare encoder: float inputs [B, M, d_model] → latents [B, N, D] (logits is None)."""
+
+    def __init__(self, config: PerceiverConfig) -> None:
+        super().__init__(config)
+        self.encoder = PerceiverEncoder(config, config.d_model)
+
+    def forward(self, inputs: Tensor, attention_mask: Tensor | None = None) -> PerceiverOutput:
+        if inputs.shape[-1] != self.config.d_model:
+            raise ValueError(f"inputs have {inputs.shape[-1]} channels, config.d_model is {self.config.d_model}")
+        z = self.encoder(self._float(inputs), _key_mask(attention_mask))
+        return PerceiverOutput(None, z)
+
+
+class _TextHead(PerceiverHead):
+    def __init__(self, config: PerceiverConfig) -> None:
+        super().__init__(config)
+        self.input = TextAdapter(config)
+        self.encoder = PerceiverEncoder(config, self.input.num_channels)
+
+    def _encode(self, ids: Tensor, attention_mask: Tensor | None) -> Tensor:
+        return self.encoder(self.input(ids.to(self.device)), _key_mask(attention_mask))
+
+
+class PerceiverForMaskedLM(_TextHead):
+    """Byte-level masked language model: logits [B, L, vocab] for the L input positions."""
+
+    def __init__(self, config: PerceiverConfig) -> None:
+        super().__init__(config)
+        d = config.d_model
+        self.queries = TrainablePositionEncoding(config.max_position_embeddings, d)
+        self.decoder = CrossAttentionDecoder(
+            config, d, None, query_residual=False, qk_channels=256, v_channels=d, num_heads=8
+        )
+        self.output_bias = nn.Parameter(torch.zeros(config.vocab_size))
+
+    def forward(
+        self,
+        inputs: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        input_ids: Tensor | None = None,
+        positions: Tensor | None = None,
+    ) -> PerceiverOutput:
+        """positions: optional 1-D indices to decode (default: all L input positions)."""
+        ids = _pick(inputs, input_ids, "input_ids")
+        z = self._encode(ids, attention_mask)
+        index = torch.arange(ids.shape[1], device=z.device) if positions is None else positions.to(z.device)
+        # Decoder queries are independent of each other, so decoding a subset gives the same rows.
+        h = self.decoder(self.queries(z.shape[0], index), z)
+        logits = h @ self.input.token_embedding.weight.T + self.output_bias  # tied to the input embedding
+        return PerceiverOutput(logits, z)
+
+
+class _ClassifierHead(PerceiverHead):
+    """A single learned query decoded to num_labels logits."""
+
+    def _build_classifier(self) -> None:
+        d = self.config.d_latents
+        self.query = TrainablePositionEncoding(1, d)
+        self.decoder = CrossAttentionDecoder(self.config, d, self.config.num_labels, query_residual=True)
+
+    def _classify(self, z: Tensor) -> Tensor:
+        return self.decoder(self.query(z.shape[0]), z)[:, 0]
+
+
+class PerceiverForSequenceClassification(_TextHead, _ClassifierHead):
+    def __init__(self, config: PerceiverConfig) -> None:
+        super().__init__(config)
+        self._build_classifier()
+
+    def forward(
+        self, inputs: Tensor | None = None, attention_mask: Tensor | None = None, input_ids: Tensor | None = None
+    ) -> PerceiverOutput:
+        z = self._encode(_pick(inputs, input_ids, "input_ids"), attention_mask)
+        return PerceiverOutput(self._classify(z), z)
+
+
+class _ImageClassifier(_ClassifierHead):
+    adapter_type: type[LearnedImageAdapter] | type[FourierImageAdapter] | type[ConvImageAdapter]
+
+    def __init__(self, config: PerceiverConfig) -> None:
+        super().__init__(config)
+        self.input = self.adapter_type(config)
+        self.encoder = PerceiverEncoder(config, self.input.num_channels)
+        self._build_classifier()
+
+    def forward(
+        self,
+        inputs: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        pixel_values: Tensor | None = None,
+        interpolate_pos_encoding: bool = False,
+    ) -> PerceiverOutput:
+        pixels = self._float(_pick(inputs, pixel_values, "pixel_values"))
+        if pixels.ndim != 4 or pixels.shape[1] != 3:
+            raise ValueError(f"expected pixel values [B, 3, H, W], got {list(pixels.shape)}")
+        z = self.encoder(self.input(pixels, interpolate_pos_encoding), _key_mask(attention_mask))
+        return PerceiverOutput(self._classify(z), z)
+
+
+class PerceiverForImageClassificationLearned(_ImageClassifier):
+    adapter_type = LearnedImageAdapter
+
+
+class PerceiverForImageClassificationFourier(_ImageClassifier):
+    adapter_type = FourierImageAdapter
+
+
+class PerceiverForImageClassificationConvProcessing(_ImageClassifier):
+    adapter_type = ConvImageAdapter
+
+
+class PerceiverForOpticalFlow(PerceiverHead):
+    """patches [B, 2, 27, H, W] → flow logits [B, H, W, 2] (×20 for pixels, see processing.flow)."""
+
+    def __init__(self, config: PerceiverConfig) -> None:
+        super().__init__(config)
+        self.input = FlowPatchAdapter(config)
+        self.encoder = PerceiverEncoder(config, self.input.num_channels)
+        # The query for each pixel is its own preprocessed input; no residual (queries aren't outputs).
+        self.decoder = CrossAttentionDecoder(config, self.input.num_channels, 2, query_residual=False)
+
+    def forward(self, inputs: Tensor, attention_mask: Tensor | None = None) -> PerceiverOutput:
+        patches = self._float(inputs)
+        x = self.input(patches)
+        z = self.encoder(x, _key_mask(attention_mask))
+        flow = self.decoder(x, z) / 100.0
+        return PerceiverOutput(flow.reshape(patches.shape[0], *patches.shape[3:], 2), z)
+
+
+class PerceiverForMultimodalAutoencoding(PerceiverHead):
+    """Video + audio + label autoencoder (and Kinetics-700 classifier through the label output)."""
+
+    def __init__(self, config: PerceiverConfig) -> None:
+        super().__init__(config)
+        self.input = MultimodalAdapter(config)
+        self.encoder = PerceiverEncoder(config, self.input.num_channels)
+        self.queries = MultimodalQueries(config)
+        self.decoder = CrossAttentionDecoder(
+            config, self.queries.width, config.output_num_channels, query_residual=False
+        )
+        out = config.output_num_channels
+        self.audio_output = nn.Linear(out, config.samples_per_patch)
+        self.image_output = nn.Linear(out, 3)
+        self.label_output = nn.Linear(out, config.num_labels)
+
+    def encode(self, inputs: dict[str, Tensor], attention_mask: Tensor | None = None) -> Tensor:
+        """Latents [B, N, D] for {"image": [B, T, 3, H, W], "audio": [B, S, 1], "label": [B, K]}."""
+        floats = {k: self._float(v) for k, v in inputs.items()}
+        return self.encoder(self.input(floats), _key_mask(attention_mask))
+
+    def decode(self, z: Tensor, audio_points: Tensor, image_points: Tensor) -> dict[str, Tensor]:
+        """Outputs at the given flat audio-patch and video-pixel indices (the label is always decoded)."""
+        queries = self.queries(z.shape[0], audio_points.to(z.device), image_points.to(z.device), z.dtype)
+        h = self.decoder(queries, z)
+        n_a, n_i = audio_points.shape[0], image_points.shape[0]
+        return {
+            "audio": self.audio_output(h[:, :n_a]).reshape(z.shape[0], -1),
+            "image": self.image_output(h[:, n_a : n_a + n_i]),
+            "label": self.label_output(h[:, n_a + n_i]),
+        }
+
+    def forward(
+        self,
+        inputs: dict[str, Tensor],
+        attention_mask: Tensor | None = None,
+        subsampled_output_points: dict[str, Tensor | None] | None = None,
+    ) -> PerceiverOutput:
+        """As transformers: decodes the subsampled points; without them, the whole video (chunked)."""
+        z = self.encode(inputs, attention_mask)
+        if subsampled_output_points is None:
+            return PerceiverOutput(self._decode_all(z, 128), z)
+        audio, image = subsampled_output_points.get("audio"), subsampled_output_points.get("image")
+        if audio is None or image is None:
+            raise ValueError("subsampled_output_points needs both 'audio' and 'image' index tensors")
+        return PerceiverOutput(self.decode(z, audio, image), z)
+
+    def autoencode(
+        self, inputs: dict[str, Tensor], num_chunks: int = 128, attention_mask: Tensor | None = None
+    ) -> dict[str, Tensor]:
+        """Encoder once, then every output point decoded in ``num_chunks`` query chunks.
+
+        Returns {"audio": [B, S], "image": [B, T, H, W, 3], "label": [B, K]}. The reference re-runs the
+        encoder for each chunk; since decoder queries are independent, the outputs are the same.
+        """
+        return self._decode_all(self.encode(inputs, attention_mask), num_chunks)
+
+    def _decode_all(self, z: Tensor, num_chunks: int) -> dict[str, Tensor]:
+        points = self.queries.num_points
+        if points["audio"] % num_chunks or points["image"] % num_chunks:
+            raise ValueError(f"num_chunks ({num_chunks}) must divide {points['audio']} and {points['image']}")
+        na, ni = points["audio"] // num_chunks, points["image"] // num_chunks
+        audio, image = [], []
+        label = None
+        for k in range(num_chunks):
+            out = self.decode(
+                z,
+                torch.arange(na * k, na * (k + 1), device=z.device),
+                torch.arange(ni * k, ni * (k + 1), device=z.device),
+            )
+            audio.append(out["audio"])
+            image.append(out["image"])
+            label = out["label"]
+        b = z.shape[0]
+        assert label is not None  # num_chunks >= 1
+        return {
+            "audio": torch.cat(audio, dim=1),
+            "image": torch.cat(image, dim=1).reshape(b, *self.queries.image_dims, 3),
+            "label": label,
+        }
+
+
+HEADS: dict[str, type[PerceiverHead]] = {
+    "PerceiverModel": PerceiverModel,
+    "PerceiverForMaskedLM": PerceiverForMaskedLM,
+    "PerceiverForSequenceClassification": PerceiverForSequenceClassification,
+    "PerceiverForImageClassificationLearned": PerceiverForImageClassificationLearned,
+    "PerceiverForImageClassificationFourier": PerceiverForImageClassificationFourier,
+    "PerceiverForImageClassificationConvProcessing": PerceiverForImageClassificationConvProcessing,
+    "PerceiverForOpticalFlow": PerceiverForOpticalFlow,
+    "PerceiverForMultimodalAutoencoding": PerceiverForMultimodalAutoencoding,
+}
+
+
+def build_model(config: PerceiverConfig) -> PerceiverHead:
+    """A randomly initialised head of ``config.architecture``."""
+    return HEADS[config.architecture](config)
