@@ -1,8 +1,8 @@
 """A checkpoint-compatible, fast Perceiver IO in torch.
 
-    import perceiver_core
-    model = perceiver_core.from_pretrained("deepmind/vision-perceiver-learned", device="cuda")
-    logits = model(inputs=pixel_values).logits
+import perceiver_core
+model = perceiver_core.from_pretrained("deepmind/vision-perceiver-learned", device="cuda")
+logits = model(inputs=pixel_values).logits
 """
 
 from .checkpoint import CheckpointError, from_pretrained, save_pretrained

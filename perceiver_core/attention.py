@@ -69,10 +69,7 @@ class Attention(nn.Module):
     def forward(self, x: Tensor, kv: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
         """x: [B, N, Cq] queries; kv: [B, M, Ckv] inputs (None for self-attention); mask: bool [B, M]."""
         xq = self.norm_q(x)
-        if self.norm_kv is None or kv is None:
-            xkv = xq
-        else:
-            xkv = self.norm_kv(kv)
+        xkv = xq if self.norm_kv is None or kv is None else self.norm_kv(kv)
         plan = self._plan(xq.shape[1], xkv.shape[1])
         key_mask = None if mask is None else mask[:, None, None, :]  # [B, 1, 1, M]
         if plan == "fold_kv":

@@ -62,7 +62,8 @@ class PerceiverConfig:
             raise ValueError(f"hidden_act {self.hidden_act!r} is not supported (only 'gelu', as in every checkpoint)")
         if self.cross_attention_shape_for_attention not in ("q", "kv"):
             raise ValueError(
-                f"cross_attention_shape_for_attention must be 'q' or 'kv', got {self.cross_attention_shape_for_attention!r}"
+                "cross_attention_shape_for_attention must be 'q' or 'kv', "
+                f"got {self.cross_attention_shape_for_attention!r}"
             )
         for heads in (self.num_self_attention_heads, self.num_cross_attention_heads):
             if self.d_latents % heads:

@@ -30,17 +30,25 @@ _BASE: dict[str, Any] = dict(
 
 CONFIGS: dict[str, dict[str, Any]] = {
     "PerceiverModel": dict(d_model=24, num_cross_attention_heads=2),
-    "PerceiverForMaskedLM": dict(d_model=64, max_position_embeddings=40, qk_channels=16, v_channels=32,
-                                 num_cross_attention_heads=2),
-    "PerceiverForSequenceClassification": dict(d_model=48, max_position_embeddings=40, num_labels=3,
-                                               num_cross_attention_heads=4),
+    "PerceiverForMaskedLM": dict(
+        d_model=64, max_position_embeddings=40, qk_channels=16, v_channels=32, num_cross_attention_heads=2
+    ),
+    "PerceiverForSequenceClassification": dict(
+        d_model=48, max_position_embeddings=40, num_labels=3, num_cross_attention_heads=4
+    ),
     "PerceiverForImageClassificationLearned": dict(image_size=16, num_labels=7),
     "PerceiverForImageClassificationFourier": dict(num_labels=7),
     "PerceiverForImageClassificationConvProcessing": dict(num_labels=7),
     "PerceiverForOpticalFlow": dict(train_size=[12, 16], num_self_attention_heads=2),
     "PerceiverForMultimodalAutoencoding": dict(
-        num_labels=5, num_frames=4, image_size=8, audio_samples_per_frame=32, samples_per_patch=8,
-        output_shape=[1, 4, 32, 32], output_num_channels=24, _label_trainable_num_channels=16,
+        num_labels=5,
+        num_frames=4,
+        image_size=8,
+        audio_samples_per_frame=32,
+        samples_per_patch=8,
+        output_shape=[1, 4, 32, 32],
+        output_num_channels=24,
+        _label_trainable_num_channels=16,
     ),
 }
 
@@ -60,12 +68,17 @@ def randomise(model: torch.nn.Module, seed: int = 0) -> None:
             if not tensor.is_floating_point():
                 continue
             noise = torch.randn(tensor.shape, generator=gen)
-            if "norm" in name and name.endswith("weight") or name.endswith("running_var"):
+            if ("norm" in name and name.endswith("weight")) or name.endswith("running_var"):
                 tensor.copy_(1 + 0.2 * noise.abs())
             elif name.endswith("bias") or name.endswith("running_mean"):
                 tensor.copy_(0.1 * noise)
-            elif tensor.ndim >= 2 and "latents" not in name and "position" not in name and "padding" not in name \
-                    and "mask" not in name:
+            elif (
+                tensor.ndim >= 2
+                and "latents" not in name
+                and "position" not in name
+                and "padding" not in name
+                and "mask" not in name
+            ):
                 tensor.copy_(noise / math.sqrt(tensor[0].numel()))
             else:
                 tensor.copy_(noise)

@@ -36,7 +36,7 @@ class LearnedImageAdapter(nn.Module):
         return self.conv1x1.out_channels + self.position_projection.out_features
 
     def forward(self, pixels: Tensor, interpolate_pos_encoding: bool = False) -> Tensor:
-        b, c, h, w = pixels.shape
+        _b, c, h, w = pixels.shape
         if h * w != self.position.embeddings.shape[0] and not interpolate_pos_encoding:
             raise ValueError(
                 f"learned position table covers {self.image_size}x{self.image_size} pixels, got {h}x{w}; "
@@ -50,7 +50,7 @@ class LearnedImageAdapter(nn.Module):
         return concat_position(features, encoding)
 
     def _projected_table(self, h: int, w: int) -> Tensor:
-        table = self.position.embeddings
+        table: Tensor = self.position.embeddings
         side = self.image_size
         if (h, w) != (side, side):
             grid = table.reshape(1, side, side, -1).permute(0, 3, 1, 2)

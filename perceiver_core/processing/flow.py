@@ -1,0 +1,94 @@
+"""Optical-flow inputs and tiling.
+
+Inputs: each frame scaled to [-1, 1], zero-padded by one pixel, and every pixel's 3×3 neighbourhood
+stacked as 27 channels ordered (kh, kw, rgb), giving [B, 2, 27, H, W] (TF ``extract_patches``).
+
+Any image size: the network sees fixed 368×496 windows. Following DeepMind's colab, windows are laid on
+a grid with at least 20 px overlap, the last row/column flush with the border, and each window's flow
+is weighted by ``min(x+1, W-x, y+1, H-y)`` before the weighted average. The model's logits are scaled by
+20 (``FLOW_SCALE_FACTOR``) to give flow in pixels. Images smaller than a window are edge-padded.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+FLOW_SCALE_FACTOR = 20.0
+MIN_OVERLAP = 20
+
+
+def normalize_frames(frames: Tensor) -> Tensor:
+    """uint8 (or 0..255 float) [..., H, W, 3] → float32 in [-1, 1]."""
+    return frames.to(torch.float32) / 255.0 * 2 - 1
+
+
+def extract_patches(frames: Tensor) -> Tensor:
+    """normalised frames [B, 2, H, W, 3] → [B, 2, 27, H, W] 3×3 patches, channels (kh, kw, rgb)."""
+    b, t, h, w, c = frames.shape
+    x = frames.reshape(b * t, h, w, c).permute(0, 3, 1, 2)  # [B·2, 3, H, W]
+    cols = F.unfold(x, kernel_size=3, padding=1)  # [B·2, 3·9, H·W], ordered (c, kh, kw)
+    cols = cols.reshape(b, t, c, 3, 3, h, w).permute(0, 1, 3, 4, 2, 5, 6)  # → (kh, kw, c)
+    return cols.reshape(b, t, 9 * c, h, w)
+
+
+def grid_indices(
+    height: int, width: int, window: tuple[int, int], min_overlap: int = MIN_OVERLAP
+) -> list[tuple[int, int]]:
+    """Top-left corners of the windows covering a height×width image (last ones flush with the border)."""
+    wh, ww = window
+    if min_overlap >= min(wh, ww):
+        raise ValueError(f"overlap {min_overlap} must be smaller than the window {window}")
+    if height < wh or width < ww:
+        raise ValueError(f"image {height}x{width} is smaller than the window {wh}x{ww}")
+    ys = list(range(0, height, wh - min_overlap))
+    xs = list(range(0, width, ww - min_overlap))
+    ys[-1], xs[-1] = height - wh, width - ww
+    return list(itertools.product(sorted(set(ys)), sorted(set(xs))))
+
+
+def blend_weights(window: tuple[int, int]) -> Tensor:
+    """[H, W] weights, largest in the middle: min(x+1, W-x, y+1, H-y)."""
+    wh, ww = window
+    y = torch.arange(wh)[:, None]
+    x = torch.arange(ww)[None, :]
+    return torch.minimum(torch.minimum(x + 1, ww - x), torch.minimum(y + 1, wh - y)).to(torch.float32)
+
+
+def tiled_flow(
+    predict: Callable[[Tensor], Tensor],
+    frame1: Tensor,
+    frame2: Tensor,
+    window: tuple[int, int],
+    batch_size: int = 8,
+    min_overlap: int = MIN_OVERLAP,
+) -> Tensor:
+    """Flow in pixels [H, W, 2] for two uint8 frames [H, W, 3] of any size.
+
+    ``predict`` maps patches [n, 2, 27, wh, ww] to model logits [n, wh, ww, 2].
+    """
+    if frame1.shape != frame2.shape or frame1.ndim != 3 or frame1.shape[-1] != 3:
+        raise ValueError(f"frames must both be [H, W, 3]; got {list(frame1.shape)} and {list(frame2.shape)}")
+    height, width = frame1.shape[:2]
+    wh, ww = window
+    pair = normalize_frames(torch.stack([frame1, frame2]))  # [2, H, W, 3]
+    pad_h, pad_w = max(0, wh - height), max(0, ww - width)
+    if pad_h or pad_w:  # smaller than one window: replicate the border, crop the flow afterwards
+        pair = F.pad(pair.permute(0, 3, 1, 2), (0, pad_w, 0, pad_h), mode="replicate").permute(0, 2, 3, 1)
+    big_h, big_w = pair.shape[1:3]
+    corners = grid_indices(big_h, big_w, window, min_overlap)
+    weights = blend_weights(window)[..., None]  # [wh, ww, 1]
+    flow = torch.zeros(big_h, big_w, 2)
+    total = torch.zeros(big_h, big_w, 1)
+    for start in range(0, len(corners), batch_size):
+        group = corners[start : start + batch_size]
+        tiles = torch.stack([pair[:, y : y + wh, x : x + ww] for y, x in group])  # [n, 2, wh, ww, 3]
+        logits = predict(extract_patches(tiles)).float().cpu()
+        for (y, x), piece in zip(group, logits, strict=True):
+            flow[y : y + wh, x : x + ww] += piece * FLOW_SCALE_FACTOR * weights
+            total[y : y + wh, x : x + ww] += weights
+    return (flow / total)[:height, :width]

@@ -1,0 +1,36 @@
+"""The Perceiver image processor: centre crop (224/256 of the short side), bicubic resize to 224², normalise.
+
+Bit-for-bit the same pixel values as transformers' ``PerceiverImageProcessorPil``: crop first (offset
+``(H-c)//2``), resize with PIL on uint8, then float32 rescale and ImageNet normalisation. Transparent
+images are composited on white, as transformers' ``convert_to_rgb`` does.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """RGB, with any transparency composited onto white."""
+    if "A" in image.getbands() or image.info.get("transparency") is not None:
+        rgba = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def center_crop_resize(image: Image.Image, size: int = 224, crop_ratio: float = 224 / 256) -> Image.Image:
+    """The reference's crop-then-resize, on an RGB PIL image."""
+    width, height = image.size
+    side = int(crop_ratio * min(height, width))
+    top, left = (height - side) // 2, (width - side) // 2
+    return image.crop((left, top, left + side, top + side)).resize((size, size), Image.Resampling.BICUBIC)
+
+
+def preprocess_image(image: Image.Image, size: int = 224) -> np.ndarray:
+    """PIL image (any mode) → float32 [3, size, size] normalised pixel values."""
+    pixels = np.asarray(center_crop_resize(to_rgb(image), size), dtype=np.float32) / np.float32(255)
+    return ((pixels - IMAGENET_MEAN) / IMAGENET_STD).transpose(2, 0, 1)

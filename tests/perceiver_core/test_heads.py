@@ -1,0 +1,144 @@
+"""Parity of every head against transformers on the same saved weights and inputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from reference import CONFIGS, Reference, reference_logits, relative_error
+
+import perceiver_core
+from perceiver_core.heads import PerceiverForMaskedLM, PerceiverForMultimodalAutoencoding
+
+ARCHS = list(CONFIGS)
+
+
+def _multimodal_points(ref: Reference) -> dict[str, torch.Tensor | None]:
+    return {"audio": torch.arange(4, 8), "image": torch.arange(100, 164), "label": None}
+
+
+def _run(model: perceiver_core.PerceiverHead, ref: Reference, **extra: object) -> object:
+    with torch.no_grad():
+        out = model(**ref.inputs, **extra)
+    return out.last_hidden_state if out.logits is None else out.logits
+
+
+def _compare(ours: object, theirs: object, tol: float) -> None:
+    if isinstance(theirs, dict):
+        assert isinstance(ours, dict)
+        assert set(ours) == set(theirs)
+        for key in theirs:
+            _compare(ours[key], theirs[key], tol)
+        return
+    assert isinstance(ours, torch.Tensor) and isinstance(theirs, torch.Tensor)
+    assert ours.shape == theirs.shape
+    assert torch.isfinite(ours).all()
+    err = relative_error(ours.float(), theirs)
+    assert err <= tol, f"relative error {err:.2e} > {tol:.0e}"
+
+
+def _reference_and_extra(arch: str, ref: Reference) -> tuple[object, dict[str, object]]:
+    extra: dict[str, object] = {}
+    if arch == "PerceiverForMultimodalAutoencoding":
+        extra["subsampled_output_points"] = _multimodal_points(ref)
+    theirs = reference_logits(ref, **extra)
+    if arch == "PerceiverForMaskedLM":  # transformers always decodes max_position_embeddings positions
+        assert isinstance(theirs, torch.Tensor)
+        theirs = theirs[:, : ref.inputs["inputs"].shape[1]]
+    return theirs, extra
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_fp32_parity(arch: str, references: dict[str, Reference]) -> None:
+    ref = references[arch]
+    theirs, extra = _reference_and_extra(arch, ref)
+    model = perceiver_core.from_pretrained(ref.path)
+    assert type(model).__name__ == arch
+    _compare(_run(model, ref, **extra), theirs, 1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_half_precision_parity(arch: str, dtype: torch.dtype, references: dict[str, Reference]) -> None:
+    """Every head runs in bf16 and fp16 (transformers' multimodal head fails in bf16) within half tolerance."""
+    ref = references[arch]
+    theirs, extra = _reference_and_extra(arch, ref)
+    model = perceiver_core.from_pretrained(ref.path, dtype=dtype)
+    _compare(_run(model, ref, **extra), theirs, 3e-2 if dtype == torch.bfloat16 else 5e-3)
+
+
+def test_reassociated_attention_matches_plain(references: dict[str, Reference]) -> None:
+    """The folded single-head cross-attention forms give the plain result within fp32 rounding."""
+    for arch in ("PerceiverForImageClassificationLearned", "PerceiverForOpticalFlow"):
+        ref = references[arch]
+        model = perceiver_core.from_pretrained(ref.path)
+        folded = _run(model, ref)
+        plans = {m.attn._plan(8, 300) for m in model.modules() if hasattr(m, "attn") and m.attn.cross}
+        assert plans & {"fold_kv", "fold_q"}, "test config should exercise a reassociated form"
+        for module in model.modules():
+            if hasattr(module, "allow_reassociation"):
+                module.allow_reassociation = False
+        _compare(folded, _run(model, ref), 1e-5)
+
+
+def test_masked_lm_decodes_only_requested_positions(references: dict[str, Reference]) -> None:
+    ref = references["PerceiverForMaskedLM"]
+    model = perceiver_core.from_pretrained(ref.path)
+    assert isinstance(model, PerceiverForMaskedLM)
+    theirs = reference_logits(ref)
+    positions = torch.tensor([0, 3, 9, 16])
+    with torch.no_grad():
+        ours = model(**ref.inputs, positions=positions).logits
+    assert ours.shape == (2, 4, 262)
+    _compare(ours, theirs[:, positions], 1e-4)
+
+
+def test_multimodal_single_encoder_pass_matches_chunked_reference(references: dict[str, Reference]) -> None:
+    """autoencode() runs the encoder once; transformers re-runs it per chunk. Every chunk must agree."""
+    ref = references["PerceiverForMultimodalAutoencoding"]
+    model = perceiver_core.from_pretrained(ref.path)
+    assert isinstance(model, PerceiverForMultimodalAutoencoding)
+    config = ref.model.config
+    chunks = 4
+    t, h, w = config.output_shape[1:]
+    n_img, n_audio = t * h * w // chunks, config.num_frames * config.audio_samples_per_frame
+    n_aud = n_audio // config.samples_per_patch // chunks
+    with torch.no_grad():
+        ours = model.autoencode(ref.inputs["inputs"], num_chunks=chunks)
+        for k in range(chunks):
+            points = {
+                "audio": torch.arange(n_aud * k, n_aud * (k + 1)),
+                "image": torch.arange(n_img * k, n_img * (k + 1)),
+                "label": None,
+            }
+            theirs = ref.model(**ref.inputs, subsampled_output_points=points).logits
+            span = slice(n_img * k, n_img * (k + 1))
+            _compare(ours["image"].reshape(2, -1, 3)[:, span], theirs["image"], 1e-4)
+            audio_span = slice(n_aud * k * config.samples_per_patch, n_aud * (k + 1) * config.samples_per_patch)
+            _compare(ours["audio"][:, audio_span], theirs["audio"], 1e-4)
+            _compare(ours["label"], theirs["label"], 1e-4)
+    assert ours["image"].shape == (2, t, h, w, 3)
+    assert ours["audio"].shape == (2, n_audio)
+
+
+def test_learned_head_interpolates_position_table(references: dict[str, Reference]) -> None:
+    ref = references["PerceiverForImageClassificationLearned"]
+    model = perceiver_core.from_pretrained(ref.path)
+    pixels = torch.randn(1, 3, 20, 20)
+    with torch.no_grad():
+        theirs = ref.model(inputs=pixels, interpolate_pos_encoding=True).logits
+        ours = model(inputs=pixels, interpolate_pos_encoding=True).logits
+        _compare(ours, theirs, 1e-4)
+        with pytest.raises(ValueError, match="interpolate_pos_encoding"):
+            model(inputs=pixels)
+
+
+def test_cached_encodings_follow_new_weights(references: dict[str, Reference]) -> None:
+    """Cached projected position tables must not survive a weight update."""
+    ref = references["PerceiverForImageClassificationLearned"]
+    model = perceiver_core.from_pretrained(ref.path)
+    with torch.no_grad():
+        before = _run(model, ref)
+        model.input.position_projection.weight.mul_(2)  # type: ignore[union-attr,operator]
+        after = _run(model, ref)
+    assert isinstance(before, torch.Tensor) and isinstance(after, torch.Tensor)
+    assert not torch.allclose(before, after)
