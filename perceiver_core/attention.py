@@ -108,6 +108,11 @@ class Attention(nn.Module):
 
 def _attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float) -> Tensor:
     """SDPA over [B, H, N, E] queries, chunked along N when the score matrix would be huge."""
+    if q.shape[-1] < v.shape[-1] <= 256:
+        # Fused (flash) kernels need equal q/k and v head widths; Perceiver often has qk < v (e.g. 32 vs
+        # 160 per head). Zero columns add nothing to q·k, so pad q and k up to v's width.
+        pad = v.shape[-1] - q.shape[-1]
+        q, k = F.pad(q, (0, pad)), F.pad(k, (0, pad))
     b, h, n, _ = q.shape
     rows = max(1, _MAX_SCORE_ELEMENTS // max(1, b * h * k.shape[2]))
     if n <= rows:
