@@ -66,8 +66,17 @@ class Attention(nn.Module):
         # Tests switch this off to compare the reassociated forms against the plain one.
         self.allow_reassociation = True
 
-    def forward(self, x: Tensor, kv: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
-        """x: [B, N, Cq] queries; kv: [B, M, Ckv] inputs (None for self-attention); mask: bool [B, M]."""
+    def forward(
+        self, x: Tensor, kv: Tensor | None = None, mask: Tensor | None = None, projected_q: Tensor | None = None
+    ) -> Tensor:
+        """x: [B, N, Cq] queries; kv: [B, M, Ckv] inputs (None for self-attention); mask: bool [B, M].
+
+        projected_q: ``q(norm_q(x))`` precomputed by the caller, for decoders whose queries are constants.
+        """
+        if projected_q is not None:
+            if self.norm_kv is None or kv is None:
+                raise ValueError("projected_q is only supported for cross-attention")
+            return self._plain(projected_q, self.norm_kv(kv), mask)
         xq = self.norm_q(x)
         xkv = xq if self.norm_kv is None or kv is None else self.norm_kv(kv)
         plan = self._plan(xq.shape[1], xkv.shape[1])
@@ -84,9 +93,14 @@ class Attention(nn.Module):
             keys = (k @ self.q.weight)[:, None]  # [B, 1, M, Cq]
             values = F.linear(self.v(xkv), self.o.weight)[:, None]  # [B, 1, M, out]
             return _attend(xq[:, None], keys, values, bias, self.scale)[:, 0] + self.o.bias
-        b, n, _ = xq.shape
+        return self._plain(self.q(xq), xkv, mask)
+
+    def _plain(self, q_proj: Tensor, xkv: Tensor, mask: Tensor | None) -> Tensor:
+        """Multi-head attention from projected queries [B, N, qk] and normalised inputs [B, M, Ckv]."""
+        key_mask = None if mask is None else mask[:, None, None, :]
+        b, n, _ = q_proj.shape
         h = self.num_heads
-        q = self.q(xq).view(b, n, h, -1).transpose(1, 2)  # [B, H, N, qk/H]
+        q = q_proj.view(b, n, h, -1).transpose(1, 2)  # [B, H, N, qk/H]
         k = self.k(xkv).view(b, xkv.shape[1], h, -1).transpose(1, 2)
         v = self.v(xkv).view(b, xkv.shape[1], h, -1).transpose(1, 2)
         out = _attend(q, k, v, key_mask, self.scale)  # [B, H, N, v/H]
@@ -159,8 +173,10 @@ class PerceiverLayer(nn.Module):
         self.norm = nn.LayerNorm(q_dim)
         self.mlp = MLP(q_dim, widening_factor)
 
-    def forward(self, x: Tensor, kv: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
-        h = self.attn(x, kv, mask)
+    def forward(
+        self, x: Tensor, kv: Tensor | None = None, mask: Tensor | None = None, projected_q: Tensor | None = None
+    ) -> Tensor:
+        h = self.attn(x, kv, mask, projected_q)
         if self.query_residual:
             h = h + x
         return h + self.mlp(self.norm(h))

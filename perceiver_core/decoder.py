@@ -27,6 +27,6 @@ class CrossAttentionDecoder(nn.Module):
         self.layer = PerceiverLayer(q_dim, d, qk, v, num_heads, 1, cross=True, query_residual=query_residual)
         self.final = nn.Linear(q_dim, out_dim) if out_dim is not None else None
 
-    def forward(self, queries: Tensor, latents: Tensor) -> Tensor:
-        out = self.layer(queries, latents)
+    def forward(self, queries: Tensor, latents: Tensor, projected_q: Tensor | None = None) -> Tensor:
+        out = self.layer(queries, latents, projected_q=projected_q)
         return self.final(out) if self.final is not None else out

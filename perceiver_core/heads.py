@@ -20,7 +20,7 @@ from .adapters.text import TextAdapter
 from .config import PerceiverConfig
 from .decoder import CrossAttentionDecoder
 from .encoder import PerceiverEncoder
-from .position import TrainablePositionEncoding
+from .position import ConstantCache, TrainablePositionEncoding
 
 
 @dataclass
@@ -98,6 +98,7 @@ class PerceiverForMaskedLM(_TextHead):
             config, d, None, query_residual=False, qk_channels=256, v_channels=d, num_heads=8
         )
         self.output_bias = nn.Parameter(torch.zeros(config.vocab_size))
+        self._cache = ConstantCache(max_entries=2)
 
     def forward(
         self,
@@ -111,9 +112,17 @@ class PerceiverForMaskedLM(_TextHead):
         z = self._encode(ids, attention_mask)
         index = torch.arange(ids.shape[1], device=z.device) if positions is None else positions.to(z.device)
         # Decoder queries are independent of each other, so decoding a subset gives the same rows.
-        h = self.decoder(self.queries(z.shape[0], index), z)
+        h = self.decoder(
+            self.queries(z.shape[0], index), z, self._projected_queries(z.dtype)[index].expand(z.shape[0], -1, -1)
+        )
         logits = h @ self.input.token_embedding.weight.T + self.output_bias  # tied to the input embedding
         return PerceiverOutput(logits, z)
+
+    def _projected_queries(self, dtype: torch.dtype) -> Tensor:
+        """LayerNorm + query projection of the constant query table, computed once per weight version."""
+        attn = self.decoder.layer.attn
+        params = (self.queries.embeddings, attn.norm_q.weight, attn.norm_q.bias, attn.q.weight, attn.q.bias)
+        return self._cache.get(dtype, params, lambda: attn.q(attn.norm_q(self.queries.embeddings)))
 
 
 class _ClassifierHead(PerceiverHead):
