@@ -243,7 +243,7 @@ class PerceiverForMultimodalAutoencoding(PerceiverHead):
         """As transformers: decodes the subsampled points; without them, the whole video (chunked)."""
         z = self.encode(inputs, attention_mask)
         if subsampled_output_points is None:
-            return PerceiverOutput(self._decode_all(z, 128), z)
+            return PerceiverOutput(self.decode_all(z, 128), z)
         audio, image = subsampled_output_points.get("audio"), subsampled_output_points.get("image")
         if audio is None or image is None:
             raise ValueError("subsampled_output_points needs both 'audio' and 'image' index tensors")
@@ -257,30 +257,28 @@ class PerceiverForMultimodalAutoencoding(PerceiverHead):
         Returns {"audio": [B, S], "image": [B, T, H, W, 3], "label": [B, K]}. The reference re-runs the
         encoder for each chunk; since decoder queries are independent, the outputs are the same.
         """
-        return self._decode_all(self.encode(inputs, attention_mask), num_chunks)
+        return self.decode_all(self.encode(inputs, attention_mask), num_chunks)
 
-    def _decode_all(self, z: Tensor, num_chunks: int) -> dict[str, Tensor]:
+    def decode_all(self, z: Tensor, num_chunks: int) -> dict[str, Tensor]:
+        """Every output point of latents ``z``, decoded in ``num_chunks`` query chunks."""
+        if num_chunks < 1:
+            raise ValueError(f"num_chunks must be at least 1, got {num_chunks}")
         points = self.queries.num_points
         if points["audio"] % num_chunks or points["image"] % num_chunks:
             raise ValueError(f"num_chunks ({num_chunks}) must divide {points['audio']} and {points['image']}")
         na, ni = points["audio"] // num_chunks, points["image"] // num_chunks
-        audio, image = [], []
-        label = None
-        for k in range(num_chunks):
-            out = self.decode(
+        outs = [
+            self.decode(
                 z,
                 torch.arange(na * k, na * (k + 1), device=z.device),
                 torch.arange(ni * k, ni * (k + 1), device=z.device),
             )
-            audio.append(out["audio"])
-            image.append(out["image"])
-            label = out["label"]
-        b = z.shape[0]
-        assert label is not None  # num_chunks >= 1
+            for k in range(num_chunks)
+        ]
         return {
-            "audio": torch.cat(audio, dim=1),
-            "image": torch.cat(image, dim=1).reshape(b, *self.queries.image_dims, 3),
-            "label": label,
+            "audio": torch.cat([o["audio"] for o in outs], dim=1),
+            "image": torch.cat([o["image"] for o in outs], dim=1).reshape(z.shape[0], *self.queries.image_dims, 3),
+            "label": outs[-1]["label"],  # the label query sees the same latents in every chunk
         }
 
 

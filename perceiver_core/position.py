@@ -63,7 +63,7 @@ def fourier_features(
     freqs = torch.stack(
         [torch.linspace(1.0, res / 2, steps=num_bands, device=pos.device) for res in max_resolution]
     )  # [D, K]
-    scaled = (pos[:, :, None] * freqs[None]).reshape(pos.shape[0], -1)  # [P, D·K], dimension-major
+    scaled = (pos[:, :, None] * freqs[None]).reshape(pos.shape[0], pos.shape[1] * num_bands)  # [P, D·K], dim-major
     if sine_only:
         feats = torch.sin(math.pi * scaled)
     else:

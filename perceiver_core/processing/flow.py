@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -59,6 +60,46 @@ def blend_weights(window: tuple[int, int]) -> Tensor:
     return torch.minimum(torch.minimum(x + 1, ww - x), torch.minimum(y + 1, wh - y)).to(torch.float32)
 
 
+@dataclass
+class FlowTiles:
+    """Normalised windows [n, 2, wh, ww, 3] of a frame pair, with where they sit in the (padded) image."""
+
+    tiles: Tensor
+    corners: list[tuple[int, int]]
+    height: int
+    width: int
+    padded: tuple[int, int]
+    window: tuple[int, int]
+
+
+def prepare_tiles(frame1: Tensor, frame2: Tensor, window: tuple[int, int], min_overlap: int = MIN_OVERLAP) -> FlowTiles:
+    """Cut two uint8 frames [H, W, 3] into overlapping windows (edge-padding frames smaller than one)."""
+    if frame1.shape != frame2.shape or frame1.ndim != 3 or frame1.shape[-1] != 3:
+        raise ValueError(f"frames must both be [H, W, 3]; got {list(frame1.shape)} and {list(frame2.shape)}")
+    height, width = frame1.shape[:2]
+    wh, ww = window
+    pair = normalize_frames(torch.stack([frame1, frame2]))  # [2, H, W, 3]
+    pad_h, pad_w = max(0, wh - height), max(0, ww - width)
+    if pad_h or pad_w:
+        pair = F.pad(pair.permute(0, 3, 1, 2), (0, pad_w, 0, pad_h), mode="replicate").permute(0, 2, 3, 1)
+    big_h, big_w = pair.shape[1:3]
+    corners = grid_indices(big_h, big_w, window, min_overlap)
+    tiles = torch.stack([pair[:, y : y + wh, x : x + ww] for y, x in corners])
+    return FlowTiles(tiles, corners, height, width, (big_h, big_w), window)
+
+
+def blend_tiles(logits: Tensor, layout: FlowTiles) -> Tensor:
+    """Model logits [n, wh, ww, 2] for each window → flow in pixels [H, W, 2] (weighted average)."""
+    wh, ww = layout.window
+    weights = blend_weights(layout.window)[..., None]  # [wh, ww, 1]
+    flow = torch.zeros(*layout.padded, 2)
+    total = torch.zeros(*layout.padded, 1)
+    for (y, x), piece in zip(layout.corners, logits.float().cpu(), strict=True):
+        flow[y : y + wh, x : x + ww] += piece * FLOW_SCALE_FACTOR * weights
+        total[y : y + wh, x : x + ww] += weights
+    return (flow / total)[: layout.height, : layout.width]
+
+
 def tiled_flow(
     predict: Callable[[Tensor], Tensor],
     frame1: Tensor,
@@ -71,24 +112,9 @@ def tiled_flow(
 
     ``predict`` maps patches [n, 2, 27, wh, ww] to model logits [n, wh, ww, 2].
     """
-    if frame1.shape != frame2.shape or frame1.ndim != 3 or frame1.shape[-1] != 3:
-        raise ValueError(f"frames must both be [H, W, 3]; got {list(frame1.shape)} and {list(frame2.shape)}")
-    height, width = frame1.shape[:2]
-    wh, ww = window
-    pair = normalize_frames(torch.stack([frame1, frame2]))  # [2, H, W, 3]
-    pad_h, pad_w = max(0, wh - height), max(0, ww - width)
-    if pad_h or pad_w:  # smaller than one window: replicate the border, crop the flow afterwards
-        pair = F.pad(pair.permute(0, 3, 1, 2), (0, pad_w, 0, pad_h), mode="replicate").permute(0, 2, 3, 1)
-    big_h, big_w = pair.shape[1:3]
-    corners = grid_indices(big_h, big_w, window, min_overlap)
-    weights = blend_weights(window)[..., None]  # [wh, ww, 1]
-    flow = torch.zeros(big_h, big_w, 2)
-    total = torch.zeros(big_h, big_w, 1)
-    for start in range(0, len(corners), batch_size):
-        group = corners[start : start + batch_size]
-        tiles = torch.stack([pair[:, y : y + wh, x : x + ww] for y, x in group])  # [n, 2, wh, ww, 3]
-        logits = predict(extract_patches(tiles)).float().cpu()
-        for (y, x), piece in zip(group, logits, strict=True):
-            flow[y : y + wh, x : x + ww] += piece * FLOW_SCALE_FACTOR * weights
-            total[y : y + wh, x : x + ww] += weights
-    return (flow / total)[:height, :width]
+    layout = prepare_tiles(frame1, frame2, window, min_overlap)
+    logits = [
+        predict(extract_patches(layout.tiles[i : i + batch_size]))
+        for i in range(0, layout.tiles.shape[0], batch_size)
+    ]
+    return blend_tiles(torch.cat(logits), layout)

@@ -142,3 +142,17 @@ def test_cached_encodings_follow_new_weights(references: dict[str, Reference]) -
         after = _run(model, ref)
     assert isinstance(before, torch.Tensor) and isinstance(after, torch.Tensor)
     assert not torch.allclose(before, after)
+
+
+def test_multimodal_label_only_decode_matches_full(references: dict[str, Reference]) -> None:
+    """Classification needs only the label query: decoding it alone gives the same label logits."""
+    ref = references["PerceiverForMultimodalAutoencoding"]
+    model = perceiver_core.from_pretrained(ref.path)
+    assert isinstance(model, PerceiverForMultimodalAutoencoding)
+    with torch.no_grad():
+        z = model.encode(ref.inputs["inputs"])
+        empty = torch.zeros(0, dtype=torch.long)
+        alone = model.decode(z, empty, empty)
+        theirs = reference_logits(ref, subsampled_output_points=_multimodal_points(ref))
+    assert alone["audio"].shape == (2, 0) and alone["image"].shape == (2, 0, 3)
+    _compare(alone["label"], theirs["label"], 1e-4)

@@ -1,0 +1,1 @@
+"""perceiver-serve: the HTTP service in front of perceiver_core."""

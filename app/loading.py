@@ -1,0 +1,143 @@
+"""Build the served models: configured checkpoints, or the demo profile; then warm every bucket."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+import perceiver_core
+
+from .batching import Batcher
+from .runtime import Runtime, ServedModel
+from .settings import Settings
+from .tasks import TASKS, Task
+
+log = logging.getLogger("perceiver.loading")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _batch_sizes(limit: int) -> list[int]:
+    sizes = {limit}
+    size = 1
+    while size < limit:
+        sizes.add(size)
+        size *= 2
+    return sorted(sizes)
+
+
+def build_models(settings: Settings) -> list[ServedModel]:
+    """Load every configured model (or the demo profile) onto the device, in eval mode."""
+    device = torch.device(settings.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("PERCEIVER_DEVICE is cuda but no CUDA device is available")
+    served: list[ServedModel] = []
+    if settings.demo:
+        log.warning(
+            "demo profile: no models configured, serving small RANDOMLY INITIALISED models for every task; "
+            "their predictions are meaningless (set PERCEIVER_MODELS or --config to serve real checkpoints)"
+        )
+        dtype_name = settings.resolved_dtype()
+        for task in TASKS.values():
+            for variant, config in task.demo_configs.items():
+                torch.manual_seed(0)
+                model = perceiver_core.build_model(config).to(device=device, dtype=DTYPES[dtype_name]).eval()
+                served.append(_served(task, variant, model, "demo", "random-init", dtype_name, settings, {}))
+        return served
+    for spec in settings.models:
+        task = TASKS[spec.task]
+        dtype_name = settings.resolved_dtype(spec.dtype)
+        started = time.monotonic()
+        model = perceiver_core.from_pretrained(
+            spec.source, device=device, dtype=DTYPES[dtype_name], revision=spec.revision
+        )
+        if model.config.architecture not in task.architectures:
+            raise ValueError(
+                f"{spec.source} is a {model.config.architecture}; task {spec.task} needs one of {task.architectures}"
+            )
+        log.info("loaded %s/%s from %s in %.1fs", spec.task, spec.variant, spec.source, time.monotonic() - started)
+        overrides = spec.model_dump(include={"max_batch_size", "max_delay_ms", "max_batch_cost"}, exclude_none=True)
+        served.append(_served(task, spec.variant, model, spec.source, "pretrained", dtype_name, settings, overrides))
+    return served
+
+
+def _served(
+    task: Task,
+    variant: str,
+    model: perceiver_core.PerceiverHead,
+    source: str,
+    weights: str,
+    dtype: str,
+    settings: Settings,
+    overrides: dict[str, Any],
+) -> ServedModel:
+    size = overrides.get("max_batch_size", settings.max_batch_size)
+    if task.max_batch_size_cap is not None and "max_batch_size" not in overrides:
+        size = min(size, task.max_batch_size_cap)
+    return ServedModel(
+        task=task.name,
+        variant=variant,
+        model=model,
+        source=source,
+        weights=weights,
+        dtype=dtype,
+        device=str(model.device),
+        max_batch_size=size,
+        max_delay_ms=overrides.get("max_delay_ms", settings.max_delay_ms),
+        max_batch_cost=overrides.get("max_batch_cost", task.default_batch_cost(size)),
+    )
+
+
+def make_runner(task: Task, served: ServedModel) -> Any:
+    def run(payloads: Sequence[Any]) -> list[Any]:
+        with torch.inference_mode():
+            return task.predict(served.model, payloads)
+
+    return run
+
+
+def warm_up(task: Task, served: ServedModel) -> None:
+    """Every shape bucket at every power-of-two batch size up to the maximum (inference thread)."""
+    started = time.monotonic()
+    run = make_runner(task, served)
+    for item in task.warmup_items(served):
+        for size in _batch_sizes(served.max_batch_size):
+            run([item.payload] * size)
+    if served.model.device.type == "cuda":
+        torch.cuda.synchronize()
+    served.warmup_s = time.monotonic() - started
+    log.info("warmed %s in %.1fs", served.name, served.warmup_s)
+
+
+def attach_batcher(runtime: Runtime, served: ServedModel) -> None:
+    task = TASKS[served.task]
+    labels = {"task": served.task, "model": served.name}
+    metrics = runtime.metrics
+
+    class _Observer:
+        def batch(self, size: int, cost: int, inference_s: float) -> None:
+            metrics.batch_size.labels(**labels).observe(size)
+            metrics.batch_cost.labels(**labels).observe(cost)
+            metrics.batches.labels(**labels).inc()
+
+        def depth(self, depth: int) -> None:
+            metrics.queue_depth.labels(**labels).set(depth)
+
+        def dropped(self, reason: str) -> None:
+            metrics.rejections.labels(**labels, reason=reason).inc()
+
+    on_oom = torch.cuda.empty_cache if served.model.device.type == "cuda" else None
+    served.batcher = Batcher(
+        make_runner(task, served),
+        runtime.inference_executor,
+        max_batch_size=served.max_batch_size,
+        max_delay_s=served.max_delay_ms / 1000,
+        max_batch_cost=served.max_batch_cost,
+        max_queue=runtime.settings.max_queue_size,
+        observer=_Observer(),
+        on_oom=on_oom,
+    )
+    served.batcher.start()

@@ -1,0 +1,58 @@
+"""Every Prometheus metric, labelled by task and model. One registry per app instance."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+_COST_BUCKETS = tuple(float(4**i) for i in range(4, 16))
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        labels = ("task", "model")
+        r = self.registry
+        self.request_duration = Histogram(
+            "perceiver_request_duration_seconds",
+            "Whole request, any path.",
+            labels,
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue_duration = Histogram(
+            "perceiver_request_queue_duration_seconds",
+            "Time queued before the forward pass.",
+            labels,
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.inference_duration = Histogram(
+            "perceiver_request_inference_duration_seconds",
+            "Forward pass that served the request.",
+            labels,
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "perceiver_batch_size", "Requests per forward pass.", labels, buckets=_BATCH_BUCKETS, registry=r
+        )
+        self.batch_cost = Histogram(
+            "perceiver_batch_cost", "Input elements per forward pass.", labels, buckets=_COST_BUCKETS, registry=r
+        )
+        self.batches = Counter("perceiver_batches", "Forward passes run.", labels, registry=r)
+        self.queue_depth = Gauge("perceiver_queue_depth", "Requests waiting for a forward pass.", labels, registry=r)
+        self.requests = Counter("perceiver_requests", "Requests by final status.", (*labels, "status"), registry=r)
+        self.rejections = Counter(
+            "perceiver_rejections", "Requests refused or dropped, by reason.", (*labels, "reason"), registry=r
+        )
+        self.inflight = Gauge("perceiver_inflight_requests", "Task requests being handled.", registry=r)
+        self.gpu_memory = Gauge("perceiver_gpu_memory_bytes", "Allocated CUDA memory.", ("kind",), registry=r)
+
+    def update_gpu_memory(self) -> None:
+        import torch
+
+        if torch.cuda.is_available() and torch.cuda.is_initialized():  # type: ignore[no-untyped-call]
+            self.gpu_memory.labels(kind="allocated").set(torch.cuda.memory_allocated())
+            self.gpu_memory.labels(kind="reserved").set(torch.cuda.memory_reserved())

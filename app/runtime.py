@@ -1,0 +1,113 @@
+"""What the server holds while it runs: loaded models with their batchers, executors and lifecycle state."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from perceiver_core import PerceiverHead
+
+from .batching import Batcher
+from .errors import ModelNotFound
+from .metrics import Metrics
+from .settings import Settings
+
+T = TypeVar("T")
+log = logging.getLogger("perceiver.runtime")
+
+
+@dataclass
+class ServedModel:
+    task: str
+    variant: str
+    model: PerceiverHead
+    source: str
+    weights: str  # "pretrained" or "random-init"
+    dtype: str
+    device: str
+    max_batch_size: int
+    max_delay_ms: float
+    max_batch_cost: int | None
+    batcher: Batcher[Any, Any] | None = None
+    warmup_s: float = 0.0
+
+    @property
+    def name(self) -> str:
+        return self.task if self.variant == "default" else f"{self.task}/{self.variant}"
+
+    def describe(self) -> dict[str, Any]:
+        config = self.model.config
+        return {
+            "name": self.name,
+            "task": self.task,
+            "variant": self.variant,
+            "architecture": config.architecture,
+            "source": self.source,
+            "weights": self.weights,
+            "dtype": self.dtype,
+            "device": self.device,
+            "parameters": sum(p.numel() for p in self.model.parameters()),
+            "num_labels": config.num_labels,
+            "batching": {
+                "max_batch_size": self.max_batch_size,
+                "max_delay_ms": self.max_delay_ms,
+                "max_batch_cost": self.max_batch_cost,
+                "queue_depth": self.batcher.depth if self.batcher else 0,
+            },
+            "warmup_s": round(self.warmup_s, 3),
+        }
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    metrics: Metrics
+    models: dict[str, dict[str, ServedModel]] = field(default_factory=dict)  # task → variant → model
+    ready: bool = False
+    draining: bool = False
+    inflight: int = 0
+    drain_started: float | None = None
+    load_error: str | None = None
+
+    def __post_init__(self) -> None:
+        # One inference thread per device: forward passes never overlap and never block the event loop.
+        self.inference_executor = ThreadPoolExecutor(1, thread_name_prefix="inference")
+        self.decode_executor = ThreadPoolExecutor(self.settings.decode_workers, thread_name_prefix="decode")
+
+    def add(self, served: ServedModel) -> None:
+        self.models.setdefault(served.task, {})[served.variant] = served
+
+    def model_for(self, task: str, variant: str | None = None) -> ServedModel:
+        variants = self.models.get(task)
+        if not variants:
+            raise ModelNotFound(f"no model is configured for task {task!r}")
+        if variant is None:
+            return next(iter(variants.values()))
+        if variant not in variants:
+            raise ModelNotFound(f"task {task!r} has no model {variant!r}; available: {', '.join(variants)}")
+        return variants[variant]
+
+    def all_models(self) -> list[ServedModel]:
+        return [m for variants in self.models.values() for m in variants.values()]
+
+    async def decode(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run CPU-heavy decoding/post-processing in the decode pool, off the event loop."""
+        return await asyncio.get_running_loop().run_in_executor(self.decode_executor, fn, *args)
+
+    def begin_drain(self) -> None:
+        if not self.draining:
+            self.draining = True
+            self.drain_started = time.monotonic()
+            log.info("draining: readiness off, finishing accepted requests")
+
+    def idle(self) -> bool:
+        return self.inflight == 0 and all(m.batcher is None or m.batcher.idle for m in self.all_models())
+
+    def shutdown_executors(self) -> None:
+        self.inference_executor.shutdown(wait=True, cancel_futures=True)
+        self.decode_executor.shutdown(wait=True, cancel_futures=True)

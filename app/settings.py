@@ -1,0 +1,130 @@
+"""Every setting, from PERCEIVER_* environment variables and an optional JSON/YAML file (``--config``)."""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+
+        return bool(torch.cuda.is_available())
+    except ImportError:  # pragma: no cover - torch is a hard dependency
+        return False
+
+
+class ModelSpec(BaseModel):
+    """One served model. ``source`` is a local checkpoint directory or a Hub repo id (resolved offline first)."""
+
+    task: Literal["classify", "fill-mask", "classify-text", "optical-flow", "autoencode"]
+    variant: str = Field("default", description="Name within the task, e.g. learned / fourier / conv for classify.")
+    source: str
+    revision: str = "main"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] | None = None
+    max_batch_size: int | None = Field(None, ge=1)
+    max_delay_ms: float | None = Field(None, ge=0)
+    max_batch_cost: int | None = Field(None, ge=1)
+
+
+class Settings(BaseSettings):
+    """Server settings. Each field is also the environment variable PERCEIVER_<FIELD NAME>."""
+
+    model_config = SettingsConfigDict(env_prefix="PERCEIVER_", extra="forbid")
+
+    host: str = Field("0.0.0.0", description="Interface to bind.")
+    port: int = Field(8000, ge=1, le=65535, description="TCP port.")
+    device: str = Field(
+        default_factory=lambda: "cuda" if _cuda_available() else "cpu",
+        description="Torch device for every model: cuda when available, else cpu.",
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Weights/activations dtype. auto: bfloat16 on GPU, float32 on CPU."
+    )
+    models: list[ModelSpec] = Field(
+        default_factory=list,
+        description="Served models. Empty: the demo profile (small random-init models for every task).",
+    )
+    max_batch_size: int = Field(
+        16, ge=1, description="Most requests in one forward pass. Larger batches raise throughput and latency."
+    )
+    max_delay_ms: float = Field(
+        5.0,
+        ge=0,
+        description="How long the oldest queued request may wait for company before its batch is cut. "
+        "0 dispatches as soon as the model is free; higher values build fuller batches at low load.",
+    )
+    max_queue_size: int = Field(
+        256,
+        ge=1,
+        description="Queued requests per model before new ones get 429. A low limit refuses clients "
+        "instead of having them wait too long.",
+    )
+    request_timeout_s: float = Field(
+        30.0, gt=0, description="Deadline per request (504 past it). Clients may shorten it with x-request-timeout-ms."
+    )
+    drain_timeout_s: float = Field(
+        20.0,
+        gt=0,
+        description="After SIGTERM, how long accepted requests may take to finish before exit. Keep it below "
+        "terminationGracePeriodSeconds minus the preStop sleep.",
+    )
+    max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024, description="Request bodies above this get 413.")
+    max_image_pixels: int = Field(40_000_000, ge=1, description="Decoded image (or video frame) pixel cap: 413.")
+    max_video_seconds: float = Field(60.0, gt=0, description="Longest accepted video; longer ones get 413.")
+    max_video_frames: int = Field(1800, ge=16, description="Most frames a video may declare; more get 413.")
+    max_text_chars: int = Field(
+        2046, ge=1, description="Longest text (UTF-8 bytes) for the text tasks: the model sees 2048 ids with specials."
+    )
+    max_flow_tiles: int = Field(24, ge=1, description="Most 368x496 windows one optical-flow pair may need (413).")
+    decode_workers: int = Field(4, ge=1, description="Threads that decode uploads off the event loop.")
+    warmup: bool = Field(True, description="Run every batch-size/shape bucket once before reporting ready.")
+    log_level: str = Field("INFO", description="Python logging level.")
+
+    @model_validator(mode="after")
+    def _unique_models(self) -> Settings:
+        seen = set()
+        for spec in self.models:
+            key = (spec.task, spec.variant)
+            if key in seen:
+                raise ValueError(f"model {spec.task}/{spec.variant} is configured twice")
+            seen.add(key)
+        return self
+
+    @property
+    def demo(self) -> bool:
+        return not self.models
+
+    def resolved_dtype(self, override: str | None = None) -> str:
+        choice = override or self.dtype
+        if choice == "auto":
+            return "bfloat16" if self.device.startswith("cuda") else "float32"
+        return choice
+
+
+def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Settings:
+    """Settings from the environment, overlaid by a JSON/YAML file, overlaid by explicit overrides."""
+    values: dict[str, Any] = {}
+    if config_file is not None:
+        text = Path(config_file).read_text()
+        if str(config_file).endswith((".yaml", ".yml")):
+            import yaml
+
+            values = yaml.safe_load(text) or {}
+        else:
+            values = json.loads(text)
+    return Settings(**{**values, **overrides})
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()
+
+
+SettingsField = Annotated[Settings, "settings"]
