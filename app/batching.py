@@ -152,8 +152,10 @@ class Batcher(Generic[P, R]):
                 if remaining <= 0 or oldest.cancelled:
                     break
                 self._arrival.clear()
+                # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation (stop()).
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._arrival.wait(), remaining)
+                    async with asyncio.timeout(remaining):
+                        await self._arrival.wait()
             batch = self._take(oldest.bucket)
             self._report_depth()
             if batch:

@@ -56,7 +56,7 @@ def decode_rgb_array(data: bytes, max_pixels: int) -> np.ndarray:
     """Bytes → uint8 [H, W, 3] (transparency composited on white)."""
     from perceiver_core.processing.image import to_rgb
 
-    return np.asarray(to_rgb(decode_image(data, max_pixels)), dtype=np.uint8)
+    return np.array(to_rgb(decode_image(data, max_pixels)), dtype=np.uint8)  # a writable copy for torch
 
 
 @dataclass

@@ -106,7 +106,8 @@ async def submit(
         raise Overloaded(f"{served.name} is overloaded: {exc}", headers={"Retry-After": retry}) from exc
     watcher = asyncio.create_task(_watch_disconnect(request, ticket.cancel))
     try:
-        result = await asyncio.wait_for(asyncio.shield(ticket.future), max(0.0, deadline - time.monotonic()))
+        async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+            result = await asyncio.shield(ticket.future)
     except TimeoutError as exc:
         ticket.cancel()
         runtime.metrics.rejections.labels(**labels, reason="deadline").inc()

@@ -10,7 +10,7 @@ from typing import Annotated, Any, Literal
 import numpy as np
 import torch
 from fastapi import APIRouter, File, Form, Request, UploadFile
-from fastapi.responses import Response
+from fastapi.responses import JSONResponse, Response
 from PIL import Image
 from pydantic import BaseModel, Field
 
@@ -99,7 +99,7 @@ def flow_to_color(flow: np.ndarray) -> np.ndarray:
     return (color * 255).astype(np.uint8)
 
 
-def encode(flow: torch.Tensor, fmt: str, meta: dict[str, Any]) -> Response | dict[str, Any]:
+def encode(flow: torch.Tensor, fmt: str, meta: dict[str, Any]) -> Response:
     array = flow.numpy().astype(np.float32)
     headers = {"x-flow-shape": json.dumps(list(array.shape)), "x-model": meta["model"], "x-weights": meta["weights"]}
     if fmt == "npy":
@@ -114,7 +114,8 @@ def encode(flow: torch.Tensor, fmt: str, meta: dict[str, Any]) -> Response | dic
         buffer = io.BytesIO()
         Image.fromarray(flow_to_color(array)).save(buffer, format="PNG")
         return Response(buffer.getvalue(), media_type="image/png", headers=headers)
-    return {**meta, "height": array.shape[0], "width": array.shape[1], "flow": np.round(array, 4).tolist()}
+    body = {**meta, "height": array.shape[0], "width": array.shape[1], "flow": np.round(array, 4).tolist()}
+    return JSONResponse(body, headers=headers)
 
 
 def register(router: APIRouter, runtime_of: Callable[[Request], Runtime]) -> None:

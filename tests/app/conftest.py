@@ -1,0 +1,135 @@
+"""A live uvicorn server on loopback, in a thread of the test process, so tests can reach its runtime."""
+
+from __future__ import annotations
+
+import io
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import av
+import httpx
+import numpy as np
+import pytest
+import uvicorn
+
+from app.main import create_app
+from app.runtime import Runtime
+from app.settings import Settings
+
+MEDIA = Path(__file__).parents[1] / "media"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class LiveServer:
+    def __init__(self, **settings: Any) -> None:
+        settings.setdefault("warmup", False)
+        self.settings = Settings(host="127.0.0.1", port=free_port(), **settings)
+        self.app = create_app(self.settings)
+        config = uvicorn.Config(self.app, host="127.0.0.1", port=self.settings.port, log_config=None, lifespan="on")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.url = f"http://127.0.0.1:{self.settings.port}"
+
+    @property
+    def runtime(self) -> Runtime:
+        runtime: Runtime = self.app.state.runtime
+        return runtime
+
+    def start(self, timeout: float = 120) -> LiveServer:
+        self.thread.start()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(self.url + "/readyz", timeout=1).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            if self.runtime.load_error:
+                raise RuntimeError(self.runtime.load_error)
+            time.sleep(0.1)
+        raise TimeoutError("server did not become ready")
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+    def client(self) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=120)
+
+    def metric(self, name: str, **labels: str) -> float:
+        value = self.runtime.metrics.registry.get_sample_value(name, labels)
+        return float(value or 0.0)
+
+
+@pytest.fixture(scope="session")
+def demo_server() -> Iterator[LiveServer]:
+    """The demo profile (every task, random-init weights), batching with a short delay."""
+    server = LiveServer(max_delay_ms=20, max_body_bytes=4 * 1024 * 1024).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def client(demo_server: LiveServer) -> Iterator[httpx.Client]:
+    with demo_server.client() as c:
+        yield c
+
+
+def make_mp4(seconds: float = 1.0, with_audio: bool = True, size: tuple[int, int] = (320, 240)) -> bytes:
+    """An H.264 (or MPEG-4) video of a moving bar, with an AAC 440 Hz tone, made with PyAV."""
+    buffer = io.BytesIO()
+    width, height = size
+    frames = int(seconds * 25)
+    with av.open(buffer, "w", format="mp4") as container:
+        codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
+        video = container.add_stream(codec, rate=25)
+        video.width, video.height, video.pix_fmt = width, height, "yuv420p"
+        audio = container.add_stream("aac", rate=48_000) if with_audio else None
+        if audio is not None:
+            audio.layout = "mono"
+        for i in range(frames):
+            frame = np.zeros((height, width, 3), np.uint8)
+            x = (i * 8) % (width - 40)
+            frame[:, x : x + 40] = (255, 128, 0)
+            for packet in video.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in video.encode():
+            container.mux(packet)
+        if audio is not None:
+            n = int(seconds * 48_000)
+            tone = (0.3 * np.sin(2 * np.pi * 440 * np.arange(n) / 48_000)).astype(np.float32)[None]
+            for start in range(0, n, 1024):
+                piece = av.AudioFrame.from_ndarray(np.ascontiguousarray(tone[:, start : start + 1024]), format="flt",
+                                                   layout="mono")
+                piece.sample_rate, piece.pts = 48_000, start
+                for packet in audio.encode(piece):
+                    container.mux(packet)
+            for packet in audio.encode():
+                container.mux(packet)
+    return buffer.getvalue()
+
+
+def shifted_pair(dx: int, dy: int, size: tuple[int, int] = (420, 560)) -> tuple[bytes, bytes]:
+    """Two PNG crops of the coffee photo; in the second, the content has moved by (+dx, +dy) pixels."""
+    from PIL import Image
+
+    photo = np.asarray(Image.open(MEDIA / "coffee.jpg").convert("RGB").resize((640, 480)))
+    h, w = size[0], size[1]
+    m = 20
+    first = photo[m : m + h, m : m + w]
+    second = photo[m - dy : m - dy + h, m - dx : m - dx + w]
+    out = []
+    for array in (first, second):
+        buffer = io.BytesIO()
+        Image.fromarray(np.ascontiguousarray(array)).save(buffer, format="PNG")
+        out.append(buffer.getvalue())
+    return out[0], out[1]
