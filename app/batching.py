@@ -204,13 +204,11 @@ class Batcher(Generic[P, R]):
             self._observer.dropped(reason)
 
     async def _execute(self, batch: list[Ticket[P, R]]) -> None:
-        started = time.monotonic()
-        for ticket in batch:
-            ticket.queue_s = started - ticket.enqueued_at
-        payloads = [t.payload for t in batch]
         self._busy = True
         try:
-            results = await asyncio.get_running_loop().run_in_executor(self._executor, self._run_split, payloads)
+            ran, results, elapsed = await asyncio.get_running_loop().run_in_executor(
+                self._executor, self._run_live, batch
+            )
         except Exception as exc:
             log.exception("batch of %d failed", len(batch))
             error = BatchError(str(exc))
@@ -221,14 +219,31 @@ class Batcher(Generic[P, R]):
             return
         finally:
             self._busy = False
-        elapsed = time.monotonic() - started
+        for ticket in batch:
+            if ticket not in ran:
+                reason = "cancelled" if ticket.cancelled else "deadline"
+                exc = (
+                    Cancelled("request cancelled before inference") if ticket.cancelled else Expired("deadline passed")
+                )
+                self._drop(ticket, reason, exc)
+        if not ran:
+            return
         if self._observer is not None:
-            self._observer.batch(len(batch), sum(t.cost for t in batch), elapsed)
-        for ticket, result in zip(batch, results, strict=True):
+            self._observer.batch(len(ran), sum(t.cost for t in ran), elapsed)
+        for ticket, result in zip(ran, results, strict=True):
             ticket.inference_s = elapsed
-            ticket.batch_size = len(batch)
+            ticket.batch_size = len(ran)
             if not ticket.future.done():
                 ticket.future.set_result(result)
+
+    def _run_live(self, batch: list[Ticket[P, R]]) -> tuple[list[Ticket[P, R]], list[R], float]:
+        """On the executor thread: skip tickets cancelled or expired while the batch waited for the device."""
+        started = time.monotonic()
+        live = [t for t in batch if not t.cancelled and (t.deadline is None or started < t.deadline)]
+        for ticket in live:
+            ticket.queue_s = started - ticket.enqueued_at
+        results = self._run_split([t.payload for t in live]) if live else []
+        return live, results, time.monotonic() - started
 
     def _run_split(self, payloads: Sequence[P]) -> list[R]:
         """Run a batch; on out-of-memory, free the cache and run each half (down to single requests)."""

@@ -41,7 +41,8 @@ def build_models(settings: Settings) -> list[ServedModel]:
             "their predictions are meaningless (set PERCEIVER_MODELS or --config to serve real checkpoints)"
         )
         dtype_name = settings.resolved_dtype()
-        for task in TASKS.values():
+        tasks = [t for t in TASKS.values() if settings.demo_tasks is None or t.name in settings.demo_tasks]
+        for task in tasks:
             for variant, config in task.demo_configs.items():
                 torch.manual_seed(0)
                 model = perceiver_core.build_model(config).to(device=device, dtype=DTYPES[dtype_name]).eval()

@@ -51,6 +51,9 @@ class Settings(BaseSettings):
         default_factory=list,
         description="Served models. Empty: the demo profile (small random-init models for every task).",
     )
+    demo_tasks: list[Literal["classify", "fill-mask", "classify-text", "optical-flow", "autoencode"]] | None = Field(
+        None, description="Demo profile only: serve just these tasks (default: all)."
+    )
     max_batch_size: int = Field(
         16, ge=1, description="Most requests in one forward pass. Larger batches raise throughput and latency."
     )

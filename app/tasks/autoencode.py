@@ -26,7 +26,7 @@ from perceiver_core.processing.video import AUDIO_RATE, VIDEO_FPS, prepare_audio
 
 from ..media import decode_audio, decode_video
 from ..runtime import Runtime, ServedModel
-from .base import Task, WarmupItem, submit, to_device, top_k
+from .base import Task, WarmupItem, select_model, submit, to_device, top_k
 from .classify import Prediction
 
 RECONSTRUCTION_CHUNKS = 16  # decoder query chunks per video: fewer, larger passes on a GPU
@@ -168,7 +168,7 @@ def register(router: APIRouter, runtime_of: Callable[[Request], Runtime]) -> Non
         reconstruction: Annotated[Literal["none", "npz", "mp4"], Form()] = "none",
     ) -> Any:
         runtime = runtime_of(request)
-        served = runtime.model_for("autoencode")
+        served = select_model(request, runtime, "autoencode")
         s = runtime.settings
         limits = {
             "max_seconds": s.max_video_seconds,

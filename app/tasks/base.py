@@ -86,12 +86,18 @@ def request_deadline(request: Request, runtime: Runtime) -> float:
     return time.monotonic() + timeout
 
 
+def select_model(request: Request, runtime: Runtime, task: str, variant: str | None = None) -> ServedModel:
+    """The model serving ``task`` (404 if none); remembered on the request for metrics and logs."""
+    served = runtime.model_for(task, variant)
+    request.state.model = served.name
+    return served
+
+
 async def submit(
     request: Request, runtime: Runtime, served: ServedModel, payload: Any, *, cost: int, bucket: Hashable
 ) -> Any:
     """Queue ``payload`` on the model's batcher and wait for its result, with every guard applied."""
     labels = {"task": served.task, "model": served.name}
-    request.state.model = served.name
     if runtime.draining:
         runtime.metrics.rejections.labels(**labels, reason="draining").inc()
         raise Draining("the server is shutting down; retry on another replica")
@@ -104,6 +110,7 @@ async def submit(
         runtime.metrics.rejections.labels(**labels, reason="queue_full").inc()
         retry = f"{served.batcher.estimated_wait_s():.0f}"
         raise Overloaded(f"{served.name} is overloaded: {exc}", headers={"Retry-After": retry}) from exc
+    ticket.future.add_done_callback(_retrieve)  # the handler may have left (deadline, disconnect)
     watcher = asyncio.create_task(_watch_disconnect(request, ticket.cancel))
     try:
         async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
@@ -125,6 +132,11 @@ async def submit(
     runtime.metrics.inference_duration.labels(**labels).observe(ticket.inference_s)
     request.state.timing = (ticket.queue_s, ticket.inference_s, ticket.batch_size)
     return result
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 async def _watch_disconnect(request: Request, cancel: Callable[[], None]) -> None:

@@ -15,7 +15,7 @@ from perceiver_core.processing.image import preprocess_image
 
 from ..media import decode_image
 from ..runtime import Runtime, ServedModel
-from .base import Task, WarmupItem, submit, to_device, top_k
+from .base import Task, WarmupItem, select_model, submit, to_device, top_k
 
 DEMO_LABELS = {
     i: name
@@ -81,7 +81,7 @@ def register(router: APIRouter, runtime_of: Callable[[Request], Runtime]) -> Non
         model: Annotated[str | None, Form(description="Variant: learned, fourier or conv")] = None,
     ) -> dict[str, Any]:
         runtime = runtime_of(request)
-        served = runtime.model_for("classify", model)
+        served = select_model(request, runtime, "classify", model)
         pixels = await runtime.decode(decode, await image.read(), runtime.settings.max_image_pixels)
         predictions = await submit(request, runtime, served, (pixels, top_k), cost=224 * 224, bucket="224")
         return {"model": served.name, "weights": served.weights, "predictions": predictions}

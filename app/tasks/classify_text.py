@@ -12,7 +12,18 @@ from perceiver_core import PerceiverConfig, PerceiverHead
 from perceiver_core.processing import tokenizer
 
 from ..runtime import Runtime, ServedModel
-from .base import TEXT_BUCKETS, Task, WarmupItem, encode_text, pad_ids, submit, text_bucket, to_device, top_k
+from .base import (
+    TEXT_BUCKETS,
+    Task,
+    WarmupItem,
+    encode_text,
+    pad_ids,
+    select_model,
+    submit,
+    text_bucket,
+    to_device,
+    top_k,
+)
 from .classify import ClassifyResponse
 
 
@@ -38,7 +49,7 @@ def register(router: APIRouter, runtime_of: Callable[[Request], Runtime]) -> Non
     @router.post("/v1/classify-text", response_model=ClassifyResponse, tags=["text"], summary="Classify a text")
     async def classify_text(request: Request, body: ClassifyTextRequest) -> dict[str, Any]:
         runtime = runtime_of(request)
-        served = runtime.model_for("classify-text")
+        served = select_model(request, runtime, "classify-text")
         limit = min(runtime.settings.max_text_chars, served.model.config.max_position_embeddings - 2)
         ids = encode_text(body.text, limit)
         bucket = text_bucket(len(ids))

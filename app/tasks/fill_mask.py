@@ -14,7 +14,7 @@ from perceiver_core.processing import tokenizer
 
 from ..errors import InvalidInput
 from ..runtime import Runtime, ServedModel
-from .base import TEXT_BUCKETS, Task, WarmupItem, encode_text, pad_ids, submit, text_bucket, to_device
+from .base import TEXT_BUCKETS, Task, WarmupItem, encode_text, pad_ids, select_model, submit, text_bucket, to_device
 
 BYTE_IDS = slice(tokenizer.BYTE_OFFSET, tokenizer.VOCAB_SIZE)
 
@@ -98,7 +98,7 @@ def register(router: APIRouter, runtime_of: Callable[[Request], Runtime]) -> Non
     @router.post("/v1/fill-mask", response_model=FillMaskResponse, tags=["text"], summary="Fill [MASK] bytes")
     async def fill_mask(request: Request, body: FillMaskRequest) -> dict[str, Any]:
         runtime = runtime_of(request)
-        served = runtime.model_for("fill-mask")
+        served = select_model(request, runtime, "fill-mask")
         limit = min(runtime.settings.max_text_chars, served.model.config.max_position_embeddings - 2)
         ids, masked = encode(body.text, limit)
         bucket = text_bucket(len(ids))

@@ -20,7 +20,7 @@ from perceiver_core.processing.flow import FlowTiles, blend_tiles, extract_patch
 from ..errors import InvalidInput, PayloadTooLarge
 from ..media import decode_rgb_array
 from ..runtime import Runtime, ServedModel
-from .base import Task, WarmupItem, submit, to_device
+from .base import Task, WarmupItem, select_model, submit, to_device
 
 FLO_MAGIC = 202021.25  # Middlebury .flo header
 WINDOWS_PER_PASS = 8  # bounds activation memory when one request alone brings many windows
@@ -133,7 +133,7 @@ def register(router: APIRouter, runtime_of: Callable[[Request], Runtime]) -> Non
         format: Annotated[Literal["json", "npy", "flo", "png"], Form(description="Response encoding")] = "json",
     ) -> Any:
         runtime = runtime_of(request)
-        served = runtime.model_for("optical-flow")
+        served = select_model(request, runtime, "optical-flow")
         window = tuple(served.model.config.train_size)
         settings = runtime.settings
         layout = await runtime.decode(

@@ -108,8 +108,9 @@ def make_mp4(seconds: float = 1.0, with_audio: bool = True, size: tuple[int, int
             n = int(seconds * 48_000)
             tone = (0.3 * np.sin(2 * np.pi * 440 * np.arange(n) / 48_000)).astype(np.float32)[None]
             for start in range(0, n, 1024):
-                piece = av.AudioFrame.from_ndarray(np.ascontiguousarray(tone[:, start : start + 1024]), format="flt",
-                                                   layout="mono")
+                piece = av.AudioFrame.from_ndarray(
+                    np.ascontiguousarray(tone[:, start : start + 1024]), format="flt", layout="mono"
+                )
                 piece.sample_rate, piece.pts = 48_000, start
                 for packet in audio.encode(piece):
                     container.mux(packet)

@@ -131,8 +131,15 @@ def test_models_lists_every_task_and_says_random_init(client: httpx.Client) -> N
     body = client.get("/v1/models").json()
     assert body["demo"] is True
     names = {m["name"] for m in body["models"]}
-    assert names == {"classify/learned", "classify/fourier", "classify/conv", "fill-mask", "classify-text",
-                     "optical-flow", "autoencode"}
+    assert names == {
+        "classify/learned",
+        "classify/fourier",
+        "classify/conv",
+        "fill-mask",
+        "classify-text",
+        "optical-flow",
+        "autoencode",
+    }
     for model in body["models"]:
         assert model["weights"] == "random-init"
         assert {"architecture", "source", "dtype", "device", "batching"} <= set(model)
