@@ -221,11 +221,10 @@ class Batcher(Generic[P, R]):
             self._busy = False
         for ticket in batch:
             if ticket not in ran:
-                reason = "cancelled" if ticket.cancelled else "deadline"
-                exc = (
-                    Cancelled("request cancelled before inference") if ticket.cancelled else Expired("deadline passed")
-                )
-                self._drop(ticket, reason, exc)
+                if ticket.cancelled:
+                    self._drop(ticket, "cancelled", Cancelled("request cancelled before inference"))
+                else:
+                    self._drop(ticket, "deadline", Expired("deadline passed while waiting for the device"))
         if not ran:
             return
         if self._observer is not None:

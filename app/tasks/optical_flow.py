@@ -108,8 +108,8 @@ def encode(flow: torch.Tensor, fmt: str, meta: dict[str, Any]) -> Response:
         return Response(buffer.getvalue(), media_type="application/x-npy", headers=headers)
     if fmt == "flo":
         h, w = array.shape[:2]
-        body = np.float32(FLO_MAGIC).tobytes() + np.int32(w).tobytes() + np.int32(h).tobytes() + array.tobytes()
-        return Response(body, media_type="application/octet-stream", headers=headers)
+        flo = np.float32(FLO_MAGIC).tobytes() + np.int32(w).tobytes() + np.int32(h).tobytes() + array.tobytes()
+        return Response(flo, media_type="application/octet-stream", headers=headers)
     if fmt == "png":
         buffer = io.BytesIO()
         Image.fromarray(flow_to_color(array)).save(buffer, format="PNG")

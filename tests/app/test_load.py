@@ -157,8 +157,11 @@ def test_optical_flow_recovers_the_direction_of_a_known_shift() -> None:
         served.model = PhaseCorrelationFlow((368, 496))  # type: ignore[assignment]
         first, second = shifted_pair(dx=6, dy=-4, size=(420, 560))
         with server.client() as client:
-            r = client.post("/v1/optical-flow", files={"frame1": ("a.png", first), "frame2": ("b.png", second)},
-                            data={"format": "npy"})
+            r = client.post(
+                "/v1/optical-flow",
+                files={"frame1": ("a.png", first), "frame2": ("b.png", second)},
+                data={"format": "npy"},
+            )
         assert r.status_code == 200, r.text
         import io
 

@@ -1,0 +1,155 @@
+"""The real command: settings from env and files, real checkpoints, and draining on SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+
+from app.settings import Settings, load_settings
+
+from .conftest import MEDIA, free_port
+
+
+class Server:
+    """``python -m app.main`` in a child process, logging to a file (a pipe could fill up and block it)."""
+
+    def __init__(self, log: Path, env: dict[str, str], *args: str) -> None:
+        port = free_port()
+        full = {**os.environ, **env, "PERCEIVER_PORT": str(port), "PERCEIVER_HOST": "127.0.0.1"}
+        self.log = log
+        with log.open("wb") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "app.main", *args], env=full, stdout=out, stderr=subprocess.STDOUT
+            )
+        self.url = f"http://127.0.0.1:{port}"
+
+    def wait_ready(self, timeout: float = 180) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}: {self.log.read_text()[-2000:]}")
+            try:
+                if httpx.get(self.url + "/readyz", timeout=1).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        self.proc.kill()
+        raise TimeoutError("not ready")
+
+    def terminate(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=60)
+
+
+def test_settings_come_from_env_with_exact_names(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PERCEIVER_MAX_BATCH_SIZE", "7")
+    monkeypatch.setenv("PERCEIVER_MAX_DELAY_MS", "2.5")
+    monkeypatch.setenv("PERCEIVER_DEVICE", "cpu")
+    settings = Settings()
+    assert (settings.max_batch_size, settings.max_delay_ms, settings.device) == (7, 2.5, "cpu")
+    assert settings.resolved_dtype() == "float32"
+    assert Settings(device="cuda").resolved_dtype() == "bfloat16"
+
+
+def test_config_file_with_per_model_overrides(tmp_path: Path) -> None:
+    path = tmp_path / "serve.yaml"
+    path.write_text(
+        "max_batch_size: 8\n"
+        "models:\n"
+        "  - {task: classify, variant: learned, source: deepmind/vision-perceiver-learned, max_batch_size: 32}\n"
+        "  - {task: fill-mask, source: /models/language-perceiver, dtype: float32, max_delay_ms: 1}\n"
+    )
+    settings = load_settings(path)
+    assert settings.max_batch_size == 8 and not settings.demo
+    assert settings.models[0].max_batch_size == 32 and settings.models[1].max_delay_ms == 1
+    with pytest.raises(ValueError, match="configured twice"):
+        Settings(models=[{"task": "classify", "source": "a"}, {"task": "classify", "source": "b"}])
+
+
+def test_serving_a_real_checkpoint_from_a_directory(tmp_path: Path) -> None:
+    """A non-demo deployment: a saved transformers checkpoint, served as pretrained with its labels."""
+    import transformers
+
+    config = transformers.PerceiverConfig(
+        num_latents=8,
+        d_latents=32,
+        num_blocks=1,
+        num_self_attends_per_block=1,
+        num_self_attention_heads=2,
+        num_cross_attention_heads=1,
+        num_labels=3,
+        id2label={0: "tabby cat", 1: "espresso", 2: "daisy"},
+    )
+    transformers.PerceiverForImageClassificationFourier(config).save_pretrained(tmp_path / "fourier")
+    settings_file = tmp_path / "serve.json"
+    settings_file.write_text(
+        json.dumps(
+            {
+                "warmup": True,
+                "max_batch_size": 2,
+                "models": [{"task": "classify", "variant": "fourier", "source": str(tmp_path / "fourier")}],
+            }
+        )
+    )
+    server = Server(tmp_path / "log.jsonl", {}, "--config", str(settings_file))
+    url = server.url
+    try:
+        server.wait_ready()
+        models = httpx.get(url + "/v1/models").json()
+        assert models["demo"] is False and models["models"][0]["weights"] == "pretrained"
+        r = httpx.post(
+            url + "/v1/classify",
+            files={"image": ("cat.jpg", (MEDIA / "cat.jpg").read_bytes())},
+            data={"top_k": "3"},
+            timeout=60,
+        )
+        assert r.status_code == 200, r.text
+        assert {p["label"] for p in r.json()["predictions"]} == {"tabby cat", "espresso", "daisy"}
+        assert httpx.post(url + "/v1/fill-mask", json={"text": "a[MASK]"}).status_code == 404
+    finally:
+        assert server.terminate() == 0
+
+
+def test_sigterm_drains_in_flight_requests_and_exits_zero(tmp_path: Path) -> None:
+    """Requests in flight when SIGTERM arrives all finish with 200; new ones get 503; exit code 0."""
+    env = {
+        "PERCEIVER_DEMO_TASKS": '["classify"]',
+        "PERCEIVER_WARMUP": "false",
+        "PERCEIVER_MAX_BATCH_SIZE": "1",
+        "PERCEIVER_DRAIN_TIMEOUT_S": "60",
+    }
+    server = Server(tmp_path / "log.jsonl", env)
+    url, proc = server.url, server.proc
+    server.wait_ready()
+    image = (MEDIA / "cat.jpg").read_bytes()
+
+    def classify(_: int) -> int:
+        r = httpx.post(
+            url + "/v1/classify", files={"image": ("cat.jpg", image)}, data={"model": "learned"}, timeout=120
+        )
+        return r.status_code
+
+    with ThreadPoolExecutor(8) as pool:
+        futures = [pool.submit(classify, i) for i in range(8)]
+        time.sleep(0.5)  # all eight are accepted; with batches of one they take several seconds
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        assert httpx.get(url + "/readyz", timeout=5).status_code == 503
+        late = httpx.post(url + "/v1/classify", files={"image": ("cat.jpg", image)}, timeout=10)
+        assert late.status_code == 503 and late.json()["error"]["type"] == "draining"
+        assert httpx.get(url + "/healthz", timeout=5).status_code == 200
+        statuses = [f.result() for f in futures]
+    assert statuses == [200] * 8
+    assert proc.wait(timeout=60) == 0
+    assert "drained" in server.log.read_text()
