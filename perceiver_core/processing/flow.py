@@ -114,7 +114,6 @@ def tiled_flow(
     """
     layout = prepare_tiles(frame1, frame2, window, min_overlap)
     logits = [
-        predict(extract_patches(layout.tiles[i : i + batch_size]))
-        for i in range(0, layout.tiles.shape[0], batch_size)
+        predict(extract_patches(layout.tiles[i : i + batch_size])) for i in range(0, layout.tiles.shape[0], batch_size)
     ]
     return blend_tiles(torch.cat(logits), layout)

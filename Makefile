@@ -1,0 +1,33 @@
+# Two commands do all the setup on a fresh machine:
+#   make serve   install into .venv and start the server (demo profile unless models are configured)
+#   make test    install into .venv, lint, type-check and run the whole test suite
+# TORCH_SPEC picks the torch build: the default is the CPU wheel; GPU hosts use e.g. TORCH_SPEC=torch.
+
+PYTHON ?= python3
+TORCH_SPEC ?= torch==2.13.0
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: serve test lint install
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/pip install --quiet -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed
+
+serve: install
+	$(BIN)/perceiver-serve $(ARGS)
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy perceiver_core app
+
+test: lint
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
