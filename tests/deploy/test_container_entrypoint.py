@@ -1,0 +1,120 @@
+"""Start the server exactly as the image would, and see it become ready and answer.
+
+Same entrypoint and environment as the Dockerfile, a non-root uid without capabilities (a user
+namespace when the test runs as root), a read-only working directory, one writable temp directory, and
+HF_HOME pointing at a mounted-style, read-only Hugging Face cache that holds a checkpoint made here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import transformers
+
+from tests.app.conftest import MEDIA, free_port
+
+ROOT = Path(__file__).parents[2]
+
+
+def dockerfile() -> tuple[list[str], dict[str, str], str]:
+    """ENTRYPOINT (exec form), the runtime stage's ENV, and USER, as written in the Dockerfile."""
+    text = (ROOT / "Dockerfile").read_text().replace("\\\n", " ")
+    runtime = text[text.index("AS runtime") :]
+    entrypoint = json.loads(re.search(r"^ENTRYPOINT (\[.*\])$", runtime, re.M).group(1))  # type: ignore[union-attr]
+    env: dict[str, str] = {}
+    for line in re.findall(r"^ENV (.*)$", runtime, re.M):
+        env.update(dict(re.findall(r"(\w+)=(\S+)", line)))
+    user = re.search(r"^USER (\S+)$", runtime, re.M).group(1)  # type: ignore[union-attr]
+    return entrypoint, env, user
+
+
+def make_hf_cache(root: Path, repo: str) -> None:
+    config = transformers.PerceiverConfig(
+        num_latents=8,
+        d_latents=32,
+        num_blocks=1,
+        num_self_attends_per_block=1,
+        num_self_attention_heads=2,
+        num_cross_attention_heads=1,
+        num_labels=4,
+        id2label={0: "tabby", 1: "tiger cat", 2: "espresso", 3: "cup"},
+    )
+    snapshot = root / "hub" / f"models--{repo.replace('/', '--')}" / "snapshots" / "4f1c3e2"
+    transformers.PerceiverForImageClassificationFourier(config).save_pretrained(snapshot)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("4f1c3e2")
+
+
+def read_only(path: Path) -> None:
+    for p in [path, *path.rglob("*")]:
+        p.chmod(0o555 if p.is_dir() else 0o444)
+
+
+def test_container_entrypoint_serves_a_mounted_checkpoint(tmp_path: Path) -> None:
+    entrypoint, image_env, user = dockerfile()
+    assert entrypoint == ["perceiver-serve"] and user.startswith("10001")
+    assert image_env["HF_HOME"] == "/models/hf" and image_env["HF_HUB_OFFLINE"] == "1"
+
+    models = tmp_path / "models"  # stands in for the /models volume
+    make_hf_cache(models / "hf", "deepmind/vision-perceiver-fourier")
+    workdir, scratch = tmp_path / "workdir", tmp_path / "tmp"
+    workdir.mkdir()
+    scratch.mkdir(mode=0o700)
+    read_only(models)
+    read_only(workdir)
+
+    port = free_port()
+    env = {
+        **image_env,
+        "PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin",  # our venv plays /opt/venv
+        "HF_HOME": str(models / "hf"),
+        "TMPDIR": str(scratch),
+        "HOME": str(scratch),
+        "PERCEIVER_HOST": "127.0.0.1",
+        "PERCEIVER_PORT": str(port),
+        "PERCEIVER_MODELS": json.dumps(
+            [{"task": "classify", "variant": "fourier", "source": "deepmind/vision-perceiver-fourier"}]
+        ),
+        "PERCEIVER_MAX_BATCH_SIZE": "2",
+        "PYTHONPATH": str(ROOT),
+    }
+    command = [shutil.which("perceiver-serve", path=env["PATH"]) or "perceiver-serve"]
+    if os.geteuid() == 0:  # drop to uid/gid 10001 with no capabilities, as the container's USER does
+        command = ["unshare", "--user", "--map-user=10001", "--map-group=10001", *command]
+    log = tmp_path / "server.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(command, cwd=workdir, env=env, stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        ready = False
+        while time.monotonic() < deadline and proc.poll() is None:
+            with contextlib.suppress(httpx.TransportError):
+                ready = httpx.get(url + "/readyz", timeout=1).status_code == 200
+            if ready:
+                break
+            time.sleep(0.2)
+        assert ready, log.read_text()[-3000:]
+        if os.geteuid() == 0:
+            assert Path(f"/proc/{proc.pid}/uid_map").read_text().split()[:2] == ["10001", "0"]
+        status = Path(f"/proc/{proc.pid}/status").read_text()
+        assert re.search(r"CapEff:\s+0+\n", status), "the server must run without capabilities"
+        r = httpx.post(url + "/v1/classify", files={"image": ("cat.jpg", (MEDIA / "cat.jpg").read_bytes())}, timeout=60)
+        assert r.status_code == 200, r.text
+        assert r.json()["weights"] == "pretrained"
+        assert {p["label"] for p in r.json()["predictions"]} <= {"tabby", "tiger cat", "espresso", "cup"}
+        assert not any(workdir.iterdir()), "nothing may be written to the working directory"
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0, log.read_text()[-3000:]

@@ -1,0 +1,145 @@
+"""Deployment artefacts, checked with the tools this ecosystem uses (no Docker engine or cluster here)."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from app.metrics import Metrics
+from app.settings import Settings
+
+ROOT = Path(__file__).parents[2]
+DEPLOY = ROOT / "deploy"
+OVERLAYS = ["cpu", "gpu", "gpu-keda"]
+BIN = Path(sys.executable).parent
+
+
+def tool(name: str) -> str:
+    found = shutil.which(name) or (str(BIN / name) if (BIN / name).exists() else None)
+    if found is None:
+        pytest.fail(f"{name} is not installed (make install provides it; kubectl ships with this machine)")
+    return found
+
+
+def run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(args, capture_output=True, text=True, check=False, cwd=ROOT)
+
+
+def rendered(overlay: str) -> list[dict[str, Any]]:
+    result = run(tool("kubectl"), "kustomize", str(DEPLOY / "overlays" / overlay))
+    assert result.returncode == 0, result.stderr
+    return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+
+
+def test_hadolint_finds_no_errors() -> None:
+    result = run(tool("hadolint"), "--failure-threshold", "error", "Dockerfile")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_compose_file_matches_the_compose_spec() -> None:
+    result = run(tool("check-jsonschema"), "--builtin-schema", "vendor.compose-spec", "docker-compose.yml")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_overlay_builds_and_validates_strictly(overlay: str, tmp_path: Path) -> None:
+    docs = rendered(overlay)
+    out = tmp_path / f"{overlay}.yaml"
+    out.write_text(yaml.safe_dump_all(docs))
+    result = run(tool("kubernetes-validate"), "--strict", str(out))
+    assert result.returncode == 0, result.stdout + result.stderr
+    kinds = {d["kind"] for d in docs}
+    assert {
+        "Deployment",
+        "Service",
+        "PodDisruptionBudget",
+        "NetworkPolicy",
+        "ServiceMonitor",
+        "ConfigMap",
+        "PersistentVolumeClaim",
+    } <= kinds
+    assert ("ScaledObject" in kinds) != ("HorizontalPodAutoscaler" in kinds)
+
+
+def _deployment(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    return next(d for d in docs if d["kind"] == "Deployment")
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_pod_hardening_probes_and_volumes(overlay: str) -> None:
+    pod = _deployment(rendered(overlay))["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert container["securityContext"]["capabilities"]["drop"] == ["ALL"]
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert "startupProbe" in container
+    assert {m["mountPath"] for m in container["volumeMounts"]} == {"/models", "/tmp"}
+    if overlay.startswith("gpu"):
+        assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
+        assert pod["nodeSelector"] and pod["tolerations"]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_drain_fits_inside_the_termination_grace_period(overlay: str) -> None:
+    """A rollout must not cut requests: drain timeout < terminationGracePeriodSeconds - preStop sleep."""
+    docs = rendered(overlay)
+    pod = _deployment(docs)["spec"]["template"]["spec"]
+    grace = pod["terminationGracePeriodSeconds"]
+    pre_stop = pod["containers"][0]["lifecycle"]["preStop"]["sleep"]["seconds"]
+    config = next(d for d in docs if d["kind"] == "ConfigMap")["data"]
+    drain = float(config.get("PERCEIVER_DRAIN_TIMEOUT_S", Settings.model_fields["drain_timeout_s"].default))
+    assert drain < grace - pre_stop, f"drain {drain}s must be < {grace}s - {pre_stop}s"
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    stop_grace = int(compose["x-server"]["stop_grace_period"].rstrip("s"))
+    compose_drain = float(compose["x-server"]["environment"]["PERCEIVER_DRAIN_TIMEOUT_S"])
+    assert compose_drain < stop_grace
+
+
+def test_configmap_settings_are_valid_server_settings() -> None:
+    config = next(d for d in rendered("gpu") if d["kind"] == "ConfigMap")["data"]
+    values = {k.removeprefix("PERCEIVER_").lower(): v for k, v in config.items()}
+    values["models"] = json.loads(values["models"])
+    settings = Settings(**values)
+    assert settings.device == "cuda" and {m.task for m in settings.models} >= {"classify", "fill-mask"}
+
+
+def test_hpa_scales_on_a_metric_the_server_exports() -> None:
+    hpa = next(d for d in rendered("gpu") if d["kind"] == "HorizontalPodAutoscaler")
+    name = hpa["spec"]["metrics"][0]["pods"]["metric"]["name"]
+    exported = {m.name for m in Metrics().registry.collect()}
+    assert name in exported
+    rules = yaml.safe_load((DEPLOY / "monitoring" / "prometheus-adapter-rules.yaml").read_text())
+    assert name in rules["rules"]["custom"][0]["seriesQuery"]
+
+
+def test_prometheus_and_grafana_files_parse_and_use_real_metrics() -> None:
+    prometheus = yaml.safe_load((DEPLOY / "monitoring" / "prometheus.yml").read_text())
+    assert prometheus["scrape_configs"][0]["metrics_path"] == "/metrics"
+    dashboard = json.loads((DEPLOY / "monitoring" / "grafana" / "dashboards" / "perceiver.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    used = {re.sub(r"_(bucket|sum|count|total)$", "", m) for e in exprs for m in re.findall(r"perceiver_[a-z_]+", e)}
+    exported = {m.name for m in Metrics().registry.collect()}
+    assert used and used <= exported, used - exported
+    titles = " ".join(p["title"] for p in dashboard["panels"]).lower()
+    for topic in ("p99", "throughput", "batch size", "queue depth", "429", "504", "gpu memory"):
+        assert topic in titles
+    for path in (DEPLOY / "monitoring" / "grafana" / "provisioning").rglob("*.yml"):
+        assert yaml.safe_load(path.read_text())["apiVersion"] == 1
+    job = yaml.safe_load((DEPLOY / "jobs" / "fetch-models.yaml").read_text())
+    assert job["kind"] == "Job"
+
+
+def test_dockerignore_keeps_the_context_small() -> None:
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    for entry in (".git", ".venv", "tests", "*.safetensors"):
+        assert entry in ignored
