@@ -239,6 +239,17 @@ CPU_CASES = [
 ]
 
 
+def smoke(case: Case) -> Case:
+    """The same case with a tiny latent stack and batch 1 (inputs keep their real sizes)."""
+    small = dict(num_latents=32, d_latents=64, num_blocks=1, num_self_attends_per_block=1)
+    if "qk_channels" in case.config:
+        small.update(qk_channels=32, v_channels=64)
+    config = {**case.config, **small}
+    if case.chunks:
+        config.update(output_shape=[1, 16, 56, 56])
+    return Case(case.name + " (smoke)", case.arch, config, 1, case.make_inputs, case.unit, case.chunks, case.positions)
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -303,17 +314,50 @@ def _comparable(case: Case, ours: Any, ref: Any) -> tuple[Any, Any]:
     return ours, ref
 
 
-def _calls(case: Case, hf: Any, ours: Any, x: dict[str, Any], device: torch.device) -> dict[str, Callable[[], Any]]:
-    """The reference call and ours, on the same inputs."""
+OUR_CHUNKS = 8  # our full-video decode: 8 large query chunks (the result does not depend on the count)
+
+
+def _calls(
+    case: Case, hf: Any, ours: Any, x: dict[str, Any], device: torch.device, graphs: bool
+) -> dict[str, Callable[[], Any]]:
+    """The reference call and ours, on the same inputs (ours also replayed from a CUDA graph on GPUs)."""
     if case.chunks:  # reference: one decoder chunk (encoder included); ours: the whole video
-        n_img, n_aud = 16 * 224 * 224 // case.chunks, 1920 // case.chunks
+        c = case.config
+        n_img = c["output_shape"][1] * c["output_shape"][2] * c["output_shape"][3] // case.chunks
+        n_aud = c["num_frames"] * c["audio_samples_per_frame"] // c["samples_per_patch"] // case.chunks
         points = {"audio": torch.arange(n_aud, device=device), "image": torch.arange(n_img, device=device)}
-        return {
+        calls = {
             "transformers": lambda: hf(**x, subsampled_output_points={**points, "label": None}).logits,
-            "perceiver_core": lambda: ours.autoencode(x["inputs"], num_chunks=case.chunks),
+            "perceiver_core": lambda: ours.autoencode(x["inputs"], num_chunks=OUR_CHUNKS),
         }
-    kwargs = {} if case.positions is None else {"positions": case.positions.to(device)}
-    return {"transformers": lambda: hf(**x).logits, "perceiver_core": lambda: ours(**x, **kwargs).logits}
+    else:
+        kwargs = {} if case.positions is None else {"positions": case.positions.to(device)}
+        calls = {"transformers": lambda: hf(**x).logits, "perceiver_core": lambda: ours(**x, **kwargs).logits}
+    if graphs and device.type == "cuda":
+        calls["perceiver_core+cudagraph"] = cuda_graph(calls["perceiver_core"])
+    return calls
+
+
+def cuda_graph(fn: Callable[[], Any]) -> Callable[[], Any]:
+    """Capture ``fn`` (fixed inputs) once; replays skip all launch overhead. Captured lazily on first call."""
+    state: dict[str, Any] = {}
+
+    def replay() -> Any:
+        if "graph" not in state:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(2):  # fill caches and pick kernels outside the capture
+                    fn()
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                state["out"] = fn()
+            state["graph"] = graph
+        state["graph"].replay()
+        return state["out"]
+
+    return replay
 
 
 def run_case(case: Case, device: torch.device, dtypes: list[torch.dtype], args: argparse.Namespace) -> list[Result]:
@@ -344,7 +388,7 @@ def run_case(case: Case, device: torch.device, dtypes: list[torch.dtype], args: 
             hf = getattr(transformers, case.arch)(hf_config).to(device, dtype).eval().requires_grad_(False)
             hf.load_state_dict(hf_fp32.state_dict())
         ours = ours_fp32 if dtype == torch.float32 else ours_fp32.to(dtype)
-        calls = _calls(case, hf, ours, cast(inputs, dtype), device)
+        calls = _calls(case, hf, ours, cast(inputs, dtype), device, args.graphs and dtype != torch.float32)
         with torch.inference_mode():
             medians = time_calls(calls, device, args)
         for impl, call in calls.items():
@@ -357,12 +401,13 @@ def run_case(case: Case, device: torch.device, dtypes: list[torch.dtype], args: 
                 with torch.inference_mode():
                     out = call()
                 with torch.no_grad():  # FlopCounterMode does not work under inference_mode
-                    gflop = count_gflop(call) / case.batch
+                    plain = calls["perceiver_core"] if impl.endswith("cudagraph") else call
+                    gflop = count_gflop(plain) / case.batch
                 if impl == "transformers" and case.chunks:
                     ms, gflop = ms * case.chunks, gflop * case.chunks  # encoder re-run for every chunk
                 if impl == "transformers" and dtype == torch.float32:
                     ref_out = out
-                elif impl == "perceiver_core" and ref_out is not None:
+                elif impl.startswith("perceiver_core") and ref_out is not None:
                     res.rel_err_vs_ref_fp32 = _rel(*_comparable(case, out, ref_out))
                 res.ms = ms
                 res.per_s = case.batch * 1000 / ms
@@ -382,30 +427,29 @@ def markdown(results: list[Result], device_name: str) -> str:
     lines = [
         f"Device: {device_name}; torch {torch.__version__}",
         "",
-        "| case | dtype | batch | transformers /s | ours /s | ours ÷ transformers | ours GFLOP/sample | ours TFLOP/s "
-        "| % of bf16 peak (ref FLOPs) | rel. err vs ref fp32 |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| case | dtype | ours | batch | transformers /s | ours /s | ours ÷ transformers | ours GFLOP/sample "
+        "| ours TFLOP/s | % of bf16 peak (ref FLOPs) | rel. err vs ref fp32 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    by_key: dict[tuple[str, str], dict[str, Result]] = {}
-    for r in results:
-        by_key.setdefault((r.case, r.dtype), {})[r.impl] = r
-    for (case, dtype), pair in by_key.items():
-        ref, ours = pair.get("transformers"), pair.get("perceiver_core")
+    refs = {(r.case, r.dtype): r for r in results if r.impl == "transformers"}
 
-        def rate(r: Result | None) -> str:
-            if r is None:
-                return "—"
-            return f"{r.per_s:,.1f}" if r.per_s else f"fails ({r.error})"
+    def rate(r: Result | None) -> str:
+        if r is None:
+            return "—"
+        return f"{r.per_s:,.1f}" if r.per_s else f"fails ({r.error})"
 
-        ratio = f"{ours.per_s / ref.per_s:.2f}×" if ours and ref and ours.per_s and ref.per_s else "—"
+    for ours in (r for r in results if r.impl != "transformers"):
+        ref = refs.get((ours.case, ours.dtype))
+        ratio = f"{ours.per_s / ref.per_s:.2f}×" if ref and ours.per_s and ref.per_s else "—"
         frac = "—"
-        if ours and ours.per_s and ref and ref.gflop_per_sample:
+        if ours.per_s and ref and ref.gflop_per_sample:
             frac = f"{100 * ref.gflop_per_sample * ours.per_s / 1000 / BF16_PEAK_TFLOPS:.0f}%"
-        err = f"{ours.rel_err_vs_ref_fp32:.1e}" if ours and ours.rel_err_vs_ref_fp32 is not None else "—"
-        gf = f"{ours.gflop_per_sample:,.0f}" if ours and ours.gflop_per_sample else "—"
-        tf = f"{ours.tflops:,.1f}" if ours and ours.tflops else "—"
+        err = f"{ours.rel_err_vs_ref_fp32:.1e}" if ours.rel_err_vs_ref_fp32 is not None else "—"
+        gf = f"{ours.gflop_per_sample:,.0f}" if ours.gflop_per_sample else "—"
+        tf = f"{ours.tflops:,.1f}" if ours.tflops else "—"
+        variant = ours.impl.removeprefix("perceiver_core").lstrip("+") or "eager"
         lines.append(
-            f"| {case} | {dtype} | {ours.batch if ours else '—'} | {rate(ref)} | {rate(ours)} | {ratio} "
+            f"| {ours.case} | {ours.dtype} | {variant} | {ours.batch} | {rate(ref)} | {rate(ours)} | {ratio} "
             f"| {gf} | {tf} | {frac} | {err} |"
         )
     return "\n".join(lines)
@@ -421,6 +465,8 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--budget", type=float, default=20.0, help="max seconds of timed reps per variant")
     parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--graphs", action="store_true", help="also time ours replayed from a CUDA graph")
+    parser.add_argument("--smoke", action="store_true", help="shrink every config (checks the script, not speed)")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--markdown", type=Path)
     args = parser.parse_args()
@@ -430,6 +476,8 @@ def main() -> None:
     cases = CPU_CASES if args.suite == "cpu" else GPU_CASES
     if args.only:
         cases = [c for c in cases if args.only in c.name]
+    if args.smoke:
+        cases = [smoke(c) for c in cases]
     default = "float32" if args.suite == "cpu" else "float32,bfloat16"
     dtypes = [getattr(torch, d) for d in (args.dtypes or default).split(",")]
     results: list[Result] = []

@@ -14,7 +14,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing
 import os
+import random
 import signal
 import socket
 import statistics
@@ -23,7 +25,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 
@@ -36,6 +38,7 @@ TEXT = "Perceiver IO reads raw UTF-8 bytes, so this sentence is about ninety byt
 class Level:
     label: str
     concurrency: int
+    rate: float
     requests: int
     seconds: float
     throughput: float
@@ -43,63 +46,155 @@ class Level:
     p90_ms: float
     p99_ms: float
     mean_batch: float
+    mean_inference_ms: float
     errors: int
     rejected_429: int
 
 
-def request_args(task: str) -> dict[str, Any]:
+def request_bytes(task: str, host: str) -> bytes:
+    """One complete HTTP/1.1 request (keep-alive), built once and sent many times."""
     if task == "classify":
-        return {"url": "/v1/classify", "files": {"image": ("cat.jpg", CAT, "image/jpeg")}}
-    if task == "fill-mask":
-        return {"url": "/v1/fill-mask", "json": {"text": TEXT[:40] + "[MASK]" * 4 + TEXT[44:], "top_k": 3}}
-    return {"url": "/v1/classify-text", "json": {"text": TEXT, "top_k": 2}}
+        boundary = "perceiverbench"
+        body = (
+            (
+                f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="cat.jpg"\r\n'
+                "Content-Type: image/jpeg\r\n\r\n"
+            ).encode()
+            + CAT
+            + f"\r\n--{boundary}--\r\n".encode()
+        )
+        path, ctype = "/v1/classify", f"multipart/form-data; boundary={boundary}"
+    else:
+        text = TEXT[:40] + "[MASK]" * 4 + TEXT[44:] if task == "fill-mask" else TEXT
+        body = json.dumps({"text": text, "top_k": 2}).encode()
+        path, ctype = f"/v1/{task}", "application/json"
+    head = f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n\r\n"
+    return head.encode() + body
 
 
-async def run_level(base: str, task: str, concurrency: int, duration: float, warmup: float, label: str) -> Level:
-    latencies: list[float] = []
-    batches: list[int] = []
-    errors = rejected = 0
-    args = request_args(task)
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(base_url=base, timeout=120, limits=limits) as client:
-        start = time.monotonic()
-        measure_from = start + warmup
-        stop = measure_from + duration
+class Connection:
+    """A minimal keep-alive HTTP/1.1 client: far lighter than a general client library, so the load
+    generator does not become the bottleneck on small machines (like wrk, but scriptable here)."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host, self.port = host, port
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def send(self, request: bytes) -> tuple[int, dict[str, str]]:
+        if self.writer is None or self.reader is None:
+            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        try:
+            self.writer.write(request)
+            await self.writer.drain()
+            head = await self.reader.readuntil(b"\r\n\r\n")
+            lines = head.decode("latin-1").split("\r\n")
+            status = int(lines[0].split()[1])
+            headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:] if line)}
+            await self.reader.readexactly(int(headers.get("content-length", "0")))
+            if headers.get("connection", "").lower() == "close":
+                self.close()
+            return status, headers
+        except (OSError, asyncio.IncompleteReadError, ValueError):
+            self.close()
+            return 0, {}
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        self.reader = self.writer = None
+
+
+@dataclass
+class Samples:
+    latencies: list[float]
+    batches: list[int]
+    inference_ms: list[float]
+    errors: int = 0
+    rejected: int = 0
+
+
+async def _load(base: str, task: str, concurrency: int, rate: float, duration: float, warmup: float) -> Samples:
+    """Closed loop (``concurrency`` clients back to back) or, with ``rate`` > 0, open-loop Poisson arrivals."""
+    out = Samples([], [], [])
+    url = urlsplit(base)
+    host, port = url.hostname or "127.0.0.1", url.port or 80
+    request = request_bytes(task, host)
+    idle: list[Connection] = []
+    start = time.monotonic()
+    measure_from, stop = start + warmup, start + warmup + duration
+
+    async def one() -> None:
+        conn = idle.pop() if idle else Connection(host, port)
+        t0 = time.monotonic()
+        status, headers = await conn.send(request)
+        idle.append(conn)
+        if t0 < measure_from or t0 >= stop:
+            return
+        if status == 200:
+            out.latencies.append(time.monotonic() - t0)
+            out.batches.append(int(headers.get("x-batch-size", "1")))
+            out.inference_ms.append(float(headers.get("x-inference-time-ms", "0")))
+        elif status == 429:
+            out.rejected += 1
+        else:
+            out.errors += 1
+
+    if rate > 0:
+        rng = random.Random(os.getpid())
+        pending: set[asyncio.Task[None]] = set()
+        next_at = time.monotonic()
+        while next_at < stop:
+            await asyncio.sleep(max(0.0, next_at - time.monotonic()))
+            job = asyncio.create_task(one())
+            pending.add(job)
+            job.add_done_callback(pending.discard)
+            next_at += rng.expovariate(rate)
+        if pending:
+            await asyncio.gather(*pending)
+    else:
 
         async def worker() -> None:
-            nonlocal errors, rejected
             while time.monotonic() < stop:
-                t0 = time.monotonic()
-                try:
-                    r = await client.post(**args)
-                    status = r.status_code
-                except httpx.HTTPError:
-                    status = 0
-                t1 = time.monotonic()
-                if t0 < measure_from:
-                    continue
-                if status == 200:
-                    latencies.append(t1 - t0)
-                    batches.append(int(r.headers.get("x-batch-size", "1")))
-                elif status == 429:
-                    rejected += 1
-                else:
-                    errors += 1
+                await one()
 
         await asyncio.gather(*(worker() for _ in range(concurrency)))
-    q = statistics.quantiles(latencies, n=100) if len(latencies) >= 2 else [0.0] * 99
+    for conn in idle:
+        conn.close()
+    return out
+
+
+def _load_process(job: tuple[str, str, int, float, float, float]) -> Samples:
+    return asyncio.run(_load(*job))
+
+
+def run_level(base: str, args: argparse.Namespace, concurrency: int, rate: float, label: str) -> Level:
+    """One load level, spread over ``args.processes`` client processes (one Python process tops out early)."""
+    procs = max(1, args.processes)
+    jobs = [(base, args.task, max(1, concurrency // procs), rate / procs, args.duration, args.warmup)] * procs
+    if procs == 1:
+        parts = [_load_process(jobs[0])]
+    else:
+        with multiprocessing.get_context("spawn").Pool(procs) as pool:
+            parts = pool.map(_load_process, jobs)
+    lat = [x for p in parts for x in p.latencies]
+    batches = [x for p in parts for x in p.batches]
+    inference = [x for p in parts for x in p.inference_ms]
+    q = statistics.quantiles(lat, n=100) if len(lat) >= 2 else [0.0] * 99
     return Level(
         label,
-        concurrency,
-        len(latencies),
-        duration,
-        len(latencies) / duration,
+        concurrency if rate <= 0 else 0,
+        rate,
+        len(lat),
+        args.duration,
+        len(lat) / args.duration,
         q[49] * 1000,
         q[89] * 1000,
         q[98] * 1000,
         statistics.fmean(batches) if batches else 0.0,
-        errors,
-        rejected,
+        statistics.fmean(inference) if inference else 0.0,
+        sum(p.errors for p in parts),
+        sum(p.rejected for p in parts),
     )
 
 
@@ -139,8 +234,9 @@ def spawn(task: str, env: dict[str, str]) -> tuple[subprocess.Popen[bytes], str]
 
 def sweep(url: str, args: argparse.Namespace, label: str) -> list[Level]:
     levels = []
-    for c in args.concurrency:
-        level = asyncio.run(run_level(url, args.task, c, args.duration, args.warmup, label))
+    loads = [(0, r) for r in args.rate] if args.rate else [(c, 0.0) for c in args.concurrency]
+    for concurrency, rate in loads:
+        level = run_level(url, args, concurrency, rate, label)
         print(json.dumps(asdict(level)), flush=True)
         levels.append(level)
     return levels
@@ -148,13 +244,14 @@ def sweep(url: str, args: argparse.Namespace, label: str) -> list[Level]:
 
 def table(levels: list[Level]) -> str:
     rows = [
-        "| config | clients | req/s | p50 ms | p90 ms | p99 ms | mean batch | errors | 429s |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| config | load | req/s | p50 ms | p90 ms | p99 ms | mean batch | batch forward ms | errors | 429s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for lv in levels:
+        load = f"{lv.concurrency} clients" if lv.concurrency else f"Poisson {lv.rate:.0f}/s"
         rows.append(
-            f"| {lv.label} | {lv.concurrency} | {lv.throughput:.1f} | {lv.p50_ms:.1f} | {lv.p90_ms:.1f} "
-            f"| {lv.p99_ms:.1f} | {lv.mean_batch:.1f} | {lv.errors} | {lv.rejected_429} |"
+            f"| {lv.label} | {load} | {lv.throughput:.1f} | {lv.p50_ms:.1f} | {lv.p90_ms:.1f} | {lv.p99_ms:.1f} "
+            f"| {lv.mean_batch:.1f} | {lv.mean_inference_ms:.1f} | {lv.errors} | {lv.rejected_429} |"
         )
     return "\n".join(rows)
 
@@ -166,6 +263,13 @@ def main() -> None:
     parser.add_argument("--compare-batching", action="store_true", help="also run with PERCEIVER_MAX_BATCH_SIZE=1")
     parser.add_argument("--task", default="classify-text", choices=["classify-text", "classify", "fill-mask"])
     parser.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8, 32])
+    parser.add_argument(
+        "--rate",
+        type=lambda s: [float(x) for x in s.split(",")],
+        default=None,
+        help="open-loop Poisson arrival rates (req/s) instead of closed-loop clients",
+    )
+    parser.add_argument("--processes", type=int, default=1, help="client processes generating the load")
     parser.add_argument("--duration", type=float, default=10.0)
     parser.add_argument("--warmup", type=float, default=2.0)
     parser.add_argument("--max-batch-size", default="32")
@@ -193,7 +297,7 @@ def main() -> None:
         parser.error("give --url or --spawn")
     out = table(levels)
     by = {(lv.label, lv.concurrency): lv for lv in levels}
-    top = max(args.concurrency)
+    top = max(args.concurrency) if not args.rate else 0
     if ("batched", top) in by and ("max_batch_size=1", top) in by:
         ratio = by[("batched", top)].throughput / max(by[("max_batch_size=1", top)].throughput, 1e-9)
         out += f"\n\nThroughput at {top} clients, batched vs max_batch_size=1: {ratio:.2f}x"

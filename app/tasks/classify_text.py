@@ -64,13 +64,13 @@ TASK = Task(
     demo_configs={
         "default": PerceiverConfig(
             architecture="PerceiverForSequenceClassification",
-            num_latents=64,
-            d_latents=256,
-            d_model=128,
+            num_latents=32,
+            d_latents=128,
+            d_model=64,
             num_blocks=1,
             num_self_attends_per_block=4,
-            num_self_attention_heads=8,
-            num_cross_attention_heads=8,
+            num_self_attention_heads=4,
+            num_cross_attention_heads=4,
             num_labels=2,
             id2label={0: "negative", 1: "positive"},
         )
