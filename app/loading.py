@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 import perceiver_core
+from perceiver_core.graphs import enable_cuda_graphs
 
 from .batching import Batcher
 from .runtime import Runtime, ServedModel
@@ -98,6 +99,27 @@ def make_runner(task: Task, served: ServedModel) -> Any:
             return task.predict(served.model, payloads)
 
     return run
+
+
+GRAPHED_ARCHITECTURES = {
+    "PerceiverForImageClassificationLearned",
+    "PerceiverForImageClassificationFourier",
+    "PerceiverForImageClassificationConvProcessing",
+    "PerceiverForOpticalFlow",
+}
+
+
+def maybe_enable_graphs(settings: Settings, served: ServedModel) -> None:
+    if not settings.cuda_graphs or served.model.device.type != "cuda":
+        return
+    if served.model.config.architecture in GRAPHED_ARCHITECTURES:
+        sizes = _batch_sizes(
+            max(served.max_batch_size, served.max_batch_cost or 0)
+            if served.task == "optical-flow"
+            else served.max_batch_size
+        )
+        enable_cuda_graphs(served.model, sizes)
+        log.info("CUDA graphs on for %s (batch sizes %s)", served.name, sizes)
 
 
 def warm_up(task: Task, served: ServedModel) -> None:

@@ -27,7 +27,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import logging as jsonlog
 from .errors import PayloadTooLarge, ServiceError
-from .loading import attach_batcher, build_models, warm_up
+from .loading import attach_batcher, build_models, maybe_enable_graphs, warm_up
 from .metrics import Metrics
 from .routes.health import router as health_router
 from .routes.tasks import task_router
@@ -48,6 +48,7 @@ async def _load(runtime: Runtime) -> None:
         served_models = await loop.run_in_executor(runtime.inference_executor, build_models, runtime.settings)
         for served in served_models:
             runtime.add(served)
+            maybe_enable_graphs(runtime.settings, served)
             if runtime.settings.warmup:
                 await loop.run_in_executor(runtime.inference_executor, warm_up, TASKS[served.task], served)
             attach_batcher(runtime, served)

@@ -86,6 +86,11 @@ class Settings(BaseSettings):
         2046, ge=1, description="Longest text (UTF-8 bytes) for the text tasks: the model sees 2048 ids with specials."
     )
     max_flow_tiles: int = Field(24, ge=1, description="Most 368x496 windows one optical-flow pair may need (413).")
+    cuda_graphs: bool = Field(
+        False,
+        description="Replay CUDA graphs captured per batch size for the image and optical-flow heads (GPU only). "
+        "Batches are padded to the next power of two; capture happens during warm-up.",
+    )
     decode_workers: int = Field(4, ge=1, description="Threads that decode uploads off the event loop.")
     warmup: bool = Field(True, description="Run every batch-size/shape bucket once before reporting ready.")
     log_level: str = Field("INFO", description="Python logging level.")

@@ -1,0 +1,186 @@
+"""End to end over HTTP on a GPU: /v1/classify with JPEG uploads against the published image-learned
+config (random weights), next to the model-level throughput of the same checkpoint in the same run.
+
+    python benchmarks/e2e_gpu.py --out benchmarks/results/gpu
+
+Reports, for eager and CUDA-graph serving: model-level img/s at the serving batch size, HTTP throughput
+at saturation (closed loop), and p99 latency at half that rate (open-loop Poisson), against the
+targets: HTTP >= 85% of model level; p99 at half load <= 3x the batch forward time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import perceiver_core  # noqa: E402
+from benchmarks.models import PUBLISHED  # noqa: E402
+from perceiver_core.checkpoint import config_from_dict  # noqa: E402
+from perceiver_core.graphs import enable_cuda_graphs  # noqa: E402
+
+BATCH = 64
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def model_level(path: Path, graphs: bool, device: str, dtype: torch.dtype) -> float:
+    """img/s of the checkpoint at batch BATCH (median of timed forwards)."""
+    model = perceiver_core.from_pretrained(path, device=device, dtype=dtype)
+    if graphs:
+        enable_cuda_graphs(model, [BATCH])
+    x = torch.randn(BATCH, 3, 224, 224, device=device, dtype=dtype)
+    times = []
+    with torch.inference_mode():
+        for i in range(13):
+            _sync()
+            t0 = time.perf_counter()
+            model(inputs=x)
+            _sync()
+            if i >= 3:
+                times.append(time.perf_counter() - t0)
+    del model
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    times.sort()
+    return BATCH / times[len(times) // 2]
+
+
+def load(url: str, extra: list[str], out: Path) -> list[dict]:
+    cmd = [
+        sys.executable,
+        str(ROOT / "benchmarks" / "serve_load.py"),
+        "--url",
+        url,
+        "--task",
+        "classify",
+        "--processes",
+        "6",
+        "--json",
+        str(out),
+        *extra,
+    ]
+    subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+    # serve_load writes one row per load level
+    return json.loads(out.read_text())
+
+
+def serve(path: Path, graphs: bool, port: int, log: Path, device: str) -> subprocess.Popen[bytes]:
+    env = {
+        **os.environ,
+        "PERCEIVER_DEVICE": device,
+        "PERCEIVER_HOST": "127.0.0.1",
+        "PERCEIVER_PORT": str(port),
+        "PERCEIVER_LOG_LEVEL": "WARNING",
+        "PERCEIVER_MODELS": json.dumps([{"task": "classify", "variant": "learned", "source": str(path)}]),
+        "PERCEIVER_MAX_BATCH_SIZE": str(BATCH),
+        "PERCEIVER_MAX_DELAY_MS": "5",
+        "PERCEIVER_MAX_QUEUE_SIZE": "4096",
+        "PERCEIVER_DECODE_WORKERS": "12",
+        "PERCEIVER_CUDA_GRAPHS": "true" if graphs else "false",
+        "PYTHONPATH": f"{ROOT}:{os.environ.get('PYTHONPATH', '')}",
+    }
+    with log.open("wb") as f:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "app.main"], cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT
+        )
+    import httpx
+
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
+                return proc
+        except httpx.TransportError:
+            pass
+        if proc.poll() is not None:
+            raise RuntimeError(log.read_text()[-3000:])
+        time.sleep(0.5)
+    proc.kill()
+    raise TimeoutError("server not ready")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "gpu")
+    parser.add_argument("--duration", type=float, default=12.0)
+    parser.add_argument("--clients", type=int, default=384)
+    parser.add_argument("--smoke", action="store_true", help="tiny model on the CPU: checks the script only")
+    args = parser.parse_args()
+    global BATCH
+    device, dtype, published = "cuda", torch.bfloat16, dict(PUBLISHED["image-learned"])
+    if args.smoke:
+        BATCH, device, dtype = 4, "cpu", torch.float32
+        published.update(num_latents=16, d_latents=64, num_blocks=1, num_self_attends_per_block=1)
+    args.out.mkdir(parents=True, exist_ok=True)
+    ckpt = Path(tempfile.mkdtemp()) / "vision-perceiver-learned-random"
+    config = config_from_dict({**published, "architectures": ["PerceiverForImageClassificationLearned"]})
+    torch.manual_seed(0)
+    perceiver_core.save_pretrained(perceiver_core.build_model(config), ckpt)
+    rows = []
+    for graphs in (False,) if args.smoke else (False, True):
+        label = "cuda-graphs" if graphs else "eager"
+        model_rate = model_level(ckpt, graphs, device, dtype)
+        proc = serve(ckpt, graphs, 8400 + graphs, args.out / f"server-{label}.log", device)
+        try:
+            url = f"http://127.0.0.1:{8400 + graphs}"
+            common = ["--duration", str(args.duration), "--warmup", "3"]
+            sat = load(url, ["--concurrency", str(args.clients), *common], args.out / f"sat-{label}.json")[0]
+            half = load(url, ["--rate", f"{sat['throughput'] / 2:.0f}", *common], args.out / f"half-{label}.json")[0]
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=120)
+        forward_ms = BATCH / model_rate * 1000
+        row = {
+            "serving": label,
+            "model_img_s": model_rate,
+            "http_img_s": sat["throughput"],
+            "http_vs_model": sat["throughput"] / model_rate,
+            "sat_p99_ms": sat["p99_ms"],
+            "sat_mean_batch": sat["mean_batch"],
+            "errors": sat["errors"] + half["errors"],
+            "half_rate": half["rate"],
+            "half_p50_ms": half["p50_ms"],
+            "half_p99_ms": half["p99_ms"],
+            "batch_forward_ms": forward_ms,
+            "p99_vs_forward": half["p99_ms"] / forward_ms,
+        }
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    name = torch.cuda.get_device_name() if device == "cuda" else "CPU"
+    lines = [
+        f"Device: {name}; torch {torch.__version__}; image-learned (published config, "
+        f"random weights), bf16, batch {BATCH}, JPEG uploads (cat.jpg, 451x300)",
+        "",
+        "| serving | model img/s | HTTP img/s (saturated) | HTTP ÷ model | mean batch | half-load rate | p50 ms "
+        "| p99 ms | batch forward ms | p99 ÷ forward | errors |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['serving']} | {r['model_img_s']:,.0f} | {r['http_img_s']:,.0f} | {100 * r['http_vs_model']:.0f}% "
+            f"| {r['sat_mean_batch']:.1f} | {r['half_rate']:,.0f}/s | {r['half_p50_ms']:.1f} | {r['half_p99_ms']:.1f} "
+            f"| {r['batch_forward_ms']:.1f} | {r['p99_vs_forward']:.2f}× | {r['errors']} |"
+        )
+    table = "\n".join(lines)
+    print(table)
+    (args.out / "e2e.md").write_text(table + "\n")
+    (args.out / "e2e.json").write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Every GPU measurement in one call (about 7 minutes on one H100/H200):
+#   1. CUDA parity and CUDA-graph tests (pytest, skipped on CPU machines);
+#   2. model level: the published configs, ours vs transformers, fp32 and bf16, plus CUDA-graph replay;
+#   3. end to end: /v1/classify over HTTP against the model-level figure of the same checkpoint.
+# Installs the serving dependencies the GPU image lacks from wheels in .whl/ (see docs/performance.md).
+# Results (JSON + markdown) go to $OUT, or benchmarks/results/gpu.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-benchmarks/results/gpu}
+mkdir -p "$OUT"
+if [ -d .whl ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        || exit 1
+    export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+{ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv; date -u; \
+  python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"; \
+} | tee "$OUT/device.txt"
+
+timeout 90 python3 -m pytest -q -p no:cacheprovider -W ignore::UserWarning -W ignore::DeprecationWarning \
+    -W ignore::FutureWarning tests/perceiver_core/test_cuda.py 2>&1 | tail -5 | tee "$OUT/cuda-tests.txt"
+timeout 300 python3 benchmarks/models.py --suite gpu --graphs --reps 10 --budget 6 \
+    --json "$OUT/models.json" --markdown "$OUT/models.md" > "$OUT/models.log" 2>&1
+grep -v "^{" "$OUT/models.log" | tail -24
+timeout 180 python3 benchmarks/e2e_gpu.py --out "$OUT" 2>&1 | tail -8
