@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
 import logging
 import signal
 import sys
@@ -36,6 +37,9 @@ from .settings import Settings, load_settings
 from .tasks import TASKS
 
 log = logging.getLogger("perceiver.server")
+# Request ids: a random per-process prefix and a counter (uuid4 per request costs a syscall each).
+_ID_PREFIX = uuid.uuid4().hex[:12]
+_ID_COUNTER = itertools.count()
 TASK_PATHS = {task.path: task.name for task in TASKS.values()}
 
 
@@ -100,7 +104,7 @@ class ObservabilityMiddleware:
             return
         runtime, metrics = self.runtime, self.runtime.metrics
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        rid = headers.get("x-request-id", "")[:64] or uuid.uuid4().hex
+        rid = headers.get("x-request-id", "")[:64] or f"{_ID_PREFIX}{next(_ID_COUNTER):012x}"
         token = jsonlog.request_id.set(rid)
         path = scope["path"]
         task = TASK_PATHS.get(path)

@@ -46,7 +46,8 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
     try:
         image.seek(0)  # first frame of GIF/WebP animations
         image.load()
-        image = ImageOps.exif_transpose(image) or image
+        if image.getexif().get(0x0112, 1) != 1:  # EXIF orientation; transposing copies, so only when needed
+            image = ImageOps.exif_transpose(image) or image
     except Exception as exc:
         raise InvalidInput(f"the image is corrupt or truncated: {exc}") from exc
     return image

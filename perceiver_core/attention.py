@@ -18,11 +18,16 @@ The cheaper form is picked per call from the actual shapes (see ``_plan``).
 
 from __future__ import annotations
 
+import functools
+import logging
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+log = logging.getLogger("perceiver_core.attention")
 
 # Score matrices above this many elements are computed in query chunks to bound peak memory.
 _MAX_SCORE_ELEMENTS = 1 << 28
@@ -130,12 +135,26 @@ def _attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float) 
     b, h, n, _ = q.shape
     rows = max(1, _MAX_SCORE_ELEMENTS // max(1, b * h * k.shape[2]))
     if n <= rows:
+        return _sdpa(q, k, v, mask, scale)
+    return torch.cat([_sdpa(q[:, :, i : i + rows], k, v, mask, scale) for i in range(0, n, rows)], dim=2)
+
+
+def _sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float) -> Tensor:
+    try:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
-    parts = [
-        F.scaled_dot_product_attention(q[:, :, i : i + rows], k, v, attn_mask=mask, scale=scale)
-        for i in range(0, n, rows)
-    ]
-    return torch.cat(parts, dim=2)
+    except RuntimeError as exc:
+        # Fused CUDA kernels reject some shape/mask/dtype combinations (e.g. odd mask widths in bf16);
+        # the math kernel accepts all of them.
+        if not q.is_cuda:
+            raise
+        _warn_fallback(exc)
+        with sdpa_kernel(SDPBackend.MATH):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+
+@functools.cache
+def _warn_fallback(exc: RuntimeError) -> None:
+    log.warning("fused attention kernel refused a call (%s); using the math kernel", str(exc)[:200])
 
 
 class MLP(nn.Module):

@@ -145,7 +145,7 @@ async def _watch_disconnect(request: Request, cancel: Callable[[], None]) -> Non
         if await request.is_disconnected():
             cancel()
             return
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0.2)  # queued work is dropped within 0.2 s of the client leaving
 
 
 def top_k(probs: torch.Tensor, k: int, config: PerceiverConfig) -> list[dict[str, Any]]:

@@ -5,13 +5,12 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Annotated, Any
 
-import numpy as np
 import torch
 from fastapi import APIRouter, File, Form, Request, UploadFile
 from pydantic import BaseModel, Field
 
 from perceiver_core import PerceiverConfig, PerceiverHead
-from perceiver_core.processing.image import preprocess_image
+from perceiver_core.processing.image import normalize_pixels, resize_image
 
 from ..media import decode_image
 from ..runtime import Runtime, ServedModel
@@ -59,17 +58,18 @@ class ClassifyResponse(BaseModel):
 
 
 def decode(data: bytes, max_pixels: int) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(preprocess_image(decode_image(data, max_pixels))))
+    """Upload → uint8 [224, 224, 3] (cropped and resized); normalisation happens on the device."""
+    return torch.from_numpy(resize_image(decode_image(data, max_pixels)))
 
 
 def predict(model: PerceiverHead, payloads: Sequence[tuple[torch.Tensor, int]]) -> list[list[dict[str, Any]]]:
-    pixels = to_device(torch.stack([p for p, _ in payloads]), model)
+    pixels = normalize_pixels(to_device(torch.stack([p for p, _ in payloads]), model)).to(model.dtype)
     probs = model(inputs=pixels).logits.float().softmax(-1).cpu()
     return [top_k(row, k, model.config) for row, (_, k) in zip(probs, payloads, strict=True)]
 
 
 def warmup_items(served: ServedModel) -> list[WarmupItem]:
-    return [WarmupItem((torch.zeros(3, 224, 224), 1), "224")]
+    return [WarmupItem((torch.zeros(224, 224, 3, dtype=torch.uint8), 1), "224")]
 
 
 def register(router: APIRouter, runtime_of: Callable[[Request], Runtime]) -> None:

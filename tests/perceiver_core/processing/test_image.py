@@ -57,3 +57,16 @@ def test_pixels_match_transformers(hf: PerceiverImageProcessorPil, photo: str, v
     assert ours.shape == expected.shape == (3, 224, 224)
     assert ours.dtype == np.float32
     assert np.abs(ours - expected).max() <= 1e-6
+
+
+@pytest.mark.parametrize("photo", ["cat.jpg", "coffee.jpg"])
+def test_uint8_resize_then_tensor_normalisation_is_bit_identical(photo: str) -> None:
+    """The server ships uint8 crops and normalises on the device; that must not change a single pixel."""
+    import torch
+
+    from perceiver_core.processing.image import normalize_pixels, resize_image
+
+    image = Image.open(MEDIA / photo)
+    reference = preprocess_image(image)
+    shipped = normalize_pixels(torch.from_numpy(resize_image(image))[None])[0]
+    assert np.array_equal(shipped.numpy(), reference)
