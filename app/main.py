@@ -12,7 +12,9 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -276,19 +278,10 @@ def _server_class() -> Any:
     return DrainingServer
 
 
-def cli(argv: list[str] | None = None) -> None:
+def _uvicorn_config(app: FastAPI, settings: Settings) -> Any:
     import uvicorn
 
-    parser = argparse.ArgumentParser(prog="perceiver-serve", description="Serve Perceiver IO models over HTTP.")
-    parser.add_argument("--host", help="interface to bind (PERCEIVER_HOST)")
-    parser.add_argument("--port", type=int, help="TCP port (PERCEIVER_PORT)")
-    parser.add_argument("--config", help="JSON or YAML file with settings and per-model overrides")
-    args = parser.parse_args(argv)
-    overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
-    settings = load_settings(args.config, **overrides)
-    jsonlog.configure(settings.log_level)
-    app = create_app(settings)
-    config = uvicorn.Config(
+    return uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
@@ -297,9 +290,79 @@ def cli(argv: list[str] | None = None) -> None:
         lifespan="on",
         timeout_graceful_shutdown=max(1, int(settings.drain_timeout_s)),
     )
-    server = _server_class()(config, app.state.runtime)
-    server.run()
-    sys.exit(server.exit_code)
+
+
+def _serve(settings: Settings, sockets: list[socket.socket] | None = None) -> int:
+    jsonlog.configure(settings.log_level)
+    app = create_app(settings)
+    server = _server_class()(_uvicorn_config(app, settings), app.state.runtime)
+    server.run(sockets=sockets)
+    return int(server.exit_code)
+
+
+def _worker(settings_json: str, sock: socket.socket) -> None:
+    sys.exit(_serve(Settings.model_validate_json(settings_json), [sock]))
+
+
+def _supervise(settings: Settings) -> int:
+    """Run ``settings.workers`` server processes on one listening socket; SIGTERM drains them all."""
+    import multiprocessing
+    import tempfile
+
+    from prometheus_client import multiprocess
+
+    family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((settings.host, settings.port))
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="perceiver-metrics-")
+    context = multiprocessing.get_context("spawn")  # never fork a process that may hold a CUDA context
+    payload = settings.model_dump_json()
+    procs = [context.Process(target=_worker, args=(payload, sock), name=f"worker-{i}") for i in range(settings.workers)]
+    stopping = False
+
+    def forward(sig: int, frame: Any) -> None:
+        nonlocal stopping
+        stopping = True
+        for proc in procs:
+            if proc.is_alive() and proc.pid is not None:
+                os.kill(proc.pid, sig)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, forward)
+    for proc in procs:
+        proc.start()
+    log.info("started %d workers on %s:%d", settings.workers, settings.host, settings.port)
+    codes: dict[int, int] = {}
+    while len(codes) < len(procs):
+        for proc in procs:
+            if proc.pid in codes or proc.is_alive():
+                continue
+            if proc.pid is None or proc.exitcode is None:  # not started yet
+                continue
+            codes[proc.pid] = proc.exitcode
+            multiprocess.mark_process_dead(proc.pid)  # type: ignore[no-untyped-call]
+            if not stopping:  # a worker died on its own: take the rest down, let the orchestrator restart us
+                log.error("worker %s exited with %s; stopping", proc.name, proc.exitcode)
+                forward(signal.SIGTERM, None)
+        time.sleep(0.2)
+    sock.close()
+    return 0 if all(code == 0 for code in codes.values()) and stopping else 1
+
+
+def cli(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="perceiver-serve", description="Serve Perceiver IO models over HTTP.")
+    parser.add_argument("--host", help="interface to bind (PERCEIVER_HOST)")
+    parser.add_argument("--port", type=int, help="TCP port (PERCEIVER_PORT)")
+    parser.add_argument("--workers", type=int, help="server processes (PERCEIVER_WORKERS)")
+    parser.add_argument("--config", help="JSON or YAML file with settings and per-model overrides")
+    args = parser.parse_args(argv)
+    given = (("host", args.host), ("port", args.port), ("workers", args.workers))
+    settings = load_settings(args.config, **{k: v for k, v in given if v is not None})
+    jsonlog.configure(settings.log_level)
+    sys.exit(_supervise(settings) if settings.workers > 1 else _serve(settings))
 
 
 if __name__ == "__main__":

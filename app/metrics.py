@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+import os
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
+
+# With several server processes (settings.workers > 1) every process writes its samples to files in
+# PROMETHEUS_MULTIPROC_DIR and /metrics aggregates them; gauges then sum the live processes.
+MULTIPROCESS = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -42,13 +49,31 @@ class Metrics:
             "perceiver_batch_cost", "Input elements per forward pass.", labels, buckets=_COST_BUCKETS, registry=r
         )
         self.batches = Counter("perceiver_batches", "Forward passes run.", labels, registry=r)
-        self.queue_depth = Gauge("perceiver_queue_depth", "Requests waiting for a forward pass.", labels, registry=r)
+        self.queue_depth = Gauge(
+            "perceiver_queue_depth",
+            "Requests waiting for a forward pass.",
+            labels,
+            registry=r,
+            multiprocess_mode="livesum",
+        )
         self.requests = Counter("perceiver_requests", "Requests by final status.", (*labels, "status"), registry=r)
         self.rejections = Counter(
             "perceiver_rejections", "Requests refused or dropped, by reason.", (*labels, "reason"), registry=r
         )
-        self.inflight = Gauge("perceiver_inflight_requests", "Task requests being handled.", registry=r)
-        self.gpu_memory = Gauge("perceiver_gpu_memory_bytes", "Allocated CUDA memory.", ("kind",), registry=r)
+        self.inflight = Gauge(
+            "perceiver_inflight_requests", "Task requests being handled.", registry=r, multiprocess_mode="livesum"
+        )
+        self.gpu_memory = Gauge(
+            "perceiver_gpu_memory_bytes", "Allocated CUDA memory.", ("kind",), registry=r, multiprocess_mode="livesum"
+        )
+
+    def exposition(self) -> bytes:
+        """The text format for /metrics: this registry, or every worker process's samples combined."""
+        if MULTIPROCESS:
+            combined = CollectorRegistry()
+            MultiProcessCollector(combined)  # type: ignore[no-untyped-call]
+            return bytes(generate_latest(combined))
+        return bytes(generate_latest(self.registry))
 
     def update_gpu_memory(self) -> None:
         import torch

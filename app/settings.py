@@ -91,6 +91,13 @@ class Settings(BaseSettings):
         description="Replay CUDA graphs captured per batch size for the image and optical-flow heads (GPU only). "
         "Batches are padded to the next power of two; capture happens during warm-up.",
     )
+    workers: int = Field(
+        1,
+        ge=1,
+        description="Server processes sharing the port, each with its own copy of the models and batchers. "
+        "One Python process parses and decodes a few hundred uploads a second; more processes feed a fast GPU. "
+        "Batches form per process, so each one sees 1/workers of the traffic.",
+    )
     decode_workers: int = Field(4, ge=1, description="Threads that decode uploads off the event loop.")
     warmup: bool = Field(True, description="Run every batch-size/shape bucket once before reporting ready.")
     log_level: str = Field("INFO", description="Python logging level.")

@@ -3,7 +3,7 @@ config (random weights), next to the model-level throughput of the same checkpoi
 
     python benchmarks/e2e_gpu.py --out benchmarks/results/gpu
 
-Reports, for eager and CUDA-graph serving: model-level img/s at the serving batch size, HTTP throughput
+Reports, for 1 and 4 server processes: model-level img/s at the serving batch size, HTTP throughput
 at saturation (closed loop), and p99 latency at half that rate (open-loop Poisson), against the
 targets: HTTP >= 85% of model level; p99 at half load <= 3x the batch forward time.
 """
@@ -28,7 +28,6 @@ sys.path.insert(0, str(ROOT))
 import perceiver_core  # noqa: E402
 from benchmarks.models import PUBLISHED  # noqa: E402
 from perceiver_core.checkpoint import config_from_dict  # noqa: E402
-from perceiver_core.graphs import enable_cuda_graphs  # noqa: E402
 
 BATCH = 64
 
@@ -38,11 +37,9 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def model_level(path: Path, graphs: bool, device: str, dtype: torch.dtype) -> float:
+def model_level(path: Path, device: str, dtype: torch.dtype) -> float:
     """img/s of the checkpoint at batch BATCH (median of timed forwards)."""
     model = perceiver_core.from_pretrained(path, device=device, dtype=dtype)
-    if graphs:
-        enable_cuda_graphs(model, [BATCH])
     x = torch.randn(BATCH, 3, 224, 224, device=device, dtype=dtype)
     times = []
     with torch.inference_mode():
@@ -79,7 +76,7 @@ def load(url: str, extra: list[str], out: Path) -> list[dict]:
     return json.loads(out.read_text())
 
 
-def serve(path: Path, graphs: bool, port: int, log: Path, device: str) -> subprocess.Popen[bytes]:
+def serve(path: Path, workers: int, port: int, log: Path, device: str) -> subprocess.Popen[bytes]:
     env = {
         **os.environ,
         "PERCEIVER_DEVICE": device,
@@ -90,8 +87,8 @@ def serve(path: Path, graphs: bool, port: int, log: Path, device: str) -> subpro
         "PERCEIVER_MAX_BATCH_SIZE": str(BATCH),
         "PERCEIVER_MAX_DELAY_MS": "5",
         "PERCEIVER_MAX_QUEUE_SIZE": "4096",
-        "PERCEIVER_DECODE_WORKERS": "12",
-        "PERCEIVER_CUDA_GRAPHS": "true" if graphs else "false",
+        "PERCEIVER_DECODE_WORKERS": str(max(2, 12 // workers)),
+        "PERCEIVER_WORKERS": str(workers),
         "PYTHONPATH": f"{ROOT}:{os.environ.get('PYTHONPATH', '')}",
     }
     with log.open("wb") as f:
@@ -120,6 +117,7 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=12.0)
     parser.add_argument("--clients", type=int, default=384)
     parser.add_argument("--smoke", action="store_true", help="tiny model on the CPU: checks the script only")
+    parser.add_argument("--workers", type=lambda s: [int(x) for x in s.split(",")], default=[1, 4])
     args = parser.parse_args()
     global BATCH
     device, dtype, published = "cuda", torch.bfloat16, dict(PUBLISHED["image-learned"])
@@ -132,15 +130,15 @@ def main() -> None:
     torch.manual_seed(0)
     perceiver_core.save_pretrained(perceiver_core.build_model(config), ckpt)
     rows = []
-    for graphs in (False,) if args.smoke else (False, True):
-        label = "cuda-graphs" if graphs else "eager"
-        model_rate = model_level(ckpt, graphs, device, dtype)
-        proc = serve(ckpt, graphs, 8400 + graphs, args.out / f"server-{label}.log", device)
+    model_rate = model_level(ckpt, device, dtype)
+    for workers in args.workers:
+        label = f"{workers} process" + ("es" if workers > 1 else "")
+        proc = serve(ckpt, workers, 8400 + workers, args.out / f"server-{workers}.log", device)
         try:
-            url = f"http://127.0.0.1:{8400 + graphs}"
+            url = f"http://127.0.0.1:{8400 + workers}"
             common = ["--duration", str(args.duration), "--warmup", "3"]
-            sat = load(url, ["--concurrency", str(args.clients), *common], args.out / f"sat-{label}.json")[0]
-            half = load(url, ["--rate", f"{sat['throughput'] / 2:.0f}", *common], args.out / f"half-{label}.json")[0]
+            sat = load(url, ["--concurrency", str(args.clients), *common], args.out / f"sat-{workers}.json")[0]
+            half = load(url, ["--rate", f"{sat['throughput'] / 2:.0f}", *common], args.out / f"half-{workers}.json")[0]
         finally:
             proc.send_signal(signal.SIGTERM)
             proc.wait(timeout=120)
@@ -153,6 +151,7 @@ def main() -> None:
             "sat_p99_ms": sat["p99_ms"],
             "sat_mean_batch": sat["mean_batch"],
             "errors": sat["errors"] + half["errors"],
+            "error_statuses": [sat["error_statuses"], half["error_statuses"]],
             "half_rate": half["rate"],
             "half_p50_ms": half["p50_ms"],
             "half_p99_ms": half["p99_ms"],

@@ -5,6 +5,8 @@
 #   3. end to end: /v1/classify over HTTP against the model-level figure of the same checkpoint.
 # Installs the serving dependencies the GPU image lacks from wheels in .whl/ (see docs/performance.md).
 # Results (JSON + markdown) go to $OUT, or benchmarks/results/gpu.
+# Knobs for partial reruns: DTYPES=bfloat16 (model dtypes), GRAPHS=0 (skip CUDA-graph variants),
+# ONLY=flow,mlm (case-name filter), E2E=0 / TESTS=0 / MODELS=0 (skip a stage).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results/gpu}
@@ -19,9 +21,15 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
   python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"; \
 } | tee "$OUT/device.txt"
 
-timeout 90 python3 -m pytest -q -p no:cacheprovider -W ignore::UserWarning -W ignore::DeprecationWarning \
+[ "${TESTS:-1}" = 1 ] && timeout 90 python3 -m pytest -q -p no:cacheprovider -W ignore::UserWarning -W ignore::DeprecationWarning \
     -W ignore::FutureWarning tests/perceiver_core/test_cuda.py 2>&1 | tail -5 | tee "$OUT/cuda-tests.txt"
-timeout 300 python3 benchmarks/models.py --suite gpu --graphs --reps 10 --budget 6 \
-    --json "$OUT/models.json" --markdown "$OUT/models.md" > "$OUT/models.log" 2>&1
-grep -v "^{" "$OUT/models.log" | tail -24
-timeout 180 python3 benchmarks/e2e_gpu.py --out "$OUT" 2>&1 | tail -8
+if [ "${MODELS:-1}" = 1 ]; then
+    extra=()
+    [ "${GRAPHS:-1}" = 1 ] && extra+=(--graphs)
+    [ -n "${ONLY:-}" ] && extra+=(--only "$ONLY")
+    timeout 300 python3 benchmarks/models.py --suite gpu --reps 10 --budget 6 --dtypes "${DTYPES:-float32,bfloat16}" \
+        "${extra[@]}" --json "$OUT/models.json" --markdown "$OUT/models.md" > "$OUT/models.log" 2>&1
+    grep -v "^{" "$OUT/models.log" | tail -24
+fi
+[ "${E2E:-1}" = 1 ] && timeout 200 python3 benchmarks/e2e_gpu.py --out "$OUT" 2>&1 | tail -8
+exit 0

@@ -475,7 +475,7 @@ def main() -> None:
     device = torch.device(args.device)
     cases = CPU_CASES if args.suite == "cpu" else GPU_CASES
     if args.only:
-        cases = [c for c in cases if args.only in c.name]
+        cases = [c for c in cases if any(part in c.name for part in args.only.split(","))]
     if args.smoke:
         cases = [smoke(c) for c in cases]
     default = "float32" if args.suite == "cpu" else "float32,bfloat16"

@@ -23,7 +23,7 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -49,6 +49,7 @@ class Level:
     mean_inference_ms: float
     errors: int
     rejected_429: int
+    error_statuses: dict[int, int]
 
 
 def request_bytes(task: str, host: str) -> bytes:
@@ -82,6 +83,13 @@ class Connection:
         self.writer: asyncio.StreamWriter | None = None
 
     async def send(self, request: bytes) -> tuple[int, dict[str, str]]:
+        reused = self.writer is not None
+        status, headers = await self._send_once(request)
+        if status == 0 and reused:  # the server closed an idle keep-alive connection: retry on a fresh one
+            status, headers = await self._send_once(request)
+        return status, headers
+
+    async def _send_once(self, request: bytes) -> tuple[int, dict[str, str]]:
         if self.writer is None or self.reader is None:
             self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
         try:
@@ -112,6 +120,7 @@ class Samples:
     inference_ms: list[float]
     errors: int = 0
     rejected: int = 0
+    statuses: dict[int, int] = field(default_factory=dict)
 
 
 async def _load(base: str, task: str, concurrency: int, rate: float, duration: float, warmup: float) -> Samples:
@@ -139,6 +148,7 @@ async def _load(base: str, task: str, concurrency: int, rate: float, duration: f
             out.rejected += 1
         else:
             out.errors += 1
+            out.statuses[status] = out.statuses.get(status, 0) + 1  # 0: connection error
 
     if rate > 0:
         rng = random.Random(os.getpid())
@@ -195,6 +205,7 @@ def run_level(base: str, args: argparse.Namespace, concurrency: int, rate: float
         statistics.fmean(inference) if inference else 0.0,
         sum(p.errors for p in parts),
         sum(p.rejected for p in parts),
+        {s: sum(p.statuses.get(s, 0) for p in parts) for s in {s for p in parts for s in p.statuses}},
     )
 
 

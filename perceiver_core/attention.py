@@ -27,6 +27,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from . import aligned
+from .aligned import AlignedLinear
+
 log = logging.getLogger("perceiver_core.attention")
 
 # Score matrices above this many elements are computed in query chunks to bound peak memory.
@@ -64,10 +67,10 @@ class Attention(nn.Module):
         self.scale = 1.0 / math.sqrt(qk_channels // num_heads)
         self.norm_q = nn.LayerNorm(q_dim)
         self.norm_kv = nn.LayerNorm(kv_dim) if cross else None
-        self.q = nn.Linear(q_dim, qk_channels)
-        self.k = nn.Linear(kv_dim, qk_channels)
-        self.v = nn.Linear(kv_dim, v_channels)
-        self.o = nn.Linear(v_channels, out_dim)
+        self.q = AlignedLinear(q_dim, qk_channels)
+        self.k = AlignedLinear(kv_dim, qk_channels)
+        self.v = AlignedLinear(kv_dim, v_channels)
+        self.o = AlignedLinear(v_channels, out_dim)
         # Tests switch this off to compare the reassociated forms against the plain one.
         self.allow_reassociation = True
 
@@ -88,7 +91,8 @@ class Attention(nn.Module):
         key_mask = None if mask is None else mask[:, None, None, :]  # [B, 1, 1, M]
         if plan == "fold_kv":
             qw = self.q(xq) @ self.k.weight  # [B, N, Ckv]
-            out = _attend(qw[:, None], xkv[:, None], xkv[:, None], key_mask, self.scale)[:, 0]
+            inputs = xkv[:, None]  # one object for keys and values: padded (if at all) once
+            out = _attend(qw[:, None], inputs, inputs, key_mask, self.scale)[:, 0]
             return self.o(F.linear(out, self.v.weight, self.v.bias))
         if plan == "fold_q":
             k = self.k(xkv)  # [B, M, qk]
@@ -127,6 +131,12 @@ class Attention(nn.Module):
 
 def _attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float) -> Tensor:
     """SDPA over [B, H, N, E] queries, chunked along N when the score matrix would be huge."""
+    if aligned.wanted(q, q.shape[-1], v.shape[-1]):  # zero columns change neither q·k nor the kept outputs
+        same = k is v
+        q, k = aligned.pad_last(q), aligned.pad_last(k)
+        width = v.shape[-1]
+        v = k if same else aligned.pad_last(v)
+        return _attend(q, k, v, mask, scale)[..., :width]
     if q.shape[-1] < v.shape[-1] <= 256:
         # Fused (flash) kernels need equal q/k and v head widths; Perceiver often has qk < v (e.g. 32 vs
         # 160 per head). Zero columns add nothing to q·k, so pad q and k up to v's width.
@@ -162,10 +172,13 @@ class MLP(nn.Module):
 
     def __init__(self, dim: int, widening_factor: int) -> None:
         super().__init__()
-        self.fc1 = nn.Linear(dim, widening_factor * dim)
-        self.fc2 = nn.Linear(widening_factor * dim, dim)
+        self.fc1 = AlignedLinear(dim, widening_factor * dim)
+        self.fc2 = AlignedLinear(widening_factor * dim, dim)
 
     def forward(self, x: Tensor) -> Tensor:
+        dim, hidden = self.fc1.in_features, self.fc1.out_features
+        if aligned.wanted(x, dim, hidden):  # stay padded through the hidden layer: gelu(0) = 0
+            return self.fc2.forward_padded(F.gelu(self.fc1.forward_padded(aligned.pad_last(x))))[..., :dim]
         return self.fc2(F.gelu(self.fc1(x)))
 
 

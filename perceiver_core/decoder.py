@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from .aligned import AlignedLinear
 from .attention import PerceiverLayer, resolve_channels
 from .config import PerceiverConfig
 
@@ -25,7 +26,7 @@ class CrossAttentionDecoder(nn.Module):
         d = config.d_latents
         qk, v = resolve_channels(q_dim, d, qk_channels, v_channels, config.cross_attention_shape_for_attention)
         self.layer = PerceiverLayer(q_dim, d, qk, v, num_heads, 1, cross=True, query_residual=query_residual)
-        self.final = nn.Linear(q_dim, out_dim) if out_dim is not None else None
+        self.final = AlignedLinear(q_dim, out_dim) if out_dim is not None else None
 
     def forward(self, queries: Tensor, latents: Tensor, projected_q: Tensor | None = None) -> Tensor:
         out = self.layer(queries, latents, projected_q=projected_q)

@@ -17,6 +17,7 @@ from .adapters.flow import FlowPatchAdapter
 from .adapters.image import ConvImageAdapter, FourierImageAdapter, LearnedImageAdapter
 from .adapters.multimodal import MultimodalAdapter, MultimodalQueries
 from .adapters.text import TextAdapter
+from .aligned import AlignedLinear
 from .config import PerceiverConfig
 from .decoder import CrossAttentionDecoder
 from .encoder import PerceiverEncoder
@@ -214,9 +215,9 @@ class PerceiverForMultimodalAutoencoding(PerceiverHead):
             config, self.queries.width, config.output_num_channels, query_residual=False
         )
         out = config.output_num_channels
-        self.audio_output = nn.Linear(out, config.samples_per_patch)
-        self.image_output = nn.Linear(out, 3)
-        self.label_output = nn.Linear(out, config.num_labels)
+        self.audio_output = AlignedLinear(out, config.samples_per_patch)
+        self.image_output = AlignedLinear(out, 3)
+        self.label_output = AlignedLinear(out, config.num_labels)
 
     def encode(self, inputs: dict[str, Tensor], attention_mask: Tensor | None = None) -> Tensor:
         """Latents [B, N, D] for {"image": [B, T, 3, H, W], "audio": [B, S, 1], "label": [B, K]}."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from ..aligned import AlignedLinear
 from ..config import PerceiverConfig
 from ..position import FourierPositionEncoding
 from .image import concat_position
@@ -14,7 +15,7 @@ class FlowPatchAdapter(nn.Module):
 
     def __init__(self, config: PerceiverConfig, channels: int = 64) -> None:
         super().__init__()
-        self.patch_projection = nn.Linear(54, channels)
+        self.patch_projection = AlignedLinear(54, channels)
         self.position = FourierPositionEncoding(64, config.train_size)
 
     @property

@@ -153,3 +153,23 @@ def test_sigterm_drains_in_flight_requests_and_exits_zero(tmp_path: Path) -> Non
     assert statuses == [200] * 8
     assert proc.wait(timeout=60) == 0
     assert "drained" in server.log.read_text()
+
+
+def test_several_worker_processes_share_the_port_and_drain_together(tmp_path: Path) -> None:
+    env = {"PERCEIVER_DEMO_TASKS": '["classify-text"]', "PERCEIVER_WARMUP": "false", "PERCEIVER_WORKERS": "2"}
+    server = Server(tmp_path / "log.jsonl", env)
+    server.wait_ready()
+    with httpx.Client(base_url=server.url, timeout=60) as client:
+        for i in range(24):  # new connections: the kernel spreads them over both workers
+            with httpx.Client(base_url=server.url, timeout=60) as fresh:
+                assert fresh.post("/v1/classify-text", json={"text": f"request {i}"}).status_code == 200
+        metrics = client.get("/metrics").text
+    total = sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in metrics.splitlines()
+        if line.startswith('perceiver_requests_total{model="classify-text",status="200"')
+    )
+    assert total == 24, metrics[-2000:]  # samples of both processes, combined
+    log = server.log.read_text()
+    assert log.count("Uvicorn running") + log.count("ready:") >= 2
+    assert server.terminate() == 0

@@ -156,3 +156,17 @@ def test_multimodal_label_only_decode_matches_full(references: dict[str, Referen
         theirs = reference_logits(ref, subsampled_output_points=_multimodal_points(ref))
     assert alone["audio"].shape == (2, 0) and alone["image"].shape == (2, 0, 3)
     _compare(alone["label"], theirs["label"], 1e-4)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_width_padding_for_tensor_cores_is_exact(arch: str, references: dict[str, Reference]) -> None:
+    """The CUDA-only zero padding of odd widths (261, 322, 1026, ...) gives the unpadded result."""
+    from perceiver_core import aligned
+
+    ref = references[arch]
+    _, extra = _reference_and_extra(arch, ref)
+    model = perceiver_core.from_pretrained(ref.path)
+    plain = _run(model, ref, **extra)
+    with aligned.force():
+        padded = _run(model, ref, **extra)
+    _compare(padded, plain, 1e-5)
