@@ -46,6 +46,11 @@ def pad_last(x: Tensor) -> Tensor:
     return F.pad(x, (0, extra)) if extra else x
 
 
+def pad_rows(weight: Tensor) -> Tensor:
+    """Zero-pad the first dimension of a 2-D weight up to a multiple of 8."""
+    return F.pad(weight, (0, 0, 0, padded_width(weight.shape[0]) - weight.shape[0]))
+
+
 class AlignedLinear(nn.Linear):
     """``nn.Linear`` (same parameters and state-dict keys) whose CUDA products run on padded widths."""
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from . import aligned
 from .adapters.flow import FlowPatchAdapter
 from .adapters.image import ConvImageAdapter, FourierImageAdapter, LearnedImageAdapter
 from .adapters.multimodal import MultimodalAdapter, MultimodalQueries
@@ -41,8 +42,17 @@ def _pick(inputs: Tensor | None, alias: Tensor | None, alias_name: str) -> Tenso
     return chosen
 
 
-def _key_mask(attention_mask: Tensor | None) -> Tensor | None:
-    return None if attention_mask is None else attention_mask.to(torch.bool)
+def _key_mask(attention_mask: Tensor | None, device: torch.device) -> Tensor | None:
+    """bool [B, M] key mask on ``device``; None when nothing is masked and that is free to know.
+
+    A host-side mask (what a tokenizer produces) is checked on the host, so an all-valid batch runs the
+    unmasked fused kernels; a device-side mask is kept as is rather than synchronising to inspect it.
+    """
+    if attention_mask is None:
+        return None
+    if attention_mask.device.type == "cpu" and device.type != "cpu" and bool(attention_mask.all()):
+        return None
+    return attention_mask.to(device=device, dtype=torch.bool)
 
 
 class PerceiverHead(nn.Module):
@@ -74,7 +84,7 @@ class PerceiverModel(PerceiverHead):
     def forward(self, inputs: Tensor, attention_mask: Tensor | None = None) -> PerceiverOutput:
         if inputs.shape[-1] != self.config.d_model:
             raise ValueError(f"inputs have {inputs.shape[-1]} channels, config.d_model is {self.config.d_model}")
-        z = self.encoder(self._float(inputs), _key_mask(attention_mask))
+        z = self.encoder(self._float(inputs), _key_mask(attention_mask, self.device))
         return PerceiverOutput(None, z)
 
 
@@ -85,7 +95,7 @@ class _TextHead(PerceiverHead):
         self.encoder = PerceiverEncoder(config, self.input.num_channels)
 
     def _encode(self, ids: Tensor, attention_mask: Tensor | None) -> Tensor:
-        return self.encoder(self.input(ids.to(self.device)), _key_mask(attention_mask))
+        return self.encoder(self.input(ids.to(self.device)), _key_mask(attention_mask, self.device))
 
 
 class PerceiverForMaskedLM(_TextHead):
@@ -99,7 +109,7 @@ class PerceiverForMaskedLM(_TextHead):
             config, d, None, query_residual=False, qk_channels=256, v_channels=d, num_heads=8
         )
         self.output_bias = nn.Parameter(torch.zeros(config.vocab_size))
-        self._cache = ConstantCache(max_entries=2)
+        self._cache = ConstantCache(max_entries=4)
 
     def forward(
         self,
@@ -116,8 +126,16 @@ class PerceiverForMaskedLM(_TextHead):
         h = self.decoder(
             self.queries(z.shape[0], index), z, self._projected_queries(z.dtype)[index].expand(z.shape[0], -1, -1)
         )
-        logits = h @ self.input.token_embedding.weight.T + self.output_bias  # tied to the input embedding
-        return PerceiverOutput(logits, z)
+        return PerceiverOutput(self._vocab_logits(h), z)
+
+    def _vocab_logits(self, h: Tensor) -> Tensor:
+        """h @ Eᵀ + b, tied to the input embedding; on CUDA with the vocabulary padded 262 → 264 rows."""
+        table = self.input.token_embedding.weight
+        vocab = table.shape[0]
+        if not aligned.wanted(h, vocab):
+            return h @ table.T + self.output_bias
+        padded = self._cache.get(("vocab", h.dtype), (table,), lambda: aligned.pad_rows(table))
+        return (h @ padded.T)[..., :vocab] + self.output_bias
 
     def _projected_queries(self, dtype: torch.dtype) -> Tensor:
         """LayerNorm + query projection of the constant query table, computed once per weight version."""
@@ -169,7 +187,7 @@ class _ImageClassifier(_ClassifierHead):
         pixels = self._float(_pick(inputs, pixel_values, "pixel_values"))
         if pixels.ndim != 4 or pixels.shape[1] != 3:
             raise ValueError(f"expected pixel values [B, 3, H, W], got {list(pixels.shape)}")
-        z = self.encoder(self.input(pixels, interpolate_pos_encoding), _key_mask(attention_mask))
+        z = self.encoder(self.input(pixels, interpolate_pos_encoding), _key_mask(attention_mask, self.device))
         return PerceiverOutput(self._classify(z), z)
 
 
@@ -198,7 +216,7 @@ class PerceiverForOpticalFlow(PerceiverHead):
     def forward(self, inputs: Tensor, attention_mask: Tensor | None = None) -> PerceiverOutput:
         patches = self._float(inputs)
         x = self.input(patches)
-        z = self.encoder(x, _key_mask(attention_mask))
+        z = self.encoder(x, _key_mask(attention_mask, self.device))
         flow = self.decoder(x, z) / 100.0
         return PerceiverOutput(flow.reshape(patches.shape[0], *patches.shape[3:], 2), z)
 
@@ -222,7 +240,7 @@ class PerceiverForMultimodalAutoencoding(PerceiverHead):
     def encode(self, inputs: dict[str, Tensor], attention_mask: Tensor | None = None) -> Tensor:
         """Latents [B, N, D] for {"image": [B, T, 3, H, W], "audio": [B, S, 1], "label": [B, K]}."""
         floats = {k: self._float(v) for k, v in inputs.items()}
-        return self.encoder(self.input(floats), _key_mask(attention_mask))
+        return self.encoder(self.input(floats), _key_mask(attention_mask, self.device))
 
     def decode(self, z: Tensor, audio_points: Tensor, image_points: Tensor) -> dict[str, Tensor]:
         """Outputs at the given flat audio-patch and video-pixel indices (the label is always decoded)."""
