@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import multiprocessing
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -77,7 +78,12 @@ class Runtime:
     def __post_init__(self) -> None:
         # One inference thread per device: forward passes never overlap and never block the event loop.
         self.inference_executor = ThreadPoolExecutor(1, thread_name_prefix="inference")
-        self.decode_executor = ThreadPoolExecutor(self.settings.decode_workers, thread_name_prefix="decode")
+        self.offload_executor = ThreadPoolExecutor(self.settings.decode_workers, thread_name_prefix="decode")
+        self.decode_executor: Executor = self.offload_executor
+        if self.settings.decode_processes > 0:  # uploads decoded outside this process's GIL
+            self.decode_executor = ProcessPoolExecutor(
+                self.settings.decode_processes, mp_context=multiprocessing.get_context("spawn")
+            )
 
     def add(self, served: ServedModel) -> None:
         self.models.setdefault(served.task, {})[served.variant] = served
@@ -96,8 +102,12 @@ class Runtime:
         return [m for variants in self.models.values() for m in variants.values()]
 
     async def decode(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run CPU-heavy decoding/post-processing in the decode pool, off the event loop."""
+        """Decode an upload off the event loop: in threads, or in processes with decode_processes > 0."""
         return await asyncio.get_running_loop().run_in_executor(self.decode_executor, fn, *args)
+
+    async def offload(self, fn: Callable[..., T], *args: Any) -> T:
+        """CPU-heavy post-processing (blending, encoding responses) in threads, off the event loop."""
+        return await asyncio.get_running_loop().run_in_executor(self.offload_executor, fn, *args)
 
     def begin_drain(self) -> None:
         if not self.draining:
@@ -111,3 +121,4 @@ class Runtime:
     def shutdown_executors(self) -> None:
         self.inference_executor.shutdown(wait=True, cancel_futures=True)
         self.decode_executor.shutdown(wait=True, cancel_futures=True)
+        self.offload_executor.shutdown(wait=True, cancel_futures=True)

@@ -100,6 +100,12 @@ class Settings(BaseSettings):
         "the device and each batches a fraction of the traffic (measured slower), so keep 1 per GPU.",
     )
     decode_workers: int = Field(4, ge=1, description="Threads that decode uploads off the event loop.")
+    decode_processes: int = Field(
+        0,
+        ge=0,
+        description="Decode uploads in this many processes instead of threads (0: threads). Sidesteps the GIL "
+        "on many-core GPU hosts at the cost of copying decoded arrays between processes.",
+    )
     warmup: bool = Field(True, description="Run every batch-size/shape bucket once before reporting ready.")
     log_level: str = Field("INFO", description="Python logging level.")
 

@@ -76,7 +76,7 @@ def load(url: str, extra: list[str], out: Path) -> list[dict]:
     return json.loads(out.read_text())
 
 
-def serve(path: Path, workers: int, port: int, log: Path, device: str) -> subprocess.Popen[bytes]:
+def serve(path: Path, workers: int, decoders: int, port: int, log: Path, device: str) -> subprocess.Popen[bytes]:
     env = {
         **os.environ,
         "PERCEIVER_DEVICE": device,
@@ -89,6 +89,7 @@ def serve(path: Path, workers: int, port: int, log: Path, device: str) -> subpro
         "PERCEIVER_MAX_QUEUE_SIZE": "4096",
         "PERCEIVER_DECODE_WORKERS": str(max(2, 12 // workers)),
         "PERCEIVER_WORKERS": str(workers),
+        "PERCEIVER_DECODE_PROCESSES": str(decoders),
         "PYTHONPATH": f"{ROOT}:{os.environ.get('PYTHONPATH', '')}",
     }
     with log.open("wb") as f:
@@ -111,13 +112,48 @@ def serve(path: Path, workers: int, port: int, log: Path, device: str) -> subpro
     raise TimeoutError("server not ready")
 
 
+def summarize_pyspy(raw: Path, out: Path) -> None:
+    """Samples per thread, and the hottest functions (inclusive) of the event-loop thread."""
+    import collections
+
+    if not raw.exists():
+        out.write_text("no py-spy samples\n")
+        return
+    threads: collections.Counter[str] = collections.Counter()
+    main: collections.Counter[str] = collections.Counter()
+    leaves: collections.Counter[str] = collections.Counter()
+    total_main = 0
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        frames = stack.split(";")
+        n = int(count)
+        thread = frames[0].split(":")[-1].strip()
+        threads[thread.rstrip("_0123456789")] += n
+        leaves[frames[-1].split(" (")[0]] += n
+        if "MainThread" in frames[0]:
+            total_main += n
+            for name in {f.split(" (")[0] for f in frames[1:]}:
+                main[name] += n
+    lines = ["samples per thread group:", *(f"  {k}: {v}" for k, v in threads.most_common())]
+    lines += ["hottest leaf frames (all threads):", *(f"  {v:6d} {k}" for k, v in leaves.most_common(20))]
+    lines += [f"event-loop thread, inclusive ({total_main} samples):"]
+    lines += [f"  {100 * v / max(1, total_main):5.1f}% {k}" for k, v in main.most_common(40)]
+    out.write_text("\n".join(lines) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "gpu")
     parser.add_argument("--duration", type=float, default=12.0)
     parser.add_argument("--clients", type=int, default=384)
     parser.add_argument("--smoke", action="store_true", help="tiny model on the CPU: checks the script only")
-    parser.add_argument("--workers", type=lambda s: [int(x) for x in s.split(",")], default=[1, 4])
+    parser.add_argument(
+        "--configs",
+        type=lambda s: [tuple(int(v) for v in c.split("x")) for c in s.split(",")],
+        default=[(1, 0), (1, 8)],
+        help="server configs as WORKERSxDECODE_PROCESSES, e.g. 1x0,1x8",
+    )
+    parser.add_argument("--pyspy", type=float, default=0, help="seconds of py-spy sampling of the first server")
     args = parser.parse_args()
     global BATCH
     device, dtype, published = "cuda", torch.bfloat16, dict(PUBLISHED["image-learned"])
@@ -131,14 +167,38 @@ def main() -> None:
     perceiver_core.save_pretrained(perceiver_core.build_model(config), ckpt)
     rows = []
     model_rate = model_level(ckpt, device, dtype)
-    for workers in args.workers:
+    for n, (workers, decoders) in enumerate(args.configs):
         label = f"{workers} process" + ("es" if workers > 1 else "")
-        proc = serve(ckpt, workers, 8400 + workers, args.out / f"server-{workers}.log", device)
+        label += f", decode in {decoders} processes" if decoders else ", decode in threads"
+        proc = serve(ckpt, workers, decoders, 8400 + n, args.out / f"server-{n}.log", device)
         try:
-            url = f"http://127.0.0.1:{8400 + workers}"
+            url = f"http://127.0.0.1:{8400 + n}"
+            spy = None
+            if args.pyspy and n == 0:
+                spy = subprocess.Popen(
+                    [
+                        "py-spy",
+                        "record",
+                        "-p",
+                        str(proc.pid),
+                        "-d",
+                        str(int(args.pyspy)),
+                        "-f",
+                        "raw",
+                        "--threads",
+                        "--nonblocking",
+                        "-o",
+                        str(args.out / "pyspy.txt"),
+                    ],
+                    stdout=(args.out / "pyspy.log").open("wb"),
+                    stderr=subprocess.STDOUT,
+                )
             common = ["--duration", str(args.duration), "--warmup", "3"]
-            sat = load(url, ["--concurrency", str(args.clients), *common], args.out / f"sat-{workers}.json")[0]
-            half = load(url, ["--rate", f"{sat['throughput'] / 2:.0f}", *common], args.out / f"half-{workers}.json")[0]
+            sat = load(url, ["--concurrency", str(args.clients), *common], args.out / f"sat-{n}.json")[0]
+            if spy is not None:
+                spy.wait(timeout=60)
+                summarize_pyspy(args.out / "pyspy.txt", args.out / "pyspy-summary.txt")
+            half = load(url, ["--rate", f"{sat['throughput'] / 2:.0f}", *common], args.out / f"half-{n}.json")[0]
         finally:
             proc.send_signal(signal.SIGTERM)
             proc.wait(timeout=120)

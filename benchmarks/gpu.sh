@@ -2,11 +2,13 @@
 # Every GPU measurement in one call (about 7 minutes on one H100/H200):
 #   1. CUDA parity and CUDA-graph tests (pytest, skipped on CPU machines);
 #   2. model level: the published configs, ours vs transformers, fp32 and bf16, plus CUDA-graph replay;
-#   3. end to end: /v1/classify over HTTP against the model-level figure of the same checkpoint.
+#   3. a profiled forward per head (top CUDA kernels);
+#   4. end to end: /v1/classify over HTTP against the model-level figure of the same checkpoint, with a
+#      py-spy sample of the server process under saturation.
 # Installs the serving dependencies the GPU image lacks from wheels in .whl/ (see docs/performance.md).
 # Results (JSON + markdown) go to $OUT, or benchmarks/results/gpu.
 # Knobs for partial reruns: DTYPES=bfloat16 (model dtypes), GRAPHS=0 (skip CUDA-graph variants),
-# ONLY=flow,mlm (case-name filter), E2E=0 / TESTS=0 / MODELS=0 (skip a stage).
+# ONLY=flow,mlm (case-name filter), E2E=0 / TESTS=0 / MODELS=0 / PROFILE=0 (skip a stage), E2E_SECONDS=12.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results/gpu}
@@ -31,5 +33,8 @@ if [ "${MODELS:-1}" = 1 ]; then
         "${extra[@]}" --json "$OUT/models.json" --markdown "$OUT/models.md" > "$OUT/models.log" 2>&1
     grep -v "^{" "$OUT/models.log" | tail -24
 fi
-[ "${E2E:-1}" = 1 ] && timeout 200 python3 benchmarks/e2e_gpu.py --out "$OUT" 2>&1 | tail -8
+[ "${PROFILE:-1}" = 1 ] && timeout 150 python3 benchmarks/profile_gpu.py --out "$OUT" > "$OUT/profile.log" 2>&1
+[ "${E2E:-1}" = 1 ] && timeout 200 python3 benchmarks/e2e_gpu.py --out "$OUT" --duration "${E2E_SECONDS:-12}" \
+    --pyspy 8 2>&1 | tail -8
+[ -f "$OUT/pyspy-summary.txt" ] && head -40 "$OUT/pyspy-summary.txt"
 exit 0

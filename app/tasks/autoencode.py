@@ -181,7 +181,7 @@ def register(router: APIRouter, runtime_of: Callable[[Request], Runtime]) -> Non
         )
         result = await submit(request, runtime, served, clip, cost=1, bucket=clip.reconstruct)
         meta = {"model": served.name, "weights": served.weights, "audio_source": clip.audio_source}
-        return await runtime.decode(encode, result, reconstruction, meta)
+        return await runtime.offload(encode, result, reconstruction, meta)
 
 
 TASK = Task(

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Annotated, Any
 
+import numpy as np
 import torch
 from fastapi import APIRouter, File, Form, Request, UploadFile
 from pydantic import BaseModel, Field
@@ -57,19 +58,20 @@ class ClassifyResponse(BaseModel):
     predictions: list[Prediction]
 
 
-def decode(data: bytes, max_pixels: int) -> torch.Tensor:
+def decode(data: bytes, max_pixels: int) -> np.ndarray:
     """Upload → uint8 [224, 224, 3] (cropped and resized); normalisation happens on the device."""
-    return torch.from_numpy(resize_image(decode_image(data, max_pixels)))
+    return resize_image(decode_image(data, max_pixels))
 
 
-def predict(model: PerceiverHead, payloads: Sequence[tuple[torch.Tensor, int]]) -> list[list[dict[str, Any]]]:
-    pixels = normalize_pixels(to_device(torch.stack([p for p, _ in payloads]), model)).to(model.dtype)
+def predict(model: PerceiverHead, payloads: Sequence[tuple[np.ndarray, int]]) -> list[list[dict[str, Any]]]:
+    crops = torch.from_numpy(np.stack([p for p, _ in payloads]))  # uint8 [B, 224, 224, 3]
+    pixels = normalize_pixels(to_device(crops, model)).to(model.dtype)
     probs = model(inputs=pixels).logits.float().softmax(-1).cpu()
     return [top_k(row, k, model.config) for row, (_, k) in zip(probs, payloads, strict=True)]
 
 
 def warmup_items(served: ServedModel) -> list[WarmupItem]:
-    return [WarmupItem((torch.zeros(224, 224, 3, dtype=torch.uint8), 1), "224")]
+    return [WarmupItem((np.zeros((224, 224, 3), dtype=np.uint8), 1), "224")]
 
 
 def register(router: APIRouter, runtime_of: Callable[[Request], Runtime]) -> None:

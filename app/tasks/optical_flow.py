@@ -141,9 +141,9 @@ def register(router: APIRouter, runtime_of: Callable[[Request], Runtime]) -> Non
         )
         n = layout.tiles.shape[0]
         logits = await submit(request, runtime, served, layout, cost=n, bucket=window)
-        flow = await runtime.decode(blend_tiles, logits, layout)
+        flow = await runtime.offload(blend_tiles, logits, layout)
         meta = {"model": served.name, "weights": served.weights, "tiles": n}
-        return await runtime.decode(encode, flow, format, meta)
+        return await runtime.offload(encode, flow, format, meta)
 
 
 TASK = Task(

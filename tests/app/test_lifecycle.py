@@ -173,3 +173,18 @@ def test_several_worker_processes_share_the_port_and_drain_together(tmp_path: Pa
     log = server.log.read_text()
     assert log.count("Uvicorn running") + log.count("ready:") >= 2
     assert server.terminate() == 0
+
+
+def test_decoding_in_processes(tmp_path: Path) -> None:
+    """PERCEIVER_DECODE_PROCESSES moves upload decoding out of the server process: same answers."""
+    env = {"PERCEIVER_DEMO_TASKS": '["classify"]', "PERCEIVER_WARMUP": "false", "PERCEIVER_DECODE_PROCESSES": "2"}
+    server = Server(tmp_path / "log.jsonl", env)
+    server.wait_ready()
+    image = (MEDIA / "cat.jpg").read_bytes()
+    with httpx.Client(base_url=server.url, timeout=120) as client:
+        first = client.post("/v1/classify", files={"image": ("cat.jpg", image)}, data={"model": "conv"})
+        again = client.post("/v1/classify", files={"image": ("cat.jpg", image)}, data={"model": "conv"})
+        bad = client.post("/v1/classify", files={"image": ("cat.jpg", image[:500])})
+    assert first.status_code == 200 and first.json() == again.json()
+    assert bad.status_code == 422 and bad.json()["error"]["type"] == "invalid_input"  # errors cross processes
+    assert server.terminate() == 0
