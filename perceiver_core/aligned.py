@@ -32,6 +32,10 @@ def force() -> Iterator[None]:
         _force = previous
 
 
+def forced() -> bool:
+    return _force
+
+
 def wanted(x: Tensor, *widths: int) -> bool:
     return (x.is_cuda or _force) and any(w % MULTIPLE for w in widths)
 
