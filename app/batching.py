@@ -18,7 +18,7 @@ from collections import deque
 from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Generic, Protocol, TypeVar
 
 P = TypeVar("P")
 R = TypeVar("R")
@@ -263,6 +263,3 @@ class Batcher(Generic[P, R]):
     def _report_depth(self) -> None:
         if self._observer is not None:
             self._observer.depth(len(self._queue))
-
-
-AnyBatcher = Batcher[Any, Any]

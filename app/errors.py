@@ -1,4 +1,4 @@
-"""One exception hierarchy, one JSON error shape, one status table.
+"""One exception hierarchy (each class carries its HTTP status and error type), one JSON error shape.
 
 Every error a client sees is ``{"error": {"type": ..., "message": ...}}``; never a traceback.
 """
@@ -59,6 +59,3 @@ class ClientClosedRequest(ServiceError):
 
 class InferenceFailed(ServiceError):
     status, type = 500, "inference_failed"
-
-
-STATUS_TABLE: dict[str, int] = {cls.type: cls.status for cls in ServiceError.__subclasses__()}

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import json
-from functools import lru_cache
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -142,11 +141,3 @@ def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Se
         else:
             values = json.loads(text)
     return Settings(**{**values, **overrides})
-
-
-@lru_cache
-def get_settings() -> Settings:
-    return Settings()
-
-
-SettingsField = Annotated[Settings, "settings"]

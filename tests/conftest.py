@@ -10,8 +10,6 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from reference import CONFIGS, Reference, build_reference
 
-MEDIA = Path(__file__).parent / "media"
-
 
 @pytest.fixture(autouse=True)
 def _deterministic() -> None:

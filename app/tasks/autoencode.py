@@ -26,7 +26,7 @@ from perceiver_core.processing.video import AUDIO_RATE, VIDEO_FPS, prepare_audio
 
 from ..media import decode_audio, decode_video
 from ..runtime import Runtime, ServedModel
-from .base import Task, WarmupItem, select_model, submit, to_device, top_k
+from .base import DEMO_LATENTS, Task, WarmupItem, select_model, submit, to_device, top_k
 from .classify import Prediction
 
 RECONSTRUCTION_CHUNKS = 16  # decoder query chunks per video: fewer, larger passes on a GPU
@@ -192,12 +192,7 @@ TASK = Task(
         # Small latents, and a 56x56 reconstruction grid so a CPU can decode every pixel in about a second.
         "default": PerceiverConfig(
             architecture="PerceiverForMultimodalAutoencoding",
-            num_latents=64,
-            d_latents=128,
-            num_blocks=1,
-            num_self_attends_per_block=2,
-            num_self_attention_heads=4,
-            num_cross_attention_heads=1,
+            **DEMO_LATENTS,
             num_labels=700,
             image_size=56,
             output_shape=(1, 16, 56, 56),

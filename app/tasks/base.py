@@ -34,6 +34,25 @@ from ..runtime import Runtime, ServedModel
 
 TEXT_BUCKETS = (64, 128, 256, 512, 1024, 2048)
 
+# Demo-profile latent stacks: small enough that every task warms up in seconds on a laptop CPU.
+DEMO_LATENTS: dict[str, Any] = dict(
+    num_latents=64,
+    d_latents=128,
+    num_blocks=1,
+    num_self_attends_per_block=2,
+    num_self_attention_heads=4,
+    num_cross_attention_heads=1,
+)
+DEMO_TEXT: dict[str, Any] = dict(
+    num_latents=32,
+    d_latents=128,
+    d_model=64,
+    num_blocks=1,
+    num_self_attends_per_block=4,
+    num_self_attention_heads=4,
+    num_cross_attention_heads=4,
+)
+
 
 @dataclass(frozen=True)
 class WarmupItem:

@@ -15,7 +15,7 @@ from perceiver_core.processing.image import normalize_pixels, resize_image
 
 from ..media import decode_image
 from ..runtime import Runtime, ServedModel
-from .base import Task, WarmupItem, select_model, submit, to_device, top_k
+from .base import DEMO_LATENTS, Task, WarmupItem, select_model, submit, to_device, top_k
 
 DEMO_LABELS = {
     i: name
@@ -34,16 +34,7 @@ DEMO_LABELS = {
         ]
     )
 }
-_DEMO: dict[str, Any] = dict(
-    num_latents=64,
-    d_latents=128,
-    num_blocks=1,
-    num_self_attends_per_block=2,
-    num_self_attention_heads=4,
-    num_cross_attention_heads=1,
-    num_labels=10,
-    id2label=DEMO_LABELS,
-)
+_DEMO: dict[str, Any] = dict(DEMO_LATENTS, num_labels=10, id2label=DEMO_LABELS)
 
 
 class Prediction(BaseModel):

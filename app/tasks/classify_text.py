@@ -13,6 +13,7 @@ from perceiver_core.processing import tokenizer
 
 from ..runtime import Runtime, ServedModel
 from .base import (
+    DEMO_TEXT,
     TEXT_BUCKETS,
     Task,
     WarmupItem,
@@ -64,13 +65,7 @@ TASK = Task(
     demo_configs={
         "default": PerceiverConfig(
             architecture="PerceiverForSequenceClassification",
-            num_latents=32,
-            d_latents=128,
-            d_model=64,
-            num_blocks=1,
-            num_self_attends_per_block=4,
-            num_self_attention_heads=4,
-            num_cross_attention_heads=4,
+            **DEMO_TEXT,
             num_labels=2,
             id2label={0: "negative", 1: "positive"},
         )

@@ -14,7 +14,18 @@ from perceiver_core.processing import tokenizer
 
 from ..errors import InvalidInput
 from ..runtime import Runtime, ServedModel
-from .base import TEXT_BUCKETS, Task, WarmupItem, encode_text, pad_ids, select_model, submit, text_bucket, to_device
+from .base import (
+    DEMO_TEXT,
+    TEXT_BUCKETS,
+    Task,
+    WarmupItem,
+    encode_text,
+    pad_ids,
+    select_model,
+    submit,
+    text_bucket,
+    to_device,
+)
 
 BYTE_IDS = slice(tokenizer.BYTE_OFFSET, tokenizer.VOCAB_SIZE)
 
@@ -113,13 +124,7 @@ TASK = Task(
     demo_configs={
         "default": PerceiverConfig(
             architecture="PerceiverForMaskedLM",
-            num_latents=32,
-            d_latents=128,
-            d_model=64,
-            num_blocks=1,
-            num_self_attends_per_block=4,
-            num_self_attention_heads=4,
-            num_cross_attention_heads=4,
+            **DEMO_TEXT,
         )
     },
     predict=predict,

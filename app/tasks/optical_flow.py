@@ -20,7 +20,7 @@ from perceiver_core.processing.flow import FlowTiles, blend_tiles, extract_patch
 from ..errors import InvalidInput, PayloadTooLarge
 from ..media import decode_rgb_array
 from ..runtime import Runtime, ServedModel
-from .base import Task, WarmupItem, select_model, submit, to_device
+from .base import DEMO_LATENTS, Task, WarmupItem, select_model, submit, to_device
 
 FLO_MAGIC = 202021.25  # Middlebury .flo header
 WINDOWS_PER_PASS = 8  # bounds activation memory when one request alone brings many windows
@@ -153,12 +153,7 @@ TASK = Task(
     demo_configs={
         "default": PerceiverConfig(
             architecture="PerceiverForOpticalFlow",
-            num_latents=64,
-            d_latents=128,
-            num_blocks=1,
-            num_self_attends_per_block=2,
-            num_self_attention_heads=4,
-            num_cross_attention_heads=1,
+            **DEMO_LATENTS,
             train_size=(368, 496),
         )
     },
