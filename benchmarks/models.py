@@ -445,7 +445,7 @@ def markdown(results: list[Result], device_name: str) -> str:
         ref = refs.get((ours.case, ours.dtype))
         ratio = f"{ours.per_s / ref.per_s:.2f}×" if ref and ours.per_s and ref.per_s else "—"
         frac = "—"
-        if ours.per_s and ref and ref.gflop_per_sample:
+        if ours.per_s and ref and ref.gflop_per_sample and not device_name.startswith("CPU"):
             frac = f"{100 * ref.gflop_per_sample * ours.per_s / 1000 / BF16_PEAK_TFLOPS:.0f}%"
         err = f"{ours.rel_err_vs_ref_fp32:.1e}" if ours.rel_err_vs_ref_fp32 is not None else "—"
         gf = f"{ours.gflop_per_sample:,.0f}" if ours.gflop_per_sample else "—"
