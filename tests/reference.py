@@ -127,6 +127,21 @@ def build_reference(arch: str, directory: Path, seed: int = 0) -> Reference:
     return Reference(model, directory, make_inputs(arch, config))
 
 
+def save_small_image_classifier(directory: Path, labels: list[str]) -> None:
+    """A small transformers Fourier image classifier with the given labels, for serving tests."""
+    config = PerceiverConfig(
+        num_latents=8,
+        d_latents=32,
+        num_blocks=1,
+        num_self_attends_per_block=1,
+        num_self_attention_heads=2,
+        num_cross_attention_heads=1,
+        num_labels=len(labels),
+        id2label=dict(enumerate(labels)),
+    )
+    transformers.PerceiverForImageClassificationFourier(config).save_pretrained(directory)
+
+
 def reference_logits(ref: Reference, **extra: Any) -> Any:
     with torch.no_grad():
         out = ref.model(**ref.inputs, **extra)

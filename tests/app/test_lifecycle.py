@@ -79,19 +79,9 @@ def test_config_file_with_per_model_overrides(tmp_path: Path) -> None:
 
 def test_serving_a_real_checkpoint_from_a_directory(tmp_path: Path) -> None:
     """A non-demo deployment: a saved transformers checkpoint, served as pretrained with its labels."""
-    import transformers
+    from reference import save_small_image_classifier
 
-    config = transformers.PerceiverConfig(
-        num_latents=8,
-        d_latents=32,
-        num_blocks=1,
-        num_self_attends_per_block=1,
-        num_self_attention_heads=2,
-        num_cross_attention_heads=1,
-        num_labels=3,
-        id2label={0: "tabby cat", 1: "espresso", 2: "daisy"},
-    )
-    transformers.PerceiverForImageClassificationFourier(config).save_pretrained(tmp_path / "fourier")
+    save_small_image_classifier(tmp_path / "fourier", ["tabby cat", "espresso", "daisy"])
     settings_file = tmp_path / "serve.json"
     settings_file.write_text(
         json.dumps(

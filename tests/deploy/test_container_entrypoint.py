@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import httpx
-import transformers
+from reference import save_small_image_classifier
 
 from tests.app.conftest import MEDIA, free_port
 
@@ -39,18 +39,8 @@ def dockerfile() -> tuple[list[str], dict[str, str], str]:
 
 
 def make_hf_cache(root: Path, repo: str) -> None:
-    config = transformers.PerceiverConfig(
-        num_latents=8,
-        d_latents=32,
-        num_blocks=1,
-        num_self_attends_per_block=1,
-        num_self_attention_heads=2,
-        num_cross_attention_heads=1,
-        num_labels=4,
-        id2label={0: "tabby", 1: "tiger cat", 2: "espresso", 3: "cup"},
-    )
     snapshot = root / "hub" / f"models--{repo.replace('/', '--')}" / "snapshots" / "4f1c3e2"
-    transformers.PerceiverForImageClassificationFourier(config).save_pretrained(snapshot)
+    save_small_image_classifier(snapshot, ["tabby", "tiger cat", "espresso", "cup"])
     (snapshot.parents[1] / "refs").mkdir()
     (snapshot.parents[1] / "refs" / "main").write_text("4f1c3e2")
 
