@@ -113,11 +113,7 @@ def maybe_enable_graphs(settings: Settings, served: ServedModel) -> None:
     if not settings.cuda_graphs or served.model.device.type != "cuda":
         return
     if served.model.config.architecture in GRAPHED_ARCHITECTURES:
-        sizes = _batch_sizes(
-            max(served.max_batch_size, served.max_batch_cost or 0)
-            if served.task == "optical-flow"
-            else served.max_batch_size
-        )
+        sizes = _batch_sizes(served.max_batch_size)
         enable_cuda_graphs(served.model, sizes)
         log.info("CUDA graphs on for %s (batch sizes %s)", served.name, sizes)
 

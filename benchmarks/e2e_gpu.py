@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -27,6 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 import perceiver_core  # noqa: E402
 from benchmarks.models import PUBLISHED  # noqa: E402
+from benchmarks.serve_load import spawn  # noqa: E402
 from perceiver_core.checkpoint import config_from_dict  # noqa: E402
 
 BATCH = 64
@@ -76,40 +76,20 @@ def load(url: str, extra: list[str], out: Path) -> list[dict]:
     return json.loads(out.read_text())
 
 
-def serve(path: Path, workers: int, decoders: int, port: int, log: Path, device: str) -> subprocess.Popen[bytes]:
-    env = {
-        **os.environ,
-        "PERCEIVER_DEVICE": device,
-        "PERCEIVER_HOST": "127.0.0.1",
-        "PERCEIVER_PORT": str(port),
-        "PERCEIVER_LOG_LEVEL": "WARNING",
-        "PERCEIVER_MODELS": json.dumps([{"task": "classify", "variant": "learned", "source": str(path)}]),
-        "PERCEIVER_MAX_BATCH_SIZE": str(BATCH),
-        "PERCEIVER_MAX_DELAY_MS": "5",
-        "PERCEIVER_MAX_QUEUE_SIZE": "4096",
-        "PERCEIVER_DECODE_WORKERS": str(max(2, 12 // workers)),
-        "PERCEIVER_WORKERS": str(workers),
-        "PERCEIVER_DECODE_PROCESSES": str(decoders),
-        "PYTHONPATH": f"{ROOT}:{os.environ.get('PYTHONPATH', '')}",
-    }
-    with log.open("wb") as f:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "app.main"], cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT
-        )
-    import httpx
-
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
-                return proc
-        except httpx.TransportError:
-            pass
-        if proc.poll() is not None:
-            raise RuntimeError(log.read_text()[-3000:])
-        time.sleep(0.5)
-    proc.kill()
-    raise TimeoutError("server not ready")
+def serve(path: Path, workers: int, decoders: int, log: Path, device: str) -> tuple[subprocess.Popen[bytes], str]:
+    return spawn(
+        {
+            "PERCEIVER_DEVICE": device,
+            "PERCEIVER_MODELS": json.dumps([{"task": "classify", "variant": "learned", "source": str(path)}]),
+            "PERCEIVER_MAX_BATCH_SIZE": str(BATCH),
+            "PERCEIVER_MAX_DELAY_MS": "5",
+            "PERCEIVER_MAX_QUEUE_SIZE": "4096",
+            "PERCEIVER_DECODE_WORKERS": str(max(2, 12 // workers)),
+            "PERCEIVER_WORKERS": str(workers),
+            "PERCEIVER_DECODE_PROCESSES": str(decoders),
+        },
+        log,
+    )
 
 
 def summarize_pyspy(raw: Path, out: Path) -> None:
@@ -170,9 +150,8 @@ def main() -> None:
     for n, (workers, decoders) in enumerate(args.configs):
         label = f"{workers} process" + ("es" if workers > 1 else "")
         label += f", decode in {decoders} processes" if decoders else ", decode in threads"
-        proc = serve(ckpt, workers, decoders, 8400 + n, args.out / f"server-{n}.log", device)
+        proc, url = serve(ckpt, workers, decoders, args.out / f"server-{n}.log", device)
         try:
-            url = f"http://127.0.0.1:{8400 + n}"
             spy = None
             if args.pyspy and n == 0:
                 spy = subprocess.Popen(

@@ -215,19 +215,21 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def spawn(task: str, env: dict[str, str]) -> tuple[subprocess.Popen[bytes], str]:
+def spawn(env: dict[str, str], log: Path | None = None) -> tuple[subprocess.Popen[bytes], str]:
+    """``python -m app.main`` on a free loopback port with ``env``; returns once /readyz answers 200."""
     port = free_port()
     full = {
         **os.environ,
         "PERCEIVER_HOST": "127.0.0.1",
         "PERCEIVER_PORT": str(port),
-        "PERCEIVER_DEMO_TASKS": json.dumps([task]),
         "PERCEIVER_LOG_LEVEL": "WARNING",
+        "PYTHONPATH": f"{ROOT}:{os.environ.get('PYTHONPATH', '')}",
         **env,
     }
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "app.main"], cwd=ROOT, env=full, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
+    with open(log or os.devnull, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "app.main"], cwd=ROOT, env=full, stdout=out, stderr=subprocess.STDOUT
+        )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
@@ -237,7 +239,7 @@ def spawn(task: str, env: dict[str, str]) -> tuple[subprocess.Popen[bytes], str]
         except httpx.TransportError:
             pass
         if proc.poll() is not None:
-            raise RuntimeError("server exited during start-up")
+            raise RuntimeError(f"server exited during start-up{': ' + log.read_text()[-3000:] if log else ''}")
         time.sleep(0.3)
     proc.kill()
     raise TimeoutError("server not ready")
@@ -296,7 +298,8 @@ def main() -> None:
         if args.compare_batching:
             configs.append(("max_batch_size=1", {"PERCEIVER_MAX_BATCH_SIZE": "1", "PERCEIVER_MAX_DELAY_MS": "0"}))
         for label, env in configs:
-            proc, url = spawn(args.task, {**env, "PERCEIVER_MAX_QUEUE_SIZE": "1024"})
+            demo = {"PERCEIVER_DEMO_TASKS": json.dumps([args.task]), "PERCEIVER_MAX_QUEUE_SIZE": "1024"}
+            proc, url = spawn({**env, **demo})
             try:
                 levels += sweep(url, args, label)
             finally:

@@ -81,6 +81,16 @@ def encode_text(text: str, max_bytes: int) -> list[int]:
     return tokenizer.encode(text, truncate=False, max_length=max_bytes + 2)
 
 
+def text_warmup_items(served: ServedModel, make: Callable[[list[int]], Any]) -> list[WarmupItem]:
+    """One payload per length bucket the model supports, with ids that really fill that bucket."""
+    limit = served.model.config.max_position_embeddings
+    items = []
+    for bucket in (b for b in TEXT_BUCKETS if b <= limit):
+        ids = [tokenizer.CLS, *[tokenizer.BYTE_OFFSET] * (bucket - 3), tokenizer.MASK, tokenizer.SEP]
+        items.append(WarmupItem(make(ids), bucket))
+    return items
+
+
 def text_bucket(length: int) -> int:
     """Smallest padded length that holds ``length`` ids."""
     return next(b for b in TEXT_BUCKETS if b >= length)

@@ -9,12 +9,10 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field
 
 from perceiver_core import PerceiverConfig, PerceiverHead
-from perceiver_core.processing import tokenizer
 
 from ..runtime import Runtime, ServedModel
 from .base import (
     DEMO_TEXT,
-    TEXT_BUCKETS,
     Task,
     WarmupItem,
     encode_text,
@@ -22,6 +20,7 @@ from .base import (
     select_model,
     submit,
     text_bucket,
+    text_warmup_items,
     to_device,
     top_k,
 )
@@ -42,8 +41,7 @@ def predict(model: PerceiverHead, payloads: Sequence[tuple[list[int], int]]) -> 
 
 
 def warmup_items(served: ServedModel) -> list[WarmupItem]:
-    limit = served.model.config.max_position_embeddings
-    return [WarmupItem(([tokenizer.CLS, tokenizer.SEP], 1), b) for b in TEXT_BUCKETS if b <= limit]
+    return text_warmup_items(served, lambda ids: (ids, 1))
 
 
 def register(router: APIRouter, runtime_of: Callable[[Request], Runtime]) -> None:

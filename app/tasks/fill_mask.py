@@ -16,7 +16,6 @@ from ..errors import InvalidInput
 from ..runtime import Runtime, ServedModel
 from .base import (
     DEMO_TEXT,
-    TEXT_BUCKETS,
     Task,
     WarmupItem,
     encode_text,
@@ -24,6 +23,7 @@ from .base import (
     select_model,
     submit,
     text_bucket,
+    text_warmup_items,
     to_device,
 )
 
@@ -97,12 +97,7 @@ def predict(model: PerceiverHead, payloads: Sequence[tuple[list[int], list[int],
 
 
 def warmup_items(served: ServedModel) -> list[WarmupItem]:
-    return [WarmupItem(([tokenizer.CLS, tokenizer.MASK, tokenizer.SEP], [1], 1), b) for b in _buckets(served)]
-
-
-def _buckets(served: ServedModel) -> list[int]:
-    limit = served.model.config.max_position_embeddings
-    return [b for b in TEXT_BUCKETS if b <= limit]
+    return text_warmup_items(served, lambda ids: (ids, [len(ids) - 2], 1))
 
 
 def register(router: APIRouter, runtime_of: Callable[[Request], Runtime]) -> None:
