@@ -34,7 +34,9 @@ log = logging.getLogger("perceiver_core.attention")
 
 # Score matrices above this many elements are computed in query chunks to bound peak memory.
 _MAX_SCORE_ELEMENTS = 1 << 28
-# Widest head the fused CUDA attention kernels handle well (flash: 256).
+# Widest head the fused CUDA attention kernels take: FlashAttention (PyTorch's flash SDPA backend)
+# supports head dims up to 256. Wider heads go to _explicit; narrower q/k are padded up to v's width
+# when v fits under this limit, since the fused kernels need equal q/k and v head widths.
 _FUSED_MAX_HEAD_DIM = 256
 
 
@@ -139,7 +141,7 @@ def _attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float) 
         width = v.shape[-1]
         v = k if same else aligned.pad_last(v)
         return _attend(q, k, v, mask, scale)[..., :width]
-    if q.shape[-1] < v.shape[-1] <= 256:
+    if q.shape[-1] < v.shape[-1] <= _FUSED_MAX_HEAD_DIM:
         # Fused (flash) kernels need equal q/k and v head widths; Perceiver often has qk < v (e.g. 32 vs
         # 160 per head). Zero columns add nothing to q·k, so pad q and k up to v's width.
         pad = v.shape[-1] - q.shape[-1]

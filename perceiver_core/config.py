@@ -9,6 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+# The one list of supported heads. Each name is the transformers class that config.json's
+# "architectures" field names, and heads.py's class of the same name implements it (HEADS is built from
+# this tuple), so adding a head means one name here and one class there.
 ARCHITECTURES = (
     "PerceiverModel",
     "PerceiverForMaskedLM",

@@ -19,10 +19,16 @@ from .adapters.image import ConvImageAdapter, FourierImageAdapter, LearnedImageA
 from .adapters.multimodal import MultimodalAdapter, MultimodalQueries
 from .adapters.text import TextAdapter
 from .aligned import AlignedLinear
-from .config import PerceiverConfig
+from .config import ARCHITECTURES, PerceiverConfig
 from .decoder import CrossAttentionDecoder
 from .encoder import PerceiverEncoder
 from .position import ConstantCache, TrainablePositionEncoding
+
+# The masked-LM decoder's attention shape. transformers hard-codes qk_channels=8 * 32 and num_heads=8
+# in PerceiverForMaskedLM's PerceiverBasicDecoder instead of reading them from the config (8 heads of 32
+# query/key channels); the published checkpoint's decoder query/key weights have this shape.
+MLM_QK_CHANNELS = 8 * 32
+MLM_NUM_HEADS = 8
 
 
 @dataclass
@@ -106,7 +112,7 @@ class PerceiverForMaskedLM(_TextHead):
         d = config.d_model
         self.queries = TrainablePositionEncoding(config.max_position_embeddings, d)
         self.decoder = CrossAttentionDecoder(
-            config, d, None, query_residual=False, qk_channels=256, v_channels=d, num_heads=8
+            config, d, None, query_residual=False, qk_channels=MLM_QK_CHANNELS, v_channels=d, num_heads=MLM_NUM_HEADS
         )
         self.output_bias = nn.Parameter(torch.zeros(config.vocab_size))
         self._cache = ConstantCache(max_entries=4)
@@ -301,16 +307,9 @@ class PerceiverForMultimodalAutoencoding(PerceiverHead):
         }
 
 
-HEADS: dict[str, type[PerceiverHead]] = {
-    "PerceiverModel": PerceiverModel,
-    "PerceiverForMaskedLM": PerceiverForMaskedLM,
-    "PerceiverForSequenceClassification": PerceiverForSequenceClassification,
-    "PerceiverForImageClassificationLearned": PerceiverForImageClassificationLearned,
-    "PerceiverForImageClassificationFourier": PerceiverForImageClassificationFourier,
-    "PerceiverForImageClassificationConvProcessing": PerceiverForImageClassificationConvProcessing,
-    "PerceiverForOpticalFlow": PerceiverForOpticalFlow,
-    "PerceiverForMultimodalAutoencoding": PerceiverForMultimodalAutoencoding,
-}
+# Every head class is named after its architecture (the transformers class config.json names), so the
+# registry is config.ARCHITECTURES with each name resolved to the class of that name in this module.
+HEADS: dict[str, type[PerceiverHead]] = {name: globals()[name] for name in ARCHITECTURES}
 
 
 def build_model(config: PerceiverConfig) -> PerceiverHead:

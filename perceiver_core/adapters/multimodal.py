@@ -20,6 +20,11 @@ from ..position import FourierPositionEncoding, TrainablePositionEncoding, subsa
 from .image import concat_position
 
 MODALITIES = ("audio", "image", "label")  # sorted: the reference concatenates in this order
+# transformers hard-codes spatial_downsample=4 (temporal_downsample=1) for the image preprocessor in
+# PerceiverForMultimodalAutoencoding: each frame is cut into 4×4-pixel patches by space-to-depth, and
+# the published checkpoint's encoder input width (48 + 195 Fourier channels, padded) follows from it.
+VIDEO_PATCH_SIZE = 4
+VIDEO_PATCH_CHANNELS = VIDEO_PATCH_SIZE * VIDEO_PATCH_SIZE * 3  # 4×4 pixels × RGB = 48
 
 
 def space_to_depth(frames: Tensor, block: int) -> Tensor:
@@ -42,7 +47,7 @@ class MultimodalAdapter(nn.Module):
         self.image_position = FourierPositionEncoding(32, (config.num_frames, config.image_size, config.image_size))
         widths = {
             "audio": config.samples_per_patch + self.audio_position.num_channels,
-            "image": 48 + self.image_position.num_channels,
+            "image": VIDEO_PATCH_CHANNELS + self.image_position.num_channels,
             "label": config.num_labels,
         }
         self.width = max(widths.values()) + min_padding
@@ -55,14 +60,6 @@ class MultimodalAdapter(nn.Module):
     def num_channels(self) -> int:
         return self.width
 
-    def modality_sizes(self, inputs: dict[str, Tensor]) -> dict[str, int]:
-        audio, image = inputs["audio"], inputs["image"]
-        return {
-            "audio": audio.shape[1] // self.samples_per_patch,
-            "image": image.shape[1] * (image.shape[3] // 4) * (image.shape[4] // 4),
-            "label": 1,
-        }
-
     def forward(self, inputs: dict[str, Tensor]) -> Tensor:
         missing = [m for m in MODALITIES if m not in inputs]
         if missing:
@@ -71,7 +68,7 @@ class MultimodalAdapter(nn.Module):
         b, dtype, device = image.shape[0], image.dtype, image.device
         patches = audio.reshape(b, -1, self.samples_per_patch)  # [B, S/16, 16]
         audio_x = concat_position(patches, self.audio_position((patches.shape[1],), device, dtype))
-        video = space_to_depth(image, 4)  # [B, T, H/4, W/4, 48]
+        video = space_to_depth(image, VIDEO_PATCH_SIZE)  # [B, T, H/4, W/4, 48]
         grid = video.shape[1:4]
         image_x = concat_position(video.reshape(b, -1, video.shape[-1]), self.image_position(grid, device, dtype))
         parts = [self._pad("audio", audio_x), self._pad("image", image_x)]

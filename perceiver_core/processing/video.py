@@ -1,4 +1,4 @@
-"""Multimodal autoencoding inputs: 16 frames at 224², 48 kHz mono audio, and the (masked) label.
+"""Multimodal autoencoding inputs: 16 frames at 224² and 48 kHz mono audio.
 
 The published model sees 16 consecutive frames (25 fps) and the 16 × 1920 = 30,720 audio samples that
 cover them (0.64 s at 48 kHz). Frames are centre-square cropped, resized to 224 and scaled to [0, 1].
@@ -36,8 +36,3 @@ def prepare_audio(samples: np.ndarray, num_samples: int) -> Tensor:
     clip = np.clip(np.asarray(samples, dtype=np.float32).reshape(-1)[:num_samples], -1.0, 1.0)
     audio[: clip.shape[0]] = clip
     return torch.from_numpy(audio)[:, None]
-
-
-def multimodal_inputs(frames: Tensor, audio: Tensor, num_labels: int) -> dict[str, Tensor]:
-    """Batch of one: {"image": [1, T, 3, H, W], "audio": [1, S, 1], "label": [1, K] zeros}."""
-    return {"image": frames[None], "audio": audio[None], "label": torch.zeros(1, num_labels)}
