@@ -44,7 +44,6 @@ class BatchError(Exception):
 class Observer(Protocol):
     def batch(self, size: int, cost: int, inference_s: float) -> None: ...
     def depth(self, depth: int) -> None: ...
-    def dropped(self, reason: str) -> None: ...
 
 
 @dataclass(eq=False)
@@ -181,10 +180,10 @@ class Batcher(Generic[P, R]):
         while self._queue:
             ticket = self._queue.popleft()
             if ticket.cancelled or ticket.future.done():
-                self._drop(ticket, "cancelled", Cancelled("request cancelled before inference"))
+                self._drop(ticket, Cancelled("request cancelled before inference"))
                 continue
             if ticket.deadline is not None and now >= ticket.deadline:
-                self._drop(ticket, "deadline", Expired("deadline passed while queued"))
+                self._drop(ticket, Expired("deadline passed while queued"))
                 continue
             fits = len(batch) < self.max_batch_size and (
                 not batch or self.max_batch_cost is None or cost + ticket.cost <= self.max_batch_cost
@@ -197,11 +196,10 @@ class Batcher(Generic[P, R]):
         self._queue = keep
         return batch
 
-    def _drop(self, ticket: Ticket[P, R], reason: str, exc: Exception) -> None:
+    def _drop(self, ticket: Ticket[P, R], exc: Exception) -> None:
+        """Fail a ticket that will not run; its request's handler reports it (and counts the rejection)."""
         if not ticket.future.done():
             ticket.future.set_exception(exc)
-        if self._observer is not None:
-            self._observer.dropped(reason)
 
     async def _execute(self, batch: list[Ticket[P, R]]) -> None:
         self._busy = True
@@ -222,9 +220,9 @@ class Batcher(Generic[P, R]):
         for ticket in batch:
             if ticket not in ran:
                 if ticket.cancelled:
-                    self._drop(ticket, "cancelled", Cancelled("request cancelled before inference"))
+                    self._drop(ticket, Cancelled("request cancelled before inference"))
                 else:
-                    self._drop(ticket, "deadline", Expired("deadline passed while waiting for the device"))
+                    self._drop(ticket, Expired("deadline passed while waiting for the device"))
         if not ran:
             return
         if self._observer is not None:

@@ -1,6 +1,8 @@
-"""One exception hierarchy (each class carries its HTTP status and error type), one JSON error shape.
+"""One exception hierarchy and one table: each error kind's HTTP status, error type, metric reason.
 
-Every error a client sees is ``{"error": {"type": ..., "message": ...}}``; never a traceback.
+Every error a client sees is ``{"error": {"type": ..., "message": ...}}``; never a traceback. Handlers
+raise these; ``as_service_error`` translates everything else (framework and batcher exceptions) into
+one of them, and the app turns each into its response in one place, where rejections are counted once.
 """
 
 from __future__ import annotations
@@ -11,51 +13,82 @@ from typing import ClassVar
 class ServiceError(Exception):
     status: ClassVar[int] = 500
     type: ClassVar[str] = "internal_error"
+    # Label of perceiver_rejections_total; None: a failure of ours, counted only by status.
+    reason: ClassVar[str | None] = None
 
     def __init__(self, message: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.headers = headers or {}
 
-    def body(self) -> dict[str, dict[str, str]]:
-        return {"error": {"type": self.type, "message": self.message}}
+
+# The table. A low limit or a refusal is the client's to act on (4xx, or 503/429 to retry elsewhere/later).
+class BadRequest(ServiceError):
+    status, type, reason = 400, "bad_request", "bad_request"
 
 
-class InvalidInput(ServiceError):
-    status, type = 422, "invalid_input"
-
-
-class UnsupportedMedia(ServiceError):
-    status, type = 415, "unsupported_media_type"
-
-
-class PayloadTooLarge(ServiceError):
-    status, type = 413, "payload_too_large"
+class NotFound(ServiceError):
+    status, type, reason = 404, "not_found", "not_found"
 
 
 class ModelNotFound(ServiceError):
-    status, type = 404, "model_not_found"
+    status, type, reason = 404, "model_not_found", "model_not_found"
+
+
+class MethodNotAllowed(ServiceError):
+    status, type, reason = 405, "method_not_allowed", "method_not_allowed"
+
+
+class PayloadTooLarge(ServiceError):
+    status, type, reason = 413, "payload_too_large", "payload_too_large"
+
+
+class UnsupportedMedia(ServiceError):
+    status, type, reason = 415, "unsupported_media_type", "unsupported_media_type"
+
+
+class InvalidInput(ServiceError):
+    status, type, reason = 422, "invalid_input", "invalid_input"
 
 
 class Overloaded(ServiceError):
-    status, type = 429, "overloaded"
-
-
-class Draining(ServiceError):
-    status, type = 503, "draining"
-
-
-class NotReady(ServiceError):
-    status, type = 503, "not_ready"
-
-
-class DeadlineExceeded(ServiceError):
-    status, type = 504, "deadline_exceeded"
+    status, type, reason = 429, "overloaded", "queue_full"
 
 
 class ClientClosedRequest(ServiceError):
-    status, type = 499, "client_closed_request"
+    status, type, reason = 499, "client_closed_request", "cancelled"
+
+
+class InternalError(ServiceError):
+    status, type, reason = 500, "internal_error", None
 
 
 class InferenceFailed(ServiceError):
-    status, type = 500, "inference_failed"
+    status, type, reason = 500, "inference_failed", None
+
+
+class NotReady(ServiceError):
+    status, type, reason = 503, "not_ready", "not_ready"
+
+
+class Draining(ServiceError):
+    status, type, reason = 503, "draining", "draining"
+
+
+class DeadlineExceeded(ServiceError):
+    status, type, reason = 504, "deadline_exceeded", "deadline"
+
+
+_BY_STATUS: dict[int, type[ServiceError]] = {
+    cls.status: cls for cls in (BadRequest, NotFound, MethodNotAllowed, PayloadTooLarge, UnsupportedMedia)
+}
+
+
+def for_status(status: int, message: str, headers: dict[str, str] | None = None) -> ServiceError:
+    """A framework's HTTP error (404 for an unknown path, 405, ...) as one of ours."""
+    cls = _BY_STATUS.get(status, BadRequest if status < 500 else InternalError)
+    return cls(message, headers)
+
+
+def body(error: ServiceError) -> dict[str, dict[str, str]]:
+    return {"error": {"type": error.type, "message": error.message}}

@@ -17,6 +17,8 @@ from .runtime import Runtime, ServedModel
 from .settings import Settings
 from .tasks import TASKS, Task
 
+AnyTask = Task[Any, Any, Any]
+
 log = logging.getLogger("perceiver.loading")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -67,7 +69,7 @@ def build_models(settings: Settings) -> list[ServedModel]:
 
 
 def _served(
-    task: Task,
+    task: AnyTask,
     variant: str,
     model: perceiver_core.PerceiverHead,
     source: str,
@@ -89,11 +91,11 @@ def _served(
         device=str(model.device),
         max_batch_size=size,
         max_delay_ms=overrides.get("max_delay_ms", settings.max_delay_ms),
-        max_batch_cost=overrides.get("max_batch_cost", task.default_batch_cost(size)),
+        max_batch_cost=overrides.get("max_batch_cost", task.default_max_batch_cost(size)),
     )
 
 
-def make_runner(task: Task, served: ServedModel) -> Any:
+def make_runner(task: AnyTask, served: ServedModel) -> Any:
     def run(payloads: Sequence[Any]) -> list[Any]:
         with torch.inference_mode():
             return task.predict(served.model, payloads)
@@ -101,30 +103,22 @@ def make_runner(task: Task, served: ServedModel) -> Any:
     return run
 
 
-GRAPHED_ARCHITECTURES = {
-    "PerceiverForImageClassificationLearned",
-    "PerceiverForImageClassificationFourier",
-    "PerceiverForImageClassificationConvProcessing",
-    "PerceiverForOpticalFlow",
-}
-
-
 def maybe_enable_graphs(settings: Settings, served: ServedModel) -> None:
     if not settings.cuda_graphs or served.model.device.type != "cuda":
         return
-    if served.model.config.architecture in GRAPHED_ARCHITECTURES:
+    if TASKS[served.task].cuda_graphs:
         sizes = _batch_sizes(served.max_batch_size)
         enable_cuda_graphs(served.model, sizes)
         log.info("CUDA graphs on for %s (batch sizes %s)", served.name, sizes)
 
 
-def warm_up(task: Task, served: ServedModel) -> None:
+def warm_up(task: AnyTask, served: ServedModel) -> None:
     """Every shape bucket at every power-of-two batch size up to the maximum (inference thread)."""
     started = time.monotonic()
     run = make_runner(task, served)
-    for item in task.warmup_items(served):
+    for payload in task.warmup_payloads(served.model.config):
         for size in _batch_sizes(served.max_batch_size):
-            run([item.payload] * size)
+            run([payload] * size)
     if served.model.device.type == "cuda":
         torch.cuda.synchronize()
     served.warmup_s = time.monotonic() - started
@@ -144,9 +138,6 @@ def attach_batcher(runtime: Runtime, served: ServedModel) -> None:
 
         def depth(self, depth: int) -> None:
             metrics.queue_depth.labels(**labels).set(depth)
-
-        def dropped(self, reason: str) -> None:
-            metrics.rejections.labels(**labels, reason=reason).inc()
 
     on_oom = torch.cuda.empty_cache if served.model.device.type == "cuda" else None
     served.batcher = Batcher(

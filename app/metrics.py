@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import gc
 import os
+import time
+from collections.abc import Callable
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
@@ -14,6 +18,7 @@ MULTIPROCESS = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 _COST_BUCKETS = tuple(float(4**i) for i in range(4, 16))
+_GC_BUCKETS = (0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5)
 
 
 class Metrics:
@@ -66,6 +71,28 @@ class Metrics:
         self.gpu_memory = Gauge(
             "perceiver_gpu_memory_bytes", "Allocated CUDA memory.", ("kind",), registry=r, multiprocess_mode="livesum"
         )
+
+        self.gc_pause = Histogram(
+            "perceiver_gc_pause_seconds",
+            "Garbage-collector pauses (every request waits while one runs), by generation.",
+            ("generation",),
+            buckets=_GC_BUCKETS,
+            registry=r,
+        )
+
+    def watch_gc(self) -> Callable[[], None]:
+        """Time every collection into ``gc_pause``; returns the function that stops watching."""
+        started = 0.0
+
+        def callback(phase: str, info: dict[str, Any]) -> None:
+            nonlocal started
+            if phase == "start":
+                started = time.perf_counter()
+            else:
+                self.gc_pause.labels(generation=str(info["generation"])).observe(time.perf_counter() - started)
+
+        gc.callbacks.append(callback)
+        return lambda: gc.callbacks.remove(callback)
 
     def exposition(self) -> bytes:
         """The text format for /metrics: this registry, or every worker process's samples combined."""

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import difflib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from .tasks import TASK_NAMES
 
 
 def _cuda_available() -> bool:
@@ -19,10 +22,38 @@ def _cuda_available() -> bool:
         return False
 
 
+def _known_task(name: str) -> str:
+    if name not in TASK_NAMES:
+        raise ValueError(f"unknown task {name!r}; tasks: {', '.join(TASK_NAMES)}")
+    return name
+
+
+TaskName = Annotated[str, AfterValidator(_known_task), Field(json_schema_extra={"enum": list(TASK_NAMES)})]
+
+
+def _refuse_unknown_keys(fields: dict[str, Any], data: Any, what: str) -> None:
+    """A misspelt key is an error naming it and its nearest valid spelling, never silently ignored."""
+    if not isinstance(data, dict):
+        return
+    for key in data:
+        if key not in fields:
+            near = difflib.get_close_matches(str(key), list(fields), n=1)
+            hint = f"; did you mean {near[0]!r}?" if near else f"; valid keys: {', '.join(fields)}"
+            raise ValueError(f"unknown {what} key {key!r}{hint}")
+
+
 class ModelSpec(BaseModel):
     """One served model. ``source`` is a local checkpoint directory or a Hub repo id (resolved offline first)."""
 
-    task: Literal["classify", "fill-mask", "classify-text", "optical-flow", "autoencode"]
+    model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_keys(cls, data: Any) -> Any:
+        _refuse_unknown_keys(cls.model_fields, data, "model spec")
+        return data
+
+    task: TaskName
     variant: str = Field("default", description="Name within the task, e.g. learned / fourier / conv for classify.")
     source: str
     revision: str = "main"
@@ -50,7 +81,7 @@ class Settings(BaseSettings):
         default_factory=list,
         description="Served models. Empty: the demo profile (small random-init models for every task).",
     )
-    demo_tasks: list[Literal["classify", "fill-mask", "classify-text", "optical-flow", "autoencode"]] | None = Field(
+    demo_tasks: list[TaskName] | None = Field(
         None, description="Demo profile only: serve just these tasks (default: all)."
     )
     max_batch_size: int = Field(
@@ -81,8 +112,11 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(40_000_000, ge=1, description="Decoded image (or video frame) pixel cap: 413.")
     max_video_seconds: float = Field(60.0, gt=0, description="Longest accepted video; longer ones get 413.")
     max_video_frames: int = Field(1800, ge=16, description="Most frames a video may declare; more get 413.")
-    max_text_chars: int = Field(
+    max_text_bytes: int = Field(
         2046, ge=1, description="Longest text (UTF-8 bytes) for the text tasks: the model sees 2048 ids with specials."
+    )
+    max_files_per_request: int = Field(
+        64, ge=1, description="Most files in one multipart request (several images to classify at once): 400 above."
     )
     max_flow_tiles: int = Field(24, ge=1, description="Most 368x496 windows one optical-flow pair may need (413).")
     cuda_graphs: bool = Field(

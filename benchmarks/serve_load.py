@@ -216,7 +216,7 @@ def free_port() -> int:
 
 
 def spawn(env: dict[str, str], log: Path | None = None) -> tuple[subprocess.Popen[bytes], str]:
-    """``python -m app.main`` on a free loopback port with ``env``; returns once /readyz answers 200."""
+    """``python -m app.cli`` on a free loopback port with ``env``; returns once /readyz answers 200."""
     port = free_port()
     full = {
         **os.environ,
@@ -228,7 +228,7 @@ def spawn(env: dict[str, str], log: Path | None = None) -> tuple[subprocess.Pope
     }
     with open(log or os.devnull, "wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "app.main"], cwd=ROOT, env=full, stdout=out, stderr=subprocess.STDOUT
+            [sys.executable, "-m", "app.cli"], cwd=ROOT, env=full, stdout=out, stderr=subprocess.STDOUT
         )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 600

@@ -1,9 +1,35 @@
+"""Every task route, generated from the task declarations: read → decode → batch → encode → respond."""
+
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+import asyncio
+import contextlib
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
 
-from ..runtime import Runtime
-from ..tasks import TASKS
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel
+
+from ..batching import BatchError, Cancelled, Expired, QueueFull, Ticket
+from ..errors import ClientClosedRequest, DeadlineExceeded, InferenceFailed, NotReady, Overloaded
+from ..runtime import Runtime, ServedModel
+from ..tasks import TASKS, run_decode
+from ..tasks.base import DecodeContext, Reply, Task
+from .requests import read_request
+
+AnyTask = Task[Any, Any, Any]
+DISCONNECT_POLL_S = 0.2  # queued work is dropped within this long of its client leaving
+
+
+class ErrorDetail(BaseModel):
+    type: str
+    message: str
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
 
 
 def runtime_of(request: Request) -> Runtime:
@@ -14,5 +40,188 @@ def runtime_of(request: Request) -> Runtime:
 def task_router() -> APIRouter:
     router = APIRouter()
     for task in TASKS.values():
-        task.register(router, runtime_of)
+        router.add_api_route(
+            task.path,
+            _handler(task),
+            methods=["POST"],
+            name=task.name,
+            response_model=task.response_model,
+            tags=[task.tag],
+            summary=task.summary,
+            responses=_responses(task),
+            openapi_extra=_openapi_request(task),
+        )
     return router
+
+
+def _handler(task: AnyTask) -> Callable[[Request], Awaitable[Response]]:
+    async def handle(request: Request) -> Response:
+        runtime = runtime_of(request)
+        deadline = request_deadline(request, runtime)
+        if not runtime.ready:
+            raise NotReady("models are still loading; retry when /readyz answers 200", {"Retry-After": "1"})
+        options, files = await read_request(request, task, runtime.settings.max_files_per_request)
+        served = runtime.model_for(task.name, task.variant(options))
+        request.state.model = served.name
+        ctx = DecodeContext(served.model.config, runtime.limits)
+        items = _split(task, files)
+        if task.decode_offloaded:
+            payloads = await asyncio.gather(*(runtime.decode(run_decode, task.name, options, f, ctx) for f in items))
+        else:
+            payloads = [task.decode(options, f, ctx) for f in items]
+        results = await submit(request, runtime, served, task, payloads, deadline)
+        if task.encode_offloaded:
+            encoded = [await runtime.offload(task.encode, r, options) for r in results]
+        else:
+            encoded = [task.encode(r, options) for r in results]
+        return respond(served, encoded, many=len(items) > 1)
+
+    handle.__name__ = task.name.replace("-", "_")
+    return handle
+
+
+def _split(task: AnyTask, files: dict[str, list[bytes]]) -> list[dict[str, bytes]]:
+    """One file per upload name per item; a repeatable upload with n files makes n items."""
+    repeated = next((u.name for u in task.uploads if u.repeatable and len(files.get(u.name, ())) > 1), None)
+    single = {name: found[0] for name, found in files.items() if name != repeated}
+    if repeated is None:
+        return [single]
+    return [{**single, repeated: data} for data in files[repeated]]
+
+
+def request_deadline(request: Request, runtime: Runtime) -> float:
+    """Monotonic deadline: the server's timeout, shortened (never lengthened) by x-request-timeout-ms."""
+    timeout = runtime.settings.request_timeout_s
+    header = request.headers.get("x-request-timeout-ms")
+    if header is not None:
+        with contextlib.suppress(ValueError):
+            timeout = min(timeout, max(0.0, float(header) / 1000))
+    return time.monotonic() + timeout
+
+
+async def submit(
+    request: Request, runtime: Runtime, served: ServedModel, task: AnyTask, payloads: list[Any], deadline: float
+) -> list[Any]:
+    """Queue the payloads on the model's batcher and wait for their results, with every guard applied."""
+    if served.batcher is None:
+        raise NotReady("models are still loading")
+    tickets: list[Ticket[Any, Any]] = []
+    try:
+        for payload in payloads:
+            bucket, cost = task.bucket(payload), task.cost(payload)
+            tickets.append(served.batcher.submit(payload, cost=cost, bucket=bucket, deadline=deadline))
+    except QueueFull as exc:
+        for ticket in tickets:
+            ticket.cancel()
+        retry = f"{served.batcher.estimated_wait_s():.0f}"
+        raise Overloaded(f"{served.name} is overloaded: {exc}", {"Retry-After": retry}) from exc
+    for ticket in tickets:
+        ticket.future.add_done_callback(_retrieve)  # the handler may have left (deadline, disconnect)
+    watcher = asyncio.create_task(_watch_disconnect(request, tickets))
+    try:
+        async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+            results = await asyncio.shield(asyncio.gather(*(t.future for t in tickets)))
+    except TimeoutError as exc:
+        raise DeadlineExceeded("the request did not finish before its deadline") from exc
+    except Expired as exc:
+        raise DeadlineExceeded(str(exc)) from exc
+    except Cancelled as exc:
+        raise ClientClosedRequest(f"request dropped before inference: {exc}") from exc
+    except BatchError as exc:
+        raise InferenceFailed(f"inference failed for this batch ({type(exc.__cause__).__name__})") from exc
+    finally:
+        watcher.cancel()
+        for ticket in tickets:
+            ticket.cancel()  # no-op for finished tickets; frees the queue of the rest
+    labels = {"task": served.task, "model": served.name}
+    for ticket in tickets:
+        runtime.metrics.queue_duration.labels(**labels).observe(ticket.queue_s)
+        runtime.metrics.inference_duration.labels(**labels).observe(ticket.inference_s)
+    request.state.timing = (
+        max(t.queue_s for t in tickets),
+        max(t.inference_s for t in tickets),
+        max(t.batch_size for t in tickets),
+    )
+    return list(results)
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
+async def _watch_disconnect(request: Request, tickets: list[Ticket[Any, Any]]) -> None:
+    """Cancel the tickets as soon as the client goes away (Starlette does not cancel plain handlers)."""
+    while True:
+        if await request.is_disconnected():
+            for ticket in tickets:
+                ticket.cancel()
+            return
+        await asyncio.sleep(DISCONNECT_POLL_S)
+
+
+def respond(served: ServedModel, encoded: list[dict[str, Any] | Reply], *, many: bool) -> Response:
+    """The task's fields behind model and weights; several items as ``results`` in upload order."""
+    meta = {"model": served.name, "weights": served.weights}
+    if many:
+        fields = [e if isinstance(e, dict) else e.content for e in encoded]
+        return JSONResponse({**meta, "results": fields})
+    reply = encoded[0]
+    if isinstance(reply, dict):
+        return JSONResponse({**meta, **reply})
+    headers = {"x-model": served.name, "x-weights": served.weights, **reply.headers}
+    if isinstance(reply.content, dict):
+        return JSONResponse({**meta, **reply.content}, headers=headers)
+    return Response(reply.content, media_type=reply.media_type, headers=headers)
+
+
+# ---------------------------------------------------------------------------------------------- OpenAPI
+
+
+def _responses(task: AnyTask) -> dict[int | str, dict[str, Any]]:
+    responses: dict[int | str, dict[str, Any]] = {
+        status: {"model": ErrorResponse, "description": text}
+        for status, text in (
+            (404, "No such model variant"),
+            (413, "Upload or decoded input too large"),
+            (415, "Not a supported media type"),
+            (422, "Invalid input: the message says which field and why"),
+            (429, "Overloaded: retry after Retry-After seconds"),
+            (503, "Not ready, or draining"),
+            (504, "Deadline exceeded"),
+        )
+    }
+    if task.media_types:
+        responses[200] = {"content": {media: {} for media in task.media_types}}
+    return responses
+
+
+def _openapi_request(task: AnyTask) -> dict[str, Any]:
+    """The request body and query parameters, from the declaration (the handler reads them itself)."""
+    schema = task.request_model.model_json_schema()
+    options: dict[str, Any] = schema.get("properties", {})
+    parameters = [
+        {"name": name, "in": "query", "required": False, "schema": prop, "description": prop.get("description", "")}
+        for name, prop in options.items()
+        if name not in schema.get("required", ())
+    ]
+    if not task.uploads:
+        return {
+            "parameters": parameters,
+            "requestBody": {"required": True, "content": {"application/json": {"schema": schema}}},
+        }
+    binary = {"type": "string", "format": "binary"}
+    properties: dict[str, Any] = {
+        u.name: ({"type": "array", "items": binary} if u.repeatable else binary) | {"description": u.description}
+        for u in task.uploads
+    }
+    form = {
+        "type": "object",
+        "properties": properties | options,
+        "required": [u.name for u in task.uploads if u.required],
+    }
+    content: dict[str, Any] = {"multipart/form-data": {"schema": form}}
+    for upload in task.uploads:
+        for media in upload.raw_types:
+            content[media + "*" if media.endswith("/") else media] = {"schema": binary}
+    return {"parameters": parameters, "requestBody": {"required": True, "content": content}}

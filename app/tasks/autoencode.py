@@ -10,26 +10,37 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
-from fastapi import APIRouter, File, Form, Request, UploadFile
-from fastapi.responses import Response
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from perceiver_core import PerceiverConfig, PerceiverHead
 from perceiver_core.heads import PerceiverForMultimodalAutoencoding
 from perceiver_core.processing.video import AUDIO_RATE, VIDEO_FPS, prepare_audio, prepare_frames
 
 from ..media import decode_audio, decode_video
-from ..runtime import Runtime, ServedModel
-from .base import DEMO_LATENTS, Task, WarmupItem, select_model, submit, to_device, top_k
+from .base import DEMO_LATENTS, DecodeContext, Reply, Task, TaskRequest, Upload, to_device, top_predictions
 from .classify import Prediction
 
 RECONSTRUCTION_CHUNKS = 16  # decoder query chunks per video: fewer, larger passes on a GPU
+
+
+class AutoencodeRequest(TaskRequest):
+    top_k: int = Field(5, ge=1, le=700, description="How many Kinetics-700 classes to return.")
+    reconstruction: Literal["none", "npz", "mp4"] = Field(
+        "none", description="none: only the label query is decoded; npz or mp4: every pixel and sample too."
+    )
+
+
+class AutoencodeResponse(BaseModel):
+    model: str
+    weights: str
+    audio_source: str
+    predictions: list[Prediction]
 
 
 @dataclass
@@ -41,62 +52,9 @@ class Clip:
     reconstruct: bool
 
 
-class AutoencodeResponse(BaseModel):
-    model: str
-    weights: str
-    audio_source: str
-    predictions: list[Prediction]
-
-
 def input_size(config: PerceiverConfig) -> int:
     """Side of the input frames: the encoder's 4x4 patches tile an image_size x image_size grid."""
     return 4 * config.image_size
-
-
-def decode(
-    video: bytes, audio: bytes | None, config: PerceiverConfig, top: int, reconstruct: bool, limits: dict[str, Any]
-) -> Clip:
-    samples = config.num_frames * config.audio_samples_per_frame
-    clip = decode_video(video, num_frames=config.num_frames, fps=VIDEO_FPS, audio_samples=samples, **limits)
-    if audio is not None:
-        track, source = decode_audio(audio, samples, limits["max_seconds"]), "upload"
-    elif clip.has_audio:
-        track, source = clip.audio, "video"
-    else:
-        track, source = np.zeros(0, np.float32), "silence"
-    frames = prepare_frames(clip.frames, config.num_frames, input_size(config))
-    return Clip(frames, prepare_audio(track, samples), source, top, reconstruct)
-
-
-def predict(model: PerceiverHead, payloads: Sequence[Clip]) -> list[dict[str, Any]]:
-    if not isinstance(model, PerceiverForMultimodalAutoencoding):
-        raise TypeError(f"autoencode needs PerceiverForMultimodalAutoencoding, got {type(model).__name__}")
-    b = len(payloads)
-    inputs = {
-        "image": to_device(torch.stack([p.frames for p in payloads]), model),
-        "audio": to_device(torch.stack([p.audio for p in payloads]), model),
-        "label": to_device(torch.zeros(b, model.config.num_labels), model),
-    }
-    z = model.encode(inputs)
-    empty = torch.zeros(0, dtype=torch.long, device=z.device)
-    # One bucket per batch: either every clip is reconstructed, or only the label query is decoded.
-    out = model.decode_all(z, RECONSTRUCTION_CHUNKS) if payloads[0].reconstruct else model.decode(z, empty, empty)
-    probs = out["label"].float().softmax(-1).cpu()
-    results = []
-    for i, clip in enumerate(payloads):
-        result: dict[str, Any] = {"predictions": top_k(probs[i], clip.top_k, model.config)}
-        if clip.reconstruct:
-            result["video"] = out["image"][i].float().clamp(0, 1).cpu()  # [T, H, W, 3]
-            result["audio"] = out["audio"][i].float().clamp(-1, 1).cpu()  # [S]
-        results.append(result)
-    return results
-
-
-def warmup_items(served: ServedModel) -> list[WarmupItem]:
-    config = served.model.config
-    frames = torch.zeros(config.num_frames, 3, input_size(config), input_size(config))
-    audio = torch.zeros(config.num_frames * config.audio_samples_per_frame, 1)
-    return [WarmupItem(Clip(frames, audio, "silence", 1, r), r) for r in (False, True)]
 
 
 def encode_mp4(video: torch.Tensor, audio: torch.Tensor) -> bytes:
@@ -130,65 +88,13 @@ def encode_mp4(video: torch.Tensor, audio: torch.Tensor) -> bytes:
     return buffer.getvalue()
 
 
-def encode(result: dict[str, Any], fmt: str, meta: dict[str, Any]) -> Response | dict[str, Any]:
-    body = {**meta, "predictions": result["predictions"]}
-    if fmt == "none":
-        return body
-    headers = {
-        "x-predictions": json.dumps(result["predictions"]),
-        "x-model": meta["model"],
-        "x-weights": meta["weights"],
-    }
-    if fmt == "mp4":
-        return Response(encode_mp4(result["video"], result["audio"]), media_type="video/mp4", headers=headers)
-    buffer = io.BytesIO()
-    np.savez_compressed(
-        buffer,
-        video=result["video"].numpy(),
-        audio=result["audio"].numpy(),
-        labels=np.array([p["label"] for p in result["predictions"]]),
-        scores=np.array([p["score"] for p in result["predictions"]], dtype=np.float32),
-    )
-    return Response(buffer.getvalue(), media_type="application/x-npz", headers=headers)
-
-
-def register(router: APIRouter, runtime_of: Callable[[Request], Runtime]) -> None:
-    @router.post(
-        "/v1/autoencode",
-        response_model=AutoencodeResponse,
-        tags=["video"],
-        summary="Classify (and optionally reconstruct) a video with its audio",
-        responses={200: {"content": {"application/x-npz": {}, "video/mp4": {}}}},
-    )
-    async def autoencode(
-        request: Request,
-        video: Annotated[UploadFile, File(description="MP4, MOV, MKV or WebM")],
-        audio: Annotated[UploadFile | None, File(description="Optional audio; default: the video's own track")] = None,
-        top_k: Annotated[int, Form(ge=1, le=700)] = 5,
-        reconstruction: Annotated[Literal["none", "npz", "mp4"], Form()] = "none",
-    ) -> Any:
-        runtime = runtime_of(request)
-        served = select_model(request, runtime, "autoencode")
-        s = runtime.settings
-        limits = {
-            "max_seconds": s.max_video_seconds,
-            "max_frames": s.max_video_frames,
-            "max_pixels": s.max_image_pixels,
-        }
-        audio_bytes = await audio.read() if audio is not None else None
-        clip = await runtime.decode(
-            decode, await video.read(), audio_bytes, served.model.config, top_k, reconstruction != "none", limits
-        )
-        result = await submit(request, runtime, served, clip, cost=1, bucket=clip.reconstruct)
-        meta = {"model": served.name, "weights": served.weights, "audio_source": clip.audio_source}
-        return await runtime.offload(encode, result, reconstruction, meta)
-
-
-TASK = Task(
-    name="autoencode",
-    path="/v1/autoencode",
-    architectures=("PerceiverForMultimodalAutoencoding",),
-    demo_configs={
+class Autoencode(Task[AutoencodeRequest, Clip, dict[str, Any]]):
+    name = "autoencode"
+    path = "/v1/autoencode"
+    summary = "Classify (and optionally reconstruct) a video with its audio"
+    tag = "video"
+    architectures = ("PerceiverForMultimodalAutoencoding",)
+    demo_configs: ClassVar[dict[str, PerceiverConfig]] = {
         # Small latents, and a 56x56 reconstruction grid so a CPU can decode every pixel in about a second.
         "default": PerceiverConfig(
             architecture="PerceiverForMultimodalAutoencoding",
@@ -199,10 +105,88 @@ TASK = Task(
             output_num_channels=64,
             label_trainable_num_channels=64,
         )
-    },
-    predict=predict,
-    warmup_items=warmup_items,
-    register=register,
-    default_batch_cost=lambda size: size,
-    max_batch_size_cap=4,
-)
+    }
+    request_model = AutoencodeRequest
+    response_model = AutoencodeResponse
+    uploads = (
+        Upload("video", "MP4, MOV, MKV or WebM"),
+        Upload("audio", "Optional audio; default: the video's own track", required=False),
+    )
+    media_types = ("application/x-npz", "video/mp4")
+    encode_offloaded = True  # npz compression or H.264 encoding
+    max_batch_size_cap = 4
+
+    def decode(self, request: AutoencodeRequest, files: Mapping[str, bytes], ctx: DecodeContext) -> Clip:
+        config, limits = ctx.config, ctx.limits
+        samples = config.num_frames * config.audio_samples_per_frame
+        clip = decode_video(
+            files["video"],
+            num_frames=config.num_frames,
+            fps=VIDEO_FPS,
+            audio_samples=samples,
+            max_seconds=limits.max_video_seconds,
+            max_frames=limits.max_video_frames,
+            max_pixels=limits.max_image_pixels,
+        )
+        if "audio" in files:
+            track, source = decode_audio(files["audio"], samples, limits.max_video_seconds), "upload"
+        elif clip.has_audio:
+            track, source = clip.audio, "video"
+        else:
+            track, source = np.zeros(0, np.float32), "silence"
+        frames = prepare_frames(clip.frames, config.num_frames, input_size(config))
+        return Clip(frames, prepare_audio(track, samples), source, request.top_k, request.reconstruction != "none")
+
+    def bucket(self, payload: Clip) -> bool:
+        # One bucket per batch: either every clip is reconstructed, or only the label query is decoded.
+        return payload.reconstruct
+
+    def predict(self, model: PerceiverHead, payloads: Sequence[Clip]) -> list[dict[str, Any]]:
+        if not isinstance(model, PerceiverForMultimodalAutoencoding):
+            raise TypeError(f"autoencode needs PerceiverForMultimodalAutoencoding, got {type(model).__name__}")
+        b = len(payloads)
+        inputs = {
+            "image": to_device(torch.stack([p.frames for p in payloads]), model),
+            "audio": to_device(torch.stack([p.audio for p in payloads]), model),
+            "label": to_device(torch.zeros(b, model.config.num_labels), model),
+        }
+        z = model.encode(inputs)
+        empty = torch.zeros(0, dtype=torch.long, device=z.device)
+        out = model.decode_all(z, RECONSTRUCTION_CHUNKS) if payloads[0].reconstruct else model.decode(z, empty, empty)
+        probs = out["label"].float().softmax(-1).cpu()
+        results = []
+        for i, clip in enumerate(payloads):
+            result: dict[str, Any] = {
+                "audio_source": clip.audio_source,
+                "predictions": top_predictions(probs[i], clip.top_k, model.config),
+            }
+            if clip.reconstruct:
+                result["video"] = out["image"][i].float().clamp(0, 1).cpu()  # [T, H, W, 3]
+                result["audio"] = out["audio"][i].float().clamp(-1, 1).cpu()  # [S]
+            results.append(result)
+        return results
+
+    def encode(self, result: dict[str, Any], request: AutoencodeRequest) -> dict[str, Any] | Reply:
+        fields = {"audio_source": result["audio_source"], "predictions": result["predictions"]}
+        if request.reconstruction == "none":
+            return fields
+        headers = {"x-predictions": json.dumps(result["predictions"])}
+        if request.reconstruction == "mp4":
+            return Reply(encode_mp4(result["video"], result["audio"]), "video/mp4", headers)
+        buffer = io.BytesIO()
+        np.savez_compressed(
+            buffer,
+            video=result["video"].numpy(),
+            audio=result["audio"].numpy(),
+            labels=np.array([p["label"] for p in result["predictions"]]),
+            scores=np.array([p["score"] for p in result["predictions"]], dtype=np.float32),
+        )
+        return Reply(buffer.getvalue(), "application/x-npz", headers)
+
+    def warmup_payloads(self, config: PerceiverConfig) -> list[Clip]:
+        frames = torch.zeros(config.num_frames, 3, input_size(config), input_size(config))
+        audio = torch.zeros(config.num_frames * config.audio_samples_per_frame, 1)
+        return [Clip(frames, audio, "silence", 1, r) for r in (False, True)]
+
+
+TASK = Autoencode()

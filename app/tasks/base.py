@@ -1,36 +1,30 @@
-"""What every task shares: the Task record, and the request path through the batcher.
+"""What a task declares, and the helpers tasks share. No HTTP and no server state here.
 
-A task's lifecycle is decode (upload → tensors, in the decode pool) → predict (a batched forward on the
-inference thread) → encode (tensors → response). ``submit`` is the one place that applies draining,
-deadlines, backpressure, cancellation on disconnect and error mapping.
+A task's lifecycle, in LitServe's verbs: ``decode`` (request fields and uploads → one typed payload, in
+the decode pool) → ``predict`` (a batch of payloads → one result each, on the inference thread) →
+``encode`` (one result → the response body). ``app/routes/tasks.py`` generates the HTTP route from the
+declaration: it reads the form, the query or the JSON body into ``request_model``, hands uploads to
+``decode``, queues payloads on the model's batcher, and sends what ``encode`` returns.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import time
-from collections.abc import Callable, Hashable, Sequence
+from abc import ABC, abstractmethod
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar, Generic, TypeVar
 
 import torch
-from fastapi import APIRouter, Request
+from pydantic import BaseModel, ConfigDict
 
 from perceiver_core import PerceiverConfig, PerceiverHead
 from perceiver_core.processing import tokenizer
 
-from ..batching import BatchError, Cancelled, Expired, QueueFull
-from ..errors import (
-    ClientClosedRequest,
-    DeadlineExceeded,
-    Draining,
-    InferenceFailed,
-    InvalidInput,
-    NotReady,
-    Overloaded,
-)
-from ..runtime import Runtime, ServedModel
+from ..errors import InvalidInput
+
+RequestT = TypeVar("RequestT", bound=BaseModel)
+PayloadT = TypeVar("PayloadT")
+ResultT = TypeVar("ResultT")
 
 TEXT_BUCKETS = (64, 128, 256, 512, 1024, 2048)
 
@@ -54,23 +48,102 @@ DEMO_TEXT: dict[str, Any] = dict(
 )
 
 
-@dataclass(frozen=True)
-class WarmupItem:
-    payload: Any
-    bucket: Hashable
+class TaskRequest(BaseModel):
+    """Base of every task's request fields. Unknown fields are refused (422 naming them), never ignored."""
+
+    model_config = ConfigDict(extra="forbid")
 
 
 @dataclass(frozen=True)
-class Task:
+class Upload:
+    """A file field of a multipart request."""
+
     name: str
-    path: str
-    architectures: tuple[str, ...]
-    demo_configs: dict[str, PerceiverConfig]  # variant → small config for the demo profile
-    predict: Callable[[PerceiverHead, Sequence[Any]], list[Any]]  # batched forward, inference thread
-    warmup_items: Callable[[ServedModel], list[WarmupItem]]  # one per shape bucket
-    register: Callable[[APIRouter, Callable[[Request], Runtime]], None]  # adds the route(s)
-    default_batch_cost: Callable[[int], int | None] = field(default=lambda size: None)
-    max_batch_size_cap: int | None = None  # for tasks whose single request is already a large forward pass
+    description: str
+    required: bool = True
+    repeatable: bool = False  # several files under this name: one payload (and one result) each
+    raw_types: tuple[str, ...] = ()  # content types also accepted as the whole request body
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What decoding may accept; from the server's settings, picklable for decode processes."""
+
+    max_image_pixels: int
+    max_video_seconds: float
+    max_video_frames: int
+    max_text_bytes: int
+    max_flow_tiles: int
+
+
+@dataclass(frozen=True)
+class DecodeContext:
+    config: PerceiverConfig  # of the model that will run the payload
+    limits: Limits
+
+
+@dataclass(frozen=True)
+class Reply:
+    """A response other than the task's JSON: raw bytes of some media type, or JSON with extra headers."""
+
+    content: bytes | dict[str, Any]
+    media_type: str = "application/json"
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+class Task(ABC, Generic[RequestT, PayloadT, ResultT]):
+    """One task: its request, its verbs, and how its batches are formed. Subclass, then add to TASKS."""
+
+    name: ClassVar[str]
+    path: ClassVar[str]
+    summary: ClassVar[str]
+    tag: ClassVar[str]
+    architectures: ClassVar[tuple[str, ...]]
+    demo_configs: ClassVar[dict[str, PerceiverConfig]]  # variant → small random-init config
+    request_model: ClassVar[type[TaskRequest]]  # options (form, query or JSON body) and JSON body fields
+    response_model: ClassVar[type[BaseModel]]  # the JSON body of one result, as documented
+    uploads: ClassVar[tuple[Upload, ...]] = ()  # none: the request is a JSON body
+    media_types: ClassVar[tuple[str, ...]] = ()  # other response content types ``encode`` may produce
+    # Capabilities.
+    decode_offloaded: ClassVar[bool] = True  # False: decode is cheap enough for the event loop
+    encode_offloaded: ClassVar[bool] = False  # True: encode is heavy (blending, video encoding)
+    cuda_graphs: ClassVar[bool] = False  # fixed input shapes: CUDA-graph replay may serve it
+    max_batch_size_cap: ClassVar[int | None] = None  # one request is already a large forward pass
+
+    def variant(self, request: RequestT) -> str | None:
+        """The model variant asked for (None: the first configured one)."""
+        return None
+
+    @abstractmethod
+    def decode(self, request: RequestT, files: Mapping[str, bytes], ctx: DecodeContext) -> PayloadT:
+        """Request fields and uploads (one file per upload name) → the payload of one forward-pass item."""
+
+    def bucket(self, payload: PayloadT) -> Hashable:
+        """Shape class: only payloads of one bucket share a forward pass."""
+        return None
+
+    def cost(self, payload: PayloadT) -> int:
+        """Input elements, for ``max_batch_cost``."""
+        return 1
+
+    def default_max_batch_cost(self, max_batch_size: int) -> int | None:
+        """``max_batch_cost`` unless a model spec sets one (None: batches are bounded by size alone)."""
+        return None
+
+    @abstractmethod
+    def predict(self, model: PerceiverHead, payloads: Sequence[PayloadT]) -> list[ResultT]:
+        """One batched forward pass (inference thread, inference mode): a result per payload, in order."""
+
+    @abstractmethod
+    def encode(self, result: ResultT, request: RequestT) -> dict[str, Any] | Reply:
+        """One result → the task's JSON fields (the route adds model and weights), or a Reply."""
+
+    @abstractmethod
+    def warmup_payloads(self, config: PerceiverConfig) -> list[PayloadT]:
+        """One payload per shape bucket the model can see."""
+
+
+# ---------------------------------------------------------------------------------------------- helpers
 
 
 def encode_text(text: str, max_bytes: int) -> list[int]:
@@ -81,14 +154,19 @@ def encode_text(text: str, max_bytes: int) -> list[int]:
     return tokenizer.encode(text, truncate=False, max_length=max_bytes + 2)
 
 
-def text_warmup_items(served: ServedModel, make: Callable[[list[int]], Any]) -> list[WarmupItem]:
-    """One payload per length bucket the model supports, with ids that really fill that bucket."""
-    limit = served.model.config.max_position_embeddings
-    items = []
-    for bucket in (b for b in TEXT_BUCKETS if b <= limit):
-        ids = [tokenizer.CLS, *[tokenizer.BYTE_OFFSET] * (bucket - 3), tokenizer.MASK, tokenizer.SEP]
-        items.append(WarmupItem(make(ids), bucket))
-    return items
+def text_limit(ctx: DecodeContext) -> int:
+    """Longest text in bytes: the server's limit, or what the model's positions hold besides [CLS]/[SEP]."""
+    return min(ctx.limits.max_text_bytes, ctx.config.max_position_embeddings - 2)
+
+
+def warmup_ids(config: PerceiverConfig) -> list[list[int]]:
+    """Ids that really fill each length bucket the model supports (one [MASK], so fill-mask decodes one)."""
+    limit = config.max_position_embeddings
+    return [
+        [tokenizer.CLS, *[tokenizer.BYTE_OFFSET] * (bucket - 3), tokenizer.MASK, tokenizer.SEP]
+        for bucket in TEXT_BUCKETS
+        if bucket <= limit
+    ]
 
 
 def text_bucket(length: int) -> int:
@@ -105,79 +183,7 @@ def to_device(batch: torch.Tensor, model: PerceiverHead) -> torch.Tensor:
     return batch.to(model.dtype) if batch.is_floating_point() else batch
 
 
-def request_deadline(request: Request, runtime: Runtime) -> float:
-    """Monotonic deadline: the server's timeout, shortened (never lengthened) by x-request-timeout-ms."""
-    timeout = runtime.settings.request_timeout_s
-    header = request.headers.get("x-request-timeout-ms")
-    if header is not None:
-        with contextlib.suppress(ValueError):
-            timeout = min(timeout, max(0.0, float(header) / 1000))
-    return time.monotonic() + timeout
-
-
-def select_model(request: Request, runtime: Runtime, task: str, variant: str | None = None) -> ServedModel:
-    """The model serving ``task`` (404 if none); remembered on the request for metrics and logs."""
-    served = runtime.model_for(task, variant)
-    request.state.model = served.name
-    return served
-
-
-async def submit(
-    request: Request, runtime: Runtime, served: ServedModel, payload: Any, *, cost: int, bucket: Hashable
-) -> Any:
-    """Queue ``payload`` on the model's batcher and wait for its result, with every guard applied."""
-    labels = {"task": served.task, "model": served.name}
-    if runtime.draining:
-        runtime.metrics.rejections.labels(**labels, reason="draining").inc()
-        raise Draining("the server is shutting down; retry on another replica")
-    if not runtime.ready or served.batcher is None:
-        raise NotReady("models are still loading")
-    deadline = getattr(request.state, "deadline", None) or request_deadline(request, runtime)
-    try:
-        ticket = served.batcher.submit(payload, cost=cost, bucket=bucket, deadline=deadline)
-    except QueueFull as exc:
-        runtime.metrics.rejections.labels(**labels, reason="queue_full").inc()
-        retry = f"{served.batcher.estimated_wait_s():.0f}"
-        raise Overloaded(f"{served.name} is overloaded: {exc}", headers={"Retry-After": retry}) from exc
-    ticket.future.add_done_callback(_retrieve)  # the handler may have left (deadline, disconnect)
-    watcher = asyncio.create_task(_watch_disconnect(request, ticket.cancel))
-    try:
-        async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
-            result = await asyncio.shield(ticket.future)
-    except TimeoutError as exc:
-        ticket.cancel()
-        runtime.metrics.rejections.labels(**labels, reason="deadline").inc()
-        raise DeadlineExceeded("the request did not finish before its deadline") from exc
-    except Expired as exc:
-        runtime.metrics.rejections.labels(**labels, reason="deadline").inc()
-        raise DeadlineExceeded(str(exc)) from exc
-    except Cancelled as exc:
-        raise ClientClosedRequest(f"request dropped before inference: {exc}") from exc
-    except BatchError as exc:
-        raise InferenceFailed(f"inference failed for this batch ({type(exc.__cause__).__name__})") from exc
-    finally:
-        watcher.cancel()
-    runtime.metrics.queue_duration.labels(**labels).observe(ticket.queue_s)
-    runtime.metrics.inference_duration.labels(**labels).observe(ticket.inference_s)
-    request.state.timing = (ticket.queue_s, ticket.inference_s, ticket.batch_size)
-    return result
-
-
-def _retrieve(future: asyncio.Future[Any]) -> None:
-    if not future.cancelled():
-        future.exception()
-
-
-async def _watch_disconnect(request: Request, cancel: Callable[[], None]) -> None:
-    """Cancel the ticket as soon as the client goes away (Starlette does not cancel plain handlers)."""
-    while True:
-        if await request.is_disconnected():
-            cancel()
-            return
-        await asyncio.sleep(0.2)  # queued work is dropped within 0.2 s of the client leaving
-
-
-def top_k(probs: torch.Tensor, k: int, config: PerceiverConfig) -> list[dict[str, Any]]:
+def top_predictions(probs: torch.Tensor, k: int, config: PerceiverConfig) -> list[dict[str, Any]]:
     """[K] probabilities → the k best as {"label", "index", "score"}."""
     scores, indices = probs.float().topk(min(k, probs.shape[-1]))
     return [

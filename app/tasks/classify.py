@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import Annotated, Any
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
-from fastapi import APIRouter, File, Form, Request, UploadFile
 from pydantic import BaseModel, Field
 
 from perceiver_core import PerceiverConfig, PerceiverHead
 from perceiver_core.processing.image import normalize_pixels, resize_image
 
 from ..media import decode_image
-from ..runtime import Runtime, ServedModel
-from .base import DEMO_LATENTS, Task, WarmupItem, select_model, submit, to_device, top_k
+from .base import DEMO_LATENTS, DecodeContext, Task, TaskRequest, Upload, to_device, top_predictions
 
 DEMO_LABELS = {
     i: name
@@ -35,6 +34,12 @@ DEMO_LABELS = {
     )
 }
 _DEMO: dict[str, Any] = dict(DEMO_LATENTS, num_labels=10, id2label=DEMO_LABELS)
+CROP = 224  # every published vision head takes 224x224 crops
+
+
+class ClassifyRequest(TaskRequest):
+    top_k: int = Field(5, ge=1, le=1000, description="How many classes to return.")
+    model: str | None = Field(None, description="Variant: learned, fourier or conv (default: the first configured).")
 
 
 class Prediction(BaseModel):
@@ -49,51 +54,63 @@ class ClassifyResponse(BaseModel):
     predictions: list[Prediction]
 
 
-def decode(data: bytes, max_pixels: int) -> np.ndarray:
-    """Upload → uint8 [224, 224, 3] (cropped and resized); normalisation happens on the device."""
-    return resize_image(decode_image(data, max_pixels))
+@dataclass(frozen=True)
+class ImagePayload:
+    pixels: np.ndarray  # uint8 [224, 224, 3], cropped and resized; normalisation happens on the device
+    top_k: int
 
 
-def predict(model: PerceiverHead, payloads: Sequence[tuple[np.ndarray, int]]) -> list[list[dict[str, Any]]]:
-    crops = torch.from_numpy(np.stack([p for p, _ in payloads]))  # uint8 [B, 224, 224, 3]
-    pixels = normalize_pixels(to_device(crops, model)).to(model.dtype)
-    probs = model(inputs=pixels).logits.float().softmax(-1).cpu()
-    return [top_k(row, k, model.config) for row, (_, k) in zip(probs, payloads, strict=True)]
-
-
-def warmup_items(served: ServedModel) -> list[WarmupItem]:
-    return [WarmupItem((np.zeros((224, 224, 3), dtype=np.uint8), 1), "224")]
-
-
-def register(router: APIRouter, runtime_of: Callable[[Request], Runtime]) -> None:
-    @router.post("/v1/classify", response_model=ClassifyResponse, tags=["vision"], summary="Classify an image")
-    async def classify(
-        request: Request,
-        image: Annotated[UploadFile, File(description="JPEG, PNG, WebP, GIF (first frame), BMP or TIFF")],
-        top_k: Annotated[int, Form(ge=1, le=1000, description="How many classes to return")] = 5,
-        model: Annotated[str | None, Form(description="Variant: learned, fourier or conv")] = None,
-    ) -> dict[str, Any]:
-        runtime = runtime_of(request)
-        served = select_model(request, runtime, "classify", model)
-        pixels = await runtime.decode(decode, await image.read(), runtime.settings.max_image_pixels)
-        predictions = await submit(request, runtime, served, (pixels, top_k), cost=224 * 224, bucket="224")
-        return {"model": served.name, "weights": served.weights, "predictions": predictions}
-
-
-TASK = Task(
-    name="classify",
-    path="/v1/classify",
-    architectures=(
+class Classify(Task[ClassifyRequest, ImagePayload, list[dict[str, Any]]]):
+    name = "classify"
+    path = "/v1/classify"
+    summary = "Classify an image"
+    tag = "vision"
+    architectures = (
         "PerceiverForImageClassificationLearned",
         "PerceiverForImageClassificationFourier",
         "PerceiverForImageClassificationConvProcessing",
-    ),
-    demo_configs={
-        "learned": PerceiverConfig(architecture="PerceiverForImageClassificationLearned", image_size=224, **_DEMO),
+    )
+    demo_configs: ClassVar[dict[str, PerceiverConfig]] = {
+        "learned": PerceiverConfig(architecture="PerceiverForImageClassificationLearned", image_size=CROP, **_DEMO),
         "fourier": PerceiverConfig(architecture="PerceiverForImageClassificationFourier", **_DEMO),
         "conv": PerceiverConfig(architecture="PerceiverForImageClassificationConvProcessing", **_DEMO),
-    },
-    predict=predict,
-    warmup_items=warmup_items,
-    register=register,
-)
+    }
+    request_model = ClassifyRequest
+    response_model = ClassifyResponse
+    uploads = (
+        Upload(
+            "image",
+            "JPEG, PNG, WebP, GIF (first frame), BMP or TIFF. Repeat the field for several images.",
+            repeatable=True,
+            raw_types=("image/", "application/octet-stream"),
+        ),
+    )
+    cuda_graphs = True
+
+    def variant(self, request: ClassifyRequest) -> str | None:
+        return request.model
+
+    def decode(self, request: ClassifyRequest, files: Mapping[str, bytes], ctx: DecodeContext) -> ImagePayload:
+        image = decode_image(files["image"], ctx.limits.max_image_pixels)
+        return ImagePayload(resize_image(image, CROP), request.top_k)
+
+    def bucket(self, payload: ImagePayload) -> str:
+        return "224"
+
+    def cost(self, payload: ImagePayload) -> int:
+        return CROP * CROP
+
+    def predict(self, model: PerceiverHead, payloads: Sequence[ImagePayload]) -> list[list[dict[str, Any]]]:
+        crops = torch.from_numpy(np.stack([p.pixels for p in payloads]))  # uint8 [B, 224, 224, 3]
+        pixels = normalize_pixels(to_device(crops, model)).to(model.dtype)
+        probs = model(inputs=pixels).logits.float().softmax(-1).cpu()
+        return [top_predictions(row, p.top_k, model.config) for row, p in zip(probs, payloads, strict=True)]
+
+    def encode(self, result: list[dict[str, Any]], request: ClassifyRequest) -> dict[str, Any]:
+        return {"predictions": result}
+
+    def warmup_payloads(self, config: PerceiverConfig) -> list[ImagePayload]:
+        return [ImagePayload(np.zeros((CROP, CROP, 3), dtype=np.uint8), 1)]
+
+
+TASK = Classify()

@@ -2,35 +2,34 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
-from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field
 
 from perceiver_core import PerceiverConfig, PerceiverHead
 from perceiver_core.processing import tokenizer
 
 from ..errors import InvalidInput
-from ..runtime import Runtime, ServedModel
 from .base import (
     DEMO_TEXT,
+    DecodeContext,
     Task,
-    WarmupItem,
+    TaskRequest,
     encode_text,
     pad_ids,
-    select_model,
-    submit,
     text_bucket,
-    text_warmup_items,
+    text_limit,
     to_device,
+    warmup_ids,
 )
 
 BYTE_IDS = slice(tokenizer.BYTE_OFFSET, tokenizer.VOCAB_SIZE)
 
 
-class FillMaskRequest(BaseModel):
+class FillMaskRequest(TaskRequest):
     text: str = Field(
         min_length=1,
         description="Text with one [MASK] per masked byte.",
@@ -59,71 +58,71 @@ class FillMaskResponse(BaseModel):
     masks: list[MaskPrediction]
 
 
-def encode(text: str, max_chars: int) -> tuple[list[int], list[int]]:
-    """ids (with [CLS]/[SEP]) and the indices of the [MASK] ids among them."""
-    ids = encode_text(text, max_chars)
-    masked = [i for i, t in enumerate(ids) if t == tokenizer.MASK]
-    if not masked:
-        raise InvalidInput("the text has no [MASK]; mark each byte to predict with [MASK]")
-    return ids, masked
+@dataclass(frozen=True)
+class MaskedText:
+    ids: list[int]  # byte ids with [CLS]/[SEP]
+    masked: list[int]  # indices of the [MASK] ids among them
+    top_k: int
 
 
-def predict(model: PerceiverHead, payloads: Sequence[tuple[list[int], list[int], int]]) -> list[dict[str, Any]]:
-    length = text_bucket(max(len(ids) for ids, _, _ in payloads))
-    ids, mask = pad_ids([p[0] for p in payloads], length)
-    positions = sorted({i for _, masked, _ in payloads for i in masked})  # decode only masked positions
-    column = {pos: j for j, pos in enumerate(positions)}
-    logits = model(
-        inputs=to_device(ids, model),
-        attention_mask=to_device(mask, model),
-        positions=to_device(torch.tensor(positions), model),
-    ).logits
-    probs = logits[..., BYTE_IDS].float().softmax(-1).cpu()  # [B, P, 256]
-    out = []
-    for row, (row_ids, masked, k) in zip(probs, payloads, strict=True):
-        filled = list(row_ids)
-        masks = []
-        for pos in masked:
-            scores, best = row[column[pos]].topk(k)
-            filled[pos] = int(best[0]) + tokenizer.BYTE_OFFSET
-            candidates = [
-                {"byte": int(b), "char": chr(int(b)) if b < 128 else None, "score": round(float(s), 6)}
-                for s, b in zip(scores, best, strict=True)
-            ]
-            # Offset in the filled text's bytes: each id before this one is one byte, bar [CLS].
-            masks.append({"byte_offset": pos - 1, "candidates": candidates})
-        out.append({"text": tokenizer.decode(filled, skip_special_tokens=True), "masks": masks})
-    return out
+class FillMask(Task[FillMaskRequest, MaskedText, dict[str, Any]]):
+    name = "fill-mask"
+    path = "/v1/fill-mask"
+    summary = "Fill [MASK] bytes"
+    tag = "text"
+    architectures = ("PerceiverForMaskedLM",)
+    demo_configs: ClassVar[dict[str, PerceiverConfig]] = {
+        "default": PerceiverConfig(architecture="PerceiverForMaskedLM", **DEMO_TEXT)
+    }
+    request_model = FillMaskRequest
+    response_model = FillMaskResponse
+    decode_offloaded = False  # a UTF-8 encode: cheaper than a hop to the decode pool
+
+    def decode(self, request: FillMaskRequest, files: Mapping[str, bytes], ctx: DecodeContext) -> MaskedText:
+        ids = encode_text(request.text, text_limit(ctx))
+        masked = [i for i, t in enumerate(ids) if t == tokenizer.MASK]
+        if not masked:
+            raise InvalidInput("the text has no [MASK]; mark each byte to predict with [MASK]")
+        return MaskedText(ids, masked, request.top_k)
+
+    def bucket(self, payload: MaskedText) -> int:
+        return text_bucket(len(payload.ids))
+
+    def cost(self, payload: MaskedText) -> int:
+        return text_bucket(len(payload.ids))
+
+    def predict(self, model: PerceiverHead, payloads: Sequence[MaskedText]) -> list[dict[str, Any]]:
+        length = text_bucket(max(len(p.ids) for p in payloads))
+        ids, mask = pad_ids([p.ids for p in payloads], length)
+        positions = sorted({i for p in payloads for i in p.masked})  # decode only masked positions
+        column = {pos: j for j, pos in enumerate(positions)}
+        logits = model(
+            inputs=to_device(ids, model),
+            attention_mask=to_device(mask, model),
+            positions=to_device(torch.tensor(positions), model),
+        ).logits
+        probs = logits[..., BYTE_IDS].float().softmax(-1).cpu()  # [B, P, 256]
+        out = []
+        for row, payload in zip(probs, payloads, strict=True):
+            filled = list(payload.ids)
+            masks = []
+            for pos in payload.masked:
+                scores, best = row[column[pos]].topk(payload.top_k)
+                filled[pos] = int(best[0]) + tokenizer.BYTE_OFFSET
+                candidates = [
+                    {"byte": int(b), "char": chr(int(b)) if b < 128 else None, "score": round(float(s), 6)}
+                    for s, b in zip(scores, best, strict=True)
+                ]
+                # Offset in the filled text's bytes: each id before this one is one byte, bar [CLS].
+                masks.append({"byte_offset": pos - 1, "candidates": candidates})
+            out.append({"text": tokenizer.decode(filled, skip_special_tokens=True), "masks": masks})
+        return out
+
+    def encode(self, result: dict[str, Any], request: FillMaskRequest) -> dict[str, Any]:
+        return result
+
+    def warmup_payloads(self, config: PerceiverConfig) -> list[MaskedText]:
+        return [MaskedText(ids, [len(ids) - 2], 1) for ids in warmup_ids(config)]
 
 
-def warmup_items(served: ServedModel) -> list[WarmupItem]:
-    return text_warmup_items(served, lambda ids: (ids, [len(ids) - 2], 1))
-
-
-def register(router: APIRouter, runtime_of: Callable[[Request], Runtime]) -> None:
-    @router.post("/v1/fill-mask", response_model=FillMaskResponse, tags=["text"], summary="Fill [MASK] bytes")
-    async def fill_mask(request: Request, body: FillMaskRequest) -> dict[str, Any]:
-        runtime = runtime_of(request)
-        served = select_model(request, runtime, "fill-mask")
-        limit = min(runtime.settings.max_text_chars, served.model.config.max_position_embeddings - 2)
-        ids, masked = encode(body.text, limit)
-        bucket = text_bucket(len(ids))
-        result = await submit(request, runtime, served, (ids, masked, body.top_k), cost=bucket, bucket=bucket)
-        return {"model": served.name, "weights": served.weights, **result}
-
-
-TASK = Task(
-    name="fill-mask",
-    path="/v1/fill-mask",
-    architectures=("PerceiverForMaskedLM",),
-    demo_configs={
-        "default": PerceiverConfig(
-            architecture="PerceiverForMaskedLM",
-            **DEMO_TEXT,
-        )
-    },
-    predict=predict,
-    warmup_items=warmup_items,
-    register=register,
-    default_batch_cost=lambda size: size * 2048,
-)
+TASK = FillMask()

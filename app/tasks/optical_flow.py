@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import Callable, Sequence
-from typing import Annotated, Any, Literal
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import ClassVar, Literal
 
 import numpy as np
 import torch
-from fastapi import APIRouter, File, Form, Request, UploadFile
-from fastapi.responses import JSONResponse, Response
 from PIL import Image
 from pydantic import BaseModel, Field
 
@@ -19,11 +18,14 @@ from perceiver_core.processing.flow import FlowTiles, blend_tiles, extract_patch
 
 from ..errors import InvalidInput, PayloadTooLarge
 from ..media import decode_rgb_array
-from ..runtime import Runtime, ServedModel
-from .base import DEMO_LATENTS, Task, WarmupItem, select_model, submit, to_device
+from .base import DEMO_LATENTS, DecodeContext, Reply, Task, TaskRequest, Upload, to_device
 
 FLO_MAGIC = 202021.25  # Middlebury .flo header
 WINDOWS_PER_PASS = 8  # bounds activation memory when one request alone brings many windows
+
+
+class FlowRequest(TaskRequest):
+    format: Literal["json", "npy", "flo", "png"] = Field("json", description="Response encoding.")
 
 
 class FlowResponse(BaseModel):
@@ -35,36 +37,10 @@ class FlowResponse(BaseModel):
     flow: list[list[list[float]]] = Field(description="[H][W][2] displacement (dx, dy) in pixels")
 
 
-def decode(data1: bytes, data2: bytes, window: tuple[int, int], max_pixels: int, max_tiles: int) -> FlowTiles:
-    frame1 = decode_rgb_array(data1, max_pixels)
-    frame2 = decode_rgb_array(data2, max_pixels)
-    if frame1.shape != frame2.shape:
-        raise InvalidInput(
-            f"frames differ in size: {frame1.shape[1]}x{frame1.shape[0]} vs {frame2.shape[1]}x{frame2.shape[0]}"
-        )
-    h, w = frame1.shape[:2]
-    tiles = len(grid_indices(max(h, window[0]), max(w, window[1]), window))
-    if tiles > max_tiles:
-        raise PayloadTooLarge(f"a {w}x{h} pair needs {tiles} windows; the limit is {max_tiles}")
-    return prepare_tiles(torch.from_numpy(frame1), torch.from_numpy(frame2), window)
-
-
-def predict(model: PerceiverHead, payloads: Sequence[Any]) -> list[torch.Tensor]:
-    """All windows of all requests in forward passes of at most max_batch_size windows."""
-    tiles = torch.cat([p.tiles for p in payloads])
-    logits = []
-    for i in range(0, tiles.shape[0], WINDOWS_PER_PASS):
-        patches = extract_patches(to_device(tiles[i : i + WINDOWS_PER_PASS], model))  # 27x expansion on the device
-        logits.append(model(inputs=patches).logits.float().cpu())
-    out = torch.cat(logits)
-    sizes = [p.tiles.shape[0] for p in payloads]
-    return list(torch.split(out, sizes))
-
-
-def warmup_items(served: ServedModel) -> list[WarmupItem]:
-    h, w = served.model.config.train_size
-    frame = torch.zeros(h, w, 3, dtype=torch.uint8)
-    return [WarmupItem(prepare_tiles(frame, frame, (h, w)), (h, w))]
+@dataclass(frozen=True)
+class FlowResult:
+    logits: torch.Tensor  # [n, wh, ww, 2] per window
+    layout: FlowTiles
 
 
 def flow_to_color(flow: np.ndarray) -> np.ndarray:
@@ -99,67 +75,87 @@ def flow_to_color(flow: np.ndarray) -> np.ndarray:
     return (color * 255).astype(np.uint8)
 
 
-def encode(flow: torch.Tensor, fmt: str, meta: dict[str, Any]) -> Response:
-    array = flow.numpy().astype(np.float32)
-    headers = {"x-flow-shape": json.dumps(list(array.shape)), "x-model": meta["model"], "x-weights": meta["weights"]}
-    if fmt == "npy":
-        buffer = io.BytesIO()
-        np.save(buffer, array)
-        return Response(buffer.getvalue(), media_type="application/x-npy", headers=headers)
-    if fmt == "flo":
-        h, w = array.shape[:2]
-        flo = np.float32(FLO_MAGIC).tobytes() + np.int32(w).tobytes() + np.int32(h).tobytes() + array.tobytes()
-        return Response(flo, media_type="application/octet-stream", headers=headers)
-    if fmt == "png":
-        buffer = io.BytesIO()
-        Image.fromarray(flow_to_color(array)).save(buffer, format="PNG")
-        return Response(buffer.getvalue(), media_type="image/png", headers=headers)
-    body = {**meta, "height": array.shape[0], "width": array.shape[1], "flow": np.round(array, 4).tolist()}
-    return JSONResponse(body, headers=headers)
-
-
-def register(router: APIRouter, runtime_of: Callable[[Request], Runtime]) -> None:
-    @router.post(
-        "/v1/optical-flow",
-        response_model=FlowResponse,
-        tags=["vision"],
-        summary="Optical flow between two frames",
-        responses={200: {"content": {"application/x-npy": {}, "application/octet-stream": {}, "image/png": {}}}},
+class OpticalFlow(Task[FlowRequest, FlowTiles, FlowResult]):
+    name = "optical-flow"
+    path = "/v1/optical-flow"
+    summary = "Optical flow between two frames"
+    tag = "vision"
+    architectures = ("PerceiverForOpticalFlow",)
+    demo_configs: ClassVar[dict[str, PerceiverConfig]] = {
+        "default": PerceiverConfig(architecture="PerceiverForOpticalFlow", **DEMO_LATENTS, train_size=(368, 496))
+    }
+    request_model = FlowRequest
+    response_model = FlowResponse
+    uploads = (
+        Upload("frame1", "First frame (any size)"),
+        Upload("frame2", "Second frame, same size as the first"),
     )
-    async def optical_flow(
-        request: Request,
-        frame1: Annotated[UploadFile, File(description="First frame (any size)")],
-        frame2: Annotated[UploadFile, File(description="Second frame, same size as the first")],
-        format: Annotated[Literal["json", "npy", "flo", "png"], Form(description="Response encoding")] = "json",
-    ) -> Any:
-        runtime = runtime_of(request)
-        served = select_model(request, runtime, "optical-flow")
-        window = tuple(served.model.config.train_size)
-        settings = runtime.settings
-        layout = await runtime.decode(
-            decode, await frame1.read(), await frame2.read(), window, settings.max_image_pixels, settings.max_flow_tiles
-        )
-        n = layout.tiles.shape[0]
-        logits = await submit(request, runtime, served, layout, cost=n, bucket=window)
-        flow = await runtime.offload(blend_tiles, logits, layout)
-        meta = {"model": served.name, "weights": served.weights, "tiles": n}
-        return await runtime.offload(encode, flow, format, meta)
+    media_types = ("application/x-npy", "application/octet-stream", "image/png")
+    encode_offloaded = True  # blending the windows and encoding [H, W, 2] floats
+    cuda_graphs = True
+    max_batch_size_cap = WINDOWS_PER_PASS
+
+    def decode(self, request: FlowRequest, files: Mapping[str, bytes], ctx: DecodeContext) -> FlowTiles:
+        h0, w0 = ctx.config.train_size
+        window = (h0, w0)
+        frame1 = decode_rgb_array(files["frame1"], ctx.limits.max_image_pixels)
+        frame2 = decode_rgb_array(files["frame2"], ctx.limits.max_image_pixels)
+        if frame1.shape != frame2.shape:
+            raise InvalidInput(
+                f"frames differ in size: {frame1.shape[1]}x{frame1.shape[0]} vs {frame2.shape[1]}x{frame2.shape[0]}"
+            )
+        h, w = frame1.shape[:2]
+        tiles = len(grid_indices(max(h, window[0]), max(w, window[1]), window))
+        if tiles > ctx.limits.max_flow_tiles:
+            raise PayloadTooLarge(f"a {w}x{h} pair needs {tiles} windows; the limit is {ctx.limits.max_flow_tiles}")
+        return prepare_tiles(torch.from_numpy(frame1), torch.from_numpy(frame2), window)
+
+    def bucket(self, payload: FlowTiles) -> tuple[int, int]:
+        return payload.window
+
+    def cost(self, payload: FlowTiles) -> int:
+        return int(payload.tiles.shape[0])  # windows: max_batch_cost bounds windows per batch
+
+    def default_max_batch_cost(self, max_batch_size: int) -> int:
+        return max_batch_size  # one request may bring up to max_flow_tiles windows: bound windows, not pairs
+
+    def predict(self, model: PerceiverHead, payloads: Sequence[FlowTiles]) -> list[FlowResult]:
+        """All windows of all requests, in forward passes of at most WINDOWS_PER_PASS windows."""
+        tiles = torch.cat([p.tiles for p in payloads])
+        logits = []
+        for i in range(0, tiles.shape[0], WINDOWS_PER_PASS):
+            patches = extract_patches(to_device(tiles[i : i + WINDOWS_PER_PASS], model))  # 27x expansion on device
+            logits.append(model(inputs=patches).logits.float().cpu())
+        out = torch.split(torch.cat(logits), [p.tiles.shape[0] for p in payloads])
+        return [FlowResult(chunk, payload) for chunk, payload in zip(out, payloads, strict=True)]
+
+    def encode(self, result: FlowResult, request: FlowRequest) -> Reply:
+        array = blend_tiles(result.logits, result.layout).numpy().astype(np.float32)
+        headers = {"x-flow-shape": json.dumps(list(array.shape))}
+        if request.format == "npy":
+            buffer = io.BytesIO()
+            np.save(buffer, array)
+            return Reply(buffer.getvalue(), "application/x-npy", headers)
+        if request.format == "flo":
+            h, w = array.shape[:2]
+            flo = np.float32(FLO_MAGIC).tobytes() + np.int32(w).tobytes() + np.int32(h).tobytes() + array.tobytes()
+            return Reply(flo, "application/octet-stream", headers)
+        if request.format == "png":
+            buffer = io.BytesIO()
+            Image.fromarray(flow_to_color(array)).save(buffer, format="PNG")
+            return Reply(buffer.getvalue(), "image/png", headers)
+        fields = {
+            "tiles": int(result.logits.shape[0]),
+            "height": array.shape[0],
+            "width": array.shape[1],
+            "flow": np.round(array, 4).tolist(),
+        }
+        return Reply(fields, headers=headers)
+
+    def warmup_payloads(self, config: PerceiverConfig) -> list[FlowTiles]:
+        h, w = config.train_size
+        frame = torch.zeros(h, w, 3, dtype=torch.uint8)
+        return [prepare_tiles(frame, frame, (h, w))]
 
 
-TASK = Task(
-    name="optical-flow",
-    path="/v1/optical-flow",
-    architectures=("PerceiverForOpticalFlow",),
-    demo_configs={
-        "default": PerceiverConfig(
-            architecture="PerceiverForOpticalFlow",
-            **DEMO_LATENTS,
-            train_size=(368, 496),
-        )
-    },
-    predict=predict,
-    warmup_items=warmup_items,
-    register=register,
-    default_batch_cost=lambda size: size,  # windows per batch
-    max_batch_size_cap=WINDOWS_PER_PASS,
-)
+TASK = OpticalFlow()

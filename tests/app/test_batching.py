@@ -11,6 +11,8 @@ import pytest
 
 from app.batching import Batcher, BatchError, Cancelled, Expired, QueueFull
 
+from .asyncutil import async_test
+
 pytestmark = pytest.mark.timeout(30)
 
 
@@ -42,133 +44,114 @@ async def gather(batcher: Batcher[object, object], payloads: list[object], **kw:
     return list(await asyncio.gather(*(t.future for t in tickets), return_exceptions=True))
 
 
-def test_full_batches_are_cut_at_max_batch_size_and_results_routed_back() -> None:
-    async def main() -> None:
-        run = Recorder()
-        batcher = make(run, max_delay_s=5.0)
-        batcher.start()
-        results = await gather(batcher, list(range(8)))
-        assert results == [f"result:{i}" for i in range(8)]
-        assert [len(b) for b in run.batches] == [4, 4]  # full batches go at once, not after 5 s
-        await batcher.stop()
-
-    asyncio.run(main())
+@async_test
+async def test_full_batches_are_cut_at_max_batch_size_and_results_routed_back() -> None:
+    run = Recorder()
+    batcher = make(run, max_delay_s=5.0)
+    batcher.start()
+    results = await gather(batcher, list(range(8)))
+    assert results == [f"result:{i}" for i in range(8)]
+    assert [len(b) for b in run.batches] == [4, 4]  # full batches go at once, not after 5 s
+    await batcher.stop()
 
 
-def test_a_lone_request_waits_at_most_max_delay() -> None:
-    async def main() -> None:
-        run = Recorder()
-        batcher = make(run, max_delay_s=0.2)
-        batcher.start()
-        started = time.monotonic()
-        assert await gather(batcher, ["x"]) == ["result:x"]
-        waited = time.monotonic() - started
-        assert 0.15 <= waited < 1.0
-        await batcher.stop()
-
-    asyncio.run(main())
+@async_test
+async def test_a_lone_request_waits_at_most_max_delay() -> None:
+    run = Recorder()
+    batcher = make(run, max_delay_s=0.2)
+    batcher.start()
+    started = time.monotonic()
+    assert await gather(batcher, ["x"]) == ["result:x"]
+    waited = time.monotonic() - started
+    assert 0.15 <= waited < 1.0
+    await batcher.stop()
 
 
-def test_delay_counts_from_the_oldest_request() -> None:
+@async_test
+async def test_delay_counts_from_the_oldest_request() -> None:
     """A trickle of arrivals must not postpone the oldest request past its bound."""
-
-    async def main() -> None:
-        run = Recorder()
-        batcher = make(run, max_batch_size=100, max_delay_s=0.3)
-        batcher.start()
-        first = batcher.submit("first")
-        for i in range(5):
-            await asyncio.sleep(0.1)
-            batcher.submit(i)
-        started = first.enqueued_at
-        await first.future
-        assert time.monotonic() - started < 0.6
-        await batcher.stop()
-
-    asyncio.run(main())
+    run = Recorder()
+    batcher = make(run, max_batch_size=100, max_delay_s=0.3)
+    batcher.start()
+    first = batcher.submit("first")
+    for i in range(5):
+        await asyncio.sleep(0.1)
+        batcher.submit(i)
+    started = first.enqueued_at
+    await first.future
+    assert time.monotonic() - started < 0.6
+    await batcher.stop()
 
 
-def test_cost_budget_caps_batches() -> None:
-    async def main() -> None:
-        run = Recorder()
-        batcher = make(run, max_batch_size=10, max_batch_cost=100, max_delay_s=0.05)
-        batcher.start()
-        await gather(batcher, list(range(5)), cost=40)
-        assert [len(b) for b in run.batches] == [2, 2, 1]
-        await batcher.stop()
-
-    asyncio.run(main())
+@async_test
+async def test_cost_budget_caps_batches() -> None:
+    run = Recorder()
+    batcher = make(run, max_batch_size=10, max_batch_cost=100, max_delay_s=0.05)
+    batcher.start()
+    await gather(batcher, list(range(5)), cost=40)
+    assert [len(b) for b in run.batches] == [2, 2, 1]
+    await batcher.stop()
 
 
-def test_buckets_are_never_mixed_and_served_oldest_first() -> None:
-    async def main() -> None:
-        run = Recorder()
-        batcher = make(run, max_batch_size=10, max_delay_s=0.05)
-        batcher.start()
-        tickets = [batcher.submit(f"{b}{i}", bucket=b) for i in range(3) for b in ("short", "long")]
-        await asyncio.gather(*(t.future for t in tickets))
-        assert [sorted(b) for b in run.batches] == [["short0", "short1", "short2"], ["long0", "long1", "long2"]]
-        await batcher.stop()
-
-    asyncio.run(main())
+@async_test
+async def test_buckets_are_never_mixed_and_served_oldest_first() -> None:
+    run = Recorder()
+    batcher = make(run, max_batch_size=10, max_delay_s=0.05)
+    batcher.start()
+    tickets = [batcher.submit(f"{b}{i}", bucket=b) for i in range(3) for b in ("short", "long")]
+    await asyncio.gather(*(t.future for t in tickets))
+    assert [sorted(b) for b in run.batches] == [["short0", "short1", "short2"], ["long0", "long1", "long2"]]
+    await batcher.stop()
 
 
-def test_bounded_queue_refuses() -> None:
-    async def main() -> None:
-        batcher = make(Recorder(), max_queue=3)
-        for i in range(3):
-            batcher.submit(i)
-        with pytest.raises(QueueFull):
-            batcher.submit(99)
-        await batcher.stop()
-
-    asyncio.run(main())
+@async_test
+async def test_bounded_queue_refuses() -> None:
+    batcher = make(Recorder(), max_queue=3)
+    for i in range(3):
+        batcher.submit(i)
+    with pytest.raises(QueueFull):
+        batcher.submit(99)
+    await batcher.stop()
 
 
-def test_cancelled_and_expired_requests_never_reach_the_model() -> None:
-    async def main() -> None:
-        run = Recorder()
-        batcher = make(run, max_delay_s=0.1)
-        gone = batcher.submit("gone")
-        late = batcher.submit("late", deadline=time.monotonic() - 1)
-        kept = batcher.submit("kept")
-        gone.cancel()
-        batcher.start()
-        assert await kept.future == "result:kept"
-        with pytest.raises(Cancelled):
-            await gone.future
-        with pytest.raises(Expired):
-            await late.future
-        assert run.batches == [["kept"]]
-        await batcher.stop()
-
-    asyncio.run(main())
+@async_test
+async def test_cancelled_and_expired_requests_never_reach_the_model() -> None:
+    run = Recorder()
+    batcher = make(run, max_delay_s=0.1)
+    gone = batcher.submit("gone")
+    late = batcher.submit("late", deadline=time.monotonic() - 1)
+    kept = batcher.submit("kept")
+    gone.cancel()
+    batcher.start()
+    assert await kept.future == "result:kept"
+    with pytest.raises(Cancelled):
+        await gone.future
+    with pytest.raises(Expired):
+        await late.future
+    assert run.batches == [["kept"]]
+    await batcher.stop()
 
 
-def test_an_exception_fails_only_its_batch() -> None:
-    async def main() -> None:
-        run = Recorder(fail_on="bad")
-        batcher = make(run, max_batch_size=2, max_delay_s=0.01)
-        batcher.start()
-        results = await gather(batcher, ["a", "bad", "c", "d"])
-        assert isinstance(results[0], BatchError) and isinstance(results[1], BatchError)
-        assert results[2:] == ["result:c", "result:d"]
-        assert await gather(batcher, ["e"]) == ["result:e"]  # the batcher keeps serving
-        await batcher.stop()
-
-    asyncio.run(main())
+@async_test
+async def test_an_exception_fails_only_its_batch() -> None:
+    run = Recorder(fail_on="bad")
+    batcher = make(run, max_batch_size=2, max_delay_s=0.01)
+    batcher.start()
+    results = await gather(batcher, ["a", "bad", "c", "d"])
+    assert isinstance(results[0], BatchError) and isinstance(results[1], BatchError)
+    assert results[2:] == ["result:c", "result:d"]
+    assert await gather(batcher, ["e"]) == ["result:e"]  # the batcher keeps serving
+    await batcher.stop()
 
 
-def test_out_of_memory_splits_the_batch_and_retries() -> None:
-    async def main() -> None:
-        freed: list[bool] = []
-        run = Recorder(oom_above=2)
-        batcher = make(run, max_batch_size=8, max_delay_s=0.05, on_oom=lambda: freed.append(True))
-        batcher.start()
-        results = await gather(batcher, list(range(8)))
-        assert results == [f"result:{i}" for i in range(8)]
-        assert all(len(b) <= 2 for b in run.batches) and sum(len(b) for b in run.batches) == 8
-        assert freed
-        await batcher.stop()
-
-    asyncio.run(main())
+@async_test
+async def test_out_of_memory_splits_the_batch_and_retries() -> None:
+    freed: list[bool] = []
+    run = Recorder(oom_above=2)
+    batcher = make(run, max_batch_size=8, max_delay_s=0.05, on_oom=lambda: freed.append(True))
+    batcher.start()
+    results = await gather(batcher, list(range(8)))
+    assert results == [f"result:{i}" for i in range(8)]
+    assert all(len(b) <= 2 for b in run.batches) and sum(len(b) for b in run.batches) == 8
+    assert freed
+    await batcher.stop()

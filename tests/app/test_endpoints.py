@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import io
 import json
+from types import SimpleNamespace
 
 import av
 import httpx
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from .conftest import MEDIA, LiveServer, make_mp4, shifted_pair
@@ -168,3 +170,155 @@ def test_health_readiness_docs_and_metrics(client: httpx.Client) -> None:
         assert name in text
     assert 'perceiver_requests_total{model="classify-text",status="200",task="classify-text"}' in text
     assert 'perceiver_requests_total{model="",status="404",task="none"}' in text
+
+
+class PhaseCorrelationFlow(torch.nn.Module):
+    """A flow "model" whose output the test controls: the global shift between the two frames of each window,
+    found by phase correlation on the centre pixels of the 3x3 patches, in the network's logit units."""
+
+    def __init__(self, train_size: tuple[int, int]) -> None:
+        super().__init__()
+        self.config = SimpleNamespace(train_size=train_size, architecture="PerceiverForOpticalFlow")
+        self.anchor = torch.nn.Parameter(torch.zeros(1))
+
+    @property
+    def device(self) -> torch.device:
+        return self.anchor.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.anchor.dtype
+
+    def forward(self, inputs: torch.Tensor) -> SimpleNamespace:
+        centre = inputs[:, :, 12:15].mean(dim=2)  # [n, 2, H, W]: (kh, kw) = (1, 1) is the pixel itself
+        f1, f2 = torch.fft.fft2(centre[:, 0]), torch.fft.fft2(centre[:, 1])
+        cross = f2 * f1.conj()
+        peak = torch.fft.ifft2(cross / cross.abs().clamp_min(1e-9)).real  # peaks at the displacement
+        n, h, w = peak.shape
+        flat = peak.reshape(n, -1).argmax(-1)
+        dy, dx = flat // w, flat % w
+        dy = torch.where(dy > h // 2, dy - h, dy).float()
+        dx = torch.where(dx > w // 2, dx - w, dx).float()
+        logits = torch.stack([dx, dy], -1)[:, None, None, :].expand(n, h, w, 2) / 20.0
+        return SimpleNamespace(logits=logits)
+
+
+def test_optical_flow_recovers_the_direction_of_a_known_shift() -> None:
+    """The demo weights are untrained, so this swaps in a model whose output the test controls (above).
+    It checks that decoding, tiling (4 windows), patching, blending and encoding keep dx/dy and their signs."""
+    server = LiveServer(demo_tasks=["optical-flow"]).start()
+    try:
+        served = server.runtime.model_for("optical-flow")
+        served.model = PhaseCorrelationFlow((368, 496))  # type: ignore[assignment]
+        first, second = shifted_pair(dx=6, dy=-4, size=(420, 560))
+        with server.client() as client:
+            r = client.post(
+                "/v1/optical-flow",
+                files={"frame1": ("a.png", first), "frame2": ("b.png", second)},
+                data={"format": "npy"},
+            )
+        assert r.status_code == 200, r.text
+        flow = np.load(io.BytesIO(r.content))
+        assert flow.shape == (420, 560, 2)
+        assert np.allclose(flow[..., 0], 6.0, atol=1e-4) and np.allclose(flow[..., 1], -4.0, atol=1e-4)
+    finally:
+        server.stop()
+
+
+# ---------------------------------------------------------------------------------------------- request shapes
+
+
+def _classify(client: httpx.Client, photo: str, **kwargs: object) -> dict[str, object]:
+    r = client.post("/v1/classify", files={"image": (photo, (MEDIA / photo).read_bytes())}, **kwargs)  # type: ignore[arg-type]
+    assert r.status_code == 200, r.text
+    body: dict[str, object] = r.json()
+    return body
+
+
+def test_several_images_in_one_request_answer_in_upload_order(client: httpx.Client) -> None:
+    photos = ["cat.jpg", "coffee.jpg", "cat.jpg"]
+    files = [("image", (p, (MEDIA / p).read_bytes(), "image/jpeg")) for p in photos]
+    r = client.post("/v1/classify", files=files, data={"top_k": "4", "model": "conv"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["model"] == "classify/conv" and body["weights"] == "random-init"
+    singles = [_classify(client, p, data={"top_k": "4", "model": "conv"})["predictions"] for p in photos]
+    got = [item["predictions"] for item in body["results"]]
+    assert len(got) == 3
+    for mine, alone in zip(got, singles, strict=True):
+        assert [p["index"] for p in mine] == [p["index"] for p in alone]  # type: ignore[index]
+        assert np.allclose([p["score"] for p in mine], [p["score"] for p in alone], atol=1e-5)  # type: ignore[index]
+    assert got[0] != got[1]  # two different photos, two different answers: nothing was dropped or repeated
+
+
+def test_a_raw_image_body_answers_like_the_multipart_upload(client: httpx.Client) -> None:
+    data = (MEDIA / "coffee.jpg").read_bytes()
+    r = client.post("/v1/classify?top_k=3", content=data, headers={"content-type": "image/jpeg"})
+    assert r.status_code == 200, r.text
+    assert r.json() == _classify(client, "coffee.jpg", data={"top_k": "3"})
+    r = client.post("/v1/classify", content=data, headers={"content-type": "application/octet-stream"})
+    assert r.status_code == 200 and len(r.json()["predictions"]) == 5
+
+
+def test_options_are_accepted_as_query_parameters(client: httpx.Client) -> None:
+    by_query = client.post(
+        "/v1/classify?top_k=2&model=fourier", files={"image": ("cat.jpg", (MEDIA / "cat.jpg").read_bytes())}
+    )
+    assert by_query.status_code == 200, by_query.text
+    assert by_query.json() == _classify(client, "cat.jpg", data={"top_k": "2", "model": "fourier"})
+    text = client.post("/v1/classify-text?top_k=1", json={"text": "query options"})
+    assert text.status_code == 200 and len(text.json()["predictions"]) == 1
+    first, second = shifted_pair(2, 1, size=(100, 120))
+    flow = client.post("/v1/optical-flow?format=npy", files={"frame1": ("a.png", first), "frame2": ("b.png", second)})
+    assert flow.status_code == 200 and flow.headers["content-type"] == "application/x-npy"
+    assert np.load(io.BytesIO(flow.content)).shape == (100, 120, 2)
+
+
+@pytest.mark.parametrize(
+    ("path", "kwargs", "named"),
+    [
+        ("/v1/classify?topk=3", {"files": {"image": ("c.jpg", b"x")}}, "topk"),
+        ("/v1/classify", {"files": {"image": ("c.jpg", b"x")}, "data": {"top-k": "3"}}, "top-k"),
+        ("/v1/classify", {"files": {"image": ("c.jpg", b"x"), "picture": ("d.jpg", b"x")}}, "picture"),
+        ("/v1/optical-flow?fromat=npy", {"files": {"frame1": ("a.png", b"x"), "frame2": ("b.png", b"x")}}, "fromat"),
+        ("/v1/classify-text", {"json": {"text": "hi", "topk": 2}}, "topk"),
+        ("/v1/fill-mask?k=2", {"json": {"text": "a[MASK]"}}, "k"),
+        ("/v1/autoencode", {"files": {"video": ("v.mp4", b"x")}, "data": {"reconstuction": "npz"}}, "reconstuction"),
+    ],
+)
+def test_an_unknown_field_is_a_422_that_names_it(
+    client: httpx.Client, path: str, kwargs: dict[str, object], named: str
+) -> None:
+    r = client.post(path, **kwargs)  # type: ignore[arg-type]
+    assert r.status_code == 422, r.text
+    error = r.json()["error"]
+    assert error["type"] == "invalid_input" and named in error["message"], error
+
+
+def test_an_option_given_twice_is_refused(client: httpx.Client) -> None:
+    r = client.post("/v1/classify?top_k=2", files={"image": ("c.jpg", b"x")}, data={"top_k": "3"})
+    assert r.status_code == 422 and "top_k" in r.json()["error"]["message"]
+
+
+def test_wrong_body_types_say_what_the_endpoint_takes(client: httpx.Client) -> None:
+    r = client.post("/v1/classify", json={"image": "cat.jpg"})
+    assert r.status_code == 422 and "multipart/form-data" in r.json()["error"]["message"]
+    r = client.post(
+        "/v1/classify-text", content=b"text=hello", headers={"content-type": "application/x-www-form-urlencoded"}
+    )
+    assert r.status_code == 422 and "application/json" in r.json()["error"]["message"]
+    r = client.post("/v1/classify-text", content=b'{"text": "a",}', headers={"content-type": "application/json"})
+    message = r.json()["error"]["message"]
+    assert r.status_code == 422 and "line 1, column" in message, message
+
+
+def test_openapi_documents_generated_routes(client: httpx.Client) -> None:
+    spec = client.get("/openapi.json").json()
+    classify = spec["paths"]["/v1/classify"]["post"]
+    form = classify["requestBody"]["content"]["multipart/form-data"]["schema"]
+    assert form["required"] == ["image"] and {"image", "top_k", "model"} <= set(form["properties"])
+    assert "image/*" in classify["requestBody"]["content"]
+    assert {p["name"] for p in classify["parameters"]} == {"top_k", "model"}
+    text = spec["paths"]["/v1/classify-text"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert text["required"] == ["text"]
+    assert "ClassifyResponse" in str(classify["responses"]["200"])

@@ -20,7 +20,7 @@ from .conftest import MEDIA, free_port
 
 
 class Server:
-    """``python -m app.main`` in a child process, logging to a file (a pipe could fill up and block it)."""
+    """``python -m app.cli`` in a child process, logging to a file (a pipe could fill up and block it)."""
 
     def __init__(self, log: Path, env: dict[str, str], *args: str) -> None:
         port = free_port()
@@ -28,7 +28,7 @@ class Server:
         self.log = log
         with log.open("wb") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "app.main", *args], env=full, stdout=out, stderr=subprocess.STDOUT
+                [sys.executable, "-m", "app.cli", *args], env=full, stdout=out, stderr=subprocess.STDOUT
             )
         self.url = f"http://127.0.0.1:{port}"
 

@@ -1,0 +1,167 @@
+"""The ``perceiver-serve`` command: uvicorn with draining, and a supervisor for several worker processes.
+
+SIGTERM turns readiness off, refuses new task requests with 503, lets accepted ones finish, and exits 0
+once the queues are empty (or after ``drain_timeout_s``). A second signal stops at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from fastapi import FastAPI
+
+from . import logging as jsonlog
+from .main import create_app
+from .runtime import Runtime
+from .settings import Settings, load_settings
+
+log = logging.getLogger("perceiver.server")
+
+
+def _server_class() -> Any:
+    import uvicorn
+
+    class DrainingServer(uvicorn.Server):
+        """uvicorn, but SIGTERM drains first (readiness off, accepted work finishes) and exits 0."""
+
+        def __init__(self, config: uvicorn.Config, runtime: Runtime) -> None:
+            super().__init__(config)
+            self.runtime = runtime
+            self.exit_code = 0
+
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            if threading.current_thread() is not threading.main_thread():
+                yield
+                return
+            originals = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:  # unlike uvicorn, do not re-raise the signal: a drained exit is a clean exit
+                for sig, handler in originals.items():
+                    signal.signal(sig, handler)
+
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            if self.runtime.draining:  # a second signal: stop now
+                self.should_exit = True
+                self.force_exit = True
+            else:
+                self.runtime.begin_drain()
+
+        async def on_tick(self, counter: int) -> bool:
+            runtime = self.runtime
+            if runtime.load_error is not None:
+                self.exit_code = 1
+                return True
+            if runtime.draining and runtime.drain_started is not None:
+                waited = time.monotonic() - runtime.drain_started
+                if runtime.idle():
+                    log.info("drained in %.2fs; exiting", waited)
+                    return True
+                if waited > runtime.settings.drain_timeout_s:
+                    log.warning("drain timeout (%.0fs) with %d requests in flight", waited, runtime.inflight)
+                    return True
+            return bool(await super().on_tick(counter))
+
+    return DrainingServer
+
+
+def _uvicorn_config(app: FastAPI, settings: Settings) -> Any:
+    import uvicorn
+
+    return uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_config=None,
+        access_log=False,
+        lifespan="on",
+        timeout_graceful_shutdown=max(1, int(settings.drain_timeout_s)),
+    )
+
+
+def _serve(settings: Settings, sockets: list[socket.socket] | None = None) -> int:
+    jsonlog.configure(settings.log_level)
+    app = create_app(settings)
+    server = _server_class()(_uvicorn_config(app, settings), app.state.runtime)
+    server.run(sockets=sockets)
+    return int(server.exit_code)
+
+
+def _worker(settings_json: str, sock: socket.socket) -> None:
+    sys.exit(_serve(Settings.model_validate_json(settings_json), [sock]))
+
+
+def _supervise(settings: Settings) -> int:
+    """Run ``settings.workers`` server processes on one listening socket; SIGTERM drains them all."""
+    import multiprocessing
+    import tempfile
+
+    from prometheus_client import multiprocess
+
+    family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((settings.host, settings.port))
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="perceiver-metrics-")
+    context = multiprocessing.get_context("spawn")  # never fork a process that may hold a CUDA context
+    payload = settings.model_dump_json()
+    procs = [context.Process(target=_worker, args=(payload, sock), name=f"worker-{i}") for i in range(settings.workers)]
+    stopping = False
+
+    def forward(sig: int, frame: Any) -> None:
+        nonlocal stopping
+        stopping = True
+        for proc in procs:
+            if proc.is_alive() and proc.pid is not None:
+                os.kill(proc.pid, sig)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, forward)
+    for proc in procs:
+        proc.start()
+    log.info("started %d workers on %s:%d", settings.workers, settings.host, settings.port)
+    codes: dict[int, int] = {}
+    while len(codes) < len(procs):
+        for proc in procs:
+            if proc.pid in codes or proc.is_alive():
+                continue
+            if proc.pid is None or proc.exitcode is None:  # not started yet
+                continue
+            codes[proc.pid] = proc.exitcode
+            multiprocess.mark_process_dead(proc.pid)  # type: ignore[no-untyped-call]
+            if not stopping:  # a worker died on its own: take the rest down, let the orchestrator restart us
+                log.error("worker %s exited with %s; stopping", proc.name, proc.exitcode)
+                forward(signal.SIGTERM, None)
+        time.sleep(0.2)
+    sock.close()
+    return 0 if all(code == 0 for code in codes.values()) and stopping else 1
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="perceiver-serve", description="Serve Perceiver IO models over HTTP.")
+    parser.add_argument("--host", help="interface to bind (PERCEIVER_HOST)")
+    parser.add_argument("--port", type=int, help="TCP port (PERCEIVER_PORT)")
+    parser.add_argument("--workers", type=int, help="server processes (PERCEIVER_WORKERS)")
+    parser.add_argument("--config", help="JSON or YAML file with settings and per-model overrides")
+    args = parser.parse_args(argv)
+    given = (("host", args.host), ("port", args.port), ("workers", args.workers))
+    settings = load_settings(args.config, **{k: v for k, v in given if v is not None})
+    jsonlog.configure(settings.log_level)
+    sys.exit(_supervise(settings) if settings.workers > 1 else _serve(settings))
+
+
+if __name__ == "__main__":
+    main()

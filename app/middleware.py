@@ -1,0 +1,113 @@
+"""Pure-ASGI middleware: request ids, the body-size limit, the drain gate, timing headers, metrics, logs.
+
+``reject`` is the one place an error becomes a response, and where each rejection is counted.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+import uuid
+
+from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from . import errors
+from . import logging as jsonlog
+from .errors import Draining, PayloadTooLarge, ServiceError
+from .runtime import Runtime
+from .tasks import TASKS
+
+log = logging.getLogger("perceiver.server")
+# Request ids: a random per-process prefix and a counter (uuid4 per request costs a syscall each).
+_ID_PREFIX = uuid.uuid4().hex[:12]
+_ID_COUNTER = itertools.count()
+TASK_PATHS = {task.path: task.name for task in TASKS.values()}
+
+
+def reject(runtime: Runtime, error: ServiceError, path: str, model: str) -> JSONResponse:
+    """The JSON error response for ``error``, its rejection counted once under its reason."""
+    if error.reason is not None:
+        task = TASK_PATHS.get(path, "none")
+        runtime.metrics.rejections.labels(task=task, model=model, reason=error.reason).inc()
+    return JSONResponse(errors.body(error), status_code=error.status, headers=error.headers or None)
+
+
+class ObservabilityMiddleware:
+    """Request ids, body-size limit, drain gate, timing headers, metrics and one JSON log line per request."""
+
+    def __init__(self, app: ASGIApp, runtime: Runtime) -> None:
+        self.app = app
+        self.runtime = runtime
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        runtime, metrics = self.runtime, self.runtime.metrics
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        rid = headers.get("x-request-id", "")[:64] or f"{_ID_PREFIX}{next(_ID_COUNTER):012x}"
+        token = jsonlog.request_id.set(rid)
+        path = scope["path"]
+        task = TASK_PATHS.get(path)
+        state = scope.setdefault("state", {})
+        started = time.monotonic()
+        status = 500
+        limit = runtime.settings.max_body_bytes
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                extra = [(b"x-request-id", rid.encode())]
+                timing = state.get("timing")
+                if timing is not None:
+                    queue_s, inference_s, batch = timing
+                    extra += [
+                        (b"x-queue-time-ms", f"{queue_s * 1000:.2f}".encode()),
+                        (b"x-inference-time-ms", f"{inference_s * 1000:.2f}".encode()),
+                        (b"x-batch-size", str(batch).encode()),
+                    ]
+                message["headers"] = list(message.get("headers", [])) + extra
+            await send(message)
+
+        received = 0
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise PayloadTooLarge(f"request body exceeds {limit} bytes")
+            return message
+
+        if task is not None:
+            runtime.inflight += 1
+            metrics.inflight.set(runtime.inflight)
+        try:
+            declared = headers.get("content-length", "")
+            early: ServiceError | None = None
+            if declared.isdigit() and int(declared) > limit:
+                early = PayloadTooLarge(f"request body of {declared} bytes exceeds {limit} bytes")
+            elif task is not None and runtime.draining:
+                early = Draining("the server is shutting down; retry on another replica")
+            if early is not None:
+                await reject(runtime, early, path, "")(scope, receive, send_wrapper)
+            else:
+                await self.app(scope, limited_receive, send_wrapper)
+        finally:
+            elapsed = time.monotonic() - started
+            model = state.get("model", "")
+            label_task = task or "none"
+            metrics.request_duration.labels(task=label_task, model=model).observe(elapsed)
+            metrics.requests.labels(task=label_task, model=model, status=str(status)).inc()
+            if task is not None:
+                runtime.inflight -= 1
+                metrics.inflight.set(runtime.inflight)
+            fields = {"method": scope.get("method"), "path": path, "status": status, "ms": round(elapsed * 1000, 2)}
+            if model:
+                fields["model"] = model
+            log.info("request", extra={"fields": fields})
+            jsonlog.request_id.reset(token)

@@ -1,0 +1,134 @@
+"""Reading a task request: options from the query, the form or a JSON body; uploads from the form or
+the raw body. Unknown fields are refused by name; every problem is a 4xx that says what to send."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from pydantic import ValidationError
+from starlette.datastructures import UploadFile
+from starlette.requests import ClientDisconnect, Request
+
+from ..errors import ClientClosedRequest, InvalidInput
+from ..tasks.base import Task, TaskRequest, Upload
+
+MAX_FORM_FIELDS = 64  # options are a handful; more is a malformed or hostile form
+
+
+def what_it_takes(task: Task[Any, Any, Any]) -> str:
+    """One sentence on the body an endpoint accepts, for error messages."""
+    if not task.uploads:
+        return f"{task.path} takes a JSON object (content-type: application/json) with {_names(task)}"
+    fields = ", ".join(f"{u.name}{'' if u.required else ' (optional)'}" for u in task.uploads)
+    text = f"{task.path} takes multipart/form-data with the file field(s) {fields}"
+    raw = [u for u in task.uploads if u.raw_types]
+    if raw:
+        types = " or ".join(t + ("*" if t.endswith("/") else "") for t in raw[0].raw_types)
+        text += f", or the {raw[0].name} itself as the body with content-type {types}"
+    return text
+
+
+def _names(task: Task[Any, Any, Any]) -> str:
+    return "fields " + ", ".join(task.request_model.model_fields)
+
+
+async def read_request(
+    request: Request, task: Task[Any, Any, Any], max_files: int
+) -> tuple[TaskRequest, dict[str, list[bytes]]]:
+    """The validated request fields and the uploads (name → files in upload order)."""
+    fields: dict[str, Any] = {}
+    for key, value in request.query_params.multi_items():
+        _put(fields, key, value)
+    media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    files: dict[str, list[bytes]] = {}
+    try:
+        if task.uploads:
+            files = await _read_uploads(request, task, media, fields, max_files)
+        else:
+            for key, value in (await _read_json(request, task, media)).items():
+                _put(fields, key, value)
+    except ClientDisconnect as exc:
+        raise ClientClosedRequest("the client went away while sending the request") from exc
+    return validate(task, fields), files
+
+
+def validate(task: Task[Any, Any, Any], fields: Mapping[str, Any]) -> TaskRequest:
+    try:
+        return task.request_model.model_validate(fields)
+    except ValidationError as exc:
+        raise InvalidInput(_describe(task, exc)) from None
+
+
+def _describe(task: Task[Any, Any, Any], exc: ValidationError) -> str:
+    problems = []
+    for error in exc.errors():
+        where = ".".join(str(p) for p in error.get("loc", ())) or "body"
+        if error["type"] == "extra_forbidden":
+            accepted = ", ".join([*task.request_model.model_fields, *(u.name for u in task.uploads)])
+            problems.append(f"{where}: unknown field; {task.path} accepts {accepted}")
+        else:
+            problems.append(f"{where}: {error['msg']}")
+    return "; ".join(problems)
+
+
+def _put(fields: dict[str, Any], key: str, value: Any) -> None:
+    if key in fields:
+        raise InvalidInput(f"{key}: given more than once (in the query, the form or the body); give it once")
+    fields[key] = value
+
+
+async def _read_uploads(
+    request: Request, task: Task[Any, Any, Any], media: str, fields: dict[str, Any], max_files: int
+) -> dict[str, list[bytes]]:
+    files: dict[str, list[bytes]] = {}
+    raw = next((u for u in task.uploads if any(media.startswith(t) for t in u.raw_types)), None) if media else None
+    if raw is not None:
+        files[raw.name] = [await request.body()]
+    elif media in ("multipart/form-data", "application/x-www-form-urlencoded"):
+        form = await request.form(max_files=max_files, max_fields=MAX_FORM_FIELDS)
+        try:
+            for key, value in form.multi_items():
+                if isinstance(value, UploadFile):
+                    files.setdefault(key, []).append(await value.read())
+                elif any(u.name == key for u in task.uploads):
+                    raise InvalidInput(f"{key}: expected a file upload (curl -F {key}=@file), got a text field")
+                else:
+                    _put(fields, key, value)
+        finally:
+            await form.close()
+    else:
+        sent = f"a {media} body" if media else "a body without content-type"
+        raise InvalidInput(f"{what_it_takes(task)}; got {sent}")
+    _check_uploads(task.uploads, files, task)
+    return files
+
+
+def _check_uploads(uploads: tuple[Upload, ...], files: dict[str, list[bytes]], task: Task[Any, Any, Any]) -> None:
+    known = {u.name: u for u in uploads}
+    for name in files:
+        if name not in known:
+            raise InvalidInput(f"{name}: unknown file field; {what_it_takes(task)}")
+    for upload in uploads:
+        count = len(files.get(upload.name, ()))
+        if count == 0 and upload.required:
+            raise InvalidInput(f"{upload.name}: file required; {what_it_takes(task)}")
+        if count > 1 and not upload.repeatable:
+            raise InvalidInput(f"{upload.name}: one file expected, got {count}")
+
+
+async def _read_json(request: Request, task: Task[Any, Any, Any], media: str) -> dict[str, Any]:
+    if media and media != "application/json" and not media.endswith("+json"):
+        hint = "with curl, add -H 'content-type: application/json'"
+        raise InvalidInput(f"{what_it_takes(task)}; got content-type {media} ({hint})")
+    body = await request.body()
+    try:
+        data = json.loads(body)
+    except UnicodeDecodeError:
+        raise InvalidInput("the body is not UTF-8 encoded JSON") from None
+    except json.JSONDecodeError as exc:
+        raise InvalidInput(f"the body is not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}") from None
+    if not isinstance(data, dict):
+        raise InvalidInput(f"{what_it_takes(task)}; got a JSON {type(data).__name__}")
+    return data

@@ -1,0 +1,202 @@
+"""Settings from PERCEIVER_* variables and JSON/YAML files: parsing, validation and the messages it gives."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from pydantic import ValidationError
+
+from app.settings import ModelSpec, Settings, load_settings
+from app.tasks import TASK_NAMES
+
+
+@pytest.fixture(autouse=True)
+def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No PERCEIVER_* variable from the shell running the tests leaks into these settings."""
+    for name in list(os.environ):
+        if name.upper().startswith("PERCEIVER_"):
+            monkeypatch.delenv(name)
+
+
+def test_defaults_pick_the_device_and_the_demo_profile() -> None:
+    settings = Settings()
+    assert settings.device == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert settings.models == [] and settings.demo
+    assert settings.max_text_bytes == 2046
+
+
+def test_prefixed_environment_variables_are_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PERCEIVER_PORT", "9001")
+    monkeypatch.setenv("PERCEIVER_MAX_TEXT_BYTES", "512")
+    monkeypatch.setenv("PERCEIVER_MAX_DELAY_MS", "2.5")
+    monkeypatch.setenv("PERCEIVER_WARMUP", "false")
+    monkeypatch.setenv("PERCEIVER_DEVICE", "cpu")
+    monkeypatch.setenv("PORT", "1")  # unprefixed: not ours
+    settings = Settings()
+    assert (settings.port, settings.max_text_bytes, settings.max_delay_ms) == (9001, 512, 2.5)
+    assert settings.warmup is False and settings.device == "cpu"
+
+
+def test_models_and_demo_tasks_are_read_as_json_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(
+        "PERCEIVER_MODELS",
+        json.dumps([{"task": "classify", "variant": "fourier", "source": "/ckpt/fourier", "max_batch_size": 8}]),
+    )
+    monkeypatch.setenv("PERCEIVER_DEMO_TASKS", '["fill-mask", "optical-flow"]')
+    settings = Settings()
+    assert settings.models == [ModelSpec(task="classify", variant="fourier", source="/ckpt/fourier", max_batch_size=8)]
+    assert settings.models[0].revision == "main" and settings.models[0].dtype is None
+    assert not settings.demo
+    assert settings.demo_tasks == ["fill-mask", "optical-flow"]
+
+
+def test_out_of_range_values_from_the_environment_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PERCEIVER_MAX_TEXT_BYTES", "0")
+    with pytest.raises(ValidationError, match="max_text_bytes"):
+        Settings()
+
+
+def assert_names_the_bad_task(error: ValidationError, where: str) -> None:
+    (problem,) = error.errors()
+    assert ".".join(str(part) for part in problem["loc"]) == where
+    message = str(error)
+    assert "unknown task 'segment'" in message
+    assert f"tasks: {', '.join(TASK_NAMES)}" in message
+
+
+def test_unknown_task_in_models_names_it_and_lists_the_tasks(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PERCEIVER_MODELS", json.dumps([{"task": "segment", "source": "/ckpt"}]))
+    with pytest.raises(ValidationError) as caught:
+        Settings()
+    assert_names_the_bad_task(caught.value, "models.0.task")
+
+
+def test_unknown_demo_task_names_it_and_lists_the_tasks(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PERCEIVER_DEMO_TASKS", '["classify", "segment"]')
+    with pytest.raises(ValidationError) as caught:
+        Settings()
+    assert_names_the_bad_task(caught.value, "demo_tasks.1")
+
+
+def test_every_task_name_is_accepted() -> None:
+    assert Settings(demo_tasks=list(TASK_NAMES)).demo_tasks == list(TASK_NAMES)
+    specs = [ModelSpec(task=name, source=f"/ckpt/{name}") for name in TASK_NAMES]
+    assert [spec.task for spec in Settings(models=specs).models] == list(TASK_NAMES)
+
+
+def test_the_schema_lists_the_tasks() -> None:
+    schema = Settings.model_json_schema()
+    demo_tasks = schema["properties"]["demo_tasks"]["anyOf"][0]
+    assert demo_tasks["items"]["enum"] == list(TASK_NAMES)
+
+
+def test_a_model_configured_twice_is_refused() -> None:
+    twice = [ModelSpec(task="classify", variant="conv", source=source) for source in ("/a", "/b")]
+    with pytest.raises(ValidationError, match="model classify/conv is configured twice"):
+        Settings(models=twice)
+
+
+def test_the_same_task_with_different_variants_is_fine() -> None:
+    settings = Settings(
+        models=[ModelSpec(task="classify", variant="conv", source="/a"), ModelSpec(task="classify", source="/b")]
+    )
+    assert [(m.task, m.variant) for m in settings.models] == [("classify", "conv"), ("classify", "default")]
+
+
+def test_a_misspelt_model_key_is_refused_with_its_nearest_spelling() -> None:
+    with pytest.raises(ValidationError, match="unknown model spec key 'max_batchsize'; did you mean 'max_batch_size'"):
+        Settings(models=[{"task": "classify", "source": "/a", "max_batchsize": 4}])
+
+
+@pytest.mark.parametrize(
+    ("device", "dtype", "override", "expected"),
+    [
+        ("cpu", "auto", None, "float32"),
+        ("cuda", "auto", None, "bfloat16"),
+        ("cuda:1", "auto", None, "bfloat16"),
+        ("cpu", "bfloat16", None, "bfloat16"),
+        ("cuda", "float16", None, "float16"),
+        ("cuda", "float32", "auto", "bfloat16"),  # a model's own "auto" resolves for the device
+        ("cpu", "auto", "float16", "float16"),
+    ],
+)
+def test_resolved_dtype(device: str, dtype: str, override: str | None, expected: str) -> None:
+    assert Settings(device=device, dtype=dtype).resolved_dtype(override) == expected
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def test_load_settings_from_json(tmp_path: Path) -> None:
+    config = {
+        "port": 8123,
+        "device": "cpu",
+        "max_text_bytes": 100,
+        "models": [{"task": "fill-mask", "source": "deepmind/language-perceiver", "dtype": "float32"}],
+    }
+    settings = load_settings(write(tmp_path / "serve.json", json.dumps(config)))
+    assert (settings.port, settings.device, settings.max_text_bytes) == (8123, "cpu", 100)
+    (model,) = settings.models
+    assert (model.task, model.variant, model.source, model.dtype) == (
+        "fill-mask",
+        "default",
+        "deepmind/language-perceiver",
+        "float32",
+    )
+
+
+@pytest.mark.parametrize("suffix", [".yaml", ".yml"])
+def test_load_settings_from_yaml(tmp_path: Path, suffix: str) -> None:
+    text = """
+port: 8124
+dtype: bfloat16
+max_batch_size: 32
+models:
+  - task: classify
+    variant: learned
+    source: deepmind/vision-perceiver-learned
+    max_delay_ms: 0
+  - task: optical-flow
+    source: deepmind/optical-flow-perceiver
+    revision: v1
+"""
+    settings = load_settings(write(tmp_path / f"serve{suffix}", text))
+    assert (settings.port, settings.dtype, settings.max_batch_size) == (8124, "bfloat16", 32)
+    assert [(m.task, m.variant, m.revision, m.max_delay_ms) for m in settings.models] == [
+        ("classify", "learned", "main", 0.0),
+        ("optical-flow", "default", "v1", None),
+    ]
+
+
+def test_an_empty_yaml_file_gives_the_defaults(tmp_path: Path) -> None:
+    assert load_settings(write(tmp_path / "empty.yaml", "")).port == 8000
+
+
+def test_load_settings_without_a_file_reads_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PERCEIVER_MAX_TEXT_BYTES", "300")
+    assert load_settings().max_text_bytes == 300
+
+
+def test_explicit_overrides_beat_the_file(tmp_path: Path) -> None:
+    settings = load_settings(write(tmp_path / "serve.json", '{"port": 8123, "workers": 2}'), port=9000)
+    assert (settings.port, settings.workers) == (9000, 2)
+
+
+@pytest.mark.parametrize(("name", "text"), [("serve.json", '{"prot": 8123}'), ("serve.yaml", "prot: 8123\n")])
+def test_an_unknown_key_in_the_file_is_refused(tmp_path: Path, name: str, text: str) -> None:
+    with pytest.raises(ValidationError) as caught:
+        load_settings(write(tmp_path / name, text))
+    (problem,) = caught.value.errors()
+    assert problem["loc"] == ("prot",) and problem["type"] == "extra_forbidden"
+
+
+def test_an_unknown_task_in_the_file_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValidationError) as caught:
+        load_settings(write(tmp_path / "serve.yaml", "demo_tasks: [segment]\n"))
+    assert_names_the_bad_task(caught.value, "demo_tasks.0")
