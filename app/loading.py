@@ -21,6 +21,10 @@ AnyTask = Task[Any, Any, Any]
 
 log = logging.getLogger("perceiver.loading")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+AUTO_MAX_BATCH_SIZE = 64  # largest size max_batch_size=auto tries
+AUTO_UNMEASURED_BATCH_SIZE = 16  # max_batch_size=auto with warm-up off: nothing was measured
+AUTO_MIN_GAIN = 0.05  # a larger batch must cut the per-item time by this share to be worth its latency
+AUTO_TIMED_RUNS = 3  # per size, after one untimed run; the median counts
 
 
 def _batch_sizes(limit: int) -> list[int]:
@@ -79,7 +83,10 @@ def _served(
     overrides: dict[str, Any],
 ) -> ServedModel:
     size = overrides.get("max_batch_size", settings.max_batch_size)
-    if task.max_batch_size_cap is not None and "max_batch_size" not in overrides:
+    auto = size == "auto"
+    if auto:
+        size = AUTO_MAX_BATCH_SIZE if settings.warmup else AUTO_UNMEASURED_BATCH_SIZE
+    if task.max_batch_size_cap is not None and (auto or "max_batch_size" not in overrides):
         size = min(size, task.max_batch_size_cap)
     return ServedModel(
         task=task.name,
@@ -92,6 +99,8 @@ def _served(
         max_batch_size=size,
         max_delay_ms=overrides.get("max_delay_ms", settings.max_delay_ms),
         max_batch_cost=overrides.get("max_batch_cost", task.default_max_batch_cost(size)),
+        batch_size_auto=auto and settings.warmup,
+        max_batch_cost_configured="max_batch_cost" in overrides,
     )
 
 
@@ -101,6 +110,44 @@ def make_runner(task: AnyTask, served: ServedModel) -> Any:
             return task.predict(served.model, payloads)
 
     return run
+
+
+def _timed(run: Any, payloads: list[Any], device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    started = time.perf_counter()
+    run(payloads)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - started
+
+
+def choose_batch_size(task: AnyTask, served: ServedModel, budget_ms: float) -> None:
+    """max_batch_size=auto: the largest power of two whose per-item time still improves (by AUTO_MIN_GAIN)
+    and whose forward pass stays within the latency budget, measured on this model and this machine.
+
+    Measured on the task's first warm-up payload (the smallest shape bucket). Runs on the inference thread.
+    """
+    if not served.batch_size_auto:
+        return
+    started = time.monotonic()
+    run = make_runner(task, served)
+    payload = task.warmup_payloads(served.model.config)[0]
+    device = served.model.device
+    best, best_item = 1, float("inf")
+    for size in _batch_sizes(served.max_batch_size):
+        batch = [payload] * size
+        run(batch)  # first call at this shape: allocations, kernel selection
+        seconds = sorted(_timed(run, batch, device) for _ in range(AUTO_TIMED_RUNS))[AUTO_TIMED_RUNS // 2]
+        served.per_item_ms[size] = round(seconds / size * 1000, 3)
+        if seconds * 1000 > budget_ms or seconds / size > best_item * (1 - AUTO_MIN_GAIN):
+            break
+        best, best_item = size, seconds / size
+    served.max_batch_size = best
+    served.warmup_s += time.monotonic() - started
+    if not served.max_batch_cost_configured:
+        served.max_batch_cost = TASKS[served.task].default_max_batch_cost(best)
+    log.info("%s: max_batch_size=auto chose %d (per-item ms by size: %s)", served.name, best, served.per_item_ms)
 
 
 def maybe_enable_graphs(settings: Settings, served: ServedModel) -> None:
@@ -121,8 +168,8 @@ def warm_up(task: AnyTask, served: ServedModel) -> None:
             run([payload] * size)
     if served.model.device.type == "cuda":
         torch.cuda.synchronize()
-    served.warmup_s = time.monotonic() - started
-    log.info("warmed %s in %.1fs", served.name, served.warmup_s)
+    served.warmup_s += time.monotonic() - started
+    log.info("warmed %s in %.1fs (batch sizes measured and warmed)", served.name, served.warmup_s)
 
 
 def attach_batcher(runtime: Runtime, served: ServedModel) -> None:

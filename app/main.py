@@ -20,7 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import logging as jsonlog
 from .errors import InternalError, InvalidInput, ServiceError, for_status
-from .loading import attach_batcher, build_models, maybe_enable_graphs, warm_up
+from .loading import attach_batcher, build_models, choose_batch_size, maybe_enable_graphs, warm_up
 from .metrics import Metrics
 from .middleware import ObservabilityMiddleware, reject
 from .routes.health import router as health_router
@@ -36,17 +36,23 @@ async def _load(runtime: Runtime) -> None:
     loop = asyncio.get_running_loop()
     try:
         served_models = await loop.run_in_executor(runtime.inference_executor, build_models, runtime.settings)
+        settings = runtime.settings
         for served in served_models:
             runtime.add(served)
-            maybe_enable_graphs(runtime.settings, served)
-            if runtime.settings.warmup:
-                await loop.run_in_executor(runtime.inference_executor, warm_up, TASKS[served.task], served)
+            task = TASKS[served.task]
+            if settings.warmup:
+                budget = settings.batch_latency_budget_ms
+                await loop.run_in_executor(runtime.inference_executor, choose_batch_size, task, served, budget)
+            maybe_enable_graphs(settings, served)
+            if settings.warmup:
+                await loop.run_in_executor(runtime.inference_executor, warm_up, task, served)
             attach_batcher(runtime, served)
     except Exception as exc:  # fatal: the CLI exits 1, readiness reports it
         log.exception("model loading failed")
         runtime.load_error = f"{type(exc).__name__}: {exc}"
         return
-    freeze_startup_heap()
+    if runtime.settings.gc_freeze:
+        freeze_startup_heap()
     runtime.ready = True
     log.info("ready: %s", ", ".join(m.name for m in runtime.all_models()))
 

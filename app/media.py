@@ -20,8 +20,13 @@ VIDEO_FORMATS = ("mp4", "mov", "m4a", "matroska", "webm", "3gp", "mj2")
 AUDIO_RATE = 48_000
 
 
-def decode_image(data: bytes, max_pixels: int) -> Image.Image:
-    """Bytes → RGB-convertible PIL image, EXIF orientation applied, first frame of animations."""
+def decode_image(data: bytes, max_pixels: int, min_short_side: int | None = None) -> Image.Image:
+    """Bytes → RGB-convertible PIL image, EXIF orientation applied, first frame of animations.
+
+    With ``min_short_side``, a JPEG whose short side is at least twice that is decoded at a reduced
+    scale (1/2, 1/4 or 1/8, libjpeg's DCT scaling: the decoder skips the high frequencies instead of
+    computing pixels a resize would throw away), never below ``min_short_side`` on its short side.
+    """
     if not data:
         raise InvalidInput("the image upload is empty")
     try:
@@ -43,6 +48,10 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
         raise PayloadTooLarge(f"image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}")
     if width == 0 or height == 0:
         raise InvalidInput("the image has no pixels")
+    if min_short_side is not None and image.format == "JPEG" and min(width, height) >= 2 * min_short_side:
+        short = min(width, height)
+        # draft picks the largest scale that keeps the image at least this size in both dimensions.
+        image.draft(None, (-(-width * min_short_side // short), -(-height * min_short_side // short)))
     try:
         image.seek(0)  # first frame of GIF/WebP animations
         image.load()

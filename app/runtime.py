@@ -35,6 +35,9 @@ class ServedModel:
     max_batch_size: int
     max_delay_ms: float
     max_batch_cost: int | None
+    batch_size_auto: bool = False  # max_batch_size=auto, to be measured at warm-up
+    max_batch_cost_configured: bool = False
+    per_item_ms: dict[int, float] = field(default_factory=dict)  # auto: forward time per item, by batch size
     batcher: Batcher[Any, Any] | None = None
     warmup_s: float = 0.0
 
@@ -57,6 +60,8 @@ class ServedModel:
             "num_labels": config.num_labels,
             "batching": {
                 "max_batch_size": self.max_batch_size,
+                "max_batch_size_source": "auto" if self.batch_size_auto else "configured",
+                "per_item_ms": {str(k): v for k, v in self.per_item_ms.items()},
                 "max_delay_ms": self.max_delay_ms,
                 "max_batch_cost": self.max_batch_cost,
                 "queue_depth": self.batcher.depth if self.batcher else 0,
@@ -84,6 +89,7 @@ class Runtime:
             max_video_frames=s.max_video_frames,
             max_text_bytes=s.max_text_bytes,
             max_flow_tiles=s.max_flow_tiles,
+            image_decoder=s.image_decoder,
         )
         # One inference thread per device: forward passes never overlap and never block the event loop.
         self.inference_executor = ThreadPoolExecutor(1, thread_name_prefix="inference")

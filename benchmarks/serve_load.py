@@ -2,11 +2,16 @@
 
     # start servers itself and compare batching with PERCEIVER_MAX_BATCH_SIZE=1 (the CPU figure):
     python benchmarks/serve_load.py --spawn --compare-batching --task classify-text --concurrency 1,8,32
+    # 12 MP phone photos to the demo conv classifier, scaled decoding against the reference, one run:
+    python benchmarks/serve_load.py --spawn --task classify --classify-model conv --image phone \
+        --variant auto:PERCEIVER_IMAGE_DECODER=auto --variant exact:PERCEIVER_IMAGE_DECODER=exact --concurrency 8
     # or load a server that is already running:
     python benchmarks/serve_load.py --url http://127.0.0.1:8000 --task classify --concurrency 64
 
 Each of N clients sends a request, waits for the answer, and sends the next, for --duration seconds per
 concurrency level (after a short warm-up). Only loopback addresses are used when --spawn is given.
+``--variant LABEL:KEY=VALUE,...`` (repeatable) spawns one server per variant with those settings, and
+``--repeat N`` runs the whole set of variants N times, interleaved, so drift affects them alike.
 """
 
 from __future__ import annotations
@@ -30,6 +35,10 @@ from urllib.parse import urlsplit
 import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.photos import parse_size, photo_jpeg  # noqa: E402
+
 CAT = (ROOT / "tests" / "media" / "cat.jpg").read_bytes()
 TEXT = "Perceiver IO reads raw UTF-8 bytes, so this sentence is about ninety bytes long in total."
 
@@ -52,19 +61,21 @@ class Level:
     error_statuses: dict[int, int]
 
 
-def request_bytes(task: str, host: str) -> bytes:
+def request_bytes(task: str, host: str, image: str = "", classify_model: str = "") -> bytes:
     """One complete HTTP/1.1 request (keep-alive), built once and sent many times."""
     if task == "classify":
         boundary = "perceiverbench"
+        photo = photo_jpeg(*parse_size(image)) if image else CAT
         body = (
             (
-                f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="cat.jpg"\r\n'
+                f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="photo.jpg"\r\n'
                 "Content-Type: image/jpeg\r\n\r\n"
             ).encode()
-            + CAT
+            + photo
             + f"\r\n--{boundary}--\r\n".encode()
         )
-        path, ctype = "/v1/classify", f"multipart/form-data; boundary={boundary}"
+        query = f"?model={classify_model}" if classify_model else ""
+        path, ctype = f"/v1/classify{query}", f"multipart/form-data; boundary={boundary}"
     else:
         text = TEXT[:40] + "[MASK]" * 4 + TEXT[44:] if task == "fill-mask" else TEXT
         body = json.dumps({"text": text, "top_k": 2}).encode()
@@ -123,12 +134,14 @@ class Samples:
     statuses: dict[int, int] = field(default_factory=dict)
 
 
-async def _load(base: str, task: str, concurrency: int, rate: float, duration: float, warmup: float) -> Samples:
+async def _load(
+    base: str, task: str, concurrency: int, rate: float, duration: float, warmup: float, image: str, variant: str
+) -> Samples:
     """Closed loop (``concurrency`` clients back to back) or, with ``rate`` > 0, open-loop Poisson arrivals."""
     out = Samples([], [], [])
     url = urlsplit(base)
     host, port = url.hostname or "127.0.0.1", url.port or 80
-    request = request_bytes(task, host)
+    request = request_bytes(task, host, image, variant)
     idle: list[Connection] = []
     start = time.monotonic()
     measure_from, stop = start + warmup, start + warmup + duration
@@ -174,14 +187,15 @@ async def _load(base: str, task: str, concurrency: int, rate: float, duration: f
     return out
 
 
-def _load_process(job: tuple[str, str, int, float, float, float]) -> Samples:
+def _load_process(job: tuple[str, str, int, float, float, float, str, str]) -> Samples:
     return asyncio.run(_load(*job))
 
 
 def run_level(base: str, args: argparse.Namespace, concurrency: int, rate: float, label: str) -> Level:
     """One load level, spread over ``args.processes`` client processes (one Python process tops out early)."""
     procs = max(1, args.processes)
-    jobs = [(base, args.task, max(1, concurrency // procs), rate / procs, args.duration, args.warmup)] * procs
+    share = max(1, concurrency // procs)
+    jobs = [(base, args.task, share, rate / procs, args.duration, args.warmup, args.image, args.classify_model)] * procs
     if procs == 1:
         parts = [_load_process(jobs[0])]
     else:
@@ -269,6 +283,29 @@ def table(levels: list[Level]) -> str:
     return "\n".join(rows)
 
 
+def parse_variant(text: str) -> tuple[str, dict[str, str]]:
+    label, _, pairs = text.partition(":")
+    env = dict(pair.split("=", 1) for pair in pairs.split(",") if pair)
+    return label, env
+
+
+def ratios(levels: list[Level], args: argparse.Namespace) -> str:
+    """Throughput of each variant over the last one's, per repeat, at the highest load."""
+    top = max(args.concurrency) if not args.rate else 0
+    at_top = [lv for lv in levels if lv.concurrency == top]
+    labels = list(dict.fromkeys(lv.label for lv in at_top))
+    if len(labels) < 2:
+        return ""
+    base = labels[-1]
+    lines = ["", ""]
+    for label in labels[:-1]:
+        mine = [lv.throughput for lv in at_top if lv.label == label]
+        theirs = [lv.throughput for lv in at_top if lv.label == base]
+        each = ", ".join(f"{a / max(b, 1e-9):.2f}x" for a, b in zip(mine, theirs, strict=False))
+        lines.append(f"Throughput at {top} clients, {label} vs {base}: {each}")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--url")
@@ -287,6 +324,15 @@ def main() -> None:
     parser.add_argument("--warmup", type=float, default=2.0)
     parser.add_argument("--max-batch-size", default="32")
     parser.add_argument("--max-delay-ms", default="5")
+    parser.add_argument("--image", default="", help="classify: upload a photo mosaic of this size (phone, hd, WxH)")
+    parser.add_argument("--classify-model", default="", help="classify: the variant to ask for (learned, conv, ...)")
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        help="LABEL:KEY=VALUE,... spawn a server per variant with these settings (repeatable)",
+    )
+    parser.add_argument("--repeat", type=int, default=1, help="run every variant this many times, interleaved")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--markdown", type=Path)
     args = parser.parse_args()
@@ -297,7 +343,9 @@ def main() -> None:
         ]
         if args.compare_batching:
             configs.append(("max_batch_size=1", {"PERCEIVER_MAX_BATCH_SIZE": "1", "PERCEIVER_MAX_DELAY_MS": "0"}))
-        for label, env in configs:
+        if args.variant:
+            configs = [parse_variant(v) for v in args.variant]
+        for label, env in [c for _ in range(args.repeat) for c in configs]:
             demo = {"PERCEIVER_DEMO_TASKS": json.dumps([args.task]), "PERCEIVER_MAX_QUEUE_SIZE": "1024"}
             proc, url = spawn({**env, **demo})
             try:
@@ -309,12 +357,7 @@ def main() -> None:
         levels = sweep(args.url, args, "server")
     else:
         parser.error("give --url or --spawn")
-    out = table(levels)
-    by = {(lv.label, lv.concurrency): lv for lv in levels}
-    top = max(args.concurrency) if not args.rate else 0
-    if ("batched", top) in by and ("max_batch_size=1", top) in by:
-        ratio = by[("batched", top)].throughput / max(by[("max_batch_size=1", top)].throughput, 1e-9)
-        out += f"\n\nThroughput at {top} clients, batched vs max_batch_size=1: {ratio:.2f}x"
+    out = table(levels) + ratios(levels, args)
     print(out)
     if args.json:
         args.json.write_text(json.dumps([asdict(lv) for lv in levels], indent=1))

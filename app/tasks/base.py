@@ -74,6 +74,7 @@ class Limits:
     max_video_frames: int
     max_text_bytes: int
     max_flow_tiles: int
+    image_decoder: str = "auto"  # auto: scaled JPEG decoding where it stays in tolerance; exact: reference
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,10 @@ DEMO_LABELS = {
 }
 _DEMO: dict[str, Any] = dict(DEMO_LATENTS, num_labels=10, id2label=DEMO_LABELS)
 CROP = 224  # every published vision head takes 224x224 crops
+CROP_RATIO = 224 / 256  # the reference crops this share of the short side, then resizes to CROP
+# Scaled decoding keeps the crop at least twice CROP wide, so the bicubic resize still anti-aliases:
+# short side >= 2 * 224 / (224/256) = 512.
+SCALED_MIN_SHORT_SIDE = round(2 * CROP / CROP_RATIO)
 
 
 class ClassifyRequest(TaskRequest):
@@ -91,7 +95,8 @@ class Classify(Task[ClassifyRequest, ImagePayload, list[dict[str, Any]]]):
         return request.model
 
     def decode(self, request: ClassifyRequest, files: Mapping[str, bytes], ctx: DecodeContext) -> ImagePayload:
-        image = decode_image(files["image"], ctx.limits.max_image_pixels)
+        scaled = SCALED_MIN_SHORT_SIDE if ctx.limits.image_decoder == "auto" else None
+        image = decode_image(files["image"], ctx.limits.max_image_pixels, scaled)
         return ImagePayload(resize_image(image, CROP), request.top_k)
 
     def bucket(self, payload: ImagePayload) -> str:

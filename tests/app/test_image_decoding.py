@@ -1,0 +1,112 @@
+"""PERCEIVER_IMAGE_DECODER: scaled JPEG decoding (auto) against the reference preprocessing (exact).
+
+Tolerance (issue: mean abs diff <= 3 of 255 for scaled CPU decoding), on real photos at every size the
+service sees: the sample photos, and mosaics of them at 1920x1080 and 4032x3024 (portrait too).
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import perceiver_core
+from app.media import decode_image
+from app.tasks.classify import SCALED_MIN_SHORT_SIDE, TASK
+from benchmarks.photos import photo_jpeg
+from perceiver_core.processing.image import normalize_pixels, resize_image
+
+from .conftest import MEDIA
+
+SIZES = [(451, 300), (1920, 1080), (4032, 3024), (3024, 4032)]
+
+
+def crops(data: bytes) -> tuple[np.ndarray, np.ndarray]:
+    exact = resize_image(decode_image(data, 10**9))
+    auto = resize_image(decode_image(data, 10**9, SCALED_MIN_SHORT_SIDE))
+    return exact, auto
+
+
+def mean_abs_diff(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a.astype(np.int16) - b.astype(np.int16)).mean())
+
+
+@pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_scaled_decoding_stays_within_three_of_255(size: tuple[int, int]) -> None:
+    exact, auto = crops(photo_jpeg(*size))
+    assert exact.shape == auto.shape == (224, 224, 3)
+    assert mean_abs_diff(exact, auto) <= 3.0
+
+
+def test_small_uploads_are_decoded_exactly() -> None:
+    """Below twice the minimum short side nothing is scaled: the sample photos come out bit for bit."""
+    for name in ("cat.jpg", "coffee.jpg"):
+        exact, auto = crops((MEDIA / name).read_bytes())
+        assert np.array_equal(exact, auto)
+
+
+def test_scaled_decoding_never_goes_below_twice_the_crop() -> None:
+    for width, height in SIZES:
+        image = decode_image(photo_jpeg(width, height), 10**9, SCALED_MIN_SHORT_SIDE)
+        if min(width, height) < 2 * SCALED_MIN_SHORT_SIDE:
+            assert image.size == (width, height)
+            continue
+        assert image.size[0] < width  # it really was scaled,
+        assert min(image.size) >= SCALED_MIN_SHORT_SIDE  # but not below twice the crop
+        assert int(224 / 256 * min(image.size)) >= 2 * 224
+
+
+def _reencode(data: bytes, **save: object) -> bytes:
+    buffer = io.BytesIO()
+    image = Image.open(io.BytesIO(data))
+    mode = save.pop("mode", None)
+    (image.convert(str(mode)) if mode else image).save(buffer, format=str(save.pop("format", "JPEG")), **save)  # type: ignore[arg-type]
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    "variant",
+    ["png", "cmyk-jpeg", "progressive-jpeg", "exif-rotated-jpeg", "grayscale-jpeg"],
+)
+def test_other_formats_and_jpeg_kinds_fall_back_or_stay_in_tolerance(variant: str) -> None:
+    phone = photo_jpeg(4032, 3024)
+    if variant == "png":
+        data = _reencode(photo_jpeg(1920, 1080), format="PNG")
+    elif variant == "cmyk-jpeg":
+        data = _reencode(phone, mode="CMYK", quality=92)
+    elif variant == "progressive-jpeg":
+        data = _reencode(phone, progressive=True, quality=90)
+    elif variant == "grayscale-jpeg":
+        data = _reencode(phone, mode="L", quality=90)
+    else:
+        sideways = Image.open(io.BytesIO(phone)).transpose(Image.Transpose.ROTATE_90)
+        exif = Image.Exif()
+        exif[0x0112] = 6  # "rotate 90° clockwise to display": undoes the counter-clockwise turn above
+        buffer = io.BytesIO()
+        sideways.save(buffer, format="JPEG", quality=90, exif=exif)
+        data = buffer.getvalue()
+        upright_exact, _ = crops(phone)
+        exact, auto = crops(data)
+        assert mean_abs_diff(exact, upright_exact) <= 3.0  # the rotation was applied on both paths
+        assert mean_abs_diff(auto, upright_exact) <= 3.0
+    exact, auto = crops(data)
+    if variant == "png":
+        assert np.array_equal(exact, auto)  # not a JPEG: the exact path
+    else:
+        assert mean_abs_diff(exact, auto) <= 3.0
+
+
+def test_logit_difference_on_the_demo_classifiers_is_small() -> None:
+    """The same 12 MP photo through both paths into each demo classifier: logits barely move."""
+    exact, auto = crops(photo_jpeg(4032, 3024))
+    pixels = normalize_pixels(torch.from_numpy(np.stack([exact, auto])))
+    for config in TASK.demo_configs.values():
+        torch.manual_seed(0)
+        model = perceiver_core.build_model(config).eval()
+        with torch.inference_mode():
+            logits = model(inputs=pixels).logits
+        scale = logits[0].abs().max()
+        assert float((logits[0] - logits[1]).abs().max() / scale) < 0.05
