@@ -178,6 +178,13 @@ def warm_up(task: AnyTask, served: ServedModel) -> None:
     log.info("warmed %s in %.1fs (batch sizes measured and warmed)", served.name, served.warmup_s)
 
 
+def expected_batch_s(served: ServedModel) -> float | None:
+    """A full batch's forward time as measured at warm-up (max_batch_size=auto), to admit by time from the
+    first request on; None until the batcher has timed a batch of its own."""
+    per_item = served.per_item_ms.get(served.max_batch_size)
+    return None if per_item is None else per_item * served.max_batch_size / 1000
+
+
 def attach_batcher(runtime: Runtime, served: ServedModel) -> None:
     task = TASKS[served.task]
     labels = {"task": served.task, "model": served.name}
@@ -200,7 +207,9 @@ def attach_batcher(runtime: Runtime, served: ServedModel) -> None:
         max_delay_s=served.max_delay_ms / 1000,
         max_batch_cost=served.max_batch_cost,
         max_queue=runtime.settings.max_queue_size,
+        max_queue_delay_s=runtime.settings.max_queue_delay_ms / 1000,
         observer=_Observer(),
         on_oom=on_oom,
+        expected_batch_s=expected_batch_s(served),
     )
     served.batcher.start()

@@ -108,6 +108,13 @@ class Settings(BaseSettings):
         description="Queued requests per model before new ones get 429. A low limit refuses clients "
         "instead of having them wait too long.",
     )
+    max_queue_delay_ms: float = Field(
+        2000.0,
+        gt=0,
+        description="Admission by time: a request whose estimated wait in the queue exceeds this, or whose "
+        "estimated finish is past its deadline, gets 429 at once with an honest Retry-After. A standing queue "
+        "adds latency, not throughput; raise it to absorb longer bursts.",
+    )
     request_timeout_s: float = Field(
         30.0, gt=0, description="Deadline per request (504 past it). Clients may shorten it with x-request-timeout-ms."
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -60,9 +61,11 @@ def _handler(task: AnyTask) -> Callable[[Request], Awaitable[Response]]:
         deadline = request_deadline(request, runtime)
         if not runtime.ready:
             raise NotReady("models are still loading; retry when /readyz answers 200", {"Retry-After": "1"})
+        admit_any(runtime, task, deadline)  # before reading the body: refusing must stay cheap under overload
         options, files = await read_request(request, task, runtime.settings.max_files_per_request)
         served = runtime.model_for(task.name, task.variant(options))
         request.state.model = served.name
+        admit(served, deadline)  # this variant, before decoding what it could not serve in time
         ctx = DecodeContext(served.model.config, runtime.limits)
         items = _split(task, files)
         if task.decode_offloaded:
@@ -113,8 +116,7 @@ async def submit(
     except QueueFull as exc:
         for ticket in tickets:
             ticket.cancel()
-        retry = f"{served.batcher.estimated_wait_s():.0f}"
-        raise Overloaded(f"{served.name} is overloaded: {exc}", {"Retry-After": retry}) from exc
+        raise overloaded(served, exc) from exc
     for ticket in tickets:
         ticket.future.add_done_callback(_retrieve)  # the handler may have left (deadline, disconnect)
     watcher = asyncio.create_task(_watch_disconnect(request, tickets))
@@ -143,6 +145,31 @@ async def submit(
         max(t.batch_size for t in tickets),
     )
     return list(results)
+
+
+def admit(served: ServedModel, deadline: float) -> None:
+    if served.batcher is not None:
+        try:
+            served.batcher.admit(deadline)
+        except QueueFull as exc:
+            raise overloaded(served, exc) from exc
+
+
+def admit_any(runtime: Runtime, task: AnyTask, deadline: float) -> None:
+    """429 when every model of the task would refuse (the variant asked for is in the body, unread)."""
+    served = list(runtime.models.get(task.name, {}).values())
+    refusals: list[Overloaded] = []
+    for model in served:
+        try:
+            admit(model, deadline)
+        except Overloaded as exc:
+            refusals.append(exc)
+    if served and len(refusals) == len(served):
+        raise min(refusals, key=lambda e: int(e.headers["Retry-After"]))
+
+
+def overloaded(served: ServedModel, exc: QueueFull) -> Overloaded:
+    return Overloaded(f"{served.name} is overloaded: {exc}", {"Retry-After": str(math.ceil(exc.retry_after_s))})
 
 
 def _retrieve(future: asyncio.Future[Any]) -> None:

@@ -155,3 +155,48 @@ async def test_out_of_memory_splits_the_batch_and_retries() -> None:
     assert all(len(b) <= 2 for b in run.batches) and sum(len(b) for b in run.batches) == 8
     assert freed
     await batcher.stop()
+
+
+# ---------------------------------------------------------------------------------------------- overload
+
+
+@async_test
+async def test_admission_is_by_time_once_the_service_time_is_known() -> None:
+    run = Recorder(delay=0.2)
+    batcher = make(run, max_batch_size=1, max_delay_s=0.0)
+    batcher.start()
+    assert await gather(batcher, ["first"]) == ["result:first"]  # one batch observed: about 0.2 s
+    backlog = [batcher.submit(f"b{i}", deadline=time.monotonic() + 30) for i in range(5)]  # ~1 s of work
+    with pytest.raises(QueueFull) as refused:
+        batcher.submit("hurried", deadline=time.monotonic() + 0.5)
+    assert "exceeds the request's remaining deadline" in str(refused.value)
+    # Honest Retry-After: the work ahead (~1.2 s incl. its own pass) minus its budget, at least 1 s.
+    assert 1.0 <= refused.value.retry_after_s <= 1.5
+    patient = batcher.submit("patient", deadline=time.monotonic() + 5)  # fits: admitted
+    results = await asyncio.gather(*(t.future for t in [*backlog, patient]))
+    assert results[-1] == "result:patient"
+    await batcher.stop()
+
+
+class SlowFor(Recorder):
+    """0.3 s a batch, but ``slow`` takes longer than the batcher expects."""
+
+    def __call__(self, payloads: Sequence[object]) -> list[object]:
+        if "slow" in payloads:
+            time.sleep(0.6)
+        return super().__call__(payloads)
+
+
+@async_test
+async def test_a_request_that_can_no_longer_finish_in_time_never_reaches_the_model() -> None:
+    run = SlowFor(delay=0.3)
+    batcher = make(run, max_batch_size=1, max_delay_s=0.0)
+    batcher.start()
+    await gather(batcher, ["warm"])  # the batcher learns a pass takes ~0.3 s
+    slow = batcher.submit("slow", deadline=time.monotonic() + 30)
+    await asyncio.sleep(0.05)  # running, expected to end in ~0.25 s; it will take ~0.85 s
+    doomed = batcher.submit("doomed", deadline=time.monotonic() + 0.7)  # admitted: ~0.55 s expected
+    results = await asyncio.gather(slow.future, doomed.future, return_exceptions=True)
+    assert results[0] == "result:slow" and isinstance(results[1], Expired)
+    assert ["doomed"] not in run.batches  # dropped at ~0.85 s: a 0.3 s pass would end after its deadline
+    await batcher.stop()

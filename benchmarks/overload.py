@@ -1,0 +1,243 @@
+"""Goodput under overload: open-loop arrivals at 3x and 30x the server's measured capacity.
+
+    python benchmarks/overload.py --duration 120 --markdown docs/overload.md   # the long run
+
+Spawns a demo classify server on loopback (PERCEIVER_REQUEST_TIMEOUT_S=10, 320x240 JPEG uploads, the
+learned head), measures its capacity with closed-loop clients, then sends Poisson arrivals at each
+overload factor. Reports goodput (200s answered within the deadline, per second, as a share of
+capacity), how the excess was refused (429 latency and Retry-After), 504s, other errors, and the
+server's RSS over the run. Every request gets an answer or counts as lost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import os
+import random
+import signal
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.serve_load import Connection, spawn  # noqa: E402
+
+TIMEOUT_S = 10.0
+
+
+def upload_request(host: str) -> bytes:
+    """POST /v1/classify with the cat photo at 320x240 (JPEG), as one keep-alive HTTP/1.1 request."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.open(ROOT / "tests" / "media" / "cat.jpg").convert("RGB").resize((320, 240)).save(buffer, "JPEG")
+    boundary = "overload"
+    body = (
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="c.jpg"\r\n'
+            "Content-Type: image/jpeg\r\n\r\n"
+        ).encode()
+        + buffer.getvalue()
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    head = (
+        f"POST /v1/classify HTTP/1.1\r\nHost: {host}\r\n"
+        f"Content-Type: multipart/form-data; boundary={boundary}\r\nContent-Length: {len(body)}\r\n\r\n"
+    )
+    return head.encode() + body
+
+
+@dataclass
+class Outcome:
+    label: str
+    offered_rps: float
+    seconds: float
+    sent: int = 0
+    ok_in_deadline: int = 0
+    ok_late: int = 0
+    refused_429: int = 0
+    deadline_504: int = 0
+    other: dict[str, int] = field(default_factory=dict)  # status (0: no answer) → count
+    max_429_s: float = 0.0
+    retry_after: list[int] = field(default_factory=list)
+    p50_ok_s: float = 0.0
+    p99_ok_s: float = 0.0
+
+    @property
+    def goodput(self) -> float:
+        return self.ok_in_deadline / self.seconds
+
+
+async def closed_loop(url: str, clients: int, seconds: float, warmup: float = 2.0) -> float:
+    """Capacity: 200s per second with ``clients`` back-to-back clients."""
+    parts = urlsplit(url)
+    request = upload_request(parts.hostname or "127.0.0.1")
+    done = 0
+    start = time.monotonic()
+    measure_from, stop = start + warmup, start + warmup + seconds
+
+    async def client() -> None:
+        nonlocal done
+        conn = Connection(parts.hostname or "127.0.0.1", parts.port or 80)
+        while time.monotonic() < stop:
+            t0 = time.monotonic()
+            status, _ = await conn.send(request)
+            if status == 200 and t0 >= measure_from:
+                done += 1
+        conn.close()
+
+    await asyncio.gather(*(client() for _ in range(clients)))
+    return done / seconds
+
+
+async def open_loop(url: str, rate: float, seconds: float, label: str) -> Outcome:
+    """Poisson arrivals at ``rate`` for ``seconds``; waits for every answer (bounded by the deadline + 5 s)."""
+    parts = urlsplit(url)
+    host, port = parts.hostname or "127.0.0.1", parts.port or 80
+    request = upload_request(host)
+    out = Outcome(label, rate, seconds)
+    ok_latencies: list[float] = []
+    idle: list[Connection] = []
+    rng = random.Random(1)
+
+    async def one() -> None:
+        conn = idle.pop() if idle else Connection(host, port)
+        t0 = time.monotonic()
+        try:
+            async with asyncio.timeout(TIMEOUT_S + 5):  # a hang counts as lost, not as a stuck benchmark
+                status, headers = await conn.send(request)
+        except TimeoutError:
+            conn.close()
+            status, headers = 0, {}
+        elapsed = time.monotonic() - t0
+        if status:
+            idle.append(conn)
+        if status == 200:
+            if elapsed <= TIMEOUT_S:
+                out.ok_in_deadline += 1
+                ok_latencies.append(elapsed)
+            else:
+                out.ok_late += 1
+        elif status == 429:
+            out.refused_429 += 1
+            out.max_429_s = max(out.max_429_s, elapsed)
+            out.retry_after.append(int(headers.get("retry-after", "-1")))
+        elif status == 504:
+            out.deadline_504 += 1
+        else:
+            out.other[str(status)] = out.other.get(str(status), 0) + 1
+
+    pending: set[asyncio.Task[None]] = set()
+    next_at = start = time.monotonic()
+    while next_at < start + seconds:
+        await asyncio.sleep(max(0.0, next_at - time.monotonic()))
+        job = asyncio.create_task(one())
+        out.sent += 1
+        pending.add(job)
+        job.add_done_callback(pending.discard)
+        next_at += rng.expovariate(rate)
+    if pending:
+        await asyncio.gather(*pending)
+    for conn in idle:
+        conn.close()
+    if ok_latencies:
+        q = statistics.quantiles(ok_latencies, n=100) if len(ok_latencies) > 1 else ok_latencies * 99
+        out.p50_ok_s, out.p99_ok_s = q[49], q[98]
+    return out
+
+
+def rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+async def sample_rss(pid: int, samples: list[int], stop: asyncio.Event) -> None:
+    while not stop.is_set():
+        samples.append(rss_bytes(pid))
+        await asyncio.sleep(1.0)
+
+
+async def measure(url: str, pid: int, factors: list[float], duration: float, capacity_s: float) -> dict[str, object]:
+    capacity = await closed_loop(url, clients=8, seconds=capacity_s)
+    rss: list[int] = []
+    stop = asyncio.Event()
+    sampler = asyncio.create_task(sample_rss(pid, rss, stop))
+    outcomes = [await open_loop(url, capacity * f, duration, f"{f:g}x") for f in factors]
+    stop.set()
+    await sampler
+    return {"capacity_rps": capacity, "outcomes": outcomes, "rss": rss}
+
+
+def start_server(extra: dict[str, str] | None = None) -> tuple[object, str]:
+    env = {
+        "PERCEIVER_DEMO_TASKS": '["classify"]',
+        "PERCEIVER_REQUEST_TIMEOUT_S": str(TIMEOUT_S),
+        "PERCEIVER_MAX_QUEUE_SIZE": "1024",
+        **(extra or {}),
+    }
+    return spawn(env)
+
+
+def report(result: dict[str, object]) -> str:
+    capacity = float(result["capacity_rps"])  # type: ignore[arg-type]
+    rows = [
+        f"Capacity (closed loop, 8 clients): {capacity:.2f} req/s",
+        "",
+        "| offered | sent | goodput req/s | goodput / capacity | 429 | max 429 latency s | Retry-After (min–max) "
+        "| 504 | 200 late | other | p50 / p99 of 200s s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for o in result["outcomes"]:  # type: ignore[attr-defined]
+        ra = f"{min(o.retry_after)}–{max(o.retry_after)}" if o.retry_after else "-"
+        rows.append(
+            f"| {o.label} ({o.offered_rps:.1f}/s) | {o.sent} | {o.goodput:.2f} | {o.goodput / capacity:.0%} "
+            f"| {o.refused_429} | {o.max_429_s:.2f} | {ra} | {o.deadline_504} | {o.ok_late} | {o.other or 0} "
+            f"| {o.p50_ok_s:.2f} / {o.p99_ok_s:.2f} |"
+        )
+    rss = result["rss"]  # type: ignore[assignment]
+    if rss:
+        base = rss[0]
+        rows += [
+            "",
+            f"Server RSS: {base / 2**20:.0f} MiB at the start of the overload, peak {max(rss) / 2**20:.0f} "
+            f"MiB (+{(max(rss) - base) / base:.1%}), {rss[-1] / 2**20:.0f} MiB at the end",
+        ]
+    return "\n".join(rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--factors", type=lambda s: [float(x) for x in s.split(",")], default=[3.0, 30.0])
+    parser.add_argument("--duration", type=float, default=60.0, help="seconds per overload factor")
+    parser.add_argument("--capacity-seconds", type=float, default=10.0)
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--markdown", type=Path)
+    args = parser.parse_args()
+    proc, url = start_server()
+    try:
+        result = asyncio.run(measure(url, proc.pid, args.factors, args.duration, args.capacity_seconds))  # type: ignore[attr-defined]
+    finally:
+        proc.send_signal(signal.SIGTERM)  # type: ignore[attr-defined]
+        proc.wait(timeout=60)  # type: ignore[attr-defined]
+    text = report(result)
+    print(text)
+    if args.json:
+        outcomes = [asdict(o) | {"goodput": o.goodput} for o in result["outcomes"]]  # type: ignore[attr-defined]
+        args.json.write_text(json.dumps({**result, "outcomes": outcomes}, indent=1, default=str))
+    if args.markdown:
+        args.markdown.write_text(text + "\n")
+    os.sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
