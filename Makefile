@@ -1,7 +1,8 @@
 # Two commands do all the setup on a fresh machine:
 #   make serve   install into .venv and start the server (demo profile unless models are configured)
 #   make test    install into .venv, lint, type-check and run the whole test suite
-# TORCH_SPEC picks the torch build: the default is the CPU wheel; GPU hosts use e.g. TORCH_SPEC=torch.
+# TORCH_SPEC picks the torch build: the default is the CPU wheel. GPU hosts name the CUDA build with the
+# torchvision built for it (JPEG decoding on the GPU), from PyTorch's index (see README).
 
 PYTHON ?= python3
 TORCH_SPEC ?= torch==2.13.0
@@ -15,7 +16,7 @@ $(BIN)/python:
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/pip install --quiet $(TORCH_SPEC)
 	$(BIN)/pip install --quiet -e ".[dev]"
 	touch $@
 

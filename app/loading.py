@@ -207,7 +207,7 @@ def attach_batcher(runtime: Runtime, served: ServedModel) -> None:
         max_delay_s=served.max_delay_ms / 1000,
         max_batch_cost=served.max_batch_cost,
         max_queue=runtime.settings.max_queue_size,
-        max_queue_delay_s=runtime.settings.max_queue_delay_ms / 1000,
+        max_queue_delay_s=None if (delay := runtime.settings.max_queue_delay_ms) is None else delay / 1000,
         observer=_Observer(),
         on_oom=on_oom,
         expected_batch_s=expected_batch_s(served),

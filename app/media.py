@@ -20,13 +20,8 @@ VIDEO_FORMATS = ("mp4", "mov", "m4a", "matroska", "webm", "3gp", "mj2")
 AUDIO_RATE = 48_000
 
 
-def decode_image(data: bytes, max_pixels: int, min_short_side: int | None = None) -> Image.Image:
-    """Bytes → RGB-convertible PIL image, EXIF orientation applied, first frame of animations.
-
-    With ``min_short_side``, a JPEG whose short side is at least twice that is decoded at a reduced
-    scale (1/2, 1/4 or 1/8, libjpeg's DCT scaling: the decoder skips the high frequencies instead of
-    computing pixels a resize would throw away), never below ``min_short_side`` on its short side.
-    """
+def open_image(data: bytes, max_pixels: int) -> Image.Image:
+    """Bytes → a PIL image whose header was read and checked (format, pixel count); no pixel decoded yet."""
     if not data:
         raise InvalidInput("the image upload is empty")
     try:
@@ -48,6 +43,18 @@ def decode_image(data: bytes, max_pixels: int, min_short_side: int | None = None
         raise PayloadTooLarge(f"image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}")
     if width == 0 or height == 0:
         raise InvalidInput("the image has no pixels")
+    return image
+
+
+def decode_image(data: bytes, max_pixels: int, min_short_side: int | None = None) -> Image.Image:
+    """Bytes → RGB-convertible PIL image, EXIF orientation applied, first frame of animations.
+
+    With ``min_short_side``, a JPEG whose short side is at least twice that is decoded at a reduced
+    scale (1/2, 1/4 or 1/8, libjpeg's DCT scaling: the decoder skips the high frequencies instead of
+    computing pixels a resize would throw away), never below ``min_short_side`` on its short side.
+    """
+    image = open_image(data, max_pixels)
+    width, height = image.size
     if min_short_side is not None and image.format == "JPEG" and min(width, height) >= 2 * min_short_side:
         short = min(width, height)
         # draft picks the largest scale that keeps the image at least this size in both dimensions.
@@ -60,6 +67,20 @@ def decode_image(data: bytes, max_pixels: int, min_short_side: int | None = None
     except Exception as exc:
         raise InvalidInput(f"the image is corrupt or truncated: {exc}") from exc
     return image
+
+
+def device_decodable(image: Image.Image) -> bool:
+    """A JPEG that a device decoder (nvJPEG) can take as it is: baseline, RGB or grey, upright.
+
+    Everything else (PNG, WebP, CMYK, progressive, EXIF-rotated) stays on the CPU path.
+    """
+    return (
+        image.format == "JPEG"
+        and image.mode in ("RGB", "L")
+        and not image.info.get("progressive")
+        and not image.info.get("progression")
+        and image.getexif().get(0x0112, 1) == 1
+    )
 
 
 def decode_rgb_array(data: bytes, max_pixels: int) -> np.ndarray:

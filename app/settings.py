@@ -108,12 +108,13 @@ class Settings(BaseSettings):
         description="Queued requests per model before new ones get 429. A low limit refuses clients "
         "instead of having them wait too long.",
     )
-    max_queue_delay_ms: float = Field(
-        2000.0,
+    max_queue_delay_ms: float | None = Field(
+        None,
         gt=0,
-        description="Admission by time: a request whose estimated wait in the queue exceeds this, or whose "
-        "estimated finish is past its deadline, gets 429 at once with an honest Retry-After. A standing queue "
-        "adds latency, not throughput; raise it to absorb longer bursts.",
+        description="Admission by time: a request whose estimated finish is past its deadline always gets 429 at "
+        "once, with an honest Retry-After; with this set, so does one whose estimated wait in the queue exceeds "
+        "it (a CoDel-style target: shorter queues, lower latency for open-loop traffic). Unset by default: "
+        "clients that retry without honouring Retry-After turn refusals into a retry storm.",
     )
     request_timeout_s: float = Field(
         30.0, gt=0, description="Deadline per request (504 past it). Clients may shorten it with x-request-timeout-ms."

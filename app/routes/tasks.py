@@ -66,7 +66,7 @@ def _handler(task: AnyTask) -> Callable[[Request], Awaitable[Response]]:
         served = runtime.model_for(task.name, task.variant(options))
         request.state.model = served.name
         admit(served, deadline)  # this variant, before decoding what it could not serve in time
-        ctx = DecodeContext(served.model.config, runtime.limits)
+        ctx = DecodeContext(served.model.config, runtime.limits, served.device)
         items = _split(task, files)
         if task.decode_offloaded:
             payloads = await asyncio.gather(*(runtime.decode(run_decode, task.name, options, f, ctx) for f in items))

@@ -81,6 +81,7 @@ class Limits:
 class DecodeContext:
     config: PerceiverConfig  # of the model that will run the payload
     limits: Limits
+    device: str = "cpu"  # where that model runs: decoding may be left to the device (nvJPEG on CUDA)
 
 
 @dataclass(frozen=True)

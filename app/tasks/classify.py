@@ -11,9 +11,11 @@ import torch
 from pydantic import BaseModel, Field
 
 from perceiver_core import PerceiverConfig, PerceiverHead
+from perceiver_core.processing import jpeg
 from perceiver_core.processing.image import normalize_pixels, resize_image
 
-from ..media import decode_image
+from ..errors import InvalidInput, ServiceError
+from ..media import decode_image, device_decodable, open_image
 from .base import DEMO_LATENTS, DecodeContext, Task, TaskRequest, Upload, to_device, top_predictions
 
 DEMO_LABELS = {
@@ -58,13 +60,26 @@ class ClassifyResponse(BaseModel):
     predictions: list[Prediction]
 
 
+DEVICE_JPEG = jpeg.available()  # a working torchvision: JPEGs can be decoded next to the model, in batches
+
+
 @dataclass(frozen=True)
 class ImagePayload:
-    pixels: np.ndarray  # uint8 [224, 224, 3], cropped and resized; normalisation happens on the device
+    pixels: np.ndarray | None  # uint8 [224, 224, 3], cropped and resized; normalisation happens on the device
     top_k: int
+    jpeg: bytes | None = None  # instead of pixels: a JPEG for the device's decoder (nvJPEG), in the batch
+    max_pixels: int = 0  # for the CPU fallback of ``jpeg``
 
 
-class Classify(Task[ClassifyRequest, ImagePayload, list[dict[str, Any]]]):
+Result = list[dict[str, Any]] | ServiceError  # a JPEG that no decoder could read fails only its own request
+
+
+def decode_on_cpu(data: bytes, max_pixels: int, scaled: bool) -> np.ndarray:
+    image = decode_image(data, max_pixels, SCALED_MIN_SHORT_SIDE if scaled else None)
+    return resize_image(image, CROP)
+
+
+class Classify(Task[ClassifyRequest, ImagePayload, Result]):
     name = "classify"
     path = "/v1/classify"
     summary = "Classify an image"
@@ -95,9 +110,12 @@ class Classify(Task[ClassifyRequest, ImagePayload, list[dict[str, Any]]]):
         return request.model
 
     def decode(self, request: ClassifyRequest, files: Mapping[str, bytes], ctx: DecodeContext) -> ImagePayload:
-        scaled = SCALED_MIN_SHORT_SIDE if ctx.limits.image_decoder == "auto" else None
-        image = decode_image(files["image"], ctx.limits.max_image_pixels, scaled)
-        return ImagePayload(resize_image(image, CROP), request.top_k)
+        """auto on CUDA: JPEGs that nvJPEG takes are only checked here and decoded in the batch, on the GPU;
+        auto elsewhere: large JPEGs decoded at reduced scale; exact: the reference preprocessing."""
+        data, limit, auto = files["image"], ctx.limits.max_image_pixels, ctx.limits.image_decoder == "auto"
+        if auto and DEVICE_JPEG and ctx.device.startswith("cuda") and device_decodable(open_image(data, limit)):
+            return ImagePayload(None, request.top_k, data, limit)
+        return ImagePayload(decode_on_cpu(data, limit, auto), request.top_k)
 
     def bucket(self, payload: ImagePayload) -> str:
         return "224"
@@ -105,17 +123,58 @@ class Classify(Task[ClassifyRequest, ImagePayload, list[dict[str, Any]]]):
     def cost(self, payload: ImagePayload) -> int:
         return CROP * CROP
 
-    def predict(self, model: PerceiverHead, payloads: Sequence[ImagePayload]) -> list[list[dict[str, Any]]]:
-        crops = torch.from_numpy(np.stack([p.pixels for p in payloads]))  # uint8 [B, 224, 224, 3]
-        pixels = normalize_pixels(to_device(crops, model)).to(model.dtype)
-        probs = model(inputs=pixels).logits.float().softmax(-1).cpu()
-        return [top_predictions(row, p.top_k, model.config) for row, p in zip(probs, payloads, strict=True)]
+    def predict(self, model: PerceiverHead, payloads: Sequence[ImagePayload]) -> list[Result]:
+        crops = crops_on_device(payloads, model)  # uint8 [B, 224, 224, 3], None where no decoder could read it
+        ok = [i for i, c in enumerate(crops) if c is not None]
+        results: list[Result] = [InvalidInput("the image is corrupt or truncated") if c is None else [] for c in crops]
+        if ok:
+            batch = torch.stack([c for c in crops if c is not None])
+            pixels = normalize_pixels(batch).to(model.dtype)
+            probs = model(inputs=pixels).logits.float().softmax(-1).cpu()
+            for row, i in zip(probs, ok, strict=True):
+                results[i] = top_predictions(row, payloads[i].top_k, model.config)
+        return results
 
-    def encode(self, result: list[dict[str, Any]], request: ClassifyRequest) -> dict[str, Any]:
+    def encode(self, result: Result, request: ClassifyRequest) -> dict[str, Any]:
+        if isinstance(result, ServiceError):
+            raise result
         return {"predictions": result}
 
     def warmup_payloads(self, config: PerceiverConfig) -> list[ImagePayload]:
         return [ImagePayload(np.zeros((CROP, CROP, 3), dtype=np.uint8), 1)]
+
+
+def crops_on_device(payloads: Sequence[ImagePayload], model: PerceiverHead) -> list[torch.Tensor | None]:
+    """Every payload's 224x224 crop on the model's device: CPU-decoded pixels are copied over, JPEGs are
+    decoded there in one batched call. A JPEG the device decoder refuses is decoded on the CPU (the exact
+    path); one that no decoder reads is None."""
+    crops: list[torch.Tensor | None] = [
+        None if p.pixels is None else to_device(torch.from_numpy(p.pixels), model) for p in payloads
+    ]
+    jpegs = [(i, p.jpeg) for i, p in enumerate(payloads) if p.jpeg is not None]
+    if not jpegs:
+        return crops
+    decoded: list[torch.Tensor | None]
+    try:
+        decoded = list(jpeg.decode_jpegs([data for _, data in jpegs], model.device))
+    except Exception:  # one bad file fails the batched call: decode one by one
+        decoded = [_decode_one(data, model.device) for _, data in jpegs]
+    for (i, data), image in zip(jpegs, decoded, strict=True):
+        if image is not None:
+            crops[i] = jpeg.crop_resize(image, CROP)
+            continue
+        try:
+            crops[i] = to_device(torch.from_numpy(decode_on_cpu(data, payloads[i].max_pixels, False)), model)
+        except ServiceError:
+            crops[i] = None
+    return crops
+
+
+def _decode_one(data: bytes, device: torch.device) -> torch.Tensor | None:
+    try:
+        return jpeg.decode_jpegs([data], device)[0]
+    except Exception:  # whatever the decoder says, the CPU path gets its turn
+        return None
 
 
 TASK = Classify()

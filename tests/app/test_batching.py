@@ -200,3 +200,16 @@ async def test_a_request_that_can_no_longer_finish_in_time_never_reaches_the_mod
     assert results[0] == "result:slow" and isinstance(results[1], Expired)
     assert ["doomed"] not in run.batches  # dropped at ~0.85 s: a 0.3 s pass would end after its deadline
     await batcher.stop()
+
+
+@async_test
+async def test_a_queue_delay_target_refuses_before_the_deadline_would() -> None:
+    run = Recorder(delay=0.1)
+    batcher = make(run, max_batch_size=1, max_delay_s=0.0, max_queue_delay_s=0.25)
+    batcher.start()
+    await gather(batcher, ["warm"])
+    queued = [batcher.submit(i, deadline=time.monotonic() + 30) for i in range(3)]  # ~0.3 s of work
+    with pytest.raises(QueueFull, match="max_queue_delay"):
+        batcher.submit("one too many", deadline=time.monotonic() + 30)  # the deadline alone would admit it
+    assert len(await asyncio.gather(*(t.future for t in queued))) == 3
+    await batcher.stop()

@@ -14,9 +14,11 @@ import torch
 from PIL import Image
 
 import perceiver_core
-from app.media import decode_image
-from app.tasks.classify import SCALED_MIN_SHORT_SIDE, TASK
+from app.errors import InvalidInput
+from app.media import decode_image, device_decodable, open_image
+from app.tasks.classify import SCALED_MIN_SHORT_SIDE, TASK, ImagePayload, crops_on_device
 from benchmarks.photos import photo_jpeg
+from perceiver_core.processing import jpeg
 from perceiver_core.processing.image import normalize_pixels, resize_image
 
 from .conftest import MEDIA
@@ -110,3 +112,42 @@ def test_logit_difference_on_the_demo_classifiers_is_small() -> None:
             logits = model(inputs=pixels).logits
         scale = logits[0].abs().max()
         assert float((logits[0] - logits[1]).abs().max() / scale) < 0.05
+
+
+# ---------------------------------------------------------------------------------------------- device decoding
+
+needs_torchvision = pytest.mark.skipif(not jpeg.available(), reason="torchvision is not installed")
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
+
+
+@needs_torchvision
+@pytest.mark.parametrize("device", DEVICES)
+def test_jpegs_decoded_in_the_batch_match_the_reference_and_a_bad_one_fails_alone(device: str) -> None:
+    """The path CUDA hosts take (nvJPEG there; libjpeg-turbo through the same calls on the CPU)."""
+    torch.manual_seed(0)
+    model = perceiver_core.build_model(TASK.demo_configs["conv"]).to(device).eval()
+    photos = [photo_jpeg(*size) for size in SIZES]
+    corrupt = photos[0][:200] + bytes(64) + photos[0][264:]  # the scan data overwritten: undecodable
+    payloads = [ImagePayload(None, 3, data, 10**9) for data in [*photos, b"\xff\xd8" + bytes(500)]]
+    payloads.insert(2, ImagePayload(None, 3, corrupt, 10**9))
+    crops = crops_on_device(payloads, model)
+    for data, crop in zip(photos, [c for i, c in enumerate(crops) if i not in (2, len(crops) - 1)], strict=True):
+        assert crop is not None and crop.device.type == device
+        assert mean_abs_diff(crop.cpu().numpy(), crops(data)[0]) <= 1.0
+    assert crops[-1] is None  # not a JPEG any decoder reads: that request alone gets a 422
+    results = TASK.predict(model, payloads)
+    assert isinstance(results[-1], InvalidInput)
+    assert all(isinstance(r, list) and len(r) == 3 for r in results[:2])
+
+
+def test_only_plain_upright_jpegs_are_left_to_the_device() -> None:
+    phone = photo_jpeg(4032, 3024)
+    assert device_decodable(open_image(phone, 10**9))
+    assert not device_decodable(open_image(_reencode(phone, mode="CMYK"), 10**9))
+    assert not device_decodable(open_image(_reencode(phone, progressive=True), 10**9))
+    assert not device_decodable(open_image(_reencode(photo_jpeg(451, 300), format="PNG"), 10**9))
+    rotated = io.BytesIO()
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.open(io.BytesIO(phone)).save(rotated, format="JPEG", exif=exif)
+    assert not device_decodable(open_image(rotated.getvalue(), 10**9))

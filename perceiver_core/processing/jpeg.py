@@ -1,0 +1,48 @@
+"""Batched JPEG decoding and the reference crop-and-resize on tensors, for decoding next to the model.
+
+``torchvision.io.decode_jpeg`` decodes a list of JPEGs in one call: with ``device="cuda"`` on nvJPEG
+(the GPU's JPEG engine), on the CPU with libjpeg-turbo. ``crop_resize`` then reproduces
+``processing.image.center_crop_resize`` on a [3, H, W] uint8 tensor: the same integer crop, and
+bicubic interpolation with antialiasing, which in torch uses PIL's kernel (a = -0.5) and support.
+The result is not bit-identical to PIL (float vs fixed-point arithmetic, and the decoders' own
+rounding), so the difference is measured in the tests, not assumed.
+
+torchvision is optional: ``available()`` says whether a working build is installed (the CPU machines
+this project is developed on have none, so these paths are tested in benchmarks/gpu.sh on a GPU host).
+"""
+
+from __future__ import annotations
+
+from functools import cache
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+@cache
+def available() -> bool:
+    """torchvision imports and has its image ops (a build for another torch fails to load its operators)."""
+    try:
+        from torchvision.io import decode_jpeg  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def decode_jpegs(data: list[bytes], device: torch.device | str) -> list[Tensor]:
+    """JPEG bytes → RGB uint8 tensors [3, H, W] on ``device`` (one batched call)."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    encoded = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in data]
+    return list(decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device))
+
+
+def crop_resize(image: Tensor, size: int = 224, crop_ratio: float = 224 / 256) -> Tensor:
+    """uint8 [3, H, W] → uint8 [size, size, 3]: the reference's centre crop, then bicubic (antialiased)."""
+    _, height, width = image.shape
+    side = int(crop_ratio * min(height, width))
+    top, left = (height - side) // 2, (width - side) // 2
+    crop = image[:, top : top + side, left : left + side].unsqueeze(0).float()
+    resized = F.interpolate(crop, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
+    return resized[0].round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0)
