@@ -70,10 +70,6 @@ class Ticket(Generic[P, R]):
         self.cancelled = True
 
 
-def is_out_of_memory(exc: BaseException) -> bool:
-    return isinstance(exc, MemoryError) or "out of memory" in str(exc).lower()
-
-
 class Batcher(Generic[P, R]):
     def __init__(
         self,
@@ -87,6 +83,7 @@ class Batcher(Generic[P, R]):
         max_queue_delay_s: float | None = None,
         observer: Observer | None = None,
         on_oom: Callable[[], None] | None = None,
+        oom_errors: tuple[type[BaseException], ...] = (MemoryError,),
         expected_batch_s: float | None = None,
     ) -> None:
         self._run = run
@@ -98,6 +95,7 @@ class Batcher(Generic[P, R]):
         self.max_queue_delay_s = max_queue_delay_s
         self._observer = observer
         self._on_oom = on_oom
+        self._oom_errors = oom_errors  # by type: an error that merely mentions memory is not an OOM
         self._queue: deque[Ticket[P, R]] = deque()
         self._arrival = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -309,7 +307,7 @@ class Batcher(Generic[P, R]):
         try:
             results = list(self._run(payloads))
         except Exception as exc:
-            if not is_out_of_memory(exc) or len(payloads) == 1:
+            if not isinstance(exc, self._oom_errors) or len(payloads) == 1:
                 raise
             log.warning("out of memory on a batch of %d; splitting", len(payloads))
             if self._on_oom is not None:

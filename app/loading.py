@@ -210,6 +210,7 @@ def attach_batcher(runtime: Runtime, served: ServedModel) -> None:
         max_queue_delay_s=None if (delay := runtime.settings.max_queue_delay_ms) is None else delay / 1000,
         observer=_Observer(),
         on_oom=on_oom,
+        oom_errors=(MemoryError, torch.OutOfMemoryError),
         expected_batch_s=expected_batch_s(served),
     )
     served.batcher.start()

@@ -25,7 +25,7 @@ class Recorder:
 
     def __call__(self, payloads: Sequence[object]) -> list[object]:
         if self.oom_above and len(payloads) > self.oom_above:
-            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            raise MemoryError("out of memory: tried to allocate 2.00 GiB")
         self.batches.append(list(payloads))
         time.sleep(self.delay)
         if self.fail_on in payloads:
@@ -154,6 +154,41 @@ async def test_out_of_memory_splits_the_batch_and_retries() -> None:
     assert results == [f"result:{i}" for i in range(8)]
     assert all(len(b) <= 2 for b in run.batches) and sum(len(b) for b in run.batches) == 8
     assert freed
+    await batcher.stop()
+
+
+class MentionsMemory(Recorder):
+    def __call__(self, payloads: Sequence[object]) -> list[object]:
+        if len(payloads) > 1:
+            raise RuntimeError("kernel failed: not enough shared memory for this tile")
+        return super().__call__(payloads)
+
+
+@async_test
+async def test_an_error_that_only_mentions_memory_is_not_taken_for_an_oom() -> None:
+    run = MentionsMemory()
+    batcher = make(run, max_batch_size=4, max_delay_s=0.05)
+    batcher.start()
+    results = await gather(batcher, list(range(4)))
+    assert all(isinstance(r, BatchError) for r in results)  # failed as it is, not split and retried
+    assert run.batches == []
+    await batcher.stop()
+
+
+@async_test
+async def test_a_torch_out_of_memory_error_is_one_when_the_batcher_is_told_so() -> None:
+    import torch
+
+    class TorchOOM(Recorder):
+        def __call__(self, payloads: Sequence[object]) -> list[object]:
+            if len(payloads) > 1:
+                raise torch.OutOfMemoryError("CUDA out of memory")
+            return super().__call__(payloads)
+
+    run = TorchOOM()
+    batcher = make(run, max_batch_size=4, max_delay_s=0.05, oom_errors=(MemoryError, torch.OutOfMemoryError))
+    batcher.start()
+    assert await gather(batcher, list(range(4))) == [f"result:{i}" for i in range(4)]
     await batcher.stop()
 
 
