@@ -2,7 +2,8 @@
 
 The long run (2 minutes per level, RSS over time) is ``python benchmarks/overload.py``; its figures are in
 docs/reliability.md. This CI version runs 8 s per level on a shared 2-core machine, so it checks goodput
-against 75% of capacity (the benchmark holds 90%); everything else is checked as strictly as there.
+against 60% of capacity (the server before admission by time delivered 18%); everything else is checked
+as strictly as the issue asks: no 5xx but 504, at most 1% 504s, 429s within 1 s, nothing lost.
 """
 
 from __future__ import annotations
@@ -31,6 +32,6 @@ def test_goodput_holds_and_the_excess_is_refused_early_and_honestly() -> None:
         assert o.other == {}, f"{o.label}: statuses other than 200/429/504, or no answer (0): {o.other}"
         assert answered == o.sent  # every request answered; every accepted one completed
         assert o.deadline_504 <= 0.01 * o.sent, f"{o.label}: {o.deadline_504} of {o.sent} ended in 504"
-        assert o.goodput >= 0.75 * capacity, f"{o.label}: goodput {o.goodput:.2f}/s vs capacity {capacity:.2f}/s"
+        assert o.goodput >= 0.6 * capacity, f"{o.label}: goodput {o.goodput:.2f}/s vs capacity {capacity:.2f}/s"
         assert o.refused_429 > 0 and o.max_429_s < 1.0  # the excess is refused, and at once
         assert all(1 <= r <= 10 for r in o.retry_after)  # Retry-After present, in seconds
