@@ -61,7 +61,7 @@ def _handler(task: AnyTask) -> Callable[[Request], Awaitable[Response]]:
         deadline = request_deadline(request, runtime)
         if not runtime.ready:
             raise NotReady("models are still loading; retry when /readyz answers 200", {"Retry-After": "1"})
-        admit_any(runtime, task, deadline)  # before reading the body: refusing must stay cheap under overload
+        admit_any(request, runtime, task, deadline)  # before reading the body: refusing must stay cheap
         options, files = await read_request(request, task, runtime.settings.max_files_per_request)
         served = runtime.model_for(task.name, task.variant(options))
         request.state.model = served.name
@@ -155,8 +155,9 @@ def admit(served: ServedModel, deadline: float) -> None:
             raise overloaded(served, exc) from exc
 
 
-def admit_any(runtime: Runtime, task: AnyTask, deadline: float) -> None:
-    """429 when every model of the task would refuse (the variant asked for is in the body, unread)."""
+def admit_any(request: Request, runtime: Runtime, task: AnyTask, deadline: float) -> None:
+    """429 when every model of the task would refuse (the variant asked for is in the body, unread);
+    the rejection is counted under the task's default model."""
     served = list(runtime.models.get(task.name, {}).values())
     refusals: list[Overloaded] = []
     for model in served:
@@ -165,6 +166,7 @@ def admit_any(runtime: Runtime, task: AnyTask, deadline: float) -> None:
         except Overloaded as exc:
             refusals.append(exc)
     if served and len(refusals) == len(served):
+        request.state.model = served[0].name
         raise min(refusals, key=lambda e: int(e.headers["Retry-After"]))
 
 
