@@ -148,7 +148,7 @@ class OpticalFlow(Task[FlowRequest, FlowTiles, FlowResult]):
             "tiles": int(result.logits.shape[0]),
             "height": array.shape[0],
             "width": array.shape[1],
-            "flow": np.round(array, 4).tolist(),
+            "flow": np.round(array.astype(np.float64), 4).tolist(),  # float64: 4 decimals print as 4 decimals
         }
         return Reply(fields, headers=headers)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 from types import SimpleNamespace
 
 import av
@@ -89,6 +90,7 @@ def test_optical_flow_formats(demo_server: LiveServer, fmt: str) -> None:
         body = r.json()
         assert (body["height"], body["width"], body["tiles"]) == (380, 500, 4)
         assert np.asarray(body["flow"]).shape == (380, 500, 2)
+        assert not re.search(r"\d\.\d{5,}", r.text)  # 4 decimals, not float32 values printed as doubles
     elif fmt == "npy":
         assert np.load(io.BytesIO(r.content), allow_pickle=False).shape == (380, 500, 2)
     elif fmt == "flo":
