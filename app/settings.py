@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -193,7 +194,7 @@ class Settings(BaseSettings):
 
 
 def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Settings:
-    """Settings from the environment, overlaid by a JSON/YAML file, overlaid by explicit overrides."""
+    """Explicit overrides (command-line flags) > PERCEIVER_* environment > the JSON/YAML file > defaults."""
     values: dict[str, Any] = {}
     if config_file is not None:
         text = Path(config_file).read_text()
@@ -203,4 +204,11 @@ def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Se
             values = yaml.safe_load(text) or {}
         else:
             values = json.loads(text)
+    if not isinstance(values, dict):
+        raise ValueError(f"{config_file}: expected a mapping of settings, got {type(values).__name__}")
+    _refuse_unknown_keys(dict(Settings.model_fields), values, "config file")
+    # env > file > defaults, as with a Kubernetes ConfigMap plus env overrides: a key set in the environment
+    # is dropped from the file's values, which would otherwise win (init arguments beat the environment).
+    environment = {name.upper() for name in os.environ}
+    values = {k: v for k, v in values.items() if f"PERCEIVER_{k.upper()}" not in environment}
     return Settings(**{**values, **overrides})

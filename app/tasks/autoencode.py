@@ -27,6 +27,8 @@ from .base import DEMO_LATENTS, DecodeContext, Reply, Task, TaskRequest, Upload,
 from .classify import Prediction
 
 RECONSTRUCTION_CHUNKS = 16  # decoder query chunks per video: fewer, larger passes on a GPU
+# Common ingress limits on all response headers together are 4-8 KB (nginx answers 502 above them).
+MAX_PREDICTIONS_HEADER = 2048
 
 
 class AutoencodeRequest(TaskRequest):
@@ -86,6 +88,18 @@ def encode_mp4(video: torch.Tensor, audio: torch.Tensor) -> bytes:
         for packet in sound.encode():
             container.mux(packet)
     return buffer.getvalue()
+
+
+def predictions_header(predictions: list[dict[str, Any]]) -> dict[str, str]:
+    """The best predictions that fit in MAX_PREDICTIONS_HEADER bytes as JSON, with the count sent and the
+    count there are (npz bodies hold all of them as ``labels`` and ``scores``)."""
+    count = len(predictions)
+    while count and len(json.dumps(predictions[:count])) > MAX_PREDICTIONS_HEADER:
+        count -= 1
+    return {
+        "x-predictions": json.dumps(predictions[:count]),
+        "x-predictions-count": f"{count}/{len(predictions)}",
+    }
 
 
 class Autoencode(Task[AutoencodeRequest, Clip, dict[str, Any]]):
@@ -170,7 +184,7 @@ class Autoencode(Task[AutoencodeRequest, Clip, dict[str, Any]]):
         fields = {"audio_source": result["audio_source"], "predictions": result["predictions"]}
         if request.reconstruction == "none":
             return fields
-        headers = {"x-predictions": json.dumps(result["predictions"])}
+        headers = predictions_header(result["predictions"])
         if request.reconstruction == "mp4":
             return Reply(encode_mp4(result["video"], result["audio"]), "video/mp4", headers)
         buffer = io.BytesIO()

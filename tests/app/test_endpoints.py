@@ -324,3 +324,18 @@ def test_openapi_documents_generated_routes(client: httpx.Client) -> None:
     text = spec["paths"]["/v1/classify-text"]["post"]["requestBody"]["content"]["application/json"]["schema"]
     assert text["required"] == ["text"]
     assert "ClassifyResponse" in str(classify["responses"]["200"])
+
+
+def test_predictions_in_headers_stay_small_at_any_top_k(client: httpx.Client) -> None:
+    """Ingress proxies refuse responses with large headers (nginx: 502 past 4-8 KB)."""
+    r = client.post(
+        "/v1/autoencode", files={"video": ("clip.mp4", make_mp4())}, data={"reconstruction": "npz", "top_k": "700"}
+    )
+    assert r.status_code == 200, r.text
+    assert sum(len(k) + len(v) for k, v in r.headers.items()) < 4096
+    sent, total = map(int, r.headers["x-predictions-count"].split("/"))
+    header = json.loads(r.headers["x-predictions"])
+    assert total == 700 and 0 < sent == len(header) < 700
+    arrays = np.load(io.BytesIO(r.content), allow_pickle=False)
+    assert len(arrays["labels"]) == 700  # all of them in the body
+    assert [p["label"] for p in header] == list(arrays["labels"][:sent])
