@@ -27,6 +27,10 @@ class BadRequest(ServiceError):
     status, type, reason = 400, "bad_request", "bad_request"
 
 
+class Unauthorized(ServiceError):
+    status, type, reason = 401, "unauthorized", "unauthorized"
+
+
 class NotFound(ServiceError):
     status, type, reason = 404, "not_found", "not_found"
 

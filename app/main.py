@@ -17,8 +17,10 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.cors import CORSMiddleware
 
 from . import logging as jsonlog
+from .access import ApiKeyMiddleware, cors_origins, key_digests
 from .errors import InternalError, InvalidInput, ServiceError, for_status
 from .loading import attach_batcher, build_models, choose_batch_size, maybe_enable_graphs, warm_up
 from .metrics import Metrics
@@ -124,5 +126,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app.include_router(health_router)
     app.include_router(task_router())
+    # Added last runs first: CORS (preflights answered without a key), observability (401s are logged and
+    # counted like every response), then the key check.
+    digests = key_digests(settings)
+    if digests:
+        app.add_middleware(ApiKeyMiddleware, runtime=runtime, digests=digests)
     app.add_middleware(ObservabilityMiddleware, runtime=runtime)
+    origins = cors_origins(settings)
+    if origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["authorization", "x-api-key", "content-type", "x-request-timeout-ms", "x-request-id"],
+            expose_headers=["x-request-id", "x-queue-time-ms", "x-inference-time-ms", "x-batch-size", "retry-after"],
+            max_age=600,
+        )
     return app

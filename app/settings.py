@@ -169,6 +169,21 @@ class Settings(BaseSettings):
         "full collections stop walking it: measured p99 at 32 clients fell from ~145 ms to the figures in "
         "docs/performance.md. Off only to measure that.",
     )
+    api_keys: str | None = Field(
+        None,
+        repr=False,
+        description="Comma-separated API keys. When set (or api_keys_file), every endpoint but /healthz, /readyz "
+        "and /metrics needs Authorization: Bearer <key> or X-API-Key: <key>; others get 401.",
+    )
+    api_keys_file: Path | None = Field(
+        None, description="A file of SHA-256 hex digests of API keys, one per line (# comments allowed)."
+    )
+    metrics_auth: bool = Field(False, description="With API keys on, /metrics needs a key too.")
+    cors_origins: str | None = Field(
+        None,
+        description="Comma-separated origins whose pages may call the API from a browser (CORS), e.g. "
+        "https://app.example.com. None allowed by default.",
+    )
     warmup: bool = Field(True, description="Run every batch-size/shape bucket once before reporting ready.")
     log_level: str = Field("INFO", description="Python logging level.")
 
