@@ -46,10 +46,13 @@ def grid_indices(
         raise ValueError(f"overlap {min_overlap} must be smaller than the window {window}")
     if height < wh or width < ww:
         raise ValueError(f"image {height}x{width} is smaller than the window {wh}x{ww}")
-    ys = list(range(0, height, wh - min_overlap))
-    xs = list(range(0, width, ww - min_overlap))
-    ys[-1], xs[-1] = height - wh, width - ww
-    return list(itertools.product(sorted(set(ys)), sorted(set(xs))))
+    # DeepMind's colab steps by (window - overlap) and moves only the last start flush with the border;
+    # when the step overshoots, the one before can reach past the border too (a 700-px-high frame: starts
+    # 0, 348, 696 → 0, 348, 332, and 348 + 368 > 700), and its window comes out short. Every start is
+    # clamped instead; where the colab's windows fit, the set is the same.
+    ys = {min(y, height - wh) for y in range(0, height, wh - min_overlap)}
+    xs = {min(x, width - ww) for x in range(0, width, ww - min_overlap)}
+    return list(itertools.product(sorted(ys), sorted(xs)))
 
 
 def blend_weights(window: tuple[int, int]) -> Tensor:

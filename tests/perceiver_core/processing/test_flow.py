@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from reference import Reference
 
@@ -13,6 +14,7 @@ from perceiver_core.processing.flow import (
     extract_patches,
     grid_indices,
     normalize_frames,
+    prepare_tiles,
     tiled_flow,
 )
 
@@ -44,6 +46,20 @@ def test_grid_covers_image_with_last_window_flush() -> None:
     for y, x in corners:
         covered[y : y + 368, x : x + 496] = True
     assert covered.all()
+
+
+@pytest.mark.parametrize("size", [(700, 1000), (736, 992), (1100, 900), (369, 497), (1080, 1920)])
+def test_every_window_lies_inside_the_image_whatever_its_size(size: tuple[int, int]) -> None:
+    """The colab's grid lets a window before the last reach past the border (700 px: 348 + 368 > 700)."""
+    height, width = size
+    corners = grid_indices(height, width, WINDOW)
+    assert all(0 <= y <= height - 368 and 0 <= x <= width - 496 for y, x in corners)
+    covered = np.zeros(size, dtype=bool)
+    for y, x in corners:
+        covered[y : y + 368, x : x + 496] = True
+    assert covered.all()
+    frame = torch.zeros(height, width, 3, dtype=torch.uint8)
+    assert prepare_tiles(frame, frame, WINDOW).tiles.shape[0] == len(corners)
 
 
 def _shifted_pair(height: int, width: int, dy: int, dx: int) -> tuple[torch.Tensor, torch.Tensor]:
