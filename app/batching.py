@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Hashable, Sequence
@@ -25,6 +26,21 @@ R = TypeVar("R")
 log = logging.getLogger("perceiver.batching")
 EWMA_WEIGHT = 0.2  # of the newest batch in the service-time estimates
 ADMISSION_MARGIN = 1.2  # forward times vary: admit only what the estimate finishes with 20% to spare
+
+
+_running = threading.local()  # the tickets of the batch running on this executor thread, by payload id
+
+
+def still_wanted(payloads: Sequence[object]) -> list[bool]:
+    """For each payload of the batch running on this thread: does a client still wait for it (not cancelled,
+    deadline not passed)? Forward passes made of several chunks check between chunks and skip the work of
+    requests that have ended. True for payloads run outside a batcher."""
+    tickets: dict[int, Ticket[object, object]] = getattr(_running, "tickets", {})
+    now = time.monotonic()
+    return [
+        (t := tickets.get(id(p))) is None or (not t.cancelled and (t.deadline is None or now < t.deadline))
+        for p in payloads
+    ]
 
 
 class QueueFull(Exception):
@@ -299,7 +315,11 @@ class Batcher(Generic[P, R]):
         live = [t for t in batch if not t.cancelled and (t.deadline is None or started < t.deadline)]
         for ticket in live:
             ticket.queue_s = started - ticket.enqueued_at
-        results = self._run_split([t.payload for t in live]) if live else []
+        _running.tickets = {id(t.payload): t for t in live}
+        try:
+            results = self._run_split([t.payload for t in live]) if live else []
+        finally:
+            _running.tickets = {}
         return live, results, time.monotonic() - started
 
     def _run_split(self, payloads: Sequence[P]) -> list[R]:

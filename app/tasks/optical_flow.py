@@ -16,6 +16,7 @@ from pydantic import BaseModel, Field
 from perceiver_core import PerceiverConfig, PerceiverHead
 from perceiver_core.processing.flow import FlowTiles, blend_tiles, extract_patches, grid_indices, prepare_tiles
 
+from ..batching import still_wanted
 from ..errors import InvalidInput, PayloadTooLarge
 from ..media import decode_rgb_array
 from .base import DEMO_LATENTS, DecodeContext, Reply, Task, TaskRequest, Upload, to_device
@@ -120,13 +121,21 @@ class OpticalFlow(Task[FlowRequest, FlowTiles, FlowResult]):
         return max_batch_size  # one request may bring up to max_flow_tiles windows: bound windows, not pairs
 
     def predict(self, model: PerceiverHead, payloads: Sequence[FlowTiles]) -> list[FlowResult]:
-        """All windows of all requests, in forward passes of at most WINDOWS_PER_PASS windows."""
+        """All windows of all requests, in forward passes of at most WINDOWS_PER_PASS windows. Before each
+        pass, windows of requests that have ended (deadline, disconnect) are left out: their answer would
+        be thrown away, and a 24-window pair is seconds of work on a CPU."""
         tiles = torch.cat([p.tiles for p in payloads])
-        logits = []
-        for i in range(0, tiles.shape[0], WINDOWS_PER_PASS):
-            patches = extract_patches(to_device(tiles[i : i + WINDOWS_PER_PASS], model))  # 27x expansion on device
-            logits.append(model(inputs=patches).logits.float().cpu())
-        out = torch.split(torch.cat(logits), [p.tiles.shape[0] for p in payloads])
+        owner = [i for i, p in enumerate(payloads) for _ in range(p.tiles.shape[0])]
+        h, w = payloads[0].window
+        logits = torch.zeros(tiles.shape[0], h, w, 2)  # [n, wh, ww, 2]: stays zero for abandoned windows
+        for start in range(0, tiles.shape[0], WINDOWS_PER_PASS):
+            wanted = still_wanted(payloads)
+            rows = [j for j in range(start, min(start + WINDOWS_PER_PASS, tiles.shape[0])) if wanted[owner[j]]]
+            if not rows:
+                continue
+            patches = extract_patches(to_device(tiles[rows], model))  # 27x expansion on the device
+            logits[rows] = model(inputs=patches).logits.float().cpu()
+        out = torch.split(logits, [p.tiles.shape[0] for p in payloads])
         return [FlowResult(chunk, payload) for chunk, payload in zip(out, payloads, strict=True)]
 
     def encode(self, result: FlowResult, request: FlowRequest) -> Reply:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import re
+import time
 from types import SimpleNamespace
 
 import av
@@ -13,6 +14,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+
+from benchmarks.photos import photo_jpeg
 
 from .conftest import MEDIA, LiveServer, make_mp4, shifted_pair
 
@@ -339,3 +342,50 @@ def test_predictions_in_headers_stay_small_at_any_top_k(client: httpx.Client) ->
     arrays = np.load(io.BytesIO(r.content), allow_pickle=False)
     assert len(arrays["labels"]) == 700  # all of them in the body
     assert [p["label"] for p in header] == list(arrays["labels"][:sent])
+
+
+class CountingFlow(torch.nn.Module):
+    """A slow flow "model" that counts its forward passes (zeros out, like a model with no motion)."""
+
+    def __init__(self, train_size: tuple[int, int], seconds: float) -> None:
+        super().__init__()
+        self.config = SimpleNamespace(train_size=train_size, architecture="PerceiverForOpticalFlow")
+        self.anchor = torch.nn.Parameter(torch.zeros(1))
+        self.seconds, self.passes = seconds, 0
+
+    @property
+    def device(self) -> torch.device:
+        return self.anchor.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.anchor.dtype
+
+    def forward(self, inputs: torch.Tensor) -> SimpleNamespace:
+        self.passes += 1
+        time.sleep(self.seconds)
+        n, _, _, h, w = inputs.shape
+        return SimpleNamespace(logits=torch.zeros(n, h, w, 2))
+
+
+def test_work_stops_at_the_next_pass_once_the_request_has_ended() -> None:
+    """A 12-window pair is 2 passes of 8 windows; a 0.3 s deadline ends the request during the first."""
+    server = LiveServer(demo_tasks=["optical-flow"]).start()
+    try:
+        served = server.runtime.model_for("optical-flow")
+        model = CountingFlow((368, 496), seconds=0.8)
+        served.model = model  # type: ignore[assignment]
+        first = second = photo_jpeg(1300, 1100)
+        with server.client() as client:
+            r = client.post(
+                "/v1/optical-flow",
+                files={"frame1": ("a.png", first), "frame2": ("b.png", second)},
+                headers={"x-request-timeout-ms": "300"},
+            )
+            assert r.status_code == 504, r.text
+            time.sleep(1.5)  # the first pass ends; the second would run now
+            assert model.passes == 1
+            r = client.post("/v1/optical-flow", files={"frame1": ("a.png", first), "frame2": ("b.png", second)})
+            assert r.status_code == 200 and r.json()["tiles"] == 12 and model.passes == 3
+    finally:
+        server.stop()
