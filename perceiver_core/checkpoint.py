@@ -176,17 +176,19 @@ def _hub_cache_dirs() -> list[Path]:
 
 
 def _cached_snapshot(repo_id: str, revision: str) -> Path | None:
-    """The local HF-cache snapshot of ``repo_id`` holding a config.json, if any (no network)."""
-    for cache in _hub_cache_dirs():
-        repo = cache / f"models--{repo_id.replace('/', '--')}"
-        ref = repo / "refs" / revision
-        commit = ref.read_text().strip() if ref.is_file() else revision
-        candidates = [repo / "snapshots" / commit]
-        if (repo / "snapshots").is_dir():
-            candidates += sorted((repo / "snapshots").iterdir())
-        for snapshot in candidates:
-            if (snapshot / "config.json").is_file():
-                return snapshot
+    """The local HF-cache snapshot of ``repo_id`` at ``revision`` (a branch, tag or commit), if cached.
+
+    Resolved by huggingface_hub's own cache lookup (refs → commit → snapshot), never by falling back to
+    another snapshot: a pinned revision that is not cached is not silently served by ``main``.
+    """
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:  # pragma: no cover - huggingface_hub is a dependency
+        return None
+    for cache in _hub_cache_dirs():  # read per call: HF_HOME / HF_HUB_CACHE may change after import
+        found = try_to_load_from_cache(repo_id, "config.json", cache_dir=cache, revision=revision)
+        if isinstance(found, str):
+            return Path(found).parent
     return None
 
 
@@ -206,7 +208,9 @@ def resolve_checkpoint(path_or_repo_id: str | os.PathLike[str], revision: str = 
     if cached is not None:
         return cached
     if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
-        raise CheckpointError(f"{repo_id} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set")
+        raise CheckpointError(
+            f"{repo_id} at revision {revision!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set"
+        )
     try:
         from huggingface_hub import snapshot_download
     except ImportError as exc:

@@ -160,6 +160,26 @@ def test_hub_repo_id_resolves_from_local_cache_offline(
         perceiver_core.from_pretrained("deepmind/not-cached")
 
 
+def test_a_pinned_revision_is_never_served_by_another_snapshot(
+    references: dict[str, Reference], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only main is cached: v2.0 or another commit must fail, naming the revision; main and its commit work."""
+    repo = tmp_path / "hf" / "hub" / "models--deepmind--tiny-perceiver"
+    commit = "0123abc0123abc0123abc0123abc0123abc0123"
+    shutil.copytree(references["PerceiverForMaskedLM"].path, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for revision in ("v2.0", "fedcba9876543210fedcba9876543210fedcba98"):
+        with pytest.raises(CheckpointError, match=f"revision '{revision}' is not in the local Hugging Face cache"):
+            perceiver_core.from_pretrained("deepmind/tiny-perceiver", revision=revision)
+    for revision in ("main", commit):
+        model = perceiver_core.from_pretrained("deepmind/tiny-perceiver", revision=revision)
+        assert model.config.architecture == "PerceiverForMaskedLM"
+
+
 def test_package_does_not_import_serving_or_reference_code() -> None:
     import subprocess
     import sys
