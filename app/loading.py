@@ -22,6 +22,12 @@ AnyTask = Task[Any, Any, Any]
 
 log = logging.getLogger("perceiver.loading")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelLoadError(RuntimeError):
+    """A configured model could not be loaded; start-up fails (the CLI exits 1)."""
+
+
 AUTO_MAX_BATCH_SIZE = 64  # largest size max_batch_size=auto tries
 AUTO_UNMEASURED_BATCH_SIZE = 16  # max_batch_size=auto with warm-up off: nothing was measured
 AUTO_MIN_GAIN = 0.05  # a larger batch must cut the per-item time by this share to be worth its latency
@@ -60,9 +66,14 @@ def build_models(settings: Settings) -> list[ServedModel]:
         task = TASKS[spec.task]
         dtype_name = settings.resolved_dtype(spec.dtype)
         started = time.monotonic()
-        model = perceiver_core.from_pretrained(
-            spec.source, device=device, dtype=DTYPES[dtype_name], revision=spec.revision
-        )
+        try:
+            model = perceiver_core.from_pretrained(
+                spec.source, device=device, dtype=DTYPES[dtype_name], revision=spec.revision
+            )
+        except Exception as exc:  # name the model and its source: the operator has several
+            raise ModelLoadError(
+                f"could not load model {spec.task}/{spec.variant} from {spec.source}: {type(exc).__name__}: {exc}"
+            ) from exc
         if model.config.architecture not in task.architectures:
             raise ValueError(
                 f"{spec.source} is a {model.config.architecture}; task {spec.task} needs one of {task.architectures}"

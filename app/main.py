@@ -50,7 +50,7 @@ async def _load(runtime: Runtime) -> None:
                 await loop.run_in_executor(runtime.inference_executor, warm_up, task, served)
             attach_batcher(runtime, served)
     except Exception as exc:  # fatal: the CLI exits 1, readiness reports it
-        log.exception("model loading failed")
+        log.exception("model loading failed: %s", exc)
         runtime.load_error = f"{type(exc).__name__}: {exc}"
         return
     if runtime.settings.gc_freeze:

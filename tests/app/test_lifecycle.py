@@ -178,3 +178,25 @@ def test_decoding_in_processes(tmp_path: Path) -> None:
     assert first.status_code == 200 and first.json() == again.json()
     assert bad.status_code == 422 and bad.json()["error"]["type"] == "invalid_input"  # errors cross processes
     assert server.terminate() == 0
+
+
+def test_a_model_that_fails_to_load_fails_start_up_with_a_clear_message(tmp_path: Path) -> None:
+    """Never a half-ready server: the process exits 1, readiness never turned 200, the log says why."""
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text('{"architectures": ["PerceiverForImageClassificationFourier"]}')
+    (broken / "model.safetensors").write_bytes(b"not a safetensors file")
+    models = json.dumps([{"task": "classify", "source": str(broken)}])
+    server = Server(tmp_path / "log.jsonl", {"PERCEIVER_MODELS": models})
+    ready_seen = False
+    deadline = time.monotonic() + 120
+    while server.proc.poll() is None and time.monotonic() < deadline:
+        try:
+            ready_seen |= httpx.get(server.url + "/readyz", timeout=1).status_code == 200
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    assert server.terminate() == 1
+    assert not ready_seen
+    log = server.log.read_text()
+    assert "model loading failed" in log and str(broken) in log
