@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -191,10 +192,8 @@ def test_a_model_that_fails_to_load_fails_start_up_with_a_clear_message(tmp_path
     ready_seen = False
     deadline = time.monotonic() + 120
     while server.proc.poll() is None and time.monotonic() < deadline:
-        try:
+        with contextlib.suppress(httpx.TransportError):
             ready_seen |= httpx.get(server.url + "/readyz", timeout=1).status_code == 200
-        except httpx.TransportError:
-            pass
         time.sleep(0.1)
     assert server.terminate() == 1
     assert not ready_seen
