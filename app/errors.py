@@ -43,6 +43,10 @@ class MethodNotAllowed(ServiceError):
     status, type, reason = 405, "method_not_allowed", "method_not_allowed"
 
 
+class RequestTimeout(ServiceError):
+    status, type, reason = 408, "request_timeout", "slow_upload"
+
+
 class PayloadTooLarge(ServiceError):
     status, type, reason = 413, "payload_too_large", "payload_too_large"
 

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 import time
@@ -15,7 +16,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import errors
 from . import logging as jsonlog
-from .errors import Draining, PayloadTooLarge, ServiceError
+from .errors import Draining, PayloadTooLarge, RequestTimeout, ServiceError
 from .runtime import Runtime
 from .tasks import TASKS
 
@@ -73,14 +74,27 @@ class ObservabilityMiddleware:
             await send(message)
 
         received = 0
+        body_done = False
+        body_deadline = started + runtime.settings.request_timeout_s
 
         async def limited_receive() -> Message:
-            nonlocal received
-            message = await receive()
+            """The body, bounded in size and in time: a slow upload (slowloris) holds only its own
+            connection, never a decode thread or the model, and is cut off at the request timeout."""
+            nonlocal received, body_done
+            if body_done:  # later calls only watch for a disconnect
+                return await receive()
+            try:
+                async with asyncio.timeout(max(0.0, body_deadline - time.monotonic())):
+                    message = await receive()
+            except TimeoutError:
+                raise RequestTimeout(
+                    f"the request body did not arrive within {runtime.settings.request_timeout_s:g} s"
+                ) from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
                     raise PayloadTooLarge(f"request body exceeds {limit} bytes")
+                body_done = not message.get("more_body", False)
             return message
 
         if task is not None:

@@ -1,0 +1,57 @@
+"""Slow uploads (slowloris): they hold only their own connections, never a decode thread or the model,
+and are cut off with 408 at the request timeout."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from .conftest import MEDIA, LiveServer
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[LiveServer]:
+    server = LiveServer(demo_tasks=["classify"], request_timeout_s=4.0).start()
+    yield server
+    server.stop()
+
+
+def slow_upload(port: int, seconds: float, out: list[bytes]) -> None:
+    """Declare a 100 kB body and send a byte every 0.5 s; keep the server's answer."""
+    with socket.create_connection(("127.0.0.1", port), timeout=seconds + 10) as sock:
+        sock.sendall(
+            b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\nContent-Length: 100000\r\n\r\n"
+        )
+        ended = time.monotonic() + seconds
+        try:
+            while time.monotonic() < ended:
+                sock.sendall(b"\xff")
+                time.sleep(0.5)
+            out.append(sock.recv(4096))
+        except OSError:
+            out.append(b"")
+
+
+def test_slow_uploads_do_not_hold_up_other_requests_and_are_cut_off(server: LiveServer) -> None:
+    answers: list[bytes] = []
+    threads = [threading.Thread(target=slow_upload, args=(server.settings.port, 6.0, answers)) for _ in range(24)]
+    for thread in threads:
+        thread.start()
+    time.sleep(1.0)  # the slow clients are connected and trickling
+    photo = (MEDIA / "cat.jpg").read_bytes()
+    with server.client() as client:
+        for _ in range(6):  # more than the 4 decode threads: none of them is held by a slow client
+            started = time.monotonic()
+            r = client.post("/v1/classify", files={"image": ("cat.jpg", photo)})
+            assert r.status_code == 200 and time.monotonic() - started < 2.0
+    for thread in threads:
+        thread.join()
+    assert len(answers) == 24
+    assert all(a.startswith(b"HTTP/1.1 408") and b'"request_timeout"' in a for a in answers), answers[:2]
+    assert server.metric("perceiver_rejections_total", task="classify", model="", reason="slow_upload") == 24
