@@ -118,7 +118,10 @@ class Settings(BaseSettings):
         "clients that retry without honouring Retry-After turn refusals into a retry storm.",
     )
     request_timeout_s: float = Field(
-        30.0, gt=0, description="Deadline per request (504 past it). Clients may shorten it with x-request-timeout-ms."
+        30.0,
+        gt=0,
+        description="Deadline per request (504 past it). Clients may shorten it with x-request-timeout-ms. An "
+        "upload whose body has not arrived by then gets 408.",
     )
     drain_timeout_s: float = Field(
         20.0,
