@@ -203,8 +203,17 @@ def _sample_frames(container: object, video: object, count: int, fps: float, max
     return out
 
 
+MAX_AUDIO_RATE = 768_000  # the highest rate real recordings use (DXD is 352.8 kHz; some interfaces do 768 kHz)
+
+
 def _decode_audio_stream(container: object, stream: object, samples: int) -> np.ndarray:
     import av
+
+    # FFmpeg's resampler allocates in proportion to the input rate, holding the GIL: a WAV header claiming
+    # 700 MHz cost 1.9 GB and froze the server for 13 s. Refuse such rates before building it.
+    rate = getattr(stream, "sample_rate", None) or 0
+    if not 0 < rate <= MAX_AUDIO_RATE:
+        raise UnsupportedMedia(f"audio sample rate {rate} Hz is outside 1 to {MAX_AUDIO_RATE} Hz")
 
     resampler = av.AudioResampler(format="flt", layout="mono", rate=AUDIO_RATE)
     chunks: list[np.ndarray] = []

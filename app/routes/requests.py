@@ -26,14 +26,24 @@ class InMemoryMultiPartParser(MultiPartParser):
     """
 
     spool_max_size = 1 << 62
+    ended = False
+
+    def on_end(self) -> None:
+        self.ended = True  # the closing boundary was seen
 
 
 async def read_multipart(request: Request, max_files: int) -> FormData:
     parser = InMemoryMultiPartParser(request.headers, request.stream(), max_files=max_files, max_fields=MAX_FORM_FIELDS)
     try:
-        return await parser.parse()
+        form = await parser.parse()
     except MultiPartException as exc:
         raise BadRequest(f"malformed multipart/form-data: {exc.message}") from None
+    if not parser.ended:  # a body cut off inside a part: Starlette leaves that part's file open
+        await form.close()
+        for leftover in parser._files_to_close_on_error:
+            leftover.close()
+        raise BadRequest("malformed multipart/form-data: the body ends before the closing boundary")
+    return form
 
 
 def what_it_takes(task: Task[Any, Any, Any]) -> str:
