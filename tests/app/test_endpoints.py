@@ -177,9 +177,8 @@ def test_health_readiness_docs_and_metrics(client: httpx.Client) -> None:
     assert 'perceiver_requests_total{model="",status="404",task="none"}' in text
 
 
-class PhaseCorrelationFlow(torch.nn.Module):
-    """A flow "model" whose output the test controls: the global shift between the two frames of each window,
-    found by phase correlation on the centre pixels of the 3x3 patches, in the network's logit units."""
+class FlowStandIn(torch.nn.Module):
+    """What the server needs of a flow head (config, device, dtype), for stand-ins whose output a test controls."""
 
     def __init__(self, train_size: tuple[int, int]) -> None:
         super().__init__()
@@ -193,6 +192,11 @@ class PhaseCorrelationFlow(torch.nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         return self.anchor.dtype
+
+
+class PhaseCorrelationFlow(FlowStandIn):
+    """A flow "model" whose output the test controls: the global shift between the two frames of each window,
+    found by phase correlation on the centre pixels of the 3x3 patches, in the network's logit units."""
 
     def forward(self, inputs: torch.Tensor) -> SimpleNamespace:
         centre = inputs[:, :, 12:15].mean(dim=2)  # [n, 2, H, W]: (kh, kw) = (1, 1) is the pixel itself
@@ -344,22 +348,12 @@ def test_predictions_in_headers_stay_small_at_any_top_k(client: httpx.Client) ->
     assert [p["label"] for p in header] == list(arrays["labels"][:sent])
 
 
-class CountingFlow(torch.nn.Module):
+class CountingFlow(FlowStandIn):
     """A slow flow "model" that counts its forward passes (zeros out, like a model with no motion)."""
 
     def __init__(self, train_size: tuple[int, int], seconds: float) -> None:
-        super().__init__()
-        self.config = SimpleNamespace(train_size=train_size, architecture="PerceiverForOpticalFlow")
-        self.anchor = torch.nn.Parameter(torch.zeros(1))
+        super().__init__(train_size)
         self.seconds, self.passes = seconds, 0
-
-    @property
-    def device(self) -> torch.device:
-        return self.anchor.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.anchor.dtype
 
     def forward(self, inputs: torch.Tensor) -> SimpleNamespace:
         self.passes += 1
