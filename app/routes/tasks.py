@@ -211,7 +211,10 @@ def _responses(task: AnyTask) -> dict[int | str, dict[str, Any]]:
     responses: dict[int | str, dict[str, Any]] = {
         status: {"model": ErrorResponse, "description": text}
         for status, text in (
+            (400, "Malformed body (e.g. multipart without its closing boundary)"),
+            (401, "Missing or wrong API key (when PERCEIVER_API_KEYS is set)"),
             (404, "No such model variant"),
+            (408, "The upload did not arrive within the request timeout"),
             (413, "Upload or decoded input too large"),
             (415, "Not a supported media type"),
             (422, "Invalid input: the message says which field and why"),
