@@ -67,7 +67,7 @@ class Outcome:
     deadline_504: int = 0
     other: dict[str, int] = field(default_factory=dict)  # status (0: no answer) → count
     max_429_s: float = 0.0
-    retry_after: list[int] = field(default_factory=list)
+    retry_after: dict[int, int] = field(default_factory=dict)  # Retry-After seconds → how many 429s said so
     p50_ok_s: float = 0.0
     p99_ok_s: float = 0.0
 
@@ -129,7 +129,8 @@ async def open_loop(url: str, rate: float, seconds: float, label: str) -> Outcom
         elif status == 429:
             out.refused_429 += 1
             out.max_429_s = max(out.max_429_s, elapsed)
-            out.retry_after.append(int(headers.get("retry-after", "-1")))
+            seconds = int(headers.get("retry-after", "-1"))
+            out.retry_after[seconds] = out.retry_after.get(seconds, 0) + 1
         elif status == 504:
             out.deadline_504 += 1
         else:

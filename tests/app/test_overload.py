@@ -34,4 +34,4 @@ def test_goodput_holds_and_the_excess_is_refused_early_and_honestly() -> None:
         assert o.deadline_504 <= 0.01 * o.sent, f"{o.label}: {o.deadline_504} of {o.sent} ended in 504"
         assert o.goodput >= 0.6 * capacity, f"{o.label}: goodput {o.goodput:.2f}/s vs capacity {capacity:.2f}/s"
         assert o.refused_429 > 0 and o.max_429_s < 1.0  # the excess is refused, and at once
-        assert all(1 <= r <= 10 for r in o.retry_after)  # Retry-After present, in seconds
+        assert all(1 <= seconds <= 10 for seconds in o.retry_after)  # Retry-After present, in seconds
