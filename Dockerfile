@@ -25,16 +25,17 @@ FROM base-${VARIANT} AS builder
 WORKDIR /src
 RUN python3 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
-# torch first, from the variant's index, so the project install below reuses it instead of pulling CUDA wheels;
-# torchvision built for the same torch (the CUDA image decodes JPEG uploads on the GPU with it).
-ARG TORCH_VERSION=2.13.0
-ARG TORCHVISION_VERSION=0.28.0
-RUN pip install "torch==${TORCH_VERSION}" "torchvision==${TORCHVISION_VERSION}" --index-url "${TORCH_INDEX}"
+# Every version comes from the lock that CI installs and tests (`make lock` writes it), torch's included.
+COPY requirements/constraints.txt ./requirements/
+# torch first, alone, from the variant's index, so the project install below reuses it instead of pulling PyPI's
+# build; torchvision built for the same torch (the CUDA image decodes JPEG uploads on the GPU with it). Their
+# dependencies (and the CUDA image's CUDA runtime wheels, which torch pins exactly) come from PyPI below.
+RUN pip install --no-deps -c requirements/constraints.txt torch torchvision --index-url "${TORCH_INDEX}"
 # Only what the package build needs, so edits to tests or docs don't invalidate this layer.
 COPY pyproject.toml README.md ./
 COPY perceiver_core ./perceiver_core
 COPY app ./app
-RUN pip install .
+RUN pip install -c requirements/constraints.txt ".[gpu]"
 
 # Runtime: the same base, the virtualenv, and nothing else (no compilers, no sources, no secrets).
 # hadolint ignore=DL3006

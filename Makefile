@@ -1,23 +1,42 @@
 # Two commands do all the setup on a fresh machine:
 #   make serve   install into .venv and start the server (demo profile unless models are configured)
 #   make test    install into .venv, lint, type-check and run the whole test suite
-# TORCH_SPEC picks the torch build: the default is the CPU wheel. GPU hosts name the CUDA build with the
-# torchvision built for it (JPEG decoding on the GPU), from PyTorch's index (see README).
+# Every install goes through the lock, requirements/constraints.txt; `make lock` refreshes it from pyproject.toml.
 
 PYTHON ?= python3
-TORCH_SPEC ?= torch==2.13.0
-VENV := .venv
+VENV ?= .venv
 BIN := $(VENV)/bin
+LOCK := requirements/constraints.txt
+comma := ,
 
-.PHONY: serve test lint install audit
+# The torch release CI tests and the torchvision built for it (they are released in pairs). `make lock` writes them
+# into the lock, and every install (this Makefile's, the Dockerfile's) takes the versions from there.
+TORCH_PINS := torch==2.13.0 torchvision==0.28.0
+
+# Which build of it. PyPI's Linux x86-64 torch is the CUDA build (several GB), so a host without an NVIDIA GPU takes
+# PyTorch's CPU wheel index, or pip's configured index when that index cannot be reached within 5 s (an offline
+# mirror; a local CPU wheel). A GPU host (nvidia-smi on the PATH) takes pip's configured index, whose Linux torch is
+# the CUDA build, plus torchvision (JPEG decoding on the GPU). TORCH_INDEX=URL names the index instead, e.g.
+# https://download.pytorch.org/whl/cu126 for a driver older than PyPI's CUDA build needs; TORCH_INDEX= (empty)
+# keeps pip's configuration. Only torch and torchvision come from that index: their dependencies come with the
+# project's, through the lock.
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+NVIDIA_GPU ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo yes)
+reachable = $(shell $(PYTHON) -c 'import signal, sys, urllib.request; signal.alarm(6); urllib.request.urlopen(sys.argv[1], timeout=5)' \
+	'$(1)' >/dev/null 2>&1 && echo yes || echo "note: $(1) cannot be reached; torch comes from pip's configured index" >&2)
+TORCH_INDEX ?= $(if $(NVIDIA_GPU),,$(if $(call reachable,$(TORCH_CPU_INDEX)/torch/),$(TORCH_CPU_INDEX)))
+TORCH_SPEC ?= torch $(if $(NVIDIA_GPU),torchvision) $(patsubst %,--index-url %,$(TORCH_INDEX))
+EXTRAS := dev$(if $(NVIDIA_GPU),$(comma)gpu)
+
+.PHONY: serve test lint install audit lock
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet --upgrade -c $(LOCK) pip
 
-$(VENV)/.installed: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install --quiet $(TORCH_SPEC)
-	$(BIN)/pip install --quiet -e ".[dev]"
+$(VENV)/.installed: pyproject.toml $(LOCK) | $(BIN)/python
+	$(BIN)/pip install --quiet --no-deps -c $(LOCK) $(TORCH_SPEC)
+	$(BIN)/pip install --quiet -c $(LOCK) -e ".[$(EXTRAS)]"
 	touch $@
 
 install: $(VENV)/.installed
@@ -37,3 +56,12 @@ audit: install
 
 test: lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Refreshes the lock after a dependency changes in pyproject.toml (tests/test_install.py fails until it is run).
+# uv rather than pip-compile: it resolves one lock for every platform (--universal), and it reads no pip
+# configuration, so a machine's own torch build (a +cpu wheel on a find-links path) cannot leak into the lock. It
+# resolves from PyPI (UV_INDEX_URL names a mirror).
+lock: | $(BIN)/python
+	$(BIN)/pip install --quiet -c $(LOCK) uv
+	printf '%s\n' $(TORCH_PINS) | $(BIN)/uv pip compile --quiet pyproject.toml - --all-extras --universal \
+		--excludes requirements/cuda-only.txt --custom-compile-command "make lock" --output-file $(LOCK)

@@ -7,6 +7,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -19,13 +20,16 @@ from app.settings import Settings
 ROOT = Path(__file__).parents[2]
 DEPLOY = ROOT / "deploy"
 OVERLAYS = ["cpu", "gpu", "gpu-keda"]
+WORKFLOWS = ROOT / ".github" / "workflows"
+VERSION = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
 BIN = Path(sys.executable).parent
 
 
 def tool(name: str) -> str:
-    found = shutil.which(name) or (str(BIN / name) if (BIN / name).exists() else None)
+    """The copy `make install` put next to this Python (pinned by the lock), else one on the PATH."""
+    found = str(BIN / name) if (BIN / name).exists() else shutil.which(name)
     if found is None:
-        pytest.fail(f"{name} is not installed (make install provides it; kubectl ships with this machine)")
+        pytest.fail(f"{name} is not installed (`make install` puts it in .venv/bin)")
     return found
 
 
@@ -143,3 +147,94 @@ def test_dockerignore_keeps_the_context_small() -> None:
     ignored = (ROOT / ".dockerignore").read_text().split()
     for entry in (".git", ".venv", "tests", "*.safetensors"):
         assert entry in ignored
+
+
+# The release workflow (.github/workflows/release.yml), which builds and pushes the images deploy/ names.
+
+
+def test_actionlint_finds_nothing_in_the_workflows(tmp_path: Path) -> None:
+    """actionlint checks syntax, expressions and (with shellcheck) `run:` scripts. It checks an action's inputs only
+    for a release it knows, not for a commit: so it lints each workflow twice, as written (actions pinned by commit)
+    and with each pin replaced by the release named in its comment."""
+    workflows = sorted(WORKFLOWS.glob("*.y*ml"))
+    assert workflows
+    by_release = []
+    for workflow in workflows:
+        copy = tmp_path / workflow.name
+        copy.write_text(re.sub(r"@[0-9a-f]{40} # (v\d+)\S*", r"@\1", workflow.read_text()))
+        by_release.append(copy)
+    lint = [tool("actionlint"), "-shellcheck", tool("shellcheck"), "-pyflakes=", "-oneline"]
+    result = run(*lint, *map(str, workflows), *map(str, by_release))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_actionlint_reports_what_it_should(tmp_path: Path) -> None:
+    """The linter is live: a bad runner label, a misspelt action input and an unquoted variable are all reported."""
+    bad = tmp_path / "bad.yml"
+    bad.write_text(
+        "on: push\njobs:\n  build:\n    runs-on: linux-latest\n    steps:\n"
+        "      - uses: actions/checkout@v7\n        with:\n          fetch_depth: 0\n      - run: cd $DIR\n"
+    )
+    result = run(tool("actionlint"), "-shellcheck", tool("shellcheck"), "-pyflakes=", "-oneline", str(bad))
+    assert result.returncode == 1
+    for rule in ("[runner-label]", "[action]", "[shellcheck]"):
+        assert rule in result.stdout, result.stdout
+
+
+def _release_job() -> tuple[dict[str, Any], dict[str, Any]]:
+    workflow = yaml.safe_load((WORKFLOWS / "release.yml").read_text())
+    return workflow, workflow["jobs"]["image"]
+
+
+def test_the_release_pushes_exactly_the_images_deploy_names() -> None:
+    workflow, job = _release_job()
+    build = next(s for s in job["steps"] if s.get("uses", "").startswith("docker/build-push-action@"))
+    assert build["with"]["push"] is True
+    assert build["with"]["tags"] == "${{ env.IMAGE }}:${{ steps.version.outputs.version }}-${{ matrix.variant }}"
+    assert build["with"]["build-args"] == "VARIANT=${{ matrix.variant }}"
+    variants = job["strategy"]["matrix"]["variant"]
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert all(f" AS base-{v}\n" in dockerfile for v in variants), "each variant needs its base stage"
+    pushed = {f"{workflow['env']['IMAGE']}:{VERSION}-{v}" for v in variants}
+
+    named = {c["image"] for o in OVERLAYS for c in _deployment(rendered(o))["spec"]["template"]["spec"]["containers"]}
+    job_spec = yaml.safe_load((DEPLOY / "jobs" / "fetch-models.yaml").read_text())["spec"]["template"]["spec"]
+    named |= {c["image"] for c in job_spec["containers"]}
+    assert named == pushed
+
+
+def test_the_release_pushes_to_ghcr_with_the_workflow_token() -> None:
+    workflow, job = _release_job()
+    assert workflow[True] == {"push": {"tags": ["v*"]}}  # YAML 1.1 reads the key `on` as true
+    assert workflow["permissions"] == {"contents": "read"}
+    assert job["permissions"] == {"contents": "read", "packages": "write"}
+    login = next(s for s in job["steps"] if s.get("uses", "").startswith("docker/login-action@"))
+    assert login["with"] == {
+        "registry": "ghcr.io",
+        "username": "${{ github.actor }}",
+        "password": "${{ secrets.GITHUB_TOKEN }}",
+    }
+
+
+@pytest.mark.parametrize(
+    ("tag", "variant", "ok"), [(f"v{VERSION}", "cpu", True), (f"v{VERSION}", "cuda", True), ("v9.9.9", "cpu", False)]
+)
+def test_the_release_refuses_a_tag_that_does_not_match_the_project(
+    tag: str, variant: str, ok: bool, tmp_path: Path
+) -> None:
+    """The workflow's version step, run here as the runner would run it."""
+    _, job = _release_job()
+    step = next(s for s in job["steps"] if s.get("id") == "version")
+    output = tmp_path / "github_output"
+    env = {"PATH": "/usr/bin:/bin", "REF_NAME": tag, "VARIANT": variant, "GITHUB_OUTPUT": str(output)}
+    result = subprocess.run(
+        ["bash", "--noprofile", "--norc", "-eo", "pipefail", "-c", step["run"]],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert (result.returncode == 0) == ok, result.stdout + result.stderr
+    if ok:
+        assert output.read_text() == f"version={tag.removeprefix('v')}\n"
