@@ -175,8 +175,9 @@ class Settings(BaseSettings):
     api_keys: str | None = Field(
         None,
         repr=False,
-        description="Comma-separated API keys. When set (or api_keys_file), every endpoint but /healthz, /readyz "
-        "and /metrics needs Authorization: Bearer <key> or X-API-Key: <key>; others get 401.",
+        description="Comma-separated API keys. When set (or api_keys_file), every endpoint but /healthz, /readyz, "
+        "/metrics and the playground page (/ and its assets) needs Authorization: Bearer <key> or X-API-Key: <key>; "
+        "others get 401.",
     )
     api_keys_file: Path | None = Field(
         None, description="A file of SHA-256 hex digests of API keys, one per line (# comments allowed)."
