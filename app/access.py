@@ -2,7 +2,9 @@
 
 CORS is Starlette's CORSMiddleware, outermost, so that a browser's preflight is answered before any key
 is asked for (preflights carry no credentials). Probes stay open: /healthz, /readyz, /v2/health/*; so does
-/metrics unless ``metrics_auth``.
+/metrics unless ``metrics_auth``, and the pages a browser loads before it can be asked for a key: the
+playground (/), the API documentation (/docs, /redoc, /openapi.json) and their assets (/static/*). The API
+calls they make need a key like any other client's.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from .middleware import reject
 from .runtime import Runtime
 from .settings import Settings
 
-OPEN_PATHS = ("/healthz", "/readyz", "/v2/health/")
+OPEN_PATHS = ("/healthz", "/readyz", "/v2/health/", "/static/")  # prefixes
+OPEN_PAGES = ("/", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json")  # exact: every path starts with /
 
 
 def key_digests(settings: Settings) -> list[bytes]:
@@ -63,7 +66,7 @@ class ApiKeyMiddleware:
         await reject(self.runtime, error, scope["path"], "")(scope, receive, send)
 
     def _open(self, path: str) -> bool:
-        return path.startswith(OPEN_PATHS) or (path == "/metrics" and self.metrics_open)
+        return path.startswith(OPEN_PATHS) or path in OPEN_PAGES or (path == "/metrics" and self.metrics_open)
 
     def _allowed(self, scope: Scope) -> bool:
         presented = b""

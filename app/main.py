@@ -11,11 +11,13 @@ import asyncio
 import contextlib
 import gc
 import logging
+import time
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 
@@ -26,12 +28,14 @@ from .loading import attach_batcher, build_models, choose_batch_size, maybe_enab
 from .metrics import Metrics
 from .middleware import ObservabilityMiddleware, reject
 from .routes.health import router as health_router
+from .routes.playground import router as playground_router
 from .routes.tasks import task_router
 from .runtime import Runtime
 from .settings import Settings, load_settings
 from .tasks import TASKS
 
 log = logging.getLogger("perceiver.server")
+DOCS_ASSETS = "/static/docs"  # Swagger UI's and ReDoc's scripts and styles
 
 
 async def _load(runtime: Runtime) -> None:
@@ -56,7 +60,11 @@ async def _load(runtime: Runtime) -> None:
     if runtime.settings.gc_freeze:
         freeze_startup_heap()
     runtime.ready = True
-    log.info("ready: %s", ", ".join(m.name for m in runtime.all_models()))
+    log.info(
+        "ready %.1fs after the app was created (load + warm-up per model: %s)",
+        time.monotonic() - runtime.created,
+        ", ".join(f"{m.name} {m.load_s:.1f}+{m.warmup_s:.1f}s" for m in runtime.all_models()),
+    )
 
 
 def freeze_startup_heap() -> None:
@@ -89,14 +97,26 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         runtime.shutdown_executors()
 
 
+def not_found_hint(app: FastAPI, path: str) -> str:
+    if path.endswith("/") and path.rstrip("/") in app.openapi()["paths"]:
+        return f"no route {path}; did you mean {path.rstrip('/')} (without the trailing slash)?"
+    return f"no route {path}; the API is listed at /docs, the models at /v1/models"
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or load_settings()
     runtime = Runtime(settings, Metrics())
-    app = FastAPI(
+    # fastapi-offline serves Swagger UI and ReDoc from its own package data (FastAPI's default pages load
+    # them from a CDN, so /docs was blank offline and in air-gapped clusters).
+    app = FastAPIOffline(
+        static_url=DOCS_ASSETS,
         title="Perceiver IO serving",
         version="0.1.0",
         description='Perceiver IO heads behind a dynamic batching queue. Errors are `{"error": {"type", "message"}}`.',
         lifespan=lifespan,
+        # A trailing slash gets a 404 that names the right path (a 307 has no body, and curl neither
+        # follows it nor shows why nothing happened).
+        redirect_slashes=False,
     )
     app.state.runtime = runtime
 
@@ -117,7 +137,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return respond(request, for_status(exc.status_code, str(exc.detail), dict(exc.headers or {})))
+        detail = str(exc.detail)
+        if exc.status_code == 404:
+            detail = not_found_hint(app, request.url.path)
+        return respond(request, for_status(exc.status_code, detail, dict(exc.headers or {})))
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
@@ -126,6 +149,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app.include_router(health_router)
     app.include_router(task_router())
+    app.include_router(playground_router)
     # Added last runs first: CORS (preflights answered without a key), observability (401s are logged and
     # counted like every response), then the key check.
     digests = key_digests(settings)

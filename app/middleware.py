@@ -20,6 +20,8 @@ from .errors import Draining, PayloadTooLarge, RequestTimeout, ServiceError
 from .runtime import Runtime
 from .tasks import TASKS
 
+QUIET_PATHS = ("/healthz", "/readyz", "/v2/health/", "/metrics")  # prefixes logged at DEBUG
+
 log = logging.getLogger("perceiver.server")
 # Request ids: a random per-process prefix and a counter (uuid4 per request costs a syscall each).
 _ID_PREFIX = uuid.uuid4().hex[:12]
@@ -123,5 +125,7 @@ class ObservabilityMiddleware:
             fields = {"method": scope.get("method"), "path": path, "status": status, "ms": round(elapsed * 1000, 2)}
             if model:
                 fields["model"] = model
-            log.info("request", extra={"fields": fields})
+            # Probes and scrapes come every few seconds from every kubelet and Prometheus: DEBUG, not INFO.
+            level = logging.DEBUG if path.startswith(QUIET_PATHS) and status < 400 else logging.INFO
+            log.log(level, "request", extra={"fields": fields})
             jsonlog.request_id.reset(token)

@@ -17,6 +17,7 @@ from .batching import Batcher
 from .errors import ModelNotFound
 from .metrics import Metrics
 from .settings import Settings
+from .tasks import TASKS
 from .tasks.base import Limits
 
 T = TypeVar("T")
@@ -39,7 +40,8 @@ class ServedModel:
     max_batch_cost_configured: bool = False
     per_item_ms: dict[int, float] = field(default_factory=dict)  # auto: forward time per item, by batch size
     batcher: Batcher[Any, Any] | None = None
-    warmup_s: float = 0.0
+    load_s: float = 0.0  # building or reading the weights onto the device
+    warmup_s: float = 0.0  # measuring max_batch_size=auto and warming every bucket
 
     @property
     def name(self) -> str:
@@ -57,7 +59,7 @@ class ServedModel:
             "dtype": self.dtype,
             "device": self.device,
             "parameters": sum(p.numel() for p in self.model.parameters()),
-            "num_labels": config.num_labels,
+            **({"num_labels": config.num_labels} if TASKS[self.task].labelled else {}),
             "batching": {
                 "max_batch_size": self.max_batch_size,
                 "max_batch_size_source": "auto" if self.batch_size_auto else "configured",
@@ -66,6 +68,7 @@ class ServedModel:
                 "max_batch_cost": self.max_batch_cost,
                 "queue_depth": self.batcher.depth if self.batcher else 0,
             },
+            "load_s": round(self.load_s, 3),
             "warmup_s": round(self.warmup_s, 3),
         }
 
@@ -80,6 +83,7 @@ class Runtime:
     inflight: int = 0
     drain_started: float | None = None
     load_error: str | None = None
+    created: float = field(default_factory=time.monotonic)
 
     def __post_init__(self) -> None:
         s = self.settings

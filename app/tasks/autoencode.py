@@ -23,7 +23,7 @@ from perceiver_core.heads import PerceiverForMultimodalAutoencoding
 from perceiver_core.processing.video import AUDIO_RATE, VIDEO_FPS, prepare_audio, prepare_frames
 
 from ..media import decode_audio, decode_video
-from .base import DEMO_LATENTS, DecodeContext, Reply, Task, TaskRequest, Upload, to_device, top_predictions
+from .base import DEMO_LATENTS, DecodeContext, Reply, Task, TaskRequest, Upload, naming, to_device, top_predictions
 from .classify import Prediction
 
 RECONSTRUCTION_CHUNKS = 16  # decoder query chunks per video: fewer, larger passes on a GPU
@@ -133,17 +133,19 @@ class Autoencode(Task[AutoencodeRequest, Clip, dict[str, Any]]):
     def decode(self, request: AutoencodeRequest, files: Mapping[str, bytes], ctx: DecodeContext) -> Clip:
         config, limits = ctx.config, ctx.limits
         samples = config.num_frames * config.audio_samples_per_frame
-        clip = decode_video(
-            files["video"],
-            num_frames=config.num_frames,
-            fps=VIDEO_FPS,
-            audio_samples=samples,
-            max_seconds=limits.max_video_seconds,
-            max_frames=limits.max_video_frames,
-            max_pixels=limits.max_image_pixels,
-        )
+        with naming("video"):
+            clip = decode_video(
+                files["video"],
+                num_frames=config.num_frames,
+                fps=VIDEO_FPS,
+                audio_samples=samples,
+                max_seconds=limits.max_video_seconds,
+                max_frames=limits.max_video_frames,
+                max_pixels=limits.max_image_pixels,
+            )
         if "audio" in files:
-            track, source = decode_audio(files["audio"], samples, limits.max_video_seconds), "upload"
+            with naming("audio"):
+                track, source = decode_audio(files["audio"], samples, limits.max_video_seconds), "upload"
         elif clip.has_audio:
             track, source = clip.audio, "video"
         else:

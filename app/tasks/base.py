@@ -9,8 +9,9 @@ declaration: it reads the form, the query or the JSON body into ``request_model`
 
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Hashable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Generic, TypeVar
 
@@ -20,7 +21,7 @@ from pydantic import BaseModel, ConfigDict
 from perceiver_core import PerceiverConfig, PerceiverHead
 from perceiver_core.processing import tokenizer
 
-from ..errors import InvalidInput
+from ..errors import InvalidInput, ServiceError
 
 RequestT = TypeVar("RequestT", bound=BaseModel)
 PayloadT = TypeVar("PayloadT")
@@ -106,6 +107,7 @@ class Task(ABC, Generic[RequestT, PayloadT, ResultT]):
     response_model: ClassVar[type[BaseModel]]  # the JSON body of one result, as documented
     uploads: ClassVar[tuple[Upload, ...]] = ()  # none: the request is a JSON body
     media_types: ClassVar[tuple[str, ...]] = ()  # other response content types ``encode`` may produce
+    labelled: ClassVar[bool] = True  # predicts one of config.num_labels classes (/v1/models shows num_labels)
     # Capabilities.
     decode_offloaded: ClassVar[bool] = True  # False: decode is cheap enough for the event loop
     encode_offloaded: ClassVar[bool] = False  # True: encode is heavy (blending, video encoding)
@@ -146,6 +148,18 @@ class Task(ABC, Generic[RequestT, PayloadT, ResultT]):
 
 
 # ---------------------------------------------------------------------------------------------- helpers
+
+
+@contextlib.contextmanager
+def naming(field: str) -> Iterator[None]:
+    """Errors raised while decoding one upload start with its field name: which of two frames was not an
+    image, the video or the separate audio."""
+    try:
+        yield
+    except ServiceError as exc:
+        exc.message = f"{field}: {exc.message}"
+        exc.args = (exc.message,)
+        raise
 
 
 def encode_text(text: str, max_bytes: int) -> list[int]:

@@ -74,6 +74,7 @@ class FillMask(Task[FillMaskRequest, MaskedText, dict[str, Any]]):
     demo_configs: ClassVar[dict[str, PerceiverConfig]] = {
         "default": PerceiverConfig(architecture="PerceiverForMaskedLM", **DEMO_TEXT)
     }
+    labelled = False
     request_model = FillMaskRequest
     response_model = FillMaskResponse
     decode_offloaded = False  # a UTF-8 encode: cheaper than a hop to the decode pool

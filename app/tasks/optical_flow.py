@@ -19,7 +19,7 @@ from perceiver_core.processing.flow import FlowTiles, blend_tiles, extract_patch
 from ..batching import still_wanted
 from ..errors import InvalidInput, PayloadTooLarge
 from ..media import decode_rgb_array
-from .base import DEMO_LATENTS, DecodeContext, Reply, Task, TaskRequest, Upload, to_device
+from .base import DEMO_LATENTS, DecodeContext, Reply, Task, TaskRequest, Upload, naming, to_device
 
 FLO_MAGIC = 202021.25  # Middlebury .flo header
 WINDOWS_PER_PASS = 8  # bounds activation memory when one request alone brings many windows
@@ -85,6 +85,7 @@ class OpticalFlow(Task[FlowRequest, FlowTiles, FlowResult]):
     demo_configs: ClassVar[dict[str, PerceiverConfig]] = {
         "default": PerceiverConfig(architecture="PerceiverForOpticalFlow", **DEMO_LATENTS, train_size=(368, 496))
     }
+    labelled = False
     request_model = FlowRequest
     response_model = FlowResponse
     uploads = (
@@ -99,8 +100,10 @@ class OpticalFlow(Task[FlowRequest, FlowTiles, FlowResult]):
     def decode(self, request: FlowRequest, files: Mapping[str, bytes], ctx: DecodeContext) -> FlowTiles:
         h0, w0 = ctx.config.train_size
         window = (h0, w0)
-        frame1 = decode_rgb_array(files["frame1"], ctx.limits.max_image_pixels)
-        frame2 = decode_rgb_array(files["frame2"], ctx.limits.max_image_pixels)
+        with naming("frame1"):
+            frame1 = decode_rgb_array(files["frame1"], ctx.limits.max_image_pixels)
+        with naming("frame2"):
+            frame2 = decode_rgb_array(files["frame2"], ctx.limits.max_image_pixels)
         if frame1.shape != frame2.shape:
             raise InvalidInput(
                 f"frames differ in size: {frame1.shape[1]}x{frame1.shape[0]} vs {frame2.shape[1]}x{frame2.shape[0]}"

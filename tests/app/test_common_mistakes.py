@@ -1,0 +1,127 @@
+"""What a newcomer trips over: each common mistake gets an answer that says what to do, /docs works with
+no network, probes stay out of the INFO log, and /v1/models shows no field that means nothing."""
+
+from __future__ import annotations
+
+import logging
+import re
+
+import httpx
+import pytest
+
+from .conftest import MEDIA, LiveServer
+
+
+def message(response: httpx.Response) -> str:
+    assert response.headers["content-type"] == "application/json", response.headers
+    return str(response.json()["error"]["message"])
+
+
+def test_curl_d_json_without_its_content_type_is_told_to_send_application_json(client: httpx.Client) -> None:
+    # curl -d '{"text": ...}' sends application/x-www-form-urlencoded
+    r = client.post(
+        "/v1/fill-mask",
+        content=b'{"text": "a [MASK] b"}',
+        headers={"content-type": "application/x-www-form-urlencoded"},
+    )
+    assert r.status_code == 422
+    assert "content-type: application/json" in message(r)
+
+
+def test_json_or_a_raw_body_sent_to_a_multipart_endpoint_says_what_it_takes(client: httpx.Client) -> None:
+    for kwargs in (
+        {"json": {"frame1": "a.png"}},
+        {"content": b"not a form", "headers": {"content-type": "text/plain"}},
+    ):
+        r = client.post("/v1/optical-flow", **kwargs)  # type: ignore[arg-type]
+        assert r.status_code == 422
+        assert "multipart/form-data with the file field(s) frame1, frame2" in message(r)
+
+
+def test_invalid_json_gives_its_position_in_plain_words(client: httpx.Client) -> None:
+    r = client.post("/v1/fill-mask", content=b'{"text": "a [MASK] b"', headers={"content-type": "application/json"})
+    assert r.status_code == 422
+    assert re.search(r"not valid JSON: .+ at line 1, column \d+", message(r)), message(r)
+
+
+@pytest.mark.parametrize("bad", ["frame1", "frame2"])
+def test_a_text_file_as_one_flow_frame_names_that_frame(client: httpx.Client, bad: str) -> None:
+    photo = (MEDIA / "cat.jpg").read_bytes()
+    files = {"frame1": ("a.jpg", photo), "frame2": ("b.jpg", photo)}
+    files[bad] = ("notes.txt", b"these are notes, not a frame\n")
+    r = client.post("/v1/optical-flow", files=files)
+    assert r.status_code == 415
+    assert message(r).startswith(f"{bad}: "), message(r)
+
+
+def test_a_text_file_as_the_video_names_the_video(client: httpx.Client) -> None:
+    r = client.post("/v1/autoencode", files={"video": ("clip.mp4", b"not a video at all\n" * 10)})
+    assert r.status_code in (415, 422)
+    assert message(r).startswith("video: "), message(r)
+
+
+def test_a_trailing_slash_is_a_404_that_names_the_right_path(client: httpx.Client) -> None:
+    r = client.post("/v1/classify/", files={"image": ("cat.jpg", (MEDIA / "cat.jpg").read_bytes())})
+    assert r.status_code == 404  # not a bare 307 with an empty body
+    assert "did you mean /v1/classify (without the trailing slash)" in message(r)
+    r = client.get("/v1/nothing-here")
+    assert r.status_code == 404 and "/docs" in message(r)
+
+
+@pytest.mark.parametrize("path", ["/healthz", "/readyz"])
+def test_head_requests_to_the_probes_answer_200_without_a_body(client: httpx.Client, path: str) -> None:
+    r = client.head(path)
+    assert r.status_code == 200 and r.content == b""
+
+
+def test_docs_load_every_asset_from_this_server(client: httpx.Client) -> None:
+    """Swagger UI and ReDoc come from the package (fastapi-offline), not from a CDN."""
+    for page in ("/docs", "/redoc"):
+        html = client.get(page).text
+        assets = re.findall(r'(?:src|href)="([^"]+)"', html)
+        assert assets and not re.search(r"https?://", html), html
+        for asset in assets:
+            r = client.get(asset)
+            assert r.status_code == 200 and len(r.content) > 1000, asset
+    bundle = client.get("/static/docs/swagger-ui-bundle.js").text
+    assert "SwaggerUIBundle" in bundle
+
+
+def test_fill_mask_and_flow_report_no_num_labels(client: httpx.Client) -> None:
+    models = {m["name"]: m for m in client.get("/v1/models").json()["models"]}
+    assert "num_labels" not in models["fill-mask"] and "num_labels" not in models["optical-flow"]
+    assert models["classify/conv"]["num_labels"] == 10 and models["autoencode"]["num_labels"] == 700
+
+
+def test_probes_are_logged_at_debug_and_requests_at_info(
+    demo_server: LiveServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.DEBUG, logger="perceiver.server"), demo_server.client() as client:
+        for path in ("/healthz", "/readyz", "/metrics", "/v1/models"):
+            assert client.get(path).status_code == 200
+    levels = {
+        r.fields["path"]: r.levelno  # type: ignore[attr-defined]
+        for r in caplog.records
+        if r.name == "perceiver.server" and r.getMessage() == "request"
+    }
+    assert levels == {
+        "/healthz": logging.DEBUG,
+        "/readyz": logging.DEBUG,
+        "/metrics": logging.DEBUG,
+        "/v1/models": logging.INFO,
+    }
+
+
+def test_start_up_reports_each_models_load_and_warm_up_time(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger="perceiver.server"):
+        server = LiveServer(demo_tasks=["classify-text", "fill-mask"], warmup=True).start()
+        try:
+            with server.client() as client:
+                models = client.get("/v1/models").json()["models"]
+        finally:
+            server.stop()
+    ready = [r.getMessage() for r in caplog.records if r.getMessage().startswith("ready ")]
+    assert len(ready) == 1, ready
+    for model in models:
+        assert model["load_s"] >= 0 and model["warmup_s"] > 0, model
+        assert re.search(rf"{model['name']} \d+\.\d\+\d+\.\ds", ready[0]), ready[0]
