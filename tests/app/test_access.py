@@ -39,7 +39,6 @@ def test_requests_without_a_valid_key_get_a_json_401(locked: LiveServer) -> None
         assert r.headers["www-authenticate"] == "Bearer"
     with locked.client() as client:
         assert client.get("/v1/models").status_code == 401
-        assert client.get("/openapi.json").status_code == 401
 
 
 def test_any_configured_key_opens_the_api(locked: LiveServer) -> None:
@@ -56,6 +55,14 @@ def test_probes_and_metrics_stay_open(locked: LiveServer) -> None:
         metrics = client.get("/metrics")
     assert metrics.status_code == 200
     assert 'reason="unauthorized"' in metrics.text  # the refusals above were counted
+
+
+def test_the_pages_a_browser_loads_before_it_can_send_a_key_stay_open(locked: LiveServer) -> None:
+    with locked.client() as client:
+        for path in ("/docs", "/redoc", "/openapi.json", "/static/docs/swagger-ui.css", "/"):
+            assert client.get(path).status_code == 200, path
+        assert client.get("/v1/models").status_code == 401  # what the pages call still needs a key
+        assert client.get("/docsx").status_code == 401  # exact pages, not prefixes
 
 
 def test_metrics_can_require_a_key_too() -> None:
