@@ -378,8 +378,9 @@ def test_work_stops_at_the_next_pass_once_the_request_has_ended() -> None:
             )
             assert r.status_code == 504, r.text
             time.sleep(1.5)  # the first pass ends; the second would run now
-            assert model.passes == 1
+            ran = model.passes
+            assert ran <= 1  # 0 when decoding alone outlasted the deadline on a busy machine
             r = client.post("/v1/optical-flow", files={"frame1": ("a.png", first), "frame2": ("b.png", second)})
-            assert r.status_code == 200 and r.json()["tiles"] == 12 and model.passes == 3
+            assert r.status_code == 200 and r.json()["tiles"] == 12 and model.passes == ran + 2
     finally:
         server.stop()
