@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 
 import httpx
 import pytest
@@ -96,14 +97,22 @@ def test_fill_mask_and_flow_report_no_num_labels(client: httpx.Client) -> None:
 def test_probes_are_logged_at_debug_and_requests_at_info(
     demo_server: LiveServer, caplog: pytest.LogCaptureFixture
 ) -> None:
+    paths = ("/healthz", "/readyz", "/metrics", "/v1/models")
+
+    def request_levels() -> dict[str, int]:
+        return {
+            r.fields["path"]: r.levelno  # type: ignore[attr-defined]
+            for r in caplog.records
+            if r.name == "perceiver.server" and r.getMessage() == "request" and r.fields["path"] in paths  # type: ignore[attr-defined]
+        }
+
     with caplog.at_level(logging.DEBUG, logger="perceiver.server"), demo_server.client() as client:
-        for path in ("/healthz", "/readyz", "/metrics", "/v1/models"):
+        for path in paths:
             assert client.get(path).status_code == 200
-    levels = {
-        r.fields["path"]: r.levelno  # type: ignore[attr-defined]
-        for r in caplog.records
-        if r.name == "perceiver.server" and r.getMessage() == "request"
-    }
+        deadline = time.monotonic() + 5  # the server logs a request just after its response has gone out
+        while len(request_levels()) < 4 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        levels = request_levels()
     assert levels == {
         "/healthz": logging.DEBUG,
         "/readyz": logging.DEBUG,
