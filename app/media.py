@@ -6,14 +6,18 @@ Bad input never escapes as anything but a ServiceError: 415 for what is not a su
 
 from __future__ import annotations
 
+import contextlib
 import io
+import math
 import warnings
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .errors import InvalidInput, PayloadTooLarge, UnsupportedMedia
+from .errors import InvalidInput, PayloadTooLarge, ServiceError, UnsupportedMedia
 
 IMAGE_FORMATS = {"JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "MPO"}
 VIDEO_FORMATS = ("mp4", "mov", "m4a", "matroska", "webm", "3gp", "mj2")
@@ -111,6 +115,167 @@ def _open_container(data: bytes, what: str) -> object:
     return container
 
 
+@contextlib.contextmanager
+def _decoding(what: str) -> Iterator[None]:
+    """FFmpeg's and PyAV's exceptions as client errors (the upload is what failed), ours as they are."""
+    import av
+
+    try:
+        yield
+    except ServiceError:
+        raise
+    except av.error.FFmpegError as exc:
+        raise InvalidInput(f"the {what} is corrupt or truncated: {exc}") from exc
+    except Exception as exc:
+        raise InvalidInput(f"the {what} cannot be decoded: {exc}") from exc
+
+
+class VideoReader:
+    """A video whose header passed the limits (container, duration, declared frames, frame size).
+
+    Opening reads only the header: what a request asks of the video (clips, frames for flow) can be refused
+    on the declared ``duration`` and ``declared_frames`` before ``sample``, ``every`` or ``audio`` decodes
+    anything. Made by ``open_video``, which closes it.
+    """
+
+    def __init__(self, container: Any, *, max_seconds: float, max_frames: int, max_pixels: int) -> None:
+        self._container = container
+        self.max_frames = max_frames
+        self.max_pixels = max_pixels
+        fmt = container.format.name
+        if not any(name in VIDEO_FORMATS for name in fmt.split(",")):
+            raise UnsupportedMedia(f"container {fmt} is not accepted (MP4, MOV, MKV, WebM)")
+        streams = container.streams
+        if not streams.video:
+            raise InvalidInput("the upload has no video stream")
+        self._stream = video = streams.video[0]
+        self._audio = streams.audio[0] if streams.audio else None
+        in_container = _seconds(container.duration, 1e-6)
+        in_stream = _seconds(video.duration, video.time_base)
+        duration = in_container or in_stream
+        if duration is not None and duration > max_seconds:
+            raise PayloadTooLarge(f"video lasts {duration:.1f} s; the limit is {max_seconds:.0f} s")
+        if video.frames and video.frames > max_frames:
+            raise PayloadTooLarge(f"video declares {video.frames} frames; the limit is {max_frames}")
+        self.width, self.height = video.codec_context.width, video.codec_context.height
+        if self.width * self.height > max_pixels:
+            raise PayloadTooLarge("video frames have too many pixels")
+        # The video track's own length where the container says it (the audio track may run a few ms longer).
+        self._duration = in_stream or in_container
+        self.declared_frames: int | None = int(video.frames) or None
+        self.rate: float | None = float(video.average_rate) if video.average_rate else None
+        self.has_audio = self._audio is not None
+
+    @property
+    def duration(self) -> float:
+        """Seconds of video: from the header, or (WebM from a browser's recorder declares none) from the
+        timestamps of its packets, read without decoding them."""
+        if self._duration is None:
+            with _decoding("video"):
+                end, time_base = 0.0, self._stream.time_base
+                for index, packet in enumerate(self._container.demux(self._stream)):
+                    if index > self.max_frames:
+                        raise PayloadTooLarge(f"video has more than {self.max_frames} frames")
+                    if packet.pts is not None and time_base is not None:
+                        end = max(end, float((packet.pts + (packet.duration or 0)) * time_base))
+                self._container.seek(0)
+            self._duration = end
+        return self._duration
+
+    def estimated_frames(self) -> int | None:
+        """Frames the video declares, or its duration times its frame rate; None when neither is known."""
+        if self.declared_frames:
+            return self.declared_frames
+        if self.rate:
+            return math.ceil(self.duration * self.rate - 1e-3)
+        return None
+
+    def sample(
+        self, times: Sequence[float], transform: Callable[[np.ndarray], np.ndarray] | None = None
+    ) -> list[np.ndarray]:
+        """For each time (seconds, any order), the last frame shown at or before it (the first frame for
+        times before it, the last frame for times past the end), as uint8 RGB passed through ``transform``.
+
+        Each source frame is converted at most once, and only if some time needs it; decoding stops once
+        every time is covered.
+        """
+        order = sorted(range(len(times)), key=times.__getitem__)
+        out: list[np.ndarray | None] = [None] * len(times)
+        filled = 0
+        cached: tuple[Any, np.ndarray] | None = None
+
+        def convert(frame: Any) -> np.ndarray:
+            nonlocal cached
+            if cached is None or cached[0] is not frame:
+                rgb = frame.to_ndarray(format="rgb24")
+                cached = (frame, rgb if transform is None else transform(rgb))
+            return cached[1]
+
+        previous = None
+        with _decoding("video"):
+            for index, frame in enumerate(self._container.decode(self._stream)):
+                if index >= self.max_frames:
+                    raise PayloadTooLarge(f"video has more than {self.max_frames} frames")
+                t = frame.time if frame.time is not None else index / (self.rate or 25.0)
+                while filled < len(order) and times[order[filled]] < t - 1e-6:  # times before this frame
+                    out[order[filled]] = convert(previous if previous is not None else frame)
+                    filled += 1
+                previous = frame
+                if filled == len(order):
+                    break
+            if previous is None:
+                raise InvalidInput("the video has no decodable frames")
+            for i in order[filled:]:
+                out[i] = convert(previous)
+        return [frame for frame in out if frame is not None]
+
+    def every(self, stride: int, max_kept: int) -> tuple[list[np.ndarray], list[float]]:
+        """Frames 0, stride, 2·stride, ... of the stream as uint8 RGB [H, W, 3], with their times in seconds;
+        more than ``max_kept`` of them is a 413, raised as soon as the one too many is reached."""
+        frames: list[np.ndarray] = []
+        times: list[float] = []
+        with _decoding("video"):
+            for index, frame in enumerate(self._container.decode(self._stream)):
+                if index >= self.max_frames:
+                    raise PayloadTooLarge(f"video has more than {self.max_frames} frames")
+                if index % stride:
+                    continue
+                if len(frames) == max_kept:
+                    raise PayloadTooLarge(
+                        f"video has more than {max_kept} frames at stride {stride}; the limit is {max_kept}"
+                    )
+                rgb = frame.to_ndarray(format="rgb24")
+                if rgb.shape[0] * rgb.shape[1] > self.max_pixels:
+                    raise PayloadTooLarge("video frames have too many pixels")
+                if frames and rgb.shape != frames[0].shape:
+                    raise InvalidInput(
+                        f"the video changes frame size at frame {index} ({rgb.shape[1]}x{rgb.shape[0]}, "
+                        f"was {frames[0].shape[1]}x{frames[0].shape[0]}); flow needs frames of one size"
+                    )
+                frames.append(rgb)
+                times.append(float(frame.time) if frame.time is not None else index / (self.rate or 25.0))
+        return frames, times
+
+    def audio(self, samples: int) -> np.ndarray | None:
+        """The first ``samples`` of the video's own track as float32 mono 48 kHz; None without a track."""
+        if self._audio is None:
+            return None
+        with _decoding("video"):
+            return _decode_audio_stream(self._container, self._audio, samples)
+
+
+@contextlib.contextmanager
+def open_video(data: bytes, *, max_seconds: float, max_frames: int, max_pixels: int) -> Iterator[VideoReader]:
+    """A ``VideoReader`` on the upload, its header checked; closed on the way out."""
+    container: Any = _open_container(data, "video")
+    try:
+        with _decoding("video"):
+            reader = VideoReader(container, max_seconds=max_seconds, max_frames=max_frames, max_pixels=max_pixels)
+        yield reader
+    finally:
+        container.close()
+
+
 def decode_video(
     data: bytes,
     *,
@@ -121,37 +286,13 @@ def decode_video(
     max_frames: int,
     max_pixels: int,
 ) -> DecodedClip:
-    """The first ``num_frames`` frames at ``fps`` and the first ``audio_samples`` of 48 kHz mono audio."""
-    import av
+    """The first ``num_frames`` frames at ``fps`` and the first ``audio_samples`` of 48 kHz mono audio.
 
-    container = _open_container(data, "video")
-    try:
-        fmt = container.format.name  # type: ignore[attr-defined]
-        if not any(name in VIDEO_FORMATS for name in fmt.split(",")):
-            raise UnsupportedMedia(f"container {fmt} is not accepted (MP4, MOV, MKV, WebM)")
-        streams = container.streams  # type: ignore[attr-defined]
-        if not streams.video:
-            raise InvalidInput("the upload has no video stream")
-        video = streams.video[0]
-        duration = _seconds(container.duration, 1e-6) or _seconds(video.duration, video.time_base)  # type: ignore[attr-defined]
-        if duration is not None and duration > max_seconds:
-            raise PayloadTooLarge(f"video lasts {duration:.1f} s; the limit is {max_seconds:.0f} s")
-        if video.frames and video.frames > max_frames:
-            raise PayloadTooLarge(f"video declares {video.frames} frames; the limit is {max_frames}")
-        if video.codec_context.width * video.codec_context.height > max_pixels:
-            raise PayloadTooLarge("video frames have too many pixels")
-        frames = _sample_frames(container, video, num_frames, fps, max_frames)
-        audio = _decode_audio_stream(container, streams.audio[0], audio_samples) if streams.audio else None
-    except (UnsupportedMedia, InvalidInput, PayloadTooLarge):
-        raise
-    except av.error.FFmpegError as exc:
-        raise InvalidInput(f"the video is corrupt or truncated: {exc}") from exc
-    except Exception as exc:
-        raise InvalidInput(f"the video cannot be decoded: {exc}") from exc
-    finally:
-        container.close()  # type: ignore[attr-defined]
-    if not frames:
-        raise InvalidInput("the video has no decodable frames")
+    Clips shorter than num_frames / fps repeat their last frame.
+    """
+    with open_video(data, max_seconds=max_seconds, max_frames=max_frames, max_pixels=max_pixels) as video:
+        frames = video.sample([k / fps for k in range(num_frames)])
+        audio = video.audio(audio_samples)
     return DecodedClip(np.stack(frames), audio if audio is not None else np.zeros(0, np.float32), audio is not None)
 
 
@@ -179,28 +320,6 @@ def _seconds(value: object, unit: object) -> float | None:
     if value is None or unit is None:
         return None
     return float(value) * float(unit)  # type: ignore[arg-type]
-
-
-def _sample_frames(container: object, video: object, count: int, fps: float, max_frames: int) -> list[np.ndarray]:
-    """Frames at t = k / fps (k < count): for each, the last decoded frame at or before t.
-
-    Clips shorter than count / fps repeat their last frame. Decoding stops once the targets are covered.
-    """
-    out: list[np.ndarray] = []
-    previous: np.ndarray | None = None
-    for index, frame in enumerate(container.decode(video)):  # type: ignore[attr-defined]
-        if index >= max_frames:
-            raise PayloadTooLarge(f"video has more than {max_frames} frames")
-        t = frame.time if frame.time is not None else index / fps
-        rgb = frame.to_ndarray(format="rgb24")
-        while len(out) < count and len(out) / fps < t - 1e-6:  # targets before this frame
-            out.append(previous if previous is not None else rgb)
-        previous = rgb
-        if len(out) >= count:
-            break
-    while previous is not None and len(out) < count:
-        out.append(previous)
-    return out
 
 
 MAX_AUDIO_RATE = 768_000  # the highest rate real recordings use (DXD is 352.8 kHz; some interfaces do 768 kHz)

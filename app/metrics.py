@@ -18,6 +18,7 @@ MULTIPROCESS = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 _COST_BUCKETS = tuple(float(4**i) for i in range(4, 16))
+_UNITS_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 _GC_BUCKETS = (0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5)
 
 
@@ -54,6 +55,14 @@ class Metrics:
             "perceiver_batch_cost", "Input elements per forward pass.", labels, buckets=_COST_BUCKETS, registry=r
         )
         self.batches = Counter("perceiver_batches", "Forward passes run.", labels, registry=r)
+        self.units_per_request = Histogram(
+            "perceiver_units_per_request",
+            "Forward-pass items one answered request brought: images, video clips, flow windows (pairs x windows "
+            "per pair), text windows.",
+            labels,
+            buckets=_UNITS_BUCKETS,
+            registry=r,
+        )
         self.queue_depth = Gauge(
             "perceiver_queue_depth",
             "Requests waiting for a forward pass.",

@@ -7,12 +7,17 @@
 - clip.mp4: one second, 320x240 at 25 fps (H.264), a slow pan across the coffee photo, with a mono AAC
   track at 48 kHz: an A4 tone (440 Hz) for half a second, then A5 (880 Hz).
 
+- long_text.json: a JSON body {"text", "top_k"} for /v1/fill-mask (and /v1/classify-text with
+  long_text=windows): 100 numbered lines of a pangram, 5,514 bytes, longer than the 2,046 bytes the text
+  models read at once, with a [MASK] for one byte in line 10, line 50 and line 95.
+
 Deterministic: the same inputs give the same pixels and samples (the encoded bytes may differ between
 FFmpeg builds).
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import av
@@ -64,6 +69,15 @@ def clip() -> None:
             container.mux(packet)
 
 
+def long_text() -> None:
+    lines = [f"Line {i:03}: the quick brown fox jumps over the lazy dog." for i in range(1, 101)]
+    for number, word in ((10, "quick"), (50, "brown"), (95, "lazy")):  # its second letter becomes a [MASK]
+        lines[number - 1] = lines[number - 1].replace(word, word[0] + "[MASK]" + word[2:])
+    body = {"text": "\n".join(lines), "top_k": 2}
+    (HERE / "long_text.json").write_text(json.dumps(body) + "\n")
+
+
 if __name__ == "__main__":
     frames()
     clip()
+    long_text()

@@ -50,8 +50,11 @@ def what_it_takes(task: Task[Any, Any, Any]) -> str:
     """One sentence on the body an endpoint accepts, for error messages."""
     if not task.uploads:
         return f"{task.path} takes a JSON object (content-type: application/json) with {_names(task)}"
-    fields = ", ".join(f"{u.name}{'' if u.required else ' (optional)'}" for u in task.uploads)
+    fields = ", ".join(f"{u.name}{'' if u.required else ' (optional)'}" for u in task.uploads if not u.instead_of)
     text = f"{task.path} takes multipart/form-data with the file field(s) {fields}"
+    for upload in task.uploads:
+        if upload.instead_of:
+            text += f" (or {upload.name} instead of {' and '.join(upload.instead_of)})"
     raw = [u for u in task.uploads if u.raw_types]
     if raw:
         types = " or ".join(t + ("*" if t.endswith("/") else "") for t in raw[0].raw_types)
@@ -142,9 +145,19 @@ def _check_uploads(uploads: tuple[Upload, ...], files: dict[str, list[bytes]], t
     for name in files:
         if name not in known:
             raise InvalidInput(f"{name}: unknown file field; {what_it_takes(task)}")
+    replaced: set[str] = set()  # uploads made unnecessary by one sent instead of them
+    for upload in uploads:
+        if upload.instead_of and upload.name in files:
+            both = [name for name in upload.instead_of if name in files]
+            if both:
+                raise InvalidInput(
+                    f"{upload.name}: sent with {' and '.join(both)}; send {upload.name} or "
+                    f"{' and '.join(upload.instead_of)}, not both"
+                )
+            replaced.update(upload.instead_of)
     for upload in uploads:
         count = len(files.get(upload.name, ()))
-        if count == 0 and upload.required:
+        if count == 0 and upload.required and upload.name not in replaced:
             raise InvalidInput(f"{upload.name}: file required; {what_it_takes(task)}")
         if count > 1 and not upload.repeatable:
             raise InvalidInput(f"{upload.name}: one file expected, got {count}")

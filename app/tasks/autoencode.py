@@ -1,9 +1,13 @@
 """POST /v1/autoencode: multimodal (video + audio + label) autoencoding, and Kinetics-700 classification.
 
-The model sees the first 16 frames at 25 fps (0.64 s) and the matching 30,720 samples of 48 kHz mono
-audio: the video's own track, a separate ``audio`` upload, or silence. By default only the label query
-is decoded (top-k classes); ``reconstruction=npz|mp4`` also decodes every video pixel and audio sample,
-running the encoder once for all of them.
+The model sees one clip: 16 frames at 25 fps (0.64 s) and the matching 30,720 samples of 48 kHz mono
+audio (the video's own track, a separate ``audio`` upload, or silence). ``clips`` says which clips of the
+video it sees: ``first`` (the default), ``uniform`` (as many as the video holds, up to the server's
+``max_video_clips``, spread evenly from its start to its end) or a number of clips spread the same way.
+The answer is the top-k of the clip-averaged probabilities (and each clip's own with ``per_clip``).
+All the clips of a request are one unit of the batcher, costed by its clip count. By default only the
+label query is decoded; ``reconstruction=npz|mp4`` also decodes every video pixel and audio sample of
+every clip, running the encoder once for all of them.
 """
 
 from __future__ import annotations
@@ -12,21 +16,31 @@ import io
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 from perceiver_core import PerceiverConfig, PerceiverHead
 from perceiver_core.heads import PerceiverForMultimodalAutoencoding
-from perceiver_core.processing.video import AUDIO_RATE, VIDEO_FPS, prepare_audio, prepare_frames
+from perceiver_core.processing.video import (
+    AUDIO_RATE,
+    VIDEO_FPS,
+    clip_count,
+    clip_starts,
+    prepare_audio,
+    prepare_frame,
+)
 
-from ..media import decode_audio, decode_video
+from ..batching import still_wanted
+from ..errors import PayloadTooLarge
+from ..media import decode_audio, open_video
 from .base import DEMO_LATENTS, DecodeContext, Reply, Task, TaskRequest, Upload, naming, to_device, top_predictions
 from .classify import Prediction
 
 RECONSTRUCTION_CHUNKS = 16  # decoder query chunks per video: fewer, larger passes on a GPU
+CLIPS_PER_PASS = 4  # bounds activation memory when one request alone brings many clips
 # Common ingress limits on all response headers together are 4-8 KB (nginx answers 502 above them).
 MAX_PREDICTIONS_HEADER = 2048
 
@@ -36,19 +50,45 @@ class AutoencodeRequest(TaskRequest):
     reconstruction: Literal["none", "npz", "mp4"] = Field(
         "none", description="none: only the label query is decoded; npz or mp4: every pixel and sample too."
     )
+    clips: Literal["first", "uniform"] | Annotated[int, Field(ge=1)] = Field(
+        "first",
+        description="Which 0.64 s clips the model sees. first: the first one. uniform: as many as the video "
+        "holds (ceil(duration / 0.64)), at most the server's max_video_clips, spread evenly from its start to "
+        "its end. A number N: N clips spread the same way (over max_video_clips: 413). Predictions are "
+        "averaged over the clips.",
+    )
+    per_clip: bool = Field(False, description="Also return each clip's own top-k, with its start time.")
+
+    @field_validator("clips", mode="before")
+    @classmethod
+    def _clips(cls, value: Any) -> Any:
+        """One message for the three forms instead of one per branch of the union."""
+        if value in ("first", "uniform") or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+            return value
+        if isinstance(value, str) and value.isdigit() and int(value) >= 1:
+            return int(value)
+        raise ValueError(f"clips is first, uniform or a number of clips (1 or more), not {value!r}")
+
+
+class ClipPredictions(BaseModel):
+    start_s: float = Field(description="Where the clip starts in the video, in seconds.")
+    predictions: list[Prediction]
 
 
 class AutoencodeResponse(BaseModel):
     model: str
     weights: str
     audio_source: str
-    predictions: list[Prediction]
+    num_clips: int = Field(description="Clips the predictions average over.")
+    predictions: list[Prediction] = Field(description="Top-k of the class probabilities averaged over the clips.")
+    per_clip: list[ClipPredictions] | None = Field(None, description="With per_clip=true: each clip's top-k.")
 
 
 @dataclass
-class Clip:
-    frames: torch.Tensor  # [T, 3, 224, 224] in [0, 1]
-    audio: torch.Tensor  # [S, 1]
+class Clips:
+    frames: torch.Tensor  # uint8 [N, T, S, S, 3]: N clips of T frames, centre-cropped and resized
+    audio: torch.Tensor  # [N, A, 1] in [-1, 1]
+    starts: list[float]  # seconds
     audio_source: str
     top_k: int
     reconstruct: bool
@@ -102,7 +142,7 @@ def predictions_header(predictions: list[dict[str, Any]]) -> dict[str, str]:
     }
 
 
-class Autoencode(Task[AutoencodeRequest, Clip, dict[str, Any]]):
+class Autoencode(Task[AutoencodeRequest, Clips, dict[str, Any]]):
     name = "autoencode"
     path = "/v1/autoencode"
     summary = "Classify (and optionally reconstruct) a video with its audio"
@@ -130,79 +170,149 @@ class Autoencode(Task[AutoencodeRequest, Clip, dict[str, Any]]):
     encode_offloaded = True  # npz compression or H.264 encoding
     max_batch_size_cap = 4
 
-    def decode(self, request: AutoencodeRequest, files: Mapping[str, bytes], ctx: DecodeContext) -> Clip:
+    def decode(self, request: AutoencodeRequest, files: Mapping[str, bytes], ctx: DecodeContext) -> Clips:
         config, limits = ctx.config, ctx.limits
-        samples = config.num_frames * config.audio_samples_per_frame
-        with naming("video"):
-            clip = decode_video(
+        length, per_frame, size = config.num_frames, config.audio_samples_per_frame, input_size(config)
+        if isinstance(request.clips, int) and request.clips > limits.max_video_clips:
+            raise PayloadTooLarge(
+                f"clips={request.clips} is over the server's limit of {limits.max_video_clips} clips per video; "
+                f"ask for at most {limits.max_video_clips}, or clips=uniform"
+            )
+        with (
+            naming("video"),
+            open_video(
                 files["video"],
-                num_frames=config.num_frames,
-                fps=VIDEO_FPS,
-                audio_samples=samples,
                 max_seconds=limits.max_video_seconds,
                 max_frames=limits.max_video_frames,
                 max_pixels=limits.max_image_pixels,
-            )
+            ) as video,
+        ):
+            starts = [0]  # first frame of each clip, in 1/25 s
+            if request.clips != "first":
+                count = request.clips
+                if count == "uniform":
+                    count = min(clip_count(video.duration, length, VIDEO_FPS), limits.max_video_clips)
+                starts = clip_starts(video.duration, int(count), length, VIDEO_FPS)
+            times = [(start + k) / VIDEO_FPS for start in starts for k in range(length)]
+            frames = video.sample(times, lambda rgb: prepare_frame(rgb, size))
+            needed = (max(starts) + length) * per_frame  # audio samples up to the end of the last clip
+            track = video.audio(needed) if "audio" not in files else None
         if "audio" in files:
             with naming("audio"):
-                track, source = decode_audio(files["audio"], samples, limits.max_video_seconds), "upload"
-        elif clip.has_audio:
-            track, source = clip.audio, "video"
+                track, source = decode_audio(files["audio"], needed, limits.max_video_seconds), "upload"
+        elif track is not None:
+            source = "video"
         else:
             track, source = np.zeros(0, np.float32), "silence"
-        frames = prepare_frames(clip.frames, config.num_frames, input_size(config))
-        return Clip(frames, prepare_audio(track, samples), source, request.top_k, request.reconstruction != "none")
+        samples = length * per_frame
+        audio = [prepare_audio(track[s * per_frame : s * per_frame + samples], samples) for s in starts]
+        return Clips(
+            frames=torch.from_numpy(np.stack(frames).reshape(len(starts), length, size, size, 3)),
+            audio=torch.stack(audio),
+            starts=[s / VIDEO_FPS for s in starts],
+            audio_source=source,
+            top_k=request.top_k,
+            reconstruct=request.reconstruction != "none",
+        )
 
-    def bucket(self, payload: Clip) -> bool:
+    def bucket(self, payload: Clips) -> bool:
         # One bucket per batch: either every clip is reconstructed, or only the label query is decoded.
         return payload.reconstruct
 
-    def predict(self, model: PerceiverHead, payloads: Sequence[Clip]) -> list[dict[str, Any]]:
+    def cost(self, payload: Clips) -> int:
+        return int(payload.frames.shape[0])  # clips: max_batch_cost bounds clips per batch
+
+    def units(self, payload: Clips) -> int:
+        return int(payload.frames.shape[0])
+
+    def default_max_batch_cost(self, max_batch_size: int) -> int:
+        return max_batch_size  # one request may bring up to max_video_clips clips: bound clips, not requests
+
+    def predict(self, model: PerceiverHead, payloads: Sequence[Clips]) -> list[dict[str, Any]]:
+        """All clips of all requests, in forward passes of at most CLIPS_PER_PASS clips. Before each pass,
+        clips of requests that have ended (deadline, disconnect) are left out: their answer is thrown away."""
         if not isinstance(model, PerceiverForMultimodalAutoencoding):
             raise TypeError(f"autoencode needs PerceiverForMultimodalAutoencoding, got {type(model).__name__}")
-        b = len(payloads)
-        inputs = {
-            "image": to_device(torch.stack([p.frames for p in payloads]), model),
-            "audio": to_device(torch.stack([p.audio for p in payloads]), model),
-            "label": to_device(torch.zeros(b, model.config.num_labels), model),
-        }
-        z = model.encode(inputs)
-        empty = torch.zeros(0, dtype=torch.long, device=z.device)
-        out = model.decode_all(z, RECONSTRUCTION_CHUNKS) if payloads[0].reconstruct else model.decode(z, empty, empty)
-        probs = out["label"].float().softmax(-1).cpu()
-        results = []
-        for i, clip in enumerate(payloads):
+        clips = [(i, c) for i, p in enumerate(payloads) for c in range(p.frames.shape[0])]
+        reconstruct = payloads[0].reconstruct
+        probs = torch.zeros(len(clips), model.config.num_labels)
+        videos: dict[int, torch.Tensor] = {}
+        sounds: dict[int, torch.Tensor] = {}
+        for first in range(0, len(clips), CLIPS_PER_PASS):
+            wanted = still_wanted(payloads)
+            chunk = [j for j in range(first, min(first + CLIPS_PER_PASS, len(clips))) if wanted[clips[j][0]]]
+            if not chunk:
+                continue
+            frames = torch.stack([payloads[i].frames[c] for i, c in (clips[j] for j in chunk)])  # [b, T, S, S, 3]
+            inputs = {
+                "image": to_device(frames.permute(0, 1, 4, 2, 3).float() / 255.0, model),  # [b, T, 3, S, S]
+                "audio": to_device(torch.stack([payloads[i].audio[c] for i, c in (clips[j] for j in chunk)]), model),
+                "label": to_device(torch.zeros(len(chunk), model.config.num_labels), model),
+            }
+            z = model.encode(inputs)
+            empty = torch.zeros(0, dtype=torch.long, device=z.device)
+            out = model.decode_all(z, RECONSTRUCTION_CHUNKS) if reconstruct else model.decode(z, empty, empty)
+            probs[chunk] = out["label"].float().softmax(-1).cpu()
+            if reconstruct:
+                for row, j in enumerate(chunk):
+                    videos[j] = out["image"][row].float().clamp(0, 1).cpu()  # [T, H, W, 3]
+                    sounds[j] = out["audio"][row].float().clamp(-1, 1).cpu()  # [S]
+        results, first = [], 0
+        for clip in payloads:
+            rows = range(first, first + clip.frames.shape[0])
+            first += len(rows)
             result: dict[str, Any] = {
                 "audio_source": clip.audio_source,
-                "predictions": top_predictions(probs[i], clip.top_k, model.config),
+                "starts": clip.starts,
+                "predictions": top_predictions(probs[list(rows)].mean(0), clip.top_k, model.config),
+                "per_clip": [top_predictions(probs[j], clip.top_k, model.config) for j in rows],
             }
-            if clip.reconstruct:
-                result["video"] = out["image"][i].float().clamp(0, 1).cpu()  # [T, H, W, 3]
-                result["audio"] = out["audio"][i].float().clamp(-1, 1).cpu()  # [S]
+            if reconstruct and all(j in videos for j in rows):
+                result["video"] = torch.stack([videos[j] for j in rows])  # [N, T, H, W, 3]
+                result["audio"] = torch.stack([sounds[j] for j in rows])  # [N, S]
             results.append(result)
         return results
 
     def encode(self, result: dict[str, Any], request: AutoencodeRequest) -> dict[str, Any] | Reply:
-        fields = {"audio_source": result["audio_source"], "predictions": result["predictions"]}
+        fields: dict[str, Any] = {
+            "audio_source": result["audio_source"],
+            "num_clips": len(result["starts"]),
+            "predictions": result["predictions"],
+        }
+        if request.per_clip:
+            fields["per_clip"] = [
+                {"start_s": round(start, 4), "predictions": predictions}
+                for start, predictions in zip(result["starts"], result["per_clip"], strict=True)
+            ]
         if request.reconstruction == "none":
             return fields
         headers = predictions_header(result["predictions"])
-        if request.reconstruction == "mp4":
-            return Reply(encode_mp4(result["video"], result["audio"]), "video/mp4", headers)
+        video, audio = result["video"], result["audio"]  # [N, T, H, W, 3], [N, S]
+        if request.clips != "first":
+            headers["x-clip-starts"] = json.dumps([round(s, 4) for s in result["starts"]])
+        if request.reconstruction == "mp4":  # the clips one after another
+            return Reply(encode_mp4(video.flatten(0, 1), audio.flatten()), "video/mp4", headers)
+        arrays: dict[str, np.ndarray] = {
+            # clips=first keeps the one-clip layout: video [T, H, W, 3], audio [S]
+            "video": (video[0] if request.clips == "first" else video).numpy(),
+            "audio": (audio[0] if request.clips == "first" else audio).numpy(),
+            "labels": np.array([p["label"] for p in result["predictions"]]),
+            "scores": np.array([p["score"] for p in result["predictions"]], dtype=np.float32),
+        }
+        if request.clips != "first":
+            arrays["starts"] = np.array(result["starts"], dtype=np.float32)
+        if request.per_clip:
+            arrays["clip_labels"] = np.array([[p["label"] for p in clip] for clip in result["per_clip"]])
+            arrays["clip_scores"] = np.array([[p["score"] for p in clip] for clip in result["per_clip"]], np.float32)
         buffer = io.BytesIO()
-        np.savez_compressed(
-            buffer,
-            video=result["video"].numpy(),
-            audio=result["audio"].numpy(),
-            labels=np.array([p["label"] for p in result["predictions"]]),
-            scores=np.array([p["score"] for p in result["predictions"]], dtype=np.float32),
-        )
+        np.savez_compressed(buffer, **arrays)  # type: ignore[arg-type]
         return Reply(buffer.getvalue(), "application/x-npz", headers)
 
-    def warmup_payloads(self, config: PerceiverConfig) -> list[Clip]:
-        frames = torch.zeros(config.num_frames, 3, input_size(config), input_size(config))
-        audio = torch.zeros(config.num_frames * config.audio_samples_per_frame, 1)
-        return [Clip(frames, audio, "silence", 1, r) for r in (False, True)]
+    def warmup_payloads(self, config: PerceiverConfig) -> list[Clips]:
+        size = input_size(config)
+        frames = torch.zeros(1, config.num_frames, size, size, 3, dtype=torch.uint8)
+        audio = torch.zeros(1, config.num_frames * config.audio_samples_per_frame, 1)
+        return [Clips(frames, audio, [0.0], "silence", 1, r) for r in (False, True)]
 
 
 TASK = Autoencode()

@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict
 from perceiver_core import PerceiverConfig, PerceiverHead
 from perceiver_core.processing import tokenizer
 
-from ..errors import InvalidInput, ServiceError
+from ..errors import InvalidInput, PayloadTooLarge, ServiceError
 
 RequestT = TypeVar("RequestT", bound=BaseModel)
 PayloadT = TypeVar("PayloadT")
@@ -64,6 +64,7 @@ class Upload:
     required: bool = True
     repeatable: bool = False  # several files under this name: one payload (and one result) each
     raw_types: tuple[str, ...] = ()  # content types also accepted as the whole request body
+    instead_of: tuple[str, ...] = ()  # uploads this one replaces (a video instead of two frames); never both
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,8 @@ class Limits:
     max_video_frames: int
     max_text_bytes: int
     max_flow_tiles: int
+    max_video_clips: int = 8
+    max_flow_frames: int = 32
     image_decoder: str = "auto"  # auto: scaled JPEG decoding where it stays in tolerance; exact: reference
 
 
@@ -130,6 +133,11 @@ class Task(ABC, Generic[RequestT, PayloadT, ResultT]):
         """Input elements, for ``max_batch_cost``."""
         return 1
 
+    def units(self, payload: PayloadT) -> int:
+        """Forward-pass items the payload brings (an image, a video's clips, a text's windows, flow windows),
+        for the units-per-request metric."""
+        return 1
+
     def default_max_batch_cost(self, max_batch_size: int) -> int | None:
         """``max_batch_cost`` unless a model spec sets one (None: batches are bounded by size alone)."""
         return None
@@ -162,17 +170,27 @@ def naming(field: str) -> Iterator[None]:
         raise
 
 
-def encode_text(text: str, max_bytes: int) -> list[int]:
-    """Byte ids with [CLS]/[SEP]; over-long text is refused (422), not silently truncated."""
-    size = len(text.encode("utf-8"))
+def text_ids(text: str, max_bytes: int) -> list[int]:
+    """Byte ids of a text, without [CLS]/[SEP] (each ``[MASK]`` is one id). Text over ``max_bytes`` UTF-8
+    bytes is refused (413) before it is tokenized: the work a request brings stays bounded."""
+    if len(text) > max_bytes:  # each character is at least one byte: no need to encode to know
+        raise PayloadTooLarge(f"text is over {max_bytes} UTF-8 bytes (the server's limit); send a shorter text")
+    try:
+        size = len(text.encode("utf-8"))
+    except UnicodeEncodeError as exc:  # a lone surrogate, e.g. "\ud800" in JSON
+        raise InvalidInput(f"text is not valid Unicode at character {exc.start}: {exc.reason}") from None
     if size > max_bytes:
-        raise InvalidInput(f"text is {size} UTF-8 bytes; the limit is {max_bytes}")
-    return tokenizer.encode(text, truncate=False, max_length=max_bytes + 2)
+        raise PayloadTooLarge(f"text is {size} UTF-8 bytes; the server's limit is {max_bytes}; send a shorter text")
+    return tokenizer.encode(text, truncate=False, max_length=size + 2)[1:-1]
 
 
-def text_limit(ctx: DecodeContext) -> int:
-    """Longest text in bytes: the server's limit, or what the model's positions hold besides [CLS]/[SEP]."""
-    return min(ctx.limits.max_text_bytes, ctx.config.max_position_embeddings - 2)
+def text_window(ctx: DecodeContext) -> int:
+    """Bytes the model reads at once: its positions, less [CLS] and [SEP] (2,046 for 2,048 positions)."""
+    return ctx.config.max_position_embeddings - 2
+
+
+def with_specials(ids: Sequence[int]) -> list[int]:
+    return [tokenizer.CLS, *ids, tokenizer.SEP]
 
 
 def warmup_ids(config: PerceiverConfig) -> list[list[int]]:

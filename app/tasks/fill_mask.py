@@ -1,4 +1,9 @@
-"""POST /v1/fill-mask: byte-level masked language modelling. Each [MASK] stands for one UTF-8 byte."""
+"""POST /v1/fill-mask: byte-level masked language modelling. Each [MASK] stands for one UTF-8 byte.
+
+The model reads 2,046 bytes at once. A longer text is cut into evenly spaced windows of 2,046 bytes, each
+overlapping the next by at least half; each mask is predicted from the window in which it sits most
+centrally (the most context on both sides), and only the windows that some mask needs are run.
+"""
 
 from __future__ import annotations
 
@@ -11,22 +16,27 @@ from pydantic import BaseModel, Field
 
 from perceiver_core import PerceiverConfig, PerceiverHead
 from perceiver_core.processing import tokenizer
+from perceiver_core.processing.tokenizer import central_window, window_starts
 
+from ..batching import still_wanted
 from ..errors import InvalidInput
 from .base import (
     DEMO_TEXT,
+    TEXT_BUCKETS,
     DecodeContext,
     Task,
     TaskRequest,
-    encode_text,
     pad_ids,
     text_bucket,
-    text_limit,
+    text_ids,
+    text_window,
     to_device,
     warmup_ids,
+    with_specials,
 )
 
 BYTE_IDS = slice(tokenizer.BYTE_OFFSET, tokenizer.VOCAB_SIZE)
+ROWS_PER_PASS = 8  # windows per forward pass when long texts fill a batch (short-text batches stay whole)
 
 
 class FillMaskRequest(TaskRequest):
@@ -49,6 +59,11 @@ class Candidate(BaseModel):
 class MaskPrediction(BaseModel):
     byte_offset: int = Field(description="Offset of this [MASK] in the UTF-8 bytes of the filled text.")
     candidates: list[Candidate]
+    window: list[int] | None = Field(
+        None,
+        description="Only for text longer than the model's 2,046 bytes: [start, end) byte offsets (in the filled "
+        "text) of the window this mask was predicted from, the one in which it sits most centrally.",
+    )
 
 
 class FillMaskResponse(BaseModel):
@@ -60,9 +75,19 @@ class FillMaskResponse(BaseModel):
 
 @dataclass(frozen=True)
 class MaskedText:
-    ids: list[int]  # byte ids with [CLS]/[SEP]
-    masked: list[int]  # indices of the [MASK] ids among them
+    ids: list[int]  # the text's byte ids, without [CLS]/[SEP] (each [MASK] is one id)
+    size: int  # bytes the model reads at once
+    starts: list[int]  # offset in ids of each window run: [0] for a text that fits the model
+    masked: list[list[int]]  # per window: the positions (in ids) of the [MASK]s it answers
     top_k: int
+
+    @property
+    def windowed(self) -> bool:
+        return len(self.ids) > self.size
+
+    def row(self, window: int) -> list[int]:
+        start = self.starts[window]
+        return with_specials(self.ids[start : start + self.size])
 
 
 class FillMask(Task[FillMaskRequest, MaskedText, dict[str, Any]]):
@@ -80,50 +105,88 @@ class FillMask(Task[FillMaskRequest, MaskedText, dict[str, Any]]):
     decode_offloaded = False  # a UTF-8 encode: cheaper than a hop to the decode pool
 
     def decode(self, request: FillMaskRequest, files: Mapping[str, bytes], ctx: DecodeContext) -> MaskedText:
-        ids = encode_text(request.text, text_limit(ctx))
-        masked = [i for i, t in enumerate(ids) if t == tokenizer.MASK]
-        if not masked:
+        ids, size = text_ids(request.text, ctx.limits.max_text_bytes), text_window(ctx)
+        masks = [i for i, t in enumerate(ids) if t == tokenizer.MASK]
+        if not masks:
             raise InvalidInput("the text has no [MASK]; mark each byte to predict with [MASK]")
-        return MaskedText(ids, masked, request.top_k)
+        starts = window_starts(len(ids), size)
+        chosen = [central_window(m, starts, size) for m in masks]
+        windows = sorted(set(chosen))  # only the windows some mask needs
+        masked = [[m for m, w in zip(masks, chosen, strict=True) if w == window] for window in windows]
+        return MaskedText(ids, size, [starts[w] for w in windows], masked, request.top_k)
 
     def bucket(self, payload: MaskedText) -> int:
-        return text_bucket(len(payload.ids))
+        return text_bucket(min(len(payload.ids), payload.size) + 2)
 
     def cost(self, payload: MaskedText) -> int:
-        return text_bucket(len(payload.ids))
+        return len(payload.starts) * self.bucket(payload)  # ids the forward pass reads, padding included
+
+    def units(self, payload: MaskedText) -> int:
+        return len(payload.starts)
+
+    def default_max_batch_cost(self, max_batch_size: int) -> int:
+        # A full batch of the longest single-window texts: never binds before max_batch_size for those, and a
+        # text of many windows is a batch of its own.
+        return max_batch_size * TEXT_BUCKETS[-1]
 
     def predict(self, model: PerceiverHead, payloads: Sequence[MaskedText]) -> list[dict[str, Any]]:
-        length = text_bucket(max(len(p.ids) for p in payloads))
-        ids, mask = pad_ids([p.ids for p in payloads], length)
-        positions = sorted({i for p in payloads for i in p.masked})  # decode only masked positions
-        column = {pos: j for j, pos in enumerate(positions)}
-        logits = model(
-            inputs=to_device(ids, model),
-            attention_mask=to_device(mask, model),
-            positions=to_device(torch.tensor(positions), model),
-        ).logits
-        probs = logits[..., BYTE_IDS].float().softmax(-1).cpu()  # [B, P, 256]
-        out = []
-        for row, payload in zip(probs, payloads, strict=True):
-            filled = list(payload.ids)
-            masks = []
-            for pos in payload.masked:
-                scores, best = row[column[pos]].topk(payload.top_k)
+        """Every window of every payload in passes of at most max(len(payloads), ROWS_PER_PASS) windows,
+        decoding only masked positions; windows of requests that have ended are left out of later passes."""
+        rows = [(i, w) for i, p in enumerate(payloads) for w in range(len(p.starts))]
+        found: dict[tuple[int, int], tuple[torch.Tensor, list[int]]] = {}  # (payload, window) → probs, positions
+        per_pass = max(len(payloads), ROWS_PER_PASS)
+        for first in range(0, len(rows), per_pass):
+            wanted = still_wanted(payloads)
+            chunk = [rows[j] for j in range(first, min(first + per_pass, len(rows))) if wanted[rows[j][0]]]
+            if not chunk:
+                continue
+            ids = [payloads[i].row(w) for i, w in chunk]
+            local = [[m - payloads[i].starts[w] + 1 for m in payloads[i].masked[w]] for i, w in chunk]  # +1: [CLS]
+            positions = sorted({pos for row in local for pos in row})  # decode only masked positions
+            column = {pos: j for j, pos in enumerate(positions)}
+            batch, mask = pad_ids(ids, text_bucket(max(len(row) for row in ids)))
+            logits = model(
+                inputs=to_device(batch, model),
+                attention_mask=to_device(mask, model),
+                positions=to_device(torch.tensor(positions), model),
+            ).logits
+            probs = logits[..., BYTE_IDS].float().softmax(-1).cpu()  # [B, P, 256]
+            for row, key, wanted_positions in zip(probs, chunk, local, strict=True):
+                found[key] = (row[[column[pos] for pos in wanted_positions]], payloads[key[0]].masked[key[1]])
+        return [self._answer(i, payload, found) for i, payload in enumerate(payloads)]
+
+    def _answer(
+        self, index: int, payload: MaskedText, found: dict[tuple[int, int], tuple[torch.Tensor, list[int]]]
+    ) -> dict[str, Any]:
+        filled = list(payload.ids)
+        masks = []
+        for window, start in enumerate(payload.starts):
+            if (index, window) not in found:
+                continue  # the request ended before this window ran: its answer is not sent
+            probs, positions = found[(index, window)]
+            for pos, row in zip(positions, probs, strict=True):
+                scores, best = row.topk(payload.top_k)
                 filled[pos] = int(best[0]) + tokenizer.BYTE_OFFSET
-                candidates = [
-                    {"byte": int(b), "char": chr(int(b)) if b < 128 else None, "score": round(float(s), 6)}
-                    for s, b in zip(scores, best, strict=True)
-                ]
-                # Offset in the filled text's bytes: each id before this one is one byte, bar [CLS].
-                masks.append({"byte_offset": pos - 1, "candidates": candidates})
-            out.append({"text": tokenizer.decode(filled, skip_special_tokens=True), "masks": masks})
-        return out
+                mask: dict[str, Any] = {
+                    # Offset in the filled text's bytes: each id is one byte once the masks are filled.
+                    "byte_offset": pos,
+                    "candidates": [
+                        {"byte": int(b), "char": chr(int(b)) if b < 128 else None, "score": round(float(s), 6)}
+                        for s, b in zip(scores, best, strict=True)
+                    ],
+                }
+                if payload.windowed:
+                    mask["window"] = [start, min(start + payload.size, len(payload.ids))]
+                masks.append(mask)
+        masks.sort(key=lambda m: m["byte_offset"])
+        return {"text": tokenizer.decode(filled, skip_special_tokens=True), "masks": masks}
 
     def encode(self, result: dict[str, Any], request: FillMaskRequest) -> dict[str, Any]:
         return result
 
     def warmup_payloads(self, config: PerceiverConfig) -> list[MaskedText]:
-        return [MaskedText(ids, [len(ids) - 2], 1) for ids in warmup_ids(config)]
+        size = config.max_position_embeddings - 2
+        return [MaskedText(ids[1:-1], size, [0], [[len(ids) - 3]], 1) for ids in warmup_ids(config)]
 
 
 TASK = FillMask()

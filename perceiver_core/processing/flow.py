@@ -64,10 +64,9 @@ def blend_weights(window: tuple[int, int]) -> Tensor:
 
 
 @dataclass
-class FlowTiles:
-    """Normalised windows [n, 2, wh, ww, 3] of a frame pair, with where they sit in the (padded) image."""
+class FlowLayout:
+    """Where the windows of a height×width frame pair sit: their corners in the (edge-padded) frame."""
 
-    tiles: Tensor
     corners: list[tuple[int, int]]
     height: int
     width: int
@@ -75,23 +74,44 @@ class FlowTiles:
     window: tuple[int, int]
 
 
+@dataclass
+class FlowTiles(FlowLayout):
+    """Normalised windows [n, 2, wh, ww, 3] of a frame pair, with where they sit in the (padded) image."""
+
+    tiles: Tensor
+
+
+def flow_layout(height: int, width: int, window: tuple[int, int], min_overlap: int = MIN_OVERLAP) -> FlowLayout:
+    """The windows of a height×width frame (frames smaller than a window are edge-padded up to it)."""
+    padded = (max(height, window[0]), max(width, window[1]))
+    return FlowLayout(grid_indices(*padded, window, min_overlap), height, width, padded, window)
+
+
+def cut_windows(frame1: Tensor, frame2: Tensor, layout: FlowLayout, which: list[int] | None = None) -> Tensor:
+    """Two uint8 frames [H, W, 3] → their normalised windows [n, 2, wh, ww, 3] (all, or those ``which``)."""
+    if frame1.shape != frame2.shape or frame1.ndim != 3 or frame1.shape[-1] != 3:
+        raise ValueError(f"frames must both be [H, W, 3]; got {list(frame1.shape)} and {list(frame2.shape)}")
+    if tuple(frame1.shape[:2]) != (layout.height, layout.width):
+        raise ValueError(f"frames are {list(frame1.shape[:2])}; the layout is for {[layout.height, layout.width]}")
+    wh, ww = layout.window
+    pair = normalize_frames(torch.stack([frame1, frame2]))  # [2, H, W, 3]
+    pad_h, pad_w = layout.padded[0] - layout.height, layout.padded[1] - layout.width
+    if pad_h or pad_w:
+        pair = F.pad(pair.permute(0, 3, 1, 2), (0, pad_w, 0, pad_h), mode="replicate").permute(0, 2, 3, 1)
+    corners = layout.corners if which is None else [layout.corners[i] for i in which]
+    return torch.stack([pair[:, y : y + wh, x : x + ww] for y, x in corners])
+
+
 def prepare_tiles(frame1: Tensor, frame2: Tensor, window: tuple[int, int], min_overlap: int = MIN_OVERLAP) -> FlowTiles:
     """Cut two uint8 frames [H, W, 3] into overlapping windows (edge-padding frames smaller than one)."""
     if frame1.shape != frame2.shape or frame1.ndim != 3 or frame1.shape[-1] != 3:
         raise ValueError(f"frames must both be [H, W, 3]; got {list(frame1.shape)} and {list(frame2.shape)}")
-    height, width = frame1.shape[:2]
-    wh, ww = window
-    pair = normalize_frames(torch.stack([frame1, frame2]))  # [2, H, W, 3]
-    pad_h, pad_w = max(0, wh - height), max(0, ww - width)
-    if pad_h or pad_w:
-        pair = F.pad(pair.permute(0, 3, 1, 2), (0, pad_w, 0, pad_h), mode="replicate").permute(0, 2, 3, 1)
-    big_h, big_w = pair.shape[1:3]
-    corners = grid_indices(big_h, big_w, window, min_overlap)
-    tiles = torch.stack([pair[:, y : y + wh, x : x + ww] for y, x in corners])
-    return FlowTiles(tiles, corners, height, width, (big_h, big_w), window)
+    layout = flow_layout(frame1.shape[0], frame1.shape[1], window, min_overlap)
+    tiles = cut_windows(frame1, frame2, layout)
+    return FlowTiles(layout.corners, layout.height, layout.width, layout.padded, layout.window, tiles)
 
 
-def blend_tiles(logits: Tensor, layout: FlowTiles) -> Tensor:
+def blend_tiles(logits: Tensor, layout: FlowLayout) -> Tensor:
     """Model logits [n, wh, ww, 2] for each window → flow in pixels [H, W, 2] (weighted average)."""
     wh, ww = layout.window
     weights = blend_weights(layout.window)[..., None]  # [wh, ww, 1]

@@ -6,6 +6,8 @@ Same ids as transformers' ``PerceiverTokenizer``: a single text becomes ``[CLS] 
 
 from __future__ import annotations
 
+import bisect
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -82,3 +84,27 @@ def decode(ids: Sequence[int], skip_special_tokens: bool = False) -> str:
     if buffer:
         out.append(buffer.decode("utf-8", errors="replace"))
     return "".join(out)
+
+
+def window_starts(length: int, size: int) -> list[int]:
+    """Starts of the windows of ``size`` ids that cover ``length`` ids: evenly spaced, at most size // 2
+    apart (so each overlaps the next by at least half), the first at 0 and the last flush with the end."""
+    if size < 2:
+        raise ValueError(f"window size must be at least 2, got {size}")
+    if length <= size:
+        return [0]
+    count = math.ceil((length - size) / (size // 2)) + 1
+    return [round(i * (length - size) / (count - 1)) for i in range(count)]
+
+
+def central_window(position: int, starts: Sequence[int], size: int) -> int:
+    """Index of the window (``starts`` ascending) in which ``position`` sits most centrally: the one whose
+    nearer edge is farthest from it (the first of equals)."""
+    best, margin = -1, -1
+    for i in range(bisect.bisect_right(starts, position - size), bisect.bisect_right(starts, position)):
+        edge = min(position - starts[i], starts[i] + size - 1 - position)
+        if edge > margin:
+            best, margin = i, edge
+    if best < 0:
+        raise ValueError(f"position {position} lies in no window")
+    return best

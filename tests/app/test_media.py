@@ -14,7 +14,16 @@ import pytest
 from PIL import Image, ImageSequence
 
 from app.errors import InvalidInput, PayloadTooLarge, UnsupportedMedia
-from app.media import AUDIO_RATE, IMAGE_FORMATS, DecodedClip, decode_audio, decode_image, decode_rgb_array, decode_video
+from app.media import (
+    AUDIO_RATE,
+    IMAGE_FORMATS,
+    DecodedClip,
+    decode_audio,
+    decode_image,
+    decode_rgb_array,
+    decode_video,
+    open_video,
+)
 
 from .conftest import MEDIA, make_mp4
 
@@ -428,3 +437,59 @@ def test_a_silent_video_has_no_audio_to_decode() -> None:
 def test_audio_over_max_seconds_is_too_large() -> None:
     with pytest.raises(PayloadTooLarge, match=r"audio lasts 2\.0 s"):
         decode_audio(wav(2.0), AUDIO_RATE, 1.0)
+
+
+# ---------------------------------------------------------------------------------------------- video reader
+
+READER = dict(max_seconds=60.0, max_frames=1800, max_pixels=LIMIT)
+
+
+def test_frames_at_any_times_in_any_order_each_converted_once() -> None:
+    converted: list[int] = []
+
+    def mark(rgb: np.ndarray) -> np.ndarray:
+        converted.append(bar_positions(rgb[None])[0])
+        return rgb
+
+    with open_video(MP4, **READER) as video:
+        assert (video.width, video.height, video.declared_frames, video.rate) == (320, 240, 25, 25.0)
+        assert video.duration == pytest.approx(1.0)
+        frames = video.sample([0.4, 0.0, 0.12, 0.41, 10.0], mark)
+    assert bar_positions(np.stack(frames)) == [80, 0, 24, 80, 192]  # frames 10, 0, 3, 10 and the last (24)
+    assert sorted(converted) == [0, 24, 80, 192]  # frame 10 once, though asked for twice
+
+
+def test_every_stride_th_frame_with_its_time_and_a_bound_on_how_many() -> None:
+    with open_video(MP4, **READER) as video:
+        frames, times = video.every(3, 9)
+    assert bar_positions(np.stack(frames)) == [24 * i for i in range(9)]  # frames 0, 3, ..., 24
+    assert times == pytest.approx([0.12 * i for i in range(9)])
+    with open_video(MP4, **READER) as video, pytest.raises(PayloadTooLarge, match="more than 8 frames at stride 3"):
+        video.every(3, 8)
+
+
+def live_webm(frames: int = 30) -> bytes:
+    """WebM as a browser's recorder writes it (live: no duration, no frame count in the header)."""
+    buffer = io.BytesIO()
+    with av.open(buffer, "w", format="webm", options={"live": "1"}) as container:
+        stream = container.add_stream("libvpx", rate=25)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        for i in range(frames):
+            image = np.full((48, 64, 3), i * 8, np.uint8)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return buffer.getvalue()
+
+
+def test_a_video_without_a_declared_length_is_measured_from_its_packets() -> None:
+    data = live_webm()
+    with av.open(io.BytesIO(data)) as container:
+        assert container.duration is None and container.streams.video[0].frames == 0
+    with open_video(data, **READER) as video:
+        assert video.duration == pytest.approx(1.2) and video.estimated_frames() == 30
+        frames = video.sample([0.0, 0.5])  # decoding starts from the first frame again
+    assert [round(float(f.mean()) / 8) for f in frames] == [0, 12]
+    with open_video(data, **{**READER, "max_frames": 20}) as video, pytest.raises(PayloadTooLarge):
+        assert video.duration > 0  # counting packets stops past max_frames

@@ -26,7 +26,7 @@ def test_defaults_pick_the_device_and_the_demo_profile() -> None:
     settings = Settings()
     assert settings.device == ("cuda" if torch.cuda.is_available() else "cpu")
     assert settings.models == [] and settings.demo
-    assert settings.max_text_bytes == 2046
+    assert (settings.max_text_bytes, settings.max_video_clips, settings.max_flow_frames) == (65_536, 8, 32)
 
 
 def test_prefixed_environment_variables_are_read(monkeypatch: pytest.MonkeyPatch) -> None:

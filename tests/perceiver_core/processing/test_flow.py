@@ -11,7 +11,9 @@ import perceiver_core
 from perceiver_core.processing.flow import (
     FLOW_SCALE_FACTOR,
     blend_weights,
+    cut_windows,
     extract_patches,
+    flow_layout,
     grid_indices,
     normalize_frames,
     prepare_tiles,
@@ -121,3 +123,17 @@ def test_frames_smaller_than_the_window_are_padded_then_cropped() -> None:
 
     assert tiled_flow(predict, frame1, frame2, WINDOW).shape == (100, 150, 2)
     assert seen == [(1, 2, 27, *WINDOW)]
+
+
+def test_windows_cut_one_pair_at_a_time_are_the_tiles() -> None:
+    """A video's pairs are cut window by window in each forward pass; the windows are prepare_tiles'."""
+    frame1, frame2 = _shifted_pair(437, 1000, dy=2, dx=5)
+    tiles = prepare_tiles(frame1, frame2, WINDOW)
+    layout = flow_layout(437, 1000, WINDOW)
+    assert layout.corners == tiles.corners and layout.padded == tiles.padded
+    assert torch.equal(cut_windows(frame1, frame2, layout), tiles.tiles)
+    assert torch.equal(cut_windows(frame1, frame2, layout, [3, 1]), tiles.tiles[[3, 1]])
+    small = _shifted_pair(100, 150, 0, 1)
+    assert torch.equal(cut_windows(*small, flow_layout(100, 150, WINDOW)), prepare_tiles(*small, WINDOW).tiles)
+    with pytest.raises(ValueError, match="layout is for"):
+        cut_windows(frame1, frame2, flow_layout(436, 1000, WINDOW))

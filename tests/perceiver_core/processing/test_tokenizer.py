@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import numpy as np
 import pytest
 from transformers import PerceiverTokenizer
 
@@ -57,3 +58,29 @@ def test_vocab_is_262(hf: PerceiverTokenizer) -> None:
 def test_special_token_strings_in_text_match_transformers(hf: PerceiverTokenizer) -> None:
     for text in ["a[MASK]b", "[PAD][BOS][EOS][CLS][SEP]x", "[mask]", "[MASK][MASK]", "é[MASK]"]:
         assert tokenizer.encode(text) == hf(text)["input_ids"]
+
+
+@pytest.mark.parametrize("length", [1, 2046, 2047, 3069, 3070, 10_000, 65_536])
+def test_windows_cover_the_text_evenly_with_half_overlaps(length: int) -> None:
+    size = 2046
+    starts = tokenizer.window_starts(length, size)
+    assert starts[0] == 0 and starts[-1] == max(0, length - size)
+    covered = np.zeros(length, dtype=bool)
+    for start in starts:
+        covered[start : start + size] = True
+    assert covered.all()
+    if length > size:
+        gaps = np.diff(starts)
+        assert (gaps <= size // 2).all() and (gaps > 0).all()
+        assert gaps.max() - gaps.min() <= 1  # evenly spaced, up to rounding
+        assert len(starts) == -(-(length - size) // (size // 2)) + 1  # as few as half overlaps allow
+
+
+def test_each_position_goes_to_the_window_where_it_is_most_central() -> None:
+    starts = tokenizer.window_starts(10_000, 2046)
+    for position in range(0, 10_000, 7):
+        chosen = tokenizer.central_window(position, starts, 2046)
+        margins = [min(position - s, s + 2045 - position) if s <= position < s + 2046 else -1 for s in starts]
+        assert margins[chosen] == max(margins) and chosen == margins.index(max(margins))
+    with pytest.raises(ValueError, match="in no window"):
+        tokenizer.central_window(10_000, starts, 2046)
