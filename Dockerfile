@@ -35,7 +35,8 @@ RUN pip install --no-deps -c requirements/constraints.txt torch torchvision --in
 COPY pyproject.toml README.md ./
 COPY perceiver_core ./perceiver_core
 COPY app ./app
-RUN pip install -c requirements/constraints.txt ".[gpu]"
+# tracing: OpenTelemetry, off unless PERCEIVER_TRACING or the OTEL_* variables turn it on (README, Settings).
+RUN pip install -c requirements/constraints.txt ".[gpu,tracing]"
 
 # Runtime: the same base, the virtualenv, and nothing else (no compilers, no sources, no secrets).
 # hadolint ignore=DL3006

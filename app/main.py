@@ -13,6 +13,7 @@ import gc
 import logging
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -30,9 +31,11 @@ from .middleware import ObservabilityMiddleware, reject
 from .routes.health import router as health_router
 from .routes.playground import router as playground_router
 from .routes.tasks import task_router
+from .routes.v2 import router as v2_router
 from .runtime import Runtime
 from .settings import Settings, load_settings
 from .tasks import TASKS
+from .tracing import configure as configure_tracing
 
 log = logging.getLogger("perceiver.server")
 DOCS_ASSETS = "/static/docs"  # Swagger UI's and ReDoc's scripts and styles
@@ -95,6 +98,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             if served.batcher is not None:
                 await served.batcher.stop()
         runtime.shutdown_executors()
+        if app.state.tracing is not None:
+            app.state.tracing.shutdown()  # flush the spans still held
 
 
 def not_found_hint(app: FastAPI, path: str) -> str:
@@ -106,19 +111,26 @@ def not_found_hint(app: FastAPI, path: str) -> str:
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or load_settings()
     runtime = Runtime(settings, Metrics())
+    tracing = configure_tracing(settings)  # None when off: nothing of OpenTelemetry's SDK is imported
+    # The request spans are FastAPI's native telemetry (0.165+, which the tracing extra brings), on our provider.
+    telemetry: dict[str, Any] = {} if tracing is None else {"telemetry": tracing.fastapi_telemetry()}
     # fastapi-offline serves Swagger UI and ReDoc from its own package data (FastAPI's default pages load
     # them from a CDN, so /docs was blank offline and in air-gapped clusters).
     app = FastAPIOffline(
         static_url=DOCS_ASSETS,
         title="Perceiver IO serving",
         version="0.1.0",
-        description='Perceiver IO heads behind a dynamic batching queue. Errors are `{"error": {"type", "message"}}`.',
+        description="Perceiver IO heads behind a dynamic batching queue, over REST (/v1) and the Open Inference "
+        'Protocol (/v2, KServe v2 with binary tensors). Errors are `{"error": {"type", "message"}}`, and '
+        '`{"error": "message"}` on /v2.',
         lifespan=lifespan,
         # A trailing slash gets a 404 that names the right path (a 307 has no body, and curl neither
         # follows it nor shows why nothing happened).
         redirect_slashes=False,
+        **telemetry,
     )
     app.state.runtime = runtime
+    app.state.tracing = tracing
 
     def respond(request: Request, error: ServiceError) -> JSONResponse:
         return reject(runtime, error, request.url.path, getattr(request.state, "model", ""))
@@ -149,6 +161,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app.include_router(health_router)
     app.include_router(task_router())
+    app.include_router(v2_router)
     app.include_router(playground_router)
     # Added last runs first: CORS (preflights answered without a key), observability (401s are logged and
     # counted like every response), then the key check.
@@ -162,8 +175,24 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             CORSMiddleware,
             allow_origins=origins,
             allow_methods=["GET", "POST"],
-            allow_headers=["authorization", "x-api-key", "content-type", "x-request-timeout-ms", "x-request-id"],
-            expose_headers=["x-request-id", "x-queue-time-ms", "x-inference-time-ms", "x-batch-size", "retry-after"],
+            allow_headers=[
+                "authorization",
+                "x-api-key",
+                "content-type",
+                "x-request-timeout-ms",
+                "x-request-id",
+                "inference-header-content-length",
+                "traceparent",
+                "tracestate",
+            ],
+            expose_headers=[
+                "x-request-id",
+                "x-queue-time-ms",
+                "x-inference-time-ms",
+                "x-batch-size",
+                "retry-after",
+                "inference-header-content-length",
+            ],
             max_age=600,
         )
     return app

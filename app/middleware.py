@@ -8,8 +8,10 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import re
 import time
 import uuid
+from typing import Any
 
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -27,14 +29,27 @@ log = logging.getLogger("perceiver.server")
 _ID_PREFIX = uuid.uuid4().hex[:12]
 _ID_COUNTER = itertools.count()
 TASK_PATHS = {task.path: task.name for task in TASKS.values()}
+V2_PREFIX = "/v2/"  # the Open Inference Protocol: its own error body
+V2_INFER = re.compile(r"^/v2/models/([^/]+)(?:/versions/[^/]+)?/infer$")
+
+
+def task_of(path: str) -> str | None:
+    """The task a request path runs (a REST task route, or an Open Inference Protocol infer call), else None."""
+    task = TASK_PATHS.get(path)
+    if task is None and (found := V2_INFER.match(path)):
+        name = found.group(1).split(".", 1)[0]  # v2 model names are the served names with "." for "/"
+        task = name if name in TASKS else None
+    return task
 
 
 def reject(runtime: Runtime, error: ServiceError, path: str, model: str) -> JSONResponse:
-    """The JSON error response for ``error``, its rejection counted once under its reason."""
+    """The JSON error response for ``error``, its rejection counted once under its reason. Errors are
+    ``{"error": {"type", "message"}}``, but ``{"error": message}`` on the protocol's /v2 routes."""
     if error.reason is not None:
-        task = TASK_PATHS.get(path, "none")
+        task = task_of(path) or "none"
         runtime.metrics.rejections.labels(task=task, model=model, reason=error.reason).inc()
-    return JSONResponse(errors.body(error), status_code=error.status, headers=error.headers or None)
+    content: dict[str, Any] = {"error": error.message} if path.startswith(V2_PREFIX) else errors.body(error)
+    return JSONResponse(content, status_code=error.status, headers=error.headers or None)
 
 
 class ObservabilityMiddleware:
@@ -53,7 +68,7 @@ class ObservabilityMiddleware:
         rid = headers.get("x-request-id", "")[:64] or f"{_ID_PREFIX}{next(_ID_COUNTER):012x}"
         token = jsonlog.request_id.set(rid)
         path = scope["path"]
-        task = TASK_PATHS.get(path)
+        task = task_of(path)
         state = scope.setdefault("state", {})
         started = time.monotonic()
         status = 500

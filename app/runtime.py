@@ -93,6 +93,8 @@ class Runtime:
             max_video_frames=s.max_video_frames,
             max_text_bytes=s.max_text_bytes,
             max_flow_tiles=s.max_flow_tiles,
+            max_video_clips=s.max_video_clips,
+            max_flow_frames=s.max_flow_frames,
             image_decoder=s.image_decoder,
         )
         # One inference thread per device: forward passes never overlap and never block the event loop.

@@ -133,8 +133,18 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(40_000_000, ge=1, description="Decoded image (or video frame) pixel cap: 413.")
     max_video_seconds: float = Field(60.0, gt=0, description="Longest accepted video; longer ones get 413.")
     max_video_frames: int = Field(1800, ge=16, description="Most frames a video may declare; more get 413.")
+    max_video_clips: int = Field(
+        8,
+        ge=1,
+        description="Most 0.64 s clips /v1/autoencode classifies in one video (clips=uniform stops here; a larger "
+        "clips=N gets 413). Each clip is one forward pass item: a request costs up to this many.",
+    )
     max_text_bytes: int = Field(
-        2046, ge=1, description="Longest text (UTF-8 bytes) for the text tasks: the model sees 2048 ids with specials."
+        65_536,
+        ge=1,
+        description="Longest text (UTF-8 bytes) for the text tasks; longer gets 413 before it is tokenized. Text "
+        "over the model's 2,046 bytes is cut into windows (fill-mask; classify-text with long_text=windows), each "
+        "one forward-pass item: about 2 x bytes / 2,046 windows.",
     )
     image_decoder: Literal["auto", "exact"] = Field(
         "auto",
@@ -146,6 +156,12 @@ class Settings(BaseSettings):
         64, ge=1, description="Most files in one multipart request (several images to classify at once): 400 above."
     )
     max_flow_tiles: int = Field(24, ge=1, description="Most 368x496 windows one optical-flow pair may need (413).")
+    max_flow_frames: int = Field(
+        32,
+        ge=2,
+        description="Most frames (after the stride) of a video sent to /v1/optical-flow, checked on its header "
+        "before decoding (413). A video of T frames is T - 1 pairs, each as many windows as its frame size needs.",
+    )
     cuda_graphs: bool = Field(
         False,
         description="Replay CUDA graphs captured per batch size for the image and optical-flow heads (GPU only). "
@@ -176,8 +192,8 @@ class Settings(BaseSettings):
         None,
         repr=False,
         description="Comma-separated API keys. When set (or api_keys_file), every endpoint but /healthz, /readyz, "
-        "/metrics and the playground page (/ and its assets) needs Authorization: Bearer <key> or X-API-Key: <key>; "
-        "others get 401.",
+        "/v2/health/*, /metrics and the playground page (/ and its assets) needs Authorization: Bearer <key> or "
+        "X-API-Key: <key>; others get 401.",
     )
     api_keys_file: Path | None = Field(
         None, description="A file of SHA-256 hex digests of API keys, one per line (# comments allowed)."
@@ -190,6 +206,12 @@ class Settings(BaseSettings):
     )
     warmup: bool = Field(True, description="Run every batch-size/shape bucket once before reporting ready.")
     log_level: str = Field("INFO", description="Python logging level.")
+    tracing: bool | None = Field(
+        None,
+        description="OpenTelemetry traces (needs the tracing extra), configured by the standard OTEL_* variables. "
+        "Unset: on when they name an exporter (OTEL_TRACES_EXPORTER other than none, or "
+        "OTEL_EXPORTER_OTLP_ENDPOINT); OTEL_SDK_DISABLED=true keeps it off. Off costs nothing.",
+    )
 
     @model_validator(mode="after")
     def _unique_models(self) -> Settings:

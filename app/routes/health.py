@@ -1,28 +1,74 @@
+"""/healthz, /readyz, /metrics and /v1/models."""
+
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
-from .tasks import runtime_of
+from .tasks import ErrorResponse, runtime_of
 
 router = APIRouter()
+UNAUTHORIZED: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorResponse, "description": "Missing or wrong API key (when PERCEIVER_API_KEYS is set)"}
+}
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+
+
+class Readiness(BaseModel):
+    status: Literal["ready", "loading", "draining", "failed"]
+    error: str | None = Field(None, description="Why loading failed (status failed only).")
+
+
+class Batching(BaseModel):
+    max_batch_size: int
+    max_batch_size_source: Literal["auto", "configured"]
+    per_item_ms: dict[str, float] = Field(description="max_batch_size=auto: forward time per item, by batch size")
+    max_delay_ms: float
+    max_batch_cost: int | None
+    queue_depth: int
+
+
+class ModelInfo(BaseModel):
+    name: str = Field(examples=["classify/learned"])
+    task: str
+    variant: str
+    architecture: str
+    source: str = Field(description="A checkpoint directory, a Hub repo id, or demo")
+    weights: Literal["pretrained", "random-init"]
+    dtype: str
+    device: str
+    parameters: int
+    num_labels: int | None = Field(None, description="Classes the model predicts (absent where it means nothing)")
+    batching: Batching
+    load_s: float
+    warmup_s: float
 
 
 class ModelsResponse(BaseModel):
     demo: bool
-    models: list[dict[str, Any]]
+    models: list[ModelInfo]
 
 
-@router.get("/healthz", tags=["operations"], summary="Liveness: the process serves HTTP")
+@router.get("/healthz", response_model=Health, tags=["operations"], summary="Liveness: the process serves HTTP")
 async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz", tags=["operations"], summary="Readiness: models loaded and warmed, not draining")
+@router.get(
+    "/readyz",
+    response_model=Readiness,
+    response_model_exclude_none=True,
+    tags=["operations"],
+    summary="Readiness: models loaded and warmed, not draining",
+    responses={503: {"model": Readiness, "description": "Loading, draining, or loading failed"}},
+)
 async def readyz(request: Request) -> JSONResponse:
     runtime = runtime_of(request)
     if runtime.load_error is not None:
@@ -44,7 +90,10 @@ router.add_api_route("/readyz", readyz, methods=["HEAD"], include_in_schema=Fals
     tags=["operations"],
     summary="Prometheus metrics",
     response_class=PlainTextResponse,
-    responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}, "description": "Text format"}},
+    responses={
+        200: {"content": {"text/plain": {"schema": {"type": "string"}}}, "description": "Prometheus text format"},
+        **UNAUTHORIZED,
+    },
 )
 async def metrics(request: Request) -> Response:
     runtime = runtime_of(request)
@@ -52,7 +101,14 @@ async def metrics(request: Request) -> Response:
     return Response(runtime.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
 
-@router.get("/v1/models", response_model=ModelsResponse, tags=["operations"], summary="Loaded models")
+@router.get(
+    "/v1/models",
+    response_model=ModelsResponse,
+    response_model_exclude_unset=True,  # no num_labels where it means nothing
+    tags=["operations"],
+    summary="Loaded models",
+    responses=UNAUTHORIZED,
+)
 async def models(request: Request) -> dict[str, Any]:
     runtime = runtime_of(request)
     return {"demo": runtime.settings.demo, "models": [m.describe() for m in runtime.all_models()]}

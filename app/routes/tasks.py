@@ -6,8 +6,8 @@ import asyncio
 import contextlib
 import math
 import time
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
@@ -17,8 +17,11 @@ from ..batching import BatchError, Cancelled, Expired, QueueFull, Ticket
 from ..errors import ClientClosedRequest, DeadlineExceeded, InferenceFailed, NotReady, Overloaded
 from ..runtime import Runtime, ServedModel
 from ..tasks import TASKS, run_decode
-from ..tasks.base import DecodeContext, Reply, Task
+from ..tasks.base import DecodeContext, Reply, Task, TaskRequest
 from .requests import read_request
+
+if TYPE_CHECKING:
+    from ..tracing import Tracing
 
 AnyTask = Task[Any, Any, Any]
 
@@ -65,21 +68,49 @@ def _handler(task: AnyTask) -> Callable[[Request], Awaitable[Response]]:
         served = runtime.model_for(task.name, task.variant(options))
         request.state.model = served.name
         admit(served, deadline)  # this variant, before decoding what it could not serve in time
-        ctx = DecodeContext(served.model.config, runtime.limits, served.device)
         items = _split(task, files)
-        if task.decode_offloaded:
-            payloads = await asyncio.gather(*(runtime.decode(run_decode, task.name, options, f, ctx) for f in items))
-        else:
-            payloads = [task.decode(options, f, ctx) for f in items]
-        results = await submit(request, runtime, served, task, payloads, deadline)
-        if task.encode_offloaded:
-            encoded = [await runtime.offload(task.encode, r, options) for r in results]
-        else:
-            encoded = [task.encode(r, options) for r in results]
+        encoded = await run_items(request, runtime, served, task, [(options, f) for f in items], deadline)
         return respond(served, encoded, many=len(items) > 1)
 
     handle.__name__ = task.name.replace("-", "_")
     return handle
+
+
+async def run_items(
+    request: Request,
+    runtime: Runtime,
+    served: ServedModel,
+    task: AnyTask,
+    items: Sequence[tuple[TaskRequest, Mapping[str, bytes]]],
+    deadline: float,
+) -> list[dict[str, Any] | Reply]:
+    """Decode → batch → encode, for the items of one admitted request: every interface (REST, the Open
+    Inference Protocol) runs its requests through here, so they share the batcher, its capacity and metrics."""
+    ctx = DecodeContext(served.model.config, runtime.limits, served.device)
+    tracing = tracing_of(request)
+    if tracing is not None:
+        tracing.annotate(**{"perceiver.model": served.name, "perceiver.items": len(items)})
+    with span(request, "decode", items=len(items)):
+        if task.decode_offloaded:
+            payloads = await asyncio.gather(*(runtime.decode(run_decode, task.name, o, f, ctx) for o, f in items))
+        else:
+            payloads = [task.decode(o, f, ctx) for o, f in items]
+    results = await submit(request, runtime, served, task, payloads, deadline)
+    with span(request, "encode", items=len(items)):
+        if task.encode_offloaded:
+            return [await runtime.offload(task.encode, r, o) for r, (o, _) in zip(results, items, strict=True)]
+        return [task.encode(r, o) for r, (o, _) in zip(results, items, strict=True)]
+
+
+def tracing_of(request: Request) -> Tracing | None:
+    tracing: Tracing | None = getattr(request.app.state, "tracing", None)
+    return tracing
+
+
+def span(request: Request, name: str, **attributes: Any) -> contextlib.AbstractContextManager[None]:
+    """A child span of the request's when tracing is on; nothing at all when it is off."""
+    tracing = tracing_of(request)
+    return contextlib.nullcontext() if tracing is None else tracing.span(name, **attributes)
 
 
 def _split(task: AnyTask, files: dict[str, list[bytes]]) -> list[dict[str, bytes]]:
@@ -134,10 +165,14 @@ async def submit(
         watcher.cancel()
         for ticket in tickets:
             ticket.cancel()  # no-op for finished tickets; frees the queue of the rest
+    tracing = tracing_of(request)
+    if tracing is not None:
+        tracing.record_batching(tickets)
     labels = {"task": served.task, "model": served.name}
     for ticket in tickets:
         runtime.metrics.queue_duration.labels(**labels).observe(ticket.queue_s)
         runtime.metrics.inference_duration.labels(**labels).observe(ticket.inference_s)
+    runtime.metrics.units_per_request.labels(**labels).observe(sum(task.units(t.payload) for t in tickets))
     request.state.timing = (
         max(t.queue_s for t in tickets),
         max(t.inference_s for t in tickets),
@@ -221,6 +256,7 @@ def _responses(task: AnyTask) -> dict[int | str, dict[str, Any]]:
             (415, "Not a supported media type"),
             (422, "Invalid input: the message says which field and why"),
             (429, "Overloaded: retry after Retry-After seconds"),
+            (500, "The forward pass failed (only this batch's requests; the server stays ready)"),
             (503, "Not ready, or draining"),
             (504, "Deadline exceeded"),
         )
@@ -228,6 +264,11 @@ def _responses(task: AnyTask) -> dict[int | str, dict[str, Any]]:
     if task.media_types:
         responses[200] = {"content": {media: {} for media in task.media_types}}
     return responses
+
+
+def _replaceable(task: AnyTask, name: str) -> bool:
+    """An upload that another may be sent instead of (two frames or a video): not required on its own."""
+    return any(name in u.instead_of for u in task.uploads)
 
 
 def _openapi_request(task: AnyTask) -> dict[str, Any]:
@@ -252,7 +293,7 @@ def _openapi_request(task: AnyTask) -> dict[str, Any]:
     form = {
         "type": "object",
         "properties": properties | options,
-        "required": [u.name for u in task.uploads if u.required],
+        "required": [u.name for u in task.uploads if u.required and not _replaceable(task, u.name)],
     }
     content: dict[str, Any] = {"multipart/form-data": {"schema": form}}
     for upload in task.uploads:

@@ -1,6 +1,8 @@
 """Fuzzing: schemathesis generates requests for every operation of our own /openapi.json (examples,
-coverage and fuzzing phases, up to 50 cases per operation) and sends them to a live server on loopback.
-No response may be a 5xx, break our own schema or documented content types, or hang; the server stays up.
+coverage and fuzzing phases, up to 50 cases per operation: the REST routes and the Open Inference Protocol's
+/v2 routes) and sends them to a live server on loopback. Every check runs, the response-conformance ones
+included: no response may be a 5xx, have a status the operation does not document, break the documented
+schema or content type, or hang; and the server stays up.
 
 One check is left out, with reason: ``positive_data_acceptance`` expects every schema-valid request to be
 accepted, but a schema cannot say that an uploaded file must be an MP4 (``format: binary`` allows a PNG,
@@ -40,6 +42,8 @@ def test_every_operation_survives_generated_requests(tmp_path: Path) -> None:
                 "60",
                 "--seed",
                 "20261126",
+                "--checks",
+                "all",
                 "--exclude-checks",
                 "positive_data_acceptance",
             ],
@@ -54,7 +58,9 @@ def test_every_operation_survives_generated_requests(tmp_path: Path) -> None:
         assert re.search(r"Tested: (\d+)", summary) and re.search(r"Selected: (\d+)/\1", summary), summary
         tested = int(re.search(r"Tested: (\d+)", summary).group(1))  # type: ignore[union-attr]
         cases = int(re.search(r"(\d+) generated", summary).group(1))  # type: ignore[union-attr]
-        assert tested == len(server.app.openapi()["paths"]) and cases >= 50 * 5, summary
+        paths = server.app.openapi()["paths"]
+        assert tested == len(paths) and cases >= 50 * 5, summary
+        assert {"/v2/models/{model_name}/infer", "/v2/health/ready", "/v2/repository/index"} <= set(paths)
         assert httpx.get(server.url + "/readyz", timeout=5).status_code == 200
     finally:
         server.stop()

@@ -20,7 +20,13 @@ from .conftest import LiveServer
 
 ROOT = Path(__file__).resolve().parents[2]
 CURL = shutil.which("curl")
-STATUS_BY_ERROR = {"invalid_input": 422, "not_found": 404, "unsupported_media_type": 415, "bad_request": 400}
+STATUS_BY_ERROR = {
+    "invalid_input": 422,
+    "not_found": 404,
+    "unsupported_media_type": 415,
+    "bad_request": 400,
+    "payload_too_large": 413,
+}
 
 
 def examples() -> list[tuple[str, list[str]]]:

@@ -1,0 +1,490 @@
+"""The Open Inference Protocol (KServe v2) over HTTP/REST, as Triton and KServe speak it, with the binary tensor
+extension: tritonclient, KServe's InferenceService probes and other v2 clients work unchanged.
+
+Every served model is a v2 model named after its served name with "." for "/" (``classify/learned`` is
+``classify.learned``), version "1". Inference runs through the task routes' own pipeline
+(``run_items``): the same admission, deadlines, batcher, metrics and backpressure as /v1. Errors are the
+protocol's ``{"error": "..."}`` (``reject`` in app/middleware.py writes them for every /v2 path).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Path, Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.requests import ClientDisconnect
+
+from ..errors import BadRequest, ClientClosedRequest, ModelNotFound, NotReady, UnsupportedMedia
+from ..oip.adapters import ADAPTERS, Adapter
+from ..oip.tensors import (
+    BINARY_MEDIA_TYPE,
+    HEADER_LENGTH,
+    InferenceRequest,
+    InferenceResponse,
+    Output,
+    Parameter,
+    V2Error,
+    decode_inputs,
+    encode_response,
+    read_request,
+)
+from ..runtime import Runtime, ServedModel
+from ..tasks import TASKS
+from ..tasks.base import TaskRequest
+from .tasks import AnyTask, admit, request_deadline, run_items, runtime_of
+
+VERSION = "1"  # one version per served model
+SERVER_NAME = "perceiver-serve"
+EXTENSIONS = ["binary_tensor_data", "parameters"]
+LARGE_BODY = 64 * 1024  # parsed off the event loop above this
+BINARY = {"type": "string", "format": "binary"}
+
+router = APIRouter(prefix="/v2", tags=["open inference protocol (v2)"])
+
+
+# ---------------------------------------------------------------------------------------------- messages
+
+
+class ServerMetadata(BaseModel):
+    name: str = Field(examples=[SERVER_NAME])
+    version: str = Field(examples=["0.1.0"])
+    extensions: list[str]
+
+
+class Live(BaseModel):
+    live: bool
+
+
+class Ready(BaseModel):
+    ready: bool
+
+
+class ModelReady(BaseModel):
+    name: str
+    ready: bool
+
+
+class TensorMetadata(BaseModel):
+    name: str
+    datatype: str
+    shape: list[int] = Field(description="-1: any size; the first dimension is the batch")
+
+
+class ModelMetadata(BaseModel):
+    name: str = Field(examples=["classify.learned"])
+    versions: list[str]
+    platform: str
+    inputs: list[TensorMetadata]
+    outputs: list[TensorMetadata]
+    parameters: dict[str, Parameter] = Field(
+        description="task, served_name, architecture, source and revision of the checkpoint, weights (pretrained "
+        "or random-init), dtype, device"
+    )
+
+
+class RepositoryIndexRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)  # as documented: {"ready": 0} is not a boolean
+    ready: bool = Field(False, description="Only the models that are ready.")
+
+
+class RepositoryModel(BaseModel):
+    name: str
+    version: str
+    state: Literal["READY", "UNAVAILABLE"]
+    reason: str
+
+
+def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    text = {
+        400: "Not a valid inference request: the message names the tensor or parameter and what was wrong",
+        401: "Missing or wrong API key (when PERCEIVER_API_KEYS is set)",
+        404: "No such model or version",
+        408: "The body did not arrive within the request timeout",
+        413: "Body or decoded input too large",
+        415: "Not a supported media type or encoding",
+        422: "A file in a tensor could not be decoded, text the task refuses, or an invalid path parameter",
+        429: "Overloaded: retry after Retry-After seconds",
+        500: "The forward pass failed (only this batch's requests; the server stays ready)",
+        503: "Not ready, or draining",
+        504: "Deadline exceeded",
+    }
+    return {status: {"model": V2Error, "description": text[status]} for status in statuses}
+
+
+# ---------------------------------------------------------------------------------------------- models
+
+
+def v2_name(served: ServedModel) -> str:
+    return served.name.replace("/", ".")
+
+
+def served_models(runtime: Runtime) -> list[ServedModel]:
+    return [m for m in runtime.all_models() if m.task in ADAPTERS]
+
+
+def resolve(runtime: Runtime, name: str, version: str | None) -> ServedModel:
+    found = next((m for m in served_models(runtime) if v2_name(m) == name), None)
+    if found is None:
+        if not runtime.ready:
+            raise NotReady("models are still loading; retry when /v2/health/ready answers 200", {"Retry-After": "1"})
+        names = ", ".join(v2_name(m) for m in served_models(runtime))
+        raise ModelNotFound(f"model {name!r} is not served; models: {names}")
+    if version is not None and version != VERSION:
+        raise ModelNotFound(f"model {name!r} has version {VERSION} only, not {version!r}")
+    return found
+
+
+def metadata(runtime: Runtime, served: ServedModel) -> ModelMetadata:
+    adapter = ADAPTERS[served.task]
+    spec = next((s for s in runtime.settings.models if (s.task, s.variant) == (served.task, served.variant)), None)
+    parameters: dict[str, Parameter] = {
+        "task": served.task,
+        "served_name": served.name,
+        "architecture": served.model.config.architecture,
+        "source": served.source,
+        "weights": served.weights,
+        "dtype": served.dtype,
+        "device": served.device,
+    }
+    if spec is not None:
+        parameters["revision"] = spec.revision
+    return ModelMetadata(
+        name=v2_name(served),
+        versions=[VERSION],
+        platform="pytorch",
+        inputs=[TensorMetadata(**s.metadata()) for s in adapter.inputs],
+        outputs=[TensorMetadata(**s.metadata()) for s in adapter.outputs],
+        parameters=parameters,
+    )
+
+
+def model_ready(runtime: Runtime, served: ServedModel) -> bool:
+    return runtime.ready and not runtime.draining and served.batcher is not None
+
+
+# ---------------------------------------------------------------------------------------------- server
+
+
+@router.get("", response_model=ServerMetadata, summary="Server metadata", responses=_errors(401))
+async def server_metadata(request: Request) -> ServerMetadata:
+    return ServerMetadata(name=SERVER_NAME, version=request.app.version, extensions=EXTENSIONS)
+
+
+@router.get("/health/live", response_model=Live, summary="Liveness: the process serves HTTP")
+async def live() -> Live:
+    return Live(live=True)
+
+
+@router.get(
+    "/health/ready",
+    response_model=Ready,
+    summary="Readiness: every model loaded and warmed, not draining",
+    responses={503: {"model": Ready, "description": "Loading, draining, or loading failed"}},
+)
+async def ready(request: Request) -> JSONResponse:
+    runtime = runtime_of(request)
+    ok = runtime.ready and not runtime.draining and runtime.load_error is None
+    return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
+
+
+# HEAD too, for load balancers and uptime checkers (same answer, no body).
+router.add_api_route("/health/live", live, methods=["HEAD"], include_in_schema=False)
+router.add_api_route("/health/ready", ready, methods=["HEAD"], include_in_schema=False)
+
+
+@router.post(
+    "/repository/index",
+    response_model=list[RepositoryModel],
+    summary="Every served model and its state",
+    responses=_errors(400, 401, 413),
+    openapi_extra={
+        "requestBody": {
+            "required": False,
+            "content": {"application/json": {"schema": RepositoryIndexRequest.model_json_schema()}},
+        }
+    },
+)
+async def repository_index(request: Request) -> list[RepositoryModel]:
+    runtime = runtime_of(request)
+    body = await _read_body(request)
+    try:
+        options = RepositoryIndexRequest.model_validate_json(body) if body.strip() else RepositoryIndexRequest()
+    except ValidationError as exc:
+        raise BadRequest(f"not a repository index request: {_problems(exc)}") from None
+    index = []
+    for served in served_models(runtime):
+        ok = model_ready(runtime, served)
+        if ok or not options.ready:
+            reason = "" if ok else ("draining" if runtime.draining else "loading")
+            index.append(RepositoryModel(name=v2_name(served), version=VERSION, state=_state(ok), reason=reason))
+    return index
+
+
+def _state(ok: bool) -> Literal["READY", "UNAVAILABLE"]:
+    return "READY" if ok else "UNAVAILABLE"
+
+
+# ---------------------------------------------------------------------------------------------- model
+
+
+ModelName = Annotated[
+    str,
+    Path(
+        description='A served model\'s name with "." for "/" (classify.learned); /v2/repository/index lists them.',
+        examples=["classify-text"],
+    ),
+]
+
+
+ModelVersion = Annotated[str, Path(description=f"The model's version: {VERSION}, its only one.", examples=[VERSION])]
+Endpoint = Callable[[Request, str, str | None], Awaitable[Any]]
+
+
+def _route(endpoint: Endpoint, versioned: bool) -> Callable[..., Awaitable[Any]]:
+    """The route function for /models/{model_name}[/versions/{model_version}]: the version, or None."""
+    if versioned:
+
+        async def with_version(request: Request, model_name: ModelName, model_version: ModelVersion) -> Any:
+            return await endpoint(request, model_name, model_version)
+
+        with_version.__name__ = f"{endpoint.__name__}_version"
+        return with_version
+
+    async def without_version(request: Request, model_name: ModelName) -> Any:
+        return await endpoint(request, model_name, None)
+
+    without_version.__name__ = endpoint.__name__
+    return without_version
+
+
+async def get_metadata(request: Request, model_name: str, model_version: str | None) -> ModelMetadata:
+    runtime = runtime_of(request)
+    return metadata(runtime, resolve(runtime, model_name, model_version))
+
+
+async def get_ready(request: Request, model_name: str, model_version: str | None) -> JSONResponse:
+    runtime = runtime_of(request)
+    try:
+        ok = model_ready(runtime, resolve(runtime, model_name, model_version))
+    except NotReady:  # still loading: not ready, in this route's own answer
+        ok = False
+    return JSONResponse({"name": model_name, "ready": ok}, status_code=200 if ok else 503)
+
+
+async def infer(request: Request, model_name: str, model_version: str | None) -> Response:
+    runtime = runtime_of(request)
+    deadline = request_deadline(request, runtime)
+    if not runtime.ready:
+        raise NotReady("models are still loading; retry when /v2/health/ready answers 200", {"Retry-After": "1"})
+    served = resolve(runtime, model_name, model_version)
+    request.state.model = served.name
+    task, adapter = TASKS[served.task], ADAPTERS[served.task]
+    admit(served, deadline)  # before reading the body: refusing must stay cheap
+    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+    if encoding != "identity":
+        raise UnsupportedMedia(f"Content-Encoding {encoding} is not supported; send the request uncompressed")
+    body = await _read_body(request)
+    header_length = request.headers.get(HEADER_LENGTH)
+    max_rows = runtime.settings.max_files_per_request
+    if len(body) > LARGE_BODY:
+        call = await runtime.offload(_prepare, body, header_length, task, adapter, max_rows)
+    else:
+        call = _prepare(body, header_length, task, adapter, max_rows)
+    if call.timeout_s is not None:
+        deadline = min(deadline, time.monotonic() + call.timeout_s)
+    encoded = await run_items(request, runtime, served, task, call.items, deadline)
+    head: dict[str, Any] = {"model_name": model_name, "model_version": VERSION}
+    if call.id is not None:
+        head["id"] = call.id
+    head["parameters"] = {"weights": served.weights}  # random-init in the demo profile, as on /v1
+    if task.encode_offloaded:
+        content, headers, media = await runtime.offload(_finish, adapter, encoded, head, call)
+    else:
+        content, headers, media = _finish(adapter, encoded, head, call)
+    return Response(content, media_type=media, headers=headers)
+
+
+@dataclass(frozen=True)
+class _Call:
+    """One inference request, checked and decoded: the task's items, and which outputs to send how."""
+
+    id: str | None
+    items: list[tuple[TaskRequest, dict[str, bytes]]]
+    outputs: list[str]
+    binary: set[str]  # outputs sent as binary data after the JSON
+    timeout_s: float | None  # the request's timeout parameter
+
+
+def _prepare(body: bytes, header_length: str | None, task: AnyTask, adapter: Adapter, max_rows: int) -> _Call:
+    request, binary = read_request(body, header_length)
+    adapter.check(request.inputs)
+    parameters = dict(request.parameters)
+    binary_all = _flag(parameters.pop("binary_data_output", False), "binary_data_output")
+    timeout_s = _timeout(parameters.pop("timeout", None))
+    accepted = [f for f in task.request_model.model_fields if f not in adapter.excluded]
+    unknown = sorted(set(parameters) - set(accepted))
+    if unknown:
+        raise BadRequest(
+            f"parameters {', '.join(unknown)}: unknown; {adapter.task} takes "
+            f"{', '.join([*accepted, 'binary_data_output', 'timeout'])}"
+        )
+    tensors = decode_inputs(request, binary)
+    rows = max(_rows(tensors[name]) for name in tensors)
+    if rows > max_rows:
+        raise BadRequest(f"the batch has {rows} rows; at most {max_rows} per request (max_files_per_request)")
+    items = [(_validate(task, fields), files) for fields, files in adapter.items(tensors, parameters)]
+    declared = [o.name for o in adapter.outputs]
+    if request.outputs is None:
+        return _Call(request.id, items, declared, set(declared) if binary_all else set(), timeout_s)
+    wanted, as_binary = [], set()
+    for output in request.outputs:
+        if output.name not in declared:
+            raise BadRequest(f"{output.name}: no such output; {adapter.task} has {', '.join(declared)}")
+        extra = sorted(set(output.parameters) - {"binary_data"})
+        if extra:
+            raise BadRequest(f"{output.name}: unknown output parameters {', '.join(extra)}; only binary_data")
+        if _flag(output.parameters.get("binary_data", binary_all), f"{output.name}.binary_data"):
+            as_binary.add(output.name)
+        wanted.append(output.name)
+    return _Call(request.id, items, wanted, as_binary, timeout_s)
+
+
+def _rows(tensor: Any) -> int:
+    if tensor.dtype == object:
+        return int(tensor.size)
+    return 1 if tensor.ndim == 3 else int(tensor.shape[0])
+
+
+def _flag(value: Parameter, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise BadRequest(f"{name} must be true or false, got {value!r}")
+    return value
+
+
+def _timeout(value: Parameter | None) -> float | None:
+    """Triton's timeout parameter, in microseconds: it shortens the request's deadline."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise BadRequest(f"timeout is microseconds (an integer >= 0), got {value!r}")
+    return value / 1e6
+
+
+def _validate(task: AnyTask, fields: dict[str, Any]) -> TaskRequest:
+    try:
+        return task.request_model.model_validate(fields)
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            where = ".".join(str(p) for p in error.get("loc", ()))
+            where = "TEXT" if where == "text" else f"parameters.{where}"
+            problems.append(f"{where}: {error['msg']}")
+        raise BadRequest("; ".join(problems)) from None
+
+
+def _finish(
+    adapter: Adapter, encoded: list[Any], head: dict[str, Any], call: _Call
+) -> tuple[bytes, dict[str, str], str]:
+    outputs: dict[str, Output] = {o.name: o for o in adapter.results(encoded)}
+    return encode_response(head, [outputs[name] for name in call.outputs], call.binary)
+
+
+def _problems(exc: ValidationError) -> str:
+    return "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ())) or 'body'}: {e['msg']}" for e in exc.errors())
+
+
+async def _read_body(request: Request) -> bytes:
+    try:
+        return await request.body()
+    except ClientDisconnect as exc:
+        raise ClientClosedRequest("the client went away while sending the request") from exc
+
+
+# ---------------------------------------------------------------------------------------------- OpenAPI
+
+
+def _inline(schema: dict[str, Any]) -> dict[str, Any]:
+    """A pydantic schema with its $defs inlined (a $ref to #/$defs/... would point into the OpenAPI document)."""
+    defs = schema.pop("$defs", {})
+
+    def walk(node: Any) -> Any:
+        if isinstance(node, dict):
+            ref = node.get("$ref", "")
+            if ref.startswith("#/$defs/"):
+                return walk(defs[ref.removeprefix("#/$defs/")])
+            return {k: walk(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [walk(v) for v in node]
+        return node
+
+    return dict(walk(schema))
+
+
+INFER_EXAMPLE = {
+    "inputs": [{"name": "TEXT", "shape": [1], "datatype": "BYTES", "data": ["What a wonderful day!"]}],
+    "parameters": {"top_k": 2},
+}
+INFER_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {"schema": _inline(InferenceRequest.model_json_schema()), "example": INFER_EXAMPLE},
+            BINARY_MEDIA_TYPE: {
+                "schema": BINARY,
+                "description": "Binary tensor extension: the JSON header (Inference-Header-Content-Length bytes), "
+                "then each binary input's data in order.",
+            },
+        },
+    },
+}
+INFER_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {
+        "model": InferenceResponse,
+        "description": "The outputs; with binary outputs, the JSON header (Inference-Header-Content-Length bytes) "
+        "and then their data",
+        "content": {BINARY_MEDIA_TYPE: {"schema": BINARY}},
+    },
+    **_errors(400, 401, 404, 408, 413, 415, 422, 429, 500, 503, 504),
+}
+
+
+def _model_routes() -> None:
+    for prefix in ("/models/{model_name}", "/models/{model_name}/versions/{model_version}"):
+        versioned = "versions" in prefix
+        suffix = " (a version)" if versioned else ""
+        router.add_api_route(
+            prefix,
+            _route(get_metadata, versioned),
+            methods=["GET"],
+            response_model=ModelMetadata,
+            summary=f"Model metadata: inputs, outputs, checkpoint{suffix}",
+            responses=_errors(401, 404, 422, 503),
+        )
+        router.add_api_route(
+            prefix + "/ready",
+            _route(get_ready, versioned),
+            methods=["GET"],
+            response_model=ModelReady,
+            summary=f"Model readiness{suffix}",
+            responses={
+                503: {"model": ModelReady, "description": "Not ready (loading or draining)"},
+                **_errors(401, 404, 422),
+            },
+        )
+        router.add_api_route(
+            prefix + "/infer",
+            _route(infer, versioned),
+            methods=["POST"],
+            response_model=None,
+            summary=f"Inference{suffix}",
+            responses=INFER_RESPONSES,
+            openapi_extra=INFER_BODY,
+        )
+
+
+_model_routes()

@@ -1,0 +1,130 @@
+"""OpenTelemetry tracing against a live server, with the SDK's in-memory span exporter: a request span (FastAPI's
+native one) that continues the caller's trace (traceparent), with decode, queue, inference and encode spans
+under it, on the REST and the v2 routes; and, when tracing is off, no OpenTelemetry SDK imported (FastAPI
+imports the API itself; without an SDK its calls are no-ops)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind
+
+from app.settings import Settings
+from app.tracing import wanted
+
+from .conftest import MEDIA, LiveServer
+
+TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
+PARENT_ID = "00f067aa0ba902b7"
+TRACEPARENT = f"00-{TRACE_ID}-{PARENT_ID}-01"
+ROOT = Path(__file__).parents[2]
+
+
+@pytest.fixture(scope="module")
+def traced() -> Iterator[tuple[LiveServer, InMemorySpanExporter]]:
+    os.environ["OTEL_TRACES_EXPORTER"] = "none"  # no exporter from the environment: the test adds its own
+    try:
+        server = LiveServer(demo_tasks=["classify", "classify-text"], tracing=True)
+    finally:
+        del os.environ["OTEL_TRACES_EXPORTER"]
+    exporter = InMemorySpanExporter()
+    server.app.state.tracing.provider.add_span_processor(SimpleSpanProcessor(exporter))
+    server.start()
+    yield server, exporter
+    server.stop()
+
+
+def spans_of_trace(exporter: InMemorySpanExporter) -> list[ReadableSpan]:
+    return [
+        s for s in exporter.get_finished_spans() if s.context is not None and f"{s.context.trace_id:032x}" == TRACE_ID
+    ]
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "route"),
+    [
+        ("/v1/classify-text", {"json": {"text": "traced", "top_k": 1}}, "POST /v1/classify-text"),
+        ("/v1/classify", {"files": {"image": (MEDIA / "cat.jpg").read_bytes()}}, "POST /v1/classify"),
+        (
+            "/v2/models/classify-text/infer",
+            {"json": {"inputs": [{"name": "TEXT", "shape": [1], "datatype": "BYTES", "data": ["traced"]}]}},
+            "POST /v2/models/{model_name}/infer",
+        ),
+    ],
+)
+def test_a_request_continues_the_callers_trace_with_a_span_per_stage(
+    traced: tuple[LiveServer, InMemorySpanExporter], path: str, body: dict[str, object], route: str
+) -> None:
+    server, exporter = traced
+    exporter.clear()
+    with server.client() as client:
+        r = client.post(path, headers={"traceparent": TRACEPARENT}, **body)  # type: ignore[arg-type]
+    assert r.status_code == 200, r.text
+    spans = spans_of_trace(exporter)
+    (request,) = [s for s in spans if s.kind == SpanKind.SERVER]
+    assert request.name == route and request.attributes is not None
+    assert request.attributes["http.route"] == route.split(" ")[1]
+    assert request.attributes["http.response.status_code"] == 200
+    assert request.parent is not None and f"{request.parent.span_id:016x}" == PARENT_ID and request.parent.is_remote
+    stages = sorted((s for s in spans if s is not request), key=lambda s: s.start_time or 0)
+    assert [s.name for s in stages] == ["decode", "queue", "inference", "encode"]
+    for stage in stages:
+        assert stage.parent is not None and stage.parent.span_id == request.context.span_id
+        assert request.start_time <= stage.start_time <= stage.end_time <= request.end_time  # type: ignore[operator]
+    queue, inference = stages[1], stages[2]
+    assert queue.end_time == inference.start_time  # the wait ends when the forward pass starts
+    assert inference.attributes is not None and inference.attributes["perceiver.batch_size"] >= 1
+
+
+def test_without_traceparent_a_request_starts_its_own_trace(traced: tuple[LiveServer, InMemorySpanExporter]) -> None:
+    server, exporter = traced
+    exporter.clear()
+    with server.client() as client:
+        assert client.post("/v1/classify-text", json={"text": "untraced caller"}).status_code == 200
+        assert client.post("/v1/classify-text", json={"text": ""}).status_code == 422
+    requests = [s for s in exporter.get_finished_spans() if s.kind == SpanKind.SERVER]
+    assert len(requests) == 2 and all(s.parent is None for s in requests)
+    assert requests[1].attributes is not None and requests[1].attributes["http.response.status_code"] == 422
+
+
+def test_tracing_follows_the_standard_variables(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("OTEL_TRACES_EXPORTER", "OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_SDK_DISABLED"):
+        monkeypatch.delenv(name, raising=False)
+    assert not wanted(Settings())
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4318")
+    assert wanted(Settings())
+    assert not wanted(Settings(tracing=False))
+    monkeypatch.setenv("OTEL_SDK_DISABLED", "true")
+    assert not wanted(Settings(tracing=True))
+    monkeypatch.delenv("OTEL_SDK_DISABLED")
+    monkeypatch.delenv("OTEL_EXPORTER_OTLP_ENDPOINT")
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", "none")
+    assert not wanted(Settings())
+
+
+def test_off_by_default_with_no_opentelemetry_sdk_import() -> None:
+    """Serving a request with tracing off imports nothing of OpenTelemetry's SDK (a fresh interpreter: this one
+    has it loaded for the tests above)."""
+    code = (
+        "import sys, httpx\n"
+        "from tests.app.conftest import LiveServer\n"
+        "server = LiveServer(demo_tasks=['classify-text']).start()\n"
+        "r = httpx.post(server.url + '/v1/classify-text', json={'text': 'hi'}, headers={'traceparent': sys.argv[1]})\n"
+        "server.stop()\n"
+        "assert r.status_code == 200, r.text\n"
+        "loaded = sorted(m for m in sys.modules if m.startswith(('opentelemetry.sdk', 'opentelemetry.exporter')))\n"
+        "assert not loaded, loaded\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "PERCEIVER_"))}
+    result = subprocess.run(
+        [sys.executable, "-c", code, TRACEPARENT], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr[-3000:]

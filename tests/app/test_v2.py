@@ -1,0 +1,408 @@
+"""The Open Inference Protocol (KServe v2) spoken to NVIDIA's own client, tritonclient[http] from PyPI, against a
+live demo server: health, the repository index, metadata, inference on every task with JSON tensors and with
+binary tensors (the client's default), protocol errors, and the same answer as the REST API for the same input."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import tritonclient.http as triton
+from PIL import Image
+from tritonclient.utils import InferenceServerException
+
+from .conftest import MEDIA, LiveServer
+
+ROOT = MEDIA.parents[1]
+CAT = (MEDIA / "cat.jpg").read_bytes()
+COFFEE = (MEDIA / "coffee.jpg").read_bytes()
+
+
+@pytest.fixture
+def client(demo_server: LiveServer) -> Iterator[triton.InferenceServerClient]:
+    c = triton.InferenceServerClient(demo_server.url.removeprefix("http://"), network_timeout=120)
+    yield c
+    c.close()
+
+
+def strings(*values: bytes) -> np.ndarray:
+    return np.array(list(values), dtype=np.object_)
+
+
+def tensor(name: str, array: np.ndarray, datatype: str, binary: bool) -> triton.InferInput:
+    t = triton.InferInput(name, list(array.shape), datatype)
+    t.set_data_from_numpy(array, binary_data=binary)
+    return t
+
+
+def pixels(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+
+
+def rest(demo_server: LiveServer, path: str, **kwargs: object) -> httpx.Response:
+    with demo_server.client() as c:
+        r = c.post(path, **kwargs)  # type: ignore[arg-type]
+    assert r.status_code == 200, r.text
+    return r
+
+
+def served_names(demo_server: LiveServer) -> list[str]:
+    return [m.name.replace("/", ".") for m in demo_server.runtime.all_models()]
+
+
+# ---------------------------------------------------------------------------------------------- server and models
+
+
+def test_liveness_readiness_and_server_metadata(client: triton.InferenceServerClient) -> None:
+    assert client.is_server_live()
+    assert client.is_server_ready()
+    meta = client.get_server_metadata()
+    assert meta["name"] == "perceiver-serve" and "binary_tensor_data" in meta["extensions"]
+
+
+def test_repository_index_lists_every_served_model(
+    client: triton.InferenceServerClient, demo_server: LiveServer
+) -> None:
+    index = client.get_model_repository_index()
+    assert sorted(m["name"] for m in index) == sorted(served_names(demo_server))
+    assert {"classify.learned", "classify.fourier", "classify.conv", "fill-mask", "optical-flow"} <= {
+        m["name"] for m in index
+    }
+    assert all(m["state"] == "READY" and m["version"] == "1" for m in index)
+
+
+@pytest.mark.parametrize(
+    ("name", "inputs", "outputs"),
+    [
+        ("classify.learned", {"IMAGE": "BYTES"}, {"LABELS": "BYTES", "SCORES": "FP32", "INDICES": "INT64"}),
+        ("classify-text", {"TEXT": "BYTES"}, {"LABELS": "BYTES", "SCORES": "FP32", "INDICES": "INT64"}),
+        ("fill-mask", {"TEXT": "BYTES"}, {"TEXT": "BYTES", "CANDIDATE_BYTES": "INT64", "CANDIDATE_SCORES": "FP32"}),
+        ("optical-flow", {"FRAME1": "BYTES", "FRAME2": "BYTES"}, {"FLOW": "FP32"}),
+        ("autoencode", {"VIDEO": "BYTES", "AUDIO": "BYTES"}, {"LABELS": "BYTES", "AUDIO_SOURCE": "BYTES"}),
+    ],
+)
+def test_metadata_names_inputs_outputs_and_the_checkpoint(
+    client: triton.InferenceServerClient, name: str, inputs: dict[str, str], outputs: dict[str, str]
+) -> None:
+    meta = client.get_model_metadata(name)
+    assert meta["name"] == name and meta["versions"] == ["1"]
+    assert {i["name"]: i["datatype"] for i in meta["inputs"]} == inputs
+    assert outputs.items() <= {o["name"]: o["datatype"] for o in meta["outputs"]}.items()
+    assert all(o["shape"][0] == -1 for o in meta["outputs"])  # the batch
+    assert meta["parameters"]["source"] == "demo" and meta["parameters"]["weights"] == "random-init"
+    assert meta["parameters"]["served_name"] == name.replace(".", "/")
+    assert client.get_model_metadata(name, model_version="1") == meta
+    assert client.is_model_ready(name) and client.is_model_ready(name, model_version="1")
+
+
+def test_an_unknown_model_or_version_is_a_404_in_the_protocols_error_body(demo_server: LiveServer) -> None:
+    with demo_server.client() as c:
+        for path in ("/v2/models/classify.nope", "/v2/models/classify.learned/versions/2", "/v2/models/x/ready"):
+            r = c.get(path)
+            assert r.status_code == 404 and isinstance(r.json()["error"], str), (path, r.text)
+        assert "classify.learned" in c.get("/v2/models/classify.nope").json()["error"]  # names what is served
+        r = c.post("/v2/models/classify/learned/infer", json={})  # a slash in the name: not a route
+        assert r.status_code == 404 and isinstance(r.json()["error"], str)
+
+
+# ---------------------------------------------------------------------------------------------- inference
+
+
+def infer(
+    client: triton.InferenceServerClient, name: str, inputs: list[triton.InferInput], binary: bool, **parameters: object
+) -> triton.InferResult:
+    meta = client.get_model_metadata(name)
+    outputs = [triton.InferRequestedOutput(o["name"], binary_data=binary) for o in meta["outputs"]]
+    return client.infer(name, inputs, outputs=outputs, parameters=parameters or None)
+
+
+def text(element: bytes | str) -> str:
+    """A BYTES element as tritonclient gives it: bytes from binary data, str from JSON."""
+    return element.decode() if isinstance(element, bytes) else element
+
+
+def predictions(result: triton.InferResult) -> list[list[tuple[str, int, np.float32]]]:
+    labels, indices, scores = (result.as_numpy(n) for n in ("LABELS", "INDICES", "SCORES"))
+    assert scores.dtype == np.float32 and indices.dtype == np.int64
+    return [
+        [(text(lab), int(i), s) for lab, i, s in zip(*row, strict=True)]
+        for row in zip(labels, indices, scores, strict=True)
+    ]
+
+
+def as_rest(body: dict[str, object]) -> list[tuple[str, int, np.float32]]:
+    return [(p["label"], p["index"], np.float32(p["score"])) for p in body["predictions"]]  # type: ignore[attr-defined, index]
+
+
+@pytest.mark.parametrize("variant", ["learned", "fourier", "conv"])
+@pytest.mark.parametrize("binary", [True, False])
+def test_classify_gives_the_rest_answer(
+    client: triton.InferenceServerClient, demo_server: LiveServer, variant: str, binary: bool
+) -> None:
+    """Binary tensors carry the JPEG files; JSON tensors carry the decoded pixels as UINT8 [N, H, W, 3]. One
+    model, one answer: the same scores as /v1/classify for the same image (the JSON path's pixels are those of
+    the same photo as a PNG, which REST is given too)."""
+    name = f"classify.{variant}"
+    if binary:
+        images, files = [CAT, COFFEE], [CAT, COFFEE]
+        inputs = [tensor("IMAGE", strings(*images), "BYTES", True)]
+    else:
+        arrays = np.stack([pixels(CAT)[:300, :400], pixels(COFFEE)[:300, :400]])
+        files = [_png(a) for a in arrays]
+        inputs = [tensor("IMAGE", arrays, "UINT8", False)]
+    result = infer(client, name, inputs, binary, top_k=3)
+    uploads = [("image", data) for data in files]  # both in one request, as both rows are: the same batches
+    body = rest(demo_server, "/v1/classify", files=uploads, data={"top_k": "3", "model": variant}).json()
+    assert predictions(result) == [as_rest(row) for row in body["results"]]
+    assert result.as_numpy("SCORES").shape == (2, 3)
+    assert result.get_response()["model_name"] == name
+
+
+def _png(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("binary", [True, False])
+def test_classify_text_gives_the_rest_answer(
+    client: triton.InferenceServerClient, demo_server: LiveServer, binary: bool
+) -> None:
+    """Each text alone gives exactly the REST answer; a batch of texts gives each row that answer too, to float
+    precision (a forward pass of two rows need not round like one of one)."""
+    texts = ["What a wonderful day!", "Ünïcödé works too ✓"]
+    batch = infer(
+        client, "classify-text", [tensor("TEXT", strings(*(t.encode() for t in texts)), "BYTES", binary)], binary
+    )
+    for sentence, row in zip(texts, predictions(batch), strict=True):
+        alone = infer(client, "classify-text", [tensor("TEXT", strings(sentence.encode()), "BYTES", binary)], binary)
+        expected = as_rest(rest(demo_server, "/v1/classify-text", json={"text": sentence, "top_k": 5}).json())
+        assert predictions(alone) == [expected]
+        assert [p[:2] for p in row] == [p[:2] for p in expected] and len(row) == 2  # two demo classes: top_k 5 gives 2
+        assert np.allclose([p[2] for p in row], [p[2] for p in expected], atol=1e-5)
+
+
+@pytest.mark.parametrize("binary", [True, False])
+def test_fill_mask_gives_the_rest_answer(
+    client: triton.InferenceServerClient, demo_server: LiveServer, binary: bool
+) -> None:
+    """Rows with fewer masks are padded (offset -1, byte -1, score 0). Each text alone gives exactly the REST
+    answer; in a batch, to float precision."""
+    texts = ["The sky is [MASK][MASK][MASK][MASK].", "A[MASK]c"]
+    inputs = [tensor("TEXT", strings(*(t.encode() for t in texts)).reshape(2, 1), "BYTES", binary)]  # [N, 1] too
+    batch = infer(client, "fill-mask", inputs, binary, top_k=2)
+    names = ("BYTE_OFFSETS", "CANDIDATE_BYTES", "CANDIDATE_SCORES")
+    assert batch.as_numpy(names[0]).shape == (2, 4) and batch.as_numpy(names[1]).shape == (2, 4, 2)
+    for i, sentence in enumerate(texts):
+        body = rest(demo_server, "/v1/fill-mask", json={"text": sentence, "top_k": 2}).json()
+        alone = infer(
+            client, "fill-mask", [tensor("TEXT", strings(sentence.encode()), "BYTES", binary)], binary, top_k=2
+        )
+        masks = body["masks"]
+        offsets, candidates, scores = (alone.as_numpy(n)[0] for n in names)
+        assert text(alone.as_numpy("TEXT")[0]) == body["text"]
+        assert list(offsets) == [m["byte_offset"] for m in masks]
+        assert [list(c) for c in candidates] == [[c["byte"] for c in m["candidates"]] for m in masks]
+        assert [list(s) for s in scores] == [[np.float32(c["score"]) for c in m["candidates"]] for m in masks]
+        rows = [batch.as_numpy(n)[i] for n in names]
+        assert list(rows[0][: len(masks)]) == list(offsets) and all(rows[0][len(masks) :] == -1)
+        assert all(rows[1][len(masks) :].ravel() == -1) and all(rows[2][len(masks) :].ravel() == 0)
+        assert np.allclose(rows[2][: len(masks)], scores, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_optical_flow_gives_the_rest_answer_from_files_or_arrays(
+    client: triton.InferenceServerClient, demo_server: LiveServer
+) -> None:
+    frame1, frame2 = (ROOT / "examples" / "frame1.png").read_bytes(), (ROOT / "examples" / "frame2.png").read_bytes()
+    npy = rest(
+        demo_server, "/v1/optical-flow", files={"frame1": frame1, "frame2": frame2}, data={"format": "npy"}
+    ).content
+    expected = np.load(io.BytesIO(npy))
+    files = [tensor("FRAME1", strings(frame1), "BYTES", True), tensor("FRAME2", strings(frame2), "BYTES", True)]
+    flow = infer(client, "optical-flow", files, True).as_numpy("FLOW")
+    assert flow.dtype == np.float32 and flow.shape == (1, *expected.shape)
+    assert np.array_equal(flow[0], expected)  # float32 as computed, not rounded as the JSON format is
+    arrays = [tensor(n, pixels(f), "UINT8", False) for n, f in (("FRAME1", frame1), ("FRAME2", frame2))]
+    flow = infer(client, "optical-flow", arrays, False).as_numpy("FLOW")  # [H, W, 3] arrays, JSON tensors
+    assert flow.shape == (1, *expected.shape) and np.abs(flow[0] - expected).max() < 1e-6
+
+
+@pytest.mark.parametrize("binary", [True, False])
+def test_autoencode_gives_the_rest_answer(
+    client: triton.InferenceServerClient, demo_server: LiveServer, binary: bool
+) -> None:
+    """Binary tensors carry the MP4 as it is; JSON tensors carry it as base64 (content_type: base64)."""
+    video = (ROOT / "examples" / "clip.mp4").read_bytes()
+    if binary:
+        inputs = [tensor("VIDEO", strings(video), "BYTES", True)]
+    else:
+        inputs = [tensor("VIDEO", strings(base64.b64encode(video)), "BYTES", False)]
+        inputs[0]._parameters["content_type"] = "base64"  # tritonclient has no setter; the request carries it
+    result = infer(client, "autoencode", inputs, binary, top_k=3)
+    body = rest(demo_server, "/v1/autoencode", files={"video": video}, data={"top_k": "3"}).json()
+    assert predictions(result) == [as_rest(body)]
+    assert text(result.as_numpy("AUDIO_SOURCE")[0]) == body["audio_source"]
+
+
+def test_a_plain_json_client_needs_no_tritonclient(demo_server: LiveServer) -> None:
+    request = {
+        "id": "42",
+        "inputs": [{"name": "TEXT", "shape": [1], "datatype": "BYTES", "data": ["What a wonderful day!"]}],
+        "parameters": {"top_k": 1},
+    }
+    with demo_server.client() as c:
+        r = c.post("/v2/models/classify-text/infer", json=request)
+    assert r.status_code == 200 and r.headers["content-type"] == "application/json", r.text
+    body = r.json()
+    assert body["id"] == "42" and body["model_name"] == "classify-text" and body["model_version"] == "1"
+    assert {o["name"]: o["shape"] for o in body["outputs"]} == {"LABELS": [1, 1], "SCORES": [1, 1], "INDICES": [1, 1]}
+    assert int(r.headers["x-batch-size"]) >= 1  # the batcher's timing headers, as on /v1
+
+
+# ---------------------------------------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize(
+    ("inputs", "needle"),
+    [
+        ([("TEXT", np.array([1.0], dtype=np.float32), "FP32")], "TEXT: datatype FP32; expected BYTES"),
+        ([("TEXT", strings(b"a", b"b", b"c", b"d").reshape(2, 2), "BYTES")], "TEXT: shape [2, 2] for BYTES"),
+        ([("IMAGE", strings(b"x"), "BYTES")], "IMAGE: no such input"),
+    ],
+)
+def test_a_wrong_datatype_shape_or_name_is_a_400_that_says_so(
+    client: triton.InferenceServerClient, inputs: list[tuple[str, np.ndarray, str]], needle: str
+) -> None:
+    with pytest.raises(InferenceServerException) as caught:
+        client.infer("classify-text", [tensor(n, a, d, True) for n, a, d in inputs])
+    assert caught.value.status() == "400" and needle in caught.value.message()
+
+
+def test_malformed_requests_are_400s_with_the_protocols_error_body(demo_server: LiveServer) -> None:
+    url = "/v2/models/classify.learned/infer"
+    image = {"name": "IMAGE", "shape": [1, 2, 2, 3], "datatype": "UINT8"}
+    binary = {"name": "IMAGE", "shape": [1], "datatype": "BYTES", "parameters": {"binary_data_size": 9}}
+    cases: list[tuple[bytes, dict[str, str]]] = [
+        (b"{not json", {}),
+        (json.dumps({"inputs": []}).encode(), {}),
+        (json.dumps({"inputs": [image | {"data": [1, 2, 3]}]}).encode(), {}),  # too few values
+        (json.dumps({"inputs": [image | {"data": [300] * 12}]}).encode(), {}),  # not UINT8
+        (json.dumps({"inputs": [image | {"data": [0.5] * 12}]}).encode(), {}),  # not integers
+        (json.dumps({"inputs": [image | {"data": [0] * 12}], "parameters": {"topk": 2}}).encode(), {}),  # unknown
+        (json.dumps({"inputs": [binary]}).encode(), {}),  # 9 binary bytes announced, none sent
+        (json.dumps({"inputs": [image]}).encode(), {"inference-header-content-length": "999"}),  # past the body
+    ]
+    with demo_server.client() as c:
+        for body, headers in cases:
+            r = c.post(url, content=body, headers=headers)
+            assert r.status_code == 400, (body[:80], r.text)
+            assert set(r.json()) == {"error"} and isinstance(r.json()["error"], str), r.text
+        r = c.post(url, content=b"{}", headers={"content-encoding": "gzip"})
+        assert r.status_code == 415 and "uncompressed" in r.json()["error"], r.text
+        undecodable = {"inputs": [{"name": "IMAGE", "shape": [1], "datatype": "BYTES", "data": ["not an image"]}]}
+        r = c.post(url, json=undecodable)
+        assert r.status_code == 415 and set(r.json()) == {"error"}, r.text  # the task's own verdict, v2's body
+
+
+def test_keys_guard_inference_but_not_the_health_probes() -> None:
+    server = LiveServer(demo_tasks=["classify-text"], api_keys="sesame").start()
+    try:
+        with server.client() as c:
+            assert c.get("/v2/health/live").status_code == 200 and c.get("/v2/health/ready").status_code == 200
+            r = c.get("/v2/models/classify-text")
+            assert r.status_code == 401 and isinstance(r.json()["error"], str)
+            assert c.get("/v2/models/classify-text", headers={"authorization": "Bearer sesame"}).status_code == 200
+        keyed = triton.InferenceServerClient(server.url.removeprefix("http://"))
+        text = tensor("TEXT", strings(b"hello"), "BYTES", True)
+        with pytest.raises(InferenceServerException) as caught:
+            keyed.infer("classify-text", [text])
+        assert caught.value.status() == "401"
+        assert keyed.infer("classify-text", [text], headers={"x-api-key": "sesame"}).as_numpy("SCORES").shape == (1, 2)
+        keyed.close()
+    finally:
+        server.stop()
+
+
+# ---------------------------------------------------------------------------------------------- shared capacity
+
+
+def test_v2_and_rest_share_the_batcher_its_backpressure_and_metrics() -> None:
+    """A queue filled by REST requests refuses v2 ones (429, Retry-After, the v2 error body), and v2 requests
+    count in the task's metrics and share forward passes with REST ones. The batcher holds a batch for company
+    for up to a second (max_delay_ms), so the queue stays full while the v2 request arrives."""
+    server = LiveServer(demo_tasks=["classify-text"], max_batch_size=8, max_delay_ms=1000, max_queue_size=4).start()
+    labels = {"task": "classify-text", "model": "classify-text"}
+    v2 = {"inputs": [{"name": "TEXT", "shape": [1], "datatype": "BYTES", "data": ["v2"]}]}
+    batcher = server.runtime.model_for("classify-text").batcher
+    assert batcher is not None
+    try:
+        with server.client() as c, ThreadPoolExecutor(8) as pool:
+            queued = [pool.submit(c.post, "/v1/classify-text", json={"text": f"rest {i}"}) for i in range(4)]
+            deadline = time.monotonic() + 0.8
+            while batcher.depth < 4 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            refused = c.post("/v2/models/classify-text/infer", json=v2)
+            assert refused.status_code == 429 and int(refused.headers["retry-after"]) >= 1
+            assert set(refused.json()) == {"error"} and "overloaded" in refused.json()["error"]
+            assert all(f.result().status_code == 200 for f in queued)
+            assert server.metric("perceiver_rejections_total", **labels, reason="queue_full") == 1
+            before = server.metric("perceiver_batches_total", **labels)
+            mixed = [pool.submit(c.post, "/v1/classify-text", json={"text": "rest"}) for _ in range(2)]
+            mixed += [pool.submit(c.post, "/v2/models/classify-text/infer", json=v2) for _ in range(2)]
+            assert all(f.result().status_code == 200 for f in mixed)
+            assert server.metric("perceiver_batches_total", **labels) - before == 1  # one forward pass for all four
+            assert {int(f.result().headers["x-batch-size"]) for f in mixed} == {4}
+        assert server.metric("perceiver_requests_total", **labels, status="200") == 8  # v2 ones counted too
+    finally:
+        server.stop()
+
+
+def test_draining_turns_v2_readiness_off_and_refuses_inference_in_the_protocols_body() -> None:
+    server = LiveServer(demo_tasks=["classify-text"]).start()
+    v2 = {"inputs": [{"name": "TEXT", "shape": [1], "datatype": "BYTES", "data": ["late"]}]}
+    try:
+        with server.client() as c:
+            server.runtime.begin_drain()
+            assert c.get("/v2/health/ready").json() == {"ready": False}
+            assert c.get("/v2/health/ready").status_code == 503 and c.get("/v2/health/live").status_code == 200
+            assert c.get("/v2/models/classify-text/ready").status_code == 503
+            (entry,) = c.post("/v2/repository/index").json()
+            assert (entry["state"], entry["reason"]) == ("UNAVAILABLE", "draining")
+            assert c.post("/v2/repository/index", json={"ready": True}).json() == []
+            r = c.post("/v2/models/classify-text/infer", json=v2)
+            assert r.status_code == 503 and set(r.json()) == {"error"}, r.text
+        labels = {"task": "classify-text", "model": "", "reason": "draining"}
+        assert server.metric("perceiver_rejections_total", **labels) == 1  # counted under the v2 call's task
+    finally:
+        server.stop()
+
+
+def test_a_configured_checkpoint_shows_its_source_and_revision(tmp_path: Path) -> None:
+    from reference import save_small_image_classifier  # tests/reference.py: a tiny transformers checkpoint
+
+    checkpoint = tmp_path / "fourier"
+    save_small_image_classifier(checkpoint, ["tabby cat", "espresso", "daisy"])
+    spec = {"task": "classify", "variant": "fourier", "source": str(checkpoint), "revision": "v1"}
+    server = LiveServer(models=[spec]).start()
+    try:
+        client = triton.InferenceServerClient(server.url.removeprefix("http://"))
+        assert [m["name"] for m in client.get_model_repository_index()] == ["classify.fourier"]
+        meta = client.get_model_metadata("classify.fourier")
+        parameters = meta["parameters"]
+        assert (parameters["source"], parameters["revision"]) == (str(checkpoint), "v1")
+        assert parameters["weights"] == "pretrained" and parameters["served_name"] == "classify/fourier"
+        image = tensor("IMAGE", strings(CAT), "BYTES", True)
+        labels = client.infer("classify.fourier", [image], parameters={"top_k": 3}).as_numpy("LABELS")
+        assert {text(label) for label in labels[0]} == {"tabby cat", "espresso", "daisy"}
+        client.close()
+    finally:
+        server.stop()

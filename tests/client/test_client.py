@@ -1,0 +1,239 @@
+"""perceiver_client (client/) against live servers on loopback: every method with real media, typed results, the
+server's errors, deadlines passed through as x-request-timeout-ms, and Retry-After honoured on 429 with bounded
+retries, sync and async. Also: the package installs with httpx alone."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from perceiver_client import (
+    APIError,
+    AsyncClient,
+    Classification,
+    Client,
+    FilledText,
+    OverloadedError,
+    Prediction,
+)
+
+from ..app.conftest import MEDIA, LiveServer
+
+ROOT = Path(__file__).parents[2]
+EXAMPLES = ROOT / "examples"
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[LiveServer]:
+    server = LiveServer().start()  # the demo profile: every task
+    yield server
+    server.stop()
+
+
+def test_every_method_answers_with_typed_results(server: LiveServer) -> None:
+    with Client(server.url) as client:
+        assert client.ready()
+        cat = client.classify(MEDIA / "cat.jpg", top_k=3, model="fourier")
+        assert isinstance(cat, Classification) and cat.model == "classify/fourier" and cat.weights == "random-init"
+        assert len(cat.predictions) == 3 and all(isinstance(p, Prediction) for p in cat.predictions)
+        assert [p.score for p in cat.predictions] == sorted((p.score for p in cat.predictions), reverse=True)
+        with open(MEDIA / "cat.jpg", "rb") as file:  # a path, bytes or an open file: the same image
+            assert client.classify(file, top_k=3, model="fourier") == cat
+        both = client.classify_many([MEDIA / "cat.jpg", (MEDIA / "coffee.jpg").read_bytes()], top_k=1)
+        assert [b.model for b in both] == ["classify/learned"] * 2 and all(len(b.predictions) == 1 for b in both)
+        text = client.classify_text("What a wonderful day!", top_k=1)
+        assert text.model == "classify-text" and text.predictions[0].label in ("positive", "negative")
+        filled = client.fill_mask("The sky is [MASK][MASK].", top_k=2)
+        assert isinstance(filled, FilledText) and [m.byte_offset for m in filled.masks] == [11, 12]
+        assert all(len(m.candidates) == 2 for m in filled.masks) and len(filled.text.encode()) == 14
+        video = client.autoencode(EXAMPLES / "clip.mp4", top_k=2)
+        assert (
+            video.model == "autoencode" and video.audio_source in ("video", "silence") and len(video.predictions) == 2
+        )
+        names = {m.name for m in client.models()}
+        assert {"classify/learned", "fill-mask", "optical-flow", "autoencode"} <= names
+
+
+@pytest.mark.slow
+def test_optical_flow(server: LiveServer) -> None:
+    with Client(server.url) as client:
+        flow = client.optical_flow(EXAMPLES / "frame1.png", EXAMPLES / "frame2.png")
+    assert (flow.height, flow.width) == (360, 480) and len(flow.flow) == 360 and len(flow.flow[0][0]) == 2
+
+
+def test_the_servers_errors_are_raised_with_their_type_and_request_id(server: LiveServer) -> None:
+    with Client(server.url) as client:
+        with pytest.raises(APIError) as caught:
+            client.fill_mask("no mask here")
+        assert caught.value.status_code == 422 and caught.value.error_type == "invalid_input"
+        assert "[MASK]" in caught.value.message and caught.value.request_id and caught.value.attempts == 1
+        with pytest.raises(APIError) as caught:
+            client.classify(MEDIA / "cat.jpg", model="nope")
+        assert caught.value.status_code == 404 and "learned" in caught.value.message
+
+
+def test_an_api_key_is_sent_as_a_bearer_token() -> None:
+    server = LiveServer(demo_tasks=["classify-text"], api_keys="sesame").start()
+    try:
+        with Client(server.url) as anonymous, pytest.raises(APIError) as caught:
+            anonymous.classify_text("hi")
+        assert caught.value.status_code == 401
+        with Client(server.url, api_key="sesame") as client:
+            assert client.classify_text("hi").model == "classify-text"
+    finally:
+        server.stop()
+
+
+# ---------------------------------------------------------------------------------------------- overload
+
+
+@pytest.fixture
+def busy() -> Iterator[LiveServer]:
+    """A text model whose queue holds one request: with the model busy and that one queued, the next gets 429."""
+    server = LiveServer(demo_tasks=["classify-text"], max_batch_size=1, max_delay_ms=0, max_queue_size=1).start()
+    yield server
+    server.stop()
+
+
+def occupy(server: LiveServer, seconds: float) -> list[threading.Thread]:
+    """Block the inference thread for ``seconds`` and fill the queue, as real load would: one request taken into
+    a batch (waiting for the thread), and one queued behind it."""
+    batcher = server.runtime.model_for("classify-text").batcher
+    assert batcher is not None
+    server.runtime.inference_executor.submit(time.sleep, seconds)
+    time.sleep(0.05)
+    fillers = []
+    for _ in range(2):
+        post = {"json": {"text": "filler"}, "timeout": 30}
+        fillers.append(threading.Thread(target=httpx.post, args=(server.url + "/v1/classify-text",), kwargs=post))
+        fillers[-1].start()
+        time.sleep(0.2)
+    assert batcher.depth == 1
+    return fillers
+
+
+class Seen:
+    """Every response the client received (an httpx event hook): status and Retry-After."""
+
+    def __init__(self) -> None:
+        self.responses: list[tuple[int, float | None]] = []
+
+    def __call__(self, response: httpx.Response) -> None:
+        header = response.headers.get("retry-after")
+        self.responses.append((response.status_code, None if header is None else float(header)))
+
+    async def hook(self, response: httpx.Response) -> None:
+        self(response)
+
+    def waited_at_least(self) -> float:
+        return sum(r or 0 for status, r in self.responses if status == 429)
+
+
+def test_a_429_is_retried_after_retry_after_until_it_succeeds(busy: LiveServer) -> None:
+    fillers = occupy(busy, 2.0)
+    seen = Seen()
+    started = time.monotonic()
+    with Client(busy.url, max_retries=6, event_hooks={"response": [seen]}) as client:
+        result = client.classify_text("patience", top_k=1)
+    elapsed = time.monotonic() - started
+    for filler in fillers:
+        filler.join()
+    statuses = [s for s, _ in seen.responses]
+    assert statuses[0] == 429 and statuses[-1] == 200 and set(statuses[:-1]) == {429}, seen.responses
+    assert all(r is not None and r >= 1 for s, r in seen.responses if s == 429)
+    assert elapsed >= seen.waited_at_least()  # it waited as long as the server asked, every time
+    assert result.model == "classify-text" and len(result.predictions) == 1
+
+
+def test_retries_are_bounded_and_then_raise_a_clear_error(busy: LiveServer) -> None:
+    fillers = occupy(busy, 4.0)
+    seen = Seen()
+    started = time.monotonic()
+    with (
+        Client(busy.url, max_retries=1, event_hooks={"response": [seen]}) as client,
+        pytest.raises(OverloadedError) as caught,
+    ):
+        client.classify_text("impatient")
+    elapsed = time.monotonic() - started
+    for filler in fillers:
+        filler.join()
+    assert [s for s, _ in seen.responses] == [429, 429]  # the first try and one retry
+    assert elapsed >= seen.waited_at_least() - seen.responses[-1][1]  # type: ignore[operator]
+    error = caught.value
+    assert error.status_code == 429 and error.attempts == 2 and error.retry_after_s is not None
+    assert "gave up after 2 attempts" in str(error) and "overloaded" in str(error)
+
+
+def test_a_retry_after_longer_than_the_deadline_is_not_waited_for(busy: LiveServer) -> None:
+    fillers = occupy(busy, 2.0)
+    started = time.monotonic()
+    with Client(busy.url, max_retries=5) as client, pytest.raises(OverloadedError) as caught:
+        client.classify_text("in a hurry", timeout_ms=500)  # Retry-After is at least 1 s
+    assert time.monotonic() - started < 0.5 and caught.value.attempts == 1
+    for filler in fillers:
+        filler.join()
+
+
+def test_the_deadline_reaches_the_server(busy: LiveServer) -> None:
+    """x-request-timeout-ms: the server gives up at the client's deadline (504), not at its own 30 s."""
+    busy.runtime.inference_executor.submit(time.sleep, 1.5)
+    time.sleep(0.05)
+    started = time.monotonic()
+    with Client(busy.url, max_retries=0) as client, pytest.raises(APIError) as caught:
+        client.classify_text("waiting", timeout_ms=300)
+    assert caught.value.status_code == 504 and caught.value.error_type == "deadline_exceeded"
+    assert time.monotonic() - started < 1.2
+    time.sleep(1.5)
+
+
+def test_the_async_client_retries_the_same_way(busy: LiveServer) -> None:
+    fillers = occupy(busy, 2.0)
+    seen = Seen()
+
+    async def call() -> tuple[Classification, float]:
+        started = time.monotonic()
+        async with AsyncClient(busy.url, max_retries=6, event_hooks={"response": [seen.hook]}) as client:
+            result = await client.classify_text("async patience", top_k=2)
+        return result, time.monotonic() - started
+
+    result, elapsed = asyncio.run(call())
+    for filler in fillers:
+        filler.join()
+    statuses = [s for s, _ in seen.responses]
+    assert statuses[0] == 429 and statuses[-1] == 200 and set(statuses[:-1]) == {429}, seen.responses
+    assert elapsed >= seen.waited_at_least() and len(result.predictions) == 2
+
+
+# ---------------------------------------------------------------------------------------------- packaging
+
+
+def test_the_package_depends_on_httpx_alone_and_imports_without_torch(tmp_path: Path) -> None:
+    source, out = tmp_path / "client", tmp_path / "metadata"
+    shutil.copytree(ROOT / "client", source, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    out.mkdir()
+    build = "import sys, setuptools.build_meta as b; print(b.prepare_metadata_for_build_wheel(sys.argv[1]))"
+    result = subprocess.run(
+        [sys.executable, "-W", "error", "-c", build, str(out)],
+        cwd=source,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    metadata = (out / result.stdout.strip().splitlines()[-1] / "METADATA").read_text().splitlines()
+    assert "Name: perceiver-client" in metadata
+    assert [line for line in metadata if line.startswith("Requires-Dist:")] == ["Requires-Dist: httpx>=0.27"]
+    blocked = (
+        "import sys; sys.modules.update(torch=None, numpy=None, app=None, perceiver_core=None); import perceiver_client"
+    )
+    run = subprocess.run([sys.executable, "-c", blocked], cwd=source, capture_output=True, text=True, check=False)
+    assert run.returncode == 0, run.stderr
