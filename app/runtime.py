@@ -115,6 +115,10 @@ class Runtime:
             raise ModelNotFound(f"no model is configured for task {task!r}")
         if variant is None:
             return next(iter(variants.values()))
+        # The served name works too: "classify/conv" for conv, "fill-mask" for the default variant.
+        by_name = {served.name: served for served in variants.values()}
+        if variant in by_name:
+            return by_name[variant]
         if variant not in variants:
             raise ModelNotFound(f"task {task!r} has no model {variant!r}; available: {', '.join(variants)}")
         return variants[variant]

@@ -3,6 +3,8 @@ the raw body. Unknown fields are refused by name; every problem is a 4xx that sa
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 from collections.abc import Mapping
 from typing import Any
@@ -59,7 +61,7 @@ def what_it_takes(task: Task[Any, Any, Any]) -> str:
     if raw:
         types = " or ".join(t + ("*" if t.endswith("/") else "") for t in raw[0].raw_types)
         text += f", or the {raw[0].name} itself as the body with content-type {types}"
-    return text
+    return text + ", or a JSON object (content-type: application/json) with each file as base64 text or a data: URL"
 
 
 def _names(task: Task[Any, Any, Any]) -> str:
@@ -133,11 +135,33 @@ async def _read_uploads(
                     _put(fields, key, value)
         finally:
             await form.close()
+    elif media == "application/json" or media.endswith("+json"):
+        known = {u.name: u for u in task.uploads}
+        for key, value in (await _read_json(request, task, media)).items():
+            upload = known.get(key)
+            if upload is None:
+                _put(fields, key, value)
+                continue
+            values = value if isinstance(value, list) and upload.repeatable else [value]
+            if len(values) > max_files:
+                raise InvalidInput(f"{key}: {len(values)} files; at most {max_files} per request")
+            files[key] = [_from_base64(key, v, task) for v in values]
     else:
         sent = f"a {media} body" if media else "a body without content-type"
         raise InvalidInput(f"{what_it_takes(task)}; got {sent}")
     _check_uploads(task.uploads, files, task)
     return files
+
+
+def _from_base64(name: str, value: Any, task: Task[Any, Any, Any]) -> bytes:
+    """A file sent in a JSON body: base64 text, or a data: URL as a browser's FileReader gives it."""
+    if isinstance(value, str):
+        text = value.split(",", 1)[1] if value.startswith("data:") and ";base64," in value[:200] else value
+        try:
+            return base64.b64decode(text, validate=True)
+        except (binascii.Error, ValueError):
+            pass
+    raise InvalidInput(f"{name}: expected the file as base64 text or a data: URL; {what_it_takes(task)}")
 
 
 def _check_uploads(uploads: tuple[Upload, ...], files: dict[str, list[bytes]], task: Task[Any, Any, Any]) -> None:

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel
+from pydantic import BaseModel, Field, create_model
 
 from ..batching import BatchError, Cancelled, Expired, QueueFull, Ticket
 from ..errors import ClientClosedRequest, DeadlineExceeded, InferenceFailed, NotReady, Overloaded
@@ -48,13 +48,32 @@ def task_router() -> APIRouter:
             _handler(task),
             methods=["POST"],
             name=task.name,
-            response_model=task.response_model,
+            response_model=task.response_model | results_model(task),
             tags=[task.tag],
             summary=task.summary,
             responses=_responses(task),
             openapi_extra=_openapi_request(task),
         )
     return router
+
+
+def results_model(task: AnyTask) -> type[BaseModel]:
+    """The documented answer to several inputs in one request (images, texts): ``results`` in order, each
+    with the task's fields but model and weights, which are said once."""
+    shared = ("model", "weights")
+    fields: dict[str, Any] = {
+        name: (field.annotation, field)
+        for name, field in task.response_model.model_fields.items()
+        if name not in shared
+    }
+    prefix = task.response_model.__name__.removesuffix("Response")
+    item = create_model(f"{prefix}Result", **fields)
+    return create_model(
+        f"{prefix}Results",
+        model=(str, Field(description="The model that answered")),
+        weights=(str, Field(description="pretrained, or random-init in the demo profile")),
+        results=(list[item], Field(description="One result per input, in the order they were sent")),
+    )
 
 
 def _handler(task: AnyTask) -> Callable[[Request], Awaitable[Response]]:
@@ -68,9 +87,13 @@ def _handler(task: AnyTask) -> Callable[[Request], Awaitable[Response]]:
         served = runtime.model_for(task.name, task.variant(options))
         request.state.model = served.name
         admit(served, deadline)  # this variant, before decoding what it could not serve in time
-        items = _split(task, files)
-        encoded = await run_items(request, runtime, served, task, [(options, f) for f in items], deadline)
-        return respond(served, encoded, many=len(items) > 1)
+        expanded = task.expand(options)  # a JSON list of texts
+        if expanded is not None:
+            items: list[tuple[TaskRequest, Mapping[str, bytes]]] = [(o, {}) for o in expanded]
+        else:
+            items = [(options, f) for f in _split(task, files)]
+        encoded = await run_items(request, runtime, served, task, items, deadline)
+        return respond(served, encoded, many=expanded is not None or len(items) > 1)
 
     handle.__name__ = task.name.replace("-", "_")
     return handle
@@ -295,7 +318,19 @@ def _openapi_request(task: AnyTask) -> dict[str, Any]:
         "properties": properties | options,
         "required": [u.name for u in task.uploads if u.required and not _replaceable(task, u.name)],
     }
-    content: dict[str, Any] = {"multipart/form-data": {"schema": form}}
+    base64_text = {"type": "string", "contentEncoding": "base64"}
+    as_json = {
+        "type": "object",
+        "properties": options
+        | {
+            u.name: ({"type": "array", "items": base64_text} if u.repeatable else base64_text)
+            | {"description": f"{u.description} (base64, or a data: URL)"}
+            for u in task.uploads
+        },
+        "required": form["required"],
+        "additionalProperties": False,
+    }
+    content: dict[str, Any] = {"multipart/form-data": {"schema": form}, "application/json": {"schema": as_json}}
     for upload in task.uploads:
         for media in upload.raw_types:
             content[media + "*" if media.endswith("/") else media] = {"schema": binary}

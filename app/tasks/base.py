@@ -13,10 +13,10 @@ import contextlib
 from abc import ABC, abstractmethod
 from collections.abc import Hashable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Generic, TypeVar
+from typing import Annotated, Any, ClassVar, Generic, TypeVar
 
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from perceiver_core import PerceiverConfig, PerceiverHead
 from perceiver_core.processing import tokenizer
@@ -53,6 +53,10 @@ class TaskRequest(BaseModel):
     """Base of every task's request fields. Unknown fields are refused (422 naming them), never ignored."""
 
     model_config = ConfigDict(extra="forbid")
+
+    model: str | None = Field(
+        None, description="Which of the task's models (a variant listed by /v1/models); default: the first configured."
+    )
 
 
 @dataclass(frozen=True)
@@ -119,6 +123,11 @@ class Task(ABC, Generic[RequestT, PayloadT, ResultT]):
 
     def variant(self, request: RequestT) -> str | None:
         """The model variant asked for (None: the first configured one)."""
+        return getattr(request, "model", None)
+
+    def expand(self, request: RequestT) -> list[RequestT] | None:
+        """A request that carries several inputs in one field (a JSON list of texts): one request per input,
+        answered as ``results`` in order. None: a single input."""
         return None
 
     @abstractmethod
@@ -168,6 +177,28 @@ def naming(field: str) -> Iterator[None]:
         exc.message = f"{field}: {exc.message}"
         exc.args = (exc.message,)
         raise
+
+
+MAX_TEXTS = 64  # texts in one batched JSON request
+# ``text``: one text, or a list of them answered as ``results`` in order (text-embeddings-inference's inputs).
+Texts = (
+    Annotated[str, Field(min_length=1)]
+    | Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1, max_length=MAX_TEXTS)]
+)
+
+
+def expand_texts(request: RequestT) -> list[RequestT] | None:
+    """``text`` given as a list: one request per text (the rest of the fields shared)."""
+    texts = getattr(request, "text", None)
+    if not isinstance(texts, list):
+        return None
+    return [request.model_copy(update={"text": t}) for t in texts]
+
+
+def one_text(text: str | list[str]) -> str:
+    if isinstance(text, list):  # expand() has split lists before decode
+        raise TypeError("decode takes one text; a list is expanded into one request per text first")
+    return text
 
 
 def text_ids(text: str, max_bytes: int) -> list[int]:

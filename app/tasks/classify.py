@@ -106,9 +106,6 @@ class Classify(Task[ClassifyRequest, ImagePayload, Result]):
     )
     cuda_graphs = True
 
-    def variant(self, request: ClassifyRequest) -> str | None:
-        return request.model
-
     def decode(self, request: ClassifyRequest, files: Mapping[str, bytes], ctx: DecodeContext) -> ImagePayload:
         """auto on CUDA: JPEGs that nvJPEG takes are only checked here and decoded in the batch, on the GPU;
         auto elsewhere: large JPEGs decoded at reduced scale; exact: the reference preprocessing."""

@@ -25,6 +25,9 @@ from .base import (
     DecodeContext,
     Task,
     TaskRequest,
+    Texts,
+    expand_texts,
+    one_text,
     pad_ids,
     text_bucket,
     text_ids,
@@ -40,7 +43,10 @@ ROWS_PER_PASS = 8  # windows per forward pass when long texts fill a batch (shor
 
 
 class ClassifyTextRequest(TaskRequest):
-    text: str = Field(min_length=1, description="UTF-8 text.", examples=["What a wonderful day!"])
+    text: Texts = Field(
+        description="UTF-8 text, or a list of up to 64 texts (answered as results, in order).",
+        examples=["What a wonderful day!"],
+    )
     top_k: int = Field(5, ge=1, le=1000, description="How many classes to return.")
     long_text: Literal["reject", "truncate", "windows"] = Field(
         "reject",
@@ -73,8 +79,11 @@ class ClassifyText(Task[ClassifyTextRequest, TextPayload, list[dict[str, Any]]])
     response_model = ClassifyResponse
     decode_offloaded = False  # a UTF-8 encode: cheaper than a hop to the decode pool
 
+    def expand(self, request: Any) -> Any:
+        return expand_texts(request)
+
     def decode(self, request: ClassifyTextRequest, files: Mapping[str, bytes], ctx: DecodeContext) -> TextPayload:
-        ids, size = text_ids(request.text, ctx.limits.max_text_bytes), text_window(ctx)
+        ids, size = text_ids(one_text(request.text), ctx.limits.max_text_bytes), text_window(ctx)
         if len(ids) <= size:
             return TextPayload([with_specials(ids)], request.top_k)
         if request.long_text == "truncate":

@@ -26,6 +26,9 @@ from .base import (
     DecodeContext,
     Task,
     TaskRequest,
+    Texts,
+    expand_texts,
+    one_text,
     pad_ids,
     text_bucket,
     text_ids,
@@ -40,9 +43,9 @@ ROWS_PER_PASS = 8  # windows per forward pass when long texts fill a batch (shor
 
 
 class FillMaskRequest(TaskRequest):
-    text: str = Field(
-        min_length=1,
-        description="Text with one [MASK] per masked byte.",
+    text: Texts = Field(
+        description="Text with one [MASK] per masked byte, or a list of up to 64 such texts (answered as results, "
+        "in order).",
         examples=[
             "This is an incomplete sentence where some words are[MASK][MASK][MASK][MASK][MASK][MASK][MASK][MASK][MASK]"
         ],
@@ -104,8 +107,11 @@ class FillMask(Task[FillMaskRequest, MaskedText, dict[str, Any]]):
     response_model = FillMaskResponse
     decode_offloaded = False  # a UTF-8 encode: cheaper than a hop to the decode pool
 
+    def expand(self, request: Any) -> Any:
+        return expand_texts(request)
+
     def decode(self, request: FillMaskRequest, files: Mapping[str, bytes], ctx: DecodeContext) -> MaskedText:
-        ids, size = text_ids(request.text, ctx.limits.max_text_bytes), text_window(ctx)
+        ids, size = text_ids(one_text(request.text), ctx.limits.max_text_bytes), text_window(ctx)
         masks = [i for i, t in enumerate(ids) if t == tokenizer.MASK]
         if not masks:
             raise InvalidInput("the text has no [MASK]; mark each byte to predict with [MASK]")
