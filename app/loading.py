@@ -35,10 +35,10 @@ AUTO_TIMED_RUNS = 3  # per size, after one untimed run; the fastest counts (nois
 # ...unless the timed runs already took this long: a forward pass of seconds is measured well enough by one
 # run, and repeating it would add seconds to start-up (the demo's optical flow: 2 s a pass on 2 cores).
 AUTO_TIMING_BUDGET_S = 0.3
-# A first run this slow is the measurement: it already warmed the shape (allocations, kernel choice), and a
-# second pass of seconds would double start-up for a few percent of accuracy (an overestimate, so
-# admission errs on the safe side until the batcher has timed real batches).
-AUTO_SLOW_FIRST_RUN_S = 1.0
+# A first run this slow is the measurement: it already warmed the shape (allocations, kernel choice), and more
+# passes would add as much again to start-up for a few percent of accuracy (an overestimate, so admission
+# errs on the safe side until the batcher has timed real batches, and a larger batch must win by more).
+AUTO_SLOW_FIRST_RUN_S = 0.25
 
 
 def _batch_sizes(limit: int) -> list[int]:
@@ -176,6 +176,8 @@ def choose_batch_size(task: AnyTask, served: ServedModel, budget_ms: float) -> N
             if seconds * 1000 > budget_ms or seconds / size > best_item * (1 - AUTO_MIN_GAIN):
                 break
             best, best_item = size, seconds / size
+            if 2 * seconds * (1 - AUTO_MIN_GAIN) * 1000 > budget_ms:
+                break  # twice the batch could only fit the budget by gaining far more than AUTO_MIN_GAIN per item
     finally:
         gc.enable()
     served.max_batch_size = best
