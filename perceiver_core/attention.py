@@ -175,11 +175,27 @@ def _explicit(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float
     PyTorch picks its memory-efficient kernel, which re-reads all keys and values for every 32-query
     tile: on an H200 that took 78% of the optical-flow forward. Two GEMMs read them once, and the score
     matrix (chunked by the caller to at most 2^28 elements) costs less than the re-reads.
+
+    Scores and the softmax are fp32 whatever the inputs' dtype (bf16 keeps 8 mantissa bits: a score of 50
+    would be rounded by 0.25 before the exponential); the probabilities go back to v's dtype for the second
+    GEMM, which accumulates in fp32 as every GEMM does.
     """
-    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    scores = _scores_fp32(q, k) * scale
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
-    return torch.matmul(torch.softmax(scores, dim=-1), v)
+    return torch.matmul(torch.softmax(scores, dim=-1).to(v.dtype), v)
+
+
+def _scores_fp32(q: Tensor, k: Tensor) -> Tensor:
+    """q·kᵀ as fp32: CUDA's bmm writes fp32 from bf16/fp16 inputs (``out_dtype``); elsewhere, upcast first."""
+    if q.dtype == torch.float32:
+        return torch.matmul(q, k.transpose(-1, -2))
+    lead = q.shape[:-2]
+    if q.is_cuda and k.shape[:-2] == lead:
+        flat_q, flat_k = q.reshape(-1, *q.shape[-2:]), k.reshape(-1, *k.shape[-2:])
+        scores = torch.bmm(flat_q, flat_k.transpose(-1, -2), out_dtype=torch.float32)
+        return scores.reshape(*lead, q.shape[-2], k.shape[-2])
+    return torch.matmul(q.float(), k.float().transpose(-1, -2))
 
 
 @functools.cache

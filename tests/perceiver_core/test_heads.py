@@ -118,6 +118,10 @@ def test_multimodal_single_encoder_pass_matches_chunked_reference(references: di
             _compare(ours["label"], theirs["label"], 1e-4)
     assert ours["image"].shape == (2, t, h, w, 3)
     assert ours["audio"].shape == (2, n_audio)
+    with torch.no_grad():
+        default = model.autoencode(ref.inputs["inputs"])  # the fast default (up to 8 chunks): same outputs
+    for name in ("image", "audio", "label"):
+        _compare(default[name], ours[name], 1e-5)
 
 
 def test_learned_head_interpolates_position_table(references: dict[str, Reference]) -> None:
