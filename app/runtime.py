@@ -18,7 +18,6 @@ from .errors import ModelNotFound
 from .metrics import Metrics
 from .settings import Settings
 from .tasks import TASKS
-from .tasks.base import Limits
 
 T = TypeVar("T")
 log = logging.getLogger("perceiver.runtime")
@@ -86,17 +85,7 @@ class Runtime:
     created: float = field(default_factory=time.monotonic)
 
     def __post_init__(self) -> None:
-        s = self.settings
-        self.limits = Limits(
-            max_image_pixels=s.max_image_pixels,
-            max_video_seconds=s.max_video_seconds,
-            max_video_frames=s.max_video_frames,
-            max_text_bytes=s.max_text_bytes,
-            max_flow_tiles=s.max_flow_tiles,
-            max_video_clips=s.max_video_clips,
-            max_flow_frames=s.max_flow_frames,
-            image_decoder=s.image_decoder,
-        )
+        self.limits = self.settings.limits()
         # One inference thread per device: forward passes never overlap and never block the event loop.
         self.inference_executor = ThreadPoolExecutor(1, thread_name_prefix="inference")
         self.offload_executor = ThreadPoolExecutor(self.settings.decode_workers, thread_name_prefix="decode")

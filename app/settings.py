@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import json
 import os
@@ -12,6 +13,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validat
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from .tasks import TASK_NAMES
+from .tasks.base import Limits
 
 
 def _cuda_available() -> bool:
@@ -226,6 +228,10 @@ class Settings(BaseSettings):
     @property
     def demo(self) -> bool:
         return not self.models
+
+    def limits(self) -> Limits:
+        """What decoding may accept, as the tasks see it."""
+        return Limits(**{f.name: getattr(self, f.name) for f in dataclasses.fields(Limits)})
 
     def resolved_dtype(self, override: str | None = None) -> str:
         choice = override or self.dtype

@@ -26,18 +26,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import perceiver_core  # noqa: E402
+from app.settings import Settings  # noqa: E402
 from app.tasks import TASKS  # noqa: E402
-from app.tasks.base import DecodeContext, Limits  # noqa: E402
+from app.tasks.base import DecodeContext  # noqa: E402
 
-LIMITS = Limits(
-    max_image_pixels=40_000_000,
-    max_video_seconds=60,
-    max_video_frames=1800,
-    max_text_bytes=65_536,
-    max_flow_tiles=24,
-    max_video_clips=8,
-    max_flow_frames=32,
-)
+LIMITS = Settings().limits()  # the defaults (and any PERCEIVER_* in the environment), as the server has them
 
 
 def best_of(fn: Callable[[], Any], reps: int) -> float:

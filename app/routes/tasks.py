@@ -83,8 +83,7 @@ def _handler(task: AnyTask) -> Callable[[Request], Awaitable[Response]]:
         deadline = request_deadline(request, runtime)
         if not runtime.ready:
             raise NotReady("models are still loading; retry when /readyz answers 200", {"Retry-After": "1"})
-        admit_any(request, runtime, task, deadline)  # before reading the body: refusing must stay cheap
-        await refuse_unparsed(request, runtime, task, deadline)
+        await admit_unparsed(request, runtime, task, deadline)  # refusing must stay cheap
         options, files = await read_request(request, task, runtime.settings.max_files_per_request)
         served = runtime.model_for(task.name, task.variant(options))
         request.state.model = served.name
@@ -214,45 +213,39 @@ def admit(served: ServedModel, deadline: float) -> None:
             raise overloaded(served, exc) from exc
 
 
-async def refuse_unparsed(request: Request, runtime: Runtime, task: AnyTask, deadline: float) -> None:
-    """429 before the body is parsed, when the model the request will get is known and would refuse it: the
-    query names it, or the body holds no ``model`` anywhere, so it cannot name one and the default serves it.
-    At 30x overload, parsing the upload of every refused request was a tenth of the event loop's work."""
+async def admit_unparsed(request: Request, runtime: Runtime, task: AnyTask, deadline: float) -> None:
+    """429 before the body is parsed, where that is sound: every model of the task would refuse (whichever
+    variant the body names), or the model the request will get is known and would refuse (the query names
+    it, or the body holds no ``model`` anywhere, so the default serves it). At 30x overload, parsing the
+    upload of every refused request was a tenth of the event loop's work."""
+    variants = list(runtime.models.get(task.name, {}).values())
+    refusals: dict[str, Overloaded] = {}
+    for served in variants:
+        try:
+            admit(served, deadline)
+        except Overloaded as exc:
+            refusals[served.name] = exc
+    if not refusals:
+        return
+    if len(refusals) == len(variants):  # counted under the task's default model
+        request.state.model = variants[0].name
+        raise min(refusals.values(), key=lambda e: int(e.headers["Retry-After"]))
     named = request.query_params.get("model")
     try:
         served = runtime.model_for(task.name, named)
     except ModelNotFound:
         return  # the normal path says so, once the rest of the request is checked
-    if served.batcher is None:
+    if served.name not in refusals:
         return
-    try:
-        served.batcher.admit(deadline)
-        return
-    except QueueFull as exc:
-        refusal = exc
-    try:
-        body = b"" if named is not None else await request.body()  # bounded by the body-size limit
-    except ClientDisconnect as exc:
-        raise ClientClosedRequest("the client went away while sending the request") from exc
-    if b"model" in body:
-        return  # it may name another variant: parse it
-    request.state.model = served.name
-    raise overloaded(served, refusal)
-
-
-def admit_any(request: Request, runtime: Runtime, task: AnyTask, deadline: float) -> None:
-    """429 when every model of the task would refuse (the variant asked for is in the body, unread);
-    the rejection is counted under the task's default model."""
-    served = list(runtime.models.get(task.name, {}).values())
-    refusals: list[Overloaded] = []
-    for model in served:
+    if named is None:
         try:
-            admit(model, deadline)
-        except Overloaded as exc:
-            refusals.append(exc)
-    if served and len(refusals) == len(served):
-        request.state.model = served[0].name
-        raise min(refusals, key=lambda e: int(e.headers["Retry-After"]))
+            body = await request.body()  # bounded by the body-size limit
+        except ClientDisconnect as exc:
+            raise ClientClosedRequest("the client went away while sending the request") from exc
+        if b"model" in body:
+            return  # it may name another variant: parse it
+    request.state.model = served.name
+    raise refusals[served.name]
 
 
 def overloaded(served: ServedModel, exc: QueueFull) -> Overloaded:
