@@ -1,12 +1,14 @@
 """End to end over HTTP on a GPU: /v1/classify with JPEG uploads against the published image-learned
 config (random weights), next to the model-level throughput of the same checkpoint in the same run.
 
-    python benchmarks/e2e_gpu.py --out benchmarks/results/gpu --images small,hd,phone
+    python benchmarks/e2e_gpu.py --out benchmarks/results/gpu --images small,hd,phone,phone-raw
 
 Reports, for each upload size (451x300, 1920x1080 and 4032x3024 JPEGs made from the sample photos, see
 benchmarks/photos.py) and each server config: model-level img/s at the serving batch size, HTTP
 throughput at saturation (closed loop), and p50/p99 at half that rate (open-loop Poisson), against the
 targets: HTTP >= 85% of model level (>= 50% for 4032x3024); p99 at half load <= 3x the batch forward.
+A size may carry flags: ``-raw`` sends the JPEG as the whole request body instead of a multipart form,
+``-graphs`` runs the server with PERCEIVER_CUDA_GRAPHS=true.
 """
 
 from __future__ import annotations
@@ -78,9 +80,12 @@ def load(url: str, extra: list[str], out: Path) -> list[dict]:  # type: ignore[t
     return json.loads(out.read_text())
 
 
-def serve(path: Path, workers: int, decoders: int, log: Path, device: str) -> tuple[subprocess.Popen[bytes], str]:
+def serve(
+    path: Path, workers: int, decoders: int, log: Path, device: str, extra: dict[str, str]
+) -> tuple[subprocess.Popen[bytes], str]:
     return spawn(
         {
+            **extra,
             "PERCEIVER_DEVICE": device,
             "PERCEIVER_MODELS": json.dumps([{"task": "classify", "variant": "learned", "source": str(path)}]),
             "PERCEIVER_MAX_BATCH_SIZE": str(BATCH),
@@ -135,7 +140,8 @@ def main() -> None:
         default=[(1, 0), (1, 8)],
         help="server configs as WORKERSxDECODE_PROCESSES, e.g. 1x0,1x8",
     )
-    parser.add_argument("--pyspy", type=float, default=0, help="seconds of py-spy sampling of the first server")
+    parser.add_argument("--pyspy", type=float, default=0, help="seconds of py-spy sampling of one server")
+    parser.add_argument("--pyspy-on", default="", help="the upload size whose server is sampled (default: the first)")
     parser.add_argument("--images", default="small,hd,phone", help="upload sizes: small, hd, phone or WxH")
     args = parser.parse_args()
     global BATCH
@@ -151,13 +157,17 @@ def main() -> None:
     rows = []
     model_rate = model_level(ckpt, device, dtype)
     runs = [(image, cfg) for image in args.images.split(",") for cfg in args.configs]
-    for n, (image, (workers, decoders)) in enumerate(runs):
+    for n, (spec, (workers, decoders)) in enumerate(runs):
+        image, *flags = spec.split("-")
+        raw, graphs = "raw" in flags, "graphs" in flags
         label = f"{workers} process" + ("es" if workers > 1 else "")
         label += f", decode in {decoders} processes" if decoders else ", decode in threads"
-        proc, url = serve(ckpt, workers, decoders, args.out / f"server-{n}.log", device)
+        label += ", CUDA graphs" if graphs else ""
+        extra = {"PERCEIVER_CUDA_GRAPHS": "true"} if graphs else {}
+        proc, url = serve(ckpt, workers, decoders, args.out / f"server-{n}.log", device, extra)
         try:
             spy = None
-            if args.pyspy and n == 0:
+            if args.pyspy and (spec == args.pyspy_on or (not args.pyspy_on and n == 0)):
                 spy = subprocess.Popen(
                     [
                         "py-spy",
@@ -176,7 +186,7 @@ def main() -> None:
                     stdout=(args.out / "pyspy.log").open("wb"),
                     stderr=subprocess.STDOUT,
                 )
-            common = ["--duration", str(args.duration), "--warmup", "3", "--image", image]
+            common = ["--duration", str(args.duration), "--warmup", "3", "--image", image, *(["--raw"] if raw else [])]
             sat = load(url, ["--concurrency", str(args.clients), *common], args.out / f"sat-{n}.json")[0]
             if spy is not None:
                 spy.wait(timeout=60)
@@ -188,7 +198,7 @@ def main() -> None:
         forward_ms = BATCH / model_rate * 1000
         width, height = parse_size(image)
         row = {
-            "upload": f"{width}x{height}",
+            "upload": f"{width}x{height}" + (", raw body" if raw else ""),
             "serving": label,
             "model_img_s": model_rate,
             "http_img_s": sat["throughput"],
@@ -196,6 +206,7 @@ def main() -> None:
             "sat_p99_ms": sat["p99_ms"],
             "sat_mean_batch": sat["mean_batch"],
             "errors": sat["errors"] + half["errors"],
+            "rejected_429": sat["rejected_429"] + half["rejected_429"],
             "error_statuses": [sat["error_statuses"], half["error_statuses"]],
             "half_rate": half["rate"],
             "half_p50_ms": half["p50_ms"],
@@ -211,15 +222,15 @@ def main() -> None:
         f"random weights), bf16, batch {BATCH}, JPEG uploads made from the sample photos",
         "",
         "| upload | serving | model img/s | HTTP img/s (saturated) | HTTP ÷ model | mean batch | half-load rate "
-        "| p50 ms | p99 ms | batch forward ms | p99 ÷ forward | errors |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| p50 ms | p99 ms | batch forward ms | p99 ÷ forward | errors | 429s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['upload']} | {r['serving']} | {r['model_img_s']:,.0f} | {r['http_img_s']:,.0f} "
             f"| {100 * r['http_vs_model']:.0f}% "
             f"| {r['sat_mean_batch']:.1f} | {r['half_rate']:,.0f}/s | {r['half_p50_ms']:.1f} | {r['half_p99_ms']:.1f} "
-            f"| {r['batch_forward_ms']:.1f} | {r['p99_vs_forward']:.2f}× | {r['errors']} |"
+            f"| {r['batch_forward_ms']:.1f} | {r['p99_vs_forward']:.2f}× | {r['errors']} | {r['rejected_429']} |"
         )
     table = "\n".join(lines)
     print(table)

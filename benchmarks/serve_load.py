@@ -61,9 +61,14 @@ class Level:
     error_statuses: dict[int, int]
 
 
-def request_bytes(task: str, host: str, image: str = "", classify_model: str = "") -> bytes:
-    """One complete HTTP/1.1 request (keep-alive), built once and sent many times."""
-    if task == "classify":
+def request_bytes(task: str, host: str, image: str = "", classify_model: str = "", raw: bool = False) -> bytes:
+    """One complete HTTP/1.1 request (keep-alive), built once and sent many times. ``raw``: the JPEG is
+    the whole body (content-type image/jpeg) instead of a multipart form."""
+    if task == "classify" and raw:
+        body = photo_jpeg(*parse_size(image)) if image else CAT
+        query = f"?model={classify_model}" if classify_model else ""
+        path, ctype = f"/v1/classify{query}", "image/jpeg"
+    elif task == "classify":
         boundary = "perceiverbench"
         photo = photo_jpeg(*parse_size(image)) if image else CAT
         body = (
@@ -135,13 +140,21 @@ class Samples:
 
 
 async def _load(
-    base: str, task: str, concurrency: int, rate: float, duration: float, warmup: float, image: str, variant: str
+    base: str,
+    task: str,
+    concurrency: int,
+    rate: float,
+    duration: float,
+    warmup: float,
+    image: str,
+    variant: str,
+    raw: bool = False,
 ) -> Samples:
     """Closed loop (``concurrency`` clients back to back) or, with ``rate`` > 0, open-loop Poisson arrivals."""
     out = Samples([], [], [])
     url = urlsplit(base)
     host, port = url.hostname or "127.0.0.1", url.port or 80
-    request = request_bytes(task, host, image, variant)
+    request = request_bytes(task, host, image, variant, raw)
     idle: list[Connection] = []
     start = time.monotonic()
     measure_from, stop = start + warmup, start + warmup + duration
@@ -187,7 +200,7 @@ async def _load(
     return out
 
 
-def _load_process(job: tuple[str, str, int, float, float, float, str, str]) -> Samples:
+def _load_process(job: tuple[str, str, int, float, float, float, str, str, bool]) -> Samples:
     return asyncio.run(_load(*job))
 
 
@@ -195,7 +208,9 @@ def run_level(base: str, args: argparse.Namespace, concurrency: int, rate: float
     """One load level, spread over ``args.processes`` client processes (one Python process tops out early)."""
     procs = max(1, args.processes)
     share = max(1, concurrency // procs)
-    jobs = [(base, args.task, share, rate / procs, args.duration, args.warmup, args.image, args.classify_model)] * procs
+    jobs = [
+        (base, args.task, share, rate / procs, args.duration, args.warmup, args.image, args.classify_model, args.raw)
+    ] * procs
     if procs == 1:
         parts = [_load_process(jobs[0])]
     else:
@@ -325,6 +340,7 @@ def main() -> None:
     parser.add_argument("--max-batch-size", default="32")
     parser.add_argument("--max-delay-ms", default="5")
     parser.add_argument("--image", default="", help="classify: upload a photo mosaic of this size (phone, hd, WxH)")
+    parser.add_argument("--raw", action="store_true", help="classify: send the JPEG as the whole body, not a form")
     parser.add_argument("--classify-model", default="", help="classify: the variant to ask for (learned, conv, ...)")
     parser.add_argument(
         "--variant",
