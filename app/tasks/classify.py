@@ -156,9 +156,11 @@ def crops_on_device(payloads: Sequence[ImagePayload], model: PerceiverHead) -> l
         decoded = list(jpeg.decode_jpegs([data for _, data in jpegs], model.device))
     except Exception:  # one bad file fails the batched call: decode one by one
         decoded = [_decode_one(data, model.device) for _, data in jpegs]
+    read = [(i, image) for (i, _), image in zip(jpegs, decoded, strict=True) if image is not None]
+    for (i, _), crop in zip(read, jpeg.crop_resize_all([image for _, image in read], CROP), strict=True):
+        crops[i] = crop  # same-sized photos are cropped and resized together
     for (i, data), image in zip(jpegs, decoded, strict=True):
         if image is not None:
-            crops[i] = jpeg.crop_resize(image, CROP)
             continue
         try:
             crops[i] = to_device(torch.from_numpy(decode_on_cpu(data, payloads[i].max_pixels, False)), model)

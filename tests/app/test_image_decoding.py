@@ -130,11 +130,11 @@ def test_jpegs_decoded_in_the_batch_match_the_reference_and_a_bad_one_fails_alon
     corrupt = photos[0][:200] + bytes(64) + photos[0][264:]  # the scan data overwritten: undecodable
     payloads = [ImagePayload(None, 3, data, 10**9) for data in [*photos, b"\xff\xd8" + bytes(500)]]
     payloads.insert(2, ImagePayload(None, 3, corrupt, 10**9))
-    crops = crops_on_device(payloads, model)
-    for data, crop in zip(photos, [c for i, c in enumerate(crops) if i not in (2, len(crops) - 1)], strict=True):
+    decoded = crops_on_device(payloads, model)
+    for data, crop in zip(photos, [c for i, c in enumerate(decoded) if i not in (2, len(decoded) - 1)], strict=True):
         assert crop is not None and crop.device.type == device
         assert mean_abs_diff(crop.cpu().numpy(), crops(data)[0]) <= 1.0
-    assert crops[-1] is None  # not a JPEG any decoder reads: that request alone gets a 422
+    assert decoded[-1] is None  # not a JPEG any decoder reads: that request alone gets a 422
     results = TASK.predict(model, payloads)
     assert isinstance(results[-1], InvalidInput)
     assert all(isinstance(r, list) and len(r) == 3 for r in results[:2])
