@@ -142,6 +142,7 @@ def main() -> None:
     )
     parser.add_argument("--pyspy", type=float, default=0, help="seconds of py-spy sampling of one server")
     parser.add_argument("--pyspy-on", default="", help="the upload size whose server is sampled (default: the first)")
+    parser.add_argument("--pyspy-gil", action="store_true", help="sample only threads holding the GIL (py-spy --gil)")
     parser.add_argument("--images", default="small,hd,phone", help="upload sizes: small, hd, phone or WxH")
     args = parser.parse_args()
     global BATCH
@@ -180,6 +181,7 @@ def main() -> None:
                         "raw",
                         "--threads",
                         "--nonblocking",
+                        *(["--gil"] if args.pyspy_gil else []),
                         "-o",
                         str(args.out / "pyspy.txt"),
                     ],

@@ -11,11 +11,12 @@
 #   6. a profiled forward per head (top CUDA kernels), if time is left.
 # Installs the serving dependencies the GPU image lacks from wheels in .whl/ (see docs/performance.md).
 # Results (JSON + markdown) go to $OUT, or benchmarks/results/gpu.
-# Knobs: BUDGET=540, DTYPES=float32,bfloat16 (model dtypes), GRAPHS=0 (skip CUDA-graph variants),
-# ONLY=flow,mlm (case-name filter), IMAGES=small,hd,phone,phone-raw, PYSPY_ON=phone, E2E_SECONDS=8, and
+# Knobs: BUDGET=540; DTYPES=bfloat16 (model dtypes; bf16 error is against transformers fp32 either way);
+# GRAPHS=0 (skip CUDA-graph variants); ONLY=flow,mlm (case-name filter); IMAGES=small,hd,phone,phone-raw;
+# PYSPY_ON=phone; PYSPY_GIL=1 (sample only threads holding the GIL); E2E_SECONDS=8;
 # TESTS=0 / JPEG=0 / DECODE=0 / E2E=0 / MODELS=0 / PROFILE=0 to skip a stage.
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 OUT=${OUT:-benchmarks/results/gpu}
 END=$((SECONDS + ${BUDGET:-540}))
 mkdir -p "$OUT"
@@ -50,7 +51,8 @@ fi
 if [ "${E2E:-1}" = 1 ]; then
     stage "end to end"
     timeout "$(left 300)" python3 benchmarks/e2e_gpu.py --out "$OUT" --duration "${E2E_SECONDS:-8}" --configs 1x0 \
-        --images "${IMAGES:-small,hd,phone,phone-raw}" --pyspy 6 --pyspy-on "${PYSPY_ON:-phone}" 2>&1 | tail -9
+        --images "${IMAGES:-small,hd,phone,phone-raw}" --pyspy 6 --pyspy-on "${PYSPY_ON:-phone}" \
+        ${PYSPY_GIL:+--pyspy-gil} 2>&1 | tail -9
     [ -f "$OUT/pyspy-summary.txt" ] && head -30 "$OUT/pyspy-summary.txt"
 fi
 if [ "${MODELS:-1}" = 1 ]; then
@@ -66,5 +68,5 @@ if [ "${PROFILE:-1}" = 1 ] && [ $((END - SECONDS)) -gt 60 ]; then
     stage profile
     timeout "$(left 150)" python3 benchmarks/profile_gpu.py --out "$OUT" > "$OUT/profile.log" 2>&1
 fi
-stage done
+stage finished
 exit 0
