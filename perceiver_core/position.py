@@ -51,9 +51,17 @@ def linear_positions(index_dims: Sequence[int], device: torch.device | None = No
 
 
 def subsampled_positions(indices: Tensor, index_dims: Sequence[int]) -> Tensor:
-    """Coordinates of flat ``indices`` into ``index_dims`` as ``-1 + 2·i/N`` (N, not N−1: DeepMind's rule)."""
-    pos = torch.stack(torch.unravel_index(indices, tuple(index_dims)), dim=1)
-    return -1 + 2 * pos / torch.tensor(list(index_dims), device=pos.device)[None, :]
+    """Coordinates of flat ``indices`` into ``index_dims`` as ``-1 + 2·i/N`` (N, not N−1: DeepMind's rule).
+
+    Unravelled with Python-int strides: ``torch.unravel_index`` and a tensor of the dims would each copy a
+    host list to the device on every decoder chunk (a synchronous copy, and one CUDA graphs cannot capture).
+    """
+    coords = []
+    stride = math.prod(index_dims)
+    for n in index_dims:
+        stride //= n
+        coords.append(-1 + 2 * (indices // stride % n) / n)
+    return torch.stack(coords, dim=1)
 
 
 def fourier_features(

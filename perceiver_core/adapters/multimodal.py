@@ -12,6 +12,8 @@ video, a learned vector for the label), padded with learned vectors to a common 
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 
@@ -104,7 +106,7 @@ class MultimodalQueries(nn.Module):
 
     @property
     def num_points(self) -> dict[str, int]:
-        return {"audio": self.audio_dims[0], "image": int(torch.tensor(self.image_dims).prod()), "label": 1}
+        return {"audio": self.audio_dims[0], "image": math.prod(self.image_dims), "label": 1}
 
     def forward(self, batch_size: int, audio_points: Tensor, image_points: Tensor, dtype: torch.dtype) -> Tensor:
         """audio_points / image_points: flat indices into the audio-patch and video-pixel grids."""

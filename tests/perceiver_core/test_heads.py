@@ -174,3 +174,16 @@ def test_width_padding_for_tensor_cores_is_exact(arch: str, references: dict[str
     with aligned.force():
         padded = _run(model, ref, **extra)
     _compare(padded, plain, 1e-5)
+
+
+def test_subsampled_positions_match_unravel_index_exactly() -> None:
+    """The multimodal decoder's query positions: the same numbers as torch.unravel_index and a tensor of the
+    dims (DeepMind's -1 + 2i/N), computed with Python-int strides only."""
+    from perceiver_core.position import subsampled_positions
+
+    dims = (16, 56, 56)
+    indices = torch.randperm(16 * 56 * 56)[:5000]
+    expected = -1 + 2 * torch.stack(torch.unravel_index(indices, dims), dim=1) / torch.tensor(dims)[None, :]
+    assert torch.equal(subsampled_positions(indices, dims), expected)
+    audio = torch.arange(30, 60)
+    assert torch.equal(subsampled_positions(audio, (1920,)), (-1 + 2 * audio / 1920)[:, None])
