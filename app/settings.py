@@ -154,6 +154,14 @@ class Settings(BaseSettings):
         "scaling, never below twice the crop), 3-7x faster for phone photos, mean difference <= 3 of 255 "
         "(see README). exact: bit-for-bit the reference preprocessing of transformers.",
     )
+    cpu_jpeg_min_pixels: int = Field(
+        0,
+        ge=0,
+        description="On CUDA hosts with image_decoder=auto: JPEGs of at least this many pixels are decoded on the "
+        "CPU at reduced scale in the decode threads instead of by nvJPEG in the batch (0: never). nvJPEG takes "
+        "2.3 ms per 12 MP photo on an H100, more than the forward; spreading those photos over the host's cores "
+        "is the alternative to measure (benchmarks/e2e_gpu.py, the -cpujpeg flag).",
+    )
     max_files_per_request: int = Field(
         64, ge=1, description="Most files in one multipart request (several images to classify at once): 400 above."
     )

@@ -8,7 +8,8 @@ benchmarks/photos.py) and each server config: model-level img/s at the serving b
 throughput at saturation (closed loop), and p50/p99 at half that rate (open-loop Poisson), against the
 targets: HTTP >= 85% of model level (>= 50% for 4032x3024); p99 at half load <= 3x the batch forward.
 A size may carry flags: ``-raw`` sends the JPEG as the whole request body instead of a multipart form,
-``-graphs`` runs the server with PERCEIVER_CUDA_GRAPHS=true.
+``-graphs`` runs the server with PERCEIVER_CUDA_GRAPHS=true, ``-eager`` with it false, and ``-cpujpeg`` with
+PERCEIVER_CPU_JPEG_MIN_PIXELS=8000000 (12 MP photos decoded at reduced scale on the CPU, not by nvJPEG).
 """
 
 from __future__ import annotations
@@ -160,11 +161,14 @@ def main() -> None:
     runs = [(image, cfg) for image in args.images.split(",") for cfg in args.configs]
     for n, (spec, (workers, decoders)) in enumerate(runs):
         image, *flags = spec.split("-")
-        raw, graphs = "raw" in flags, "graphs" in flags
+        raw, graphs, eager, cpujpeg = ("raw" in flags, "graphs" in flags, "eager" in flags, "cpujpeg" in flags)
         label = f"{workers} process" + ("es" if workers > 1 else "")
         label += f", decode in {decoders} processes" if decoders else ", decode in threads"
-        label += ", CUDA graphs" if graphs else ""
-        extra = {"PERCEIVER_CUDA_GRAPHS": "true"} if graphs else {}
+        label += ", CUDA graphs" if graphs else ", eager" if eager else ""
+        label += ", 12 MP JPEGs decoded on the CPU" if cpujpeg else ""
+        extra = {"PERCEIVER_CUDA_GRAPHS": "true"} if graphs else {"PERCEIVER_CUDA_GRAPHS": "false"} if eager else {}
+        if cpujpeg:
+            extra["PERCEIVER_CPU_JPEG_MIN_PIXELS"] = "8000000"
         proc, url = serve(ckpt, workers, decoders, args.out / f"server-{n}.log", device, extra)
         try:
             spy = None

@@ -5,14 +5,15 @@
 #   3. each image-decoding path (nvJPEG included) against the reference preprocessing, in pixels and logits;
 #   4. end to end: /v1/classify over HTTP with 451x300, 1920x1080 and 4032x3024 JPEG uploads (and the
 #      4032x3024 one as a raw body) against the model-level figure of the same checkpoint, with a py-spy
-#      sample of the server under saturation with phone photos; a size may carry flags (-raw, -graphs:
-#      see benchmarks/e2e_gpu.py);
+#      sample of the server under saturation with phone photos, and 12 MP photos decoded on the CPU
+#      (-cpujpeg); a size may carry flags (-raw, -eager, -cpujpeg: see benchmarks/e2e_gpu.py);
 #   5. model level: the published configs, ours vs transformers (bf16 by default), plus CUDA-graph replay;
 #   6. a profiled forward per head (top CUDA kernels), if time is left.
 # Installs the serving dependencies the GPU image lacks from wheels in .whl/ (see docs/performance.md).
 # Results (JSON + markdown) go to $OUT, or benchmarks/results/gpu.
 # Knobs: BUDGET=540; DTYPES=bfloat16 (model dtypes; bf16 error is against transformers fp32 either way);
-# GRAPHS=0 (skip CUDA-graph variants); ONLY=flow,mlm (case-name filter); IMAGES=small,hd,phone,phone-raw;
+# GRAPHS=0 (skip CUDA-graph variants); ONLY=flow,mlm (case-name filter);
+# IMAGES=small,hd,phone,phone-raw,phone-cpujpeg (flags: benchmarks/e2e_gpu.py);
 # PYSPY_ON=phone; PYSPY_GIL=1 (sample only threads holding the GIL); E2E_SECONDS=8;
 # TESTS=0 / JPEG=0 / DECODE=0 / E2E=0 / MODELS=0 / PROFILE=0 to skip a stage.
 set -uo pipefail
@@ -51,7 +52,7 @@ fi
 if [ "${E2E:-1}" = 1 ]; then
     stage "end to end"
     timeout "$(left 300)" python3 benchmarks/e2e_gpu.py --out "$OUT" --duration "${E2E_SECONDS:-8}" --configs 1x0 \
-        --images "${IMAGES:-small,hd,phone,phone-raw}" --pyspy 6 --pyspy-on "${PYSPY_ON:-phone}" \
+        --images "${IMAGES:-small,hd,phone,phone-raw,phone-cpujpeg}" --pyspy 6 --pyspy-on "${PYSPY_ON:-phone}" \
         ${PYSPY_GIL:+--pyspy-gil} 2>&1 | tail -9
     [ -f "$OUT/pyspy-summary.txt" ] && head -30 "$OUT/pyspy-summary.txt"
 fi

@@ -8,6 +8,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
+from PIL import Image
 from pydantic import BaseModel, Field
 
 from perceiver_core import PerceiverConfig, PerceiverHead
@@ -79,6 +80,13 @@ def decode_on_cpu(data: bytes, max_pixels: int, scaled: bool) -> np.ndarray:
     return resize_image(image, CROP)
 
 
+def leave_to_device(image: Image.Image, ctx: DecodeContext) -> bool:
+    """Whether a JPEG goes to nvJPEG in the batch: one it can take, below cpu_jpeg_min_pixels when that is set
+    (larger ones are decoded at reduced scale on the CPU, in the decode threads)."""
+    large = 0 < ctx.limits.cpu_jpeg_min_pixels <= image.width * image.height
+    return not large and device_decodable(image)
+
+
 class Classify(Task[ClassifyRequest, ImagePayload, Result]):
     name = "classify"
     path = "/v1/classify"
@@ -110,7 +118,7 @@ class Classify(Task[ClassifyRequest, ImagePayload, Result]):
         """auto on CUDA: JPEGs that nvJPEG takes are only checked here and decoded in the batch, on the GPU;
         auto elsewhere: large JPEGs decoded at reduced scale; exact: the reference preprocessing."""
         data, limit, auto = files["image"], ctx.limits.max_image_pixels, ctx.limits.image_decoder == "auto"
-        if auto and DEVICE_JPEG and ctx.device.startswith("cuda") and device_decodable(open_image(data, limit)):
+        if auto and DEVICE_JPEG and ctx.device.startswith("cuda") and leave_to_device(open_image(data, limit), ctx):
             return ImagePayload(None, request.top_k, data, limit)
         return ImagePayload(decode_on_cpu(data, limit, auto), request.top_k)
 

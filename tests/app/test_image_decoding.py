@@ -151,3 +151,17 @@ def test_only_plain_upright_jpegs_are_left_to_the_device() -> None:
     exif[0x0112] = 6
     Image.open(io.BytesIO(phone)).save(rotated, format="JPEG", exif=exif)
     assert not device_decodable(open_image(rotated.getvalue(), 10**9))
+
+
+def test_cpu_jpeg_min_pixels_keeps_large_photos_off_the_device_decoder() -> None:
+    from app.settings import Settings
+    from app.tasks.base import DecodeContext
+    from app.tasks.classify import leave_to_device
+
+    phone, small = open_image(photo_jpeg(4032, 3024), 10**9), open_image(photo_jpeg(451, 300), 10**9)
+    config = TASK.demo_configs["conv"]
+    default = DecodeContext(config, Settings().limits(), "cuda")
+    hybrid = DecodeContext(config, Settings(cpu_jpeg_min_pixels=8_000_000).limits(), "cuda")
+    assert leave_to_device(phone, default) and leave_to_device(small, default)
+    assert not leave_to_device(phone, hybrid) and leave_to_device(small, hybrid)
+    assert not leave_to_device(open_image(_reencode(photo_jpeg(451, 300), progressive=True), 10**9), default)
