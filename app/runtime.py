@@ -80,6 +80,7 @@ class Runtime:
     ready: bool = False
     draining: bool = False
     inflight: int = 0
+    decode_busy_s: float = 0.0  # seconds spent decoding uploads so far, summed over decodes (overlaps add up)
     drain_started: float | None = None
     load_error: str | None = None
     created: float = field(default_factory=time.monotonic)
@@ -117,7 +118,9 @@ class Runtime:
 
     async def decode(self, fn: Callable[..., T], *args: Any) -> T:
         """Decode an upload off the event loop: in threads, or in processes with decode_processes > 0."""
-        return await asyncio.get_running_loop().run_in_executor(self.decode_executor, fn, *args)
+        result, seconds = await asyncio.get_running_loop().run_in_executor(self.decode_executor, _timed, fn, *args)
+        self.decode_busy_s += seconds
+        return result
 
     async def offload(self, fn: Callable[..., T], *args: Any) -> T:
         """CPU-heavy post-processing (blending, encoding responses) in threads, off the event loop."""
@@ -136,3 +139,10 @@ class Runtime:
         self.inference_executor.shutdown(wait=True, cancel_futures=True)
         self.decode_executor.shutdown(wait=True, cancel_futures=True)
         self.offload_executor.shutdown(wait=True, cancel_futures=True)
+
+
+def _timed(fn: Callable[..., T], *args: Any) -> tuple[T, float]:
+    """``fn(*args)`` and the seconds it ran, timed where it runs (not counting the wait for a free worker)."""
+    started = time.perf_counter()
+    result = fn(*args)
+    return result, time.perf_counter() - started

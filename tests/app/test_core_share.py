@@ -1,0 +1,49 @@
+"""On CPU hosts the forward pass takes the cores that upload decoding leaves it (app.loading.CoreShare):
+torch's intra-op threads otherwise spin against the decode threads on the same cores."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from app.loading import CoreShare
+from app.metrics import Metrics
+from app.runtime import Runtime
+from app.settings import Settings
+
+from .asyncutil import async_test
+
+
+def test_threads_follow_the_recent_decoding_load() -> None:
+    clock, busy = [0.0], [0.0]
+    share = CoreShare(2, lambda: busy[0], lambda: clock[0])
+    assert share.threads() == 2  # nothing decoded yet
+    for _ in range(4):  # decoding keeps one core busy: the forward pass gets the other
+        clock[0] += 1.0
+        busy[0] += 1.0
+        last = share.threads()
+    assert last == 1
+    for _ in range(4):  # decoding stops: both cores again
+        clock[0] += 1.0
+        last = share.threads()
+    assert last == 2
+    clock[0] += 1.0
+    busy[0] += 10.0  # more decoding than cores: still one thread
+    assert share.threads() == 1
+
+
+def _work(seconds: float) -> str:
+    time.sleep(seconds)
+    return "decoded"
+
+
+@async_test
+async def test_decode_counts_the_time_spent_decoding_not_waiting_for_a_worker() -> None:
+    runtime = Runtime(Settings(decode_workers=1), Metrics())
+    try:
+        results = await asyncio.gather(*(runtime.decode(_work, 0.05) for _ in range(4)))
+        assert results == ["decoded"] * 4
+        # four decodes of 50 ms on one worker: 200 ms of decoding, though the last waited 150 ms for its turn
+        assert 0.19 <= runtime.decode_busy_s < 0.3
+    finally:
+        runtime.shutdown_executors()
