@@ -130,11 +130,12 @@ def make_runner(task: AnyTask, served: ServedModel, decode_busy_s: Callable[[], 
     """The batch function the inference thread runs. On the CPU, with ``decode_busy_s`` (the runtime's running
     total of decoding seconds), each forward pass takes the cores that decoding has recently left it: torch's
     intra-op threads otherwise spin against the decode threads."""
-    share = decode_busy_s is not None and served.model.device.type == "cpu" and torch.get_num_threads() > 1
-    cores = CoreShare(torch.get_num_threads(), decode_busy_s or (lambda: 0.0))
+    cores = None
+    if decode_busy_s is not None and served.model.device.type == "cpu" and torch.get_num_threads() > 1:
+        cores = CoreShare(torch.get_num_threads(), decode_busy_s)
 
     def run(payloads: Sequence[Any]) -> list[Any]:
-        if share:
+        if cores is not None:
             threads = cores.threads()
             if threads != torch.get_num_threads():
                 torch.set_num_threads(threads)

@@ -118,7 +118,7 @@ class Runtime:
 
     async def decode(self, fn: Callable[..., T], *args: Any) -> T:
         """Decode an upload off the event loop: in threads, or in processes with decode_processes > 0."""
-        result, seconds = await asyncio.get_running_loop().run_in_executor(self.decode_executor, _timed, fn, *args)
+        result, seconds = await asyncio.get_running_loop().run_in_executor(self.decode_executor, _timed_call, fn, *args)
         self.decode_busy_s += seconds
         return result
 
@@ -141,7 +141,7 @@ class Runtime:
         self.offload_executor.shutdown(wait=True, cancel_futures=True)
 
 
-def _timed(fn: Callable[..., T], *args: Any) -> tuple[T, float]:
+def _timed_call(fn: Callable[..., T], *args: Any) -> tuple[T, float]:
     """``fn(*args)`` and the seconds it ran, timed where it runs (not counting the wait for a free worker)."""
     started = time.perf_counter()
     result = fn(*args)

@@ -51,15 +51,20 @@ def crop_resize(image: Tensor, size: int = 224, crop_ratio: float = 224 / 256) -
     return out[0] if crop.dim() == 3 else out
 
 
+STACK_ELEMENTS = 1 << 30  # most uint8 elements stacked into one crop_resize call (4 GiB once made float)
+
+
 def crop_resize_all(images: list[Tensor], size: int = 224) -> list[Tensor]:
     """``crop_resize`` of each image, with images of one size stacked into one call (a batch of phone
-    photos is a handful of calls instead of one per image: fewer launches, and fewer GIL hand-offs)."""
+    photos is a handful of calls instead of one per image: fewer launches, and fewer GIL hand-offs).
+    Each call stacks at most STACK_ELEMENTS, so a batch of 40 MP images does not need tens of GB at once."""
     groups: dict[tuple[int, ...], list[int]] = {}
     for i, image in enumerate(images):
         groups.setdefault(tuple(image.shape), []).append(i)
-    out: list[Tensor | None] = [None] * len(images)
+    out: dict[int, Tensor] = {}
     for indices in groups.values():
-        crops = crop_resize(torch.stack([images[i] for i in indices]), size) if len(indices) > 1 else None
-        for n, i in enumerate(indices):
-            out[i] = crops[n] if crops is not None else crop_resize(images[i], size)
-    return [t for t in out if t is not None]
+        per_call = max(1, STACK_ELEMENTS // images[indices[0]].numel())
+        for start in range(0, len(indices), per_call):
+            part = indices[start : start + per_call]
+            out.update(zip(part, crop_resize(torch.stack([images[i] for i in part]), size), strict=True))
+    return [out[i] for i in range(len(images))]

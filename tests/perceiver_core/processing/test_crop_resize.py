@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -34,3 +35,15 @@ def test_the_tensor_path_stays_within_one_of_255_of_the_reference() -> None:
     reference = resize_image(Image.open(io.BytesIO(data)))
     (crop,) = jpeg.crop_resize_all([_tensor(data)])
     assert float(np.abs(crop.numpy().astype(np.int16) - reference.astype(np.int16)).mean()) <= 1.0
+
+
+def test_large_groups_are_cropped_in_bounded_stacks(monkeypatch: pytest.MonkeyPatch) -> None:
+    images = [_tensor(photo_jpeg(451, 300)).roll(k, dims=-1) for k in range(5)]
+    monkeypatch.setattr(jpeg, "STACK_ELEMENTS", 2 * images[0].numel())  # two images per call
+    calls = []
+    real = jpeg.crop_resize
+    monkeypatch.setattr(jpeg, "crop_resize", lambda x, size=224: calls.append(x.shape[0]) or real(x, size))
+    together = jpeg.crop_resize_all(images)
+    assert calls == [2, 2, 1]
+    for image, crop in zip(images, together, strict=True):
+        assert torch.equal(crop, real(image))
