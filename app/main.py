@@ -24,6 +24,7 @@ from starlette.middleware.cors import CORSMiddleware
 
 from . import logging as jsonlog
 from .access import ApiKeyMiddleware, cors_origins, key_digests
+from .admission import AdmissionMiddleware
 from .errors import InternalError, InvalidInput, ServiceError, for_status
 from .loading import attach_batcher, build_models, choose_batch_size, maybe_enable_graphs, warm_up
 from .metrics import Metrics
@@ -164,7 +165,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(v2_router)
     app.include_router(playground_router)
     # Added last runs first: CORS (preflights answered without a key), observability (401s are logged and
-    # counted like every response), then the key check.
+    # counted like every response), the key check, then admission (429s before routing, to keys' holders).
+    app.add_middleware(AdmissionMiddleware, runtime=runtime)
     digests = key_digests(settings)
     if digests:
         app.add_middleware(ApiKeyMiddleware, runtime=runtime, digests=digests)

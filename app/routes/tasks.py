@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import math
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -12,10 +11,10 @@ from typing import TYPE_CHECKING, Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field, create_model
-from starlette.requests import ClientDisconnect
 
+from ..admission import admit, overloaded, timeout_s
 from ..batching import BatchError, Cancelled, Expired, QueueFull, Ticket
-from ..errors import ClientClosedRequest, DeadlineExceeded, InferenceFailed, ModelNotFound, NotReady, Overloaded
+from ..errors import ClientClosedRequest, DeadlineExceeded, InferenceFailed, NotReady
 from ..runtime import Runtime, ServedModel
 from ..tasks import TASKS, run_decode
 from ..tasks.base import DecodeContext, Reply, Task, TaskRequest
@@ -83,7 +82,6 @@ def _handler(task: AnyTask) -> Callable[[Request], Awaitable[Response]]:
         deadline = request_deadline(request, runtime)
         if not runtime.ready:
             raise NotReady("models are still loading; retry when /readyz answers 200", {"Retry-After": "1"})
-        await admit_unparsed(request, runtime, task, deadline)  # refusing must stay cheap
         options, files = await read_request(request, task, runtime.settings.max_files_per_request)
         served = runtime.model_for(task.name, task.variant(options))
         request.state.model = served.name
@@ -148,12 +146,7 @@ def _split(task: AnyTask, files: dict[str, list[bytes]]) -> list[dict[str, bytes
 
 def request_deadline(request: Request, runtime: Runtime) -> float:
     """Monotonic deadline: the server's timeout, shortened (never lengthened) by x-request-timeout-ms."""
-    timeout = runtime.settings.request_timeout_s
-    header = request.headers.get("x-request-timeout-ms")
-    if header is not None:
-        with contextlib.suppress(ValueError):
-            timeout = min(timeout, max(0.0, float(header) / 1000))
-    return time.monotonic() + timeout
+    return time.monotonic() + timeout_s(request.headers.get("x-request-timeout-ms"), runtime.settings.request_timeout_s)
 
 
 async def submit(
@@ -203,53 +196,6 @@ async def submit(
         max(t.batch_size for t in tickets),
     )
     return list(results)
-
-
-def admit(served: ServedModel, deadline: float) -> None:
-    if served.batcher is not None:
-        try:
-            served.batcher.admit(deadline)
-        except QueueFull as exc:
-            raise overloaded(served, exc) from exc
-
-
-async def admit_unparsed(request: Request, runtime: Runtime, task: AnyTask, deadline: float) -> None:
-    """429 before the body is parsed, where that is sound: every model of the task would refuse (whichever
-    variant the body names), or the model the request will get is known and would refuse (the query names
-    it, or the body holds no ``model`` anywhere, so the default serves it). At 30x overload, parsing the
-    upload of every refused request was a tenth of the event loop's work."""
-    variants = list(runtime.models.get(task.name, {}).values())
-    refusals: dict[str, Overloaded] = {}
-    for served in variants:
-        try:
-            admit(served, deadline)
-        except Overloaded as exc:
-            refusals[served.name] = exc
-    if not refusals:
-        return
-    if len(refusals) == len(variants):  # counted under the task's default model
-        request.state.model = variants[0].name
-        raise min(refusals.values(), key=lambda e: int(e.headers["Retry-After"]))
-    named = request.query_params.get("model")
-    try:
-        served = runtime.model_for(task.name, named)
-    except ModelNotFound:
-        return  # the normal path says so, once the rest of the request is checked
-    if served.name not in refusals:
-        return
-    if named is None:
-        try:
-            body = await request.body()  # bounded by the body-size limit
-        except ClientDisconnect as exc:
-            raise ClientClosedRequest("the client went away while sending the request") from exc
-        if b"model" in body:
-            return  # it may name another variant: parse it
-    request.state.model = served.name
-    raise refusals[served.name]
-
-
-def overloaded(served: ServedModel, exc: QueueFull) -> Overloaded:
-    return Overloaded(f"{served.name} is overloaded: {exc}", {"Retry-After": str(math.ceil(exc.retry_after_s))})
 
 
 def _retrieve(future: asyncio.Future[Any]) -> None:

@@ -19,6 +19,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.requests import ClientDisconnect
 
+from ..admission import admit
 from ..errors import BadRequest, ClientClosedRequest, ModelNotFound, NotReady, UnsupportedMedia
 from ..oip.adapters import ADAPTERS, Adapter
 from ..oip.tensors import (
@@ -36,7 +37,7 @@ from ..oip.tensors import (
 from ..runtime import Runtime, ServedModel
 from ..tasks import TASKS
 from ..tasks.base import TaskRequest
-from .tasks import AnyTask, admit, request_deadline, run_items, runtime_of
+from .tasks import AnyTask, request_deadline, run_items, runtime_of
 
 VERSION = "1"  # one version per served model
 SERVER_NAME = "perceiver-serve"

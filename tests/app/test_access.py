@@ -48,6 +48,22 @@ def test_any_configured_key_opens_the_api(locked: LiveServer) -> None:
     assert post(locked, **{"x-api-key": "from-the-file"}).status_code == 200  # stored only as its digest
 
 
+def test_a_caller_without_a_key_learns_nothing_of_the_load(locked: LiveServer) -> None:
+    """The key is checked before admission: an overloaded model refuses key holders with 429, and everyone
+    else still gets 401."""
+    batcher = locked.runtime.model_for("classify-text").batcher
+    assert batcher is not None
+    saved = batcher._batch_s
+    batcher._batch_s = 100.0  # every request would finish past its deadline
+    try:
+        assert post(locked).status_code == 401
+        refused = post(locked, authorization="Bearer alpha")
+        assert refused.status_code == 429 and refused.json()["error"]["type"] == "overloaded"
+    finally:
+        batcher._batch_s = saved
+    assert post(locked, authorization="Bearer alpha").status_code == 200
+
+
 def test_probes_and_metrics_stay_open(locked: LiveServer) -> None:
     with locked.client() as client:
         assert client.get("/healthz").status_code == 200

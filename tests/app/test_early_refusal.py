@@ -41,3 +41,20 @@ def test_a_body_that_may_name_another_model_is_parsed_and_served(busy: LiveServe
         assert r.status_code == 200 and r.json()["model"] == "classify/conv"
         r = client.post("/v1/classify", files={"image": ("c.jpg", CAT)}, params={"model": "fourier"})
         assert r.status_code == 200 and r.json()["model"] == "classify/fourier"
+
+
+def test_a_body_read_at_the_door_reaches_the_route_whole(busy: LiveServer) -> None:
+    """The door reads the body to look for ``model``; the route must then get every byte of it, here a
+    PNG of about 1 MB that arrives in several messages, with the field that names the idle variant last."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.random.default_rng(0).integers(0, 256, (600, 600, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "PNG")
+    assert buffer.tell() > 1_000_000
+    with busy.client() as client:
+        r = client.post("/v1/classify", files={"image": ("noise.png", buffer.getvalue())}, data={"model": "conv"})
+    assert r.status_code == 200 and r.json()["model"] == "classify/conv"
