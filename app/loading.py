@@ -5,7 +5,7 @@ from __future__ import annotations
 import gc
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -14,6 +14,7 @@ import perceiver_core
 from perceiver_core.graphs import enable_cuda_graphs
 
 from .batching import Batcher
+from .cores import CoreShare
 from .runtime import Runtime, ServedModel
 from .settings import Settings
 from .tasks import TASKS, Task
@@ -126,41 +127,28 @@ def _served(
     )
 
 
-def make_runner(task: AnyTask, served: ServedModel, decode_busy_s: Callable[[], float] | None = None) -> Any:
-    """The batch function the inference thread runs. On the CPU, with ``decode_busy_s`` (the runtime's running
-    total of decoding seconds), each forward pass takes the cores that decoding has recently left it: torch's
-    intra-op threads otherwise spin against the decode threads."""
-    cores = None
-    if decode_busy_s is not None and served.model.device.type == "cpu" and torch.get_num_threads() > 1:
-        cores = CoreShare(torch.get_num_threads(), decode_busy_s)
+def make_runner(task: AnyTask, served: ServedModel, cores: CoreShare | None = None) -> Any:
+    """The batch function the inference threads run. On the CPU, with ``cores`` (the runtime's CoreShare),
+    each forward pass takes its share of the cores that decoding has recently left: torch's intra-op
+    threads otherwise spin against the decode threads and against the other batches running."""
+    if cores is None or served.model.device.type != "cpu":
 
-    def run(payloads: Sequence[Any]) -> list[Any]:
-        if cores is not None:
-            threads = cores.threads()
+        def run(payloads: Sequence[Any]) -> list[Any]:
+            with torch.inference_mode():
+                return task.predict(served.model, payloads)
+
+        return run
+
+    share = cores
+
+    def run_shared(payloads: Sequence[Any]) -> list[Any]:
+        with share.lane() as threads:
             if threads != torch.get_num_threads():
-                torch.set_num_threads(threads)
-        with torch.inference_mode():
-            return task.predict(served.model, payloads)
+                torch.set_num_threads(threads)  # this thread's intra-op threads (per thread under OpenMP)
+            with torch.inference_mode():
+                return task.predict(served.model, payloads)
 
-    return run
-
-
-class CoreShare:
-    """Intra-op threads for the next forward pass: the cores less those decoding kept busy on average since
-    the last pass (smoothed over passes), at least one."""
-
-    def __init__(
-        self, cores: int, decode_busy_s: Callable[[], float], clock: Callable[[], float] = time.monotonic
-    ) -> None:
-        self.cores, self.decode_busy_s, self.clock = cores, decode_busy_s, clock
-        self.at, self.busy, self.load = clock(), decode_busy_s(), 0.0
-
-    def threads(self) -> int:
-        now, busy = self.clock(), self.decode_busy_s()
-        if now > self.at:
-            self.load = 0.5 * self.load + 0.5 * (busy - self.busy) / (now - self.at)
-        self.at, self.busy = now, busy
-        return max(1, self.cores - round(self.load))
+    return run_shared
 
 
 def _timed(run: Any, payloads: list[Any], device: torch.device) -> float:
@@ -268,8 +256,10 @@ def attach_batcher(runtime: Runtime, served: ServedModel) -> None:
 
     on_oom = torch.cuda.empty_cache if served.model.device.type == "cuda" else None
     served.batcher = Batcher(
-        make_runner(task, served, lambda: runtime.decode_busy_s),
-        runtime.inference_executor,
+        make_runner(task, served, runtime.core_share()),
+        runtime.lanes()
+        if served.model.device.type == "cpu" and runtime.cpu_lanes() > 1
+        else runtime.inference_executor,
         max_batch_size=served.max_batch_size,
         max_delay_s=served.max_delay_ms / 1000,
         max_batch_cost=served.max_batch_cost,

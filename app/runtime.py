@@ -11,9 +11,12 @@ from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+import torch
+
 from perceiver_core import PerceiverHead
 
-from .batching import Batcher
+from .batching import Batcher, Lanes
+from .cores import CoreShare
 from .errors import ModelNotFound
 from .metrics import Metrics
 from .settings import Settings
@@ -87,14 +90,34 @@ class Runtime:
 
     def __post_init__(self) -> None:
         self.limits = self.settings.limits()
-        # One inference thread per device: forward passes never overlap and never block the event loop.
+        # Off the event loop: one thread for start-up and GPU models (their forward passes never overlap);
+        # CPU models batch on lanes(), up to cpu_lanes passes side by side.
         self.inference_executor = ThreadPoolExecutor(1, thread_name_prefix="inference")
+        self._cores = torch.get_num_threads()  # torch's default: the cores this process may use
+        self._lanes: Lanes | None = None
+        self._core_share: CoreShare | None = None
         self.offload_executor = ThreadPoolExecutor(self.settings.decode_workers, thread_name_prefix="decode")
         self.decode_executor: Executor = self.offload_executor
         if self.settings.decode_processes > 0:  # uploads decoded outside this process's GIL
             self.decode_executor = ProcessPoolExecutor(
                 self.settings.decode_processes, mp_context=multiprocessing.get_context("spawn")
             )
+
+    def cpu_lanes(self) -> int:
+        """Batches a CPU model may run side by side: the setting, at most one per core."""
+        return max(1, min(self.settings.cpu_lanes, self._cores))
+
+    def lanes(self) -> Lanes:
+        """The threads CPU models' batches run on side by side (made when the first such model is attached)."""
+        if self._lanes is None:
+            self._lanes = Lanes(self.cpu_lanes())
+        return self._lanes
+
+    def core_share(self) -> CoreShare | None:
+        """One for the whole process: the cores, less decoding's recent load, shared by the batches running."""
+        if self._core_share is None and self._cores > 1:
+            self._core_share = CoreShare(self._cores, lambda: self.decode_busy_s)
+        return self._core_share
 
     def add(self, served: ServedModel) -> None:
         self.models.setdefault(served.task, {})[served.variant] = served
@@ -137,6 +160,8 @@ class Runtime:
 
     def shutdown_executors(self) -> None:
         self.inference_executor.shutdown(wait=True, cancel_futures=True)
+        if self._lanes is not None:
+            self._lanes.shutdown()
         self.decode_executor.shutdown(wait=True, cancel_futures=True)
         self.offload_executor.shutdown(wait=True, cancel_futures=True)
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 
-from app.loading import CoreShare
+from app.cores import CoreShare
 from app.metrics import Metrics
 from app.runtime import Runtime
 from app.settings import Settings

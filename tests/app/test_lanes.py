@@ -1,0 +1,110 @@
+"""CPU batches side by side (``PERCEIVER_CPU_LANES``): lanes shared by every model, the lowest free first,
+and the cores split between the batches running."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Sequence
+
+import httpx
+import pytest
+import torch
+
+from app.batching import Batcher, Lanes
+from app.cores import CoreShare
+
+from .asyncutil import async_test
+from .conftest import MEDIA, LiveServer
+
+pytestmark = pytest.mark.timeout(60)
+
+
+class Meeting:
+    """Each batch waits (up to 5 s) until ``parties`` batches are running at once, and records its thread."""
+
+    def __init__(self, parties: int) -> None:
+        self.barrier = threading.Barrier(parties, timeout=5)
+        self.threads: list[str] = []
+
+    def __call__(self, payloads: Sequence[object]) -> list[object]:
+        self.threads.append(threading.current_thread().name)
+        self.barrier.wait()
+        return [f"result:{p}" for p in payloads]
+
+
+@async_test
+async def test_two_lanes_run_two_batches_at_once_and_one_batch_alone_on_the_first_lane() -> None:
+    lanes = Lanes(2, prefix="lane")
+    try:
+        meeting = Meeting(2)  # each of two batches of one returns only once the other is running too
+        batcher = Batcher(meeting, lanes, max_batch_size=1, max_delay_s=0.0, max_queue=10)
+        batcher.start()
+        first, second = batcher.submit("a"), batcher.submit("b")
+        assert await asyncio.gather(first.future, second.future) == ["result:a", "result:b"]
+        assert sorted(meeting.threads) == ["lane-0_0", "lane-1_0"]
+        await batcher.stop()
+
+        alone = Meeting(1)
+        batcher = Batcher(alone, lanes, max_batch_size=1, max_delay_s=0.0, max_queue=10)
+        batcher.start()
+        for payload in "cdef":  # one at a time: always the lowest lane, so one OpenMP team stays in use
+            assert await batcher.submit(payload).future == f"result:{payload}"
+        assert alone.threads == ["lane-0_0"] * 4
+        await batcher.stop()
+    finally:
+        lanes.shutdown()
+
+
+@async_test
+async def test_a_model_waits_for_a_free_lane_when_others_hold_them_all() -> None:
+    lanes = Lanes(1, prefix="lane")
+    try:
+        started: list[tuple[str, float]] = []
+
+        def slow(payloads: Sequence[object]) -> list[object]:
+            started.append((str(payloads[0]), time.monotonic()))
+            time.sleep(0.2)
+            return list(payloads)
+
+        a = Batcher(slow, lanes, max_batch_size=1, max_delay_s=0.0, max_queue=10)
+        b = Batcher(slow, lanes, max_batch_size=1, max_delay_s=0.0, max_queue=10)
+        a.start(), b.start()
+        assert await asyncio.gather(a.submit("a").future, b.submit("b").future) == ["a", "b"]
+        (_, t0), (_, t1) = started
+        assert t1 - t0 >= 0.19  # one lane: the second model's batch started after the first ended
+        await a.stop()
+        await b.stop()
+    finally:
+        lanes.shutdown()
+
+
+def test_the_cores_are_split_between_the_batches_running() -> None:
+    share = CoreShare(4, lambda: 0.0)
+    with share.lane() as alone:
+        assert alone == 4
+        with share.lane() as second:
+            assert second == 2
+    with share.lane() as again:
+        assert again == 4
+
+
+def test_a_server_with_two_lanes_serves_concurrent_image_requests() -> None:
+    server = LiveServer(demo_tasks=["classify"], cpu_lanes=2).start()
+    try:
+        cat = (MEDIA / "cat.jpg").read_bytes()
+
+        async def many() -> list[httpx.Response]:
+            async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
+                return await asyncio.gather(
+                    *(client.post("/v1/classify", files={"image": ("c.jpg", cat)}) for _ in range(6))
+                )
+
+        responses = asyncio.run(many())
+        assert [r.status_code for r in responses] == [200] * 6
+        assert len({tuple(p["label"] for p in r.json()["predictions"]) for r in responses}) == 1  # same answer
+        lanes = server.runtime.lanes()
+        assert len(lanes) == min(2, torch.get_num_threads()) and lanes.running == 0  # one per core at most
+    finally:
+        server.stop()
