@@ -2,12 +2,15 @@
 
     python benchmarks/refusal_cost.py                    # this checkout
     python benchmarks/refusal_cost.py --root /tmp/old    # another checkout of the project, for an A/B
+    python benchmarks/refusal_cost.py --live             # through uvicorn and loopback sockets
 
 At 30x overload nearly every request is refused, and while the event loop runs Python it holds the GIL
 the inference thread needs between operators. This times the overload benchmark's request (a 320x240 JPEG
 posted to /v1/classify with no ``model`` field, so the body is read to be sure it names no other variant)
 on the demo classify profile with its default variant made busy (its batcher estimates 100 s a batch).
-Process CPU time per request, best of --rounds.
+Process CPU time per request, best of --rounds. With --live, the app runs under uvicorn in this process
+and 8 closed-loop clients in another send for 10 s: the CPU time of uvicorn's event-loop thread per 429
+(uvicorn, the app and the kernel's socket work), and the 429s per second it sustained.
 """
 
 from __future__ import annotations
@@ -82,14 +85,84 @@ async def measure(requests: int, rounds: int) -> tuple[float, dict[int, int]]:
     return best, statuses
 
 
+LIVE_CLIENTS = """
+import asyncio, sys, time
+sys.path.insert(0, sys.argv[1])
+from benchmarks.overload import upload_request
+from benchmarks.serve_load import Connection
+
+async def main(port: int) -> None:
+    request, refused, stop = upload_request("127.0.0.1"), 0, time.monotonic() + 10
+
+    async def client() -> None:
+        nonlocal refused
+        conn = Connection("127.0.0.1", port)
+        while time.monotonic() < stop:
+            status, _ = await conn.send(request)
+            refused += status == 429
+        conn.close()
+
+    await asyncio.gather(*(client() for _ in range(8)))
+    print(refused)
+
+asyncio.run(main(int(sys.argv[2])))
+"""
+
+
+def live(root: Path) -> tuple[float, float]:
+    """(event-loop CPU seconds per 429, 429s per second) with uvicorn serving the app in this process."""
+    import subprocess
+    import threading
+
+    import httpx
+    import uvicorn
+
+    from app.main import create_app
+    from app.settings import Settings
+    from benchmarks.serve_load import free_port
+
+    port = free_port()
+    app = create_app(Settings(demo_tasks=["classify"], warmup=False, log_level="WARNING", port=port))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, lifespan="on"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while True:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/readyz").status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    app.state.runtime.model_for("classify").batcher._batch_s = 100.0
+
+    def loop_cpu() -> float:
+        stat = Path(f"/proc/self/task/{thread.native_id}/stat").read_text()
+        fields = stat[stat.rindex(")") + 2 :].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    before = loop_cpu()
+    clients = subprocess.run(
+        [sys.executable, "-c", LIVE_CLIENTS, str(root), str(port)], capture_output=True, text=True, check=True
+    )
+    cpu, refused = loop_cpu() - before, int(clients.stdout.strip())
+    server.should_exit = True
+    thread.join(30)
+    return cpu / max(refused, 1), refused / 10
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", type=Path, default=Path(__file__).resolve().parents[1], help="project checkout")
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--live", action="store_true", help="through uvicorn and sockets (Linux: reads /proc)")
     args = parser.parse_args()
     sys.path.insert(0, str(args.root.resolve()))
     os.chdir(args.root)
+    if args.live:
+        per_refusal, rate = live(args.root.resolve())
+        print(f"{args.root}: {per_refusal * 1e6:.0f} µs of event-loop CPU per 429, {rate:.0f} 429s/s (8 clients, 10 s)")
+        return
     seconds, statuses = asyncio.run(measure(args.requests, args.rounds))
     print(f"{args.root}: {seconds * 1e6:.1f} µs of CPU per request (best of {args.rounds}); statuses {statuses}")
 
