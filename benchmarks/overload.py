@@ -244,8 +244,9 @@ def main() -> None:
     parser.add_argument("--capacity-seconds", type=float, default=10.0)
     parser.add_argument("--json", type=Path)
     parser.add_argument("--markdown", type=Path)
+    parser.add_argument("--env", action="append", default=[], help="KEY=VALUE for the server (repeatable)")
     args = parser.parse_args()
-    proc, url = start_server()
+    proc, url = start_server(dict(pair.split("=", 1) for pair in args.env))
     try:
         result = asyncio.run(measure(url, proc.pid, args.factors, args.duration, args.capacity_seconds))  # type: ignore[attr-defined]
     finally:
