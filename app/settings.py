@@ -191,8 +191,9 @@ class Settings(BaseSettings):
         ge=1,
         description="CPU models: batches that may run side by side under load, the cores shared equally between "
         "them (a batch that runs alone takes them all), at most one per core. Helps heavy heads: on 2 cores the "
-        "demo image classifier served 16-17% more with 2 than with 1, at the same latency for one client. Hurts light ones: the text classifier served "
-        "10-44% less, in smaller batches. GPU models always run one batch at a time.",
+        "demo image classifier served 16-17% more with 2 than with 1, at the same latency for one client. Hurts "
+        "light ones: the text classifier served 10-44% less, in smaller batches. GPU models always run one batch "
+        "at a time.",
     )
     decode_workers: int = Field(4, ge=1, description="Threads that decode uploads off the event loop.")
     decode_processes: int = Field(
