@@ -21,6 +21,9 @@ def batching(**settings: Any) -> dict[str, Any]:
         server.stop()
 
 
+ROUNDING = 0.001  # ms: each of two rounded values is off by at most half of it
+
+
 def test_auto_picks_the_largest_size_that_still_pays_and_shows_why() -> None:
     chosen = batching()
     assert chosen["max_batch_size_source"] == "auto"
@@ -28,15 +31,16 @@ def test_auto_picks_the_largest_size_that_still_pays_and_shows_why() -> None:
     size = chosen["max_batch_size"]
     sizes = sorted(per_item)
     assert sizes == [2**i for i in range(len(sizes))] and size in per_item
-    # Every step up to the choice cut the per-item time by at least MIN_GAIN ...
+    # Every step up to the choice cut the per-item time by at least MIN_GAIN (per_item_ms is rounded to
+    # 0.001 ms, the search compared unrounded times: 0.345 against 0.363 * 0.95 = 0.34485 is a pass) ...
     for small, large in itertools.pairwise(sizes):
         if large <= size:
-            assert per_item[large] <= per_item[small] * (1 - MIN_GAIN)
+            assert per_item[large] <= per_item[small] * (1 - MIN_GAIN) + ROUNDING
     # ... and the next size measured (if any) did not, or the search stopped at the cap.
     after = [s for s in sizes if s > size]
     assert after or size == 64
     if after:
-        assert per_item[after[0]] > per_item[size] * (1 - MIN_GAIN) or per_item[after[0]] * after[0] > 500
+        assert per_item[after[0]] > per_item[size] * (1 - MIN_GAIN) - ROUNDING or per_item[after[0]] * after[0] > 500
 
 
 def test_the_latency_budget_bounds_the_choice() -> None:
