@@ -113,10 +113,12 @@ def overloaded(served: ServedModel, exc: QueueFull) -> Overloaded:
 
 
 def _refusal(served: ServedModel, deadline: float) -> Overloaded | None:
-    try:
-        admit(served, deadline)
-    except Overloaded as exc:
-        return exc
+    """``admit``'s refusal, returned rather than raised (the door asks every variant, on every request)."""
+    if served.batcher is not None:
+        try:
+            served.batcher.admit(deadline)
+        except QueueFull as exc:
+            return overloaded(served, exc)
     return None
 
 

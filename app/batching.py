@@ -151,7 +151,9 @@ class Batcher(Generic[P, R]):
         expected_batch_s: float | None = None,
     ) -> None:
         self._run = run
-        self._executor = executor
+        # Lanes: batches side by side, each on the lowest free lane; an executor: one batch at a time.
+        self._lanes: Lanes | None = executor if isinstance(executor, Lanes) else None
+        self._executor: Executor | None = None if isinstance(executor, Lanes) else executor
         self.lanes = len(executor) if isinstance(executor, Lanes) else 1
         self.max_batch_size = max_batch_size
         self.max_delay_s = max_delay_s
@@ -229,7 +231,7 @@ class Batcher(Generic[P, R]):
         if self._batch_s is None:
             return 0.0
         rest = 0.0
-        busy = self._executor.running if isinstance(self._executor, Lanes) else len(self._running)
+        busy = self._lanes.running if self._lanes is not None else len(self._running)
         if busy >= self.lanes and self._running:
             now = time.monotonic()
             rest = max(0.0, min(self._batch_s - (now - started) for started in self._running.values()))
@@ -261,10 +263,10 @@ class Batcher(Generic[P, R]):
                 await self._arrival.wait()
                 continue
             lane = None
-            if isinstance(self._executor, Lanes):
-                lane = self._executor.acquire()
+            if self._lanes is not None:
+                lane = self._lanes.acquire()
                 if lane is None:
-                    await self._executor.freed()
+                    await self._lanes.freed()
                     continue
             oldest = self._queue[0]
             # Wait for company until the batch is full or the oldest request's delay bound is reached.
@@ -279,9 +281,9 @@ class Batcher(Generic[P, R]):
                         await self._arrival.wait()
             batch = self._take(oldest.bucket)
             self._report_depth()
-            if isinstance(self._executor, Lanes) and lane is not None:
+            if self._lanes is not None and lane is not None:
                 if not batch:
-                    self._executor.release(lane)
+                    self._lanes.release(lane)
                     continue
                 running = asyncio.get_running_loop().create_task(self._execute(batch, lane))
                 self._lane_tasks.add(running)
@@ -342,7 +344,7 @@ class Batcher(Generic[P, R]):
     async def _execute(self, batch: list[Ticket[P, R]], lane: int | None = None) -> None:
         key = id(batch)
         self._running[key] = time.monotonic()
-        executor = self._executor.executors[lane or 0] if isinstance(self._executor, Lanes) else self._executor
+        executor = self._lanes.executors[lane] if self._lanes is not None and lane is not None else self._executor
         try:
             ran, results, elapsed = await asyncio.get_running_loop().run_in_executor(executor, self._run_live, batch)
         except Exception as exc:
@@ -355,8 +357,8 @@ class Batcher(Generic[P, R]):
             return
         finally:
             del self._running[key]
-            if isinstance(self._executor, Lanes) and lane is not None:
-                self._executor.release(lane)
+            if self._lanes is not None and lane is not None:
+                self._lanes.release(lane)
         if ran:
             self._observe(len(ran), elapsed)
         for ticket in batch:
