@@ -88,6 +88,36 @@ def test_real_jpeg_photos_decode() -> None:
     assert np.asarray(coffee.convert("RGB")).std() > 20  # real content, not a blank frame
 
 
+def test_a_large_jpeg_is_decoded_in_one_decoder_call(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pillow feeds its decoder 64 KB at a time and releases the GIL around each call; each call is then a
+    wait for the GIL in a decode thread. A JPEG goes in one call, with the same pixels. (PNG stays per IDAT
+    chunk: Pillow's reader hands over one chunk at a time.)"""
+    photo = Image.open(io.BytesIO(CAT)).convert("RGB").resize((1804, 1200), Image.Resampling.NEAREST)
+    data = encode(photo, "JPEG", quality=98)
+    assert len(data) > 8 * 65536
+    calls: list[int] = []
+    real = Image._getdecoder
+
+    class Counted:
+        def __init__(self, decoder: Any) -> None:
+            self.decoder = decoder
+
+        def decode(self, buffer: bytes) -> Any:
+            calls.append(len(buffer))
+            return self.decoder.decode(buffer)
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.decoder, name)
+
+    monkeypatch.setattr(Image, "_getdecoder", lambda *args: Counted(real(*args)))
+    image = decode_image(data, LIMIT)
+    assert len(calls) == 1 and calls[0] >= len(data) - 1024  # all but the header, which the opener read
+    reference = Image.open(io.BytesIO(data))
+    reference.load()
+    assert len(calls) > 8  # the default: many calls (so the counter sees them)
+    assert np.array_equal(np.asarray(image), np.asarray(reference))
+
+
 def test_gif_animation_gives_its_first_frame() -> None:
     colours = [(255, 0, 0), (0, 255, 0), (0, 0, 255)]
     frames = [Image.new("RGB", (16, 8), c) for c in colours]
