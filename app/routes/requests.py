@@ -7,7 +7,7 @@ import base64
 import binascii
 import json
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, BinaryIO, cast
 
 from pydantic import ValidationError
 from starlette.datastructures import FormData, UploadFile
@@ -20,15 +20,71 @@ from ..tasks.base import Task, TaskRequest, Upload
 MAX_FORM_FIELDS = 64  # options are a handful; more is a malformed or hostile form
 
 
+class Chunks:
+    """An uploaded file kept as the chunks it arrived in, joined once when first read. (Starlette's
+    SpooledTemporaryFile is a BytesIO: it copies as it grows, and again when read.) Writes append."""
+
+    _rolled = False  # for UploadFile: in memory, so it calls read and seek directly instead of in a thread
+
+    def __init__(self) -> None:
+        self.chunks: list[bytes] = []
+        self.position = 0
+
+    def write(self, data: bytes) -> int:
+        self.chunks.append(data)
+        return len(data)
+
+    def _joined(self) -> bytes:
+        if len(self.chunks) != 1:
+            self.chunks = [b"".join(self.chunks)]
+        return self.chunks[0]
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._joined()
+        end = len(data) if size < 0 else min(len(data), self.position + size)
+        out = data[self.position : end]  # the whole upload: the joined bytes themselves, not a copy
+        self.position = max(self.position, end)
+        return out
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        base = (0, self.position, len(self._joined()))[whence]
+        self.position = max(0, base + offset)
+        return self.position
+
+    def tell(self) -> int:
+        return self.position
+
+    def close(self) -> None:
+        self.chunks = []
+
+
 class InMemoryMultiPartParser(MultiPartParser):
-    """Starlette's parser, but uploads stay in memory (the body-size limit already bounds them).
+    """Starlette's parser, but uploads stay in memory (the body-size limit already bounds them), as the
+    chunks they arrived in.
 
     Starlette spools files over 1 MB to disk, one thread-pool hop per 64 KB chunk to write and more to
-    read back; for a 2 MB phone photo that cost as much as decoding it at reduced scale.
+    read back; for a 2 MB phone photo that cost as much as decoding it at reduced scale. In memory, its
+    BytesIO still copied each chunk into a growing buffer through an awaited write.
     """
 
-    spool_max_size = 1 << 62
     ended = False
+
+    def on_headers_finished(self) -> None:
+        super().on_headers_finished()
+        upload = self._current_part.file
+        if upload is not None:  # a file part: its chunks go to a Chunks instead of Starlette's spooled file
+            self._files_to_close_on_error.pop().close()
+            chunks = Chunks()
+            upload.file = cast(BinaryIO, chunks)
+            self._files_to_close_on_error.append(cast(Any, chunks))
+
+    def on_part_data(self, data: bytes, start: int, end: int) -> None:
+        upload = self._current_part.file
+        if upload is None:
+            super().on_part_data(data, start, end)
+            return
+        upload.file.write(data[start:end])  # the whole chunk when it is all file: the same bytes, not a copy
+        upload.size = (upload.size or 0) + end - start
 
     def on_end(self) -> None:
         self.ended = True  # the closing boundary was seen
