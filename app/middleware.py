@@ -52,12 +52,34 @@ def reject(runtime: Runtime, error: ServiceError, path: str, model: str) -> JSON
     return JSONResponse(content, status_code=error.status, headers=error.headers or None)
 
 
+class LogThrottle:
+    """At most one log line per ``interval_s``; each line that is written says how many were left out.
+
+    For refusals (429): under overload they come by the hundred a second, and a line for each would flood
+    the log and take the CPU the model needs. /metrics counts every one."""
+
+    def __init__(self, interval_s: float = 1.0) -> None:
+        self.interval_s = interval_s
+        self.next_at = 0.0
+        self.skipped = 0
+
+    def admit(self, now: float) -> int | None:
+        """None: leave this line out; else write it, with the number left out since the last one."""
+        if now < self.next_at:
+            self.skipped += 1
+            return None
+        skipped, self.skipped, self.next_at = self.skipped, 0, now + self.interval_s
+        return skipped
+
+
 class ObservabilityMiddleware:
-    """Request ids, body-size limit, drain gate, timing headers, metrics and one JSON log line per request."""
+    """Request ids, body-size limit, drain gate, timing headers, metrics and one JSON log line per request
+    (per second for refusals: ``LogThrottle``)."""
 
     def __init__(self, app: ASGIApp, runtime: Runtime) -> None:
         self.app = app
         self.runtime = runtime
+        self.refusals = LogThrottle()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -137,10 +159,14 @@ class ObservabilityMiddleware:
             if task is not None:
                 runtime.inflight -= 1
                 metrics.inflight.set(runtime.inflight)
-            fields = {"method": scope.get("method"), "path": path, "status": status, "ms": round(elapsed * 1000, 2)}
-            if model:
-                fields["model"] = model
-            # Probes and scrapes come every few seconds from every kubelet and Prometheus: DEBUG, not INFO.
-            level = logging.DEBUG if path.startswith(QUIET_PATHS) and status < 400 else logging.INFO
-            log.log(level, "request", extra={"fields": fields})
+            skipped = self.refusals.admit(started + elapsed) if status == 429 else 0
+            if skipped is not None:
+                fields = {"method": scope.get("method"), "path": path, "status": status, "ms": round(elapsed * 1000, 2)}
+                if model:
+                    fields["model"] = model
+                if skipped:
+                    fields["refusals_not_logged"] = skipped
+                # Probes and scrapes come every few seconds from every kubelet and Prometheus: DEBUG, not INFO.
+                level = logging.DEBUG if path.startswith(QUIET_PATHS) and status < 400 else logging.INFO
+                log.log(level, "request", extra={"fields": fields})
             jsonlog.request_id.reset(token)

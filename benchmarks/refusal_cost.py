@@ -11,6 +11,10 @@ on the demo classify profile with its default variant made busy (its batcher est
 Process CPU time per request, best of --rounds. With --live, the app runs under uvicorn in this process
 and 8 closed-loop clients in another send for 10 s: the CPU time of uvicorn's event-loop thread per 429
 (uvicorn, the app and the kernel's socket work), and the 429s per second it sustained.
+
+--log-level INFO (the server's default) includes the per-request log line; those lines go to /dev/null,
+where a server writing them to a pipe or file would still format and write each one. The default,
+WARNING, leaves them out.
 """
 
 from __future__ import annotations
@@ -41,14 +45,28 @@ def scope_for(headers: list[tuple[bytes, bytes]]) -> dict[str, Any]:
     }
 
 
-async def measure(requests: int, rounds: int) -> tuple[float, dict[int, int]]:
+def logs_to_devnull(level: str) -> None:
+    """The server's logging (as app.cli sets it up) at ``level``, its lines written to /dev/null: formatted
+    and written as a server writes them to a pipe or file, but not shown."""
+    import logging
+
+    from app.logging import configure
+
+    configure(level)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.StreamHandler):
+            handler.setStream(open(os.devnull, "w"))  # noqa: SIM115 - for the rest of the run
+
+
+async def measure(requests: int, rounds: int, log_level: str) -> tuple[float, dict[int, int]]:
     from app.main import create_app
     from app.settings import Settings
     from benchmarks.overload import upload_request
 
     head, body = upload_request("127.0.0.1").split(b"\r\n\r\n", 1)
     headers = [(k.strip().lower(), v.strip()) for k, v in (line.split(b":", 1) for line in head.split(b"\r\n")[1:])]
-    app = create_app(Settings(demo_tasks=["classify"], warmup=False, log_level="WARNING"))
+    app = create_app(Settings(demo_tasks=["classify"], warmup=False, log_level=log_level))
+    logs_to_devnull(log_level)
     statuses: dict[int, int] = {}
 
     async def one() -> None:
@@ -109,7 +127,7 @@ asyncio.run(main(int(sys.argv[2])))
 """
 
 
-def live(root: Path) -> tuple[float, float]:
+def live(root: Path, log_level: str) -> tuple[float, float]:
     """(event-loop CPU seconds per 429, 429s per second) with uvicorn serving the app in this process."""
     import subprocess
     import threading
@@ -122,7 +140,8 @@ def live(root: Path) -> tuple[float, float]:
     from benchmarks.serve_load import free_port
 
     port = free_port()
-    app = create_app(Settings(demo_tasks=["classify"], warmup=False, log_level="WARNING", port=port))
+    app = create_app(Settings(demo_tasks=["classify"], warmup=False, log_level=log_level, port=port))
+    logs_to_devnull(log_level)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, lifespan="on"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -156,15 +175,22 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--live", action="store_true", help="through uvicorn and sockets (Linux: reads /proc)")
+    parser.add_argument("--log-level", default="WARNING", help="the server's; INFO logs every request")
     args = parser.parse_args()
     sys.path.insert(0, str(args.root.resolve()))
     os.chdir(args.root)
     if args.live:
-        per_refusal, rate = live(args.root.resolve())
-        print(f"{args.root}: {per_refusal * 1e6:.0f} µs of event-loop CPU per 429, {rate:.0f} 429s/s (8 clients, 10 s)")
+        per_refusal, rate = live(args.root.resolve(), args.log_level)
+        print(
+            f"{args.root} ({args.log_level}): {per_refusal * 1e6:.0f} µs of event-loop CPU per 429, "
+            f"{rate:.0f} 429s/s (8 clients, 10 s)"
+        )
         return
-    seconds, statuses = asyncio.run(measure(args.requests, args.rounds))
-    print(f"{args.root}: {seconds * 1e6:.1f} µs of CPU per request (best of {args.rounds}); statuses {statuses}")
+    seconds, statuses = asyncio.run(measure(args.requests, args.rounds, args.log_level))
+    print(
+        f"{args.root} ({args.log_level}): {seconds * 1e6:.1f} µs of CPU per request (best of {args.rounds}); "
+        f"statuses {statuses}"
+    )
 
 
 if __name__ == "__main__":

@@ -58,3 +58,39 @@ def test_a_body_read_at_the_door_reaches_the_route_whole(busy: LiveServer) -> No
     with busy.client() as client:
         r = client.post("/v1/classify", files={"image": ("noise.png", buffer.getvalue())}, data={"model": "conv"})
     assert r.status_code == 200 and r.json()["model"] == "classify/conv"
+
+
+def test_refusals_are_logged_once_a_second_with_the_count_left_out(
+    busy: LiveServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A flood of 429s writes one log line a second, the next saying how many it left out; /metrics
+    still counts every refusal."""
+    import logging
+    import time
+
+    def refusal_lines() -> list[dict[str, object]]:
+        return [
+            r.fields  # type: ignore[attr-defined]
+            for r in caplog.records
+            if r.name == "perceiver.server" and r.getMessage() == "request" and r.fields["status"] == 429  # type: ignore[attr-defined]
+        ]
+
+    def refused_total(client: object) -> float:
+        text = client.get("/metrics").text  # type: ignore[attr-defined]
+        lines = [line for line in text.splitlines() if line.startswith("perceiver_requests_total{")]
+        return sum(float(line.split()[-1]) for line in lines if 'status="429"' in line and "classify" in line)
+
+    with caplog.at_level(logging.INFO, logger="perceiver.server"), busy.client() as client:
+        time.sleep(1.1)  # past any earlier test's refusal line
+        before = refused_total(client)
+        for _ in range(20):
+            assert client.post("/v1/classify", files={"image": ("c.jpg", CAT)}).status_code == 429
+        time.sleep(1.1)
+        assert client.post("/v1/classify", files={"image": ("c.jpg", CAT)}).status_code == 429
+        deadline = time.monotonic() + 5  # the server logs a request just after its response has gone out
+        while len(refusal_lines()) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        lines = refusal_lines()
+        assert refused_total(client) - before == 21
+    assert len(lines) == 2, lines
+    assert lines[1]["refusals_not_logged"] == 19  # the first line counts what earlier tests' refusals left out
