@@ -245,8 +245,16 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     parser.add_argument("--markdown", type=Path)
     parser.add_argument("--env", action="append", default=[], help="KEY=VALUE for the server (repeatable)")
+    parser.add_argument(
+        "--client-nice",
+        type=int,
+        default=0,
+        help="niceness of this process, the load generator, once the server is up: on a 2-core machine its CPU "
+        "comes out of the server's; clients on other machines would take none",
+    )
     args = parser.parse_args()
     proc, url = start_server(dict(pair.split("=", 1) for pair in args.env))
+    os.nice(args.client_nice)
     try:
         result = asyncio.run(measure(url, proc.pid, args.factors, args.duration, args.capacity_seconds))  # type: ignore[attr-defined]
     finally:
