@@ -23,6 +23,7 @@ from .settings import Settings
 from .tasks import TASKS
 
 T = TypeVar("T")
+AUTO_CPU_LANES = 2  # cpu_lanes=auto, for models that batching does not help: measured on 2 cores only
 log = logging.getLogger("perceiver.runtime")
 
 
@@ -104,8 +105,16 @@ class Runtime:
             )
 
     def cpu_lanes(self) -> int:
-        """Batches a CPU model may run side by side: the setting, at most one per core."""
-        return max(1, min(self.settings.cpu_lanes, self._cores))
+        """Batches CPU models may run side by side: the setting (AUTO_CPU_LANES for auto), at most one per core."""
+        wanted = AUTO_CPU_LANES if self.settings.cpu_lanes == "auto" else self.settings.cpu_lanes
+        return max(1, min(wanted, self._cores))
+
+    def uses_lanes(self, served: ServedModel) -> bool:
+        """Whether ``served`` batches on lanes(): a CPU model, when there are lanes, and with cpu_lanes=auto only
+        if its max_batch_size=auto chose 1 (batching gains it nothing; side by side, two requests gain)."""
+        if served.model.device.type != "cpu" or self.cpu_lanes() < 2:
+            return False
+        return self.settings.cpu_lanes != "auto" or (served.batch_size_auto and served.max_batch_size == 1)
 
     def lanes(self) -> Lanes:
         """The threads CPU models' batches run on side by side (made when the first such model is attached)."""

@@ -186,14 +186,14 @@ class Settings(BaseSettings):
         "where one process cannot parse and decode uploads fast enough; on one GPU the processes time-slice "
         "the device and each batches a fraction of the traffic (measured slower), so keep 1 per GPU.",
     )
-    cpu_lanes: int = Field(
-        1,
-        ge=1,
+    cpu_lanes: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
+        "auto",
         description="CPU models: batches that may run side by side under load, the cores shared equally between "
-        "them (a batch that runs alone takes them all), at most one per core. Helps heavy heads: on 2 cores the "
-        "demo image classifier served 16-17% more with 2 than with 1, at the same latency for one client. Hurts "
-        "light ones: the text classifier served 10-44% less, in smaller batches. GPU models always run one batch "
-        "at a time.",
+        "them (a batch that runs alone takes them all), at most one per core. auto: 2 for a model whose "
+        "max_batch_size=auto chose 1 (batching gains it nothing, so two requests side by side use the cores "
+        "better: the demo image classifier served 16% more on 2 cores, at the same latency for one client), 1 "
+        "for the others (the text classifier served 10-44% less with 2, in smaller batches). A number applies "
+        "to every CPU model. GPU models always run one batch at a time.",
     )
     decode_workers: int = Field(4, ge=1, description="Threads that decode uploads off the event loop.")
     decode_processes: int = Field(

@@ -108,3 +108,31 @@ def test_a_server_with_two_lanes_serves_concurrent_image_requests() -> None:
         assert len(lanes) == min(2, torch.get_num_threads()) and lanes.running == 0  # one per core at most
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize(("setting", "budget_ms"), [("auto", 500.0), ("auto", 1.0), (1, 500.0), (2, 500.0)])
+def test_which_models_batch_side_by_side(setting: str | int, budget_ms: float) -> None:
+    """auto: the CPU models whose max_batch_size=auto chose 1 (batching gains them nothing) get the lanes, the
+    others run one batch at a time; a number applies to every CPU model. A 1 ms latency budget makes every
+    model's measured choice 1."""
+    server = LiveServer(
+        demo_tasks=["classify", "classify-text"], cpu_lanes=setting, warmup=True, batch_latency_budget_ms=budget_ms
+    ).start()
+    try:
+        lanes = min(2, torch.get_num_threads())
+        served = [m for variants in server.runtime.models.values() for m in variants.values()]
+        chosen = {m.name: m.max_batch_size for m in served}
+        if budget_ms == 1.0:
+            assert set(chosen.values()) == {1}, chosen
+        else:
+            assert chosen["classify-text"] > 1, chosen  # batching gains the text head a lot on any machine
+        for model in served:
+            assert model.batcher is not None
+            by_choice = lanes if model.max_batch_size == 1 else 1
+            expected = by_choice if setting == "auto" else min(int(setting), lanes)
+            assert model.batcher.lanes == expected, (model.name, chosen)
+        with server.client() as client:
+            r = client.post("/v1/classify", files={"image": ("c.jpg", (MEDIA / "cat.jpg").read_bytes())})
+        assert r.status_code == 200
+    finally:
+        server.stop()
