@@ -96,8 +96,6 @@ class Tracing:
         self.provider = provider
         self.tracer = provider.get_tracer("perceiver-serve")
         self._trace = trace
-        # Batcher timings are monotonic; spans take wall-clock nanoseconds.
-        self._wall_offset_ns = time.time_ns() - time.monotonic_ns()
 
     def fastapi_telemetry(self) -> TelemetryConfig:
         """FastAPI's native request spans on this provider; its metrics and logs stay off (Prometheus and the
@@ -114,17 +112,19 @@ class Tracing:
             yield
 
     def record_batching(self, tickets: Sequence[Ticket[Any, Any]]) -> None:
-        """A queue and an inference span per item, children of the current span, from the batcher's timings."""
+        """A queue and an inference span per item, children of the current span, from the batcher's timings.
+
+        Those are monotonic and spans take wall-clock time; the two clocks are related now, when the spans are
+        made, not once at start-up: the wall clock is slewed and stepped while the server runs, and a
+        stale offset put a queue span before the decode span that it follows."""
+        wall_offset_ns = time.time_ns() - time.monotonic_ns()
         for item, ticket in enumerate(tickets):
-            queued = self._wall_ns(ticket.enqueued_at)
+            queued = int(ticket.enqueued_at * 1e9) + wall_offset_ns
             started = queued + int(ticket.queue_s * 1e9)
             ended = started + int(ticket.inference_s * 1e9)
             attributes = {"perceiver.item": item, "perceiver.batch_size": ticket.batch_size}
             for name, start, end in (("queue", queued, started), ("inference", started, ended)):
                 self.tracer.start_span(name, start_time=start, attributes=attributes).end(end_time=end)
-
-    def _wall_ns(self, monotonic_s: float) -> int:
-        return int(monotonic_s * 1e9) + self._wall_offset_ns
 
     def shutdown(self) -> None:
         self.provider.shutdown()  # flushes what the batch processors still hold
