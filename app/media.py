@@ -66,7 +66,9 @@ def decode_image(data: bytes, max_pixels: int, min_short_side: int | None = None
     # The whole file in one decoder call: Pillow feeds it 64 KB at a time and releases the GIL around each
     # call, and a decode thread that must take the GIL back from a busy event loop or inference thread waits
     # up to the switch interval (5 ms) every time; 28 waits for a 1.8 MB phone photo (docs/performance.md).
-    if isinstance(image, ImageFile.ImageFile):
+    # Only for a JPEG (one tile): Pillow reads up to this many bytes per tile, and a hostile TIFF whose strips all
+    # start at one offset would then copy the rest of the file once per strip.
+    if isinstance(image, ImageFile.ImageFile) and image.format in ("JPEG", "MPO") and len(image.tile) == 1:
         image.decodermaxblock = max(image.decodermaxblock, len(data))
     try:
         image.seek(0)  # first frame of GIF/WebP animations
