@@ -21,20 +21,36 @@ MAX_FORM_FIELDS = 64  # options are a handful; more is a malformed or hostile fo
 
 
 class Chunks:
-    """An uploaded file kept as the chunks it arrived in, joined once when first read. (Starlette's
-    SpooledTemporaryFile is a BytesIO: it copies as it grows, and again when read.) Writes append."""
+    """An uploaded file kept as the chunks it arrived in, joined once when first read or sought from its end.
+    (Starlette's SpooledTemporaryFile is a BytesIO: it copies as it grows, and again when read.) Writes append;
+    small ones are gathered into a buffer first, so a body that arrives in tiny pieces costs little more than
+    its bytes."""
 
     _rolled = False  # for UploadFile: in memory, so it calls read and seek directly instead of in a thread
+    SMALL = 1 << 16
 
     def __init__(self) -> None:
         self.chunks: list[bytes] = []
+        self.tail = bytearray()  # small writes, not yet a chunk
         self.position = 0
+        self.closed = False
 
     def write(self, data: bytes) -> int:
-        self.chunks.append(data)
+        if len(data) < self.SMALL or self.tail:
+            self.tail += data
+            if len(self.tail) >= self.SMALL:
+                self.chunks.append(bytes(self.tail))
+                self.tail.clear()
+        else:
+            self.chunks.append(data)
         return len(data)
 
     def _joined(self) -> bytes:
+        if self.closed:
+            raise ValueError("I/O operation on closed file")
+        if self.tail:
+            self.chunks.append(bytes(self.tail))
+            self.tail.clear()
         if len(self.chunks) != 1:
             self.chunks = [b"".join(self.chunks)]
         return self.chunks[0]
@@ -47,7 +63,14 @@ class Chunks:
         return out
 
     def seek(self, offset: int, whence: int = 0) -> int:
-        base = (0, self.position, len(self._joined()))[whence]
+        if whence == 0:
+            base = 0
+        elif whence == 1:
+            base = self.position
+        elif whence == 2:
+            base = len(self._joined())
+        else:
+            raise ValueError(f"invalid whence ({whence}, should be 0, 1 or 2)")
         self.position = max(0, base + offset)
         return self.position
 
@@ -55,7 +78,7 @@ class Chunks:
         return self.position
 
     def close(self) -> None:
-        self.chunks = []
+        self.chunks, self.tail, self.closed = [], bytearray(), True
 
 
 class InMemoryMultiPartParser(MultiPartParser):

@@ -67,5 +67,20 @@ def test_chunks_read_and_seek_like_a_file() -> None:
     chunks.seek(0)
     whole = chunks.read()
     assert whole == CAT and chunks.read(1) == b""
+    with pytest.raises(ValueError, match="whence"):
+        chunks.seek(0, 3)
     chunks.close()
     assert chunks.chunks == []
+    with pytest.raises(ValueError, match="closed"):
+        chunks.read()
+
+
+def test_a_body_in_tiny_pieces_is_gathered_not_kept_piece_by_piece() -> None:
+    """A client trickling its upload a few bytes per packet must not make each byte cost a Python object."""
+    chunks = Chunks()
+    for start in range(0, len(CAT), 7):
+        chunks.write(CAT[start : start + 7])
+    assert len(chunks.chunks) <= len(CAT) // Chunks.SMALL + 1
+    chunks.write(COFFEE)  # a large write after small ones keeps the order
+    chunks.seek(0)
+    assert chunks.read() == CAT + COFFEE
