@@ -92,5 +92,18 @@ def test_refusals_are_logged_once_a_second_with_the_count_left_out(
             time.sleep(0.05)
         lines = refusal_lines()
         assert refused_total(client) - before == 21
-    assert len(lines) == 2, lines
-    assert lines[1]["refusals_not_logged"] == 19  # the first line counts what earlier tests' refusals left out
+    # The first line also counts what earlier tests' refusals left out; after it, every refusal of this test is
+    # a line or counted in one. 20 quick refusals take well under a second, but a slow machine may log a third.
+    assert 2 <= len(lines) <= 4, lines
+    assert len(lines) + sum(int(line.get("refusals_not_logged", 0)) for line in lines[1:]) == 21  # type: ignore[call-overload]
+
+
+def test_the_log_throttle_writes_one_line_per_interval_and_counts_the_rest() -> None:
+    from app.middleware import LogThrottle
+
+    throttle = LogThrottle(interval_s=1.0)
+    assert throttle.admit(100.0) == 0
+    assert [throttle.admit(100.0 + i / 10) for i in range(1, 10)] == [None] * 9
+    assert throttle.admit(101.0) == 9  # the interval has passed: written, with the 9 left out
+    assert throttle.admit(101.5) is None
+    assert throttle.admit(250.0) == 1
