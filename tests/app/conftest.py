@@ -65,6 +65,16 @@ class LiveServer:
     def client(self) -> httpx.Client:
         return httpx.Client(base_url=self.url, timeout=120)
 
+    def block_inference(self, seconds: float) -> None:
+        """Occupy every thread a forward pass may run on (the inference thread and, on CPU, the lanes), as a
+        long forward pass would."""
+        runtime = self.runtime
+        executors = [runtime.inference_executor]
+        if runtime.cpu_lanes() > 1:
+            executors += runtime.lanes().executors
+        for executor in executors:
+            executor.submit(time.sleep, seconds)
+
     def metric(self, name: str, **labels: str) -> float:
         value = self.runtime.metrics.registry.get_sample_value(name, labels)
         return float(value or 0.0)

@@ -26,8 +26,7 @@ def text_server() -> Iterator[LiveServer]:
 
 
 def block_inference(server: LiveServer, seconds: float) -> None:
-    """Occupy the single inference thread, as a long forward pass would."""
-    server.runtime.inference_executor.submit(time.sleep, seconds)
+    server.block_inference(seconds)
 
 
 def post_text(client: httpx.Client, text: str, **kwargs: Any) -> httpx.Response:

@@ -108,7 +108,7 @@ def occupy(server: LiveServer, seconds: float) -> list[threading.Thread]:
     a batch (waiting for the thread), and one queued behind it."""
     batcher = server.runtime.model_for("classify-text").batcher
     assert batcher is not None
-    server.runtime.inference_executor.submit(time.sleep, seconds)
+    server.block_inference(seconds)
     time.sleep(0.05)
     fillers = []
     for _ in range(2):
@@ -184,7 +184,7 @@ def test_a_retry_after_longer_than_the_deadline_is_not_waited_for(busy: LiveServ
 
 def test_the_deadline_reaches_the_server(busy: LiveServer) -> None:
     """x-request-timeout-ms: the server gives up at the client's deadline (504), not at its own 30 s."""
-    busy.runtime.inference_executor.submit(time.sleep, 1.5)
+    busy.block_inference(1.5)
     time.sleep(0.05)
     started = time.monotonic()
     with Client(busy.url, max_retries=0) as client, pytest.raises(APIError) as caught:
