@@ -149,14 +149,12 @@ class Batcher(Generic[P, R]):
         on_oom: Callable[[], None] | None = None,
         oom_errors: tuple[type[BaseException], ...] = (MemoryError,),
         expected_batch_s: float | None = None,
-        concurrency: int | None = None,
     ) -> None:
         self._run = run
-        # Lanes: batches side by side (up to ``concurrency`` of this batcher's), each on the lowest free lane;
-        # an executor: one batch at a time.
+        # Lanes: batches side by side, each on the lowest free lane; an executor: one batch at a time.
         self._lanes: Lanes | None = executor if isinstance(executor, Lanes) else None
         self._executor: Executor | None = None if isinstance(executor, Lanes) else executor
-        self.lanes = min(len(executor), concurrency or len(executor)) if isinstance(executor, Lanes) else 1
+        self.lanes = len(executor) if isinstance(executor, Lanes) else 1
         self.max_batch_size = max_batch_size
         self.max_delay_s = max_delay_s
         self.max_batch_cost = max_batch_cost
@@ -286,9 +284,6 @@ class Batcher(Generic[P, R]):
             if self._lanes is not None and lane is not None:
                 if not batch:
                     self._lanes.release(lane)
-                    continue
-                if self.lanes == 1:  # one batch at a time, on a lane that other models' batches share
-                    await self._execute(batch, lane)
                     continue
                 running = asyncio.get_running_loop().create_task(self._execute(batch, lane))
                 self._lane_tasks.add(running)

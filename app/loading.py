@@ -257,7 +257,7 @@ def attach_batcher(runtime: Runtime, served: ServedModel) -> None:
     on_oom = torch.cuda.empty_cache if served.model.device.type == "cuda" else None
     served.batcher = Batcher(
         make_runner(task, served, runtime.core_share()),
-        runtime.lanes() if runtime.shares_lanes(served) else runtime.inference_executor,
+        runtime.lanes() if runtime.uses_lanes(served) else runtime.inference_executor,
         max_batch_size=served.max_batch_size,
         max_delay_s=served.max_delay_ms / 1000,
         max_batch_cost=served.max_batch_cost,
@@ -267,6 +267,5 @@ def attach_batcher(runtime: Runtime, served: ServedModel) -> None:
         on_oom=on_oom,
         oom_errors=(MemoryError, torch.OutOfMemoryError),
         expected_batch_s=expected_batch_s(served),
-        concurrency=None if runtime.uses_lanes(served) else 1,
     )
     served.batcher.start()

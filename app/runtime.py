@@ -92,7 +92,7 @@ class Runtime:
     def __post_init__(self) -> None:
         self.limits = self.settings.limits()
         # Off the event loop: one thread for start-up and GPU models (their forward passes never overlap);
-        # CPU models batch on lanes(), at most cpu_lanes passes at once in all.
+        # CPU models batch on lanes(), up to cpu_lanes passes side by side.
         self.inference_executor = ThreadPoolExecutor(1, thread_name_prefix="inference")
         self._cores = torch.get_num_threads()  # torch's default: the cores this process may use
         self._lanes: Lanes | None = None
@@ -109,16 +109,10 @@ class Runtime:
         wanted = AUTO_CPU_LANES if self.settings.cpu_lanes == "auto" else self.settings.cpu_lanes
         return max(1, min(wanted, self._cores))
 
-    def shares_lanes(self, served: ServedModel) -> bool:
-        """Whether ``served`` runs its batches on lanes() (side by side or one at a time): every CPU model when
-        there are lanes, so that no more CPU batches run at once than there are lanes."""
-        return served.model.device.type == "cpu" and self.cpu_lanes() > 1
-
     def uses_lanes(self, served: ServedModel) -> bool:
-        """Whether ``served`` runs batches side by side on lanes(): a CPU model, when there are lanes, and with
-        cpu_lanes=auto only if its max_batch_size=auto chose 1 (batching gains it nothing; two requests side by
-        side gain). The others run one batch at a time, on a lane."""
-        if not self.shares_lanes(served):
+        """Whether ``served`` batches on lanes(): a CPU model, when there are lanes, and with cpu_lanes=auto only
+        if its max_batch_size=auto chose 1 (batching gains it nothing; side by side, two requests gain)."""
+        if served.model.device.type != "cpu" or self.cpu_lanes() < 2:
             return False
         return self.settings.cpu_lanes != "auto" or (served.batch_size_auto and served.max_batch_size == 1)
 

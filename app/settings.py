@@ -192,8 +192,9 @@ class Settings(BaseSettings):
         "them (a batch that runs alone takes them all), at most one per core. auto: 2 for a model whose "
         "max_batch_size=auto chose 1 (batching gains it nothing, so two requests side by side use the cores "
         "better: the demo image classifier served 16% more on 2 cores, at the same latency for one client), 1 "
-        "for the others (the text classifier served 10-44% less with 2, in smaller batches), which run one batch "
-        "at a time on the same lanes. A number applies to every CPU model. GPU models always run one batch at a time.",
+        "for the others (the text classifier served 10-44% less with 2, in smaller batches), on the inference "
+        "thread, so under mixed load one batch more than there are lanes may run. A number applies to every CPU "
+        "model. GPU models always run one batch at a time.",
     )
     decode_workers: int = Field(4, ge=1, description="Threads that decode uploads off the event loop.")
     decode_processes: int = Field(

@@ -80,41 +80,6 @@ async def test_a_model_waits_for_a_free_lane_when_others_hold_them_all() -> None
         lanes.shutdown()
 
 
-@async_test
-async def test_a_one_at_a_time_model_on_shared_lanes_never_overlaps_its_own_batches() -> None:
-    """concurrency=1 (a model that batching helps, under cpu_lanes=auto): its batches take a shared lane, one at
-    a time, while a side-by-side model's batch runs on the other lane."""
-    lanes = Lanes(2, prefix="lane")
-    try:
-        running, most = 0, 0
-        lock = threading.Lock()
-
-        def counted(payloads: Sequence[object]) -> list[object]:
-            nonlocal running, most
-            with lock:
-                running += 1
-                most = max(most, running)
-            time.sleep(0.05)
-            with lock:
-                running -= 1
-            return list(payloads)
-
-        single = Batcher(counted, lanes, max_batch_size=1, max_delay_s=0.0, max_queue=10, concurrency=1)
-        assert single.lanes == 1
-        single.start()
-        assert await asyncio.gather(*(single.submit(i).future for i in range(4))) == [0, 1, 2, 3]
-        assert most == 1
-        meeting = Meeting(2)  # the other lane stays free for another model's batch while this one runs
-        side = Batcher(meeting, lanes, max_batch_size=1, max_delay_s=0.0, max_queue=10)
-        one = Batcher(meeting, lanes, max_batch_size=1, max_delay_s=0.0, max_queue=10, concurrency=1)
-        side.start(), one.start()
-        assert await asyncio.gather(side.submit("s").future, one.submit("o").future) == ["result:s", "result:o"]
-        for batcher in (single, side, one):
-            await batcher.stop()
-    finally:
-        lanes.shutdown()
-
-
 def test_the_cores_are_split_between_the_batches_running() -> None:
     share = CoreShare(4, lambda: 0.0)
     with share.lane() as alone:
@@ -168,8 +133,6 @@ def test_which_models_batch_side_by_side(setting: str | int, budget_ms: float, b
             assert set(chosen.values()) == {1}, chosen
         for model in served:
             assert model.batcher is not None
-            shared = server.runtime.cpu_lanes() > 1  # then every CPU model runs on the shared lanes
-            assert (model.batcher._lanes is not None) == shared
             by_choice = lanes if model.max_batch_size == 1 and batch_size == "auto" else 1
             expected = by_choice if setting == "auto" else min(int(setting), lanes)
             assert model.batcher.lanes == expected, (model.name, chosen)
