@@ -101,11 +101,9 @@ class AdmissionMiddleware:
 
 def admit(served: ServedModel, deadline: float) -> None:
     """429 (Overloaded) if ``served`` could not finish a request with this deadline."""
-    if served.batcher is not None:
-        try:
-            served.batcher.admit(deadline)
-        except QueueFull as exc:
-            raise overloaded(served, exc) from exc
+    refusal = _refusal(served, deadline)
+    if refusal is not None:
+        raise refusal
 
 
 def overloaded(served: ServedModel, exc: QueueFull) -> Overloaded:

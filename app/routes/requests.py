@@ -27,7 +27,7 @@ class Chunks:
     its bytes."""
 
     _rolled = False  # for UploadFile: in memory, so it calls read and seek directly instead of in a thread
-    SMALL = 1 << 16
+    SMALL = 4096  # writes shorter than this are gathered; network-sized chunks are kept as they came
 
     def __init__(self) -> None:
         self.chunks: list[bytes] = []
@@ -36,21 +36,24 @@ class Chunks:
         self.closed = False
 
     def write(self, data: bytes) -> int:
-        if len(data) < self.SMALL or self.tail:
+        if len(data) >= self.SMALL:
+            self._flush()
+            self.chunks.append(data)
+        else:
             self.tail += data
             if len(self.tail) >= self.SMALL:
-                self.chunks.append(bytes(self.tail))
-                self.tail.clear()
-        else:
-            self.chunks.append(data)
+                self._flush()
         return len(data)
+
+    def _flush(self) -> None:
+        if self.tail:
+            self.chunks.append(bytes(self.tail))
+            self.tail.clear()
 
     def _joined(self) -> bytes:
         if self.closed:
             raise ValueError("I/O operation on closed file")
-        if self.tail:
-            self.chunks.append(bytes(self.tail))
-            self.tail.clear()
+        self._flush()
         if len(self.chunks) != 1:
             self.chunks = [b"".join(self.chunks)]
         return self.chunks[0]
