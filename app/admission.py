@@ -9,6 +9,7 @@ key check (a caller without a key gets its 401 first) and outside everything Fas
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 
@@ -31,6 +32,34 @@ def timeout_s(header: bytes | str | None, server_timeout_s: float) -> float:
     return server_timeout_s
 
 
+REFUSAL_PACE_PER_S = 100  # refusals a second the door answers at once; past that, each waits REFUSAL_PAUSE_S
+REFUSAL_PAUSE_S = 0.25
+
+
+class RefusalPacer:
+    """How long the door holds a 429 before sending it: nothing while refusals are few; REFUSAL_PAUSE_S once
+    more than REFUSAL_PACE_PER_S came in the last second.
+
+    A client that ignores Retry-After and retries at once would otherwise turn each refusal into the next
+    request within a millisecond: 32 such clients kept the event loop refusing full time, and the model
+    waited for the GIL. Held for a pause (a sleeping coroutine, no CPU), each connection can be refused at
+    most 1 / REFUSAL_PAUSE_S times a second. A client that honours Retry-After (a second or more) loses
+    nothing to the pause."""
+
+    def __init__(self, per_s: int | None = None, pause_s: float | None = None) -> None:
+        self.per_s, self.pause_s = per_s, pause_s  # None: the module's values, read at each refusal
+        self.window_start, self.count = 0.0, 0
+
+    def pause(self, now: float) -> float:
+        if now - self.window_start >= 1.0:
+            self.window_start, self.count = now, 0
+        self.count += 1
+        per_s = REFUSAL_PACE_PER_S if self.per_s is None else self.per_s
+        if self.count <= per_s:
+            return 0.0
+        return REFUSAL_PAUSE_S if self.pause_s is None else self.pause_s
+
+
 class AdmissionMiddleware:
     """429 before the body is parsed, where that is sound: every model of the task would refuse (whichever
     variant the body names), or the model the request will get is known and would refuse (the query names
@@ -40,6 +69,7 @@ class AdmissionMiddleware:
     def __init__(self, app: ASGIApp, runtime: Runtime) -> None:
         self.app = app
         self.runtime = runtime
+        self.pacer = RefusalPacer()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         runtime = self.runtime
@@ -54,6 +84,10 @@ class AdmissionMiddleware:
             await reject(runtime, exc, scope["path"], scope.get("state", {}).get("model", ""))(scope, receive, send)
             return
         if refusal is not None:
+            scope["state"]["reason"] = refusal.reason
+            pause = self.pacer.pause(time.monotonic())
+            if pause:
+                await asyncio.sleep(pause)
             await reject(runtime, refusal, scope["path"], scope["state"]["model"])(scope, receive, send)
             return
         if not messages:
@@ -72,6 +106,7 @@ class AdmissionMiddleware:
             return None
         header = next((v for k, v in scope["headers"] if k == b"x-request-timeout-ms"), None)
         deadline = time.monotonic() + timeout_s(header, runtime.settings.request_timeout_s)
+        scope.setdefault("state", {})["deadline"] = deadline  # the route's too: one deadline per request
         refusals: dict[str, Overloaded] = {}
         for served in variants.values():
             refusal = _refusal(served, deadline)
@@ -107,7 +142,11 @@ def admit(served: ServedModel, deadline: float) -> None:
 
 
 def overloaded(served: ServedModel, exc: QueueFull) -> Overloaded:
-    return Overloaded(f"{served.name} is overloaded: {exc}", {"Retry-After": str(math.ceil(exc.retry_after_s))})
+    """The 429 for a batcher's refusal, labelled with its reason (queue full, or the deadline out of reach);
+    Retry-After is the batcher's estimate of when the request would be admitted."""
+    reason = "would_miss_deadline" if exc.reason == "deadline" else "queue_full"
+    headers = {"Retry-After": str(math.ceil(exc.retry_after_s))}
+    return Overloaded(f"{served.name} is overloaded: {exc}", headers, reason)
 
 
 def _refusal(served: ServedModel, deadline: float) -> Overloaded | None:

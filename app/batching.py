@@ -8,6 +8,10 @@ forward passes scale better side by side on a core each than one at a time on al
 at a time). Cancelled or expired requests are dropped
 when a batch is formed, before they reach the model. A batch that runs out of memory is split in halves
 and retried; any other exception fails that batch's requests only.
+
+Admission is by time (``admit``): from ``ServiceTime``, robust estimates of the seconds per unit of work
+that correct themselves from every batch. An idle model admits every request: nothing it has measured can
+then make it refuse, so no noisy timing can lock a model out.
 """
 
 from __future__ import annotations
@@ -15,42 +19,138 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import threading
+import statistics
 import time
 from collections import deque
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import Generic, Protocol, TypeVar
+from dataclasses import dataclass
+from typing import Any, Generic, Protocol, TypeVar
 
 P = TypeVar("P")
 R = TypeVar("R")
 log = logging.getLogger("perceiver.batching")
-EWMA_WEIGHT = 0.2  # of the newest batch in the service-time estimates
 ADMISSION_MARGIN = 1.2  # forward times vary: admit only what the estimate finishes with 20% to spare
-
-
-_running = threading.local()  # the tickets of the batch running on this executor thread, by payload id
-
-
-def still_wanted(payloads: Sequence[object]) -> list[bool]:
-    """For each payload of the batch running on this thread: does a client still wait for it (not cancelled,
-    deadline not passed)? Forward passes made of several chunks check between chunks and skip the work of
-    requests that have ended. True for payloads run outside a batcher."""
-    tickets: dict[int, Ticket[object, object]] = getattr(_running, "tickets", {})
-    now = time.monotonic()
-    return [
-        (t := tickets.get(id(p))) is None or (not t.cancelled and (t.deadline is None or now < t.deadline))
-        for p in payloads
-    ]
+Clock = Callable[[], float]
 
 
 class QueueFull(Exception):
-    """The bounded queue is full, or the request would wait past its deadline; retry after ``retry_after_s``."""
+    """The request is refused: the bounded queue is full or its wait is over the target (reason
+    ``queue_full``), or it could not finish before its deadline (``deadline``); retry after ``retry_after_s``."""
 
-    def __init__(self, message: str, retry_after_s: float) -> None:
+    def __init__(self, message: str, retry_after_s: float, reason: str = "queue_full") -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
+        self.reason = reason
+
+
+def size_class(units: float) -> int:
+    """The power of two at or below ``units`` (at least 1): batches of similar size share an estimate."""
+    return 1 << max(0, int(units).bit_length() - 1)
+
+
+class ServiceTime:
+    """Seconds per unit of work (an image, a text window, a flow window, a clip), by batch size class.
+
+    Each class keeps the per-unit times of its last ``window`` batches and answers their median, so that
+    no single outlier (a 10,000-mask request, a pass slowed by another process) can make an estimate stick.
+    A class starts from the warm-up figure, counted ``seed_weight`` times: two outliers in a row cannot move
+    the median, and a real change of speed moves it within a few batches. While the model is idle, every
+    class decays toward its warm-up figure (half of the gap per ``half_life_s``): what was learned under
+    load says less and less about the next request.
+    """
+
+    def __init__(
+        self,
+        warm: dict[int, float] | None = None,  # size class → per-unit seconds measured at warm-up
+        *,
+        window: int = 9,
+        seed_weight: int = 3,
+        half_life_s: float = 30.0,
+    ) -> None:
+        self.warm = {size_class(k): v for k, v in (warm or {}).items()}
+        self.window, self.half_life_s = window, half_life_s
+        self.samples: dict[int, deque[float]] = {
+            k: deque([v] * seed_weight, maxlen=window) for k, v in self.warm.items()
+        }
+
+    @property
+    def known(self) -> bool:
+        return bool(self.samples)
+
+    def observe(self, units: int, seconds: float) -> None:
+        """A batch of ``units`` ran in ``seconds``."""
+        if units <= 0 or seconds < 0:
+            return
+        klass = size_class(units)
+        self.samples.setdefault(klass, deque(maxlen=self.window)).append(seconds / units)
+
+    def per_unit(self, units: float) -> float | None:
+        """Seconds per unit in a batch of about ``units``: its class's median, else the nearest smaller class
+        known (per-unit times fall as batches grow: an overestimate), else the nearest larger one."""
+        samples = self._class_samples(units)
+        return None if samples is None else statistics.median(samples)
+
+    def floor_s(self, units: float) -> float:
+        """The least a batch of ``units`` is likely to take: its class's fastest recent per-unit time."""
+        samples = self._class_samples(units)
+        return 0.0 if samples is None else min(samples) * max(units, 1.0)
+
+    def _class_samples(self, units: float) -> deque[float] | None:
+        if not self.samples:
+            return None
+        klass = size_class(units)
+        below = [k for k in self.samples if k <= klass]
+        return self.samples[max(below) if below else min(self.samples)]
+
+    def batch_s(self, units: float) -> float:
+        """Seconds a batch of ``units`` is expected to run (0 when nothing is known yet)."""
+        per_unit = self.per_unit(units)
+        return 0.0 if per_unit is None else per_unit * max(units, 1.0)
+
+    def decay(self, idle_s: float) -> None:
+        """The model was idle for ``idle_s``: move every class toward its warm-up figure."""
+        if idle_s <= 0 or not self.warm:
+            return
+        keep = 0.5 ** (idle_s / self.half_life_s)
+        for klass, warm in self.warm.items():
+            samples = self.samples[klass]
+            samples.extend([warm + (x - warm) * keep for x in samples])  # maxlen: replaces them all
+
+    def summary(self) -> dict[str, float]:
+        """Per-unit milliseconds by size class, as admission uses them now (for /v1/models)."""
+        return {str(k): round(statistics.median(v) * 1000, 3) for k, v in sorted(self.samples.items())}
+
+
+class Batch:
+    """A batch as its forward pass sees it while it runs: which of its requests still wait for an answer.
+
+    Forward passes made of several passes (long texts, flow windows, video clips) and answers that take long
+    to build check between steps and skip the work of requests that have ended (deadline passed, client
+    gone): their answer would be thrown away. ``Batch()`` (warm-up, benchmarks) has every request wanted.
+    """
+
+    def __init__(self, tickets: Sequence[Ticket[Any, Any]] = (), clock: Clock = time.monotonic) -> None:
+        self.tickets, self._clock = tickets, clock
+
+    def ended(self, index: int) -> bool:
+        """Whether request ``index`` of the batch has ended (False outside a batcher)."""
+        if index >= len(self.tickets):
+            return False
+        ticket = self.tickets[index]
+        return ticket.cancelled or (ticket.deadline is not None and self._clock() >= ticket.deadline)
+
+    def passes(self, owners: Sequence[int], per_pass: int) -> Iterator[list[int]]:
+        """Indices of ``owners`` (the request of each unit of work), ``per_pass`` at a time, in order; before
+        each pass, the units of requests that have ended are left out (a pass left empty is skipped)."""
+        for first in range(0, len(owners), per_pass):
+            ended = {i for i in set(owners[first : first + per_pass]) if self.ended(i)}
+            chunk = [j for j in range(first, min(first + per_pass, len(owners))) if owners[j] not in ended]
+            if chunk:
+                yield chunk
+
+
+EVERY = Batch()  # outside a batcher: every request is wanted
 
 
 class Expired(Exception):
@@ -77,7 +177,8 @@ class Ticket(Generic[P, R]):
     bucket: Hashable
     deadline: float | None
     future: asyncio.Future[R]
-    enqueued_at: float = field(default_factory=time.monotonic)
+    enqueued_at: float
+    units: int = 1  # forward-pass items: what admission's time estimates count
     queue_s: float = 0.0
     inference_s: float = 0.0
     batch_size: int = 0
@@ -137,7 +238,7 @@ class Lanes:
 class Batcher(Generic[P, R]):
     def __init__(
         self,
-        run: Callable[[Sequence[P]], Sequence[R]],
+        run: Callable[[Sequence[P], Batch], Sequence[R]],
         executor: Executor | Lanes,
         *,
         max_batch_size: int,
@@ -148,7 +249,8 @@ class Batcher(Generic[P, R]):
         observer: Observer | None = None,
         on_oom: Callable[[], None] | None = None,
         oom_errors: tuple[type[BaseException], ...] = (MemoryError,),
-        expected_batch_s: float | None = None,
+        service_time: ServiceTime | None = None,
+        clock: Clock = time.monotonic,
     ) -> None:
         self._run = run
         # Lanes: batches side by side, each on the lowest free lane; an executor: one batch at a time.
@@ -163,24 +265,27 @@ class Batcher(Generic[P, R]):
         self._observer = observer
         self._on_oom = on_oom
         self._oom_errors = oom_errors  # by type: an error that merely mentions memory is not an OOM
+        self._clock = clock
         self._queue: deque[Ticket[P, R]] = deque()
+        self._queued_units = 0
         self._arrival = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._lane_tasks: set[asyncio.Task[None]] = set()
-        # Service-time estimates (exponentially weighted over recent batches), for admission by time.
-        self._batch_s = expected_batch_s  # one batch's run time, at the sizes recently run (warm-up: full)
-        self._batch_items = float(max_batch_size) if expected_batch_s is not None else 1.0  # requests per batch
-        self._running: dict[int, float] = {}  # batches running: id → start (monotonic)
+        self.service_time = service_time or ServiceTime()  # for admission by time
+        self._running: dict[int, tuple[float, float]] = {}  # batches running: id → (start, expected seconds)
+        self._idle_since: float | None = clock()
 
     # ------------------------------------------------------------------ client side
     def submit(
-        self, payload: P, *, cost: int = 1, bucket: Hashable = None, deadline: float | None = None
+        self, payload: P, *, cost: int = 1, bucket: Hashable = None, deadline: float | None = None, units: int = 1
     ) -> Ticket[P, R]:
         """Queue one request (raises QueueFull); await ``ticket.future`` for its result."""
         self.admit(deadline)
+        self._wake()
         future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
-        ticket: Ticket[P, R] = Ticket(payload, cost, bucket, deadline, future)
+        ticket: Ticket[P, R] = Ticket(payload, cost, bucket, deadline, future, self._clock(), max(1, units))
         self._queue.append(ticket)
+        self._queued_units += ticket.units
         self._arrival.set()
         self._report_depth()
         return ticket
@@ -188,18 +293,24 @@ class Batcher(Generic[P, R]):
     def admit(self, deadline: float | None) -> None:
         """Refuse at the door (QueueFull) a request that the queue cannot hold or could not finish in time.
 
-        Admission is by time as well as by count: a request whose estimated wait plus its own forward pass
-        exceeds its remaining deadline would only expire in the queue (a 504 after using a slot), so it
-        gets a 429 at once with an honest Retry-After: when the queue ahead will have drained enough. A
-        queue-delay target (``max_queue_delay_s``, as CoDel keeps a target for the standing queue) keeps
-        the queue short even when deadlines are long: a standing queue adds latency and no throughput.
+        An idle model (nothing queued, and a lane free) admits every request: it would start at once, so
+        the worst that can happen is its own 504, and no estimate, however wrong, can refuse it.
+
+        Otherwise admission is by time as well as by count: a request whose estimated wait plus its own
+        forward pass exceeds its remaining deadline would only expire in the queue (a 504 after using a
+        slot), so it gets a 429 at once with an honest Retry-After: when the queue ahead will have drained
+        enough. A queue-delay target (``max_queue_delay_s``, as CoDel keeps a target for the standing
+        queue) keeps the queue short even when deadlines are long: a standing queue adds latency and no
+        throughput.
         """
+        if not self._queue and self._busy_lanes() < self.lanes:
+            return
         if len(self._queue) >= self.max_queue:
             raise QueueFull(
                 f"queue holds {len(self._queue)} requests (max_queue_size {self.max_queue})",
                 max(1.0, self.estimated_wait_s()),
             )
-        if self._batch_s is None:
+        if not self.service_time.known:
             return
         wait = self.estimated_wait_s()
         if self.max_queue_delay_s is not None and wait > self.max_queue_delay_s:
@@ -209,12 +320,13 @@ class Batcher(Generic[P, R]):
             )
         if deadline is None:
             return
-        finish = (wait + self._batch_s) * ADMISSION_MARGIN
-        budget = deadline - time.monotonic()
+        finish = (wait + self.service_time.batch_s(1)) * ADMISSION_MARGIN
+        budget = deadline - self._clock()
         if finish > budget:
             raise QueueFull(
                 f"estimated wait {finish:.2f} s exceeds the request's remaining deadline {max(budget, 0):.2f} s",
                 max(1.0, finish - budget),
+                reason="deadline",
             )
 
     @property
@@ -225,18 +337,28 @@ class Batcher(Generic[P, R]):
     def idle(self) -> bool:
         return not self._queue and not self._running
 
+    def _busy_lanes(self) -> int:
+        return self._lanes.running if self._lanes is not None else len(self._running)
+
     def estimated_wait_s(self) -> float:
         """Seconds before a request queued now starts: until a lane is free (the soonest running batch's
-        rest, when every lane is busy), then the batches ahead, shared between the lanes."""
-        if self._batch_s is None:
-            return 0.0
+        rest, when every lane is busy), then the work queued ahead, shared between the lanes. The queue's
+        units run in batches of up to max_batch_size, at those batches' per-unit time."""
         rest = 0.0
-        busy = self._lanes.running if self._lanes is not None else len(self._running)
-        if busy >= self.lanes and self._running:
-            now = time.monotonic()
-            rest = max(0.0, min(self._batch_s - (now - started) for started in self._running.values()))
-        per_batch = max(1.0, min(self._batch_items, float(self.max_batch_size)))
-        return rest + len(self._queue) / per_batch * self._batch_s / self.lanes
+        if self._busy_lanes() >= self.lanes and self._running:
+            now = self._clock()
+            rest = max(0.0, min(expected - (now - started) for started, expected in self._running.values()))
+        queued = self._queued_units
+        if not queued:
+            return rest
+        per_unit = self.service_time.per_unit(min(queued, self.max_batch_size)) or 0.0
+        return rest + queued * per_unit / self.lanes
+
+    def _wake(self) -> None:
+        """Leaving idleness: what was measured under load decays toward warm-up for the time spent idle."""
+        if self._idle_since is not None:
+            self.service_time.decay(self._clock() - self._idle_since)
+            self._idle_since = None
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -254,6 +376,7 @@ class Batcher(Generic[P, R]):
             ticket = self._queue.popleft()
             if not ticket.future.done():
                 ticket.future.set_exception(Cancelled("server shutting down"))
+        self._queued_units = 0
 
     # ------------------------------------------------------------------ worker side
     async def _loop(self) -> None:
@@ -271,7 +394,7 @@ class Batcher(Generic[P, R]):
             oldest = self._queue[0]
             # Wait for company until the batch is full or the oldest request's delay bound is reached.
             while not self._full(oldest.bucket):
-                remaining = oldest.enqueued_at + self.max_delay_s - time.monotonic()
+                remaining = oldest.enqueued_at + self.max_delay_s - self._clock()
                 if remaining <= 0 or oldest.cancelled:
                     break
                 self._arrival.clear()
@@ -284,12 +407,15 @@ class Batcher(Generic[P, R]):
             if self._lanes is not None and lane is not None:
                 if not batch:
                     self._lanes.release(lane)
+                    self._maybe_idle()
                     continue
                 running = asyncio.get_running_loop().create_task(self._execute(batch, lane))
                 self._lane_tasks.add(running)
                 running.add_done_callback(self._lane_tasks.discard)
             elif batch:
                 await self._execute(batch)
+            else:
+                self._maybe_idle()
 
     def _full(self, bucket: Hashable) -> bool:
         size = cost = 0
@@ -305,24 +431,30 @@ class Batcher(Generic[P, R]):
     def _take(self, bucket: Hashable) -> list[Ticket[P, R]]:
         """FIFO tickets of ``bucket`` that fit the size and cost caps; drops dead ones on the way.
 
-        A request that can no longer finish before its deadline (now plus the estimated batch time) is
-        dropped here, before it takes a place in the batch: its answer would only be thrown away.
+        A request that can no longer finish before its deadline, even at the fastest per-unit time recently
+        measured, is dropped here while other requests wait for the slot: its answer would only be thrown
+        away. Alone in the queue it runs: it costs no one anything, and an estimate, however wrong, never
+        keeps an idle model from running (and so from measuring itself again).
 
         First in, first out, also under overload. Admission by time (``admit``) keeps only the work that
         can finish within its deadline in the queue, so FIFO serves every admitted request in time.
         Serving newest first (adaptive LIFO) was measured here and starved admitted requests into 504s.
         """
-        now = time.monotonic()
-        finish = now + (self._batch_s or 0.0)
+        now = self._clock()
         batch: list[Ticket[P, R]] = []
         cost = 0
         keep: deque[Ticket[P, R]] = deque()
-        while self._queue:
-            ticket = self._queue.popleft()
+        for ticket in list(self._queue):
             if ticket.cancelled or ticket.future.done():
                 self._drop(ticket, Cancelled("request cancelled before inference"))
-                continue
-            if ticket.deadline is not None and finish >= ticket.deadline:
+            elif ticket.deadline is not None and now >= ticket.deadline:
+                self._drop(ticket, Expired("the request's deadline passed while it was queued"))
+        self._queue = deque(t for t in self._queue if not t.future.done())
+        contended = len(self._queue) > 1
+        while self._queue:
+            ticket = self._queue.popleft()
+            hopeless = ticket.deadline is not None and now + self.service_time.floor_s(ticket.units) >= ticket.deadline
+            if contended and hopeless:
                 self._drop(ticket, Expired("the request could not finish before its deadline"))
                 continue
             fits = len(batch) < self.max_batch_size and (
@@ -334,6 +466,7 @@ class Batcher(Generic[P, R]):
             else:
                 keep.append(ticket)
         self._queue = keep
+        self._queued_units = sum(t.units for t in keep)
         return batch
 
     def _drop(self, ticket: Ticket[P, R], exc: Exception) -> None:
@@ -341,12 +474,19 @@ class Batcher(Generic[P, R]):
         if not ticket.future.done():
             ticket.future.set_exception(exc)
 
+    def _maybe_idle(self) -> None:
+        if self.idle and self._idle_since is None:
+            self._idle_since = self._clock()
+
     async def _execute(self, batch: list[Ticket[P, R]], lane: int | None = None) -> None:
         key = id(batch)
-        self._running[key] = time.monotonic()
+        units = sum(t.units for t in batch)
+        self._running[key] = (self._clock(), self.service_time.batch_s(units))
         executor = self._lanes.executors[lane] if self._lanes is not None and lane is not None else self._executor
         try:
-            ran, results, elapsed = await asyncio.get_running_loop().run_in_executor(executor, self._run_live, batch)
+            ran, results, elapsed, whole = await asyncio.get_running_loop().run_in_executor(
+                executor, self._run_live, batch
+            )
         except Exception as exc:
             log.exception("batch of %d failed", len(batch))
             error = BatchError(str(exc))
@@ -359,8 +499,9 @@ class Batcher(Generic[P, R]):
             del self._running[key]
             if self._lanes is not None and lane is not None:
                 self._lanes.release(lane)
-        if ran:
-            self._observe(len(ran), elapsed)
+            self._maybe_idle()
+        if ran and whole:  # a batch cut short by its requests' ending says nothing of the time a whole one takes
+            self.service_time.observe(sum(t.units for t in ran), elapsed)
         for ticket in batch:
             if ticket not in ran:
                 if ticket.cancelled:
@@ -377,23 +518,23 @@ class Batcher(Generic[P, R]):
             if not ticket.future.done():
                 ticket.future.set_result(result)
 
-    def _run_live(self, batch: list[Ticket[P, R]]) -> tuple[list[Ticket[P, R]], list[R], float]:
-        """On the executor thread: skip tickets cancelled or expired while the batch waited for the device."""
-        started = time.monotonic()
+    def _run_live(self, batch: list[Ticket[P, R]]) -> tuple[list[Ticket[P, R]], list[R], float, bool]:
+        """On the executor thread: skip tickets cancelled or expired while the batch waited for the device.
+        Also says whether every request it ran was still wanted when it ended (its time is a whole batch's)."""
+        started = self._clock()
         live = [t for t in batch if not t.cancelled and (t.deadline is None or started < t.deadline)]
         for ticket in live:
             ticket.queue_s = started - ticket.enqueued_at
-        _running.tickets = {id(t.payload): t for t in live}
-        try:
-            results = self._run_split([t.payload for t in live]) if live else []
-        finally:
-            _running.tickets = {}
-        return live, results, time.monotonic() - started
+        context = Batch(live, self._clock)
+        results = self._run_split([t.payload for t in live], context) if live else []
+        ended = self._clock()
+        whole = not any(context.ended(i) for i in range(len(live)))
+        return live, results, ended - started, whole
 
-    def _run_split(self, payloads: Sequence[P]) -> list[R]:
+    def _run_split(self, payloads: Sequence[P], context: Batch) -> list[R]:
         """Run a batch; on out-of-memory, free the cache and run each half (down to single requests)."""
         try:
-            results = list(self._run(payloads))
+            results = list(self._run(payloads, context))
         except Exception as exc:
             if not isinstance(exc, self._oom_errors) or len(payloads) == 1:
                 raise
@@ -401,18 +542,12 @@ class Batcher(Generic[P, R]):
             if self._on_oom is not None:
                 self._on_oom()
             half = len(payloads) // 2
-            return self._run_split(payloads[:half]) + self._run_split(payloads[half:])
+            tickets = context.tickets
+            first = self._run_split(payloads[:half], Batch(tickets[:half], self._clock))
+            return first + self._run_split(payloads[half:], Batch(tickets[half:], self._clock))
         if len(results) != len(payloads):
             raise RuntimeError(f"batch function returned {len(results)} results for {len(payloads)} requests")
         return results
-
-    def _observe(self, size: int, elapsed: float) -> None:
-        """Fold one batch's size and run time into the estimates (recent batches weigh most)."""
-        if self._batch_s is None:
-            self._batch_s, self._batch_items = elapsed, float(size)
-            return
-        self._batch_s += EWMA_WEIGHT * (elapsed - self._batch_s)
-        self._batch_items += EWMA_WEIGHT * (size - self._batch_items)
 
     def _report_depth(self) -> None:
         if self._observer is not None:

@@ -13,8 +13,9 @@ from typing import ClassVar
 class ServiceError(Exception):
     status: ClassVar[int] = 500
     type: ClassVar[str] = "internal_error"
-    # Label of perceiver_rejections_total; None: a failure of ours, counted only by status.
-    reason: ClassVar[str | None] = None
+    # Label of perceiver_rejections_total; None: a failure of ours, counted only by status. A kind's own, but
+    # an instance may say more precisely why (Overloaded: the queue, or the deadline).
+    reason: str | None = None
 
     def __init__(self, message: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
@@ -60,7 +61,15 @@ class InvalidInput(ServiceError):
 
 
 class Overloaded(ServiceError):
+    """Refused for load: the queue is full or its estimated wait is over the target (reason queue_full), or
+    the estimated wait and pass would end after the request's deadline (would_miss_deadline: a 429 now, not a
+    504 later)."""
+
     status, type, reason = 429, "overloaded", "queue_full"
+
+    def __init__(self, message: str, headers: dict[str, str] | None = None, reason: str = "queue_full") -> None:
+        super().__init__(message, headers)
+        self.reason = reason
 
 
 class ClientClosedRequest(ServiceError):

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import gc
+import itertools
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -13,7 +15,7 @@ import torch
 import perceiver_core
 from perceiver_core.graphs import enable_cuda_graphs
 
-from .batching import Batcher
+from .batching import EVERY, Batch, Batcher, ServiceTime
 from .cores import CoreShare
 from .runtime import Runtime, ServedModel
 from .settings import Settings
@@ -30,7 +32,7 @@ class ModelLoadError(RuntimeError):
 
 
 AUTO_MAX_BATCH_SIZE = 64  # largest size max_batch_size=auto tries
-AUTO_UNMEASURED_BATCH_SIZE = 16  # max_batch_size=auto with warm-up off: nothing was measured
+AUTO_UNMEASURED_BATCH_SIZE = 16  # max_batch_size=auto with warm-up off (nothing measured), or no reliable timing
 AUTO_MIN_GAIN = 0.05  # a larger batch must cut the per-item time by this share to be worth its latency
 AUTO_TIMED_RUNS = 3  # per size, after one untimed run; the fastest counts (noise only ever adds time)
 # ...unless the timed runs already took this long: a forward pass of seconds is measured well enough by one
@@ -40,6 +42,12 @@ AUTO_TIMING_BUDGET_S = 0.3
 # passes would add as much again to start-up for a few percent of accuracy (an overestimate, so admission
 # errs on the safe side until the batcher has timed real batches, and a larger batch must win by more).
 AUTO_SLOW_FIRST_RUN_S = 0.25
+# Plausibility: doubling a batch cannot make its pass faster (beyond this share), nor cost more than twice as
+# much (beyond this factor). A pair that breaks either is measured again, up to AUTO_REMEASURES times; if it
+# still does, the measurements cannot decide and the choice falls back to AUTO_UNMEASURED_BATCH_SIZE.
+AUTO_FASTER_TOLERANCE = 0.10
+AUTO_COSTLIER_FACTOR = 2.5
+AUTO_REMEASURES = 2
 
 
 def _batch_sizes(limit: int) -> list[int]:
@@ -133,75 +141,163 @@ def make_runner(task: AnyTask, served: ServedModel, cores: CoreShare | None = No
     threads otherwise spin against the decode threads and against the other batches running."""
     if cores is None or served.model.device.type != "cpu":
 
-        def run(payloads: Sequence[Any]) -> list[Any]:
+        def run(payloads: Sequence[Any], batch: Batch = EVERY) -> list[Any]:
             with torch.inference_mode():
-                return task.predict(served.model, payloads)
+                return task.predict(served.model, payloads, batch)
 
         return run
 
     share = cores
 
-    def run_shared(payloads: Sequence[Any]) -> list[Any]:
+    def run_shared(payloads: Sequence[Any], batch: Batch = EVERY) -> list[Any]:
         with share.lane() as threads:
             if threads != torch.get_num_threads():
                 torch.set_num_threads(threads)  # this thread's intra-op threads (per thread under OpenMP)
             with torch.inference_mode():
-                return task.predict(served.model, payloads)
+                return task.predict(served.model, payloads, batch)
 
     return run_shared
 
 
 def _timed(run: Any, payloads: list[Any], device: torch.device) -> float:
+    """Seconds ``run(payloads)`` takes. On the CPU: this thread's CPU time (the search runs torch on this
+    thread alone), which another process taking the cores does not inflate; on CUDA: wall time."""
     if device.type == "cuda":
         torch.cuda.synchronize()
-    started = time.perf_counter()
+        started = time.perf_counter()
+        run(payloads)
+        torch.cuda.synchronize()
+        return time.perf_counter() - started
+    started = time.thread_time()
     run(payloads)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - started
+    return time.thread_time() - started
 
 
-def _fastest(run: Any, payloads: list[Any], device: torch.device) -> float:
-    times: list[float] = []
-    while len(times) < AUTO_TIMED_RUNS and sum(times) < AUTO_TIMING_BUDGET_S:
-        times.append(_timed(run, payloads, device))
-    return min(times)
+@dataclass
+class BatchSizeChoice:
+    size: int
+    per_item_s: dict[int, float]  # size → fastest measured forward time per item
+    reliable: bool  # False: the timings contradicted each other even when measured again
+    remeasured: list[int]  # sizes measured again because they were implausible against a neighbour
+
+
+def decide_batch_size(
+    measure: Callable[[int, bool], float], limit: int, budget_s: float, fallback: int = AUTO_UNMEASURED_BATCH_SIZE
+) -> BatchSizeChoice:
+    """The largest power of two up to ``limit`` whose per-item time still improves by AUTO_MIN_GAIN and whose
+    forward pass fits ``budget_s``. ``measure(size, again)`` gives one size's forward seconds (its fastest of
+    a few runs; ``again``: a re-measurement).
+
+    A decision taken from measurements must survive a noisy one: times that contradict their neighbours (a
+    larger batch faster in total, or more than AUTO_COSTLIER_FACTOR times as costly for twice the items) are
+    measured again; a contradiction that remains falls back to ``fallback``, within the budget as measured.
+    """
+    seconds: dict[int, float] = {}
+    remeasured: list[int] = []
+
+    def timed(size: int) -> float:
+        seconds[size] = min(seconds.get(size, float("inf")), measure(size, size in seconds))
+        return seconds[size]
+
+    def implausible(small: int, large: int) -> bool:
+        a, b = seconds[small], seconds[large]
+        return b < a * (1 - AUTO_FASTER_TOLERANCE) or b > a * (large / small) * AUTO_COSTLIER_FACTOR / 2
+
+    def search() -> int:
+        best, best_item = 1, float("inf")
+        for size in _batch_sizes(limit):
+            elapsed = seconds[size] if size in seconds else timed(size)
+            per_item = elapsed / size
+            if elapsed > budget_s or per_item > best_item * (1 - AUTO_MIN_GAIN):
+                break
+            best, best_item = size, per_item
+            if 2 * elapsed * (1 - AUTO_MIN_GAIN) > budget_s:
+                break  # twice the batch could only fit the budget by gaining far more than AUTO_MIN_GAIN per item
+        return best
+
+    def contradictions() -> list[tuple[int, int]]:
+        return [(a, b) for a, b in itertools.pairwise(sorted(seconds)) if implausible(a, b)]
+
+    best = search()
+    for _ in range(AUTO_REMEASURES):
+        pairs = contradictions()
+        if not pairs:
+            break
+        for size in sorted({s for pair in pairs for s in pair}):
+            remeasured.append(size)
+            timed(size)
+        best = search()
+    reliable = not contradictions()
+    if not reliable:
+
+        def fits(size: int) -> bool:  # unmeasured sizes: the largest measured below, at its per-item time
+            if size in seconds:
+                return seconds[size] <= budget_s
+            below = max(s for s in seconds if s < size)
+            return seconds[below] * size / below <= budget_s
+
+        best = max((s for s in _batch_sizes(min(fallback, limit)) if fits(s)), default=1)
+    return BatchSizeChoice(best, {s: t / s for s, t in seconds.items()}, reliable, remeasured)
 
 
 def choose_batch_size(task: AnyTask, served: ServedModel, budget_ms: float) -> None:
-    """max_batch_size=auto: the largest power of two whose per-item time still improves (by AUTO_MIN_GAIN)
-    and whose forward pass stays within the latency budget, measured on this model and this machine.
-
-    Measured on the task's first warm-up payload (the smallest shape bucket). Runs on the inference thread.
-    """
+    """max_batch_size=auto: ``decide_batch_size`` on this model and this machine, measured on the task's first
+    warm-up payload (the smallest shape bucket). Runs on the inference thread. On the CPU the search runs
+    torch on one thread and counts that thread's CPU time: per-item times compare the same way, and a busy
+    machine (another process on the cores) does not change them, where wall-clock times on every core swung
+    by 100x and flipped the choice between 1 and 16 from one start to the next."""
     if not served.batch_size_auto:
         return
     started = time.monotonic()
     run = make_runner(task, served)
     payload = task.warmup_payloads(served.model.config)[0]
     device = served.model.device
-    best, best_item = 1, float("inf")
+
+    def measure(size: int, again: bool) -> float:
+        batch = [payload] * size
+        if again:
+            return min(_timed(run, batch, device) for _ in range(AUTO_TIMED_RUNS))
+        seconds = _timed(run, batch, device)  # first call at this shape: allocations, kernel selection
+        if seconds < AUTO_SLOW_FIRST_RUN_S:
+            times: list[float] = []
+            while len(times) < AUTO_TIMED_RUNS and sum(times) < AUTO_TIMING_BUDGET_S:
+                times.append(_timed(run, batch, device))
+            seconds = min(times)
+        return seconds
+
+    threads = torch.get_num_threads()
     gc.collect()
     gc.disable()  # a full collection inside a timed run would end the search early
     try:
-        for size in _batch_sizes(served.max_batch_size):
-            batch = [payload] * size
-            seconds = _timed(run, batch, device)  # first call at this shape: allocations, kernel selection
-            if seconds < AUTO_SLOW_FIRST_RUN_S:
-                seconds = _fastest(run, batch, device)
-            served.per_item_ms[size] = round(seconds / size * 1000, 3)
-            if seconds * 1000 > budget_ms or seconds / size > best_item * (1 - AUTO_MIN_GAIN):
-                break
-            best, best_item = size, seconds / size
-            if 2 * seconds * (1 - AUTO_MIN_GAIN) * 1000 > budget_ms:
-                break  # twice the batch could only fit the budget by gaining far more than AUTO_MIN_GAIN per item
+        if device.type == "cpu":
+            torch.set_num_threads(1)
+        choice = decide_batch_size(measure, served.max_batch_size, budget_ms / 1000)
     finally:
         gc.enable()
-    served.max_batch_size = best
+        if device.type == "cpu":
+            torch.set_num_threads(threads)
+    served.max_batch_size = choice.size
+    served.per_item_ms = {size: round(s * 1000, 3) for size, s in sorted(choice.per_item_s.items())}
+    served.batch_size_reliable = choice.reliable
     served.warmup_s += time.monotonic() - started
     if not served.max_batch_cost_configured:
-        served.max_batch_cost = TASKS[served.task].default_max_batch_cost(best)
-    log.info("%s: max_batch_size=auto chose %d (per-item ms by size: %s)", served.name, best, served.per_item_ms)
+        served.max_batch_cost = TASKS[served.task].default_max_batch_cost(choice.size)
+    if choice.reliable:
+        log.info(
+            "%s: max_batch_size=auto chose %d (per-item ms by size: %s%s)",
+            served.name,
+            choice.size,
+            served.per_item_ms,
+            f"; measured again: {choice.remeasured}" if choice.remeasured else "",
+        )
+    else:
+        log.warning(
+            "%s: max_batch_size=auto could not decide (timings contradict each other even measured again: "
+            "per-item ms by size %s); falling back to %d. Set max_batch_size to choose.",
+            served.name,
+            served.per_item_ms,
+            choice.size,
+        )
 
 
 def maybe_enable_graphs(settings: Settings, served: ServedModel) -> None:
@@ -221,23 +317,33 @@ def warm_up(task: AnyTask, served: ServedModel) -> None:
     """
     started = time.monotonic()
     run = make_runner(task, served)
-    already_run = set(served.per_item_ms) if served.model.device.type == "cpu" else set()
+    device = served.model.device
+    already_run = set(served.per_item_ms) if device.type == "cpu" else set()
     for i, payload in enumerate(task.warmup_payloads(served.model.config)):
         for size in _batch_sizes(served.max_batch_size):
             if i == 0 and size in already_run:
                 continue
-            run([payload] * size)
-    if served.model.device.type == "cuda":
+            if i == 0:  # admission's first estimates, until real batches correct them (wall time, every core)
+                before = time.perf_counter()
+                run([payload] * size)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                served.warm_per_item_s[size] = (time.perf_counter() - before) / size
+            else:
+                run([payload] * size)
+    if device.type == "cuda":
         torch.cuda.synchronize()
     served.warmup_s += time.monotonic() - started
     log.info("warmed %s in %.1fs (batch sizes measured and warmed)", served.name, served.warmup_s)
 
 
-def expected_batch_s(served: ServedModel) -> float | None:
-    """A full batch's forward time as measured at warm-up (max_batch_size=auto), to admit by time from the
-    first request on; None until the batcher has timed a batch of its own."""
-    per_item = served.per_item_ms.get(served.max_batch_size)
-    return None if per_item is None else per_item * served.max_batch_size / 1000
+def warm_service_time(served: ServedModel) -> ServiceTime:
+    """Admission's estimates, seeded with the per-item times warm-up measured (max_batch_size=auto's search
+    where it ran a size, one thread's CPU time: an overestimate; warm-up's own run otherwise). Without
+    warm-up nothing is known until the batcher has timed a batch of its own."""
+    warm = {size: ms / 1000 for size, ms in served.per_item_ms.items() if size <= served.max_batch_size}
+    warm.update(served.warm_per_item_s)
+    return ServiceTime(warm)
 
 
 def attach_batcher(runtime: Runtime, served: ServedModel) -> None:
@@ -266,6 +372,6 @@ def attach_batcher(runtime: Runtime, served: ServedModel) -> None:
         observer=_Observer(),
         on_oom=on_oom,
         oom_errors=(MemoryError, torch.OutOfMemoryError),
-        expected_batch_s=expected_batch_s(served),
+        service_time=warm_service_time(served),
     )
     served.batcher.start()

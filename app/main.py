@@ -141,6 +141,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.tracing = tracing
 
     def respond(request: Request, error: ServiceError) -> JSONResponse:
+        if error.reason is not None:
+            request.state.reason = error.reason  # the request's log line says why it was refused
         return reject(runtime, error, request.url.path, getattr(request.state, "model", ""))
 
     @app.exception_handler(ServiceError)

@@ -164,6 +164,8 @@ class ObservabilityMiddleware:
                 fields = {"method": scope.get("method"), "path": path, "status": status, "ms": round(elapsed * 1000, 2)}
                 if model:
                     fields["model"] = model
+                if state.get("reason"):
+                    fields["reason"] = state["reason"]
                 if skipped:
                     fields["refusals_not_logged"] = skipped
                 # Probes and scrapes come every few seconds from every kubelet and Prometheus: DEBUG, not INFO.

@@ -17,7 +17,7 @@ from perceiver_core import PerceiverHead
 
 from .batching import Batcher, Lanes
 from .cores import CoreShare
-from .errors import ModelNotFound
+from .errors import DeadlineExceeded, ModelNotFound
 from .metrics import Metrics
 from .settings import Settings
 from .tasks import TASKS
@@ -42,9 +42,18 @@ class ServedModel:
     batch_size_auto: bool = False  # max_batch_size=auto, to be measured at warm-up
     max_batch_cost_configured: bool = False
     per_item_ms: dict[int, float] = field(default_factory=dict)  # auto: forward time per item, by batch size
+    batch_size_reliable: bool = True  # auto: False when the timings could not decide (a safe default was taken)
+    warm_per_item_s: dict[int, float] = field(default_factory=dict)  # warm-up's own timings, admission's seed
     batcher: Batcher[Any, Any] | None = None
     load_s: float = 0.0  # building or reading the weights onto the device
     warmup_s: float = 0.0  # measuring max_batch_size=auto and warming every bucket
+
+    @property
+    def batch_size_source(self) -> str:
+        """configured; auto (measured); or auto-fallback (measured, but the timings could not decide)."""
+        if not self.batch_size_auto:
+            return "configured"
+        return "auto" if self.batch_size_reliable else "auto-fallback"
 
     @property
     def name(self) -> str:
@@ -65,8 +74,9 @@ class ServedModel:
             **({"num_labels": config.num_labels} if TASKS[self.task].labelled else {}),
             "batching": {
                 "max_batch_size": self.max_batch_size,
-                "max_batch_size_source": "auto" if self.batch_size_auto else "configured",
+                "max_batch_size_source": self.batch_size_source,
                 "per_item_ms": {str(k): v for k, v in self.per_item_ms.items()},
+                **({"admission_per_item_ms": self.batcher.service_time.summary()} if self.batcher else {}),
                 "max_delay_ms": self.max_delay_ms,
                 "max_batch_cost": self.max_batch_cost,
                 "queue_depth": self.batcher.depth if self.batcher else 0,
@@ -148,15 +158,21 @@ class Runtime:
     def all_models(self) -> list[ServedModel]:
         return [m for variants in self.models.values() for m in variants.values()]
 
-    async def decode(self, fn: Callable[..., T], *args: Any) -> T:
-        """Decode an upload off the event loop: in threads, or in processes with decode_processes > 0."""
-        result, seconds = await asyncio.get_running_loop().run_in_executor(self.decode_executor, _timed_call, fn, *args)
+    async def decode(self, deadline: float, fn: Callable[..., T], *args: Any) -> T:
+        """Decode an upload off the event loop: in threads, or in processes with decode_processes > 0. A decode
+        that only gets a worker after its request's deadline is not started (504)."""
+        loop = asyncio.get_running_loop()
+        result, seconds = await loop.run_in_executor(self.decode_executor, _timed_call, deadline, fn, *args)
         self.decode_busy_s += seconds
         return result
 
-    async def offload(self, fn: Callable[..., T], *args: Any) -> T:
-        """CPU-heavy post-processing (blending, encoding responses) in threads, off the event loop."""
-        return await asyncio.get_running_loop().run_in_executor(self.offload_executor, fn, *args)
+    async def offload(self, deadline: float, fn: Callable[..., T], *args: Any) -> T:
+        """CPU-heavy post-processing (blending, encoding responses) in threads, off the event loop; not started
+        after the request's deadline (504)."""
+        result, _ = await asyncio.get_running_loop().run_in_executor(
+            self.offload_executor, _timed_call, deadline, fn, *args
+        )
+        return result
 
     def begin_drain(self) -> None:
         if not self.draining:
@@ -175,8 +191,11 @@ class Runtime:
         self.offload_executor.shutdown(wait=True, cancel_futures=True)
 
 
-def _timed_call(fn: Callable[..., T], *args: Any) -> tuple[T, float]:
-    """``fn(*args)`` and the seconds it ran, timed where it runs (not counting the wait for a free worker)."""
+def _timed_call(deadline: float, fn: Callable[..., T], *args: Any) -> tuple[T, float]:
+    """``fn(*args)`` and the seconds it ran, timed where it runs (not counting the wait for a free worker);
+    DeadlineExceeded instead if the worker got it after ``deadline`` (monotonic: one clock for every process)."""
+    if time.monotonic() >= deadline:
+        raise DeadlineExceeded("the request's deadline passed before its turn in the worker pool")
     started = time.perf_counter()
     result = fn(*args)
     return result, time.perf_counter() - started

@@ -112,12 +112,12 @@ class Settings(BaseSettings):
         "instead of having them wait too long.",
     )
     max_queue_delay_ms: float | None = Field(
-        None,
+        500.0,
         gt=0,
-        description="Admission by time: a request whose estimated finish is past its deadline always gets 429 at "
-        "once, with an honest Retry-After; with this set, so does one whose estimated wait in the queue exceeds "
-        "it (a CoDel-style target: shorter queues, lower latency for open-loop traffic). Unset by default: "
-        "clients that retry without honouring Retry-After turn refusals into a retry storm.",
+        description="Queue-delay target: a request whose estimated wait in its model's queue exceeds it gets 429 at "
+        "once, with Retry-After from the estimate (as CoDel keeps a target for the standing queue: a long queue "
+        "adds latency, not throughput). A request whose estimated finish is past its deadline always does. None "
+        "(null) turns the target off: served requests may then wait most of their deadline under overload.",
     )
     request_timeout_s: float = Field(
         30.0,

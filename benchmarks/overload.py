@@ -163,6 +163,68 @@ async def open_loop(url: str, rate: float, seconds: float, label: str) -> Outcom
     return out
 
 
+@dataclass
+class Retrying:
+    """Closed-loop clients that retry every refusal: after its Retry-After, or at once (a retry storm)."""
+
+    label: str
+    clients: int
+    seconds: float
+    honour_retry_after: bool
+    ok: int = 0
+    refused_429: int = 0
+    deadline_504: int = 0
+    other: dict[str, int] = field(default_factory=dict)
+    p50_ok_s: float = 0.0
+    p99_ok_s: float = 0.0
+    client_cpu_s: float = 0.0  # CPU time of this process (the load generator) over the run
+
+    @property
+    def goodput(self) -> float:
+        return self.ok / self.seconds
+
+
+async def retrying(url: str, clients: int, seconds: float, honour_retry_after: bool, warmup: float = 2.0) -> Retrying:
+    """``clients`` users, each sending the next request when it has its answer; a 429 is retried after its
+    Retry-After (``honour_retry_after``) or at once. Counts what finished within ``seconds`` after ``warmup``."""
+    parts = urlsplit(url)
+    host, port = parts.hostname or "127.0.0.1", parts.port or 80
+    request = upload_request(host)
+    label = f"{clients} clients, " + ("honouring Retry-After" if honour_retry_after else "ignoring Retry-After")
+    out = Retrying(label, clients, seconds, honour_retry_after)
+    latencies: list[float] = []
+    start = time.monotonic()
+    measure_from, stop = start + warmup, start + warmup + seconds
+
+    async def client() -> None:
+        conn = Connection(host, port)
+        while time.monotonic() < stop:
+            t0 = time.monotonic()
+            status, headers = await conn.send(request)
+            if t0 < measure_from:
+                continue
+            if status == 200:
+                out.ok += time.monotonic() <= stop
+                latencies.append(time.monotonic() - t0)
+            elif status == 429:
+                out.refused_429 += 1
+                if honour_retry_after:
+                    await asyncio.sleep(min(float(headers.get("retry-after", "1")), max(0.0, stop - time.monotonic())))
+            elif status == 504:
+                out.deadline_504 += 1
+            else:
+                out.other[str(status)] = out.other.get(str(status), 0) + 1
+        conn.close()
+
+    cpu0 = time.process_time()
+    await asyncio.gather(*(client() for _ in range(clients)))
+    out.client_cpu_s = time.process_time() - cpu0
+    if latencies:
+        q = statistics.quantiles(latencies, n=100) if len(latencies) > 1 else latencies * 99
+        out.p50_ok_s, out.p99_ok_s = q[49], q[98]
+    return out
+
+
 def rss_bytes(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -176,15 +238,18 @@ async def sample_rss(pid: int, samples: list[int], stop: asyncio.Event) -> None:
         await asyncio.sleep(1.0)
 
 
-async def measure(url: str, pid: int, factors: list[float], duration: float, capacity_s: float) -> dict[str, object]:
+async def measure(
+    url: str, pid: int, factors: list[float], duration: float, capacity_s: float, retry_clients: list[tuple[int, bool]]
+) -> dict[str, object]:
     capacity = await closed_loop(url, clients=8, seconds=capacity_s)
     rss: list[int] = []
     stop = asyncio.Event()
     sampler = asyncio.create_task(sample_rss(pid, rss, stop))
     outcomes = [await open_loop(url, capacity * f, duration, f"{f:g}x") for f in factors]
+    retries = [await retrying(url, n, duration, honour) for n, honour in retry_clients]
     stop.set()
     await sampler
-    return {"capacity_rps": capacity, "outcomes": outcomes, "rss": rss}
+    return {"capacity_rps": capacity, "outcomes": outcomes, "retrying": retries, "rss": rss}
 
 
 def start_server(extra: dict[str, str] | None = None) -> tuple[object, str]:
@@ -213,6 +278,19 @@ def report(result: dict[str, object]) -> str:
             f"| {o.refused_429} | {o.max_429_s:.2f} | {ra} | {o.deadline_504} | {o.ok_late} | {o.other or 0} "
             f"| {o.p50_ok_s:.2f} / {o.p99_ok_s:.2f} |"
         )
+    retries: list[Retrying] = result.get("retrying", [])  # type: ignore[assignment]
+    if retries:
+        rows += [
+            "",
+            "| closed loop | 200s req/s | 200s / capacity | 429 | 504 | other | p50 / p99 of 200s s "
+            "| load generator CPU (of the run) |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for r in retries:
+            rows.append(
+                f"| {r.label} | {r.goodput:.2f} | {r.goodput / capacity:.0%} | {r.refused_429} | {r.deadline_504} "
+                f"| {r.other or 0} | {r.p50_ok_s:.2f} / {r.p99_ok_s:.2f} | {r.client_cpu_s / r.seconds:.0%} of a core |"
+            )
     rss: list[int] = result["rss"]  # type: ignore[assignment]
     growth = rss_growth(rss)
     if growth is not None:
@@ -252,11 +330,22 @@ def main() -> None:
         help="niceness of this process, the load generator, once the server is up: on a 2-core machine its CPU "
         "comes out of the server's; clients on other machines would take none",
     )
+    parser.add_argument(
+        "--retrying",
+        action="append",
+        default=[],
+        metavar="N:honour|ignore",
+        help="after the open-loop factors, N closed-loop clients that retry every 429 after Retry-After (honour) "
+        "or at once (ignore), for --duration seconds (repeatable), e.g. 200:honour 32:ignore",
+    )
     args = parser.parse_args()
+    retry_clients = [(int(n), mode == "honour") for n, _, mode in (r.partition(":") for r in args.retrying)]
     proc, url = start_server(dict(pair.split("=", 1) for pair in args.env))
     os.nice(args.client_nice)
     try:
-        result = asyncio.run(measure(url, proc.pid, args.factors, args.duration, args.capacity_seconds))  # type: ignore[attr-defined]
+        result = asyncio.run(
+            measure(url, proc.pid, args.factors, args.duration, args.capacity_seconds, retry_clients)  # type: ignore[attr-defined]
+        )
     finally:
         proc.send_signal(signal.SIGTERM)  # type: ignore[attr-defined]
         proc.wait(timeout=60)  # type: ignore[attr-defined]
@@ -264,7 +353,8 @@ def main() -> None:
     print(text)
     if args.json:
         outcomes = [asdict(o) | {"goodput": o.goodput} for o in result["outcomes"]]  # type: ignore[attr-defined]
-        args.json.write_text(json.dumps({**result, "outcomes": outcomes}, indent=1, default=str))
+        retries = [asdict(r) | {"goodput": r.goodput} for r in result["retrying"]]  # type: ignore[attr-defined]
+        args.json.write_text(json.dumps({**result, "outcomes": outcomes, "retrying": retries}, indent=1, default=str))
     if args.markdown:
         args.markdown.write_text(text + "\n")
     os.sys.stdout.flush()

@@ -28,6 +28,20 @@ from pathlib import Path
 from typing import Any
 
 
+def refuse_everything(batcher: Any) -> None:
+    """Make the model refuse every request by time: busy with a batch it estimates at 100 s (idle models admit
+    whatever their estimates say), and no pause before a refusal (this measures a refusal's CPU, not its pace)."""
+    if hasattr(batcher, "_batch_s"):  # a tree from before admission's ServiceTime (--root OLD)
+        batcher._batch_s = 100.0
+        return
+    import app.admission
+    from app.batching import ServiceTime
+
+    batcher.service_time = ServiceTime({1: 100.0})
+    batcher._running[-1] = (time.monotonic(), 100.0)
+    app.admission.REFUSAL_PACE_PER_S = 10**9
+
+
 def scope_for(headers: list[tuple[bytes, bytes]]) -> dict[str, Any]:
     return {
         "type": "http",
@@ -90,7 +104,7 @@ async def measure(requests: int, rounds: int, log_level: str) -> tuple[float, di
         runtime = app.state.runtime
         while not runtime.ready:
             await asyncio.sleep(0.1)
-        runtime.model_for("classify").batcher._batch_s = 100.0
+        refuse_everything(runtime.model_for("classify").batcher)
         for _ in range(requests // 5):
             await one()
         statuses.clear()
@@ -152,7 +166,7 @@ def live(root: Path, log_level: str) -> tuple[float, float]:
         except httpx.TransportError:
             pass
         time.sleep(0.2)
-    app.state.runtime.model_for("classify").batcher._batch_s = 100.0
+    refuse_everything(app.state.runtime.model_for("classify").batcher)
 
     def loop_cpu() -> float:
         stat = Path(f"/proc/self/task/{thread.native_id}/stat").read_text()

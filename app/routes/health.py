@@ -28,8 +28,18 @@ class Readiness(BaseModel):
 
 class Batching(BaseModel):
     max_batch_size: int
-    max_batch_size_source: Literal["auto", "configured"]
-    per_item_ms: dict[str, float] = Field(description="max_batch_size=auto: forward time per item, by batch size")
+    max_batch_size_source: Literal["auto", "auto-fallback", "configured"] = Field(
+        description="auto-fallback: max_batch_size=auto could not decide from its timings and took a safe default"
+    )
+    per_item_ms: dict[str, float] = Field(
+        description="max_batch_size=auto: forward time per item by batch size, as measured (on the CPU: one "
+        "thread's CPU time, which a busy machine does not inflate)"
+    )
+    admission_per_item_ms: dict[str, float] = Field(
+        default_factory=dict,
+        description="What admission estimates now, per unit of work by batch size class: the median of recent "
+        "batches, started from warm-up's timings",
+    )
     max_delay_ms: float
     max_batch_cost: int | None
     queue_depth: int

@@ -112,16 +112,25 @@ async def run_items(
     tracing = tracing_of(request)
     if tracing is not None:
         tracing.annotate(**{"perceiver.model": served.name, "perceiver.items": len(items)})
+    # Work ends with its request at every stage: decodes and encodes that would start after the deadline do
+    # not start, and the batcher's passes skip the requests that have ended (tasks.base.Task.predict).
     with span(request, "decode", items=len(items)):
         if task.decode_offloaded:
-            payloads = await asyncio.gather(*(runtime.decode(run_decode, task.name, o, f, ctx) for o, f in items))
+            decodes = (runtime.decode(deadline, run_decode, task.name, o, f, ctx) for o, f in items)
+            payloads = await asyncio.gather(*decodes)
         else:
             payloads = [task.decode(o, f, ctx) for o, f in items]
     results = await submit(request, runtime, served, task, payloads, deadline)
     with span(request, "encode", items=len(items)):
-        if task.encode_offloaded:
-            return [await runtime.offload(task.encode, r, o) for r, (o, _) in zip(results, items, strict=True)]
-        return [task.encode(r, o) for r, (o, _) in zip(results, items, strict=True)]
+        encoded: list[dict[str, Any] | Reply] = []
+        for result, (options, _) in zip(results, items, strict=True):
+            if task.encode_offloaded:
+                encoded.append(await runtime.offload(deadline, task.encode, result, options))
+            elif time.monotonic() >= deadline:
+                raise DeadlineExceeded("the request did not finish before its deadline")
+            else:
+                encoded.append(task.encode(result, options))
+        return encoded
 
 
 def tracing_of(request: Request) -> Tracing | None:
@@ -145,8 +154,15 @@ def _split(task: AnyTask, files: dict[str, list[bytes]]) -> list[dict[str, bytes
 
 
 def request_deadline(request: Request, runtime: Runtime) -> float:
-    """Monotonic deadline: the server's timeout, shortened (never lengthened) by x-request-timeout-ms."""
-    return time.monotonic() + timeout_s(request.headers.get("x-request-timeout-ms"), runtime.settings.request_timeout_s)
+    """Monotonic deadline: the server's timeout, shortened (never lengthened) by x-request-timeout-ms; taken
+    once, when the request reached the door (admission keeps it in the request's state)."""
+    deadline: float | None = getattr(request.state, "deadline", None)
+    if deadline is None:
+        deadline = time.monotonic() + timeout_s(
+            request.headers.get("x-request-timeout-ms"), runtime.settings.request_timeout_s
+        )
+        request.state.deadline = deadline
+    return deadline
 
 
 async def submit(
@@ -158,8 +174,8 @@ async def submit(
     tickets: list[Ticket[Any, Any]] = []
     try:
         for payload in payloads:
-            bucket, cost = task.bucket(payload), task.cost(payload)
-            tickets.append(served.batcher.submit(payload, cost=cost, bucket=bucket, deadline=deadline))
+            bucket, cost, units = task.bucket(payload), task.cost(payload), task.units(payload)
+            tickets.append(served.batcher.submit(payload, cost=cost, bucket=bucket, deadline=deadline, units=units))
     except QueueFull as exc:
         for ticket in tickets:
             ticket.cancel()

@@ -293,7 +293,7 @@ async def infer(request: Request, model_name: str, model_version: str | None) ->
     header_length = request.headers.get(HEADER_LENGTH)
     max_rows = runtime.settings.max_files_per_request
     if len(body) > LARGE_BODY:
-        call = await runtime.offload(_prepare, body, header_length, task, adapter, max_rows)
+        call = await runtime.offload(deadline, _prepare, body, header_length, task, adapter, max_rows)
     else:
         call = _prepare(body, header_length, task, adapter, max_rows)
     if call.timeout_s is not None:
@@ -304,7 +304,7 @@ async def infer(request: Request, model_name: str, model_version: str | None) ->
         head["id"] = call.id
     head["parameters"] = {"weights": served.weights}  # random-init in the demo profile, as on /v1
     if task.encode_offloaded:
-        content, headers, media = await runtime.offload(_finish, adapter, encoded, head, call)
+        content, headers, media = await runtime.offload(deadline, _finish, adapter, encoded, head, call)
     else:
         content, headers, media = _finish(adapter, encoded, head, call)
     return Response(content, media_type=media, headers=headers)

@@ -33,7 +33,7 @@ from perceiver_core.processing.video import (
     prepare_frame,
 )
 
-from ..batching import still_wanted
+from ..batching import EVERY, Batch
 from ..errors import PayloadTooLarge
 from ..media import decode_audio, open_video
 from .base import DEMO_LATENTS, DecodeContext, Reply, Task, TaskRequest, Upload, naming, to_device, top_predictions
@@ -228,7 +228,7 @@ class Autoencode(Task[AutoencodeRequest, Clips, dict[str, Any]]):
     def default_max_batch_cost(self, max_batch_size: int) -> int:
         return max_batch_size  # one request may bring up to max_video_clips clips: bound clips, not requests
 
-    def predict(self, model: PerceiverHead, payloads: Sequence[Clips]) -> list[dict[str, Any]]:
+    def predict(self, model: PerceiverHead, payloads: Sequence[Clips], batch: Batch = EVERY) -> list[dict[str, Any]]:
         """All clips of all requests, in forward passes of at most CLIPS_PER_PASS clips. Before each pass,
         clips of requests that have ended (deadline, disconnect) are left out: their answer is thrown away."""
         if not isinstance(model, PerceiverForMultimodalAutoencoding):
@@ -238,11 +238,7 @@ class Autoencode(Task[AutoencodeRequest, Clips, dict[str, Any]]):
         probs = torch.zeros(len(clips), model.config.num_labels)
         videos: dict[int, torch.Tensor] = {}
         sounds: dict[int, torch.Tensor] = {}
-        for first in range(0, len(clips), CLIPS_PER_PASS):
-            wanted = still_wanted(payloads)
-            chunk = [j for j in range(first, min(first + CLIPS_PER_PASS, len(clips))) if wanted[clips[j][0]]]
-            if not chunk:
-                continue
+        for chunk in batch.passes([i for i, _ in clips], CLIPS_PER_PASS):
             frames = torch.stack([payloads[i].frames[c] for i, c in (clips[j] for j in chunk)])  # [b, T, S, S, 3]
             inputs = {
                 "image": to_device(frames.permute(0, 1, 4, 2, 3).float() / 255.0, model),  # [b, T, 3, S, S]

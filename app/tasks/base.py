@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from perceiver_core import PerceiverConfig, PerceiverHead
 from perceiver_core.processing import tokenizer
 
+from ..batching import EVERY, Batch
 from ..errors import InvalidInput, PayloadTooLarge, ServiceError
 
 RequestT = TypeVar("RequestT", bound=BaseModel)
@@ -153,8 +154,9 @@ class Task(ABC, Generic[RequestT, PayloadT, ResultT]):
         return None
 
     @abstractmethod
-    def predict(self, model: PerceiverHead, payloads: Sequence[PayloadT]) -> list[ResultT]:
-        """One batched forward pass (inference thread, inference mode): a result per payload, in order."""
+    def predict(self, model: PerceiverHead, payloads: Sequence[PayloadT], batch: Batch = EVERY) -> list[ResultT]:
+        """One batched forward pass (inference thread, inference mode): a result per payload, in order.
+        Work made of several passes asks ``batch`` which requests have ended (``batch.passes``) and skips theirs."""
 
     @abstractmethod
     def encode(self, result: ResultT, request: RequestT) -> dict[str, Any] | Reply:

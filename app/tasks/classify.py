@@ -15,6 +15,7 @@ from perceiver_core import PerceiverConfig, PerceiverHead
 from perceiver_core.processing import jpeg
 from perceiver_core.processing.image import normalize_pixels, resize_image
 
+from ..batching import EVERY, Batch
 from ..errors import InvalidInput, ServiceError
 from ..media import decode_image, device_decodable, open_image
 from .base import DEMO_LATENTS, DecodeContext, Task, TaskRequest, Upload, to_device, top_predictions
@@ -128,13 +129,13 @@ class Classify(Task[ClassifyRequest, ImagePayload, Result]):
     def cost(self, payload: ImagePayload) -> int:
         return CROP * CROP
 
-    def predict(self, model: PerceiverHead, payloads: Sequence[ImagePayload]) -> list[Result]:
+    def predict(self, model: PerceiverHead, payloads: Sequence[ImagePayload], batch: Batch = EVERY) -> list[Result]:
         crops = crops_on_device(payloads, model)  # uint8 [B, 224, 224, 3], None where no decoder could read it
         ok = [i for i, c in enumerate(crops) if c is not None]
         results: list[Result] = [InvalidInput("the image is corrupt or truncated") if c is None else [] for c in crops]
         if ok:
-            batch = torch.stack([c for c in crops if c is not None])
-            pixels = normalize_pixels(batch).to(model.dtype)
+            stacked = torch.stack([c for c in crops if c is not None])
+            pixels = normalize_pixels(stacked).to(model.dtype)
             probs = model(inputs=pixels).logits.float().softmax(-1).cpu()
             for row, i in zip(probs, ok, strict=True):
                 results[i] = top_predictions(row, payloads[i].top_k, model.config)

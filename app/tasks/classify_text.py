@@ -17,7 +17,7 @@ from pydantic import Field
 from perceiver_core import PerceiverConfig, PerceiverHead
 from perceiver_core.processing.tokenizer import window_starts
 
-from ..batching import still_wanted
+from ..batching import EVERY, Batch
 from ..errors import InvalidInput
 from .base import (
     DEMO_TEXT,
@@ -109,17 +109,14 @@ class ClassifyText(Task[ClassifyTextRequest, TextPayload, list[dict[str, Any]]])
         # text of many windows is a batch of its own.
         return max_batch_size * TEXT_BUCKETS[-1]
 
-    def predict(self, model: PerceiverHead, payloads: Sequence[TextPayload]) -> list[list[dict[str, Any]]]:
+    def predict(
+        self, model: PerceiverHead, payloads: Sequence[TextPayload], batch: Batch = EVERY
+    ) -> list[list[dict[str, Any]]]:
         """Every row of every payload in passes of at most max(len(payloads), ROWS_PER_PASS) rows; the rows of
         requests that have ended are left out of later passes. A text's answer averages its rows' probabilities."""
         rows = [(i, row) for i, p in enumerate(payloads) for row in p.rows]
         probs = torch.zeros(len(rows), model.config.num_labels)
-        per_pass = max(len(payloads), ROWS_PER_PASS)
-        for start in range(0, len(rows), per_pass):
-            wanted = still_wanted(payloads)
-            chunk = [j for j in range(start, min(start + per_pass, len(rows))) if wanted[rows[j][0]]]
-            if not chunk:
-                continue
+        for chunk in batch.passes([i for i, _ in rows], max(len(payloads), ROWS_PER_PASS)):
             ids, mask = pad_ids([rows[j][1] for j in chunk], text_bucket(max(len(rows[j][1]) for j in chunk)))
             logits = model(inputs=to_device(ids, model), attention_mask=to_device(mask, model)).logits
             probs[chunk] = logits.float().softmax(-1).cpu()

@@ -18,7 +18,7 @@ from perceiver_core import PerceiverConfig, PerceiverHead
 from perceiver_core.processing import tokenizer
 from perceiver_core.processing.tokenizer import central_window, window_starts
 
-from ..batching import still_wanted
+from ..batching import EVERY, Batch
 from ..errors import InvalidInput
 from .base import (
     DEMO_TEXT,
@@ -40,6 +40,7 @@ from .base import (
 
 BYTE_IDS = slice(tokenizer.BYTE_OFFSET, tokenizer.VOCAB_SIZE)
 ROWS_PER_PASS = 8  # windows per forward pass when long texts fill a batch (short-text batches stay whole)
+ANSWER_CHECK_EVERY = 256  # masks: how often building an answer asks whether its request has ended
 
 
 class FillMaskRequest(TaskRequest):
@@ -135,49 +136,56 @@ class FillMask(Task[FillMaskRequest, MaskedText, dict[str, Any]]):
         # text of many windows is a batch of its own.
         return max_batch_size * TEXT_BUCKETS[-1]
 
-    def predict(self, model: PerceiverHead, payloads: Sequence[MaskedText]) -> list[dict[str, Any]]:
+    def predict(
+        self, model: PerceiverHead, payloads: Sequence[MaskedText], batch: Batch = EVERY
+    ) -> list[dict[str, Any]]:
         """Every window of every payload in passes of at most max(len(payloads), ROWS_PER_PASS) windows,
         decoding only masked positions; windows of requests that have ended are left out of later passes."""
         rows = [(i, w) for i, p in enumerate(payloads) for w in range(len(p.starts))]
         found: dict[tuple[int, int], tuple[torch.Tensor, list[int]]] = {}  # (payload, window) → probs, positions
-        per_pass = max(len(payloads), ROWS_PER_PASS)
-        for first in range(0, len(rows), per_pass):
-            wanted = still_wanted(payloads)
-            chunk = [rows[j] for j in range(first, min(first + per_pass, len(rows))) if wanted[rows[j][0]]]
-            if not chunk:
-                continue
+        for indices in batch.passes([i for i, _ in rows], max(len(payloads), ROWS_PER_PASS)):
+            chunk = [rows[j] for j in indices]
             ids = [payloads[i].row(w) for i, w in chunk]
             local = [[m - payloads[i].starts[w] + 1 for m in payloads[i].masked[w]] for i, w in chunk]  # +1: [CLS]
             positions = sorted({pos for row in local for pos in row})  # decode only masked positions
             column = {pos: j for j, pos in enumerate(positions)}
-            batch, mask = pad_ids(ids, text_bucket(max(len(row) for row in ids)))
+            padded, mask = pad_ids(ids, text_bucket(max(len(row) for row in ids)))
             logits = model(
-                inputs=to_device(batch, model),
+                inputs=to_device(padded, model),
                 attention_mask=to_device(mask, model),
                 positions=to_device(torch.tensor(positions), model),
             ).logits
             probs = logits[..., BYTE_IDS].float().softmax(-1).cpu()  # [B, P, 256]
             for row, key, wanted_positions in zip(probs, chunk, local, strict=True):
                 found[key] = (row[[column[pos] for pos in wanted_positions]], payloads[key[0]].masked[key[1]])
-        return [self._answer(i, payload, found) for i, payload in enumerate(payloads)]
+        return [self._answer(i, payload, found, batch) for i, payload in enumerate(payloads)]
 
     def _answer(
-        self, index: int, payload: MaskedText, found: dict[tuple[int, int], tuple[torch.Tensor, list[int]]]
+        self,
+        index: int,
+        payload: MaskedText,
+        found: dict[tuple[int, int], tuple[torch.Tensor, list[int]]],
+        batch: Batch,
     ) -> dict[str, Any]:
+        """The filled text and each mask's candidates. Building them is work too (10,000 masks of 256 candidates
+        are seconds of Python): it stops as soon as the request has ended, as the passes do."""
         filled = list(payload.ids)
-        masks = []
+        masks: list[dict[str, Any]] = []
         for window, start in enumerate(payload.starts):
-            if (index, window) not in found:
-                continue  # the request ended before this window ran: its answer is not sent
+            if (index, window) not in found or batch.ended(index):
+                continue  # the request ended: its answer is not sent
             probs, positions = found[(index, window)]
-            for pos, row in zip(positions, probs, strict=True):
-                scores, best = row.topk(payload.top_k)
-                filled[pos] = int(best[0]) + tokenizer.BYTE_OFFSET
+            scores_all, best_all = probs.topk(payload.top_k, dim=-1)  # [masks, k] at once, not one mask at a time
+            rows = zip(positions, scores_all.tolist(), best_all.tolist(), strict=True)
+            for n, (pos, scores, best) in enumerate(rows):
+                if n % ANSWER_CHECK_EVERY == ANSWER_CHECK_EVERY - 1 and batch.ended(index):
+                    break
+                filled[pos] = best[0] + tokenizer.BYTE_OFFSET
                 mask: dict[str, Any] = {
                     # Offset in the filled text's bytes: each id is one byte once the masks are filled.
                     "byte_offset": pos,
                     "candidates": [
-                        {"byte": int(b), "char": chr(int(b)) if b < 128 else None, "score": round(float(s), 6)}
+                        {"byte": b, "char": chr(b) if b < 128 else None, "score": round(s, 6)}
                         for s, b in zip(scores, best, strict=True)
                     ],
                 }

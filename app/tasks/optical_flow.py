@@ -23,7 +23,7 @@ from pydantic import BaseModel, Field, RootModel
 from perceiver_core import PerceiverConfig, PerceiverHead
 from perceiver_core.processing.flow import FlowLayout, blend_tiles, cut_windows, extract_patches, flow_layout
 
-from ..batching import still_wanted
+from ..batching import EVERY, Batch
 from ..errors import InvalidInput, PayloadTooLarge
 from ..media import decode_rgb_array, open_video
 from .base import DEMO_LATENTS, DecodeContext, Reply, Task, TaskRequest, Upload, naming, to_device
@@ -268,7 +268,7 @@ class OpticalFlow(Task[FlowRequest, FlowFrames, FlowResult]):
     def default_max_batch_cost(self, max_batch_size: int) -> int:
         return max_batch_size  # one request may bring many windows (a large pair, a video): bound windows
 
-    def predict(self, model: PerceiverHead, payloads: Sequence[FlowFrames]) -> list[FlowResult]:
+    def predict(self, model: PerceiverHead, payloads: Sequence[FlowFrames], batch: Batch = EVERY) -> list[FlowResult]:
         """All windows of all pairs of all requests, in forward passes of at most WINDOWS_PER_PASS windows.
         Before each pass, windows of requests that have ended (deadline, disconnect) are left out: their
         answer would be thrown away, and a 24-window pair is seconds of work on a CPU."""
@@ -278,11 +278,7 @@ class OpticalFlow(Task[FlowRequest, FlowFrames, FlowResult]):
         ]
         h, w = payloads[0].layout.window
         logits = torch.zeros(len(units), h, w, 2)  # [n, wh, ww, 2]: stays zero for abandoned windows
-        for start in range(0, len(units), WINDOWS_PER_PASS):
-            wanted = still_wanted(payloads)
-            rows = [j for j in range(start, min(start + WINDOWS_PER_PASS, len(units))) if wanted[units[j][0]]]
-            if not rows:
-                continue
+        for rows in batch.passes([u[0] for u in units], WINDOWS_PER_PASS):
             pieces: list[torch.Tensor] = []
             pairs: dict[tuple[int, int], list[int]] = {}  # the windows of each pair in this pass, cut together
             for j in rows:

@@ -16,11 +16,36 @@ import numpy as np
 import pytest
 import uvicorn
 
+from app.batching import ServiceTime
 from app.main import create_app
-from app.runtime import Runtime
+from app.runtime import Runtime, ServedModel
 from app.settings import Settings
 
 MEDIA = Path(__file__).parents[1] / "media"
+
+
+BUSY = -1  # the key of the stand-in batch ``occupy`` puts among a batcher's running ones
+
+
+def occupy(served: ServedModel, seconds: float) -> None:
+    """Make ``served`` busy, as if a batch that its estimates say takes ``seconds`` had just started (every lane
+    of a CPU model's lanes is then taken): admission refuses by time, deterministically. ``release`` ends it."""
+    batcher = served.batcher
+    assert batcher is not None
+    batcher.service_time = ServiceTime({1: seconds})
+    batcher._running[BUSY] = (time.monotonic(), seconds)
+    if batcher._lanes is not None:
+        while batcher._lanes.acquire() is not None:
+            pass
+
+
+def release(served: ServedModel) -> None:
+    batcher = served.batcher
+    assert batcher is not None
+    del batcher._running[BUSY]
+    if batcher._lanes is not None:
+        for lane in range(len(batcher._lanes)):
+            batcher._lanes.release(lane)
 
 
 def free_port() -> int:

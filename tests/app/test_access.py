@@ -9,7 +9,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from .conftest import LiveServer
+from .conftest import LiveServer, occupy, release
 
 ORIGIN = "https://app.example.com"
 
@@ -51,16 +51,14 @@ def test_any_configured_key_opens_the_api(locked: LiveServer) -> None:
 def test_a_caller_without_a_key_learns_nothing_of_the_load(locked: LiveServer) -> None:
     """The key is checked before admission: an overloaded model refuses key holders with 429, and everyone
     else still gets 401."""
-    batcher = locked.runtime.model_for("classify-text").batcher
-    assert batcher is not None
-    saved = batcher._batch_s
-    batcher._batch_s = 100.0  # every request would finish past its deadline
+    served = locked.runtime.model_for("classify-text")
+    occupy(served, 100.0)  # busy with a batch that ends past every request's deadline
     try:
         assert post(locked).status_code == 401
         refused = post(locked, authorization="Bearer alpha")
         assert refused.status_code == 429 and refused.json()["error"]["type"] == "overloaded"
     finally:
-        batcher._batch_s = saved
+        release(served)
     assert post(locked, authorization="Bearer alpha").status_code == 200
 
 

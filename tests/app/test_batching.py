@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from app.batching import Batcher, BatchError, Cancelled, Expired, QueueFull
+from app.batching import EVERY, Batch, Batcher, BatchError, Cancelled, Expired, QueueFull, ServiceTime
 
 from .asyncutil import async_test
 
@@ -23,7 +23,7 @@ class Recorder:
         self.fail_on = fail_on
         self.oom_above = oom_above
 
-    def __call__(self, payloads: Sequence[object]) -> list[object]:
+    def __call__(self, payloads: Sequence[object], batch: Batch = EVERY) -> list[object]:
         if self.oom_above and len(payloads) > self.oom_above:
             raise MemoryError("out of memory: tried to allocate 2.00 GiB")
         self.batches.append(list(payloads))
@@ -158,10 +158,10 @@ async def test_out_of_memory_splits_the_batch_and_retries() -> None:
 
 
 class MentionsMemory(Recorder):
-    def __call__(self, payloads: Sequence[object]) -> list[object]:
+    def __call__(self, payloads: Sequence[object], batch: Batch = EVERY) -> list[object]:
         if len(payloads) > 1:
             raise RuntimeError("kernel failed: not enough shared memory for this tile")
-        return super().__call__(payloads)
+        return super().__call__(payloads, batch)
 
 
 @async_test
@@ -180,10 +180,10 @@ async def test_a_torch_out_of_memory_error_is_one_when_the_batcher_is_told_so() 
     import torch
 
     class TorchOOM(Recorder):
-        def __call__(self, payloads: Sequence[object]) -> list[object]:
+        def __call__(self, payloads: Sequence[object], batch: Batch = EVERY) -> list[object]:
             if len(payloads) > 1:
                 raise torch.OutOfMemoryError("CUDA out of memory")
-            return super().__call__(payloads)
+            return super().__call__(payloads, batch)
 
     run = TorchOOM()
     batcher = make(run, max_batch_size=4, max_delay_s=0.05, oom_errors=(MemoryError, torch.OutOfMemoryError))
@@ -216,10 +216,10 @@ async def test_admission_is_by_time_once_the_service_time_is_known() -> None:
 class SlowFor(Recorder):
     """0.3 s a batch, but ``slow`` takes longer than the batcher expects."""
 
-    def __call__(self, payloads: Sequence[object]) -> list[object]:
+    def __call__(self, payloads: Sequence[object], batch: Batch = EVERY) -> list[object]:
         if "slow" in payloads:
             time.sleep(0.6)
-        return super().__call__(payloads)
+        return super().__call__(payloads, batch)
 
 
 @async_test
@@ -248,3 +248,121 @@ async def test_a_queue_delay_target_refuses_before_the_deadline_would() -> None:
         batcher.submit("one too many", deadline=time.monotonic() + 30)  # the deadline alone would admit it
     assert len(await asyncio.gather(*(t.future for t in queued))) == 3
     await batcher.stop()
+
+
+# ---------------------------------------------------------------------------------------------- estimates
+
+
+def test_two_outliers_cannot_move_an_estimate_and_a_real_change_does_within_four_batches() -> None:
+    service = ServiceTime({1: 0.010})  # warm-up: 10 ms an item
+    for _ in range(2):
+        service.observe(1, 16.0)  # a 10,000-mask request, twice
+    assert service.per_unit(1) == pytest.approx(0.010)
+    for _ in range(4):
+        service.observe(1, 0.020)  # the machine got busier: every batch now takes 20 ms
+    assert service.per_unit(1) == pytest.approx(0.020)
+
+
+def test_estimates_are_per_unit_and_by_batch_size() -> None:
+    service = ServiceTime({1: 0.010, 8: 0.004})
+    service.observe(30, 30 * 0.5)  # one request of 30 windows, each one slow: size class 16, nothing else
+    assert service.per_unit(1) == pytest.approx(0.010)
+    assert service.per_unit(8) == pytest.approx(0.004)
+    assert service.per_unit(6) == pytest.approx(0.010)  # class 4 unknown: the nearest smaller class (1)
+    assert service.batch_s(8) == pytest.approx(8 * 0.004)
+    assert ServiceTime().per_unit(1) is None and not ServiceTime().known
+
+
+def test_an_estimate_decays_toward_warm_up_while_the_model_is_idle() -> None:
+    service = ServiceTime({1: 0.010}, half_life_s=30.0)
+    for _ in range(9):
+        service.observe(1, 1.0)
+    assert service.per_unit(1) == pytest.approx(1.0)
+    service.decay(30.0)  # one half-life: half of the gap is gone
+    assert service.per_unit(1) == pytest.approx(0.010 + 0.99 / 2)
+    service.decay(600.0)
+    assert service.per_unit(1) == pytest.approx(0.010, rel=1e-3)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@async_test
+async def test_an_idle_model_admits_whatever_its_estimates_say() -> None:
+    """The flow lockout: warm-up on a busy machine measured more than a whole deadline per item. An idle model
+    still admits: the request starts at once, and its own 504 is the worst that can happen."""
+    clock = Clock()
+    service = ServiceTime({1: 1000.0})  # 1,000 s an item
+    batcher = make(Recorder(), max_batch_size=1, max_delay_s=0.0, service_time=service, clock=clock)
+    batcher.admit(clock.now + 0.001)  # idle: no refusal
+    first = batcher.submit("first", deadline=clock.now + 6)  # queued (the batcher's loop is not started)
+    with pytest.raises(QueueFull) as refused:
+        batcher.submit("second", deadline=clock.now + 6)
+    assert refused.value.reason == "deadline"
+    # Retry-After from the estimate: the item ahead and its own, with the margin, less its 6 s budget.
+    assert refused.value.retry_after_s == pytest.approx((1000.0 + 1000.0) * 1.2 - 6)
+    await batcher.stop()
+    assert isinstance(first.future.exception(), Cancelled)
+
+
+@async_test
+async def test_a_full_queue_is_refused_as_queue_full() -> None:
+    batcher = make(Recorder(), max_queue=1, max_delay_s=0.0)
+    only = batcher.submit("only")
+    with pytest.raises(QueueFull) as refused:
+        batcher.submit("one too many")
+    assert refused.value.reason == "queue_full"
+    await batcher.stop()
+    assert isinstance(only.future.exception(), Cancelled)
+
+
+@async_test
+async def test_the_queue_wait_counts_units_of_work_not_requests() -> None:
+    clock = Clock()
+    service = ServiceTime({1: 0.1, 4: 0.05})
+    batcher = make(Recorder(), max_batch_size=4, max_delay_s=0.0, service_time=service, clock=clock)
+    tickets = [batcher.submit("a", units=1)]
+    assert batcher.estimated_wait_s() == pytest.approx(0.1)
+    tickets.append(batcher.submit("b", units=24))  # 24 windows: 25 units run in batches of 4, 50 ms a unit
+    assert batcher.estimated_wait_s() == pytest.approx(25 * 0.05)
+    await batcher.stop()
+    assert all(isinstance(t.future.exception(), Cancelled) for t in tickets)
+
+
+@async_test
+async def test_a_batch_cut_short_by_its_requests_ending_does_not_teach_the_estimate() -> None:
+    clock = Clock()
+    service = ServiceTime({1: 0.01})
+
+    def run(payloads: Sequence[object], batch: Batch = EVERY) -> list[object]:
+        clock.now += 50.0  # a long pass, during which the request's deadline passes
+        return list(payloads)
+
+    batcher = Batcher(run, ThreadPoolExecutor(1), max_batch_size=1, max_delay_s=0.0, service_time=service, clock=clock)
+    batcher.start()
+    ticket = batcher.submit("x", deadline=clock.now + 10)
+    assert await ticket.future == "x"
+    assert service.per_unit(1) == pytest.approx(0.01)  # not 50 s: the pass was for an ended request
+    await batcher.stop()
+
+
+def test_passes_leave_out_the_units_of_requests_that_have_ended() -> None:
+    class EndsAfterFirstPass(Batch):
+        def __init__(self) -> None:
+            super().__init__()
+            self.passes_started = 0
+
+        def ended(self, index: int) -> bool:
+            return index == 1 and self.passes_started >= 1
+
+    batch = EndsAfterFirstPass()
+    seen = []
+    for chunk in batch.passes([0, 1, 1, 1, 2, 2], per_pass=2):
+        batch.passes_started += 1
+        seen.append(chunk)
+    assert seen == [[0, 1], [4, 5]]  # request 1 ended after the first pass: its units 2 and 3 never run

@@ -41,7 +41,7 @@ def _work(seconds: float) -> str:
 async def test_decode_counts_the_time_spent_decoding_not_waiting_for_a_worker() -> None:
     runtime = Runtime(Settings(decode_workers=1), Metrics())
     try:
-        results = await asyncio.gather(*(runtime.decode(_work, 0.05) for _ in range(4)))
+        results = await asyncio.gather(*(runtime.decode(time.monotonic() + 30, _work, 0.05) for _ in range(4)))
         assert results == ["decoded"] * 4
         # four decodes of 50 ms on one worker: 200 ms of decoding, though the last waited 150 ms for its turn
         assert 0.19 <= runtime.decode_busy_s < 0.3

@@ -7,17 +7,17 @@ from collections.abc import Iterator
 
 import pytest
 
-from .conftest import MEDIA, LiveServer
+from .conftest import MEDIA, LiveServer, occupy
 
 CAT = (MEDIA / "cat.jpg").read_bytes()
 
 
 @pytest.fixture(scope="module")
 def busy() -> Iterator[LiveServer]:
-    """Demo classify (learned, fourier, conv); learned's batcher estimates 100 s a batch, so it refuses
-    every request by time, while the other two variants are idle."""
+    """Demo classify (learned, fourier, conv); learned is busy with a batch it estimates at 100 s, so it
+    refuses every request by time, while the other two variants are idle."""
     server = LiveServer(demo_tasks=["classify"]).start()
-    server.runtime.model_for("classify", "learned").batcher._batch_s = 100.0  # type: ignore[union-attr]
+    occupy(server.runtime.model_for("classify", "learned"), 100.0)
     yield server
     server.stop()
 
@@ -107,3 +107,13 @@ def test_the_log_throttle_writes_one_line_per_interval_and_counts_the_rest() -> 
     assert throttle.admit(101.0) == 9  # the interval has passed: written, with the 9 left out
     assert throttle.admit(101.5) is None
     assert throttle.admit(250.0) == 1
+
+
+def test_refusals_past_the_pace_wait_before_they_are_sent() -> None:
+    """Clients that retry a 429 at once, ignoring Retry-After: past REFUSAL_PACE_PER_S refusals a second, each
+    is held REFUSAL_PAUSE_S, so each connection is refused at most a few times a second."""
+    from app.admission import RefusalPacer
+
+    pacer = RefusalPacer(per_s=3, pause_s=0.25)
+    assert [pacer.pause(10.0 + i / 100) for i in range(5)] == [0.0, 0.0, 0.0, 0.25, 0.25]
+    assert pacer.pause(11.05) == 0.0  # a new second: answered at once again

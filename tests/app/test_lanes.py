@@ -12,7 +12,7 @@ import httpx
 import pytest
 import torch
 
-from app.batching import Batcher, Lanes
+from app.batching import EVERY, Batch, Batcher, Lanes
 from app.cores import CoreShare
 
 from .asyncutil import async_test
@@ -28,7 +28,7 @@ class Meeting:
         self.barrier = threading.Barrier(parties, timeout=5)
         self.threads: list[str] = []
 
-    def __call__(self, payloads: Sequence[object]) -> list[object]:
+    def __call__(self, payloads: Sequence[object], batch: Batch = EVERY) -> list[object]:
         self.threads.append(threading.current_thread().name)
         self.barrier.wait()
         return [f"result:{p}" for p in payloads]
@@ -63,7 +63,7 @@ async def test_a_model_waits_for_a_free_lane_when_others_hold_them_all() -> None
     try:
         started: list[tuple[str, float]] = []
 
-        def slow(payloads: Sequence[object]) -> list[object]:
+        def slow(payloads: Sequence[object], batch: Batch = EVERY) -> list[object]:
             started.append((str(payloads[0]), time.monotonic()))
             time.sleep(0.2)
             return list(payloads)

@@ -128,3 +128,24 @@ def test_off_by_default_with_no_opentelemetry_sdk_import() -> None:
         [sys.executable, "-c", code, TRACEPARENT], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
     )
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_the_clock_offset_is_read_where_no_preemption_split_the_readings() -> None:
+    """The queue and inference spans convert the batcher's monotonic times to wall time. A thread preempted
+    between the two clock readings (milliseconds on a busy machine) made the offset that much wrong, and a
+    text request's queue span started before its decode span."""
+    from app.tracing import wall_minus_monotonic_ns
+
+    true_offset = 1_700_000_000_000_000_000
+    mono = iter([100, 5_000_100, 6_000_000, 6_000_200, 7_000_000, 7_000_300])  # first try: 5 ms preempted
+    now = {"mono": 0}
+
+    def monotonic_ns() -> int:
+        now["mono"] = next(mono)
+        return now["mono"]
+
+    def wall_ns() -> int:
+        return true_offset + now["mono"] + 50  # read 50 ns after the first monotonic reading
+
+    offset = wall_minus_monotonic_ns(3, monotonic_ns, wall_ns)
+    assert abs(offset - true_offset) <= 100  # from the second try's 200 ns window, not the first's 5 ms

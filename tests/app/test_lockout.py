@@ -1,0 +1,76 @@
+"""No timing can lock a model out: whatever its estimates say, an idle model admits a request that fits the
+limits. Each test forces the high estimate itself (no dependence on how busy the machine is)."""
+
+from __future__ import annotations
+
+import pytest
+
+from app.batching import ServiceTime
+from app.runtime import ServedModel
+
+from .conftest import LiveServer, occupy, release, shifted_pair
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def inflate(served: ServedModel, seconds_per_unit: float) -> None:
+    """Every estimate of ``served`` says ``seconds_per_unit``, as if warm-up or heavy batches had measured it."""
+    assert served.batcher is not None
+    service = ServiceTime({size: seconds_per_unit for size in (1, 2, 4, 8, 16, 32, 64)})
+    served.batcher.service_time = service
+
+
+def test_an_idle_model_admits_whatever_warm_up_measured() -> None:
+    """Optical flow whose warm-up measured more than the whole deadline per window, and fill-mask after two
+    heavy requests taught it seconds per window: both still answer an ordinary request on an idle server."""
+    server = LiveServer(demo_tasks=["optical-flow", "fill-mask"]).start()
+    try:
+        flow, fill = server.runtime.model_for("optical-flow"), server.runtime.model_for("fill-mask")
+        inflate(flow, 5.031)  # the 5,031 ms per item of the report, against a 6 s deadline
+        inflate(fill, 7.85)
+        first, second = shifted_pair(4, 0, size=(368, 496))  # one window
+        with server.client() as client:
+            r = client.post(
+                "/v1/optical-flow",
+                files={"frame1": ("a.png", first), "frame2": ("b.png", second)},
+                data={"format": "npy"},
+                headers={"x-request-timeout-ms": "6000"},
+            )
+            assert r.status_code in (200, 504), r.text  # 504 only if the pass itself outlasts 6 s
+            assert r.status_code != 429
+            r = client.post(
+                "/v1/fill-mask", json={"text": "Hello w[MASK]rld"}, headers={"x-request-timeout-ms": "6000"}
+            )
+            assert r.status_code == 200, r.text
+    finally:
+        server.stop()
+
+
+def test_a_busy_model_refuses_by_its_estimate_with_the_real_reason_and_retry_after() -> None:
+    server = LiveServer(demo_tasks=["fill-mask"]).start()
+    try:
+        fill = server.runtime.model_for("fill-mask")
+        with server.client() as client:
+            occupy(fill, 0.4)  # running a batch it estimates at 0.4 s: the wait is within the 0.5 s target ...
+            r = client.post("/v1/fill-mask", json={"text": "a[MASK]"}, headers={"x-request-timeout-ms": "500"})
+            assert r.status_code == 429, r.text  # ... but its pass after it, with the margin, is not within 0.5 s
+            assert "exceeds the request's remaining deadline" in r.json()["error"]["message"]
+            assert r.headers["retry-after"] == "1"
+            release(fill)
+            occupy(fill, 7.85)  # a batch of 7.85 s: the wait is over the queue-delay target
+            r = client.post("/v1/fill-mask", json={"text": "b[MASK]"}, headers={"x-request-timeout-ms": "60000"})
+            assert r.status_code == 429, r.text
+            assert "exceeds max_queue_delay" in r.json()["error"]["message"]
+            # Retry-After from the estimate: when the wait will be back within the target, 7.85 - 0.5 s from the
+            # start of the batch.
+            assert r.headers["retry-after"] in ("7", "8")
+            release(fill)  # the batch has ended; the estimate still says 7.85 s an item
+            r = client.post("/v1/fill-mask", json={"text": "c[MASK]"}, headers={"x-request-timeout-ms": "6000"})
+            assert r.status_code == 200, r.text  # idle: admitted and run, whatever the estimate says
+        reasons = {
+            reason: server.metric("perceiver_rejections_total", task="fill-mask", model="fill-mask", reason=reason)
+            for reason in ("would_miss_deadline", "queue_full")
+        }
+        assert reasons == {"would_miss_deadline": 1.0, "queue_full": 1.0}
+    finally:
+        server.stop()
