@@ -79,7 +79,7 @@ class AdmissionMiddleware:
             return
         messages: list[Message] = []
         try:
-            refusal = await self._refusal(scope, receive, task, messages)
+            refusal = await self._door_refusal(scope, receive, task, messages)
         except ServiceError as exc:  # from reading the body: too large, too slow
             await reject(runtime, exc, scope["path"], scope.get("state", {}).get("model", ""))(scope, receive, send)
             return
@@ -99,7 +99,9 @@ class AdmissionMiddleware:
 
         await self.app(scope, replay, send)
 
-    async def _refusal(self, scope: Scope, receive: Receive, task: str, messages: list[Message]) -> Overloaded | None:
+    async def _door_refusal(
+        self, scope: Scope, receive: Receive, task: str, messages: list[Message]
+    ) -> Overloaded | None:
         runtime = self.runtime
         variants = runtime.models.get(task)
         if not variants:
@@ -109,7 +111,7 @@ class AdmissionMiddleware:
         scope.setdefault("state", {})["deadline"] = deadline  # the route's too: one deadline per request
         refusals: dict[str, Overloaded] = {}
         for served in variants.values():
-            refusal = _refusal(served, deadline)
+            refusal = refusal_of(served, deadline)
             if refusal is not None:
                 refusals[served.name] = refusal
         if not refusals:
@@ -136,7 +138,7 @@ class AdmissionMiddleware:
 
 def admit(served: ServedModel, deadline: float) -> None:
     """429 (Overloaded) if ``served`` could not finish a request with this deadline."""
-    refusal = _refusal(served, deadline)
+    refusal = refusal_of(served, deadline)
     if refusal is not None:
         raise refusal
 
@@ -149,7 +151,7 @@ def overloaded(served: ServedModel, exc: QueueFull) -> Overloaded:
     return Overloaded(f"{served.name} is overloaded: {exc}", headers, reason)
 
 
-def _refusal(served: ServedModel, deadline: float) -> Overloaded | None:
+def refusal_of(served: ServedModel, deadline: float) -> Overloaded | None:
     """``admit``'s refusal, returned rather than raised (the door asks every variant, on every request)."""
     if served.batcher is not None:
         try:

@@ -277,10 +277,19 @@ class Batcher(Generic[P, R]):
 
     # ------------------------------------------------------------------ client side
     def submit(
-        self, payload: P, *, cost: int = 1, bucket: Hashable = None, deadline: float | None = None, units: int = 1
+        self,
+        payload: P,
+        *,
+        cost: int = 1,
+        bucket: Hashable = None,
+        deadline: float | None = None,
+        units: int = 1,
+        admit: bool = True,
     ) -> Ticket[P, R]:
-        """Queue one request (raises QueueFull); await ``ticket.future`` for its result."""
-        self.admit(deadline)
+        """Queue one request (raises QueueFull); await ``ticket.future`` for its result. ``admit=False``: the
+        request was admitted already (the second and later items of one request are not asked again)."""
+        if admit:
+            self.admit(deadline)
         self._wake()
         future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
         ticket: Ticket[P, R] = Ticket(payload, cost, bucket, deadline, future, self._clock(), max(1, units))
@@ -432,9 +441,9 @@ class Batcher(Generic[P, R]):
         """FIFO tickets of ``bucket`` that fit the size and cost caps; drops dead ones on the way.
 
         A request that can no longer finish before its deadline, even at the fastest per-unit time recently
-        measured, is dropped here while other requests wait for the slot: its answer would only be thrown
-        away. Alone in the queue it runs: it costs no one anything, and an estimate, however wrong, never
-        keeps an idle model from running (and so from measuring itself again).
+        measured, is dropped here while more than a batch of work waits for the slot: its answer would only
+        be thrown away. When the queue fits in one batch it runs: it costs no one anything, and an estimate,
+        however wrong, never keeps an idle model from running (and so from measuring itself again).
 
         First in, first out, also under overload. Admission by time (``admit``) keeps only the work that
         can finish within its deadline in the queue, so FIFO serves every admitted request in time.
@@ -450,7 +459,7 @@ class Batcher(Generic[P, R]):
             elif ticket.deadline is not None and now >= ticket.deadline:
                 self._drop(ticket, Expired("the request's deadline passed while it was queued"))
         self._queue = deque(t for t in self._queue if not t.future.done())
-        contended = len(self._queue) > 1
+        contended = len(self._queue) > self.max_batch_size  # more than one batch of work: others wait for the slot
         while self._queue:
             ticket = self._queue.popleft()
             hopeless = ticket.deadline is not None and now + self.service_time.floor_s(ticket.units) >= ticket.deadline

@@ -20,7 +20,7 @@ from typing import Any
 
 from fastapi import FastAPI
 
-from . import logging as jsonlog
+from . import jsonlog
 from .main import create_app
 from .runtime import Runtime
 from .settings import Settings, load_settings

@@ -1,8 +1,9 @@
 """One exception hierarchy and one table: each error kind's HTTP status, error type, metric reason.
 
 Every error a client sees is ``{"error": {"type": ..., "message": ...}}``; never a traceback. Handlers
-raise these; ``as_service_error`` translates everything else (framework and batcher exceptions) into
-one of them, and the app turns each into its response in one place, where rejections are counted once.
+raise these; the app's exception handlers (``app/main.py``) translate everything else (framework errors
+with ``for_status``, anything unexpected as InternalError) into one of them, and ``middleware.reject``
+turns each into its response in one place, where rejections are counted once.
 """
 
 from __future__ import annotations

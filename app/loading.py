@@ -33,7 +33,8 @@ class ModelLoadError(RuntimeError):
 
 AUTO_MAX_BATCH_SIZE = 64  # largest size max_batch_size=auto tries
 AUTO_UNMEASURED_BATCH_SIZE = 16  # max_batch_size=auto with warm-up off (nothing measured), or no reliable timing
-AUTO_MIN_GAIN = 0.05  # a larger batch must cut the per-item time by this share to be worth its latency
+# The chosen size's per-item time is within this share of the best size's: the rest would add latency for less.
+AUTO_NEAR_BEST = 0.10
 AUTO_TIMED_RUNS = 3  # per size, after one untimed run; the fastest counts (noise only ever adds time)
 # ...unless the timed runs already took this long: a forward pass of seconds is measured well enough by one
 # run, and repeating it would add seconds to start-up (the demo's optical flow: 2 s a pass on 2 cores).
@@ -46,8 +47,12 @@ AUTO_SLOW_FIRST_RUN_S = 0.25
 # much (beyond this factor). A pair that breaks either is measured again, up to AUTO_REMEASURES times; if it
 # still does, the measurements cannot decide and the choice falls back to AUTO_UNMEASURED_BATCH_SIZE.
 AUTO_FASTER_TOLERANCE = 0.10
-AUTO_COSTLIER_FACTOR = 2.5
+AUTO_COSTLIER_FACTOR = 4.0  # twice the items at twice the per-item cost: caches can do 1.3x, not that
 AUTO_REMEASURES = 2
+# Rounds over every size the search measured: each size's fastest of all its rounds counts.
+# One round measured sizes in turn, so a slow spell (page faults, another process's cache traffic) fell on a
+# few neighbouring sizes only and bent the curve: the demo's fill-mask chose 2, 4, 16 or 32 from start to start.
+AUTO_ROUNDS = 3
 
 
 def _batch_sizes(limit: int) -> list[int]:
@@ -184,12 +189,14 @@ class BatchSizeChoice:
 def decide_batch_size(
     measure: Callable[[int, bool], float], limit: int, budget_s: float, fallback: int = AUTO_UNMEASURED_BATCH_SIZE
 ) -> BatchSizeChoice:
-    """The largest power of two up to ``limit`` whose per-item time still improves by AUTO_MIN_GAIN and whose
-    forward pass fits ``budget_s``. ``measure(size, again)`` gives one size's forward seconds (its fastest of
-    a few runs; ``again``: a re-measurement).
+    """The smallest power of two up to ``limit`` whose per-item time is within AUTO_NEAR_BEST of the best
+    per-item time of any size whose forward pass fits ``budget_s``: larger batches would add latency for
+    less than that. ``measure(size, again)`` gives one size's forward seconds (at first, its fastest of a few runs).
 
-    A decision taken from measurements must survive a noisy one: times that contradict their neighbours (a
-    larger batch faster in total, or more than AUTO_COSTLIER_FACTOR times as costly for twice the items) are
+    A decision taken from measurements must survive a noisy one. Every size is measured in AUTO_ROUNDS
+    rounds and its fastest counts; the choice compares each size with the best of all (one flat step in a
+    noisy curve used to end a step-by-step search early). Times that contradict their neighbours (a larger
+    batch faster in total, or more than AUTO_COSTLIER_FACTOR times as costly for twice the items) are
     measured again; a contradiction that remains falls back to ``fallback``, within the budget as measured.
     """
     seconds: dict[int, float] = {}
@@ -203,22 +210,29 @@ def decide_batch_size(
         a, b = seconds[small], seconds[large]
         return b < a * (1 - AUTO_FASTER_TOLERANCE) or b > a * (large / small) * AUTO_COSTLIER_FACTOR / 2
 
-    def search() -> int:
-        best, best_item = 1, float("inf")
-        for size in _batch_sizes(limit):
-            elapsed = seconds[size] if size in seconds else timed(size)
-            per_item = elapsed / size
-            if elapsed > budget_s or per_item > best_item * (1 - AUTO_MIN_GAIN):
-                break
-            best, best_item = size, per_item
-            if 2 * elapsed * (1 - AUTO_MIN_GAIN) > budget_s:
-                break  # twice the batch could only fit the budget by gaining far more than AUTO_MIN_GAIN per item
-        return best
-
     def contradictions() -> list[tuple[int, int]]:
         return [(a, b) for a, b in itertools.pairwise(sorted(seconds)) if implausible(a, b)]
 
-    best = search()
+    def decide() -> int:
+        fitting = {s: t / s for s, t in seconds.items() if t <= budget_s}
+        if not fitting:
+            return 1
+        best = min(fitting.values())
+        return min(s for s, per_item in fitting.items() if per_item <= best * (1 + AUTO_NEAR_BEST))
+
+    def explore() -> None:
+        """Measure the sizes not measured yet, in order, up to the first one over the budget (as measured)."""
+        for size in _batch_sizes(limit):
+            elapsed = seconds[size] if size in seconds else timed(size)
+            if elapsed > budget_s or (size < limit and elapsed * 2 * (1 - AUTO_NEAR_BEST) > budget_s):
+                break  # twice the batch could only fit the budget by gaining far more per item than it can
+
+    explore()
+    for _ in range(AUTO_ROUNDS - 1):
+        for size in sorted(seconds):
+            if seconds[size] < AUTO_SLOW_FIRST_RUN_S:  # a pass this slow is measured well enough by one run
+                timed(size)
+        explore()
     for _ in range(AUTO_REMEASURES):
         pairs = contradictions()
         if not pairs:
@@ -226,8 +240,9 @@ def decide_batch_size(
         for size in sorted({s for pair in pairs for s in pair}):
             remeasured.append(size)
             timed(size)
-        best = search()
+        explore()
     reliable = not contradictions()
+    best = decide()
     if not reliable:
 
         def fits(size: int) -> bool:  # unmeasured sizes: the largest measured below, at its per-item time
@@ -255,8 +270,8 @@ def choose_batch_size(task: AnyTask, served: ServedModel, budget_ms: float) -> N
 
     def measure(size: int, again: bool) -> float:
         batch = [payload] * size
-        if again:
-            return min(_timed(run, batch, device) for _ in range(AUTO_TIMED_RUNS))
+        if again:  # a later round: one run (the rounds, not the runs within one, keep a slow spell out)
+            return _timed(run, batch, device)
         seconds = _timed(run, batch, device)  # first call at this shape: allocations, kernel selection
         if seconds < AUTO_SLOW_FIRST_RUN_S:
             times: list[float] = []

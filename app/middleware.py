@@ -16,8 +16,7 @@ from typing import Any
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from . import errors
-from . import logging as jsonlog
+from . import errors, jsonlog
 from .errors import Draining, PayloadTooLarge, RequestTimeout, ServiceError
 from .runtime import Runtime
 from .tasks import TASKS

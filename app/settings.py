@@ -90,9 +90,10 @@ class Settings(BaseSettings):
     )
     max_batch_size: BatchSize = Field(
         "auto",
-        description="Most requests in one forward pass. auto: measured per model at warm-up, the largest power "
-        "of two up to 64 whose per-item time still improves by 5% and whose forward pass stays within "
-        "batch_latency_budget_ms (16 when warm-up is off). Larger batches raise throughput and latency.",
+        description="Most requests in one forward pass. auto: measured per model at warm-up, the smallest power "
+        "of two up to 64 whose per-item time is within 10% of the best of those whose forward pass stays within "
+        "batch_latency_budget_ms (16 when warm-up is off, or when the timings cannot decide). Larger batches "
+        "raise throughput and latency.",
     )
     batch_latency_budget_ms: float = Field(
         500.0,

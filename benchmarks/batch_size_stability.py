@@ -30,8 +30,7 @@ from benchmarks.serve_load import spawn  # noqa: E402
 def choices(root: Path) -> tuple[dict[str, str], float]:
     """Each model's max_batch_size (with '*' for a fallback) from one start, and the seconds to ready."""
     started = time.monotonic()
-    env = {"PYTHONPATH": f"{root}:{os.environ.get('PYTHONPATH', '')}"}
-    proc, url = spawn(env)
+    proc, url = spawn({}, root=root)
     ready = time.monotonic() - started
     try:
         models = httpx.get(url + "/v1/models", timeout=30).json()["models"]

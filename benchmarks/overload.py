@@ -252,14 +252,14 @@ async def measure(
     return {"capacity_rps": capacity, "outcomes": outcomes, "retrying": retries, "rss": rss}
 
 
-def start_server(extra: dict[str, str] | None = None) -> tuple[object, str]:
+def start_server(extra: dict[str, str] | None = None, root: Path = ROOT) -> tuple[object, str]:
     env = {
         "PERCEIVER_DEMO_TASKS": '["classify"]',
         "PERCEIVER_REQUEST_TIMEOUT_S": str(TIMEOUT_S),
         "PERCEIVER_MAX_QUEUE_SIZE": "1024",
         **(extra or {}),
     }
-    return spawn(env)
+    return spawn(env, root=root)
 
 
 def report(result: dict[str, object]) -> str:
@@ -338,9 +338,10 @@ def main() -> None:
         help="after the open-loop factors, N closed-loop clients that retry every 429 after Retry-After (honour) "
         "or at once (ignore), for --duration seconds (repeatable), e.g. 200:honour 32:ignore",
     )
+    parser.add_argument("--root", type=Path, default=ROOT, help="serve the tree at this path (another commit)")
     args = parser.parse_args()
     retry_clients = [(int(n), mode == "honour") for n, _, mode in (r.partition(":") for r in args.retrying)]
-    proc, url = start_server(dict(pair.split("=", 1) for pair in args.env))
+    proc, url = start_server(dict(pair.split("=", 1) for pair in args.env), args.root.resolve())
     os.nice(args.client_nice)
     try:
         result = asyncio.run(

@@ -64,7 +64,10 @@ def logs_to_devnull(level: str) -> None:
     and written as a server writes them to a pipe or file, but not shown."""
     import logging
 
-    from app.logging import configure
+    try:
+        from app.jsonlog import configure
+    except ImportError:  # a tree from before the rename (--root OLD)
+        from app.logging import configure  # type: ignore[no-redef]
 
     configure(level)
     for handler in logging.getLogger().handlers:

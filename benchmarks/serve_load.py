@@ -244,20 +244,21 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def spawn(env: dict[str, str], log: Path | None = None) -> tuple[subprocess.Popen[bytes], str]:
-    """``python -m app.cli`` on a free loopback port with ``env``; returns once /readyz answers 200."""
+def spawn(env: dict[str, str], log: Path | None = None, root: Path = ROOT) -> tuple[subprocess.Popen[bytes], str]:
+    """``python -m app.cli`` of the tree at ``root`` (default: this one) on a free loopback port with ``env``;
+    returns once /readyz answers 200."""
     port = free_port()
     full = {
         **os.environ,
         "PERCEIVER_HOST": "127.0.0.1",
         "PERCEIVER_PORT": str(port),
         "PERCEIVER_LOG_LEVEL": "WARNING",
-        "PYTHONPATH": f"{ROOT}:{os.environ.get('PYTHONPATH', '')}",
+        "PYTHONPATH": f"{root}:{os.environ.get('PYTHONPATH', '')}",
         **env,
     }
     with open(log or os.devnull, "wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "app.cli"], cwd=ROOT, env=full, stdout=out, stderr=subprocess.STDOUT
+            [sys.executable, "-m", "app.cli"], cwd=root, env=full, stdout=out, stderr=subprocess.STDOUT
         )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 600
@@ -346,7 +347,8 @@ def main() -> None:
         "--variant",
         action="append",
         default=[],
-        help="LABEL:KEY=VALUE,... spawn a server per variant with these settings (repeatable)",
+        help="LABEL:KEY=VALUE,... spawn a server per variant with these settings (repeatable); ROOT=DIR serves "
+        "the tree at DIR (another commit, checked out with git worktree) instead of this one",
     )
     parser.add_argument("--repeat", type=int, default=1, help="run every variant this many times, interleaved")
     parser.add_argument("--json", type=Path)
@@ -363,7 +365,9 @@ def main() -> None:
             configs = [parse_variant(v) for v in args.variant]
         for label, env in [c for _ in range(args.repeat) for c in configs]:
             demo = {"PERCEIVER_DEMO_TASKS": json.dumps([args.task]), "PERCEIVER_MAX_QUEUE_SIZE": "1024"}
-            proc, url = spawn({**env, **demo})
+            env = dict(env)
+            root = Path(env.pop("ROOT", str(ROOT))).resolve()  # ROOT=DIR: the server of another tree (old main)
+            proc, url = spawn({**env, **demo}, root=root)
             try:
                 levels += sweep(url, args, label)
             finally:

@@ -116,7 +116,7 @@ def _problems(exc: ValidationError) -> str:
     return "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ())) or 'body'}: {e['msg']}" for e in exc.errors())
 
 
-def read_request(body: bytes, header_length: str | None) -> tuple[InferenceRequest, bytes]:
+def parse_infer_request(body: bytes, header_length: str | None) -> tuple[InferenceRequest, bytes]:
     """The JSON header, validated, and the binary data after it (empty without the binary extension)."""
     binary = b""
     if header_length is not None:

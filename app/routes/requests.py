@@ -150,7 +150,7 @@ def _names(task: Task[Any, Any, Any]) -> str:
     return "fields " + ", ".join(task.request_model.model_fields)
 
 
-async def read_request(
+async def read_task_request(
     request: Request, task: Task[Any, Any, Any], max_files: int
 ) -> tuple[TaskRequest, dict[str, list[bytes]]]:
     """The validated request fields and the uploads (name → files in upload order)."""

@@ -18,7 +18,7 @@ from ..errors import ClientClosedRequest, DeadlineExceeded, InferenceFailed, Not
 from ..runtime import Runtime, ServedModel
 from ..tasks import TASKS, run_decode
 from ..tasks.base import DecodeContext, Reply, Task, TaskRequest
-from .requests import read_request
+from .requests import read_task_request
 
 if TYPE_CHECKING:
     from ..tracing import Tracing
@@ -82,7 +82,7 @@ def _handler(task: AnyTask) -> Callable[[Request], Awaitable[Response]]:
         deadline = request_deadline(request, runtime)
         if not runtime.ready:
             raise NotReady("models are still loading; retry when /readyz answers 200", {"Retry-After": "1"})
-        options, files = await read_request(request, task, runtime.settings.max_files_per_request)
+        options, files = await read_task_request(request, task, runtime.settings.max_files_per_request)
         served = runtime.model_for(task.name, task.variant(options))
         request.state.model = served.name
         admit(served, deadline)  # this variant, before decoding what it could not serve in time
@@ -173,9 +173,12 @@ async def submit(
         raise NotReady("models are still loading")
     tickets: list[Ticket[Any, Any]] = []
     try:
-        for payload in payloads:
+        for payload in payloads:  # admitted as one request: its first item is asked, the rest come with it
             bucket, cost, units = task.bucket(payload), task.cost(payload), task.units(payload)
-            tickets.append(served.batcher.submit(payload, cost=cost, bucket=bucket, deadline=deadline, units=units))
+            ticket = served.batcher.submit(
+                payload, cost=cost, bucket=bucket, deadline=deadline, units=units, admit=not tickets
+            )
+            tickets.append(ticket)
     except QueueFull as exc:
         for ticket in tickets:
             ticket.cancel()

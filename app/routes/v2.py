@@ -32,7 +32,7 @@ from ..oip.tensors import (
     V2Error,
     decode_inputs,
     encode_response,
-    read_request,
+    parse_infer_request,
 )
 from ..runtime import Runtime, ServedModel
 from ..tasks import TASKS
@@ -322,7 +322,7 @@ class _Call:
 
 
 def _prepare(body: bytes, header_length: str | None, task: AnyTask, adapter: Adapter, max_rows: int) -> _Call:
-    request, binary = read_request(body, header_length)
+    request, binary = parse_infer_request(body, header_length)
     adapter.check(request.inputs)
     parameters = dict(request.parameters)
     binary_all = _flag(parameters.pop("binary_data_output", False), "binary_data_output")

@@ -20,6 +20,7 @@ from app.tasks.classify import SCALED_MIN_SHORT_SIDE, TASK, ImagePayload, crops_
 from benchmarks.photos import photo_jpeg
 from perceiver_core.processing import jpeg
 from perceiver_core.processing.image import normalize_pixels, resize_image
+from tests.helpers import mean_abs_diff
 
 from .conftest import MEDIA
 
@@ -30,10 +31,6 @@ def crops(data: bytes) -> tuple[np.ndarray, np.ndarray]:
     exact = resize_image(decode_image(data, 10**9))
     auto = resize_image(decode_image(data, 10**9, SCALED_MIN_SHORT_SIDE))
     return exact, auto
-
-
-def mean_abs_diff(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.abs(a.astype(np.int16) - b.astype(np.int16)).mean())
 
 
 @pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")

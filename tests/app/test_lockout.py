@@ -8,7 +8,7 @@ import pytest
 from app.batching import ServiceTime
 from app.runtime import ServedModel
 
-from .conftest import LiveServer, occupy, release, shifted_pair
+from .conftest import MEDIA, LiveServer, occupy, release, shifted_pair
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -72,5 +72,21 @@ def test_a_busy_model_refuses_by_its_estimate_with_the_real_reason_and_retry_aft
             for reason in ("would_miss_deadline", "queue_full")
         }
         assert reasons == {"would_miss_deadline": 1.0, "queue_full": 1.0}
+    finally:
+        server.stop()
+
+
+def test_the_items_of_one_request_are_admitted_together() -> None:
+    """Three images in one request are three items: admitted with the first, whatever the queue they make."""
+    server = LiveServer(demo_tasks=["classify"]).start()
+    try:
+        inflate(server.runtime.model_for("classify", "learned"), 1000.0)
+        cat = (MEDIA / "cat.jpg").read_bytes()
+        with server.client() as client:
+            r = client.post(
+                "/v1/classify", files=[("image", ("a.jpg", cat)), ("image", ("b.jpg", cat)), ("image", ("c.jpg", cat))]
+            )
+        assert r.status_code == 200, r.text
+        assert len(r.json()["results"]) == 3
     finally:
         server.stop()

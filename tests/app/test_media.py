@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import struct
-import wave
 import zlib
 from typing import Any
 
@@ -24,6 +23,7 @@ from app.media import (
     decode_video,
     open_video,
 )
+from tests.helpers import pcm16_wav
 
 from .conftest import MEDIA, make_mp4
 
@@ -348,14 +348,7 @@ def audio_only_m4a(seconds: float = 1.0) -> bytes:
 
 def wav(seconds: float, rate: int = 16_000, amplitude: float = 0.5, hz: float = 440.0) -> bytes:
     n = int(seconds * rate)
-    samples = (amplitude * 32767 * np.sin(2 * np.pi * hz * np.arange(n) / rate)).astype("<i2")
-    buffer = io.BytesIO()
-    with wave.open(buffer, "wb") as out:
-        out.setnchannels(1)
-        out.setsampwidth(2)
-        out.setframerate(rate)
-        out.writeframes(samples.tobytes())
-    return buffer.getvalue()
+    return pcm16_wav(amplitude * np.sin(2 * np.pi * hz * np.arange(n) / rate), rate)
 
 
 def test_an_audio_only_mp4_has_no_video_stream() -> None:

@@ -10,7 +10,6 @@ import io
 import json
 import math
 import time
-import wave
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ from app.errors import InvalidInput, PayloadTooLarge
 from app.tasks.base import text_ids
 from perceiver_core.heads import PerceiverForMultimodalAutoencoding
 from perceiver_core.processing import tokenizer
+from tests.helpers import pcm16_wav
 
 from .conftest import MEDIA, LiveServer
 from .test_endpoints import PhaseCorrelationFlow
@@ -187,13 +187,7 @@ class LoudnessAutoencoder(PerceiverForMultimodalAutoencoding):
 
 
 def wav(samples: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    with wave.open(buffer, "wb") as out:
-        out.setnchannels(1)
-        out.setsampwidth(2)
-        out.setframerate(RATE)
-        out.writeframes((samples * 32767).astype("<i2").tobytes())
-    return buffer.getvalue()
+    return pcm16_wav(samples, RATE)
 
 
 def test_each_clip_hears_its_own_part_of_the_audio() -> None:

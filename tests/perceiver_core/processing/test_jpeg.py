@@ -16,6 +16,7 @@ from PIL import Image
 from benchmarks.photos import photo_jpeg
 from perceiver_core.processing import jpeg
 from perceiver_core.processing.image import resize_image
+from tests.helpers import mean_abs_diff
 
 pytestmark = pytest.mark.skipif(not jpeg.available(), reason="torchvision is not installed")
 
@@ -24,10 +25,6 @@ SIZES = [(451, 300), (640, 427), (1920, 1080), (4032, 3024), (3024, 4032)]
 
 def reference(data: bytes) -> np.ndarray:
     return resize_image(Image.open(io.BytesIO(data)))
-
-
-def mean_abs_diff(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.abs(a.astype(np.int16) - b.astype(np.int16)).mean())
 
 
 @pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
