@@ -115,7 +115,9 @@ class ServiceTime:
         keep = 0.5 ** (idle_s / self.half_life_s)
         for klass, warm in self.warm.items():
             samples = self.samples[klass]
-            samples.extend([warm + (x - warm) * keep for x in samples])  # maxlen: replaces them all
+            decayed = [warm + (x - warm) * keep for x in samples]
+            samples.clear()
+            samples.extend(decayed)
 
     def summary(self) -> dict[str, float]:
         """Per-unit milliseconds by size class, as admission uses them now (for /v1/models)."""

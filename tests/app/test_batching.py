@@ -366,3 +366,11 @@ def test_passes_leave_out_the_units_of_requests_that_have_ended() -> None:
         batch.passes_started += 1
         seen.append(chunk)
     assert seen == [[0, 1], [4, 5]]  # request 1 ended after the first pass: its units 2 and 3 never run
+
+
+def test_decay_moves_every_sample_of_a_class_that_is_not_full() -> None:
+    service = ServiceTime({1: 0.010}, half_life_s=30.0)  # three warm-up seeds of a window of nine
+    for _ in range(4):
+        service.observe(1, 1.0)  # seven samples: the median is 1 s
+    service.decay(600.0)
+    assert service.per_unit(1) == pytest.approx(0.010, rel=1e-3)  # none of the slow samples stays as it was
