@@ -1,5 +1,6 @@
-"""Refusal at the door: a task request that its model would refuse gets its 429 here, before routing,
-dependency solving and exception handling, and before its upload is parsed.
+"""The prologue every front end shares (deadline, readiness, model, admission), and refusal at the door: a task
+request that its model would refuse gets its 429 here, before routing, dependency solving and exception
+handling, and before its upload is parsed.
 
 At 30x overload nearly every request is refused. Through the whole FastAPI stack a refusal cost the event
 loop about 0.6 ms of Python, and the model paid for it twice over: while the loop holds the GIL, the
@@ -10,16 +11,17 @@ key check (a caller without a key gets its 401 first) and outside everything Fas
 from __future__ import annotations
 
 import asyncio
-import math
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from starlette.datastructures import QueryParams
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .batching import QueueFull
+from .engine import Engine
 from .errors import ModelNotFound, Overloaded, ServiceError
 from .middleware import TASK_PATHS, reject
-from .runtime import Runtime, ServedModel
+from .runtime import Runtime
 
 
 def timeout_s(header: bytes | str | None, server_timeout_s: float) -> float:
@@ -30,6 +32,45 @@ def timeout_s(header: bytes | str | None, server_timeout_s: float) -> float:
         except ValueError:
             pass
     return server_timeout_s
+
+
+@dataclass
+class Prologue:
+    """What a task request is worked out to be before its body is read, once, and carried in its scope: the
+    door, the REST routes and the Open Inference Protocol all read it from there."""
+
+    deadline: float  # monotonic: the server's timeout from when the request reached the door, or less
+    engine: Engine | None = None  # the model that admitted it, once known
+
+
+def prologue(scope: Scope, runtime: Runtime) -> Prologue:
+    """The request's prologue, begun at the first call (the door, for a task POST): its deadline is taken then."""
+    state = scope.setdefault("state", {})
+    found: Prologue | None = state.get("prologue")
+    if found is None:
+        header = next((v for k, v in scope["headers"] if k == b"x-request-timeout-ms"), None)
+        found = Prologue(time.monotonic() + timeout_s(header, runtime.settings.request_timeout_s))
+        state["prologue"] = found
+    return found
+
+
+def begin(scope: Scope, runtime: Runtime, probe: str) -> Prologue:
+    """The prologue's first half, before the body is read: the deadline, and readiness (503 naming ``probe``,
+    the readiness path of the front end's protocol)."""
+    begun = prologue(scope, runtime)
+    runtime.check_ready(probe)
+    return begun
+
+
+def admit(scope: Scope, runtime: Runtime, probe: str, find: Callable[[], Engine]) -> tuple[Engine, float]:
+    """Every front end's prologue: ``begin``; the model (``find``: 404 if there is none); admission (429).
+    Returns the engine and the request's deadline."""
+    begun = begin(scope, runtime, probe)
+    engine = find()
+    scope["state"]["model"] = engine.name
+    engine.admit(begun.deadline)
+    begun.engine = engine
+    return engine, begun.deadline
 
 
 REFUSAL_PACE_PER_S = 100  # refusals a second the door answers at once; past that, each waits REFUSAL_PAUSE_S
@@ -106,14 +147,12 @@ class AdmissionMiddleware:
         variants = runtime.models.get(task)
         if not variants:
             return None
-        header = next((v for k, v in scope["headers"] if k == b"x-request-timeout-ms"), None)
-        deadline = time.monotonic() + timeout_s(header, runtime.settings.request_timeout_s)
-        scope.setdefault("state", {})["deadline"] = deadline  # the route's too: one deadline per request
+        deadline = prologue(scope, runtime).deadline
         refusals: dict[str, Overloaded] = {}
-        for served in variants.values():
-            refusal = refusal_of(served, deadline)
+        for engine in variants.values():
+            refusal = engine.refusal(deadline)
             if refusal is not None:
-                refusals[served.name] = refusal
+                refusals[engine.name] = refusal
         if not refusals:
             return None
         state = scope.setdefault("state", {})
@@ -123,42 +162,17 @@ class AdmissionMiddleware:
         query = scope.get("query_string", b"")
         named = QueryParams(query).get("model") if query else None
         try:
-            served = runtime.model_for(task, named)
+            engine = runtime.engine_for(task, named)
         except ModelNotFound:
             return None  # the route says so, once the rest of the request is checked
-        if served.name not in refusals:
+        if engine.name not in refusals:
             return None
         if named is None:
             body = await _read_body(receive, messages)  # bounded in size and time by the receive it was given
             if body is None or b"model" in body:
                 return None  # the client left (the route reports it), or the body may name another variant
-        state["model"] = served.name
-        return refusals[served.name]
-
-
-def admit(served: ServedModel, deadline: float) -> None:
-    """429 (Overloaded) if ``served`` could not finish a request with this deadline."""
-    refusal = refusal_of(served, deadline)
-    if refusal is not None:
-        raise refusal
-
-
-def overloaded(served: ServedModel, exc: QueueFull) -> Overloaded:
-    """The 429 for a batcher's refusal, labelled with its reason (queue full, or the deadline out of reach);
-    Retry-After is the batcher's estimate of when the request would be admitted."""
-    reason = "would_miss_deadline" if exc.reason == "deadline" else "queue_full"
-    headers = {"Retry-After": str(math.ceil(exc.retry_after_s))}
-    return Overloaded(f"{served.name} is overloaded: {exc}", headers, reason)
-
-
-def refusal_of(served: ServedModel, deadline: float) -> Overloaded | None:
-    """``admit``'s refusal, returned rather than raised (the door asks every variant, on every request)."""
-    if served.batcher is not None:
-        try:
-            served.batcher.admit(deadline)
-        except QueueFull as exc:
-            return overloaded(served, exc)
-    return None
+        state["model"] = engine.name
+        return refusals[engine.name]
 
 
 async def _read_body(receive: Receive, messages: list[Message]) -> bytes | None:

@@ -1,25 +1,29 @@
-"""Build the served models: configured checkpoints, or the demo profile; then warm every bucket."""
+"""Start-up, up to each model's engine: load the configured checkpoints (or the demo profile), decide each
+model's batch policy (max_batch_size=auto measures it), warm every bucket, and build the engine."""
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import itertools
 import logging
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 import perceiver_core
 from perceiver_core.graphs import enable_cuda_graphs
 
-from .batching import EVERY, Batch, Batcher, ServiceTime
-from .cores import CoreShare
-from .runtime import Runtime, ServedModel
+from .batching import ServiceTime
+from .engine import BatchPolicy, Engine, build_engine, make_runner
 from .settings import Settings
 from .tasks import TASKS, Task
+
+if TYPE_CHECKING:
+    from .runtime import Runtime
 
 AnyTask = Task[Any, Any, Any]
 
@@ -64,12 +68,33 @@ def _batch_sizes(limit: int) -> list[int]:
     return sorted(sizes)
 
 
-def build_models(settings: Settings) -> list[ServedModel]:
+@dataclass
+class LoadedModel:
+    """A model on its device, with what was asked of its batching (the policy is decided from it)."""
+
+    task: AnyTask
+    variant: str
+    model: perceiver_core.PerceiverHead
+    source: str
+    weights: str  # "pretrained" or "random-init"
+    dtype: str
+    max_batch_size: int | str  # as configured: a size, or "auto"
+    max_delay_ms: float
+    max_batch_cost: int | None = None  # None: the task's default for the batch size decided
+    own_max_batch_size: bool = False  # set in the model's own spec: the task's cap does not apply
+    load_s: float = 0.0
+
+    @property
+    def name(self) -> str:
+        return self.task.name if self.variant == "default" else f"{self.task.name}/{self.variant}"
+
+
+def build_models(settings: Settings) -> list[LoadedModel]:
     """Load every configured model (or the demo profile) onto the device, in eval mode."""
     device = torch.device(settings.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("PERCEIVER_DEVICE is cuda but no CUDA device is available")
-    served: list[ServedModel] = []
+    loaded: list[LoadedModel] = []
     if settings.demo:
         log.warning(
             "demo profile: no models configured, serving small RANDOMLY INITIALISED models for every task; "
@@ -82,9 +107,20 @@ def build_models(settings: Settings) -> list[ServedModel]:
                 started = time.monotonic()
                 torch.manual_seed(0)
                 model = perceiver_core.build_model(config).to(device=device, dtype=DTYPES[dtype_name]).eval()
-                served.append(_served(task, variant, model, "demo", "random-init", dtype_name, settings, {}))
-                served[-1].load_s = time.monotonic() - started
-        return served
+                loaded.append(
+                    LoadedModel(
+                        task,
+                        variant,
+                        model,
+                        "demo",
+                        "random-init",
+                        dtype_name,
+                        max_batch_size=settings.max_batch_size,
+                        max_delay_ms=settings.max_delay_ms,
+                        load_s=time.monotonic() - started,
+                    )
+                )
+        return loaded
     for spec in settings.models:
         task = TASKS[spec.task]
         dtype_name = settings.resolved_dtype(spec.dtype)
@@ -102,66 +138,22 @@ def build_models(settings: Settings) -> list[ServedModel]:
                 f"{spec.source} is a {model.config.architecture}; task {spec.task} needs one of {task.architectures}"
             )
         log.info("loaded %s/%s from %s in %.1fs", spec.task, spec.variant, spec.source, time.monotonic() - started)
-        overrides = spec.model_dump(include={"max_batch_size", "max_delay_ms", "max_batch_cost"}, exclude_none=True)
-        served.append(_served(task, spec.variant, model, spec.source, "pretrained", dtype_name, settings, overrides))
-        served[-1].load_s = time.monotonic() - started
-    return served
-
-
-def _served(
-    task: AnyTask,
-    variant: str,
-    model: perceiver_core.PerceiverHead,
-    source: str,
-    weights: str,
-    dtype: str,
-    settings: Settings,
-    overrides: dict[str, Any],
-) -> ServedModel:
-    size = overrides.get("max_batch_size", settings.max_batch_size)
-    auto = size == "auto"
-    if auto:
-        size = AUTO_MAX_BATCH_SIZE if settings.warmup else AUTO_UNMEASURED_BATCH_SIZE
-    if task.max_batch_size_cap is not None and (auto or "max_batch_size" not in overrides):
-        size = min(size, task.max_batch_size_cap)
-    return ServedModel(
-        task=task.name,
-        variant=variant,
-        model=model,
-        source=source,
-        weights=weights,
-        dtype=dtype,
-        device=str(model.device),
-        max_batch_size=size,
-        max_delay_ms=overrides.get("max_delay_ms", settings.max_delay_ms),
-        max_batch_cost=overrides.get("max_batch_cost", task.default_max_batch_cost(size)),
-        batch_size_auto=auto and settings.warmup,
-        max_batch_cost_configured="max_batch_cost" in overrides,
-    )
-
-
-def make_runner(task: AnyTask, served: ServedModel, cores: CoreShare | None = None) -> Any:
-    """The batch function the inference threads run. On the CPU, with ``cores`` (the runtime's CoreShare),
-    each forward pass takes its share of the cores that decoding has recently left: torch's intra-op
-    threads otherwise spin against the decode threads and against the other batches running."""
-    if cores is None or served.model.device.type != "cpu":
-
-        def run(payloads: Sequence[Any], batch: Batch = EVERY) -> list[Any]:
-            with torch.inference_mode():
-                return task.predict(served.model, payloads, batch)
-
-        return run
-
-    share = cores
-
-    def run_shared(payloads: Sequence[Any], batch: Batch = EVERY) -> list[Any]:
-        with share.lane() as threads:
-            if threads != torch.get_num_threads():
-                torch.set_num_threads(threads)  # this thread's intra-op threads (per thread under OpenMP)
-            with torch.inference_mode():
-                return task.predict(served.model, payloads, batch)
-
-    return run_shared
+        loaded.append(
+            LoadedModel(
+                task,
+                spec.variant,
+                model,
+                spec.source,
+                "pretrained",
+                dtype_name,
+                max_batch_size=settings.max_batch_size if spec.max_batch_size is None else spec.max_batch_size,
+                max_delay_ms=settings.max_delay_ms if spec.max_delay_ms is None else spec.max_delay_ms,
+                max_batch_cost=spec.max_batch_cost,
+                own_max_batch_size=spec.max_batch_size is not None,
+                load_s=time.monotonic() - started,
+            )
+        )
+    return loaded
 
 
 def _timed(run: Any, payloads: list[Any], device: torch.device) -> float:
@@ -255,18 +247,32 @@ def decide_batch_size(
     return BatchSizeChoice(best, {s: t / s for s, t in seconds.items()}, reliable, remeasured)
 
 
-def choose_batch_size(task: AnyTask, served: ServedModel, budget_ms: float) -> None:
-    """max_batch_size=auto: ``decide_batch_size`` on this model and this machine, measured on the task's first
-    warm-up payload (the smallest shape bucket). Runs on the inference thread. On the CPU the search runs
-    torch on one thread and counts that thread's CPU time: per-item times compare the same way, and a busy
-    machine (another process on the cores) does not change them, where wall-clock times on every core swung
-    by 100x and flipped the choice between 1 and 16 from one start to the next."""
-    if not served.batch_size_auto:
-        return
+def decide_policy(loaded: LoadedModel, settings: Settings) -> tuple[BatchPolicy, float]:
+    """The model's batch policy and the seconds deciding it took. max_batch_size=auto (with warm-up on)
+    runs ``decide_batch_size`` on this model and this machine, measured on the task's first warm-up payload
+    (the smallest shape bucket), on the inference thread. On the CPU the search runs torch on one thread and
+    counts that thread's CPU time: per-item times compare the same way, and a busy machine (another process on
+    the cores) does not change them, where wall-clock times on every core swung by 100x and flipped the
+    choice between 1 and 16 from one start to the next."""
+    task = loaded.task
+    auto = loaded.max_batch_size == "auto"
+    if auto:
+        limit = AUTO_MAX_BATCH_SIZE if settings.warmup else AUTO_UNMEASURED_BATCH_SIZE
+    else:
+        limit = int(loaded.max_batch_size)
+    if task.max_batch_size_cap is not None and (auto or not loaded.own_max_batch_size):
+        limit = min(limit, task.max_batch_size_cap)
+
+    def policy(size: int, source: str, per_item_ms: dict[int, float]) -> BatchPolicy:
+        cost = task.default_max_batch_cost(size) if loaded.max_batch_cost is None else loaded.max_batch_cost
+        return BatchPolicy(size, source, loaded.max_delay_ms, cost, per_item_ms)
+
+    if not (auto and settings.warmup):
+        return policy(limit, "configured", {}), 0.0
     started = time.monotonic()
-    run = make_runner(task, served)
-    payload = task.warmup_payloads(served.model.config)[0]
-    device = served.model.device
+    run = make_runner(task, loaded.model)
+    payload = task.warmup_payloads(loaded.model.config)[0]
+    device = loaded.model.device
 
     def measure(size: int, again: bool) -> float:
         batch = [payload] * size
@@ -286,56 +292,61 @@ def choose_batch_size(task: AnyTask, served: ServedModel, budget_ms: float) -> N
     try:
         if device.type == "cpu":
             torch.set_num_threads(1)
-        choice = decide_batch_size(measure, served.max_batch_size, budget_ms / 1000)
+        choice = decide_batch_size(measure, limit, settings.batch_latency_budget_ms / 1000)
     finally:
         gc.enable()
         if device.type == "cpu":
             torch.set_num_threads(threads)
-    served.max_batch_size = choice.size
-    served.per_item_ms = {size: round(s * 1000, 3) for size, s in sorted(choice.per_item_s.items())}
-    served.batch_size_reliable = choice.reliable
-    served.warmup_s += time.monotonic() - started
-    if not served.max_batch_cost_configured:
-        served.max_batch_cost = TASKS[served.task].default_max_batch_cost(choice.size)
+    per_item_ms = {size: round(s * 1000, 3) for size, s in sorted(choice.per_item_s.items())}
     if choice.reliable:
         log.info(
             "%s: max_batch_size=auto chose %d (per-item ms by size: %s%s)",
-            served.name,
+            loaded.name,
             choice.size,
-            served.per_item_ms,
+            per_item_ms,
             f"; measured again: {choice.remeasured}" if choice.remeasured else "",
         )
     else:
         log.warning(
             "%s: max_batch_size=auto could not decide (timings contradict each other even measured again: "
             "per-item ms by size %s); falling back to %d. Set max_batch_size to choose.",
-            served.name,
-            served.per_item_ms,
+            loaded.name,
+            per_item_ms,
             choice.size,
         )
+    source = "auto" if choice.reliable else "auto-fallback"
+    return policy(choice.size, source, per_item_ms), time.monotonic() - started
 
 
-def maybe_enable_graphs(settings: Settings, served: ServedModel) -> None:
-    if not settings.cuda_graphs or served.model.device.type != "cuda":
+def maybe_enable_graphs(settings: Settings, loaded: LoadedModel, policy: BatchPolicy) -> None:
+    if not settings.cuda_graphs or loaded.model.device.type != "cuda":
         return
-    if TASKS[served.task].cuda_graphs:
-        sizes = _batch_sizes(served.max_batch_size)
-        enable_cuda_graphs(served.model, sizes)
-        log.info("CUDA graphs on for %s (batch sizes %s)", served.name, sizes)
+    if loaded.task.cuda_graphs:
+        sizes = _batch_sizes(policy.max_batch_size)
+        enable_cuda_graphs(loaded.model, sizes)
+        log.info("CUDA graphs on for %s (batch sizes %s)", loaded.name, sizes)
 
 
-def warm_up(task: AnyTask, served: ServedModel) -> None:
+@dataclass
+class WarmUp:
+    per_item_s: dict[int, float] = field(default_factory=dict)  # the first bucket's, by batch size (wall time)
+    seconds: float = 0.0
+
+
+def warm_up(loaded: LoadedModel, policy: BatchPolicy) -> WarmUp:
     """Every shape bucket at every power-of-two batch size up to the maximum (inference thread).
 
     The first bucket's sizes that max_batch_size=auto already ran are not run again, except on CUDA, where
     CUDA graphs (enabled after the search) capture on their first run.
     """
     started = time.monotonic()
-    run = make_runner(task, served)
-    device = served.model.device
-    already_run = set(served.per_item_ms) if device.type == "cpu" else set()
-    for i, payload in enumerate(task.warmup_payloads(served.model.config)):
-        for size in _batch_sizes(served.max_batch_size):
+    task, model = loaded.task, loaded.model
+    run = make_runner(task, model)
+    device = model.device
+    warm = WarmUp()
+    already_run = set(policy.per_item_ms) if device.type == "cpu" else set()
+    for i, payload in enumerate(task.warmup_payloads(model.config)):
+        for size in _batch_sizes(policy.max_batch_size):
             if i == 0 and size in already_run:
                 continue
             if i == 0:  # admission's first estimates, until real batches correct them (wall time, every core)
@@ -343,50 +354,44 @@ def warm_up(task: AnyTask, served: ServedModel) -> None:
                 run([payload] * size)
                 if device.type == "cuda":
                     torch.cuda.synchronize()
-                served.warm_per_item_s[size] = (time.perf_counter() - before) / size
+                warm.per_item_s[size] = (time.perf_counter() - before) / size
             else:
                 run([payload] * size)
     if device.type == "cuda":
         torch.cuda.synchronize()
-    served.warmup_s += time.monotonic() - started
-    log.info("warmed %s in %.1fs (batch sizes measured and warmed)", served.name, served.warmup_s)
+    warm.seconds = time.monotonic() - started
+    log.info("warmed %s in %.1fs (every bucket at every batch size)", loaded.name, warm.seconds)
+    return warm
 
 
-def warm_service_time(served: ServedModel) -> ServiceTime:
+def warm_service_time(policy: BatchPolicy, warm: WarmUp) -> ServiceTime:
     """Admission's estimates, seeded with the per-item times warm-up measured (max_batch_size=auto's search
     where it ran a size, one thread's CPU time: an overestimate; warm-up's own run otherwise). Without
     warm-up nothing is known until the batcher has timed a batch of its own."""
-    warm = {size: ms / 1000 for size, ms in served.per_item_ms.items() if size <= served.max_batch_size}
-    warm.update(served.warm_per_item_s)
-    return ServiceTime(warm)
+    seed = {size: ms / 1000 for size, ms in policy.per_item_ms.items() if size <= policy.max_batch_size}
+    seed.update(warm.per_item_s)
+    return ServiceTime(seed)
 
 
-def attach_batcher(runtime: Runtime, served: ServedModel) -> None:
-    task = TASKS[served.task]
-    labels = {"task": served.task, "model": served.name}
-    metrics = runtime.metrics
-
-    class _Observer:
-        def batch(self, size: int, cost: int, inference_s: float) -> None:
-            metrics.batch_size.labels(**labels).observe(size)
-            metrics.batch_cost.labels(**labels).observe(cost)
-            metrics.batches.labels(**labels).inc()
-
-        def depth(self, depth: int) -> None:
-            metrics.queue_depth.labels(**labels).set(depth)
-
-    on_oom = torch.cuda.empty_cache if served.model.device.type == "cuda" else None
-    served.batcher = Batcher(
-        make_runner(task, served, runtime.core_share()),
-        runtime.lanes() if runtime.uses_lanes(served) else runtime.inference_executor,
-        max_batch_size=served.max_batch_size,
-        max_delay_s=served.max_delay_ms / 1000,
-        max_batch_cost=served.max_batch_cost,
-        max_queue=runtime.settings.max_queue_size,
-        max_queue_delay_s=None if (delay := runtime.settings.max_queue_delay_ms) is None else delay / 1000,
-        observer=_Observer(),
-        on_oom=on_oom,
-        oom_errors=(MemoryError, torch.OutOfMemoryError),
-        service_time=warm_service_time(served),
+async def start_engine(runtime: Runtime, loaded: LoadedModel) -> Engine:
+    """Decide the batch policy, warm up (both on the inference thread), then build the engine."""
+    loop = asyncio.get_running_loop()
+    settings = runtime.settings
+    policy, deciding_s = await loop.run_in_executor(runtime.inference_executor, decide_policy, loaded, settings)
+    maybe_enable_graphs(settings, loaded, policy)
+    warm = WarmUp()
+    if settings.warmup:
+        warm = await loop.run_in_executor(runtime.inference_executor, warm_up, loaded, policy)
+    return build_engine(
+        runtime,
+        loaded.task,
+        loaded.variant,
+        loaded.model,
+        source=loaded.source,
+        weights=loaded.weights,
+        dtype=loaded.dtype,
+        policy=policy,
+        service_time=warm_service_time(policy, warm),
+        load_s=loaded.load_s,
+        warmup_s=deciding_s + warm.seconds,
     )
-    served.batcher.start()

@@ -13,7 +13,7 @@ import gc
 import inspect
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -27,7 +27,7 @@ from . import jsonlog
 from .access import ApiKeyMiddleware, cors_origins, key_digests
 from .admission import AdmissionMiddleware
 from .errors import InternalError, InvalidInput, ServiceError, for_status
-from .loading import attach_batcher, build_models, choose_batch_size, maybe_enable_graphs, warm_up
+from .loading import LoadedModel, build_models, start_engine
 from .metrics import Metrics
 from .middleware import ObservabilityMiddleware, reject
 from .routes.health import router as health_router
@@ -36,28 +36,19 @@ from .routes.tasks import task_router
 from .routes.v2 import router as v2_router
 from .runtime import Runtime
 from .settings import Settings, load_settings
-from .tasks import TASKS
 from .tracing import configure as configure_tracing
 
 log = logging.getLogger("perceiver.server")
+ModelLoader = Callable[[Settings], list[LoadedModel]]
 DOCS_ASSETS = "/static/docs"  # Swagger UI's and ReDoc's scripts and styles
 
 
-async def _load(runtime: Runtime) -> None:
+async def _load(runtime: Runtime, load_models: ModelLoader) -> None:
     loop = asyncio.get_running_loop()
     try:
-        served_models = await loop.run_in_executor(runtime.inference_executor, build_models, runtime.settings)
-        settings = runtime.settings
-        for served in served_models:
-            runtime.add(served)
-            task = TASKS[served.task]
-            if settings.warmup:
-                budget = settings.batch_latency_budget_ms
-                await loop.run_in_executor(runtime.inference_executor, choose_batch_size, task, served, budget)
-            maybe_enable_graphs(settings, served)
-            if settings.warmup:
-                await loop.run_in_executor(runtime.inference_executor, warm_up, task, served)
-            attach_batcher(runtime, served)
+        loaded = await loop.run_in_executor(runtime.inference_executor, load_models, runtime.settings)
+        for model in loaded:
+            runtime.add(await start_engine(runtime, model))
     except Exception as exc:  # fatal: the CLI exits 1, readiness reports it
         log.exception("model loading failed: %s", exc)
         runtime.load_error = f"{type(exc).__name__}: {exc}"
@@ -68,7 +59,7 @@ async def _load(runtime: Runtime) -> None:
     log.info(
         "ready %.1fs after the app was created (load + warm-up per model: %s)",
         time.monotonic() - runtime.created,
-        ", ".join(f"{m.name} {m.load_s:.1f}+{m.warmup_s:.1f}s" for m in runtime.all_models()),
+        ", ".join(f"{e.name} {e.load_s:.1f}+{e.warmup_s:.1f}s" for e in runtime.engines()),
     )
 
 
@@ -88,7 +79,7 @@ def freeze_startup_heap() -> None:
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     runtime: Runtime = app.state.runtime
     unwatch_gc = runtime.metrics.watch_gc()
-    loader = asyncio.create_task(_load(runtime))
+    loader = asyncio.create_task(_load(runtime, app.state.load_models))
     try:
         yield
     finally:
@@ -96,9 +87,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         loader.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await loader
-        for served in runtime.all_models():
-            if served.batcher is not None:
-                await served.batcher.stop()
+        for engine in runtime.engines():
+            await engine.batcher.stop()
         runtime.shutdown_executors()
         if app.state.tracing is not None:
             app.state.tracing.shutdown()  # flush the spans still held
@@ -110,7 +100,9 @@ def not_found_hint(app: FastAPI, path: str) -> str:
     return f"no route {path}; the API is listed at /docs, the models at /v1/models"
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, load_models: ModelLoader = build_models) -> FastAPI:
+    """The app for ``settings`` (read from the environment and config file when None). ``load_models`` puts the
+    models on their device at start-up (tests pass one that substitutes a model whose answers they know)."""
     settings = settings or load_settings()
     runtime = Runtime(settings, Metrics())
     tracing = configure_tracing(settings)  # None when off: nothing of OpenTelemetry's SDK is imported
@@ -139,6 +131,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.runtime = runtime
     app.state.tracing = tracing
+    app.state.load_models = load_models
 
     def respond(request: Request, error: ServiceError) -> JSONResponse:
         if error.reason is not None:

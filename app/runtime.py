@@ -1,4 +1,4 @@
-"""What the server holds while it runs: loaded models with their batchers, executors and lifecycle state."""
+"""What the server holds while it runs: one engine per served model, the executors, and lifecycle state."""
 
 from __future__ import annotations
 
@@ -13,14 +13,12 @@ from typing import Any, TypeVar
 
 import torch
 
-from perceiver_core import PerceiverHead
-
-from .batching import Batcher, Lanes
+from .batching import Lanes
 from .cores import CoreShare
-from .errors import DeadlineExceeded, ModelNotFound
+from .engine import BatchPolicy, Engine
+from .errors import DeadlineExceeded, ModelNotFound, NotReady
 from .metrics import Metrics
 from .settings import Settings
-from .tasks import TASKS
 
 T = TypeVar("T")
 AUTO_CPU_LANES = 2  # cpu_lanes=auto, for models that batching does not help: measured on 2 cores only
@@ -28,69 +26,10 @@ log = logging.getLogger("perceiver.runtime")
 
 
 @dataclass
-class ServedModel:
-    task: str
-    variant: str
-    model: PerceiverHead
-    source: str
-    weights: str  # "pretrained" or "random-init"
-    dtype: str
-    device: str
-    max_batch_size: int
-    max_delay_ms: float
-    max_batch_cost: int | None
-    batch_size_auto: bool = False  # max_batch_size=auto, to be measured at warm-up
-    max_batch_cost_configured: bool = False
-    per_item_ms: dict[int, float] = field(default_factory=dict)  # auto: forward time per item, by batch size
-    batch_size_reliable: bool = True  # auto: False when the timings could not decide (a safe default was taken)
-    warm_per_item_s: dict[int, float] = field(default_factory=dict)  # warm-up's own timings, admission's seed
-    batcher: Batcher[Any, Any] | None = None
-    load_s: float = 0.0  # building or reading the weights onto the device
-    warmup_s: float = 0.0  # measuring max_batch_size=auto and warming every bucket
-
-    @property
-    def batch_size_source(self) -> str:
-        """configured; auto (measured); or auto-fallback (measured, but the timings could not decide)."""
-        if not self.batch_size_auto:
-            return "configured"
-        return "auto" if self.batch_size_reliable else "auto-fallback"
-
-    @property
-    def name(self) -> str:
-        return self.task if self.variant == "default" else f"{self.task}/{self.variant}"
-
-    def describe(self) -> dict[str, Any]:
-        config = self.model.config
-        return {
-            "name": self.name,
-            "task": self.task,
-            "variant": self.variant,
-            "architecture": config.architecture,
-            "source": self.source,
-            "weights": self.weights,
-            "dtype": self.dtype,
-            "device": self.device,
-            "parameters": sum(p.numel() for p in self.model.parameters()),
-            **({"num_labels": config.num_labels} if TASKS[self.task].labelled else {}),
-            "batching": {
-                "max_batch_size": self.max_batch_size,
-                "max_batch_size_source": self.batch_size_source,
-                "per_item_ms": {str(k): v for k, v in self.per_item_ms.items()},
-                **({"admission_per_item_ms": self.batcher.service_time.summary()} if self.batcher else {}),
-                "max_delay_ms": self.max_delay_ms,
-                "max_batch_cost": self.max_batch_cost,
-                "queue_depth": self.batcher.depth if self.batcher else 0,
-            },
-            "load_s": round(self.load_s, 3),
-            "warmup_s": round(self.warmup_s, 3),
-        }
-
-
-@dataclass
 class Runtime:
     settings: Settings
     metrics: Metrics
-    models: dict[str, dict[str, ServedModel]] = field(default_factory=dict)  # task → variant → model
+    models: dict[str, dict[str, Engine]] = field(default_factory=dict)  # task → variant → engine
     ready: bool = False
     draining: bool = False
     inflight: int = 0
@@ -119,12 +58,13 @@ class Runtime:
         wanted = AUTO_CPU_LANES if self.settings.cpu_lanes == "auto" else self.settings.cpu_lanes
         return max(1, min(wanted, self._cores))
 
-    def uses_lanes(self, served: ServedModel) -> bool:
-        """Whether ``served`` batches on lanes(): a CPU model, when there are lanes, and with cpu_lanes=auto only
-        if its max_batch_size=auto chose 1 (batching gains it nothing; side by side, two requests gain)."""
-        if served.model.device.type != "cpu" or self.cpu_lanes() < 2:
+    def uses_lanes(self, device: torch.device, policy: BatchPolicy) -> bool:
+        """Whether a model on ``device`` batches on lanes(): a CPU model, when there are lanes, and with
+        cpu_lanes=auto only if its max_batch_size=auto chose 1 (batching gains it nothing; side by side, two
+        requests gain)."""
+        if device.type != "cpu" or self.cpu_lanes() < 2:
             return False
-        return self.settings.cpu_lanes != "auto" or (served.batch_size_auto and served.max_batch_size == 1)
+        return self.settings.cpu_lanes != "auto" or (policy.source != "configured" and policy.max_batch_size == 1)
 
     def lanes(self) -> Lanes:
         """The threads CPU models' batches run on side by side (made when the first such model is attached)."""
@@ -138,25 +78,30 @@ class Runtime:
             self._core_share = CoreShare(self._cores, lambda: self.decode_busy_s)
         return self._core_share
 
-    def add(self, served: ServedModel) -> None:
-        self.models.setdefault(served.task, {})[served.variant] = served
+    def add(self, engine: Engine) -> None:
+        self.models.setdefault(engine.task.name, {})[engine.variant] = engine
 
-    def model_for(self, task: str, variant: str | None = None) -> ServedModel:
+    def check_ready(self, probe: str) -> None:
+        """503 (NotReady) while the models load; ``probe`` names the readiness path the client should watch."""
+        if not self.ready:
+            raise NotReady(f"models are still loading; retry when {probe} answers 200", {"Retry-After": "1"})
+
+    def engine_for(self, task: str, variant: str | None = None) -> Engine:
         variants = self.models.get(task)
         if not variants:
             raise ModelNotFound(f"no model is configured for task {task!r}")
         if variant is None:
             return next(iter(variants.values()))
         # The served name works too: "classify/conv" for conv, "fill-mask" for the default variant.
-        by_name = {served.name: served for served in variants.values()}
+        by_name = {engine.name: engine for engine in variants.values()}
         if variant in by_name:
             return by_name[variant]
         if variant not in variants:
             raise ModelNotFound(f"task {task!r} has no model {variant!r}; available: {', '.join(variants)}")
         return variants[variant]
 
-    def all_models(self) -> list[ServedModel]:
-        return [m for variants in self.models.values() for m in variants.values()]
+    def engines(self) -> list[Engine]:
+        return [e for variants in self.models.values() for e in variants.values()]
 
     async def decode(self, deadline: float, fn: Callable[..., T], *args: Any) -> T:
         """Decode an upload off the event loop: in threads, or in processes with decode_processes > 0. A decode
@@ -181,7 +126,7 @@ class Runtime:
             log.info("draining: readiness off, finishing accepted requests")
 
     def idle(self) -> bool:
-        return self.inflight == 0 and all(m.batcher is None or m.batcher.idle for m in self.all_models())
+        return self.inflight == 0 and all(e.batcher.idle for e in self.engines())
 
     def shutdown_executors(self) -> None:
         self.inference_executor.shutdown(wait=True, cancel_futures=True)

@@ -107,7 +107,7 @@ async def measure(requests: int, rounds: int, log_level: str) -> tuple[float, di
         runtime = app.state.runtime
         while not runtime.ready:
             await asyncio.sleep(0.1)
-        refuse_everything(runtime.model_for("classify").batcher)
+        refuse_everything(runtime.engine_for("classify").batcher)
         for _ in range(requests // 5):
             await one()
         statuses.clear()
@@ -169,7 +169,7 @@ def live(root: Path, log_level: str) -> tuple[float, float]:
         except httpx.TransportError:
             pass
         time.sleep(0.2)
-    refuse_everything(app.state.runtime.model_for("classify").batcher)
+    refuse_everything(app.state.runtime.engine_for("classify").batcher)
 
     def loop_cpu() -> float:
         stat = Path(f"/proc/self/task/{thread.native_id}/stat").read_text()

@@ -43,6 +43,9 @@ class Batching(BaseModel):
     max_delay_ms: float
     max_batch_cost: int | None
     queue_depth: int
+    placement: Literal["inference-thread", "lanes"] = Field(
+        description="Where batches run: the one inference thread, or CPU lanes (batches of CPU models side by side)"
+    )
 
 
 class ModelInfo(BaseModel):
@@ -121,4 +124,4 @@ async def metrics(request: Request) -> Response:
 )
 async def models(request: Request) -> dict[str, Any]:
     runtime = runtime_of(request)
-    return {"demo": runtime.settings.demo, "models": [m.describe() for m in runtime.all_models()]}
+    return {"demo": runtime.settings.demo, "models": [e.describe() for e in runtime.engines()]}

@@ -12,10 +12,11 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field, create_model
 
-from ..admission import admit, overloaded, timeout_s
-from ..batching import BatchError, Cancelled, Expired, QueueFull, Ticket
-from ..errors import ClientClosedRequest, DeadlineExceeded, InferenceFailed, NotReady
-from ..runtime import Runtime, ServedModel
+from ..admission import admit, begin
+from ..batching import Ticket
+from ..engine import Engine
+from ..errors import DeadlineExceeded
+from ..runtime import Runtime
 from ..tasks import TASKS, run_decode
 from ..tasks.base import DecodeContext, Reply, Task, TaskRequest
 from .requests import read_task_request
@@ -24,6 +25,7 @@ if TYPE_CHECKING:
     from ..tracing import Tracing
 
 AnyTask = Task[Any, Any, Any]
+READY_PROBE = "/readyz"
 
 
 class ErrorDetail(BaseModel):
@@ -79,20 +81,19 @@ def results_model(task: AnyTask) -> type[BaseModel]:
 def _handler(task: AnyTask) -> Callable[[Request], Awaitable[Response]]:
     async def handle(request: Request) -> Response:
         runtime = runtime_of(request)
-        deadline = request_deadline(request, runtime)
-        if not runtime.ready:
-            raise NotReady("models are still loading; retry when /readyz answers 200", {"Retry-After": "1"})
+        begin(request.scope, runtime, READY_PROBE)
         options, files = await read_task_request(request, task, runtime.settings.max_files_per_request)
-        served = runtime.model_for(task.name, task.variant(options))
-        request.state.model = served.name
-        admit(served, deadline)  # this variant, before decoding what it could not serve in time
+        # The variant is known once the body is read: admitted before decoding what it could not serve in time.
+        engine, deadline = admit(
+            request.scope, runtime, READY_PROBE, lambda: runtime.engine_for(task.name, task.variant(options))
+        )
         expanded = task.expand(options)  # a JSON list of texts
         if expanded is not None:
             items: list[tuple[TaskRequest, Mapping[str, bytes]]] = [(o, {}) for o in expanded]
         else:
             items = [(options, f) for f in _split(task, files)]
-        encoded = await run_items(request, runtime, served, task, items, deadline)
-        return respond(served, encoded, many=expanded is not None or len(items) > 1)
+        encoded = await run_items(request, runtime, engine, items, deadline)
+        return respond(engine, encoded, many=expanded is not None or len(items) > 1)
 
     handle.__name__ = task.name.replace("-", "_")
     return handle
@@ -101,17 +102,17 @@ def _handler(task: AnyTask) -> Callable[[Request], Awaitable[Response]]:
 async def run_items(
     request: Request,
     runtime: Runtime,
-    served: ServedModel,
-    task: AnyTask,
+    engine: Engine,
     items: Sequence[tuple[TaskRequest, Mapping[str, bytes]]],
     deadline: float,
 ) -> list[dict[str, Any] | Reply]:
     """Decode → batch → encode, for the items of one admitted request: every interface (REST, the Open
-    Inference Protocol) runs its requests through here, so they share the batcher, its capacity and metrics."""
-    ctx = DecodeContext(served.model.config, runtime.limits, served.device)
+    Inference Protocol) runs its requests through here, so they share the engine, its capacity and metrics."""
+    task = engine.task
+    ctx = DecodeContext(engine.model.config, runtime.limits, engine.device)
     tracing = tracing_of(request)
     if tracing is not None:
-        tracing.annotate(**{"perceiver.model": served.name, "perceiver.items": len(items)})
+        tracing.annotate(**{"perceiver.model": engine.name, "perceiver.items": len(items)})
     # Work ends with its request at every stage: decodes and encodes that would start after the deadline do
     # not start, and the batcher's passes skip the requests that have ended (tasks.base.Task.predict).
     with span(request, "decode", items=len(items)):
@@ -120,7 +121,7 @@ async def run_items(
             payloads = await asyncio.gather(*decodes)
         else:
             payloads = [task.decode(o, f, ctx) for o, f in items]
-    results = await submit(request, runtime, served, task, payloads, deadline)
+    results = await run_watched(request, engine, payloads, deadline)
     with span(request, "encode", items=len(items)):
         encoded: list[dict[str, Any] | Reply] = []
         for result, (options, _) in zip(results, items, strict=True):
@@ -153,73 +154,23 @@ def _split(task: AnyTask, files: dict[str, list[bytes]]) -> list[dict[str, bytes
     return [{**single, repeated: data} for data in files[repeated]]
 
 
-def request_deadline(request: Request, runtime: Runtime) -> float:
-    """Monotonic deadline: the server's timeout, shortened (never lengthened) by x-request-timeout-ms; taken
-    once, when the request reached the door (admission keeps it in the request's state)."""
-    deadline: float | None = getattr(request.state, "deadline", None)
-    if deadline is None:
-        deadline = time.monotonic() + timeout_s(
-            request.headers.get("x-request-timeout-ms"), runtime.settings.request_timeout_s
-        )
-        request.state.deadline = deadline
-    return deadline
-
-
-async def submit(
-    request: Request, runtime: Runtime, served: ServedModel, task: AnyTask, payloads: list[Any], deadline: float
-) -> list[Any]:
-    """Queue the payloads on the model's batcher and wait for their results, with every guard applied."""
-    if served.batcher is None:
-        raise NotReady("models are still loading")
-    tickets: list[Ticket[Any, Any]] = []
-    try:
-        for payload in payloads:  # admitted as one request: its first item is asked, the rest come with it
-            bucket, cost, units = task.bucket(payload), task.cost(payload), task.units(payload)
-            ticket = served.batcher.submit(
-                payload, cost=cost, bucket=bucket, deadline=deadline, units=units, admit=not tickets
-            )
-            tickets.append(ticket)
-    except QueueFull as exc:
-        for ticket in tickets:
-            ticket.cancel()
-        raise overloaded(served, exc) from exc
-    for ticket in tickets:
-        ticket.future.add_done_callback(_retrieve)  # the handler may have left (deadline, disconnect)
+async def run_watched(request: Request, engine: Engine, payloads: list[Any], deadline: float) -> list[Any]:
+    """``engine.run``, its tickets dropped as soon as the client goes away; the timings for the response."""
+    tickets = engine.submit(payloads, deadline)
     watcher = asyncio.create_task(_watch_disconnect(request, tickets))
     try:
-        async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
-            results = await asyncio.shield(asyncio.gather(*(t.future for t in tickets)))
-    except TimeoutError as exc:
-        raise DeadlineExceeded("the request did not finish before its deadline") from exc
-    except Expired as exc:
-        raise DeadlineExceeded(str(exc)) from exc
-    except Cancelled as exc:
-        raise ClientClosedRequest(f"request dropped before inference: {exc}") from exc
-    except BatchError as exc:
-        raise InferenceFailed(f"inference failed for this batch ({type(exc.__cause__).__name__})") from exc
+        results = await engine.wait(tickets, deadline)
     finally:
         watcher.cancel()
-        for ticket in tickets:
-            ticket.cancel()  # no-op for finished tickets; frees the queue of the rest
     tracing = tracing_of(request)
     if tracing is not None:
         tracing.record_batching(tickets)
-    labels = {"task": served.task, "model": served.name}
-    for ticket in tickets:
-        runtime.metrics.queue_duration.labels(**labels).observe(ticket.queue_s)
-        runtime.metrics.inference_duration.labels(**labels).observe(ticket.inference_s)
-    runtime.metrics.units_per_request.labels(**labels).observe(sum(task.units(t.payload) for t in tickets))
     request.state.timing = (
         max(t.queue_s for t in tickets),
         max(t.inference_s for t in tickets),
         max(t.batch_size for t in tickets),
     )
-    return list(results)
-
-
-def _retrieve(future: asyncio.Future[Any]) -> None:
-    if not future.cancelled():
-        future.exception()
+    return results
 
 
 async def _watch_disconnect(request: Request, tickets: list[Ticket[Any, Any]]) -> None:
@@ -235,16 +186,16 @@ async def _watch_disconnect(request: Request, tickets: list[Ticket[Any, Any]]) -
         ticket.cancel()
 
 
-def respond(served: ServedModel, encoded: list[dict[str, Any] | Reply], *, many: bool) -> Response:
+def respond(engine: Engine, encoded: list[dict[str, Any] | Reply], *, many: bool) -> Response:
     """The task's fields behind model and weights; several items as ``results`` in upload order."""
-    meta = {"model": served.name, "weights": served.weights}
+    meta = {"model": engine.name, "weights": engine.weights}
     if many:
         fields = [e if isinstance(e, dict) else e.content for e in encoded]
         return JSONResponse({**meta, "results": fields})
     reply = encoded[0]
     if isinstance(reply, dict):
         return JSONResponse({**meta, **reply})
-    headers = {"x-model": served.name, "x-weights": served.weights, **reply.headers}
+    headers = {"x-model": engine.name, "x-weights": engine.weights, **reply.headers}
     if isinstance(reply.content, dict):
         return JSONResponse({**meta, **reply.content}, headers=headers)
     return Response(reply.content, media_type=reply.media_type, headers=headers)

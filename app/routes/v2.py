@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.requests import ClientDisconnect
 
 from ..admission import admit
+from ..engine import Engine
 from ..errors import BadRequest, ClientClosedRequest, ModelNotFound, NotReady, UnsupportedMedia
 from ..oip.adapters import ADAPTERS, Adapter
 from ..oip.tensors import (
@@ -34,10 +35,9 @@ from ..oip.tensors import (
     encode_response,
     parse_infer_request,
 )
-from ..runtime import Runtime, ServedModel
-from ..tasks import TASKS
+from ..runtime import Runtime
 from ..tasks.base import TaskRequest
-from .tasks import AnyTask, request_deadline, run_items, runtime_of
+from .tasks import AnyTask, run_items, runtime_of
 
 VERSION = "1"  # one version per served model
 SERVER_NAME = "perceiver-serve"
@@ -120,42 +120,45 @@ def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
 # ---------------------------------------------------------------------------------------------- models
 
 
-def v2_name(served: ServedModel) -> str:
-    return served.name.replace("/", ".")
+READY_PROBE = "/v2/health/ready"
 
 
-def served_models(runtime: Runtime) -> list[ServedModel]:
-    return [m for m in runtime.all_models() if m.task in ADAPTERS]
+def v2_name(engine: Engine) -> str:
+    return engine.name.replace("/", ".")
 
 
-def resolve(runtime: Runtime, name: str, version: str | None) -> ServedModel:
-    found = next((m for m in served_models(runtime) if v2_name(m) == name), None)
+def served_models(runtime: Runtime) -> list[Engine]:
+    return [e for e in runtime.engines() if e.task.name in ADAPTERS]
+
+
+def resolve(runtime: Runtime, name: str, version: str | None) -> Engine:
+    found = next((e for e in served_models(runtime) if v2_name(e) == name), None)
     if found is None:
-        if not runtime.ready:
-            raise NotReady("models are still loading; retry when /v2/health/ready answers 200", {"Retry-After": "1"})
-        names = ", ".join(v2_name(m) for m in served_models(runtime))
+        runtime.check_ready(READY_PROBE)  # loading: not served yet, rather than not at all
+        names = ", ".join(v2_name(e) for e in served_models(runtime))
         raise ModelNotFound(f"model {name!r} is not served; models: {names}")
     if version is not None and version != VERSION:
         raise ModelNotFound(f"model {name!r} has version {VERSION} only, not {version!r}")
     return found
 
 
-def metadata(runtime: Runtime, served: ServedModel) -> ModelMetadata:
-    adapter = ADAPTERS[served.task]
-    spec = next((s for s in runtime.settings.models if (s.task, s.variant) == (served.task, served.variant)), None)
+def metadata(runtime: Runtime, engine: Engine) -> ModelMetadata:
+    adapter = ADAPTERS[engine.task.name]
+    key = (engine.task.name, engine.variant)
+    spec = next((s for s in runtime.settings.models if (s.task, s.variant) == key), None)
     parameters: dict[str, Parameter] = {
-        "task": served.task,
-        "served_name": served.name,
-        "architecture": served.model.config.architecture,
-        "source": served.source,
-        "weights": served.weights,
-        "dtype": served.dtype,
-        "device": served.device,
+        "task": engine.task.name,
+        "served_name": engine.name,
+        "architecture": engine.model.config.architecture,
+        "source": engine.source,
+        "weights": engine.weights,
+        "dtype": engine.dtype,
+        "device": engine.device,
     }
     if spec is not None:
         parameters["revision"] = spec.revision
     return ModelMetadata(
-        name=v2_name(served),
+        name=v2_name(engine),
         versions=[VERSION],
         platform="pytorch",
         inputs=[TensorMetadata(**s.metadata()) for s in adapter.inputs],
@@ -164,8 +167,9 @@ def metadata(runtime: Runtime, served: ServedModel) -> ModelMetadata:
     )
 
 
-def model_ready(runtime: Runtime, served: ServedModel) -> bool:
-    return runtime.ready and not runtime.draining and served.batcher is not None
+def model_ready(runtime: Runtime) -> bool:
+    """A served model is ready when the server is: every engine is built before readiness."""
+    return runtime.ready and not runtime.draining
 
 
 # ---------------------------------------------------------------------------------------------- server
@@ -218,11 +222,11 @@ async def repository_index(request: Request) -> list[RepositoryModel]:
     except ValidationError as exc:
         raise BadRequest(f"not a repository index request: {_problems(exc)}") from None
     index = []
-    for served in served_models(runtime):
-        ok = model_ready(runtime, served)
+    ok = model_ready(runtime)
+    for engine in served_models(runtime):
         if ok or not options.ready:
             reason = "" if ok else ("draining" if runtime.draining else "loading")
-            index.append(RepositoryModel(name=v2_name(served), version=VERSION, state=_state(ok), reason=reason))
+            index.append(RepositoryModel(name=v2_name(engine), version=VERSION, state=_state(ok), reason=reason))
     return index
 
 
@@ -271,7 +275,8 @@ async def get_metadata(request: Request, model_name: str, model_version: str | N
 async def get_ready(request: Request, model_name: str, model_version: str | None) -> JSONResponse:
     runtime = runtime_of(request)
     try:
-        ok = model_ready(runtime, resolve(runtime, model_name, model_version))
+        resolve(runtime, model_name, model_version)
+        ok = model_ready(runtime)
     except NotReady:  # still loading: not ready, in this route's own answer
         ok = False
     return JSONResponse({"name": model_name, "ready": ok}, status_code=200 if ok else 503)
@@ -279,13 +284,9 @@ async def get_ready(request: Request, model_name: str, model_version: str | None
 
 async def infer(request: Request, model_name: str, model_version: str | None) -> Response:
     runtime = runtime_of(request)
-    deadline = request_deadline(request, runtime)
-    if not runtime.ready:
-        raise NotReady("models are still loading; retry when /v2/health/ready answers 200", {"Retry-After": "1"})
-    served = resolve(runtime, model_name, model_version)
-    request.state.model = served.name
-    task, adapter = TASKS[served.task], ADAPTERS[served.task]
-    admit(served, deadline)  # before reading the body: refusing must stay cheap
+    # Before reading the body: refusing must stay cheap.
+    engine, deadline = admit(request.scope, runtime, READY_PROBE, lambda: resolve(runtime, model_name, model_version))
+    task, adapter = engine.task, ADAPTERS[engine.task.name]
     encoding = request.headers.get("content-encoding", "identity").strip().lower()
     if encoding != "identity":
         raise UnsupportedMedia(f"Content-Encoding {encoding} is not supported; send the request uncompressed")
@@ -298,11 +299,11 @@ async def infer(request: Request, model_name: str, model_version: str | None) ->
         call = _prepare(body, header_length, task, adapter, max_rows)
     if call.timeout_s is not None:
         deadline = min(deadline, time.monotonic() + call.timeout_s)
-    encoded = await run_items(request, runtime, served, task, call.items, deadline)
+    encoded = await run_items(request, runtime, engine, call.items, deadline)
     head: dict[str, Any] = {"model_name": model_name, "model_version": VERSION}
     if call.id is not None:
         head["id"] = call.id
-    head["parameters"] = {"weights": served.weights}  # random-init in the demo profile, as on /v1
+    head["parameters"] = {"weights": engine.weights}  # random-init in the demo profile, as on /v1
     if task.encode_offloaded:
         content, headers, media = await runtime.offload(deadline, _finish, adapter, encoded, head, call)
     else:

@@ -6,7 +6,7 @@ import io
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -14,12 +14,16 @@ import av
 import httpx
 import numpy as np
 import pytest
+import torch
 import uvicorn
 
 from app.batching import ServiceTime
+from app.engine import Engine
+from app.loading import LoadedModel, build_models
 from app.main import create_app
-from app.runtime import Runtime, ServedModel
+from app.runtime import Runtime
 from app.settings import Settings
+from perceiver_core import PerceiverHead
 
 MEDIA = Path(__file__).parents[1] / "media"
 
@@ -27,11 +31,10 @@ MEDIA = Path(__file__).parents[1] / "media"
 BUSY = -1  # the key of the stand-in batch ``occupy`` puts among a batcher's running ones
 
 
-def occupy(served: ServedModel, seconds: float) -> None:
-    """Make ``served`` busy, as if a batch that its estimates say takes ``seconds`` had just started (every lane
+def occupy(engine: Engine, seconds: float) -> None:
+    """Make ``engine`` busy, as if a batch that its estimates say takes ``seconds`` had just started (every lane
     of a CPU model's lanes is then taken): admission refuses by time, deterministically. ``release`` ends it."""
-    batcher = served.batcher
-    assert batcher is not None
+    batcher = engine.batcher
     batcher.service_time = ServiceTime({1: seconds})
     batcher._running[BUSY] = (time.monotonic(), seconds)
     if batcher._lanes is not None:
@@ -39,9 +42,8 @@ def occupy(served: ServedModel, seconds: float) -> None:
             pass
 
 
-def release(served: ServedModel) -> None:
-    batcher = served.batcher
-    assert batcher is not None
+def release(engine: Engine) -> None:
+    batcher = engine.batcher
     del batcher._running[BUSY]
     if batcher._lanes is not None:
         for lane in range(len(batcher._lanes)):
@@ -54,11 +56,28 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+Swap = Callable[[PerceiverHead], torch.nn.Module]
+
+
+def swapping(swap: Mapping[str, Swap]) -> Callable[[Settings], list[LoadedModel]]:
+    """``build_models``, with each named task's model replaced by ``swap[task](model)`` before its engine is
+    built: a model whose answers the test knows, run through the real server."""
+
+    def load(settings: Settings) -> list[LoadedModel]:
+        loaded = build_models(settings)
+        for model in loaded:
+            if model.task.name in swap:
+                model.model = swap[model.task.name](model.model)  # type: ignore[assignment]
+        return loaded
+
+    return load
+
+
 class LiveServer:
-    def __init__(self, **settings: Any) -> None:
+    def __init__(self, swap: Mapping[str, Swap] | None = None, **settings: Any) -> None:
         settings.setdefault("warmup", False)
         self.settings = Settings(host="127.0.0.1", port=free_port(), **settings)
-        self.app = create_app(self.settings)
+        self.app = create_app(self.settings, swapping(swap or {}))
         config = uvicorn.Config(self.app, host="127.0.0.1", port=self.settings.port, log_config=None, lifespan="on")
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)

@@ -51,7 +51,7 @@ def test_any_configured_key_opens_the_api(locked: LiveServer) -> None:
 def test_a_caller_without_a_key_learns_nothing_of_the_load(locked: LiveServer) -> None:
     """The key is checked before admission: an overloaded model refuses key holders with 429, and everyone
     else still gets 401."""
-    served = locked.runtime.model_for("classify-text")
+    served = locked.runtime.engine_for("classify-text")
     occupy(served, 100.0)  # busy with a batch that ends past every request's deadline
     try:
         assert post(locked).status_code == 401

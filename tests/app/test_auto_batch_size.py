@@ -18,7 +18,7 @@ def batching(**settings: Any) -> dict[str, Any]:
     try:
         with server.client() as client:
             (model,) = client.get("/v1/models").json()["models"]
-        assert server.runtime.model_for("classify-text").batcher.max_batch_size == model["batching"]["max_batch_size"]  # type: ignore[union-attr]
+        assert server.runtime.engine_for("classify-text").batcher.max_batch_size == model["batching"]["max_batch_size"]
         return dict(model["batching"])
     finally:
         server.stop()

@@ -17,7 +17,7 @@ def busy() -> Iterator[LiveServer]:
     """Demo classify (learned, fourier, conv); learned is busy with a batch it estimates at 100 s, so it
     refuses every request by time, while the other two variants are idle."""
     server = LiveServer(demo_tasks=["classify"]).start()
-    occupy(server.runtime.model_for("classify", "learned"), 100.0)
+    occupy(server.runtime.engine_for("classify", "learned"), 100.0)
     yield server
     server.stop()
 

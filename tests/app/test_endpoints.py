@@ -215,10 +215,9 @@ class PhaseCorrelationFlow(FlowStandIn):
 def test_optical_flow_recovers_the_direction_of_a_known_shift() -> None:
     """The demo weights are untrained, so this swaps in a model whose output the test controls (above).
     It checks that decoding, tiling (4 windows), patching, blending and encoding keep dx/dy and their signs."""
-    server = LiveServer(demo_tasks=["optical-flow"]).start()
+    server = LiveServer(demo_tasks=["optical-flow"], swap={"optical-flow": lambda _: PhaseCorrelationFlow((368, 496))})
+    server.start()
     try:
-        served = server.runtime.model_for("optical-flow")
-        served.model = PhaseCorrelationFlow((368, 496))  # type: ignore[assignment]
         first, second = shifted_pair(dx=6, dy=-4, size=(420, 560))
         with server.client() as client:
             r = client.post(
@@ -364,11 +363,9 @@ class CountingFlow(FlowStandIn):
 
 def test_work_stops_at_the_next_pass_once_the_request_has_ended() -> None:
     """A 12-window pair is 2 passes of 8 windows; a 0.3 s deadline ends the request during the first."""
-    server = LiveServer(demo_tasks=["optical-flow"]).start()
+    model = CountingFlow((368, 496), seconds=0.8)
+    server = LiveServer(demo_tasks=["optical-flow"], swap={"optical-flow": lambda _: model}).start()
     try:
-        served = server.runtime.model_for("optical-flow")
-        model = CountingFlow((368, 496), seconds=0.8)
-        served.model = model  # type: ignore[assignment]
         first = second = photo_jpeg(1300, 1100)
         with server.client() as client:
             r = client.post(

@@ -127,15 +127,15 @@ def test_which_models_batch_side_by_side(setting: str | int, budget_ms: float, b
     ).start()
     try:
         lanes = min(2, torch.get_num_threads())
-        served = [m for variants in server.runtime.models.values() for m in variants.values()]
-        chosen = {m.name: m.max_batch_size for m in served}
+        engines = server.runtime.engines()
+        chosen = {e.name: e.policy.max_batch_size for e in engines}
         if budget_ms == 1.0:
             assert set(chosen.values()) == {1}, chosen
-        for model in served:
-            assert model.batcher is not None
-            by_choice = lanes if model.max_batch_size == 1 and batch_size == "auto" else 1
+        for engine in engines:
+            by_choice = lanes if engine.policy.max_batch_size == 1 and batch_size == "auto" else 1
             expected = by_choice if setting == "auto" else min(int(setting), lanes)
-            assert model.batcher.lanes == expected, (model.name, chosen)
+            assert engine.batcher.lanes == expected, (engine.name, chosen)
+            assert engine.placement == ("lanes" if expected > 1 else "inference-thread")
         with server.client() as client:
             r = client.post("/v1/classify", files={"image": ("c.jpg", (MEDIA / "cat.jpg").read_bytes())})
         assert r.status_code == 200

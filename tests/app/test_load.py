@@ -95,7 +95,7 @@ def test_a_disconnected_client_never_reaches_the_model(text_server: LiveServer) 
 
 
 def test_an_exception_fails_only_that_batch_with_a_json_500(text_server: LiveServer) -> None:
-    served = text_server.runtime.model_for("classify-text")
+    served = text_server.runtime.engine_for("classify-text")
 
     def broken(*args: Any, **kwargs: Any) -> Any:
         raise RuntimeError("simulated kernel failure")

@@ -6,16 +6,15 @@ from __future__ import annotations
 import pytest
 
 from app.batching import ServiceTime
-from app.runtime import ServedModel
+from app.engine import Engine
 
 from .conftest import MEDIA, LiveServer, occupy, release, shifted_pair
 
 pytestmark = pytest.mark.timeout(300)
 
 
-def inflate(served: ServedModel, seconds_per_unit: float) -> None:
+def inflate(served: Engine, seconds_per_unit: float) -> None:
     """Every estimate of ``served`` says ``seconds_per_unit``, as if warm-up or heavy batches had measured it."""
-    assert served.batcher is not None
     service = ServiceTime({size: seconds_per_unit for size in (1, 2, 4, 8, 16, 32, 64)})
     served.batcher.service_time = service
 
@@ -25,7 +24,7 @@ def test_an_idle_model_admits_whatever_warm_up_measured() -> None:
     heavy requests taught it seconds per window: both still answer an ordinary request on an idle server."""
     server = LiveServer(demo_tasks=["optical-flow", "fill-mask"]).start()
     try:
-        flow, fill = server.runtime.model_for("optical-flow"), server.runtime.model_for("fill-mask")
+        flow, fill = server.runtime.engine_for("optical-flow"), server.runtime.engine_for("fill-mask")
         inflate(flow, 5.031)  # the 5,031 ms per item of the report, against a 6 s deadline
         inflate(fill, 7.85)
         first, second = shifted_pair(4, 0, size=(368, 496))  # one window
@@ -49,7 +48,7 @@ def test_an_idle_model_admits_whatever_warm_up_measured() -> None:
 def test_a_busy_model_refuses_by_its_estimate_with_the_real_reason_and_retry_after() -> None:
     server = LiveServer(demo_tasks=["fill-mask"]).start()
     try:
-        fill = server.runtime.model_for("fill-mask")
+        fill = server.runtime.engine_for("fill-mask")
         with server.client() as client:
             occupy(fill, 0.4)  # running a batch it estimates at 0.4 s: the wait is within the 0.5 s target ...
             r = client.post("/v1/fill-mask", json={"text": "a[MASK]"}, headers={"x-request-timeout-ms": "500"})
@@ -80,7 +79,7 @@ def test_the_items_of_one_request_are_admitted_together() -> None:
     """Three images in one request are three items: admitted with the first, whatever the queue they make."""
     server = LiveServer(demo_tasks=["classify"]).start()
     try:
-        inflate(server.runtime.model_for("classify", "learned"), 1000.0)
+        inflate(server.runtime.engine_for("classify", "learned"), 1000.0)
         cat = (MEDIA / "cat.jpg").read_bytes()
         with server.client() as client:
             r = client.post(

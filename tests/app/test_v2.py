@@ -55,7 +55,7 @@ def rest(demo_server: LiveServer, path: str, **kwargs: object) -> httpx.Response
 
 
 def served_names(demo_server: LiveServer) -> list[str]:
-    return [m.name.replace("/", ".") for m in demo_server.runtime.all_models()]
+    return [m.name.replace("/", ".") for m in demo_server.runtime.engines()]
 
 
 # ---------------------------------------------------------------------------------------------- server and models
@@ -342,8 +342,7 @@ def test_v2_and_rest_share_the_batcher_its_backpressure_and_metrics() -> None:
     server = LiveServer(demo_tasks=["classify-text"], max_batch_size=8, max_delay_ms=1000, max_queue_size=4).start()
     labels = {"task": "classify-text", "model": "classify-text"}
     v2 = {"inputs": [{"name": "TEXT", "shape": [1], "datatype": "BYTES", "data": ["v2"]}]}
-    batcher = server.runtime.model_for("classify-text").batcher
-    assert batcher is not None
+    batcher = server.runtime.engine_for("classify-text").batcher
     try:
         with server.client() as c, ThreadPoolExecutor(8) as pool:
             queued = [pool.submit(c.post, "/v1/classify-text", json={"text": f"rest {i}"}) for i in range(4)]

@@ -193,10 +193,9 @@ def wav(samples: np.ndarray) -> bytes:
 def test_each_clip_hears_its_own_part_of_the_audio() -> None:
     """Silence, then a tone: the first clip hears nothing, the second the tone, from the video's own track
     and from a separate audio upload alike."""
-    server = LiveServer(demo_tasks=["autoencode"]).start()
+    swap = {"autoencode": lambda demo: LoudnessAutoencoder(demo.config).eval()}
+    server = LiveServer(demo_tasks=["autoencode"], swap=swap).start()
     try:
-        served = server.runtime.model_for("autoencode")
-        served.model = LoudnessAutoencoder(served.model.config).eval()
         loud = tone(100, CLIP_SAMPLES)
         level = np.abs(np.round(loud * 32767) / 32768).mean()  # 16-bit PCM as written, as FFmpeg reads it back
         expected = [1 / 700, math.exp(10 * level) / (math.exp(10 * level) + 699)]  # softmax of [10 x level, 0, ...]
@@ -302,8 +301,8 @@ STEPS = [(3, -2), (5, 1), (-4, 3), (2, 2)]  # content motion (dx, dy) from each 
 @pytest.fixture(scope="module")
 def flow_server() -> Iterator[LiveServer]:
     """Optical flow whose model is phase correlation (tests/app/test_endpoints.py): its answer is the shift."""
-    server = LiveServer(demo_tasks=["optical-flow"], max_flow_frames=8).start()
-    server.runtime.model_for("optical-flow").model = PhaseCorrelationFlow((368, 496))  # type: ignore[assignment]
+    swap = {"optical-flow": lambda _: PhaseCorrelationFlow((368, 496))}
+    server = LiveServer(demo_tasks=["optical-flow"], max_flow_frames=8, swap=swap).start()
     yield server
     server.stop()
 

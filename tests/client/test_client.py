@@ -106,8 +106,7 @@ def busy() -> Iterator[LiveServer]:
 def occupy(server: LiveServer, seconds: float) -> list[threading.Thread]:
     """Block the inference thread for ``seconds`` and fill the queue, as real load would: one request taken into
     a batch (waiting for the thread), and one queued behind it."""
-    batcher = server.runtime.model_for("classify-text").batcher
-    assert batcher is not None
+    batcher = server.runtime.engine_for("classify-text").batcher
     server.block_inference(seconds)
     time.sleep(0.05)
     fillers = []

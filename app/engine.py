@@ -1,0 +1,264 @@
+"""One engine per served model: everything about when and where its requests run, built once at start-up.
+
+As in Triton's per-model scheduler, the task, the batch policy as decided, the runner and where it runs, and
+the batcher with its estimates live together, and nothing changes them after start-up. Front ends (REST, the
+Open Inference Protocol) only translate: they ask ``admit(deadline)`` and hand payloads to ``run``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from perceiver_core import PerceiverHead
+
+from .batching import EVERY, Batch, Batcher, BatchError, Cancelled, Expired, QueueFull, ServiceTime, Ticket
+from .cores import CoreShare
+from .errors import ClientClosedRequest, DeadlineExceeded, InferenceFailed, Overloaded
+from .metrics import Metrics
+from .tasks import Task
+
+if TYPE_CHECKING:
+    from .runtime import Runtime
+
+AnyTask = Task[Any, Any, Any]
+
+
+@dataclass(frozen=True)
+class BatchPolicy:
+    """How a model's requests are batched, as decided at start-up (configured, or measured by max_batch_size=auto)."""
+
+    max_batch_size: int
+    source: str  # configured; auto (measured); auto-fallback (measured, but the timings could not decide)
+    max_delay_ms: float
+    max_batch_cost: int | None
+    per_item_ms: Mapping[int, float]  # auto: forward time per item by batch size, as the search measured it
+
+
+@dataclass(frozen=True)
+class Engine:
+    """A served model with its batch policy, its runner and where that runs, and its batcher."""
+
+    task: AnyTask
+    variant: str
+    model: PerceiverHead
+    source: str
+    weights: str  # "pretrained" or "random-init"
+    dtype: str
+    policy: BatchPolicy
+    placement: str  # where batches run: "inference-thread" or "lanes" (CPU models side by side)
+    batcher: Batcher[Any, Any]
+    metrics: Metrics
+    load_s: float  # building or reading the weights onto the device
+    warmup_s: float  # measuring max_batch_size=auto and warming every bucket
+
+    @property
+    def name(self) -> str:
+        return self.task.name if self.variant == "default" else f"{self.task.name}/{self.variant}"
+
+    @property
+    def device(self) -> str:
+        return str(self.model.device)
+
+    @property
+    def labels(self) -> dict[str, str]:
+        return {"task": self.task.name, "model": self.name}
+
+    # ------------------------------------------------------------------------------------------ admission
+
+    def refusal(self, deadline: float) -> Overloaded | None:
+        """The 429 this model would answer a request with this deadline now, or None (the door asks every
+        variant on every request, so this returns rather than raises)."""
+        try:
+            self.batcher.admit(deadline)
+        except QueueFull as exc:
+            return self.overloaded(exc)
+        return None
+
+    def admit(self, deadline: float) -> None:
+        """429 (Overloaded) if this model could not finish a request with this deadline."""
+        refusal = self.refusal(deadline)
+        if refusal is not None:
+            raise refusal
+
+    def overloaded(self, exc: QueueFull) -> Overloaded:
+        """The 429 for a batcher's refusal, labelled with its reason (queue full, or the deadline out of reach);
+        Retry-After is the batcher's estimate of when the request would be admitted."""
+        reason = "would_miss_deadline" if exc.reason == "deadline" else "queue_full"
+        headers = {"Retry-After": str(math.ceil(exc.retry_after_s))}
+        return Overloaded(f"{self.name} is overloaded: {exc}", headers, reason)
+
+    # ------------------------------------------------------------------------------------------ running
+
+    def submit(self, payloads: Sequence[Any], deadline: float) -> list[Ticket[Any, Any]]:
+        """Queue the payloads of one request; admitted as one (its first item is asked, the rest come with it)."""
+        tickets: list[Ticket[Any, Any]] = []
+        task = self.task
+        try:
+            for payload in payloads:
+                tickets.append(
+                    self.batcher.submit(
+                        payload,
+                        cost=task.cost(payload),
+                        bucket=task.bucket(payload),
+                        deadline=deadline,
+                        units=task.units(payload),
+                        admit=not tickets,
+                    )
+                )
+        except QueueFull as exc:
+            for ticket in tickets:
+                ticket.cancel()
+            raise self.overloaded(exc) from exc
+        for ticket in tickets:
+            ticket.future.add_done_callback(_retrieve)  # the caller may have left (deadline, disconnect)
+        return tickets
+
+    async def wait(self, tickets: list[Ticket[Any, Any]], deadline: float) -> list[Any]:
+        """The tickets' results, in order, or the error the request gets; the tickets not run are dropped."""
+        try:
+            async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                results = await asyncio.shield(asyncio.gather(*(t.future for t in tickets)))
+        except TimeoutError as exc:
+            raise DeadlineExceeded("the request did not finish before its deadline") from exc
+        except Expired as exc:
+            raise DeadlineExceeded(str(exc)) from exc
+        except Cancelled as exc:
+            raise ClientClosedRequest(f"request dropped before inference: {exc}") from exc
+        except BatchError as exc:
+            raise InferenceFailed(f"inference failed for this batch ({type(exc.__cause__).__name__})") from exc
+        finally:
+            for ticket in tickets:
+                ticket.cancel()  # no-op for finished tickets; frees the queue of the rest
+        labels = self.labels
+        for ticket in tickets:
+            self.metrics.queue_duration.labels(**labels).observe(ticket.queue_s)
+            self.metrics.inference_duration.labels(**labels).observe(ticket.inference_s)
+        self.metrics.units_per_request.labels(**labels).observe(sum(t.units for t in tickets))
+        return list(results)
+
+    async def run(self, payloads: Sequence[Any], deadline: float) -> list[Any]:
+        """``submit`` then ``wait``: the results of one admitted request's payloads."""
+        return await self.wait(self.submit(payloads, deadline), deadline)
+
+    def describe(self) -> dict[str, Any]:
+        config = self.model.config
+        policy = self.policy
+        return {
+            "name": self.name,
+            "task": self.task.name,
+            "variant": self.variant,
+            "architecture": config.architecture,
+            "source": self.source,
+            "weights": self.weights,
+            "dtype": self.dtype,
+            "device": self.device,
+            "parameters": sum(p.numel() for p in self.model.parameters()),
+            **({"num_labels": config.num_labels} if self.task.labelled else {}),
+            "batching": {
+                "max_batch_size": policy.max_batch_size,
+                "max_batch_size_source": policy.source,
+                "per_item_ms": {str(k): v for k, v in policy.per_item_ms.items()},
+                "admission_per_item_ms": self.batcher.service_time.summary(),
+                "max_delay_ms": policy.max_delay_ms,
+                "max_batch_cost": policy.max_batch_cost,
+                "queue_depth": self.batcher.depth,
+                "placement": self.placement,
+            },
+            "load_s": round(self.load_s, 3),
+            "warmup_s": round(self.warmup_s, 3),
+        }
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
+def make_runner(task: AnyTask, model: PerceiverHead, cores: CoreShare | None = None) -> Any:
+    """The batch function the inference threads run. On the CPU, with ``cores`` (the runtime's CoreShare),
+    each forward pass takes its share of the cores that decoding has recently left: torch's intra-op
+    threads otherwise spin against the decode threads and against the other batches running."""
+    if cores is None or model.device.type != "cpu":
+
+        def run(payloads: Sequence[Any], batch: Batch = EVERY) -> list[Any]:
+            with torch.inference_mode():
+                return task.predict(model, payloads, batch)
+
+        return run
+
+    share = cores
+
+    def run_shared(payloads: Sequence[Any], batch: Batch = EVERY) -> list[Any]:
+        with share.lane() as threads:
+            if threads != torch.get_num_threads():
+                torch.set_num_threads(threads)  # this thread's intra-op threads (per thread under OpenMP)
+            with torch.inference_mode():
+                return task.predict(model, payloads, batch)
+
+    return run_shared
+
+
+def build_engine(
+    runtime: Runtime,
+    task: AnyTask,
+    variant: str,
+    model: PerceiverHead,
+    *,
+    source: str,
+    weights: str,
+    dtype: str,
+    policy: BatchPolicy,
+    service_time: ServiceTime,
+    load_s: float,
+    warmup_s: float,
+) -> Engine:
+    """The engine of one loaded model, its batcher started (on the event loop's thread)."""
+    labels = {"task": task.name, "model": task.name if variant == "default" else f"{task.name}/{variant}"}
+    metrics = runtime.metrics
+
+    class _Observer:
+        def batch(self, size: int, cost: int, inference_s: float) -> None:
+            metrics.batch_size.labels(**labels).observe(size)
+            metrics.batch_cost.labels(**labels).observe(cost)
+            metrics.batches.labels(**labels).inc()
+
+        def depth(self, depth: int) -> None:
+            metrics.queue_depth.labels(**labels).set(depth)
+
+    on_lanes = runtime.uses_lanes(model.device, policy)
+    settings = runtime.settings
+    batcher: Batcher[Any, Any] = Batcher(
+        make_runner(task, model, runtime.core_share()),
+        runtime.lanes() if on_lanes else runtime.inference_executor,
+        max_batch_size=policy.max_batch_size,
+        max_delay_s=policy.max_delay_ms / 1000,
+        max_batch_cost=policy.max_batch_cost,
+        max_queue=settings.max_queue_size,
+        max_queue_delay_s=None if (delay := settings.max_queue_delay_ms) is None else delay / 1000,
+        observer=_Observer(),
+        on_oom=torch.cuda.empty_cache if model.device.type == "cuda" else None,
+        oom_errors=(MemoryError, torch.OutOfMemoryError),
+        service_time=service_time,
+    )
+    batcher.start()
+    return Engine(
+        task=task,
+        variant=variant,
+        model=model,
+        source=source,
+        weights=weights,
+        dtype=dtype,
+        policy=policy,
+        placement="lanes" if on_lanes else "inference-thread",
+        batcher=batcher,
+        metrics=metrics,
+        load_s=load_s,
+        warmup_s=warmup_s,
+    )
