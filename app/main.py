@@ -53,8 +53,7 @@ async def _load(runtime: Runtime, load_models: ModelLoader) -> None:
         log.exception("model loading failed: %s", exc)
         runtime.load_error = f"{type(exc).__name__}: {exc}"
         return
-    if runtime.settings.gc_freeze:
-        freeze_startup_heap()
+    freeze_startup_heap()
     runtime.ready = True
     log.info(
         "ready %.1fs after the app was created (load + warm-up per model: %s)",

@@ -1,4 +1,10 @@
-"""Every setting, from PERCEIVER_* environment variables and an optional JSON/YAML file (``--config``)."""
+"""Every setting, from PERCEIVER_* environment variables and an optional JSON/YAML file (``--config``).
+
+Two kinds: what an operator sets (the models, the device, limits, deadlines, access), and tuning knobs marked
+``tuning`` (their defaults are measured: change one only with a benchmark that shows why, see
+docs/performance.md). Knobs that exist only to measure something are not settings: benchmarks/knobs.py.
+Figures belong in docs/performance.md, not in these descriptions.
+"""
 
 from __future__ import annotations
 
@@ -32,6 +38,7 @@ def _known_task(name: str) -> str:
 
 
 BatchSize = Annotated[int, Field(ge=1)] | Literal["auto"]
+TUNING: dict[str, Any] = {"tuning": True}  # a tuning knob (json_schema_extra): README lists these apart
 TaskName = Annotated[str, AfterValidator(_known_task), Field(json_schema_extra={"enum": list(TASK_NAMES)})]
 
 
@@ -64,7 +71,7 @@ class ModelSpec(BaseModel):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] | None = None
     max_batch_size: BatchSize | None = None
     max_delay_ms: float | None = Field(None, ge=0)
-    max_batch_cost: int | None = Field(None, ge=1)
+    max_batch_cost: int | None = Field(None, ge=1, json_schema_extra=TUNING)
 
 
 class Settings(BaseSettings):
@@ -90,15 +97,15 @@ class Settings(BaseSettings):
     )
     max_batch_size: BatchSize = Field(
         "auto",
-        description="Most requests in one forward pass. auto: measured per model at warm-up, the smallest power "
-        "of two up to 64 whose per-item time is within 10% of the best of those whose forward pass stays within "
-        "batch_latency_budget_ms (16 when warm-up is off, or when the timings cannot decide). Larger batches "
+        description='Most requests in one forward pass. auto: measured per model at warm-up (README, "How '
+        'batching works"), with a safe default when warm-up is off or the timings cannot decide. Larger batches '
         "raise throughput and latency.",
     )
     batch_latency_budget_ms: float = Field(
         500.0,
         gt=0,
         description="max_batch_size=auto never picks a batch whose forward pass takes longer than this.",
+        json_schema_extra=TUNING,
     )
     max_delay_ms: float = Field(
         5.0,
@@ -118,7 +125,8 @@ class Settings(BaseSettings):
         description="Queue-delay target: a request whose estimated wait in its model's queue exceeds it gets 429 at "
         "once, with Retry-After from the estimate (as CoDel keeps a target for the standing queue: a long queue "
         "adds latency, not throughput). A request whose estimated finish is past its deadline always does. None "
-        "(null) turns the target off: served requests may then wait most of their deadline under overload.",
+        "(null) turns the target off: served requests may then wait most of their deadline under overload "
+        "(docs/reliability.md has both measured).",
     )
     request_timeout_s: float = Field(
         30.0,
@@ -146,22 +154,14 @@ class Settings(BaseSettings):
         65_536,
         ge=1,
         description="Longest text (UTF-8 bytes) for the text tasks; longer gets 413 before it is tokenized. Text "
-        "over the model's 2,046 bytes is cut into windows (fill-mask; classify-text with long_text=windows), each "
-        "one forward-pass item: about 2 x bytes / 2,046 windows.",
+        "longer than the model reads is cut into windows (fill-mask; classify-text with long_text=windows), each "
+        "one forward-pass item.",
     )
     image_decoder: Literal["auto", "exact"] = Field(
         "auto",
         description="How /v1/classify decodes uploads. auto: large JPEGs decoded at reduced scale (libjpeg DCT "
-        "scaling, never below twice the crop), 3-7x faster for phone photos, mean difference <= 3 of 255 "
-        "(see README). exact: bit-for-bit the reference preprocessing of transformers.",
-    )
-    cpu_jpeg_min_pixels: int = Field(
-        0,
-        ge=0,
-        description="On CUDA hosts with image_decoder=auto: JPEGs of at least this many pixels are decoded on the "
-        "CPU at reduced scale in the decode threads instead of by nvJPEG in the batch (0: never). nvJPEG takes "
-        "2.3 ms per 12 MP photo on an H100, more than the forward; spreading those photos over the host's cores "
-        "is the alternative to measure (benchmarks/e2e_gpu.py, the -cpujpeg flag).",
+        "scaling, never below twice the crop), much faster for phone photos at a small pixel difference (README, "
+        '"Image decoding", has both measured). exact: bit-for-bit the reference preprocessing of transformers.',
     )
     max_files_per_request: int = Field(
         64, ge=1, description="Most files in one multipart request (several images to classify at once): 400 above."
@@ -176,39 +176,36 @@ class Settings(BaseSettings):
     cuda_graphs: bool = Field(
         True,
         description="Replay CUDA graphs captured per batch size for the image and optical-flow heads (GPU only). "
-        "Batches are padded to the next power of two; capture happens during warm-up. Under HTTP load the "
-        "inference thread otherwise waits for the GIL around every kernel launch: on an H100, /v1/classify p99 at "
-        "half load fell from 157 to 44 ms and saturated throughput rose 8% (docs/performance.md).",
+        "Batches are padded to the next power of two; capture happens during warm-up. Without them the inference "
+        "thread waits for the GIL around every kernel launch under HTTP load (docs/performance.md).",
+        json_schema_extra=TUNING,
     )
     workers: int = Field(
         1,
         ge=1,
         description="Server processes sharing the port, each with its own models and batcher. Helps CPU hosts "
         "where one process cannot parse and decode uploads fast enough; on one GPU the processes time-slice "
-        "the device and each batches a fraction of the traffic (measured slower), so keep 1 per GPU.",
+        "the device and each batches a fraction of the traffic (slower: docs/performance.md), so keep 1 per GPU.",
     )
     cpu_lanes: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
         "auto",
         description="CPU models: batches that may run side by side under load, the cores shared equally between "
         "them (a batch that runs alone takes them all), at most one per core. auto: 2 for a model whose "
         "max_batch_size=auto chose 1 (batching gains it nothing, so two requests side by side use the cores "
-        "better: the demo image classifier served 16% more on 2 cores, at the same latency for one client), 1 "
-        "for the others (the text classifier served 10-44% less with 2, in smaller batches), on the inference "
-        "thread, so under mixed load one batch more than there are lanes may run. A number applies to every CPU "
-        "model. GPU models always run one batch at a time.",
+        "better), 1 for the others, which run on the inference thread: under mixed load one batch more than "
+        "there are lanes may run. A number applies to every CPU model. GPU models always run one batch at a time "
+        "(docs/performance.md has both measured).",
+        json_schema_extra=TUNING,
     )
-    decode_workers: int = Field(4, ge=1, description="Threads that decode uploads off the event loop.")
+    decode_workers: int = Field(
+        4, ge=1, description="Threads that decode uploads off the event loop.", json_schema_extra=TUNING
+    )
     decode_processes: int = Field(
         0,
         ge=0,
         description="Decode uploads in this many processes instead of threads (0: threads). Sidesteps the GIL "
         "on many-core GPU hosts at the cost of copying decoded arrays between processes.",
-    )
-    gc_freeze: bool = Field(
-        True,
-        description="After warm-up, move the start-up heap out of the garbage collector's reach (gc.freeze), so "
-        "full collections stop walking it: measured p99 at 32 clients fell from ~145 ms to the figures in "
-        "docs/performance.md. Off only to measure that.",
+        json_schema_extra=TUNING,
     )
     api_keys: str | None = Field(
         None,
@@ -251,13 +248,19 @@ class Settings(BaseSettings):
 
     def limits(self) -> Limits:
         """What decoding may accept, as the tasks see it."""
-        return Limits(**{f.name: getattr(self, f.name) for f in dataclasses.fields(Limits)})
+        fields = type(self).model_fields
+        return Limits(**{f.name: getattr(self, f.name) for f in dataclasses.fields(Limits) if f.name in fields})
 
     def resolved_dtype(self, override: str | None = None) -> str:
         choice = override or self.dtype
         if choice == "auto":
             return "bfloat16" if self.device.startswith("cuda") else "float32"
         return choice
+
+
+def tuning_knobs(model: type[BaseModel]) -> list[str]:
+    """The fields of ``model`` marked ``tuning``: README lists them apart from what an operator sets."""
+    return [name for name, f in model.model_fields.items() if (f.json_schema_extra or {}) == TUNING]
 
 
 def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Settings:

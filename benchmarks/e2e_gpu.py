@@ -9,7 +9,8 @@ throughput at saturation (closed loop), and p50/p99 at half that rate (open-loop
 targets: HTTP >= 85% of model level (>= 50% for 4032x3024); p99 at half load <= 3x the batch forward.
 A size may carry flags: ``-raw`` sends the JPEG as the whole request body instead of a multipart form,
 ``-graphs`` runs the server with PERCEIVER_CUDA_GRAPHS=true, ``-eager`` with it false, and ``-cpujpeg`` with
-PERCEIVER_CPU_JPEG_MIN_PIXELS=8000000 (12 MP photos decoded at reduced scale on the CPU, not by nvJPEG).
+BENCH_CPU_JPEG_MIN_PIXELS=8000000 (benchmarks/knobs.py: 12 MP photos decoded at reduced scale on the CPU, not
+by nvJPEG).
 """
 
 from __future__ import annotations
@@ -168,7 +169,7 @@ def main() -> None:
         label += ", 12 MP JPEGs decoded on the CPU" if cpujpeg else ""
         extra = {"PERCEIVER_CUDA_GRAPHS": "true"} if graphs else {"PERCEIVER_CUDA_GRAPHS": "false"} if eager else {}
         if cpujpeg:
-            extra["PERCEIVER_CPU_JPEG_MIN_PIXELS"] = "8000000"
+            extra["BENCH_CPU_JPEG_MIN_PIXELS"] = "8000000"
         proc, url = serve(ckpt, workers, decoders, args.out / f"server-{n}.log", device, extra)
         try:
             spy = None

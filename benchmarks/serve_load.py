@@ -245,8 +245,9 @@ def free_port() -> int:
 
 
 def spawn(env: dict[str, str], log: Path | None = None, root: Path = ROOT) -> tuple[subprocess.Popen[bytes], str]:
-    """``python -m app.cli`` of the tree at ``root`` (default: this one) on a free loopback port with ``env``;
-    returns once /readyz answers 200."""
+    """``python -m app.cli`` of the tree at ``root`` (default: this one) on a free loopback port with ``env``
+    (``python -m benchmarks.knobs`` where ``env`` sets one of its measuring knobs); returns once /readyz
+    answers 200."""
     port = free_port()
     full = {
         **os.environ,
@@ -258,7 +259,11 @@ def spawn(env: dict[str, str], log: Path | None = None, root: Path = ROOT) -> tu
     }
     with open(log or os.devnull, "wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "app.cli"], cwd=root, env=full, stdout=out, stderr=subprocess.STDOUT
+            [sys.executable, "-m", "benchmarks.knobs" if any(k.startswith("BENCH_") for k in env) else "app.cli"],
+            cwd=root,
+            env=full,
+            stdout=out,
+            stderr=subprocess.STDOUT,
         )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 600

@@ -84,7 +84,7 @@ class Limits:
     max_video_clips: int = 8
     max_flow_frames: int = 32
     image_decoder: str = "auto"  # auto: scaled JPEG decoding where it stays in tolerance; exact: reference
-    cpu_jpeg_min_pixels: int = 0  # CUDA, auto: JPEGs this large are decoded on the CPU at reduced scale (0: never)
+    cpu_jpeg_min_pixels: int = 0  # CUDA, auto: JPEGs this large decoded on the CPU (0: never; benchmarks/knobs.py)
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ service sees: the sample photos, and mosaics of them at 1920x1080 and 4032x3024 
 
 from __future__ import annotations
 
+import dataclasses
 import io
 
 import numpy as np
@@ -158,7 +159,7 @@ def test_cpu_jpeg_min_pixels_keeps_large_photos_off_the_device_decoder() -> None
     phone, small = open_image(photo_jpeg(4032, 3024), 10**9), open_image(photo_jpeg(451, 300), 10**9)
     config = TASK.demo_configs["conv"]
     default = DecodeContext(config, Settings().limits(), "cuda")
-    hybrid = DecodeContext(config, Settings(cpu_jpeg_min_pixels=8_000_000).limits(), "cuda")
+    hybrid = DecodeContext(config, dataclasses.replace(Settings().limits(), cpu_jpeg_min_pixels=8_000_000), "cuda")
     assert leave_to_device(phone, default) and leave_to_device(small, default)
     assert not leave_to_device(phone, hybrid) and leave_to_device(small, hybrid)
     assert not leave_to_device(open_image(_reencode(photo_jpeg(451, 300), progressive=True), 10**9), default)
