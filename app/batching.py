@@ -73,6 +73,17 @@ class ServiceTime:
         self.samples: dict[int, deque[float]] = {
             k: deque([v] * seed_weight, maxlen=window) for k, v in self.warm.items()
         }
+        # Each class's median and fastest sample, kept up to date as samples come: admission asks on every
+        # request (three times: the door, the route, the queue), and a median per ask cost the event loop.
+        self._median: dict[int, float] = {}
+        self._fastest: dict[int, float] = {}
+        for klass in self.samples:
+            self._refresh(klass)
+
+    def _refresh(self, klass: int) -> None:
+        samples = self.samples[klass]
+        self._median[klass] = statistics.median(samples)
+        self._fastest[klass] = min(samples)
 
     @property
     def known(self) -> bool:
@@ -84,24 +95,29 @@ class ServiceTime:
             return
         klass = size_class(units)
         self.samples.setdefault(klass, deque(maxlen=self.window)).append(seconds / units)
+        self._refresh(klass)
 
     def per_unit(self, units: float) -> float | None:
         """Seconds per unit in a batch of about ``units``: its class's median, else the nearest smaller class
         known (per-unit times fall as batches grow: an overestimate), else the nearest larger one."""
-        samples = self._class_samples(units)
-        return None if samples is None else statistics.median(samples)
+        klass = self._class_of(units)
+        return None if klass is None else self._median[klass]
 
     def floor_s(self, units: float) -> float:
         """The least a batch of ``units`` is likely to take: its class's fastest recent per-unit time."""
-        samples = self._class_samples(units)
-        return 0.0 if samples is None else min(samples) * max(units, 1.0)
+        klass = self._class_of(units)
+        return 0.0 if klass is None else self._fastest[klass] * max(units, 1.0)
 
-    def _class_samples(self, units: float) -> deque[float] | None:
+    def _class_of(self, units: float) -> int | None:
+        """The class whose samples estimate a batch of ``units``: its own, else the nearest known below, else
+        the nearest known above; None when nothing is known."""
         if not self.samples:
             return None
         klass = size_class(units)
+        if klass in self.samples:
+            return klass
         below = [k for k in self.samples if k <= klass]
-        return self.samples[max(below) if below else min(self.samples)]
+        return max(below) if below else min(self.samples)
 
     def batch_s(self, units: float) -> float:
         """Seconds a batch of ``units`` is expected to run (0 when nothing is known yet)."""
@@ -118,10 +134,11 @@ class ServiceTime:
             decayed = [warm + (x - warm) * keep for x in samples]
             samples.clear()
             samples.extend(decayed)
+            self._refresh(klass)
 
     def summary(self) -> dict[str, float]:
         """Per-unit milliseconds by size class, as admission uses them now (for /v1/models)."""
-        return {str(k): round(statistics.median(v) * 1000, 3) for k, v in sorted(self.samples.items())}
+        return {str(k): round(self._median[k] * 1000, 3) for k in sorted(self.samples)}
 
 
 class Batch:
@@ -513,8 +530,9 @@ class Batcher(Generic[P, R]):
             self._maybe_idle()
         if ran and whole:  # a batch cut short by its requests' ending says nothing of the time a whole one takes
             self.service_time.observe(sum(t.units for t in ran), elapsed)
+        ran_ids = {id(t) for t in ran}
         for ticket in batch:
-            if ticket not in ran:
+            if id(ticket) not in ran_ids:
                 if ticket.cancelled:
                     self._drop(ticket, Cancelled("request cancelled before inference"))
                 else:
