@@ -11,6 +11,7 @@ key check (a caller without a key gets its 401 first) and outside everything Fas
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,19 +20,24 @@ from starlette.datastructures import QueryParams
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .engine import Engine
-from .errors import ModelNotFound, Overloaded, ServiceError
+from .errors import BadRequest, ModelNotFound, Overloaded, ServiceError, shown
 from .middleware import TASK_PATHS, reject
 from .runtime import Runtime
 
 
 def timeout_s(header: bytes | str | None, server_timeout_s: float) -> float:
-    """The request's time budget: the server's timeout, shortened (never lengthened) by x-request-timeout-ms."""
-    if header is not None:
-        try:
-            return min(server_timeout_s, max(0.0, float(header) / 1000))
-        except ValueError:
-            pass
-    return server_timeout_s
+    """The request's time budget: the server's timeout, shortened (never lengthened) by x-request-timeout-ms;
+    400 for a value that is not a number of milliseconds (nan, abc, -5), which used to pass as no budget or none."""
+    if header is None:
+        return server_timeout_s
+    try:
+        milliseconds = float(header)
+    except ValueError:
+        milliseconds = math.nan
+    if not math.isfinite(milliseconds) or milliseconds < 0:
+        text = header.decode("latin-1") if isinstance(header, bytes) else header
+        raise BadRequest(f"x-request-timeout-ms is {shown(text)}; it must be a number of milliseconds >= 0")
+    return min(server_timeout_s, milliseconds / 1000)
 
 
 @dataclass

@@ -8,7 +8,46 @@ turns each into its response in one place, where rejections are counted once.
 
 from __future__ import annotations
 
+import json
+from collections.abc import Iterable
 from typing import ClassVar
+
+MAX_MESSAGE_BYTES = 3000  # a message as JSON: the whole error body stays under 4 KB, whatever the input echoed
+MAX_PROBLEMS = 10  # problems listed in one message; the rest are counted
+
+
+def bounded(message: str) -> str:
+    """``message``, cut so that it takes at most MAX_MESSAGE_BYTES as JSON (escapes and UTF-8 counted)."""
+    if len(message) * 6 <= MAX_MESSAGE_BYTES:  # no character takes more than 6 bytes as JSON
+        return message
+    size = len(json.dumps(message, ensure_ascii=False).encode())
+    if size <= MAX_MESSAGE_BYTES:
+        return message
+    keep = len(message) * (MAX_MESSAGE_BYTES - 100) // size
+    while keep and len(json.dumps(message[:keep], ensure_ascii=False).encode()) > MAX_MESSAGE_BYTES - 100:
+        keep //= 2
+    return f"{message[:keep]}... ({len(message) - keep} more characters not shown)"
+
+
+def shown(value: object, limit: int = 80) -> str:
+    """A client's value, for a message: short, and never a huge integer written out (Python refuses to write
+    one of over 4,300 digits, and a 500 came of that)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 128:
+        return f"an integer of about {int(value.bit_length() * 0.30103)} digits"
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}..."
+
+
+def join_problems(problems: Iterable[str]) -> str:
+    """Up to MAX_PROBLEMS problems, "; "-separated, and how many more there were."""
+    shown: list[str] = []
+    more = 0
+    for problem in problems:
+        if len(shown) < MAX_PROBLEMS:
+            shown.append(problem)
+        else:
+            more += 1
+    return "; ".join(shown) + (f"; and {more} more problems" if more else "")
 
 
 class ServiceError(Exception):
@@ -19,6 +58,7 @@ class ServiceError(Exception):
     reason: str | None = None
 
     def __init__(self, message: str, headers: dict[str, str] | None = None) -> None:
+        message = bounded(message)
         super().__init__(message)
         self.message = message
         self.headers = headers or {}

@@ -26,7 +26,7 @@ from starlette.middleware.cors import CORSMiddleware
 from . import jsonlog
 from .access import ApiKeyMiddleware, cors_origins, key_digests
 from .admission import AdmissionMiddleware
-from .errors import InternalError, InvalidInput, ServiceError, for_status
+from .errors import InternalError, InvalidInput, ServiceError, for_status, join_problems
 from .loading import LoadedModel, build_models, start_engine
 from .metrics import Metrics
 from .middleware import ObservabilityMiddleware, reject
@@ -143,7 +143,7 @@ def create_app(settings: Settings | None = None, load_models: ModelLoader = buil
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        problems = "; ".join(
+        problems = join_problems(
             f"{'.'.join(str(p) for p in e.get('loc', ())) or 'request'}: {e.get('msg', 'invalid')}"
             for e in exc.errors()
         )

@@ -221,8 +221,7 @@ class VideoReader:
         previous = None
         with _decoding("video"):
             for index, frame in enumerate(self._container.decode(self._stream)):
-                if index >= self.max_frames:
-                    raise PayloadTooLarge(f"video has more than {self.max_frames} frames")
+                self._check(index, frame)
                 t = frame.time if frame.time is not None else index / (self.rate or 25.0)
                 while filled < len(order) and times[order[filled]] < t - 1e-6:  # times before this frame
                     out[order[filled]] = convert(previous if previous is not None else frame)
@@ -236,6 +235,17 @@ class VideoReader:
                 out[i] = convert(previous)
         return [frame for frame in out if frame is not None]
 
+    def _check(self, index: int, frame: Any) -> None:
+        """Every decoded frame against the limits, not only the header: a stream may declare 64x64 and
+        change to 7000x6000 a few frames in (each frame is checked before it is converted or kept)."""
+        if index >= self.max_frames:
+            raise PayloadTooLarge(f"video has more than {self.max_frames} frames")
+        if frame.width * frame.height > self.max_pixels:
+            raise PayloadTooLarge(
+                f"video frame {index} is {frame.width}x{frame.height}, {frame.width * frame.height} pixels; "
+                f"the limit is {self.max_pixels}"
+            )
+
     def every(self, stride: int, max_kept: int) -> tuple[list[np.ndarray], list[float]]:
         """Frames 0, stride, 2·stride, ... of the stream as uint8 RGB [H, W, 3], with their times in seconds;
         more than ``max_kept`` of them is a 413, raised as soon as the one too many is reached."""
@@ -243,8 +253,7 @@ class VideoReader:
         times: list[float] = []
         with _decoding("video"):
             for index, frame in enumerate(self._container.decode(self._stream)):
-                if index >= self.max_frames:
-                    raise PayloadTooLarge(f"video has more than {self.max_frames} frames")
+                self._check(index, frame)
                 if index % stride:
                     continue
                 if len(frames) == max_kept:
@@ -252,8 +261,6 @@ class VideoReader:
                         f"video has more than {max_kept} frames at stride {stride}; the limit is {max_kept}"
                     )
                 rgb = frame.to_ndarray(format="rgb24")
-                if rgb.shape[0] * rgb.shape[1] > self.max_pixels:
-                    raise PayloadTooLarge("video frames have too many pixels")
                 if frames and rgb.shape != frames[0].shape:
                     raise InvalidInput(
                         f"the video changes frame size at frame {index} ({rgb.shape[1]}x{rgb.shape[0]}, "

@@ -93,12 +93,13 @@ class ObservabilityMiddleware:
         state = scope.setdefault("state", {})
         started = time.monotonic()
         status = 500
+        started_response = False
         limit = runtime.settings.max_body_bytes
 
         async def send_wrapper(message: Message) -> None:
-            nonlocal status
+            nonlocal status, started_response
             if message["type"] == "http.response.start":
-                status = message["status"]
+                status, started_response = message["status"], True
                 extra = [(b"x-request-id", rid.encode())]
                 timing = state.get("timing")
                 if timing is not None:
@@ -141,7 +142,7 @@ class ObservabilityMiddleware:
         try:
             declared = headers.get("content-length", "")
             early: ServiceError | None = None
-            if declared.isdigit() and int(declared) > limit:
+            if declared.isascii() and declared.isdigit() and int(declared) > limit:
                 early = PayloadTooLarge(f"request body of {declared} bytes exceeds {limit} bytes")
             elif task is not None and runtime.draining:
                 early = Draining("the server is shutting down; retry on another replica")
@@ -149,6 +150,8 @@ class ObservabilityMiddleware:
                 await reject(runtime, early, path, "")(scope, receive, send_wrapper)
             else:
                 await self.app(scope, limited_receive, send_wrapper)
+        except Exception as exc:  # the last resort: every other handler sits inside this one
+            await self._last_resort(exc, rid, scope, receive, send_wrapper, started_response)
         finally:
             elapsed = time.monotonic() - started
             model = state.get("model", "")
@@ -171,3 +174,21 @@ class ObservabilityMiddleware:
                 level = logging.DEBUG if path.startswith(QUIET_PATHS) and status < 400 else logging.INFO
                 log.log(level, "request", extra={"fields": fields})
             jsonlog.request_id.reset(token)
+
+    async def _last_resort(
+        self, exc: Exception, rid: str, scope: Scope, receive: Receive, send: Send, started: bool
+    ) -> None:
+        """Any exception that got this far becomes a JSON 500 that carries the request id, logged with its
+        traceback under that id; the response completes, so the client's keep-alive connection stays usable.
+        (Starlette's outermost handler runs after the request id is gone, and re-raises: uvicorn then closed
+        the connection.) A response already started cannot be replaced: it is cut short, and logged."""
+        path = scope["path"]
+        model = scope.get("state", {}).get("model", "")
+        if isinstance(exc, ServiceError):  # raised where no handler was (a middleware): its own status
+            if not started:
+                await reject(self.runtime, exc, path, model)(scope, receive, send)
+            return
+        log.error("unhandled error", exc_info=exc)
+        if not started:
+            error = errors.InternalError(f"internal error; request id {rid}")
+            await reject(self.runtime, error, path, model)(scope, receive, send)

@@ -77,6 +77,8 @@ TOP_K = (
 
 def image_bytes(array: np.ndarray) -> bytes:
     """A UINT8 [H, W, 3] array as PNG: lossless, so the task decodes exactly these pixels."""
+    if array.shape[0] == 0 or array.shape[1] == 0:
+        raise BadRequest(f"an image of {array.shape[0]} x {array.shape[1]} pixels has none; send at least 1 x 1")
     buffer = io.BytesIO()
     Image.fromarray(np.ascontiguousarray(array), "RGB").save(buffer, format="PNG", compress_level=1)
     return buffer.getvalue()

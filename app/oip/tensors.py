@@ -23,7 +23,8 @@ from typing import Annotated, Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from ..errors import BadRequest
+from ..errors import BadRequest, join_problems, shown
+from ..jsonbody import JsonBodyError, parse_json
 
 HEADER_LENGTH = "inference-header-content-length"
 BINARY_MEDIA_TYPE = "application/octet-stream"
@@ -51,7 +52,8 @@ JSON_KINDS = {"BOOL": "b", "FP16": "iuf", "FP32": "iuf", "FP64": "iuf"} | {
 }
 
 Parameter = str | int | float | bool
-Dimension = Annotated[int, Field(ge=0, strict=True)]
+MAX_DIMENSION = 2**31 - 1  # Triton's too; no tensor of ours comes near it
+Dimension = Annotated[int, Field(ge=0, le=MAX_DIMENSION, strict=True)]
 
 
 class _Message(BaseModel):
@@ -113,22 +115,25 @@ class V2Error(BaseModel):
 
 
 def _problems(exc: ValidationError) -> str:
-    return "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ())) or 'body'}: {e['msg']}" for e in exc.errors())
+    return join_problems(f"{'.'.join(str(p) for p in e.get('loc', ())) or 'body'}: {e['msg']}" for e in exc.errors())
 
 
 def parse_infer_request(body: bytes, header_length: str | None) -> tuple[InferenceRequest, bytes]:
     """The JSON header, validated, and the binary data after it (empty without the binary extension)."""
     binary = b""
     if header_length is not None:
-        if not header_length.strip().isdigit() or int(header_length) > len(body):
+        digits = header_length.strip()
+        if not (digits.isascii() and digits.isdigit() and len(digits) <= 18) or int(digits) > len(body):
             raise BadRequest(
-                f"Inference-Header-Content-Length is {header_length!r}; it must be the JSON header's size in bytes, "
-                f"at most the body's {len(body)}"
+                f"Inference-Header-Content-Length is {shown(header_length)}; it must be the JSON header's size in "
+                f"bytes, at most the body's {len(body)}"
             )
-        size = int(header_length)
+        size = int(digits)
         body, binary = body[:size], body[size:]
-    try:
-        request = InferenceRequest.model_validate_json(body)
+    try:  # one JSON parser with the REST bodies': the same bounds, and a key given twice is refused
+        request = InferenceRequest.model_validate(parse_json(body))
+    except JsonBodyError as exc:
+        raise BadRequest(f"not an inference request: {exc}") from None
     except ValidationError as exc:
         raise BadRequest(f"not an inference request: {_problems(exc)}") from None
     names = [i.name for i in request.inputs]
@@ -155,7 +160,7 @@ def decode_inputs(request: InferenceRequest, binary: bytes) -> dict[str, np.ndar
         if tensor.data is not None:
             raise BadRequest(f"{tensor.name}: both data and binary_data_size; send the data one way")
         if isinstance(size, bool) or not isinstance(size, int) or size < 0:
-            raise BadRequest(f"{tensor.name}: binary_data_size must be a byte count, got {size!r}")
+            raise BadRequest(f"{tensor.name}: binary_data_size must be a byte count, got {shown(size)}")
         chunk = binary[offset : offset + size]
         if len(chunk) < size:
             raise BadRequest(f"{tensor.name}: binary_data_size is {size}, but only {len(chunk)} bytes follow")
@@ -171,7 +176,7 @@ def _from_json(tensor: RequestInput) -> np.ndarray:
     if tensor.datatype == "BYTES":
         encoding = tensor.parameters.get("content_type", "str")
         if encoding not in ("str", "base64"):
-            raise BadRequest(f"{tensor.name}: content_type {encoding!r}; BYTES in JSON are str (UTF-8) or base64")
+            raise BadRequest(f"{tensor.name}: content_type {shown(encoding)}; BYTES in JSON are str (UTF-8) or base64")
         values = [_element(tensor.name, v, encoding == "base64") for v in _leaves(tensor.name, tensor.data or [])]
         _check_count(tensor, len(values), count)
         array = np.empty(count, dtype=object)

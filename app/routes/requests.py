@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 from collections.abc import Mapping
 from typing import Any, BinaryIO, cast
 
@@ -14,7 +13,9 @@ from starlette.datastructures import FormData, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import ClientDisconnect, Request
 
-from ..errors import BadRequest, ClientClosedRequest, InvalidInput
+from ..admission import prologue
+from ..errors import BadRequest, ClientClosedRequest, InvalidInput, join_problems
+from ..jsonbody import LARGE_BODY, JsonBodyError, parse_json
 from ..tasks.base import Task, TaskRequest, Upload
 
 MAX_FORM_FIELDS = 64  # options are a handful; more is a malformed or hostile form
@@ -186,7 +187,7 @@ def _describe(task: Task[Any, Any, Any], exc: ValidationError) -> str:
             problems.append(f"{where}: unknown field; {task.path} accepts {accepted}")
         else:
             problems.append(f"{where}: {error['msg']}")
-    return "; ".join(problems)
+    return join_problems(problems)
 
 
 def _put(fields: dict[str, Any], key: str, value: Any) -> None:
@@ -275,11 +276,13 @@ async def _read_json(request: Request, task: Task[Any, Any, Any], media: str) ->
         raise InvalidInput(f"{what_it_takes(task)}; got content-type {media} ({hint})")
     body = await request.body()
     try:
-        data = json.loads(body)
-    except UnicodeDecodeError:
-        raise InvalidInput("the body is not UTF-8 encoded JSON") from None
-    except json.JSONDecodeError as exc:
-        raise InvalidInput(f"the body is not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}") from None
+        if len(body) > LARGE_BODY:  # a large parse would hold the event loop (and every other request)
+            runtime = request.app.state.runtime
+            data = await runtime.offload(prologue(request.scope, runtime).deadline, parse_json, body)
+        else:
+            data = parse_json(body)
+    except JsonBodyError as exc:
+        raise InvalidInput(str(exc)) from None
     if not isinstance(data, dict):
         raise InvalidInput(f"{what_it_takes(task)}; got a JSON {type(data).__name__}")
     return data

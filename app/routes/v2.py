@@ -21,7 +21,7 @@ from starlette.requests import ClientDisconnect
 
 from ..admission import admit
 from ..engine import Engine
-from ..errors import BadRequest, ClientClosedRequest, ModelNotFound, NotReady, UnsupportedMedia
+from ..errors import BadRequest, ClientClosedRequest, ModelNotFound, NotReady, UnsupportedMedia, join_problems, shown
 from ..oip.adapters import ADAPTERS, Adapter
 from ..oip.tensors import (
     BINARY_MEDIA_TYPE,
@@ -43,6 +43,7 @@ VERSION = "1"  # one version per served model
 SERVER_NAME = "perceiver-serve"
 EXTENSIONS = ["binary_tensor_data", "parameters"]
 LARGE_BODY = 64 * 1024  # parsed off the event loop above this
+MAX_TIMEOUT_US = 10**12  # 11.6 days
 BINARY = {"type": "string", "format": "binary"}
 
 router = APIRouter(prefix="/v2", tags=["open inference protocol (v2)"])
@@ -347,6 +348,8 @@ def _prepare(body: bytes, header_length: str | None, task: AnyTask, adapter: Ada
     for output in request.outputs:
         if output.name not in declared:
             raise BadRequest(f"{output.name}: no such output; {adapter.task} has {', '.join(declared)}")
+        if output.name in wanted:
+            raise BadRequest(f"{output.name}: requested more than once; name each output once")
         extra = sorted(set(output.parameters) - {"binary_data"})
         if extra:
             raise BadRequest(f"{output.name}: unknown output parameters {', '.join(extra)}; only binary_data")
@@ -364,7 +367,7 @@ def _rows(tensor: Any) -> int:
 
 def _flag(value: Parameter, name: str) -> bool:
     if not isinstance(value, bool):
-        raise BadRequest(f"{name} must be true or false, got {value!r}")
+        raise BadRequest(f"{name} must be true or false, got {shown(value)}")
     return value
 
 
@@ -373,8 +376,8 @@ def _timeout(value: Parameter | None) -> float | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise BadRequest(f"timeout is microseconds (an integer >= 0), got {value!r}")
-    return value / 1e6
+        raise BadRequest(f"timeout is microseconds (an integer >= 0), got {shown(value)}")
+    return min(value, MAX_TIMEOUT_US) / 1e6  # longer than any server timeout: it shortens nothing
 
 
 def _validate(task: AnyTask, fields: dict[str, Any]) -> TaskRequest:
@@ -386,7 +389,7 @@ def _validate(task: AnyTask, fields: dict[str, Any]) -> TaskRequest:
             where = ".".join(str(p) for p in error.get("loc", ()))
             where = "TEXT" if where == "text" else f"parameters.{where}"
             problems.append(f"{where}: {error['msg']}")
-        raise BadRequest("; ".join(problems)) from None
+        raise BadRequest(join_problems(problems)) from None
 
 
 def _finish(
@@ -397,7 +400,7 @@ def _finish(
 
 
 def _problems(exc: ValidationError) -> str:
-    return "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ())) or 'body'}: {e['msg']}" for e in exc.errors())
+    return join_problems(f"{'.'.join(str(p) for p in e.get('loc', ())) or 'body'}: {e['msg']}" for e in exc.errors())
 
 
 async def _read_body(request: Request) -> bytes:

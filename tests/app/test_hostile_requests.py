@@ -1,0 +1,264 @@
+"""Hostile requests, round two: the protocol, JSON and header cases that used to end in a 500, a huge error
+body or a silent choice. Every input is generated here. Each answer is a JSON 4xx (or a legitimate 200) with
+the request id, its error body under 4 KB, and the connection stays usable."""
+
+from __future__ import annotations
+
+import io
+import json
+import socket
+import struct
+from collections.abc import Iterator
+from fractions import Fraction
+
+import av
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from .conftest import LiveServer
+
+MAX_ERROR_BODY = 4096
+TEXT_V2 = "/v2/models/classify-text/infer"
+IMAGE_V2 = "/v2/models/classify.learned/infer"
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[LiveServer]:
+    live = LiveServer(demo_tasks=["classify", "classify-text", "autoencode"])
+
+    async def boom() -> None:
+        raise RuntimeError("a bug of ours, not the client's")
+
+    live.app.add_api_route("/v1/boom", boom, methods=["GET"])  # stands for any bug the handlers miss
+    yield live.start()
+    live.stop()
+
+
+def assert_json_error(r: httpx.Response, statuses: set[int]) -> dict[str, object]:
+    assert r.status_code in statuses, (r.status_code, r.text[:300])
+    assert r.headers["content-type"].startswith("application/json")
+    assert len(r.content) <= MAX_ERROR_BODY, len(r.content)
+    assert r.headers.get("x-request-id")
+    body: dict[str, object] = r.json()
+    assert "error" in body
+    return body
+
+
+def v2_text(text: str = "hello", **extra: object) -> dict[str, object]:
+    return {"inputs": [{"name": "TEXT", "shape": [1], "datatype": "BYTES", "data": [text]}], **extra}
+
+
+# ---------------------------------------------------------------------------------------------- 500s no more
+
+
+def test_an_unexpected_error_is_a_json_500_with_the_request_id_and_the_connection_stays_open(
+    server: LiveServer,
+) -> None:
+    host, port = "127.0.0.1", server.settings.port
+    with socket.create_connection((host, port), timeout=10) as sock:
+        sock.sendall(b"GET /v1/boom HTTP/1.1\r\nHost: x\r\nx-request-id: boom-1\r\n\r\n")
+        first = _read_response(sock)
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        second = _read_response(sock)
+    status, headers, body = first
+    assert status == 500 and headers["x-request-id"] == "boom-1"
+    assert json.loads(body)["error"]["message"] == "internal error; request id boom-1"
+    assert "Traceback" not in body.decode() and "a bug of ours" not in body.decode()
+    assert second[0] == 200  # the same keep-alive connection answered the next request
+
+
+def _read_response(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        assert chunk, "the server closed the connection"
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+    while len(body) < int(headers.get("content-length", "0")):
+        body += sock.recv(65536)
+    return int(lines[0].split()[1]), headers, body
+
+
+@pytest.mark.parametrize("length", ["²", "1¹", "99999999999999999999999", "-1", "1e3"])
+def test_a_header_length_that_is_not_ascii_digits_is_a_400(server: LiveServer, length: str) -> None:
+    body = json.dumps(v2_text()).encode()
+    with server.client() as c:
+        r = c.post(TEXT_V2, content=body, headers={"inference-header-content-length": length.encode()})  # type: ignore[dict-item]
+    assert "Inference-Header-Content-Length" in str(assert_json_error(r, {400})["error"])
+
+
+@pytest.mark.parametrize(
+    ("shape", "data", "binary"),
+    [([1, 0, 4, 3], [], False), ([0, 4, 3], [], False), ([0, 0, 3], b"", True), ([2, 4, 0, 3], [], False)],
+)
+def test_an_image_tensor_without_pixels_is_a_400(
+    server: LiveServer, shape: list[int], data: object, binary: bool
+) -> None:
+    tensor: dict[str, object] = {"name": "IMAGE", "shape": shape, "datatype": "UINT8"}
+    if binary:
+        tensor["parameters"] = {"binary_data_size": 0}
+        header = json.dumps({"inputs": [tensor]}).encode()
+        with server.client() as c:
+            r = c.post(IMAGE_V2, content=header, headers={"inference-header-content-length": str(len(header))})
+    else:
+        with server.client() as c:
+            r = c.post(IMAGE_V2, json={"inputs": [{**tensor, "data": data}]})
+    assert_json_error(r, {400})
+
+
+def test_a_shape_of_thousands_of_digits_is_a_400(server: LiveServer) -> None:
+    huge = "9" * 5000
+    body = '{"inputs": [{"name": "TEXT", "shape": [' + huge + '], "datatype": "BYTES", "data": ["a"]}]}'
+    with server.client() as c:
+        r = c.post(TEXT_V2, content=body.encode(), headers={"content-type": "application/json"})
+    assert_json_error(r, {400})
+    body = '{"inputs": [{"name": "TEXT", "shape": [4294967296], "datatype": "BYTES", "data": ["a"]}]}'
+    with server.client() as c:
+        r = c.post(TEXT_V2, content=body.encode(), headers={"content-type": "application/json"})
+    assert_json_error(r, {400})
+
+
+def test_a_timeout_parameter_beyond_every_limit_shortens_nothing_and_a_negative_one_is_a_400(
+    server: LiveServer,
+) -> None:
+    big = "1" + "0" * 400  # 1e400, written as an integer
+    with server.client() as c:
+        body = json.dumps(v2_text()).replace('"inputs"', f'"parameters": {{"timeout": {big}}}, "inputs"')
+        r = c.post(TEXT_V2, content=body.encode(), headers={"content-type": "application/json"})
+        assert r.status_code == 200, r.text
+        body = body.replace(big, "-" + big)
+        r = c.post(TEXT_V2, content=body.encode(), headers={"content-type": "application/json"})
+    assert "timeout" in str(assert_json_error(r, {400})["error"])
+
+
+def nested(depth: int) -> str:
+    return "[" * depth + "]" * depth
+
+
+@pytest.mark.parametrize(("path", "field"), [("/v1/classify-text", "text"), ("/v1/classify", "image")])
+def test_json_nested_a_hundred_thousand_deep_is_a_422(server: LiveServer, path: str, field: str) -> None:
+    body = '{"' + field + '": ' + nested(100_000) + "}"
+    with server.client() as c:
+        r = c.post(path, content=body.encode(), headers={"content-type": "application/json"})
+    assert "nested too deeply" in json.dumps(assert_json_error(r, {422}))
+
+
+def test_nesting_in_a_v2_body_is_a_400(server: LiveServer) -> None:
+    body = json.dumps(v2_text()).replace('"data": ["hello"]', '"data": ' + nested(100_000))
+    with server.client() as c:
+        r = c.post(TEXT_V2, content=body.encode(), headers={"content-type": "application/json"})
+    assert_json_error(r, {400})
+
+
+def test_a_number_of_five_thousand_digits_is_a_422(server: LiveServer) -> None:
+    body = '{"text": "hello", "top_k": ' + "7" * 5000 + "}"
+    with server.client() as c:
+        r = c.post("/v1/classify-text", content=body.encode(), headers={"content-type": "application/json"})
+    assert "too long" in json.dumps(assert_json_error(r, {422}))
+
+
+# ---------------------------------------------------------------------------------------------- JSON bodies
+
+
+def test_a_million_keys_is_refused_with_a_short_error(server: LiveServer) -> None:
+    body = "{" + ",".join(f'"k{i}":0' for i in range(1_000_000)) + ',"text":"hi"}'
+    with server.client() as c:
+        r = c.post("/v1/classify-text", content=body.encode(), headers={"content-type": "application/json"})
+        assert "keys" in json.dumps(assert_json_error(r, {422}))
+        v2 = '{"inputs": [], ' + ",".join(f'"k{i}":0' for i in range(1_000_000)) + "}"
+        r = c.post(TEXT_V2, content=v2.encode(), headers={"content-type": "application/json"})
+        assert_json_error(r, {400})
+        params = json.dumps(v2_text()).replace(
+            '"inputs"', '"parameters": {' + ",".join(f'"p{i}":0' for i in range(1_000_000)) + '}, "inputs"'
+        )
+        r = c.post(TEXT_V2, content=params.encode(), headers={"content-type": "application/json"})
+        assert_json_error(r, {400})
+        assert c.get("/readyz").status_code == 200
+
+
+def test_an_error_never_echoes_more_than_4_kb_of_the_input(server: LiveServer) -> None:
+    name = "n" * (8 << 20)
+    with server.client() as c:
+        r = c.post(TEXT_V2, json=v2_text(parameters={name: 1}))
+        assert_json_error(r, {400})
+        r = c.post("/v1/classify-text", json={"text": "hi", name: 1})
+        assert_json_error(r, {422})
+        r = c.post("/v1/classify-text", json={"text": "hi", **{f"extra{i}": 1 for i in range(200)}})
+        assert "more problems" in json.dumps(assert_json_error(r, {422}))
+
+
+def test_outputs_named_twice_are_a_400(server: LiveServer) -> None:
+    with server.client() as c:
+        r = c.post(TEXT_V2, json=v2_text(outputs=[{"name": "LABELS"}] * 100_000))
+    assert "more than once" in json.dumps(assert_json_error(r, {400}))
+
+
+def test_a_key_given_twice_is_refused_everywhere(server: LiveServer) -> None:
+    """One rule: an option given twice is an error, in the query and the body, or twice in one JSON object."""
+    with server.client() as c:
+        r = c.post(
+            "/v1/classify-text",
+            content=b'{"text": "good", "text": "bad"}',
+            headers={"content-type": "application/json"},
+        )
+        assert "more than once" in json.dumps(assert_json_error(r, {422}))
+        r = c.post("/v1/classify-text?top_k=2", json={"text": "good", "top_k": 3})
+        assert "more than once" in json.dumps(assert_json_error(r, {422}))
+        twice = json.dumps(v2_text()).replace('"name": "TEXT"', '"name": "TEXT", "name": "TEXT"')
+        r = c.post(TEXT_V2, content=twice.encode(), headers={"content-type": "application/json"})
+        assert "more than once" in json.dumps(assert_json_error(r, {400}))
+
+
+# ---------------------------------------------------------------------------------------------- headers
+
+
+@pytest.mark.parametrize("value", ["nan", "abc", "-5", "inf", "1e999"])
+def test_an_invalid_request_timeout_is_a_400_that_names_the_header(server: LiveServer, value: str) -> None:
+    with server.client() as c:
+        for r in (
+            c.post("/v1/classify-text", json={"text": "hi"}, headers={"x-request-timeout-ms": value}),
+            c.post(TEXT_V2, json=v2_text(), headers={"x-request-timeout-ms": value}),
+        ):
+            assert "x-request-timeout-ms" in json.dumps(assert_json_error(r, {400}))
+        ok = c.post("/v1/classify-text", json={"text": "hi"}, headers={"x-request-timeout-ms": "5000"})
+        assert ok.status_code == 200
+
+
+# ---------------------------------------------------------------------------------------------- media
+
+
+def mjpeg_mkv_that_grows(small: int, large: tuple[int, int]) -> bytes:
+    """A Motion-JPEG MKV whose header (and first frames) say 64x64, and whose later frames are ``large``."""
+
+    def jpeg(size: tuple[int, int]) -> bytes:
+        buffer = io.BytesIO()
+        Image.new("RGB", size, (90, 140, 200)).save(buffer, "JPEG", quality=50)
+        return buffer.getvalue()
+
+    out = io.BytesIO()
+    with av.open(out, "w", format="matroska") as container:
+        stream = container.add_stream("mjpeg", rate=25)
+        stream.width, stream.height, stream.pix_fmt = 64, 64, "yuvj420p"
+        stream.time_base = Fraction(1, 25)
+        frames = [jpeg((64, 64))] * small + [jpeg(large)] * 4
+        for index, data in enumerate(frames):
+            packet = av.Packet(data)
+            packet.stream, packet.pts, packet.dts, packet.time_base = stream, index, index, stream.time_base
+            packet.duration = 1
+            container.mux(packet)
+    return out.getvalue()
+
+
+def test_every_video_frame_is_checked_against_the_pixel_limit_not_only_the_header(server: LiveServer) -> None:
+    video = mjpeg_mkv_that_grows(3, (7000, 6000))
+    assert struct.unpack(">I", video[:4])[0] == 0x1A45DFA3  # an EBML (Matroska) file
+    with server.client() as c:
+        r = c.post("/v1/autoencode", files={"video": ("v.mkv", video)}, data={"clips": "uniform"})
+        assert "pixels" in json.dumps(assert_json_error(r, {413}))
+        ok = c.post("/v1/autoencode", files={"video": ("v.mkv", mjpeg_mkv_that_grows(40, (64, 64)))})
+    assert ok.status_code == 200, ok.text
+    assert np.isfinite([p["score"] for p in ok.json()["predictions"]]).all()
