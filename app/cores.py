@@ -1,33 +1,70 @@
-"""How a CPU model's forward passes share the cores: with upload decoding, and with each other.
+"""How a CPU model's forward passes share the cores: with upload decoding, with each other, and with other
+processes on the machine.
 
-torch's intra-op threads spin against whatever else runs on their cores: the decode threads, and other
-forward passes running side by side (``PERCEIVER_CPU_LANES``). Before each pass its runner asks for its
-share, so the threads in use match the cores free.
+torch's intra-op threads spin against whatever else runs on their cores: the decode threads, other forward
+passes running side by side (``PERCEIVER_CPU_LANES``), and other processes. Before each pass its runner asks
+for its share, so the threads in use match the cores free. Other processes matter most: with two busy loops
+on two cores, a pass on two threads waited at every operator's barrier for the thread the scheduler had
+parked, and a one-window optical-flow pass took over 30 s instead of 4; on one thread it only runs at the
+speed of the core share it gets.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
 
+_TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def other_processes_busy_s() -> float:
+    """CPU seconds that the cores this process may run on have spent busy for other processes, since boot:
+    their busy time in /proc/stat, less this process's own. 0 where /proc/stat is not there (not Linux)."""
+    try:
+        with open("/proc/stat", "rb") as stat:
+            lines = stat.read().split(b"\n")
+    except OSError:
+        return 0.0
+    allowed = {f"cpu{c}".encode() for c in os.sched_getaffinity(0)} if hasattr(os, "sched_getaffinity") else None
+    busy = 0
+    for line in lines[1:]:
+        fields = line.split()
+        if not fields or not fields[0].startswith(b"cpu"):
+            break
+        if allowed is None or fields[0] in allowed:
+            user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[1:9])
+            busy += user + nice + system + irq + softirq + steal
+    return max(0.0, busy / _TICK - time.process_time())
+
 
 class CoreShare:
-    """Intra-op threads for the next forward pass: the cores less those decoding kept busy on average since
-    the last pass (smoothed over passes), at least one, shared equally by the batches running then."""
+    """Intra-op threads for the next forward pass: the cores less those that decoding and other processes kept
+    busy on average since the last pass (smoothed over passes), at least one, shared equally by the batches
+    running then. ``others_busy_s`` is cumulative CPU seconds of other processes (``other_processes_busy_s``)."""
 
     def __init__(
-        self, cores: int, decode_busy_s: Callable[[], float], clock: Callable[[], float] = time.monotonic
+        self,
+        cores: int,
+        decode_busy_s: Callable[[], float],
+        clock: Callable[[], float] = time.monotonic,
+        others_busy_s: Callable[[], float] = lambda: 0.0,
     ) -> None:
-        self.cores, self.decode_busy_s, self.clock = cores, decode_busy_s, clock
-        self.at, self.busy, self.load = clock(), decode_busy_s(), 0.0
+        self.cores, self.clock = cores, clock
+        self._decode_busy_s, self._others_busy_s = decode_busy_s, others_busy_s
+        self.at, self.busy, self.load = clock(), self.unavailable_s(), 0.0
         self.running = 0
         self._lock = threading.Lock()
 
+    def unavailable_s(self) -> float:
+        """CPU seconds so far that the forward passes could not have: decoding's and other processes'."""
+        return self._decode_busy_s() + self._others_busy_s()
+
     def threads(self) -> int:
         with self._lock:
-            now, busy = self.clock(), self.decode_busy_s()
+            now, busy = self.clock(), self.unavailable_s()
             if now > self.at:
                 self.load = 0.5 * self.load + 0.5 * (busy - self.busy) / (now - self.at)
             self.at, self.busy = now, busy

@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 import torch
 
 from .batching import Lanes
-from .cores import CoreShare
+from .cores import CoreShare, other_processes_busy_s
 from .engine import BatchPolicy, Engine
 from .errors import DeadlineExceeded, ModelNotFound, NotReady
 from .metrics import Metrics
@@ -73,9 +73,10 @@ class Runtime:
         return self._lanes
 
     def core_share(self) -> CoreShare | None:
-        """One for the whole process: the cores, less decoding's recent load, shared by the batches running."""
+        """One for the whole process: the cores, less the recent load of decoding and of other processes, shared
+        by the batches running."""
         if self._core_share is None and self._cores > 1:
-            self._core_share = CoreShare(self._cores, lambda: self.decode_busy_s)
+            self._core_share = CoreShare(self._cores, lambda: self.decode_busy_s, others_busy_s=other_processes_busy_s)
         return self._core_share
 
     def add(self, engine: Engine) -> None:

@@ -32,6 +32,42 @@ def test_threads_follow_the_recent_decoding_load() -> None:
     assert share.threads() == 1
 
 
+def test_threads_leave_the_cores_other_processes_keep_busy() -> None:
+    """Two busy loops of another process on a 2-core machine: one thread, not two that wait for each other at
+    every barrier while the scheduler parks one; both again once they stop. Decoding and others add up."""
+    clock, decoding, others = [0.0], [0.0], [0.0]
+    share = CoreShare(4, lambda: decoding[0], lambda: clock[0], others_busy_s=lambda: others[0])
+    assert share.threads() == 4
+    for _ in range(4):
+        clock[0] += 1.0
+        others[0] += 2.0  # two cores' worth of someone else's work each second
+        last = share.threads()
+    assert last == 2
+    for _ in range(4):
+        clock[0] += 1.0
+        others[0] += 2.0
+        decoding[0] += 1.0  # and decoding one more
+        last = share.threads()
+    assert last == 1
+    for _ in range(6):
+        clock[0] += 1.0
+        last = share.threads()
+    assert last == 4
+
+
+def test_other_processes_busy_time_is_read_from_the_machine() -> None:
+    """Half a second of CPU in another process shows up in other_processes_busy_s (whatever else runs too)."""
+    import subprocess
+    import sys
+
+    from app.cores import other_processes_busy_s
+
+    before = other_processes_busy_s()
+    spin = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.5: pass"
+    subprocess.run([sys.executable, "-c", spin], check=True)
+    assert other_processes_busy_s() - before >= 0.45
+
+
 def _work(seconds: float) -> str:
     time.sleep(seconds)
     return "decoded"

@@ -9,6 +9,7 @@ from app.batching import ServiceTime
 from app.engine import Engine
 
 from .conftest import MEDIA, LiveServer, occupy, release, shifted_pair
+from .test_endpoints import CountingFlow
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -22,7 +23,10 @@ def inflate(served: Engine, seconds_per_unit: float) -> None:
 def test_an_idle_model_admits_whatever_warm_up_measured() -> None:
     """Optical flow whose warm-up measured more than the whole deadline per window, and fill-mask after two
     heavy requests taught it seconds per window: both still answer an ordinary request on an idle server."""
-    server = LiveServer(demo_tasks=["optical-flow", "fill-mask"]).start()
+    # A stand-in flow model that answers at once: the test is of admission, not of how fast this machine runs
+    # the demo flow head (on a busy one its pass outlasted the deadline, and fill-mask queued behind it).
+    swap = {"optical-flow": lambda _: CountingFlow((368, 496), seconds=0.0)}
+    server = LiveServer(demo_tasks=["optical-flow", "fill-mask"], swap=swap).start()
     try:
         flow, fill = server.runtime.engine_for("optical-flow"), server.runtime.engine_for("fill-mask")
         inflate(flow, 5.031)  # the 5,031 ms per item of the report, against a 6 s deadline
@@ -35,8 +39,7 @@ def test_an_idle_model_admits_whatever_warm_up_measured() -> None:
                 data={"format": "npy"},
                 headers={"x-request-timeout-ms": "6000"},
             )
-            assert r.status_code in (200, 504), r.text  # 504 only if the pass itself outlasts 6 s
-            assert r.status_code != 429
+            assert r.status_code == 200, r.text
             r = client.post(
                 "/v1/fill-mask", json={"text": "Hello w[MASK]rld"}, headers={"x-request-timeout-ms": "6000"}
             )
