@@ -76,13 +76,17 @@ def _server_class() -> Any:
     return DrainingServer
 
 
-def _uvicorn_config(app: FastAPI, settings: Settings) -> Any:
+def uvicorn_config(app: FastAPI, settings: Settings) -> Any:
+    """uvicorn's settings for ``app``: httptools with our bounds on headers and the URL (app/httpserver.py)."""
     import uvicorn
+
+    from .httpserver import BoundedHttpToolsProtocol
 
     return uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
+        http=BoundedHttpToolsProtocol,
         log_config=None,
         access_log=False,
         lifespan="on",
@@ -93,7 +97,7 @@ def _uvicorn_config(app: FastAPI, settings: Settings) -> Any:
 def _serve(settings: Settings, sockets: list[socket.socket] | None = None) -> int:
     jsonlog.configure(settings.log_level)
     app = create_app(settings)
-    server = _server_class()(_uvicorn_config(app, settings), app.state.runtime)
+    server = _server_class()(uvicorn_config(app, settings), app.state.runtime)
     server.run(sockets=sockets)
     return int(server.exit_code)
 

@@ -93,6 +93,14 @@ class PayloadTooLarge(ServiceError):
     status, type, reason = 413, "payload_too_large", "payload_too_large"
 
 
+class UriTooLong(ServiceError):
+    status, type, reason = 414, "uri_too_long", "uri_too_long"
+
+
+class HeadersTooLarge(ServiceError):
+    status, type, reason = 431, "request_header_fields_too_large", "headers_too_large"
+
+
 class UnsupportedMedia(ServiceError):
     status, type, reason = 415, "unsupported_media_type", "unsupported_media_type"
 

@@ -18,6 +18,7 @@ import torch
 import uvicorn
 
 from app.batching import ServiceTime
+from app.cli import uvicorn_config
 from app.engine import Engine
 from app.loading import LoadedModel, build_models
 from app.main import create_app
@@ -78,7 +79,7 @@ class LiveServer:
         settings.setdefault("warmup", False)
         self.settings = Settings(host="127.0.0.1", port=free_port(), **settings)
         self.app = create_app(self.settings, swapping(swap or {}))
-        config = uvicorn.Config(self.app, host="127.0.0.1", port=self.settings.port, log_config=None, lifespan="on")
+        config = uvicorn_config(self.app, self.settings)  # the server perceiver-serve runs, on loopback
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.url = f"http://127.0.0.1:{self.settings.port}"

@@ -8,7 +8,8 @@ import io
 import json
 import socket
 import struct
-from collections.abc import Iterator
+import time
+from collections.abc import Iterator, Sequence
 from fractions import Fraction
 
 import av
@@ -16,6 +17,8 @@ import httpx
 import numpy as np
 import pytest
 from PIL import Image
+
+from app import httpserver
 
 from .conftest import LiveServer
 
@@ -193,8 +196,10 @@ def test_an_error_never_echoes_more_than_4_kb_of_the_input(server: LiveServer) -
 
 def test_outputs_named_twice_are_a_400(server: LiveServer) -> None:
     with server.client() as c:
-        r = c.post(TEXT_V2, json=v2_text(outputs=[{"name": "LABELS"}] * 100_000))
-    assert "more than once" in json.dumps(assert_json_error(r, {400}))
+        r = c.post(TEXT_V2, json=v2_text(outputs=[{"name": "LABELS"}] * 2))
+        assert "more than once" in json.dumps(assert_json_error(r, {400}))
+        r = c.post(TEXT_V2, json=v2_text(outputs=[{"name": "LABELS"}] * 100_000))  # was an 8 MB answer
+        assert_json_error(r, {400})
 
 
 def test_a_key_given_twice_is_refused_everywhere(server: LiveServer) -> None:
@@ -262,3 +267,65 @@ def test_every_video_frame_is_checked_against_the_pixel_limit_not_only_the_heade
         ok = c.post("/v1/autoencode", files={"video": ("v.mkv", mjpeg_mkv_that_grows(40, (64, 64)))})
     assert ok.status_code == 200, ok.text
     assert np.isfinite([p["score"] for p in ok.json()["predictions"]]).all()
+
+
+# ---------------------------------------------------------------------------------------------- HTTP layer
+
+
+def raw_exchange(server: LiveServer, request: bytes, *, dribble: Sequence[bytes] = (), every_s: float = 0.0) -> bytes:
+    """Send ``request`` (then each of ``dribble``, ``every_s`` apart) and read until the server closes."""
+    with socket.create_connection(("127.0.0.1", server.settings.port), timeout=20) as sock:
+        try:
+            sock.sendall(request)
+            for part in dribble:
+                time.sleep(every_s)
+                sock.sendall(part)
+        except OSError:  # the server answered and closed before the rest was sent
+            pass
+        received = b""
+        while chunk := sock.recv(65536):
+            received += chunk
+        return received
+
+
+def status_and_json(raw: bytes) -> tuple[int, dict[str, object]]:
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert b"content-type: application/json" in head.lower(), head
+    assert len(body) <= MAX_ERROR_BODY
+    return int(head.split()[1]), json.loads(body)
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "status"),
+    [
+        (b"GET /healthz HTTP/1.1\r\nHost: x\r\n" + b"".join(b"X-%d: v\r\n" % i for i in range(100_000)) + b"\r\n", 431),
+        (b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"v" * (1 << 20) + b"\r\n\r\n", 431),
+        (b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Endless: " + b"v" * (4 << 20), 431),  # never finished
+        (b"GET /v1/models?q=" + b"a" * (64 * 1024) + b" HTTP/1.1\r\nHost: x\r\n\r\n", 414),
+        (b"GET /v2/models?q=" + b"a" * (64 * 1024) + b" HTTP/1.1\r\nHost: x\r\n\r\n", 414),
+        (b"NOT HTTP AT ALL\r\n\r\n", 400),
+    ],
+    ids=["100k-headers", "1mb-header", "unfinished-4mb-header", "64kb-query", "64kb-query-v2", "garbage"],
+)
+def test_headers_and_urls_are_bounded_with_a_json_answer(server: LiveServer, request_bytes: bytes, status: int) -> None:
+    got, body = status_and_json(raw_exchange(server, request_bytes))
+    assert got == status, body
+    error = body["error"]
+    assert isinstance(error, str if b" /v2/" in request_bytes[:8] else dict), error
+
+
+def test_a_request_with_many_ordinary_headers_is_served(server: LiveServer) -> None:
+    with server.client() as c:
+        r = c.get("/healthz", headers={f"x-h{i}": "v" * 100 for i in range(60)})
+    assert r.status_code == 200
+
+
+def test_headers_that_never_end_get_a_408(server: LiveServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A header line every 0.1 s, for longer than the header timeout (shortened here to 0.5 s)."""
+    monkeypatch.setattr(httpserver, "HEADER_TIMEOUT_S", 0.5)
+    raw = raw_exchange(server, b"GET /healthz HTTP/1.1\r\n", dribble=[b"X-Slow: 1\r\n"] * 100, every_s=0.1)
+    got, body = status_and_json(raw)
+    assert got == 408 and "headers" in json.dumps(body)
+    with server.client() as c:  # a connection that sends nothing at all is closed the same way
+        assert c.get("/healthz").status_code == 200
+    assert status_and_json(raw_exchange(server, b""))[0] == 408
