@@ -96,8 +96,37 @@ class ObservabilityMiddleware:
         started_response = False
         limit = runtime.settings.max_body_bytes
 
+        recorded = False
+
+        def record() -> None:
+            """The request's duration and status in the metrics, and its log line: once, before the client can
+            have its whole answer (a client that read its answer and then scraped /metrics missed it)."""
+            nonlocal recorded
+            if recorded:
+                return
+            recorded = True
+            elapsed = time.monotonic() - started
+            model = state.get("model", "")
+            label_task = task or "none"
+            metrics.request_duration.labels(task=label_task, model=model).observe(elapsed)
+            metrics.requests.labels(task=label_task, model=model, status=str(status)).inc()
+            skipped = self.refusals.admit(started + elapsed) if status == 429 else 0
+            if skipped is not None:
+                fields = {"method": scope.get("method"), "path": path, "status": status, "ms": round(elapsed * 1000, 2)}
+                if model:
+                    fields["model"] = model
+                if state.get("reason"):
+                    fields["reason"] = state["reason"]
+                if skipped:
+                    fields["refusals_not_logged"] = skipped
+                # Probes and scrapes come every few seconds from every kubelet and Prometheus: DEBUG, not INFO.
+                level = logging.DEBUG if path.startswith(QUIET_PATHS) and status < 400 else logging.INFO
+                log.log(level, "request", extra={"fields": fields})
+
         async def send_wrapper(message: Message) -> None:
             nonlocal status, started_response
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                record()
             if message["type"] == "http.response.start":
                 status, started_response = message["status"], True
                 extra = [(b"x-request-id", rid.encode())]
@@ -153,26 +182,10 @@ class ObservabilityMiddleware:
         except Exception as exc:  # the last resort: every other handler sits inside this one
             await self._last_resort(exc, rid, scope, receive, send_wrapper, started_response)
         finally:
-            elapsed = time.monotonic() - started
-            model = state.get("model", "")
-            label_task = task or "none"
-            metrics.request_duration.labels(task=label_task, model=model).observe(elapsed)
-            metrics.requests.labels(task=label_task, model=model, status=str(status)).inc()
+            record()  # a response that never completed (the client left, or an error after it started)
             if task is not None:
                 runtime.inflight -= 1
                 metrics.inflight.set(runtime.inflight)
-            skipped = self.refusals.admit(started + elapsed) if status == 429 else 0
-            if skipped is not None:
-                fields = {"method": scope.get("method"), "path": path, "status": status, "ms": round(elapsed * 1000, 2)}
-                if model:
-                    fields["model"] = model
-                if state.get("reason"):
-                    fields["reason"] = state["reason"]
-                if skipped:
-                    fields["refusals_not_logged"] = skipped
-                # Probes and scrapes come every few seconds from every kubelet and Prometheus: DEBUG, not INFO.
-                level = logging.DEBUG if path.startswith(QUIET_PATHS) and status < 400 else logging.INFO
-                log.log(level, "request", extra={"fields": fields})
             jsonlog.request_id.reset(token)
 
     async def _last_resort(

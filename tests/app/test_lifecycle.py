@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -18,6 +19,19 @@ import pytest
 from app.settings import Settings, load_settings
 
 from .conftest import MEDIA, free_port
+
+STARTED: list[subprocess.Popen[bytes]] = []
+
+
+@pytest.fixture(autouse=True)
+def no_server_outlives_its_test() -> Iterator[None]:
+    """A test that fails midway leaves no server running (nor a Popen for the collector to warn about)."""
+    yield
+    while STARTED:
+        proc = STARTED.pop()
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=60)
 
 
 class Server:
@@ -31,6 +45,7 @@ class Server:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "app.cli", *args], env=full, stdout=out, stderr=subprocess.STDOUT
             )
+        STARTED.append(self.proc)
         self.url = f"http://127.0.0.1:{port}"
 
     def wait_ready(self, timeout: float = 180) -> None:
