@@ -22,6 +22,7 @@ from starlette.requests import ClientDisconnect
 from ..admission import admit
 from ..engine import Engine
 from ..errors import BadRequest, ClientClosedRequest, ModelNotFound, NotReady, UnsupportedMedia, join_problems, shown
+from ..jsonbody import LARGE_BODY
 from ..oip.adapters import ADAPTERS, Adapter
 from ..oip.tensors import (
     BINARY_MEDIA_TYPE,
@@ -42,7 +43,6 @@ from .tasks import AnyTask, run_items, runtime_of
 VERSION = "1"  # one version per served model
 SERVER_NAME = "perceiver-serve"
 EXTENSIONS = ["binary_tensor_data", "parameters"]
-LARGE_BODY = 64 * 1024  # parsed off the event loop above this
 MAX_TIMEOUT_US = 10**12  # 11.6 days
 BINARY = {"type": "string", "format": "binary"}
 
