@@ -4,6 +4,7 @@ model's batch policy (max_batch_size=auto measures it), warm every bucket, and b
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import itertools
 import logging
@@ -17,6 +18,7 @@ import torch
 import perceiver_core
 from perceiver_core.graphs import enable_cuda_graphs
 
+from . import memory
 from .batching import ServiceTime
 from .engine import BatchPolicy, Engine, build_engine, make_runner
 from .settings import Settings
@@ -331,6 +333,7 @@ def maybe_enable_graphs(settings: Settings, loaded: LoadedModel, policy: BatchPo
 class WarmUp:
     per_item_s: dict[int, float] = field(default_factory=dict)  # the first bucket's, by batch size (wall time)
     seconds: float = 0.0
+    faulted_bytes: int = 0  # fresh memory one more pass of the first bucket faulted in (CPU; app/memory.py)
 
 
 def warm_up(loaded: LoadedModel, policy: BatchPolicy) -> WarmUp:
@@ -357,6 +360,8 @@ def warm_up(loaded: LoadedModel, policy: BatchPolicy) -> WarmUp:
                 warm.per_item_s[size] = (time.perf_counter() - before) / size
             else:
                 run([payload] * size)
+        if i == 0 and device.type == "cpu":
+            warm.faulted_bytes = memory.faulted_bytes(functools.partial(run, [payload]))
     if device.type == "cuda":
         torch.cuda.synchronize()
     warm.seconds = time.monotonic() - started
@@ -382,6 +387,14 @@ async def start_engine(runtime: Runtime, loaded: LoadedModel) -> Engine:
     warm = WarmUp()
     if settings.warmup:
         warm = await loop.run_in_executor(runtime.inference_executor, warm_up, loaded, policy)
+    if warm.faulted_bytes > memory.FAULTED_BYTES_TO_KEEP and memory.keep_freed_memory():
+        log.info(
+            "a pass of %s faulted in %.0f MiB of fresh memory: freed memory is kept for the next pass "
+            "(up to %.0f MiB; app/memory.py)",
+            loaded.name,
+            warm.faulted_bytes / 2**20,
+            memory.keep_bytes() / 2**20,
+        )
     return build_engine(
         runtime,
         loaded.task,

@@ -23,7 +23,7 @@ from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 
-from . import jsonlog
+from . import jsonlog, memory
 from .access import ApiKeyMiddleware, cors_origins, key_digests
 from .admission import AdmissionMiddleware
 from .errors import InternalError, InvalidInput, ServiceError, for_status, join_problems
@@ -74,18 +74,32 @@ def freeze_startup_heap() -> None:
     gc.freeze()
 
 
+async def keep_memory(runtime: Runtime, keeper: memory.MemoryKeeper) -> None:
+    """Give the memory the allocator keeps for forward passes (app/memory.py) back to the kernel when it grows
+    past its bound, and once the server has been idle a while: RSS falls back between bursts."""
+    loop = asyncio.get_running_loop()
+    while True:
+        await asyncio.sleep(1.0)
+        free = memory.free_bytes()
+        if keeper.poll(runtime.idle(), runtime.taken, free):
+            await loop.run_in_executor(runtime.offload_executor, memory.trim)
+            log.debug("freed memory returned to the kernel (%.0f MiB free in the heap)", free / 2**20)
+
+
 @contextlib.asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     runtime: Runtime = app.state.runtime
     unwatch_gc = runtime.metrics.watch_gc()
     loader = asyncio.create_task(_load(runtime, app.state.load_models))
+    keeper = asyncio.create_task(keep_memory(runtime, memory.MemoryKeeper()))
     try:
         yield
     finally:
         unwatch_gc()
-        loader.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await loader
+        for job in (loader, keeper):
+            job.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await job
         for engine in runtime.engines():
             await engine.batcher.stop()
         runtime.shutdown_executors()

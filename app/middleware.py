@@ -167,6 +167,7 @@ class ObservabilityMiddleware:
 
         if task is not None:
             runtime.inflight += 1
+            runtime.taken += 1
             metrics.inflight.set(runtime.inflight)
         try:
             declared = headers.get("content-length", "")

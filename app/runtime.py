@@ -33,6 +33,7 @@ class Runtime:
     ready: bool = False
     draining: bool = False
     inflight: int = 0
+    taken: int = 0  # task requests taken so far (app/memory.py's idle trim watches it)
     decode_busy_s: float = 0.0  # seconds spent decoding uploads so far, summed over decodes (overlaps add up)
     drain_started: float | None = None
     load_error: str | None = None
