@@ -54,6 +54,7 @@ async def _load(runtime: Runtime, load_models: ModelLoader) -> None:
         runtime.load_error = f"{type(exc).__name__}: {exc}"
         return
     freeze_startup_heap()
+    await loop.run_in_executor(runtime.offload_executor, memory.trim)  # what loading and warm-up freed
     runtime.ready = True
     log.info(
         "ready %.1fs after the app was created (load + warm-up per model: %s)",

@@ -183,6 +183,22 @@ def test_a_million_keys_is_refused_with_a_short_error(server: LiveServer) -> Non
         assert c.get("/readyz").status_code == 200
 
 
+def test_a_json_tensor_over_the_value_limit_is_a_400_that_points_to_binary_data(server: LiveServer) -> None:
+    """json.loads holds the GIL for the whole parse, so a JSON tensor's values are bounded (MAX_VALUES); the
+    same pixels as binary data are served."""
+    side = 1200  # 1200 x 1200 x 3 = 4.32M values, over 4,194,304
+    pixels = np.random.default_rng(0).integers(0, 256, (1, side, side, 3), dtype=np.uint8)
+    tensor = {"name": "IMAGE", "shape": list(pixels.shape), "datatype": "UINT8"}
+    with server.client() as c:
+        r = c.post(IMAGE_V2, content=json.dumps({"inputs": [{**tensor, "data": pixels.ravel().tolist()}]}))
+        assert "binary" in json.dumps(assert_json_error(r, {400}))
+        header = json.dumps({"inputs": [{**tensor, "parameters": {"binary_data_size": pixels.size}}]}).encode()
+        r = c.post(
+            IMAGE_V2, content=header + pixels.tobytes(), headers={"inference-header-content-length": str(len(header))}
+        )
+        assert r.status_code == 200, r.text[:300]
+
+
 def test_an_error_never_echoes_more_than_4_kb_of_the_input(server: LiveServer) -> None:
     name = "n" * (8 << 20)
     with server.client() as c:
