@@ -20,7 +20,8 @@ sets, but that one is read only at process start):
 
 The last two (``keep_freed_memory``) are turned on at start-up only when a model's warm-up pass faulted in
 more than ``FAULTED_BYTES_TO_KEEP`` of fresh pages (``faulted_bytes``): the image classifier's 250 MB a pass
-ran 1.8-2.1x faster with them, but fill-mask, whose blocks fit glibc's default, ran ~10% slower.
+ran 1.6-1.8x faster with them (docs/performance.md), but fill-mask, whose blocks fit glibc's default,
+ran ~10% slower.
 
 Kept memory needs a bound that ``M_TRIM_THRESHOLD`` alone does not give: torch asks for 64-byte aligned
 blocks, which glibc cannot carve from a freed block of exactly the same size, so a block freed below a
@@ -39,15 +40,12 @@ import contextlib
 import ctypes
 import ctypes.util
 import functools
-import logging
 import os
 import resource
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-
-log = logging.getLogger("perceiver.memory")
 
 M_TRIM_THRESHOLD = -1
 M_MMAP_MAX = -4
