@@ -46,6 +46,8 @@ def _short(key: str, limit: int = 64) -> str:
 def parse_json(body: bytes | str) -> Any:
     """The body's value; JsonBodyError (a ValueError) saying why it cannot be taken."""
     raw = body.encode() if isinstance(body, str) else body
+    if not raw.strip():  # json.loads would say "Expecting value at line 1, column 1"
+        raise JsonBodyError("the body is empty; send a JSON object")
     strings = (raw.count(b'"') - raw.count(b'\\"')) // 2  # keys and string values, give or take a few
     if strings > MAX_STRINGS:
         raise JsonBodyError(f"the body holds about {strings} strings and keys; at most {MAX_STRINGS} are accepted")

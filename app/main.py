@@ -32,10 +32,12 @@ from .metrics import Metrics
 from .middleware import ObservabilityMiddleware, reject
 from .routes.health import router as health_router
 from .routes.playground import router as playground_router
+from .routes.requests import what_it_takes
 from .routes.tasks import task_router
 from .routes.v2 import router as v2_router
 from .runtime import Runtime
 from .settings import Settings, load_settings
+from .tasks import TASKS
 from .tracing import configure as configure_tracing
 
 log = logging.getLogger("perceiver.server")
@@ -114,6 +116,14 @@ def not_found_hint(app: FastAPI, path: str) -> str:
     return f"no route {path}; the API is listed at /docs, the models at /v1/models"
 
 
+def wrong_method_hint(method: str, path: str, allowed: str) -> str:
+    """A 405's message: the method the path takes, and for a task route what its body should hold."""
+    methods = " or ".join(m.strip() for m in allowed.split(",") if m.strip() not in ("", "HEAD"))
+    hint = f"{method} is not allowed on {path}; use {methods or 'another method'}"
+    task = next((t for t in TASKS.values() if t.path == path), None)
+    return f"{hint}: {what_it_takes(task)}" if task is not None else hint
+
+
 def create_app(settings: Settings | None = None, load_models: ModelLoader = build_models) -> FastAPI:
     """The app for ``settings`` (read from the environment and config file when None). ``load_models`` puts the
     models on their device at start-up (tests pass one that substitutes a model whose answers they know)."""
@@ -169,6 +179,9 @@ def create_app(settings: Settings | None = None, load_models: ModelLoader = buil
         detail = str(exc.detail)
         if exc.status_code == 404:
             detail = not_found_hint(app, request.url.path)
+        elif exc.status_code == 405:
+            allowed = {k.lower(): v for k, v in (exc.headers or {}).items()}.get("allow", "")
+            detail = wrong_method_hint(request.method, request.url.path, allowed)
         return respond(request, for_status(exc.status_code, detail, dict(exc.headers or {})))
 
     @app.exception_handler(Exception)

@@ -45,6 +45,22 @@ def test_invalid_json_gives_its_position_in_plain_words(client: httpx.Client) ->
     assert re.search(r"not valid JSON: .+ at line 1, column \d+", message(r)), message(r)
 
 
+def test_an_empty_json_body_is_called_empty(client: httpx.Client) -> None:
+    for body in (b"", b"  \n"):  # curl -X POST with no -d, or a file that turned out empty
+        r = client.post("/v1/classify-text", content=body, headers={"content-type": "application/json"})
+        assert r.status_code == 422
+        assert message(r) == "the body is empty; send a JSON object"
+
+
+def test_get_on_a_task_endpoint_says_to_post_and_what_to_send(client: httpx.Client) -> None:
+    r = client.get("/v1/classify")  # a browser's address bar, or curl without -F or -d
+    assert r.status_code == 405 and r.headers["allow"] == "POST"
+    assert r.json()["error"]["type"] == "method_not_allowed"
+    assert message(r).startswith("GET is not allowed on /v1/classify; use POST: /v1/classify takes multipart/form-data")
+    r = client.post("/v1/models")
+    assert r.status_code == 405 and message(r) == "POST is not allowed on /v1/models; use GET"
+
+
 @pytest.mark.parametrize("bad", ["frame1", "frame2"])
 def test_a_text_file_as_one_flow_frame_names_that_frame(client: httpx.Client, bad: str) -> None:
     photo = (MEDIA / "cat.jpg").read_bytes()
