@@ -25,11 +25,14 @@ from starlette.middleware.cors import CORSMiddleware
 
 from . import jsonlog, memory
 from .access import ApiKeyMiddleware, cors_origins, key_digests
+from .oip import grpc as oip_grpc
 from .admission import AdmissionMiddleware
 from .errors import InternalError, InvalidInput, ServiceError, for_status, join_problems
 from .loading import LoadedModel, build_models, start_engine
 from .metrics import Metrics
 from .middleware import ObservabilityMiddleware, reject
+from .routes.docs import DOCS_ASSETS
+from .routes.docs import router as docs_router
 from .routes.health import router as health_router
 from .routes.playground import router as playground_router
 from .routes.requests import what_it_takes
@@ -42,7 +45,6 @@ from .tracing import configure as configure_tracing
 
 log = logging.getLogger("perceiver.server")
 ModelLoader = Callable[[Settings], list[LoadedModel]]
-DOCS_ASSETS = "/static/docs"  # Swagger UI's and ReDoc's scripts and styles
 
 
 async def _load(runtime: Runtime, load_models: ModelLoader) -> None:
@@ -93,11 +95,15 @@ async def keep_memory(runtime: Runtime, keeper: memory.MemoryKeeper) -> None:
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     runtime: Runtime = app.state.runtime
     unwatch_gc = runtime.metrics.watch_gc()
+    # gRPC listens from the start, as HTTP does: its health service says NOT_SERVING while the models load.
+    grpc_server = await oip_grpc.start(runtime, app.version, key_digests(runtime.settings))
     loader = asyncio.create_task(_load(runtime, app.state.load_models))
     keeper = asyncio.create_task(keep_memory(runtime, memory.MemoryKeeper()))
     try:
         yield
     finally:
+        if grpc_server is not None:  # HTTP has drained; calls still running get the drain's time to finish
+            await grpc_server.stop(runtime.settings.drain_timeout_s)
         unwatch_gc()
         for job in (loader, keeper):
             job.cancel()
@@ -138,9 +144,12 @@ def create_app(settings: Settings | None = None, load_models: ModelLoader = buil
         telemetry["telemetry"] = tracing.fastapi_telemetry()
     elif "telemetry" in inspect.signature(FastAPI.__init__).parameters:  # FastAPI 0.165+
         telemetry["telemetry"] = {"tracing": False, "metrics": False, "logs": False}
-    # fastapi-offline serves Swagger UI and ReDoc from its own package data (FastAPI's default pages load
-    # them from a CDN, so /docs was blank offline and in air-gapped clusters).
+    # fastapi-offline serves Swagger UI's and ReDoc's assets from its own package data (FastAPI's default pages
+    # load them from a CDN, so /docs was blank offline and in air-gapped clusters); the pages themselves, with
+    # their Content-Security-Policy, are app/routes/docs.py's.
     app = FastAPIOffline(
+        docs_url=None,
+        redoc_url=None,
         static_url=DOCS_ASSETS,
         title="Perceiver IO serving",
         version="0.1.0",
@@ -193,6 +202,7 @@ def create_app(settings: Settings | None = None, load_models: ModelLoader = buil
     app.include_router(task_router())
     app.include_router(v2_router)
     app.include_router(playground_router)
+    app.include_router(docs_router)
     # Added last runs first: CORS (preflights answered without a key), observability (401s are logged and
     # counted like every response), the key check, then admission (429s before routing, to keys' holders).
     app.add_middleware(AdmissionMiddleware, runtime=runtime)
