@@ -52,12 +52,15 @@ ENV PATH=/opt/venv/bin:$PATH \
     HF_HOME=/models/hf \
     HF_HUB_OFFLINE=1 \
     PERCEIVER_HOST=0.0.0.0 \
-    PERCEIVER_PORT=8000
+    PERCEIVER_PORT=8000 \
+    PERCEIVER_GRPC_PORT=8001
 VOLUME ["/models"]
 WORKDIR /tmp
 USER 10001:10001
-EXPOSE 8000
-# Liveness only: /readyz is for the load balancer, which must wait for models to load and warm up.
+# HTTP (REST, /v2, /metrics) and the Open Inference Protocol's gRPC API (plaintext HTTP/2, Triton's and KServe's 8001).
+EXPOSE 8000 8001
+# Liveness only, over HTTP: /readyz (and gRPC health) is for the load balancer, which must wait for models to load and
+# warm up.
 HEALTHCHECK --interval=15s --timeout=3s --start-period=30s --retries=3 \
     CMD ["python3", "-c", "import sys, urllib.request; sys.exit(urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=2).status != 200)"]
 # Exec form: the server is PID 1 and receives SIGTERM directly, which starts its drain.

@@ -3,6 +3,8 @@
 Same entrypoint and environment as the Dockerfile, a non-root uid without capabilities (a user
 namespace when the test runs as root), a read-only working directory, one writable temp directory, and
 HF_HOME pointing at a mounted-style, read-only Hugging Face cache that holds a checkpoint made here.
+API keys are on, as a deployment would have them, and the probes deploy/ uses must still answer: HTTP
+/healthz and /readyz, and grpc.health.v1 on the gRPC port, asked as the kubelet asks, with no metadata.
 """
 
 from __future__ import annotations
@@ -18,24 +20,29 @@ import sys
 import time
 from pathlib import Path
 
+import grpc
 import httpx
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from reference import save_small_image_classifier
 
 from tests.app.conftest import MEDIA, free_port
 
-ROOT = Path(__file__).parents[2]
+from .test_deploy import ROOT, dockerfile
+
+API_KEY = "deploy-test-key"
 
 
-def dockerfile() -> tuple[list[str], dict[str, str], str]:
-    """ENTRYPOINT (exec form), the runtime stage's ENV, and USER, as written in the Dockerfile."""
-    text = (ROOT / "Dockerfile").read_text().replace("\\\n", " ")
-    runtime = text[text.index("AS runtime") :]
-    entrypoint = json.loads(re.search(r"^ENTRYPOINT (\[.*\])$", runtime, re.M).group(1))  # type: ignore[union-attr]
-    env: dict[str, str] = {}
-    for line in re.findall(r"^ENV (.*)$", runtime, re.M):
-        env.update(dict(re.findall(r"(\w+)=(\S+)", line)))
-    user = re.search(r"^USER (\S+)$", runtime, re.M).group(1)  # type: ignore[union-attr]
-    return entrypoint, env, user
+def grpc_health(port: int) -> int | None:
+    """grpc.health.v1 Check for the whole server (service ""), no metadata: the kubelet's gRPC probe. None when
+    nothing answers."""
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2)
+        except grpc.RpcError as error:
+            if error.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                return None
+            raise
+    return int(reply.status)
 
 
 def make_hf_cache(root: Path, repo: str) -> None:
@@ -63,7 +70,7 @@ def test_container_entrypoint_serves_a_mounted_checkpoint(tmp_path: Path) -> Non
     read_only(models)
     read_only(workdir)
 
-    port = free_port()
+    port, grpc_port = free_port(), free_port()
     env = {
         **image_env,
         "PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin",  # our venv plays /opt/venv
@@ -72,6 +79,8 @@ def test_container_entrypoint_serves_a_mounted_checkpoint(tmp_path: Path) -> Non
         "HOME": str(scratch),
         "PERCEIVER_HOST": "127.0.0.1",
         "PERCEIVER_PORT": str(port),
+        "PERCEIVER_GRPC_PORT": str(grpc_port),  # the image's 8001, moved so tests can run side by side
+        "PERCEIVER_API_KEYS": API_KEY,
         "PERCEIVER_MODELS": json.dumps(
             [{"task": "classify", "variant": "fourier", "source": "deepmind/vision-perceiver-fourier"}]
         ),
@@ -89,17 +98,24 @@ def test_container_entrypoint_serves_a_mounted_checkpoint(tmp_path: Path) -> Non
         deadline = time.monotonic() + 120
         ready = False
         while time.monotonic() < deadline and proc.poll() is None:
+            # Asked first: readiness never goes back while starting, so SERVING here means /readyz is 200 next.
+            serving = grpc_health(grpc_port) == health_pb2.HealthCheckResponse.SERVING
             with contextlib.suppress(httpx.TransportError):
                 ready = httpx.get(url + "/readyz", timeout=1).status_code == 200
+            assert ready or not serving, "gRPC health said SERVING before /readyz did"
             if ready:
                 break
             time.sleep(0.2)
         assert ready, log.read_text()[-3000:]
+        assert grpc_health(grpc_port) == health_pb2.HealthCheckResponse.SERVING, log.read_text()[-3000:]
+        assert httpx.get(url + "/healthz", timeout=5).status_code == 200
         if os.geteuid() == 0:
             assert Path(f"/proc/{proc.pid}/uid_map").read_text().split()[:2] == ["10001", "0"]
         status = Path(f"/proc/{proc.pid}/status").read_text()
         assert re.search(r"CapEff:\s+0+\n", status), "the server must run without capabilities"
-        r = httpx.post(url + "/v1/classify", files={"image": ("cat.jpg", (MEDIA / "cat.jpg").read_bytes())}, timeout=60)
+        image = {"image": ("cat.jpg", (MEDIA / "cat.jpg").read_bytes())}
+        assert httpx.post(url + "/v1/classify", files=image, timeout=60).status_code == 401
+        r = httpx.post(url + "/v1/classify", files=image, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60)
         assert r.status_code == 200, r.text
         assert r.json()["weights"] == "pretrained"
         assert {p["label"] for p in r.json()["predictions"]} <= {"tabby", "tiger cat", "espresso", "cup"}

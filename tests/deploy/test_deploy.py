@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -37,10 +38,46 @@ def run(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(args, capture_output=True, text=True, check=False, cwd=ROOT)
 
 
-def rendered(overlay: str) -> list[dict[str, Any]]:
-    result = run(tool("kubectl"), "kustomize", str(DEPLOY / "overlays" / overlay))
+def render(kustomization: Path) -> list[dict[str, Any]]:
+    result = run(tool("kubectl"), "kustomize", str(kustomization))
     assert result.returncode == 0, result.stderr
     return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+
+
+def rendered(overlay: str) -> list[dict[str, Any]]:
+    return render(DEPLOY / "overlays" / overlay)
+
+
+def validate_strictly(docs: list[dict[str, Any]], out: Path) -> subprocess.CompletedProcess[str]:
+    out.write_text(yaml.safe_dump_all(docs))
+    return run(tool("kubernetes-validate"), "--strict", str(out))
+
+
+def of_kind(docs: list[dict[str, Any]], kind: str) -> dict[str, Any]:
+    (only,) = (d for d in docs if d["kind"] == kind)
+    return only
+
+
+def dockerfile() -> tuple[list[str], dict[str, str], str]:
+    """ENTRYPOINT (exec form), the runtime stage's ENV, and USER, as written in the Dockerfile."""
+    runtime = _runtime_stage()
+    entrypoint = json.loads(re.search(r"^ENTRYPOINT (\[.*\])$", runtime, re.M).group(1))  # type: ignore[union-attr]
+    env: dict[str, str] = {}
+    for line in re.findall(r"^ENV (.*)$", runtime, re.M):
+        env.update(dict(re.findall(r"(\w+)=(\S+)", line)))
+    user = re.search(r"^USER (\S+)$", runtime, re.M).group(1)  # type: ignore[union-attr]
+    return entrypoint, env, user
+
+
+def _runtime_stage() -> str:
+    text = (ROOT / "Dockerfile").read_text().replace("\\\n", " ")
+    return text[text.index("AS runtime") :]
+
+
+def image_ports() -> dict[str, int]:
+    """The ports the image serves on (its ENV), by the names deploy/ gives them."""
+    _, env, _ = dockerfile()
+    return {"http": int(env["PERCEIVER_PORT"]), "grpc": int(env["PERCEIVER_GRPC_PORT"])}
 
 
 def test_hadolint_finds_no_errors() -> None:
@@ -56,9 +93,7 @@ def test_compose_file_matches_the_compose_spec() -> None:
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_overlay_builds_and_validates_strictly(overlay: str, tmp_path: Path) -> None:
     docs = rendered(overlay)
-    out = tmp_path / f"{overlay}.yaml"
-    out.write_text(yaml.safe_dump_all(docs))
-    result = run(tool("kubernetes-validate"), "--strict", str(out))
+    result = validate_strictly(docs, tmp_path / f"{overlay}.yaml")
     assert result.returncode == 0, result.stdout + result.stderr
     kinds = {d["kind"] for d in docs}
     assert {
@@ -84,13 +119,119 @@ def test_pod_hardening_probes_and_volumes(overlay: str) -> None:
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
     assert container["securityContext"]["capabilities"]["drop"] == ["ALL"]
-    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
-    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
-    assert "startupProbe" in container
     assert {m["mountPath"] for m in container["volumeMounts"]} == {"/models", "/tmp"}
     if overlay.startswith("gpu"):
         assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
         assert pod["nodeSelector"] and pod["tolerations"]
+
+
+# HTTP and gRPC: the same numbers in the image, compose, the pod, its probes, the Service and the NetworkPolicy.
+
+
+def test_the_image_serves_and_exposes_the_servers_default_ports() -> None:
+    ports = image_ports()
+    assert ports == {"http": Settings.model_fields["port"].default, "grpc": Settings.model_fields["grpc_port"].default}
+    assert ports["grpc"] == 8001  # Triton's and KServe's gRPC port, which their clients and tools assume
+    exposed = {int(p) for line in re.findall(r"^EXPOSE (.*)$", _runtime_stage(), re.M) for p in line.split()}
+    assert exposed == set(ports.values())
+    healthcheck = re.search(r"^HEALTHCHECK .*$", _runtime_stage(), re.M)
+    assert healthcheck and f"http://127.0.0.1:{ports['http']}/healthz" in healthcheck.group(0)
+
+
+def test_compose_publishes_every_port_the_image_serves_on() -> None:
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    ports = image_ports()
+    for name in ("perceiver", "perceiver-cpu"):  # both take x-server's ports; neither may move the server's
+        service = compose["services"][name]
+        assert {tuple(map(int, p.split(":"))) for p in service["ports"]} == {(p, p) for p in ports.values()}
+        env = service["environment"]
+        assert int(env.get("PERCEIVER_PORT", ports["http"])) == ports["http"]
+        assert int(env.get("PERCEIVER_GRPC_PORT", ports["grpc"])) == ports["grpc"]
+
+
+def _settings_env(docs: list[dict[str, Any]]) -> dict[str, str]:
+    """What the server reads: the ConfigMap, then the container's own env over it."""
+    container = _deployment(docs)["spec"]["template"]["spec"]["containers"][0]
+    (config_ref,) = container["envFrom"]
+    config = next(d for d in docs if d["metadata"]["name"] == config_ref["configMapRef"]["name"])
+    return {**config["data"], **{e["name"]: e["value"] for e in container.get("env", [])}}
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_port_is_served_probed_routed_and_allowed(overlay: str) -> None:
+    docs = rendered(overlay)
+    ports = image_ports()
+    container = _deployment(docs)["spec"]["template"]["spec"]["containers"][0]
+    assert {p["name"]: p["containerPort"] for p in container["ports"]} == ports
+    env = _settings_env(docs)
+    assert int(env.get("PERCEIVER_PORT", ports["http"])) == ports["http"]
+    assert int(env.get("PERCEIVER_GRPC_PORT", ports["grpc"])) == ports["grpc"]
+    # Readiness: grpc.health.v1 for the whole server (no service name), on the number (the probe takes no port
+    # names). Start-up and liveness: /healthz over HTTP, which answers while models load.
+    assert container["readinessProbe"]["grpc"] == {"port": ports["grpc"]}
+    assert container["startupProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
+
+    service = of_kind(docs, "Service")["spec"]["ports"]
+    by_target = {p["targetPort"]: p for p in service}
+    assert set(by_target) == set(ports)
+    assert by_target["grpc"]["port"] == ports["grpc"] and by_target["grpc"]["appProtocol"] == "kubernetes.io/h2c"
+    assert by_target["http"]["port"] == 80 and "appProtocol" not in by_target["http"]
+
+    policy = of_kind(docs, "NetworkPolicy")["spec"]
+    assert {p["port"] for rule in policy["ingress"] for p in rule["ports"]} == set(ports.values())
+    # Prometheus scrapes /metrics over HTTP: the ServiceMonitor names the Service port that reaches it.
+    (endpoint,) = of_kind(docs, "ServiceMonitor")["spec"]["endpoints"]
+    assert next(p for p in service if p["name"] == endpoint["port"])["targetPort"] == "http"
+
+
+def test_strict_validation_refuses_a_named_grpc_probe_port_and_an_unknown_service_field(tmp_path: Path) -> None:
+    """The validator is live for the gRPC fields: the kubelet's gRPC probe takes a port number only."""
+    docs = rendered("gpu")
+    _deployment(docs)["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]["grpc"]["port"] = "grpc"
+    grpc = next(p for p in of_kind(docs, "Service")["spec"]["ports"] if p["name"] == "grpc")
+    grpc["appProtocl"] = grpc.pop("appProtocol")
+    result = validate_strictly(docs, tmp_path / "broken.yaml")
+    assert result.returncode == 1
+    for error in ("readinessProbe.grpc.port: 'grpc' is not of type 'integer'", "'appProtocl' was unexpected"):
+        assert error in result.stdout + result.stderr, result.stdout + result.stderr
+
+
+def test_the_http_only_component_turns_grpc_off_and_probes_readiness_over_http(tmp_path: Path) -> None:
+    """PERCEIVER_GRPC_PORT=0 and nothing left that expects gRPC: a readiness probe still on the gRPC port would
+    keep every pod unready."""
+    (tmp_path / "kustomization.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "kustomize.config.k8s.io/v1beta1",
+                "kind": "Kustomization",
+                "resources": [os.path.relpath(DEPLOY / "overlays" / "gpu", tmp_path)],
+                "components": [os.path.relpath(DEPLOY / "components" / "http-only", tmp_path)],
+            }
+        )
+    )
+    docs, grpc_docs = render(tmp_path), rendered("gpu")
+    result = validate_strictly(docs, tmp_path / "http-only.yaml")
+    assert result.returncode == 0, result.stdout + result.stderr
+    ports = image_ports()
+
+    env = _settings_env(docs)
+    assert env["PERCEIVER_GRPC_PORT"] == "0"
+    values = {k.removeprefix("PERCEIVER_").lower(): v for k, v in env.items() if k.startswith("PERCEIVER_")}
+    assert Settings(**{**values, "models": json.loads(values["models"])}).grpc_port == 0
+
+    container = _deployment(docs)["spec"]["template"]["spec"]["containers"][0]
+    grpc_container = _deployment(grpc_docs)["spec"]["template"]["spec"]["containers"][0]
+    assert container["ports"] == [p for p in grpc_container["ports"] if p["name"] == "http"]
+    readiness = {k: v for k, v in grpc_container["readinessProbe"].items() if k != "grpc"}
+    assert container["readinessProbe"] == {**readiness, "httpGet": {"path": "/readyz", "port": "http"}}
+    differing = ("ports", "readinessProbe", "envFrom")  # envFrom: the ConfigMap's name holds a hash of its data
+    assert {k: v for k, v in container.items() if k not in differing} == {
+        k: v for k, v in grpc_container.items() if k not in differing
+    }
+    assert [p["targetPort"] for p in of_kind(docs, "Service")["spec"]["ports"]] == ["http"]
+    policy = of_kind(docs, "NetworkPolicy")["spec"]
+    assert [p["port"] for rule in policy["ingress"] for p in rule["ports"]] == [ports["http"]]
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)

@@ -29,7 +29,7 @@ import yaml
 from app.access import OPEN_PATHS
 from app.settings import Settings
 
-from .test_deploy import DEPLOY, ROOT, VERSION
+from .test_deploy import DEPLOY, ROOT, VERSION, image_ports
 
 KSERVE = DEPLOY / "kserve"
 MANIFEST = KSERVE / "inferenceservice.yaml"
@@ -225,6 +225,10 @@ def test_the_check_catches_misspelt_fields_wrong_types_and_the_wrong_resource() 
             "metadata.annotations['prometheus.kserve.io/port']: 8000 is not of type str",
         ),
         "serving.kserve.io/v1beta1": ("serving.kserve.io/v1alpha1", "apiVersion: 'serving.kserve.io/v1alpha1', not"),
+        "grpc:\n            port: 8001": (
+            'grpc:\n            port: "8001"',
+            "spec.predictor.containers[0].readinessProbe.grpc.port: '8001' is not of type int",
+        ),
     }
     for right, (wrong, error) in broken.items():
         assert text.count(right) == 1, right
@@ -239,11 +243,33 @@ def test_it_runs_the_released_image_speaking_v2_on_a_gpu() -> None:
     env = {e["name"]: e["value"] for e in server["env"]}
     assert env["PROTOCOL"] == "v2"
     port = server["ports"][0]["containerPort"]
-    assert server["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": port}
-    assert server["livenessProbe"]["httpGet"] == {"path": "/v2/health/live", "port": port}
-    assert all(probe.startswith(OPEN_PATHS) for probe in ("/v2/health/ready", "/v2/health/live"))  # keys or not
+    for probe in ("startupProbe", "livenessProbe"):  # both answer while models load
+        assert server[probe]["httpGet"] == {"path": "/v2/health/live", "port": port}
+    assert "/v2/health/live".startswith(OPEN_PATHS)  # keys or not
     assert server["resources"]["limits"]["nvidia.com/gpu"] == "1"
     assert doc["metadata"]["annotations"]["prometheus.kserve.io/port"] == str(port)
+
+
+def _grpc_port_name(name: str) -> bool:
+    """KServe's rule (reconcilers/service/service_reconciler.go, isGrpcPort): such a port gets appProtocol h2c."""
+    return "grpc" in name or "h2c" in name
+
+
+def test_it_serves_http_on_the_url_and_grpc_beside_it_and_probes_grpc_readiness() -> None:
+    """What KServe's Standard mode builds from the ports: the first one is the Service's port 80 (the URL, and the
+    port its HTTPRoute sends REST to), each further one a port of its own number, marked kubernetes.io/h2c when its
+    name says gRPC (where the HTTPRoute sends gRPC). Knative's Serverless mode allows one port only."""
+    doc, server = service(), container()
+    assert doc["metadata"]["annotations"]["serving.kserve.io/deploymentMode"] == "Standard"
+    http, grpc = server["ports"]  # the order matters: port 80 must be HTTP
+    assert (http["name"], http["containerPort"]) == ("http", image_ports()["http"])
+    assert (grpc["name"], grpc["containerPort"]) == ("grpc", image_ports()["grpc"])
+    assert not _grpc_port_name(http["name"]) and _grpc_port_name(grpc["name"])
+    env = {e["name"]: e["value"] for e in server["env"]}
+    assert int(env.get("PERCEIVER_PORT", http["containerPort"])) == http["containerPort"]
+    assert int(env.get("PERCEIVER_GRPC_PORT", grpc["containerPort"])) == grpc["containerPort"]
+    # grpc.health.v1 for the whole server means what /v2/health/ready means; the kubelet sends it no credentials.
+    assert server["readinessProbe"]["grpc"] == {"port": grpc["containerPort"]}
 
 
 def test_its_settings_are_valid_and_its_drain_fits_the_grace_period() -> None:
