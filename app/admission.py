@@ -46,6 +46,7 @@ class Prologue:
     door, the REST routes and the Open Inference Protocol all read it from there."""
 
     deadline: float  # monotonic: the server's timeout from when the request reached the door, or less
+    started: float  # monotonic: when the request reached the door
     engine: Engine | None = None  # the model that admitted it, once known
 
 
@@ -55,7 +56,8 @@ def prologue(scope: Scope, runtime: Runtime) -> Prologue:
     found: Prologue | None = state.get("prologue")
     if found is None:
         header = next((v for k, v in scope["headers"] if k == b"x-request-timeout-ms"), None)
-        found = Prologue(time.monotonic() + timeout_s(header, runtime.settings.request_timeout_s))
+        now = time.monotonic()
+        found = Prologue(now + timeout_s(header, runtime.settings.request_timeout_s), now)
         state["prologue"] = found
     return found
 

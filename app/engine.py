@@ -12,7 +12,7 @@ import functools
 import math
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -42,6 +42,42 @@ class BatchPolicy:
     per_item_ms: Mapping[int, float]  # auto: forward time per item by batch size, as the search measured it
 
 
+@dataclass
+class Duration:
+    """A count and the nanoseconds it took in all (Triton's StatisticDuration)."""
+
+    count: int = 0
+    ns: int = 0
+
+    def add(self, seconds: float) -> None:
+        self.count += 1
+        self.ns += int(seconds * 1e9)
+
+
+@dataclass
+class Statistics:
+    """Triton's per-model statistics (its statistics extension), kept on the event loop's thread: requests that
+    succeeded and failed after admission with their time in the server, and per successful request the time
+    queued, decoding (compute_input), in the forward pass (compute_infer) and encoding (compute_output)."""
+
+    success: Duration = field(default_factory=Duration)
+    fail: Duration = field(default_factory=Duration)
+    queue: Duration = field(default_factory=Duration)
+    compute_input: Duration = field(default_factory=Duration)
+    compute_infer: Duration = field(default_factory=Duration)
+    compute_output: Duration = field(default_factory=Duration)
+    inference_count: int = 0  # items (batch rows) inferred
+    execution_count: int = 0  # forward passes
+    last_inference_ms: int = 0  # wall clock, milliseconds since the epoch
+    batches: dict[int, Duration] = field(default_factory=dict)  # forward passes and their time, by batch size
+
+    def batch(self, size: int, seconds: float) -> None:
+        self.execution_count += 1
+        self.inference_count += size
+        self.last_inference_ms = int(time.time() * 1000)
+        self.batches.setdefault(size, Duration()).add(seconds)
+
+
 @dataclass(frozen=True)
 class Engine:
     """A served model with its batch policy, its runner and where that runs, and its batcher."""
@@ -58,6 +94,7 @@ class Engine:
     metrics: Metrics
     load_s: float  # building or reading the weights onto the device
     warmup_s: float  # measuring max_batch_size=auto and warming every bucket
+    statistics: Statistics = field(default_factory=Statistics)  # counts since start-up, for /v2/.../stats
 
     # Read on every request: computed once (a head's device walks its parameters: 30 us a request).
     @functools.cached_property
@@ -225,8 +262,11 @@ def build_engine(
     labels = {"task": task.name, "model": task.name if variant == "default" else f"{task.name}/{variant}"}
     metrics = runtime.metrics
 
+    statistics = Statistics()
+
     class _Observer:
         def batch(self, size: int, cost: int, inference_s: float) -> None:
+            statistics.batch(size, inference_s)
             metrics.batch_size.labels(**labels).observe(size)
             metrics.batch_cost.labels(**labels).observe(cost)
             metrics.batches.labels(**labels).inc()
@@ -263,4 +303,5 @@ def build_engine(
         metrics=metrics,
         load_s=load_s,
         warmup_s=warmup_s,
+        statistics=statistics,
     )

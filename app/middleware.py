@@ -47,8 +47,15 @@ def reject(runtime: Runtime, error: ServiceError, path: str, model: str) -> JSON
     if error.reason is not None:
         task = task_of(path) or "none"
         runtime.metrics.rejections.labels(task=task, model=model, reason=error.reason).inc()
-    content: dict[str, Any] = {"error": error.message} if path.startswith(V2_PREFIX) else errors.body(error)
-    return JSONResponse(content, status_code=error.status, headers=error.headers or None)
+    status = error.status
+    if path.startswith(V2_PREFIX):
+        content: dict[str, Any] = {"error": error.message}
+        # The protocol answers every request it cannot take with a 400 (its specification lists no other): a
+        # file in a tensor that does not decode, or an encoding it does not take, is that too. The message says which.
+        status = 400 if status in (415, 422) else status
+    else:
+        content = errors.body(error)
+    return JSONResponse(content, status_code=status, headers=error.headers or None)
 
 
 class LogThrottle:

@@ -56,6 +56,8 @@ class TensorSpec:
 
 
 def _fits(shape: Sequence[int], form: Form) -> bool:
+    if len(form.shape) == 1 and len(shape) == 2 and shape[1] == 1:
+        shape = shape[:1]  # [N, 1]: one element per row, as Triton's configs (dims [1]) make clients send it
     return len(shape) == len(form.shape) and all(w in (-1, s) for s, w in zip(shape, form.shape, strict=True))
 
 
@@ -107,6 +109,7 @@ class Adapter(ABC):
     # The task's request fields that a request's parameters may not set: the adapter sets them, or they ask
     # for outputs it does not declare. Every other field (top_k, ...) is a parameter.
     excluded: ClassVar[tuple[str, ...]] = ("model",)  # the model is the one named in the path
+    classifies: ClassVar[bool] = False  # top-k outputs (LABELS, SCORES, INDICES): Triton's classification applies
 
     def check(self, inputs: Sequence[RequestInput]) -> None:
         """Names, datatypes and shapes, before any data is decoded."""
@@ -176,6 +179,7 @@ def _predictions(encoded: Sequence[Encoded]) -> list[Output]:
 
 class ClassifyAdapter(Adapter):
     task = "classify"
+    classifies = True
     inputs = (
         TensorSpec(
             "IMAGE",
@@ -205,6 +209,7 @@ class TextAdapter(Adapter):
 
 class ClassifyTextAdapter(TextAdapter):
     task = "classify-text"
+    classifies = True
     outputs = TOP_K
 
     def results(self, encoded: Sequence[Encoded]) -> list[Output]:
@@ -279,6 +284,7 @@ class OpticalFlowAdapter(Adapter):
 
 class AutoencodeAdapter(Adapter):
     task = "autoencode"
+    classifies = True
     inputs = (
         TensorSpec("VIDEO", (Form("BYTES", (-1,)),), "Video files (MP4, MOV, MKV, WebM), one per row."),
         TensorSpec(

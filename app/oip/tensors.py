@@ -52,19 +52,24 @@ JSON_KINDS = {"BOOL": "b", "FP16": "iuf", "FP32": "iuf", "FP64": "iuf"} | {
 }
 
 Parameter = str | int | float | bool
+# What the protocol lets a parameter be (any JSON value: Triton's own parameters include objects). The ones this
+# server reads are checked where they are read; the rest are taken and ignored.
+AnyParameter = Parameter | dict[str, Any] | list[Any] | None
 MAX_DIMENSION = 2**31 - 1  # Triton's too; no tensor of ours comes near it
 Dimension = Annotated[int, Field(ge=0, le=MAX_DIMENSION, strict=True)]
 
 
 class _Message(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)  # no coercion: what the schema documents is what passes
+    # No coercion: what the schema documents is what passes. Fields the protocol allows but this server does not
+    # read (model_name in the body, as KServe's SDK sends it; Triton's own additions) are taken and ignored.
+    model_config = ConfigDict(extra="ignore", strict=True)
 
 
 class RequestInput(_Message):
     name: str = Field(examples=["TEXT"])
     shape: list[Dimension] = Field(examples=[[1]])
     datatype: Datatype = Field(examples=["BYTES"])
-    parameters: dict[str, Parameter] = Field(
+    parameters: dict[str, AnyParameter] = Field(
         default_factory=dict,
         description="binary_data_size: the input's bytes after the JSON header (binary extension); "
         "content_type: base64 for BYTES elements sent as base64 strings in JSON.",
@@ -76,14 +81,17 @@ class RequestInput(_Message):
 
 class RequestOutput(_Message):
     name: str
-    parameters: dict[str, Parameter] = Field(
-        default_factory=dict, description="binary_data: true for this output's data in binary after the JSON."
+    parameters: dict[str, AnyParameter] = Field(
+        default_factory=dict,
+        description="binary_data: true for this output's data in binary after the JSON. classification: k, "
+        "for the top-k outputs (SCORES) as Triton's 'score:index:label' strings.",
     )
 
 
 class InferenceRequest(_Message):
     id: str | None = None
-    parameters: dict[str, Parameter] = Field(
+    model_name: str | None = Field(None, description="Optional (KServe's SDK sends it): the model in the path.")
+    parameters: dict[str, AnyParameter] = Field(
         default_factory=dict,
         description="The task's options (top_k, ...), binary_data_output (every output in binary) and timeout "
         "(microseconds; shortens the request's deadline).",
@@ -96,15 +104,15 @@ class ResponseOutput(BaseModel):
     name: str
     shape: list[int]
     datatype: Datatype
-    parameters: dict[str, Parameter] | None = None
+    parameters: dict[str, AnyParameter] | None = None
     data: list[Any] | None = None
 
 
 class InferenceResponse(BaseModel):
     model_name: str
     model_version: str | None = None
-    id: str | None = None
-    parameters: dict[str, Parameter] | None = None
+    id: str = Field(description="The request's id, or one the server made when it had none.")
+    parameters: dict[str, AnyParameter] | None = None
     outputs: list[ResponseOutput]
 
 
@@ -155,7 +163,7 @@ def decode_inputs(request: InferenceRequest, binary: bytes) -> dict[str, np.ndar
         if size is None:
             if tensor.data is None:
                 raise BadRequest(f"{tensor.name}: no data (give data, or binary_data_size with the binary extension)")
-            tensors[tensor.name] = _from_json(tensor)
+            tensors[tensor.name] = from_json(tensor)
             continue
         if tensor.data is not None:
             raise BadRequest(f"{tensor.name}: both data and binary_data_size; send the data one way")
@@ -165,13 +173,13 @@ def decode_inputs(request: InferenceRequest, binary: bytes) -> dict[str, np.ndar
         if len(chunk) < size:
             raise BadRequest(f"{tensor.name}: binary_data_size is {size}, but only {len(chunk)} bytes follow")
         offset += size
-        tensors[tensor.name] = _from_binary(tensor, chunk)
+        tensors[tensor.name] = from_binary(tensor, chunk)
     if offset != len(binary):
         raise BadRequest(f"{len(binary) - offset} bytes follow the last binary input; binary_data_size must match")
     return tensors
 
 
-def _from_json(tensor: RequestInput) -> np.ndarray:
+def from_json(tensor: RequestInput) -> np.ndarray:
     count = element_count(tensor.shape)
     if tensor.datatype == "BYTES":
         encoding = tensor.parameters.get("content_type", "str")
@@ -228,7 +236,7 @@ def _check_count(tensor: RequestInput, got: int, expected: int) -> None:
         raise BadRequest(f"{tensor.name}: shape {tensor.shape} holds {expected} elements; data has {got}")
 
 
-def _from_binary(tensor: RequestInput, chunk: bytes) -> np.ndarray:
+def from_binary(tensor: RequestInput, chunk: bytes) -> np.ndarray:
     count = element_count(tensor.shape)
     if tensor.datatype != "BYTES":
         dtype = NUMPY[tensor.datatype]
@@ -275,7 +283,7 @@ def _json_data(output: Output) -> list[Any]:
     return list(flat.astype(NUMPY[output.datatype]).tolist())
 
 
-def _binary_data(output: Output) -> bytes:
+def binary_data(output: Output) -> bytes:
     if output.datatype == "BYTES":
         return b"".join(struct.pack("<I", len(v)) + bytes(v) for v in output.array.reshape(-1))
     return np.ascontiguousarray(output.array, dtype=NUMPY[output.datatype]).tobytes()
@@ -290,7 +298,7 @@ def encode_response(
     for output in outputs:
         entry: dict[str, Any] = {"name": output.name, "datatype": output.datatype, "shape": list(output.array.shape)}
         if output.name in binary:
-            blob = _binary_data(output)
+            blob = binary_data(output)
             entry["parameters"] = {"binary_data_size": len(blob)}
             blobs.append(blob)
         else:

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, Request
@@ -92,37 +93,83 @@ def _handler(task: AnyTask) -> Callable[[Request], Awaitable[Response]]:
             items: list[tuple[TaskRequest, Mapping[str, bytes]]] = [(o, {}) for o in expanded]
         else:
             items = [(options, f) for f in _split(task, files)]
-        encoded = await run_items(request, runtime, engine, items, deadline)
+        encoded = await run_items(caller_of(request), runtime, engine, items, deadline)
         return respond(engine, encoded, many=expanded is not None or len(items) > 1)
 
     handle.__name__ = task.name.replace("-", "_")
     return handle
 
 
+@dataclass(frozen=True)
+class Caller:
+    """The front end's side of one admitted request, as the pipeline needs it: REST and v2 over HTTP build one
+    from the Starlette request (``caller_of``), gRPC from its call context."""
+
+    tracing: Tracing | None
+    disconnected: Callable[[], Awaitable[None]]  # returns once the client has gone away
+    state: dict[str, Any]  # the request's state: the pipeline leaves its timings there ("timing")
+    started: float  # monotonic: when the request reached the server
+
+
+def caller_of(request: Request) -> Caller:
+    async def disconnected() -> None:
+        # The body has been read, so the next ``receive`` returns only when the client disconnects: one waiting
+        # task per request and no polling (a 0.2 s poll of every queued request cost the event loop a wake-up
+        # per request five times a second, 6% of its time at 30x overload).
+        while (await request.receive())["type"] != "http.disconnect":
+            pass  # a body part the handler did not read (none do): keep waiting
+
+    state = request.scope.setdefault("state", {})
+    begun = state.get("prologue")
+    return Caller(tracing_of(request), disconnected, state, time.monotonic() if begun is None else begun.started)
+
+
 async def run_items(
-    request: Request,
+    caller: Caller,
     runtime: Runtime,
     engine: Engine,
     items: Sequence[tuple[TaskRequest, Mapping[str, bytes]]],
     deadline: float,
 ) -> list[dict[str, Any] | Reply]:
     """Decode → batch → encode, for the items of one admitted request: every interface (REST, the Open
-    Inference Protocol) runs its requests through here, so they share the engine, its capacity and metrics."""
+    Inference Protocol over HTTP and gRPC) runs its requests through here, so they share the engine, its
+    capacity, metrics and statistics."""
+    statistics = engine.statistics
+    try:
+        encoded = await _run_items(caller, runtime, engine, items, deadline)
+    except BaseException:
+        statistics.fail.add(time.monotonic() - caller.started)
+        raise
+    statistics.success.add(time.monotonic() - caller.started)
+    return encoded
+
+
+async def _run_items(
+    caller: Caller,
+    runtime: Runtime,
+    engine: Engine,
+    items: Sequence[tuple[TaskRequest, Mapping[str, bytes]]],
+    deadline: float,
+) -> list[dict[str, Any] | Reply]:
     task = engine.task
+    statistics = engine.statistics
     ctx = DecodeContext(engine.model.config, runtime.limits, engine.device)
-    tracing = tracing_of(request)
+    tracing = caller.tracing
     if tracing is not None:
         tracing.annotate(**{"perceiver.model": engine.name, "perceiver.items": len(items)})
     # Work ends with its request at every stage: decodes and encodes that would start after the deadline do
     # not start, and the batcher's passes skip the requests that have ended (tasks.base.Task.predict).
-    with span(request, "decode", items=len(items)):
+    began = time.monotonic()
+    with span(tracing, "decode", items=len(items)):
         if task.decode_offloaded:
             decodes = (runtime.decode(deadline, run_decode, task.name, o, f, ctx) for o, f in items)
             payloads = await asyncio.gather(*decodes)
         else:
             payloads = [task.decode(o, f, ctx) for o, f in items]
-    results = await run_watched(request, engine, payloads, deadline)
-    with span(request, "encode", items=len(items)):
+    decoded = time.monotonic()
+    results = await run_watched(caller, engine, payloads, deadline)
+    inferred = time.monotonic()
+    with span(tracing, "encode", items=len(items)):
         encoded: list[dict[str, Any] | Reply] = []
         for result, (options, _) in zip(results, items, strict=True):
             if task.encode_offloaded:
@@ -131,7 +178,12 @@ async def run_items(
                 raise DeadlineExceeded("the request did not finish before its deadline")
             else:
                 encoded.append(task.encode(result, options))
-        return encoded
+    queue_s, inference_s, _ = caller.state["timing"]
+    statistics.compute_input.add(decoded - began)
+    statistics.queue.add(queue_s)
+    statistics.compute_infer.add(max(inference_s, inferred - decoded - queue_s))
+    statistics.compute_output.add(time.monotonic() - inferred)
+    return encoded
 
 
 def tracing_of(request: Request) -> Tracing | None:
@@ -139,9 +191,8 @@ def tracing_of(request: Request) -> Tracing | None:
     return tracing
 
 
-def span(request: Request, name: str, **attributes: Any) -> contextlib.AbstractContextManager[None]:
+def span(tracing: Tracing | None, name: str, **attributes: Any) -> contextlib.AbstractContextManager[None]:
     """A child span of the request's when tracing is on; nothing at all when it is off."""
-    tracing = tracing_of(request)
     return contextlib.nullcontext() if tracing is None else tracing.span(name, **attributes)
 
 
@@ -154,18 +205,17 @@ def _split(task: AnyTask, files: dict[str, list[bytes]]) -> list[dict[str, bytes
     return [{**single, repeated: data} for data in files[repeated]]
 
 
-async def run_watched(request: Request, engine: Engine, payloads: list[Any], deadline: float) -> list[Any]:
+async def run_watched(caller: Caller, engine: Engine, payloads: list[Any], deadline: float) -> list[Any]:
     """``engine.run``, its tickets dropped as soon as the client goes away; the timings for the response."""
     tickets = engine.submit(payloads, deadline)
-    watcher = asyncio.create_task(_watch_disconnect(request, tickets))
+    watcher = asyncio.create_task(_watch_disconnect(caller, tickets))
     try:
         results = await engine.wait(tickets, deadline)
     finally:
         watcher.cancel()
-    tracing = tracing_of(request)
-    if tracing is not None:
-        tracing.record_batching(tickets)
-    request.state.timing = (
+    if caller.tracing is not None:
+        caller.tracing.record_batching(tickets)
+    caller.state["timing"] = (
         max(t.queue_s for t in tickets),
         max(t.inference_s for t in tickets),
         max(t.batch_size for t in tickets),
@@ -173,15 +223,9 @@ async def run_watched(request: Request, engine: Engine, payloads: list[Any], dea
     return results
 
 
-async def _watch_disconnect(request: Request, tickets: list[Ticket[Any, Any]]) -> None:
-    """Cancel the tickets as soon as the client goes away (Starlette does not cancel plain handlers).
-
-    The body has been read, so the next ``receive`` returns only when the client disconnects: one waiting
-    task per request and no polling (a 0.2 s poll of every queued request cost the event loop a wake-up
-    per request five times a second, 6% of its time at 30x overload).
-    """
-    while (await request.receive())["type"] != "http.disconnect":
-        pass  # a body part the handler did not read (none do): keep waiting
+async def _watch_disconnect(caller: Caller, tickets: list[Ticket[Any, Any]]) -> None:
+    """Cancel the tickets as soon as the client goes away (Starlette does not cancel plain handlers)."""
+    await caller.disconnected()
     for ticket in tickets:
         ticket.cancel()
 

@@ -9,24 +9,29 @@ protocol's ``{"error": "..."}`` (``reject`` in app/middleware.py writes them for
 
 from __future__ import annotations
 
+import difflib
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
+import numpy as np
 from fastapi import APIRouter, Path, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.requests import ClientDisconnect
 
+from .. import jsonlog
 from ..admission import admit
 from ..engine import Engine
 from ..errors import BadRequest, ClientClosedRequest, ModelNotFound, NotReady, UnsupportedMedia, join_problems, shown
 from ..jsonbody import LARGE_BODY
+from ..oip import triton
 from ..oip.adapters import ADAPTERS, Adapter
 from ..oip.tensors import (
     BINARY_MEDIA_TYPE,
     HEADER_LENGTH,
+    AnyParameter,
     InferenceRequest,
     InferenceResponse,
     Output,
@@ -38,11 +43,11 @@ from ..oip.tensors import (
 )
 from ..runtime import Runtime
 from ..tasks.base import TaskRequest
-from .tasks import AnyTask, run_items, runtime_of
+from .tasks import AnyTask, caller_of, run_items, runtime_of
 
 VERSION = "1"  # one version per served model
 SERVER_NAME = "perceiver-serve"
-EXTENSIONS = ["binary_tensor_data", "parameters"]
+EXTENSIONS = ["binary_tensor_data", "parameters", "classification", "model_configuration", "statistics"]
 MAX_TIMEOUT_US = 10**12  # 11.6 days
 BINARY = {"type": "string", "format": "binary"}
 
@@ -103,13 +108,12 @@ class RepositoryModel(BaseModel):
 
 def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
     text = {
-        400: "Not a valid inference request: the message names the tensor or parameter and what was wrong",
+        400: "Not a valid inference request: the message names the tensor or parameter and what was wrong (a file "
+        "that does not decode, or an unsupported encoding, too: the protocol has one status for these)",
         401: "Missing or wrong API key (when PERCEIVER_API_KEYS is set)",
         404: "No such model or version",
         408: "The body did not arrive within the request timeout",
         413: "Body or decoded input too large",
-        415: "Not a supported media type or encoding",
-        422: "A file in a tensor could not be decoded, text the task refuses, or an invalid path parameter",
         429: "Overloaded: retry after Retry-After seconds",
         500: "The forward pass failed (only this batch's requests; the server stays ready)",
         503: "Not ready, or draining",
@@ -179,6 +183,31 @@ def model_ready(runtime: Runtime) -> bool:
 @router.get("", response_model=ServerMetadata, summary="Server metadata", responses=_errors(401))
 async def server_metadata(request: Request) -> ServerMetadata:
     return ServerMetadata(name=SERVER_NAME, version=request.app.version, extensions=EXTENSIONS)
+
+
+# The protocol's specification writes it /v2/ (KServe redirects one to the other); both answer.
+router.add_api_route("/", server_metadata, methods=["GET"], response_model=ServerMetadata, include_in_schema=False)
+
+
+class ModelList(BaseModel):
+    models: list[str] = Field(examples=[["classify.learned", "classify-text"]])
+
+
+@router.get("/models", response_model=ModelList, summary="The served models' names", responses=_errors(401))
+async def list_models(request: Request) -> ModelList:
+    """As KServe's model server lists them; /v2/repository/index gives their state too."""
+    return ModelList(models=[v2_name(e) for e in served_models(runtime_of(request))])
+
+
+@router.get(
+    "/models/stats",
+    summary="Every model's statistics (Triton's statistics extension)",
+    responses=_errors(401, 503),
+)
+async def all_statistics(request: Request) -> dict[str, Any]:
+    runtime = runtime_of(request)
+    runtime.check_ready(READY_PROBE)
+    return {"model_stats": [triton.model_statistics(e, v2_name(e)) for e in served_models(runtime)]}
 
 
 @router.get("/health/live", response_model=Live, summary="Liveness: the process serves HTTP")
@@ -273,6 +302,17 @@ async def get_metadata(request: Request, model_name: str, model_version: str | N
     return metadata(runtime, resolve(runtime, model_name, model_version))
 
 
+async def get_config(request: Request, model_name: str, model_version: str | None) -> dict[str, Any]:
+    runtime = runtime_of(request)
+    engine = resolve(runtime, model_name, model_version)
+    return triton.model_config(engine, model_name, runtime.settings.max_files_per_request)
+
+
+async def get_statistics(request: Request, model_name: str, model_version: str | None) -> dict[str, Any]:
+    runtime = runtime_of(request)
+    return {"model_stats": [triton.model_statistics(resolve(runtime, model_name, model_version), model_name)]}
+
+
 async def get_ready(request: Request, model_name: str, model_version: str | None) -> JSONResponse:
     runtime = runtime_of(request)
     try:
@@ -295,16 +335,13 @@ async def infer(request: Request, model_name: str, model_version: str | None) ->
     header_length = request.headers.get(HEADER_LENGTH)
     max_rows = runtime.settings.max_files_per_request
     if len(body) > LARGE_BODY:
-        call = await runtime.offload(deadline, _prepare, body, header_length, task, adapter, max_rows)
+        call = await runtime.offload(deadline, _parse_and_prepare, body, header_length, engine, max_rows)
     else:
-        call = _prepare(body, header_length, task, adapter, max_rows)
+        call = _parse_and_prepare(body, header_length, engine, max_rows)
     if call.timeout_s is not None:
         deadline = min(deadline, time.monotonic() + call.timeout_s)
-    encoded = await run_items(request, runtime, engine, call.items, deadline)
-    head: dict[str, Any] = {"model_name": model_name, "model_version": VERSION}
-    if call.id is not None:
-        head["id"] = call.id
-    head["parameters"] = {"weights": engine.weights}  # random-init in the demo profile, as on /v1
+    encoded = await run_items(caller_of(request), runtime, engine, call.items, deadline)
+    head = response_head(engine, model_name, call.id)
     if task.encode_offloaded:
         content, headers, media = await runtime.offload(deadline, _finish, adapter, encoded, head, call)
     else:
@@ -312,8 +349,19 @@ async def infer(request: Request, model_name: str, model_version: str | None) ->
     return Response(content, media_type=media, headers=headers)
 
 
+def response_head(engine: Engine, model_name: str, request_id: str | None) -> dict[str, Any]:
+    """What every inference response starts with: every response has an id (the request's, or the id the server
+    gave the request: its x-request-id, in its log line too)."""
+    return {
+        "model_name": model_name,
+        "model_version": VERSION,
+        "id": request_id if request_id is not None else jsonlog.request_id.get(),
+        "parameters": {"weights": engine.weights},  # random-init in the demo profile, as on /v1
+    }
+
+
 @dataclass(frozen=True)
-class _Call:
+class Call:
     """One inference request, checked and decoded: the task's items, and which outputs to send how."""
 
     id: str | None
@@ -321,42 +369,63 @@ class _Call:
     outputs: list[str]
     binary: set[str]  # outputs sent as binary data after the JSON
     timeout_s: float | None  # the request's timeout parameter
+    classification: dict[str, int] = field(default_factory=dict)  # output → k: Triton's top-k strings
 
 
-def _prepare(body: bytes, header_length: str | None, task: AnyTask, adapter: Adapter, max_rows: int) -> _Call:
+PROTOCOL_PARAMETERS = ("binary_data_output", "timeout")
+
+
+def _parse_and_prepare(body: bytes, header_length: str | None, engine: Engine, max_rows: int) -> Call:
     request, binary = parse_infer_request(body, header_length)
-    adapter.check(request.inputs)
+    ADAPTERS[engine.task.name].check(request.inputs)  # names, datatypes and shapes before any data is decoded
+    return prepare(request, decode_inputs(request, binary), engine, max_rows)
+
+
+def prepare(request: InferenceRequest, tensors: dict[str, Any], engine: Engine, max_rows: int) -> Call:
+    """The request's items and outputs, for either transport (HTTP/JSON or gRPC), its inputs checked against the
+    adapter and decoded (``tensors``): 400 for what is malformed.
+
+    Parameters the protocol allows but no one here reads are ignored (Triton and KServe clients add their own),
+    except a name one letter or two from one this model takes (``topk``): that is a typo, and a 400 says so."""
+    task, adapter = engine.task, ADAPTERS[engine.task.name]
+    if request.model_name is not None and request.model_name != v2_name(engine):
+        raise BadRequest(f"model_name is {shown(request.model_name)} in the body but {v2_name(engine)!r} in the path")
     parameters = dict(request.parameters)
     binary_all = _flag(parameters.pop("binary_data_output", False), "binary_data_output")
     timeout_s = _timeout(parameters.pop("timeout", None))
     accepted = [f for f in task.request_model.model_fields if f not in adapter.excluded]
-    unknown = sorted(set(parameters) - set(accepted))
-    if unknown:
-        raise BadRequest(
-            f"parameters {', '.join(unknown)}: unknown; {adapter.task} takes "
-            f"{', '.join([*accepted, 'binary_data_output', 'timeout'])}"
-        )
-    tensors = decode_inputs(request, binary)
+    for name in sorted(set(parameters) - set(accepted)):
+        near = difflib.get_close_matches(name, [*accepted, *PROTOCOL_PARAMETERS], n=1, cutoff=0.8)
+        if near:
+            raise BadRequest(
+                f"parameters {name}: unknown; did you mean {near[0]}? {adapter.task} takes "
+                f"{', '.join([*accepted, *PROTOCOL_PARAMETERS])}"
+            )
+        del parameters[name]
     rows = max(_rows(tensors[name]) for name in tensors)
     if rows > max_rows:
         raise BadRequest(f"the batch has {rows} rows; at most {max_rows} per request (max_files_per_request)")
     items = [(_validate(task, fields), files) for fields, files in adapter.items(tensors, parameters)]
     declared = [o.name for o in adapter.outputs]
     if request.outputs is None:
-        return _Call(request.id, items, declared, set(declared) if binary_all else set(), timeout_s)
-    wanted, as_binary = [], set()
+        return Call(request.id, items, declared, set(declared) if binary_all else set(), timeout_s)
+    wanted, as_binary, classification = [], set(), {}
     for output in request.outputs:
         if output.name not in declared:
             raise BadRequest(f"{output.name}: no such output; {adapter.task} has {', '.join(declared)}")
         if output.name in wanted:
             raise BadRequest(f"{output.name}: requested more than once; name each output once")
-        extra = sorted(set(output.parameters) - {"binary_data"})
-        if extra:
-            raise BadRequest(f"{output.name}: unknown output parameters {', '.join(extra)}; only binary_data")
         if _flag(output.parameters.get("binary_data", binary_all), f"{output.name}.binary_data"):
             as_binary.add(output.name)
+        k = output.parameters.get("classification")
+        if k is not None:
+            if not adapter.classifies:
+                raise BadRequest(f"{output.name}.classification: {adapter.task} gives no class scores")
+            if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+                raise BadRequest(f"{output.name}.classification must be a number of classes >= 1, got {shown(k)}")
+            classification[output.name] = k
         wanted.append(output.name)
-    return _Call(request.id, items, wanted, as_binary, timeout_s)
+    return Call(request.id, items, wanted, as_binary, timeout_s, classification)
 
 
 def _rows(tensor: Any) -> int:
@@ -365,13 +434,13 @@ def _rows(tensor: Any) -> int:
     return 1 if tensor.ndim == 3 else int(tensor.shape[0])
 
 
-def _flag(value: Parameter, name: str) -> bool:
+def _flag(value: AnyParameter, name: str) -> bool:
     if not isinstance(value, bool):
         raise BadRequest(f"{name} must be true or false, got {shown(value)}")
     return value
 
 
-def _timeout(value: Parameter | None) -> float | None:
+def _timeout(value: AnyParameter) -> float | None:
     """Triton's timeout parameter, in microseconds: it shortens the request's deadline."""
     if value is None:
         return None
@@ -392,11 +461,29 @@ def _validate(task: AnyTask, fields: dict[str, Any]) -> TaskRequest:
         raise BadRequest(join_problems(problems)) from None
 
 
-def _finish(
-    adapter: Adapter, encoded: list[Any], head: dict[str, Any], call: _Call
-) -> tuple[bytes, dict[str, str], str]:
+def outputs_of(adapter: Adapter, encoded: list[Any], call: Call) -> list[Output]:
+    """The outputs the call asked for, in its order; Triton's classification strings where it asked for them."""
     outputs: dict[str, Output] = {o.name: o for o in adapter.results(encoded)}
-    return encode_response(head, [outputs[name] for name in call.outputs], call.binary)
+    return [
+        classified(outputs, name, call.classification[name]) if name in call.classification else outputs[name]
+        for name in call.outputs
+    ]
+
+
+def classified(outputs: dict[str, Output], name: str, k: int) -> Output:
+    """Triton's classification extension: per row, the best ``k`` classes (at most the top_k the request asked
+    for) as "score:index:label" strings, best first."""
+    scores, indices, labels = (outputs[n].array[:, :k] for n in ("SCORES", "INDICES", "LABELS"))
+    array = np.empty(scores.shape, dtype=object)
+    for row in np.ndindex(scores.shape):
+        array[row] = f"{float(scores[row]):f}:{int(indices[row])}:{bytes(labels[row]).decode()}".encode()
+    return Output(name, "BYTES", array)
+
+
+def _finish(
+    adapter: Adapter, encoded: list[Any], head: dict[str, Any], call: Call
+) -> tuple[bytes, dict[str, str], str]:
+    return encode_response(head, outputs_of(adapter, encoded, call), call.binary)
 
 
 def _problems(exc: ValidationError) -> str:
@@ -454,7 +541,7 @@ INFER_RESPONSES: dict[int | str, dict[str, Any]] = {
         "and then their data",
         "content": {BINARY_MEDIA_TYPE: {"schema": BINARY}},
     },
-    **_errors(400, 401, 404, 408, 413, 415, 422, 429, 500, 503, 504),
+    **_errors(400, 401, 404, 408, 413, 429, 500, 503, 504),
 }
 
 
@@ -468,7 +555,7 @@ def _model_routes() -> None:
             methods=["GET"],
             response_model=ModelMetadata,
             summary=f"Model metadata: inputs, outputs, checkpoint{suffix}",
-            responses=_errors(401, 404, 422, 503),
+            responses=_errors(400, 401, 404, 503),
         )
         router.add_api_route(
             prefix + "/ready",
@@ -478,9 +565,20 @@ def _model_routes() -> None:
             summary=f"Model readiness{suffix}",
             responses={
                 503: {"model": ModelReady, "description": "Not ready (loading or draining)"},
-                **_errors(401, 404, 422),
+                **_errors(400, 401, 404),
             },
         )
+        for path, endpoint, summary in (
+            ("/config", get_config, "Model configuration, in Triton's form (its model_configuration extension)"),
+            ("/stats", get_statistics, "Model statistics since start-up (Triton's statistics extension)"),
+        ):
+            router.add_api_route(
+                prefix + path,
+                _route(endpoint, versioned),
+                methods=["GET"],
+                summary=summary + suffix,
+                responses=_errors(400, 401, 404, 503),
+            )
         router.add_api_route(
             prefix + "/infer",
             _route(infer, versioned),

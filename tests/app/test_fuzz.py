@@ -13,14 +13,12 @@ values (which gets a correct 422 instead of one value silently winning).
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import httpx
 import pytest
 
-from .conftest import LiveServer
+from .conftest import LiveServer, schemathesis
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -28,32 +26,12 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 def test_every_operation_survives_generated_requests(tmp_path: Path) -> None:
     server = LiveServer().start()  # the demo profile: every task
     try:
-        st = Path(sys.executable).parent / "schemathesis"
-        run = subprocess.run(
-            [
-                str(st),
-                "run",
-                f"{server.url}/openapi.json",
-                "--max-examples",
-                "50",
-                "--workers",
-                "1",
-                "--request-timeout",
-                "60",
-                "--seed",
-                "20261126",
-                "--checks",
-                "all",
-                "--exclude-checks",
-                "positive_data_acceptance",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=540,
-            check=False,
-            cwd=tmp_path,  # schemathesis keeps a cache in its working directory
+        run, summary = schemathesis(
+            f"{server.url}/openapi.json",
+            tmp_path,
+            *("--max-examples", "50", "--seed", "20261126", "--checks", "all"),
+            *("--exclude-checks", "positive_data_acceptance"),
         )
-        summary = run.stdout[run.stdout.find("SUMMARY") :]
         assert run.returncode == 0, run.stdout[-6000:]
         assert re.search(r"Tested: (\d+)", summary) and re.search(r"Selected: (\d+)/\1", summary), summary
         tested = int(re.search(r"Tested: (\d+)", summary).group(1))  # type: ignore[union-attr]

@@ -306,11 +306,13 @@ def test_malformed_requests_are_400s_with_the_protocols_error_body(demo_server: 
             r = c.post(url, content=body, headers=headers)
             assert r.status_code == 400, (body[:80], r.text)
             assert set(r.json()) == {"error"} and isinstance(r.json()["error"], str), r.text
+        # The protocol has one status for a request it cannot take: 400, with the reason in the message.
         r = c.post(url, content=b"{}", headers={"content-encoding": "gzip"})
-        assert r.status_code == 415 and "uncompressed" in r.json()["error"], r.text
+        assert r.status_code == 400 and "uncompressed" in r.json()["error"], r.text
         undecodable = {"inputs": [{"name": "IMAGE", "shape": [1], "datatype": "BYTES", "data": ["not an image"]}]}
         r = c.post(url, json=undecodable)
-        assert r.status_code == 415 and set(r.json()) == {"error"}, r.text  # the task's own verdict, v2's body
+        assert r.status_code == 400 and set(r.json()) == {"error"}, r.text  # the task's own verdict, v2's body
+        assert "image" in r.json()["error"].lower(), r.text
 
 
 def test_keys_guard_inference_but_not_the_health_probes() -> None:
@@ -405,3 +407,67 @@ def test_a_configured_checkpoint_shows_its_source_and_revision(tmp_path: Path) -
         client.close()
     finally:
         server.stop()
+
+
+# ------------------------------------------------------------------------------------ what the protocol allows
+
+
+def test_protocol_legal_extras_are_taken_and_every_response_has_an_id(demo_server: LiveServer) -> None:
+    """KServe's SDK puts model_name in the body; Triton's clients add parameters of their own, objects included.
+    Both are protocol-legal: taken (model_name checked against the path) or ignored, never a 400."""
+    text = {"name": "TEXT", "shape": [1], "datatype": "BYTES", "data": ["hello"], "parameters": {"x": {"a": 1}}}
+    request = {
+        "model_name": "classify-text",
+        "inputs": [text],
+        "outputs": [{"name": "SCORES", "parameters": {"tag": {"nested": [1, 2]}}}],
+        "parameters": {"headers": {"x-trace": "1"}, "sequence_id": 0, "top_k": 1},
+    }
+    with demo_server.client() as c:
+        r = c.post("/v2/models/classify-text/infer", json=request, headers={"x-request-id": "abc-123"})
+        assert r.status_code == 200, r.text
+        assert r.json()["id"] == "abc-123"  # none in the body: the server's id for the request, as in its log
+        assert [o["name"] for o in r.json()["outputs"]] == ["SCORES"]
+        r = c.post("/v2/models/classify-text/infer", json=request | {"model_name": "fill-mask"})
+        assert r.status_code == 400 and "fill-mask" in r.json()["error"], r.text
+        r = c.post("/v2/models/classify-text/infer", json={"inputs": [text], "parameters": {"top_kk": 1}})
+        assert r.status_code == 400 and "did you mean top_k" in r.json()["error"], r.text  # a typo is not an extra
+
+
+def test_the_specs_paths_and_methods(demo_server: LiveServer) -> None:
+    with demo_server.client() as c:
+        assert c.get("/v2/").json() == c.get("/v2").json()  # the specification writes /v2/
+        for method, path in (("DELETE", "/v2/"), ("PUT", "/v2/models/classify-text/infer"), ("POST", "/v2/models")):
+            r = c.request(method, path)
+            assert r.status_code == 405 and isinstance(r.json()["error"], str), (method, path, r.text)
+        models = c.get("/v2/models").json()["models"]
+        assert models == served_names(demo_server)
+
+
+def test_triton_config_statistics_and_classification_over_http(
+    client: triton.InferenceServerClient, demo_server: LiveServer
+) -> None:
+    """What perf_analyzer and Triton's clients read before they send anything, in Triton's JSON form."""
+    config = client.get_model_config("classify.learned")
+    assert config["name"] == "classify.learned" and config["max_batch_size"] >= 1
+    assert config["input"] == [{"name": "IMAGE", "data_type": "TYPE_STRING", "dims": [1], "optional": False}]
+    assert {o["name"]: o["data_type"] for o in config["output"]} == {
+        "LABELS": "TYPE_STRING",
+        "SCORES": "TYPE_FP32",
+        "INDICES": "TYPE_INT64",
+    }
+    engine = demo_server.runtime.engine_for("classify", "learned")
+    assert config["dynamic_batching"]["preferred_batch_size"] == [engine.policy.max_batch_size]
+    before = client.get_inference_statistics("classify.learned")["model_stats"][0]
+    image = tensor("IMAGE", strings(CAT, COFFEE).reshape(2, 1), "BYTES", True)  # [N, 1]: the config's dims
+    outputs = [triton.InferRequestedOutput("SCORES", class_count=2), triton.InferRequestedOutput("INDICES")]
+    result = client.infer("classify.learned", [image], outputs=outputs)
+    after = client.get_inference_statistics("classify.learned")["model_stats"][0]
+    assert after["inference_stats"]["success"]["count"] == before["inference_stats"]["success"]["count"] + 1
+    assert after["inference_count"] == before["inference_count"] + 2
+    assert after["execution_count"] > before["execution_count"]
+    classes = result.as_numpy("SCORES")
+    assert classes.shape == (2, 2)
+    for row, indices in zip(classes, result.as_numpy("INDICES"), strict=True):
+        score, index, label = row[0].decode().split(":")
+        assert int(index) == indices[0] and 0 < float(score) <= 1 and label
+    assert {"model_configuration", "statistics", "classification"} <= set(client.get_server_metadata()["extensions"])
