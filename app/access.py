@@ -75,8 +75,13 @@ class ApiKeyMiddleware:
                 presented = value
             elif name == b"authorization" and value[:7].lower() == b"bearer ":
                 presented = value[7:]
-        digest = hashlib.sha256(presented.strip()).digest()
-        matched = False
-        for known in self.digests:  # every digest compared, each in constant time: no early exit to time
-            matched |= hmac.compare_digest(digest, known)
-        return matched and bool(presented)
+        return key_allowed(self.digests, presented)
+
+
+def key_allowed(digests: list[bytes], presented: bytes) -> bool:
+    """Whether ``presented`` is one of the keys (HTTP's headers, gRPC's metadata)."""
+    digest = hashlib.sha256(presented.strip()).digest()
+    matched = False
+    for known in digests:  # every digest compared, each in constant time: no early exit to time
+        matched |= hmac.compare_digest(digest, known)
+    return matched and bool(presented.strip())

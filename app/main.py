@@ -30,6 +30,7 @@ from .errors import InternalError, InvalidInput, ServiceError, for_status, join_
 from .loading import LoadedModel, build_models, start_engine
 from .metrics import Metrics
 from .middleware import ObservabilityMiddleware, reject
+from .oip import grpc as oip_grpc
 from .routes.docs import DOCS_ASSETS
 from .routes.docs import router as docs_router
 from .routes.health import router as health_router
@@ -94,11 +95,15 @@ async def keep_memory(runtime: Runtime, keeper: memory.MemoryKeeper) -> None:
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     runtime: Runtime = app.state.runtime
     unwatch_gc = runtime.metrics.watch_gc()
+    # gRPC listens from the start, as HTTP does: its health service says NOT_SERVING while the models load.
+    grpc_server = await oip_grpc.start(runtime, app.version, key_digests(runtime.settings))
     loader = asyncio.create_task(_load(runtime, app.state.load_models))
     keeper = asyncio.create_task(keep_memory(runtime, memory.MemoryKeeper()))
     try:
         yield
     finally:
+        if grpc_server is not None:  # HTTP has drained; calls still running get the drain's time to finish
+            await grpc_server.stop(runtime.settings.drain_timeout_s)
         unwatch_gc()
         for job in (loader, keeper):
             job.cancel()

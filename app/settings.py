@@ -81,6 +81,13 @@ class Settings(BaseSettings):
 
     host: str = Field("0.0.0.0", description="Interface to bind.")
     port: int = Field(8000, ge=1, le=65535, description="TCP port.")
+    grpc_port: int = Field(
+        8001,
+        ge=0,
+        le=65535,
+        description="TCP port of the Open Inference Protocol's gRPC API and grpc.health.v1 (Triton's and KServe's "
+        "8001), on the same host and in the same process as HTTP; 0 turns gRPC off.",
+    )
     device: str = Field(
         default_factory=lambda: "cuda" if _cuda_available() else "cpu",
         description="Torch device for every model: cuda when available, else cpu.",

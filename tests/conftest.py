@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -7,6 +8,10 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+
+# The servers tests start, in this process or as subprocesses, leave gRPC off unless the test gives a free port:
+# each would otherwise listen on 8001, and two at once cannot.
+os.environ.setdefault("PERCEIVER_GRPC_PORT", "0")
 
 from reference import CONFIGS, Reference, build_reference
 

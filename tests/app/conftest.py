@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -51,6 +53,20 @@ def release(engine: Engine) -> None:
             batcher._lanes.release(lane)
 
 
+def schemathesis(schema: str, cwd: Path, *options: str) -> tuple[subprocess.CompletedProcess[str], str]:
+    """schemathesis run on ``schema`` (a URL or a file), one worker, 60 s a request; the run and its summary."""
+    options = ("--request-timeout", "60", *options)
+    run = subprocess.run(
+        [str(Path(sys.executable).parent / "schemathesis"), "run", schema, *("--workers", "1"), *options],
+        capture_output=True,
+        text=True,
+        timeout=540,
+        check=False,
+        cwd=cwd,  # schemathesis keeps a cache in its working directory
+    )
+    return run, run.stdout[run.stdout.find("SUMMARY") :]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -83,6 +99,7 @@ class LiveServer:
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.url = f"http://127.0.0.1:{self.settings.port}"
+        self.grpc_target = f"127.0.0.1:{self.settings.grpc_port}"  # when the test gave it a grpc_port
 
     @property
     def runtime(self) -> Runtime:
@@ -127,8 +144,8 @@ class LiveServer:
 
 @pytest.fixture(scope="session")
 def demo_server() -> Iterator[LiveServer]:
-    """The demo profile (every task, random-init weights), batching with a short delay."""
-    server = LiveServer(max_delay_ms=20, max_body_bytes=4 * 1024 * 1024).start()
+    """The demo profile (every task, random-init weights), batching with a short delay; gRPC on too."""
+    server = LiveServer(max_delay_ms=20, max_body_bytes=4 * 1024 * 1024, grpc_port=free_port()).start()
     yield server
     server.stop()
 

@@ -1,0 +1,415 @@
+"""The Open Inference Protocol over gRPC (``inference.GRPCInferenceService``, Triton's and KServe's port 8001),
+with Triton's ModelConfig and ModelStatistics, and the standard ``grpc.health.v1`` service for Kubernetes' probes.
+
+It runs on the event loop of the HTTP server, in the same process, and translates only: every call takes the
+same prologue as HTTP (deadline, readiness, the model, admission) and the same pipeline (``run_items``: the
+engine, its batcher, metrics and statistics), so a model answers gRPC, /v2 and /v1 with the same numbers and
+shares one capacity between them. Tensors arrive as ``raw_input_contents`` (what tritonclient and KServe send:
+the binary extension's layout) or typed ``contents``; outputs always go back as ``raw_output_contents``, as
+Triton sends them.
+
+Errors are gRPC status codes: INVALID_ARGUMENT (every 4xx the HTTP side would give for the request itself),
+NOT_FOUND, RESOURCE_EXHAUSTED when overloaded (``retry-after`` in the trailing metadata, in seconds, as the
+HTTP header), UNAVAILABLE while loading or draining, DEADLINE_EXCEEDED, UNAUTHENTICATED, INTERNAL. API keys
+come in the ``authorization`` metadata (``Bearer <key>``) or ``x-api-key``; the health service needs none.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+import grpc
+import numpy as np
+from google.protobuf import json_format
+from grpc import aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from pydantic import ValidationError
+
+from .. import jsonlog
+from ..access import key_allowed
+from ..admission import Prologue, admit, timeout_s
+from ..errors import BadRequest, Draining, InternalError, ModelNotFound, ServiceError, Unauthorized
+from ..routes.tasks import Caller, run_items
+from ..routes.v2 import (
+    READY_PROBE,
+    SERVER_NAME,
+    VERSION,
+    metadata,
+    outputs_of,
+    prepare,
+    resolve,
+    served_models,
+    v2_name,
+)
+from . import triton
+from .adapters import ADAPTERS
+from .protos import open_inference_grpc_pb2 as pb
+from .protos import triton_extensions_pb2 as tx
+from .tensors import InferenceRequest, RequestInput, binary_data, from_binary, from_json
+
+if TYPE_CHECKING:
+    from ..runtime import Runtime
+
+log = logging.getLogger("perceiver.grpc")
+
+SERVICE = "inference.GRPCInferenceService"
+EXTENSIONS = ["classification", "model_configuration", "statistics"]
+
+# HTTP status of a ServiceError -> the gRPC code a client of the protocol expects.
+CODES = {
+    400: grpc.StatusCode.INVALID_ARGUMENT,
+    401: grpc.StatusCode.UNAUTHENTICATED,
+    404: grpc.StatusCode.NOT_FOUND,
+    408: grpc.StatusCode.DEADLINE_EXCEEDED,
+    413: grpc.StatusCode.INVALID_ARGUMENT,
+    415: grpc.StatusCode.INVALID_ARGUMENT,
+    422: grpc.StatusCode.INVALID_ARGUMENT,
+    429: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    499: grpc.StatusCode.CANCELLED,
+    503: grpc.StatusCode.UNAVAILABLE,
+    504: grpc.StatusCode.DEADLINE_EXCEEDED,
+}
+
+# Typed contents: which field of InferTensorContents holds each datatype (FP16 has none: raw only).
+CONTENTS = {
+    "BOOL": "bool_contents",
+    "INT8": "int_contents",
+    "INT16": "int_contents",
+    "INT32": "int_contents",
+    "INT64": "int64_contents",
+    "UINT8": "uint_contents",
+    "UINT16": "uint_contents",
+    "UINT32": "uint_contents",
+    "UINT64": "uint64_contents",
+    "FP32": "fp32_contents",
+    "FP64": "fp64_contents",
+    "BYTES": "bytes_contents",
+}
+
+
+def _parameter(value: pb.InferParameter) -> Any:
+    kind = value.WhichOneof("parameter_choice")
+    return None if kind is None else getattr(value, kind)
+
+
+def _parameters(entries: Any) -> dict[str, Any]:
+    return {key: _parameter(value) for key, value in entries.items()}
+
+
+def _problems(exc: ValidationError) -> str:
+    return "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+
+
+def infer_request(message: pb.ModelInferRequest) -> InferenceRequest:
+    """The gRPC request as the HTTP side's InferenceRequest (its tensors' data not decoded yet)."""
+    if not message.inputs:
+        raise BadRequest("inputs: give at least one input")
+    inputs = [
+        {"name": t.name, "shape": list(t.shape), "datatype": t.datatype, "parameters": _parameters(t.parameters)}
+        for t in message.inputs
+    ]
+    outputs = [{"name": o.name, "parameters": _parameters(o.parameters)} for o in message.outputs]
+    try:
+        request = InferenceRequest.model_validate(
+            {
+                "id": message.id or None,
+                "parameters": _parameters(message.parameters),
+                "inputs": inputs,
+                "outputs": outputs or None,
+            }
+        )
+    except ValidationError as exc:
+        raise BadRequest(f"not an inference request: {_problems(exc)}") from None
+    names = [i.name for i in request.inputs]
+    if len(set(names)) != len(names):
+        raise BadRequest(f"inputs are named more than once: {', '.join(names)}")
+    return request
+
+
+def tensors_of(message: pb.ModelInferRequest, request: InferenceRequest) -> dict[str, np.ndarray]:
+    """Every input's data: raw_input_contents (one entry per input, the binary extension's layout), or typed."""
+    raw = list(message.raw_input_contents)
+    if raw and len(raw) != len(message.inputs):
+        raise BadRequest(f"raw_input_contents has {len(raw)} entries for {len(message.inputs)} inputs; give one each")
+    tensors = {}
+    for i, (spec, tensor) in enumerate(zip(request.inputs, message.inputs, strict=True)):
+        tensors[spec.name] = from_binary(spec, raw[i]) if raw else _typed(spec, tensor.contents)
+    return tensors
+
+
+def _typed(spec: RequestInput, contents: Any) -> np.ndarray:
+    field = CONTENTS.get(spec.datatype)
+    if field is None:
+        raise BadRequest(f"{spec.name}: {spec.datatype} travels in raw_input_contents only")
+    values = list(getattr(contents, field))
+    if spec.datatype != "BYTES":
+        return from_json(spec.model_copy(update={"data": values}))
+    count = int(np.prod(spec.shape))
+    if len(values) != count:
+        raise BadRequest(f"{spec.name}: shape {spec.shape} holds {count} elements; contents has {len(values)}")
+    array = np.empty(count, dtype=object)
+    array[:] = values
+    return array.reshape(spec.shape)
+
+
+class Abort(Exception):
+    """A finished gRPC error: its code, message and trailing metadata."""
+
+    def __init__(self, code: grpc.StatusCode, message: str, trailers: tuple[tuple[str, str], ...] = ()) -> None:
+        super().__init__(message)
+        self.code, self.message, self.trailers = code, message, trailers
+
+
+class InferenceService:
+    """The protocol's RPCs, one coroutine each, on the runtime the HTTP app serves."""
+
+    def __init__(self, runtime: Runtime, version: str, digests: list[bytes]) -> None:
+        self.runtime = runtime
+        self.version = version
+        self.digests = digests
+
+    # ------------------------------------------------------------------------------------------ server
+
+    async def ServerLive(self, request: pb.ServerLiveRequest, context: aio.ServicerContext) -> pb.ServerLiveResponse:
+        return pb.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request: pb.ServerReadyRequest, context: aio.ServicerContext) -> pb.ServerReadyResponse:
+        return pb.ServerReadyResponse(ready=serving(self.runtime))
+
+    async def ServerMetadata(
+        self, request: pb.ServerMetadataRequest, context: aio.ServicerContext
+    ) -> pb.ServerMetadataResponse:
+        return pb.ServerMetadataResponse(name=SERVER_NAME, version=self.version, extensions=EXTENSIONS)
+
+    # ------------------------------------------------------------------------------------------ models
+
+    async def ModelReady(self, request: pb.ModelReadyRequest, context: aio.ServicerContext) -> pb.ModelReadyResponse:
+        resolve(self.runtime, request.name, request.version or None)
+        return pb.ModelReadyResponse(ready=serving(self.runtime))
+
+    async def ModelMetadata(
+        self, request: pb.ModelMetadataRequest, context: aio.ServicerContext
+    ) -> pb.ModelMetadataResponse:
+        found = metadata(self.runtime, resolve(self.runtime, request.name, request.version or None))
+        response = pb.ModelMetadataResponse(name=found.name, versions=found.versions, platform=found.platform)
+        for tensors, target in ((found.inputs, response.inputs), (found.outputs, response.outputs)):
+            for tensor in tensors:
+                target.add(name=tensor.name, datatype=tensor.datatype, shape=tensor.shape)
+        for key, value in found.parameters.items():
+            response.properties[key] = str(value)
+        return response
+
+    async def ModelConfig(self, request: tx.ModelConfigRequest, context: aio.ServicerContext) -> tx.ModelConfigResponse:
+        engine = resolve(self.runtime, request.name, request.version or None)
+        config = triton.model_config(engine, request.name, self.runtime.settings.max_files_per_request)
+        return json_format.ParseDict({"config": config}, tx.ModelConfigResponse())
+
+    async def ModelStatistics(
+        self, request: tx.ModelStatisticsRequest, context: aio.ServicerContext
+    ) -> tx.ModelStatisticsResponse:
+        runtime = self.runtime
+        named = request.name
+        engines = [resolve(runtime, named, request.version or None)] if named else served_models(runtime)
+        stats = [triton.model_statistics(e, v2_name(e)) for e in engines]
+        for entry in stats:
+            del entry["memory_usage"]  # not in the messages this server sends
+        return json_format.ParseDict({"model_stats": stats}, tx.ModelStatisticsResponse())
+
+    # ------------------------------------------------------------------------------------------ inference
+
+    async def ModelInfer(self, request: pb.ModelInferRequest, context: aio.ServicerContext) -> pb.ModelInferResponse:
+        runtime = self.runtime
+        now = time.monotonic()
+        remaining = context.time_remaining()
+        budget = runtime.settings.request_timeout_s if remaining is None else min(remaining, 1e9)
+        header = _metadata(context).get("x-request-timeout-ms")
+        deadline = now + min(budget, timeout_s(header, runtime.settings.request_timeout_s))
+        if runtime.draining:
+            raise Draining("the server is shutting down; retry on another replica")
+        scope: dict[str, Any] = {"headers": [], "state": {"prologue": Prologue(deadline, now)}}
+        engine, deadline = admit(scope, runtime, READY_PROBE, lambda: resolve(runtime, request.model_name, None))
+        if request.model_version and request.model_version != VERSION:
+            raise ModelNotFound(
+                f"model {request.model_name!r} has version {VERSION} only, not {request.model_version!r}"
+            )
+        parsed = infer_request(request)
+        ADAPTERS[engine.task.name].check(parsed.inputs)  # names, datatypes and shapes before any data
+        call = prepare(parsed, tensors_of(request, parsed), engine, runtime.settings.max_files_per_request)
+        if call.timeout_s is not None:
+            deadline = min(deadline, time.monotonic() + call.timeout_s)
+        done = asyncio.Event()
+        context.add_done_callback(lambda _: done.set())
+
+        async def disconnected() -> None:
+            await done.wait()
+
+        caller = Caller(None, disconnected, scope["state"], now)
+        runtime.inflight += 1
+        runtime.taken += 1
+        try:
+            encoded = await run_items(caller, runtime, engine, call.items, deadline)
+        finally:
+            runtime.inflight -= 1
+        response = pb.ModelInferResponse(
+            model_name=request.model_name, model_version=VERSION, id=call.id or jsonlog.request_id.get()
+        )
+        response.parameters["weights"].string_param = engine.weights
+        for output in outputs_of(ADAPTERS[engine.task.name], encoded, call):
+            response.outputs.add(name=output.name, datatype=output.datatype, shape=list(output.array.shape))
+            response.raw_output_contents.append(binary_data(output))
+        return response
+
+
+def serving(runtime: Runtime) -> bool:
+    return runtime.ready and not runtime.draining and runtime.load_error is None
+
+
+def _metadata(context: aio.ServicerContext) -> dict[str, str]:
+    return {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
+
+
+_ID_COUNTER = iter(range(1, 2**63))
+
+
+def _guarded(
+    service: InferenceService, name: str, method: Callable[[Any, aio.ServicerContext], Awaitable[Any]]
+) -> Callable[[Any, aio.ServicerContext], Awaitable[Any]]:
+    """The RPC with the key check, a request id, metrics, and errors as status codes (never a traceback)."""
+    runtime = service.runtime
+    metrics = runtime.metrics
+
+    async def call(request: Any, context: aio.ServicerContext) -> Any:
+        started = time.monotonic()
+        given = _metadata(context)
+        jsonlog.request_id.set(given.get("x-request-id", "")[:64] or f"grpc-{next(_ID_COUNTER):012x}")
+        model = getattr(request, "model_name", "") or getattr(request, "name", "")
+        task = model.split(".", 1)[0] if name == "ModelInfer" else "none"
+        status = 200
+        try:
+            if service.digests and not key_allowed(service.digests, _presented(given)):
+                raise Unauthorized("this server needs an API key: send the authorization metadata, Bearer <key>")
+            return await method(request, context)
+        except ServiceError as exc:
+            status = exc.status
+            if exc.reason is not None:
+                metrics.rejections.labels(task=task, model=model, reason=exc.reason).inc()
+            trailers = tuple((k.lower(), v) for k, v in (exc.headers or {}).items() if k.lower() == "retry-after")
+            await _abort(context, Abort(CODES.get(exc.status, grpc.StatusCode.UNKNOWN), exc.message, trailers))
+        except asyncio.CancelledError:
+            status = 499
+            raise
+        except Exception:
+            status = 500
+            log.exception("unhandled error in %s", name)
+            rid = jsonlog.request_id.get()
+            await _abort(
+                context, Abort(grpc.StatusCode.INTERNAL, InternalError(f"internal error; request id {rid}").message)
+            )
+        finally:
+            if name == "ModelInfer":
+                metrics.request_duration.labels(task=task, model=model).observe(time.monotonic() - started)
+                metrics.requests.labels(task=task, model=model, status=str(status)).inc()
+
+    return call
+
+
+async def _abort(context: aio.ServicerContext, abort: Abort) -> None:
+    if abort.trailers:
+        context.set_trailing_metadata(abort.trailers)
+    await context.abort(abort.code, abort.message)
+
+
+def _presented(metadata: dict[str, str]) -> bytes:
+    value = metadata.get("authorization", "")
+    if value[:7].lower() == "bearer ":
+        return value[7:].encode()
+    return metadata.get("x-api-key", "").encode()
+
+
+def _handlers(service: InferenceService) -> grpc.GenericRpcHandler:
+    messages: dict[str, tuple[Any, Any]] = {
+        "ServerLive": (pb.ServerLiveRequest, pb.ServerLiveResponse),
+        "ServerReady": (pb.ServerReadyRequest, pb.ServerReadyResponse),
+        "ModelReady": (pb.ModelReadyRequest, pb.ModelReadyResponse),
+        "ServerMetadata": (pb.ServerMetadataRequest, pb.ServerMetadataResponse),
+        "ModelMetadata": (pb.ModelMetadataRequest, pb.ModelMetadataResponse),
+        "ModelInfer": (pb.ModelInferRequest, pb.ModelInferResponse),
+        "ModelConfig": (tx.ModelConfigRequest, tx.ModelConfigResponse),
+        "ModelStatistics": (tx.ModelStatisticsRequest, tx.ModelStatisticsResponse),
+    }
+    return grpc.method_handlers_generic_handler(
+        SERVICE,
+        {
+            name: grpc.unary_unary_rpc_method_handler(
+                _guarded(service, name, getattr(service, name)),
+                request_deserializer=request.FromString,
+                response_serializer=response.SerializeToString,
+            )
+            for name, (request, response) in messages.items()
+        },
+    )
+
+
+class Health(health_pb2_grpc.HealthServicer):  # type: ignore[misc]
+    """grpc.health.v1: "" is the server (SERVING once every model is loaded and warmed, and not draining: HTTP
+    /readyz's meaning), a model's v2 name is that model; Watch sends each change, polled once a second."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+
+    def _status(self, service: str) -> int:
+        runtime = self.runtime
+        if service and runtime.ready and service not in {v2_name(e) for e in served_models(runtime)}:
+            return -1  # while loading, a model's name is not known yet: NOT_SERVING
+        return (
+            health_pb2.HealthCheckResponse.SERVING if serving(runtime) else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+
+    async def Check(self, request: Any, context: aio.ServicerContext) -> Any:
+        status = self._status(request.service)
+        if status < 0:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown service {request.service!r}")
+        return health_pb2.HealthCheckResponse(status=status)
+
+    async def Watch(self, request: Any, context: aio.ServicerContext) -> AsyncIterator[Any]:
+        last = None
+        while True:
+            status = self._status(request.service)
+            status = health_pb2.HealthCheckResponse.SERVICE_UNKNOWN if status < 0 else status
+            if status != last:
+                last = status
+                yield health_pb2.HealthCheckResponse(status=status)
+            await asyncio.sleep(1.0)
+
+
+def address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+async def start(runtime: Runtime, version: str, digests: list[bytes]) -> aio.Server | None:
+    """The gRPC server on ``grpc_port`` (None when it is 0), started; its port is shared between workers."""
+    settings = runtime.settings
+    if not settings.grpc_port:
+        return None
+    server = aio.server(
+        options=[
+            ("grpc.max_receive_message_length", settings.max_body_bytes),
+            ("grpc.max_send_message_length", -1),
+            # Several workers share the port as they share HTTP's; one alone must find it free, or fail.
+            ("grpc.so_reuseport", 1 if settings.workers > 1 else 0),
+        ]
+    )
+    server.add_generic_rpc_handlers((_handlers(InferenceService(runtime, version, digests)),))
+    health_pb2_grpc.add_HealthServicer_to_server(Health(runtime), server)
+    where = address(settings.host, settings.grpc_port)
+    try:
+        server.add_insecure_port(where)
+    except RuntimeError as exc:
+        raise RuntimeError(f"gRPC cannot listen on {where} ({exc}); set PERCEIVER_GRPC_PORT, 0 turns gRPC off") from exc
+    await server.start()
+    log.info("gRPC (Open Inference Protocol, grpc.health.v1) on %s", where)
+    return server

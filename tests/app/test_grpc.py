@@ -1,0 +1,228 @@
+"""The Open Inference Protocol over gRPC, spoken to by NVIDIA's own client (tritonclient.grpc from PyPI) and by
+gRPC's standard health client, against a live demo server: every task with binary (raw) tensors gives the same
+numbers as /v2 over HTTP for the same request; Triton's configuration, statistics and classification
+extensions; errors as status codes, overload as RESOURCE_EXHAUSTED with its retry delay, the gRPC deadline,
+and API keys from the authorization metadata."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import grpc
+import numpy as np
+import pytest
+import tritonclient.grpc as tg
+import tritonclient.http as th
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from tritonclient.utils import InferenceServerException
+
+from app.batching import ServiceTime
+from app.oip.protos import open_inference_grpc_pb2 as pb
+
+from .conftest import MEDIA, LiveServer, free_port, occupy, release
+
+ROOT = MEDIA.parents[1]
+CAT = (MEDIA / "cat.jpg").read_bytes()
+COFFEE = (MEDIA / "coffee.jpg").read_bytes()
+
+
+@pytest.fixture
+def client(demo_server: LiveServer) -> Iterator[tg.InferenceServerClient]:
+    c = tg.InferenceServerClient(demo_server.grpc_target)
+    yield c
+    c.close()
+
+
+@pytest.fixture
+def http(demo_server: LiveServer) -> Iterator[th.InferenceServerClient]:
+    c = th.InferenceServerClient(demo_server.url.removeprefix("http://"), network_timeout=120)
+    yield c
+    c.close()
+
+
+def strings(*values: bytes) -> np.ndarray:
+    return np.array(list(values), dtype=np.object_)
+
+
+def _inputs(module: type, given: dict[str, tuple[np.ndarray, str]]) -> list:  # type: ignore[type-arg]
+    inputs = []
+    for name, (array, datatype) in given.items():
+        tensor = module.InferInput(name, list(array.shape), datatype)  # type: ignore[attr-defined]
+        tensor.set_data_from_numpy(array)  # grpc: raw_input_contents; http: binary data
+        inputs.append(tensor)
+    return inputs
+
+
+TASKS = {
+    "classify.learned": ({"IMAGE": (strings(CAT, COFFEE), "BYTES")}, {"top_k": 3}),
+    "classify.conv": ({"IMAGE": (strings(COFFEE), "BYTES")}, {}),
+    "classify-text": ({"TEXT": (strings(b"What a wonderful day!", "Ünïcödé ✓".encode()), "BYTES")}, {}),
+    "fill-mask": ({"TEXT": (strings(b"The sky is [MASK][MASK][MASK][MASK].", b"A[MASK]c"), "BYTES")}, {"top_k": 2}),
+    "optical-flow": (
+        {
+            "FRAME1": (strings((ROOT / "examples" / "frame1.png").read_bytes()), "BYTES"),
+            "FRAME2": (strings((ROOT / "examples" / "frame2.png").read_bytes()), "BYTES"),
+        },
+        {},
+    ),
+    "autoencode": ({"VIDEO": (strings((ROOT / "examples" / "clip.mp4").read_bytes()), "BYTES")}, {"top_k": 3}),
+}
+
+
+@pytest.mark.parametrize("name", list(TASKS))
+def test_every_task_gives_the_http_answer_over_grpc(
+    client: tg.InferenceServerClient, http: th.InferenceServerClient, name: str
+) -> None:
+    """The same request over gRPC (raw tensors) and over HTTP (binary tensors): every output equal, bit for bit."""
+    given, parameters = TASKS[name]
+    outputs = [o.name for o in client.get_model_metadata(name).outputs]
+    over_grpc = client.infer(
+        name,
+        _inputs(tg, given),
+        outputs=[tg.InferRequestedOutput(o) for o in outputs],
+        parameters=parameters or None,
+        client_timeout=120,
+    )
+    over_http = http.infer(
+        name,
+        _inputs(th, given),
+        outputs=[th.InferRequestedOutput(o, binary_data=True) for o in outputs],
+        parameters=parameters or None,
+    )
+    rows = len(next(iter(given.values()))[0])
+    for output in outputs:
+        got, expected = over_grpc.as_numpy(output), over_http.as_numpy(output)
+        assert got.dtype == expected.dtype and got.shape == expected.shape and got.shape[0] == rows, output
+        assert np.array_equal(got, expected), output
+    response = over_grpc.get_response()
+    assert response.model_name == name and response.model_version == "1" and response.id  # an id on every response
+
+
+def test_server_and_model_metadata_readiness_and_health(
+    client: tg.InferenceServerClient, demo_server: LiveServer
+) -> None:
+    assert client.is_server_live() and client.is_server_ready()
+    meta = client.get_server_metadata()
+    assert meta.name == "perceiver-serve" and {"model_configuration", "statistics"} <= set(meta.extensions)
+    model = client.get_model_metadata("classify-text")
+    assert model.name == "classify-text" and list(model.versions) == ["1"]
+    assert [(i.name, i.datatype, list(i.shape)) for i in model.inputs] == [("TEXT", "BYTES", [-1])]
+    assert client.is_model_ready("classify-text") and client.is_model_ready("classify-text", "1")
+    with grpc.insecure_channel(demo_server.grpc_target) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        for service in ("", "classify-text", "classify.learned"):
+            reply = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING, service
+        with pytest.raises(grpc.RpcError) as caught:
+            health.Check(health_pb2.HealthCheckRequest(service="nope"), timeout=10)
+        assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_config_statistics_and_classification(client: tg.InferenceServerClient) -> None:
+    config = client.get_model_config("classify-text").config
+    assert config.name == "classify-text" and config.max_batch_size >= 1
+    assert [(i.name, i.data_type, list(i.dims)) for i in config.input] == [("TEXT", 13, [1])]  # TYPE_STRING
+    assert config.dynamic_batching.preferred_batch_size[0] >= 1
+    before = client.get_inference_statistics("classify-text").model_stats[0]
+    text = tg.InferInput("TEXT", [2, 1], "BYTES")  # [N, 1], as the config's dims [1] make perf_analyzer send it
+    text.set_data_from_numpy(strings(b"What a wonderful day!", b"awful").reshape(2, 1))
+    outputs = [tg.InferRequestedOutput(n) for n in ("LABELS", "INDICES")]
+    result = client.infer("classify-text", [text], outputs=[*outputs, tg.InferRequestedOutput("SCORES", class_count=2)])
+    plain = client.infer("classify-text", [text], outputs=[tg.InferRequestedOutput("SCORES")])
+    after = client.get_inference_statistics("classify-text").model_stats[0]
+    assert after.inference_stats.success.count == before.inference_stats.success.count + 2
+    assert after.inference_count == before.inference_count + 4  # rows
+    assert after.inference_stats.queue.ns > before.inference_stats.queue.ns
+    assert after.inference_stats.compute_infer.ns > before.inference_stats.compute_infer.ns
+    classes = result.as_numpy("SCORES")  # Triton's "score:index:label", best first
+    for row, (labels, indices, scores) in enumerate(
+        zip(result.as_numpy("LABELS"), result.as_numpy("INDICES"), plain.as_numpy("SCORES"), strict=True)
+    ):
+        expected = [f"{s:f}:{i}:{lab.decode()}" for s, i, lab in zip(scores, indices, labels, strict=True)]
+        assert [c.decode() for c in classes[row]] == expected
+
+
+def _infer_raw(target: str, request: pb.ModelInferRequest, **kwargs: object) -> pb.ModelInferResponse:
+    """ModelInfer with the protocol's own messages, so a test can read a failure's status and trailers."""
+    with grpc.insecure_channel(target) as channel:
+        call = channel.unary_unary(
+            "/inference.GRPCInferenceService/ModelInfer",
+            request_serializer=pb.ModelInferRequest.SerializeToString,
+            response_deserializer=pb.ModelInferResponse.FromString,
+        )
+        return call(request, **kwargs)
+
+
+def _text_request(model: str = "classify-text") -> pb.ModelInferRequest:
+    request = pb.ModelInferRequest(model_name=model)
+    request.inputs.add(name="TEXT", datatype="BYTES", shape=[1]).contents.bytes_contents.append(b"hello")
+    return request
+
+
+def test_typed_contents_work_and_errors_are_status_codes(demo_server: LiveServer) -> None:
+    target = demo_server.grpc_target
+    reply = _infer_raw(target, _text_request(), timeout=60)  # bytes_contents, not raw: the protocol allows both
+    assert [o.name for o in reply.outputs] == ["LABELS", "SCORES", "INDICES"] and len(reply.raw_output_contents) == 3
+    cases = {
+        grpc.StatusCode.NOT_FOUND: _text_request("nope"),
+        grpc.StatusCode.INVALID_ARGUMENT: pb.ModelInferRequest(model_name="classify-text"),  # no inputs
+    }
+    wrong = _text_request()
+    wrong.inputs[0].datatype = "FP32"
+    cases_wrong = [(grpc.StatusCode.INVALID_ARGUMENT, wrong, "datatype")]
+    for code, request in cases.items():
+        with pytest.raises(grpc.RpcError) as caught:
+            _infer_raw(target, request, timeout=60)
+        assert caught.value.code() == code, caught.value.details()
+        assert "Traceback" not in (caught.value.details() or "")
+    for code, request, needle in cases_wrong:
+        with pytest.raises(grpc.RpcError) as caught:
+            _infer_raw(target, request, timeout=60)
+        assert caught.value.code() == code and needle in (caught.value.details() or "")
+
+
+def test_overload_is_resource_exhausted_with_the_retry_delay_and_the_grpc_deadline_counts(
+    demo_server: LiveServer,
+) -> None:
+    """A busy model whose estimates put a request's own pass at 3 s: a call with a 2 s gRPC deadline cannot
+    finish in time and is refused at once (RESOURCE_EXHAUSTED, retry-after in the trailers, counted as
+    would_miss_deadline, not as a full queue); the idle model admits it again once the batch is over."""
+    engine = demo_server.runtime.engine_for("classify-text")
+    labels = {"task": "classify-text", "model": "classify-text", "reason": "would_miss_deadline"}
+    refused = demo_server.metric("perceiver_rejections_total", **labels)
+    estimates = engine.batcher.service_time
+    occupy(engine, 0.1)  # busy: the wait is short, under the queue-delay target
+    engine.batcher.service_time = ServiceTime({1: 3.0})
+    try:
+        with pytest.raises(grpc.RpcError) as caught:
+            _infer_raw(demo_server.grpc_target, _text_request(), timeout=2)
+    finally:
+        release(engine)
+        engine.batcher.service_time = estimates
+    error = caught.value
+    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, error.details()
+    trailers = dict(error.trailing_metadata() or ())
+    assert int(trailers["retry-after"]) >= 1 and "overloaded" in (error.details() or "")
+    assert demo_server.metric("perceiver_rejections_total", **labels) == refused + 1
+    assert _infer_raw(demo_server.grpc_target, _text_request(), timeout=60).outputs
+
+
+def test_api_keys_come_from_the_authorization_metadata_and_health_needs_none() -> None:
+    server = LiveServer(demo_tasks=["classify-text"], api_keys="sesame", grpc_port=free_port()).start()
+    try:
+        client = tg.InferenceServerClient(server.grpc_target)
+        text = tg.InferInput("TEXT", [1], "BYTES")
+        text.set_data_from_numpy(strings(b"hello"))
+        with pytest.raises(InferenceServerException) as caught:
+            client.infer("classify-text", [text])
+        assert "UNAUTHENTICATED" in str(caught.value.status())
+        with pytest.raises(InferenceServerException):
+            client.infer("classify-text", [text], headers={"authorization": "Bearer wrong"})
+        result = client.infer("classify-text", [text], headers={"authorization": "Bearer sesame"})
+        assert result.as_numpy("SCORES").shape == (1, 2)
+        client.close()
+        with grpc.insecure_channel(server.grpc_target) as channel:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        server.stop()
