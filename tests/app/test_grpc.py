@@ -6,6 +6,9 @@ and API keys from the authorization metadata."""
 
 from __future__ import annotations
 
+import re
+import subprocess
+import sys
 from collections.abc import Iterator
 
 import grpc
@@ -226,3 +229,35 @@ def test_api_keys_come_from_the_authorization_metadata_and_health_needs_none() -
         assert reply.status == health_pb2.HealthCheckResponse.SERVING
     finally:
         server.stop()
+
+
+def test_draining_is_unavailable_and_health_says_not_serving(demo_server: LiveServer) -> None:
+    """From SIGTERM on, a new call is UNAVAILABLE (retry on another replica) and health is NOT_SERVING, so the
+    kubelet's gRPC readiness probe takes the pod out of the Service, as /readyz's 503 does."""
+    runtime = demo_server.runtime
+    runtime.draining = True
+    try:
+        with pytest.raises(grpc.RpcError) as caught:
+            _infer_raw(demo_server.grpc_target, _text_request(), timeout=60)
+        with grpc.insecure_channel(demo_server.grpc_target) as channel:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+    finally:
+        runtime.draining = False
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE and "another replica" in (caught.value.details() or "")
+    assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def test_the_readmes_grpc_example_runs_as_written_and_prints_what_it_says(demo_server: LiveServer) -> None:
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("\n### Over gRPC\n", 1)[1].split("\n## ", 1)[0]
+    (code,) = re.findall(r"```python\n(.*?)```", section, re.S)
+    run = subprocess.run(
+        [sys.executable, "-c", code.replace("localhost:8001", demo_server.grpc_target)],
+        cwd=ROOT,  # it reads tests/media/cat.jpg
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    said = [line.removeprefix("# ") for line in code.splitlines() if line.startswith("# ")]
+    assert run.stdout.splitlines() == said
