@@ -248,12 +248,14 @@ class InferenceService:
             await done.wait()
 
         caller = Caller(None, disconnected, scope["state"], now)
-        runtime.inflight += 1
+        runtime.inflight += 1  # counted as HTTP's task requests are: the drain waits for them, the HPA scales on them
         runtime.taken += 1
+        runtime.metrics.inflight.set(runtime.inflight)
         try:
             encoded = await run_items(caller, runtime, engine, call.items, deadline)
         finally:
             runtime.inflight -= 1
+            runtime.metrics.inflight.set(runtime.inflight)
         response = pb.ModelInferResponse(
             model_name=request.model_name, model_version=VERSION, id=call.id or jsonlog.request_id.get()
         )

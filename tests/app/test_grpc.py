@@ -9,7 +9,9 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import numpy as np
@@ -261,3 +263,16 @@ def test_the_readmes_grpc_example_runs_as_written_and_prints_what_it_says(demo_s
     assert run.returncode == 0, run.stderr[-2000:]
     said = [line.removeprefix("# ") for line in code.splitlines() if line.startswith("# ")]
     assert run.stdout.splitlines() == said
+
+
+def test_a_call_in_flight_counts_as_http_requests_do(demo_server: LiveServer) -> None:
+    """perceiver_inflight_requests (what the drain waits for and the HPA scales on) counts gRPC calls too."""
+    demo_server.block_inference(5.0)  # the call waits for the forward pass's thread: in flight meanwhile
+    with ThreadPoolExecutor(1) as pool:
+        call = pool.submit(_infer_raw, demo_server.grpc_target, _text_request(), timeout=60)
+        deadline = time.monotonic() + 30
+        while demo_server.metric("perceiver_inflight_requests") < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        in_flight = demo_server.metric("perceiver_inflight_requests")
+        assert call.result().outputs
+    assert in_flight == 1 and demo_server.metric("perceiver_inflight_requests") == 0
