@@ -65,7 +65,7 @@ def decode_image(data: bytes, max_pixels: int, min_short_side: int | None = None
         image.draft(None, (-(-width * min_short_side // short), -(-height * min_short_side // short)))
     # The whole file in one decoder call: Pillow feeds it 64 KB at a time and releases the GIL around each
     # call, and a decode thread that must take the GIL back from a busy event loop or inference thread waits
-    # up to the switch interval (5 ms) every time; 28 waits for a 1.8 MB phone photo (docs/performance.md).
+    # up to the switch interval (5 ms) every time; 28 waits for a 1.8 MB phone photo (docs/performance-history.md).
     # Only for a JPEG (one tile): Pillow reads up to this many bytes per tile, and a hostile TIFF whose strips all
     # start at one offset would then copy the rest of the file once per strip.
     if isinstance(image, ImageFile.ImageFile) and image.format in ("JPEG", "MPO") and len(image.tile) == 1:

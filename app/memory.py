@@ -5,8 +5,8 @@ A forward pass on the CPU allocates its activations and frees them when it ends;
 input side alone is several tensors of ~50 MB. glibc's malloc serves every allocation over 32 MiB with a
 fresh ``mmap`` and returns it with ``munmap``, and each thread's own arena returns whole heaps as they empty.
 So every pass faulted in, and the kernel zeroed, ~250 MB of new pages: on the 2-core development VM, 200,000
-page faults a second per lane, and 45% of the lanes' CPU time spent in the kernel (docs/performance.md,
-"Allocator").
+page faults a second per lane, and 45% of the lanes' CPU time spent in the kernel
+(docs/performance-history.md, "Allocator").
 
 Three of glibc's ``mallopt`` parameters change that (the ones its ``GLIBC_TUNABLES`` environment variable
 sets, but that one is read only at process start):
@@ -20,7 +20,7 @@ sets, but that one is read only at process start):
 
 The last two (``keep_freed_memory``) are turned on at start-up only when a model's warm-up pass faulted in
 more than ``FAULTED_BYTES_TO_KEEP`` of fresh pages (``faulted_bytes``): the image classifier's 250 MB a pass
-ran 1.6-1.8x faster with them (docs/performance.md), but fill-mask, whose blocks fit glibc's default,
+ran 1.6-1.8x faster with them (docs/performance-history.md), but fill-mask, whose blocks fit glibc's default,
 ran ~10% slower.
 
 Kept memory needs a bound that ``M_TRIM_THRESHOLD`` alone does not give: torch asks for 64-byte aligned

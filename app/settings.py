@@ -184,15 +184,15 @@ class Settings(BaseSettings):
         True,
         description="Replay CUDA graphs captured per batch size for the image and optical-flow heads (GPU only). "
         "Batches are padded to the next power of two; capture happens during warm-up. Without them the inference "
-        "thread waits for the GIL around every kernel launch under HTTP load (docs/performance.md).",
+        "thread waits for the GIL around every kernel launch under HTTP load (docs/performance-history.md, H100 runs).",
         json_schema_extra=TUNING,
     )
     workers: int = Field(
         1,
         ge=1,
         description="Server processes sharing the port, each with its own models and batcher. Helps CPU hosts "
-        "where one process cannot parse and decode uploads fast enough; on one GPU the processes time-slice "
-        "the device and each batches a fraction of the traffic (slower: docs/performance.md), so keep 1 per GPU.",
+        "where one process cannot parse and decode uploads fast enough; on one GPU the processes time-slice the "
+        "device and each batches a fraction of the traffic (slower: docs/performance-history.md), so keep 1 per GPU.",
     )
     cpu_lanes: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
         "auto",
@@ -201,7 +201,7 @@ class Settings(BaseSettings):
         "max_batch_size=auto chose 1 (batching gains it nothing, so two requests side by side use the cores "
         "better), 1 for the others, which run on the inference thread: under mixed load one batch more than "
         "there are lanes may run. A number applies to every CPU model. GPU models always run one batch at a time "
-        "(docs/performance.md has both measured).",
+        "(docs/performance-history.md has both measured).",
         json_schema_extra=TUNING,
     )
     decode_workers: int = Field(
