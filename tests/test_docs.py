@@ -48,6 +48,20 @@ def test_the_two_commands_exist_and_ci_runs_the_test_one() -> None:
     assert "make test" in (ROOT / ".ci" / "run").read_text()
 
 
+# A measured figure: a percentage, a ratio (3-7x, 1.6×; not 368x496) or "from 157 to 44 ms".
+FIGURE = re.compile(r"\d\s?%|\d(?:\.\d+)?[x×](?![\d\w])|\bfrom \d[\d.,]* to \d")
+
+
+def test_settings_descriptions_point_to_the_docs_and_quote_no_figures() -> None:
+    """Figures belong in docs/performance.md, where they carry their date and run; a description that quotes
+    one goes stale with the next run (the CPU lanes' said 10-44% while the measured table said 10-31%)."""
+    for name, field in Settings.model_fields.items():
+        row = re.search(rf"^\| `PERCEIVER_{name.upper()}` \|.*$", README, re.M)
+        assert row, name
+        for text in (field.description or "", row.group(0)):
+            assert not FIGURE.search(text), (name, FIGURE.search(text), text)
+
+
 def headings(path: Path) -> set[str]:
     """The anchors GitHub gives a page's headings."""
     found: set[str] = set()
@@ -111,3 +125,5 @@ def test_a_claim_made_in_two_places_gives_one_figure() -> None:
     overload = re.search(r"at 30× capacity, goodput ([\d.–]+ req/s), p99 of the 200s ([\d.–]+ s)", reliability)
     assert overload, "docs/reliability.md states no 30× goodput"
     assert f"goodput {overload.group(1)}, p99 of the 200s {overload.group(2)}" in FIRST_SCREEN
+    window = re.search(r"a window takes ([\d.–]+ s)", README)
+    assert window and f"flow {window.group(1).removesuffix(' s')} s a window" in FIRST_SCREEN
