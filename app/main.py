@@ -12,6 +12,7 @@ import contextlib
 import gc
 import inspect
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -38,6 +39,7 @@ from .routes.playground import router as playground_router
 from .routes.requests import what_it_takes
 from .routes.tasks import task_router
 from .routes.v2 import router as v2_router
+from .routes.v2 import served_models, v2_name
 from .runtime import Runtime
 from .settings import Settings, load_settings
 from .tasks import TASKS
@@ -116,9 +118,17 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             app.state.tracing.shutdown()  # flush the spans still held
 
 
+V2_MODEL_PATH = re.compile(r"^/v2/models/(?P<name>.+?)(?P<rest>(/versions/[^/]+)?(/(infer|ready|config|stats))?)$")
+
+
 def not_found_hint(app: FastAPI, path: str) -> str:
     if path.endswith("/") and path.rstrip("/") in app.openapi()["paths"]:
         return f"no route {path}; did you mean {path.rstrip('/')} (without the trailing slash)?"
+    found = V2_MODEL_PATH.match(path)
+    if found and "/" in found["name"]:  # a served name (classify/learned) where the protocol's (classify.learned) goes
+        name = found["name"].replace("/", ".")
+        if name in {v2_name(e) for e in served_models(app.state.runtime)}:
+            return f"no route {path}; v2 names a model with . for /: did you mean /v2/models/{name}{found['rest']}?"
     return f"no route {path}; the API is listed at /docs, the models at /v1/models"
 
 

@@ -110,7 +110,11 @@ def test_an_unknown_model_or_version_is_a_404_in_the_protocols_error_body(demo_s
             assert r.status_code == 404 and isinstance(r.json()["error"], str), (path, r.text)
         assert "classify.learned" in c.get("/v2/models/classify.nope").json()["error"]  # names what is served
         r = c.post("/v2/models/classify/learned/infer", json={})  # a slash in the name: not a route
-        assert r.status_code == 404 and isinstance(r.json()["error"], str)
+        assert r.status_code == 404 and "did you mean /v2/models/classify.learned/infer?" in r.json()["error"], r.text
+        r = c.get("/v2/models/classify/conv/versions/1/ready")
+        assert r.status_code == 404 and "/v2/models/classify.conv/versions/1/ready?" in r.json()["error"], r.text
+        r = c.get("/v2/models/classify/nope")  # not a served name either way: no guess
+        assert r.status_code == 404 and "did you mean" not in r.json()["error"], r.text
 
 
 # ---------------------------------------------------------------------------------------------- inference
