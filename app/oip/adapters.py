@@ -51,8 +51,13 @@ class TensorSpec:
     def shape(self) -> tuple[int, ...]:
         return self.forms[0].shape
 
-    def metadata(self) -> dict[str, Any]:
-        return {"name": self.name, "datatype": self.datatype, "shape": list(self.shape)}
+    def metadata(self, as_input: bool = False) -> dict[str, Any]:
+        """The first form. An input of one element per row shows as [-1, 1], Triton's shape for its config's dims
+        [1] (perf_analyzer refuses [N, 1] data for a model whose metadata says [-1]); [N] is taken as well."""
+        shape = list(self.shape)
+        if as_input and len(shape) == 1:
+            shape = [*shape, 1]
+        return {"name": self.name, "datatype": self.datatype, "shape": shape}
 
 
 def _fits(shape: Sequence[int], form: Form) -> bool:

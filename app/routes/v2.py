@@ -166,7 +166,7 @@ def metadata(runtime: Runtime, engine: Engine) -> ModelMetadata:
         name=v2_name(engine),
         versions=[VERSION],
         platform="pytorch",
-        inputs=[TensorMetadata(**s.metadata()) for s in adapter.inputs],
+        inputs=[TensorMetadata(**s.metadata(as_input=True)) for s in adapter.inputs],
         outputs=[TensorMetadata(**s.metadata()) for s in adapter.outputs],
         parameters=parameters,
     )

@@ -111,7 +111,7 @@ def test_server_and_model_metadata_readiness_and_health(
     assert meta.name == "perceiver-serve" and {"model_configuration", "statistics"} <= set(meta.extensions)
     model = client.get_model_metadata("classify-text")
     assert model.name == "classify-text" and list(model.versions) == ["1"]
-    assert [(i.name, i.datatype, list(i.shape)) for i in model.inputs] == [("TEXT", "BYTES", [-1])]
+    assert [(i.name, i.datatype, list(i.shape)) for i in model.inputs] == [("TEXT", "BYTES", [-1, 1])]  # Triton's
     assert client.is_model_ready("classify-text") and client.is_model_ready("classify-text", "1")
     with grpc.insecure_channel(demo_server.grpc_target) as channel:
         health = health_pb2_grpc.HealthStub(channel)
