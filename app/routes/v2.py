@@ -395,7 +395,8 @@ def prepare(request: InferenceRequest, tensors: dict[str, Any], engine: Engine, 
     timeout_s = _timeout(parameters.pop("timeout", None))
     accepted = [f for f in task.request_model.model_fields if f not in adapter.excluded]
     for name in sorted(set(parameters) - set(accepted)):
-        near = difflib.get_close_matches(name, [*accepted, *PROTOCOL_PARAMETERS], n=1, cutoff=0.8)
+        candidates = [*accepted, *PROTOCOL_PARAMETERS]
+        near = difflib.get_close_matches(name, candidates, n=1, cutoff=0.8) if len(name) <= 64 else []
         if near:
             raise BadRequest(
                 f"parameters {name}: unknown; did you mean {near[0]}? {adapter.task} takes "
