@@ -15,7 +15,7 @@
 # GRAPHS=0 (skip CUDA-graph variants); ONLY=flow,mlm (case-name filter);
 # IMAGES=small,hd,phone,phone-raw,phone-cpujpeg (flags: benchmarks/e2e_gpu.py);
 # PYSPY_ON=phone; PYSPY_GIL=1 (sample only threads holding the GIL); E2E_SECONDS=8;
-# TESTS=0 / JPEG=0 / DECODE=0 / E2E=0 / MODELS=0 / PROFILE=0 to skip a stage.
+# TESTS=0 / JPEG=0 / DECODE=0 / E2E=0 / MODELS=0 / FLOWBF16=0 / PROFILE=0 to skip a stage.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 OUT=${OUT:-benchmarks/results/gpu}
@@ -64,6 +64,11 @@ if [ "${MODELS:-1}" = 1 ]; then
     timeout "$(left 300)" python3 benchmarks/models.py --suite gpu --reps 10 --budget 4 --dtypes "${DTYPES:-bfloat16}" \
         "${extra[@]}" --json "$OUT/models.json" --markdown "$OUT/models.md" > "$OUT/models.log" 2>&1
     grep -v "^{" "$OUT/models.log" | tail -24
+fi
+if [ "${FLOWBF16:-1}" = 1 ]; then
+    stage "optical flow bf16 against transformers fp32, module by module (3.7e-2 on GPU, 5.6e-3 on CPU)"
+    timeout "$(left 120)" python3 benchmarks/flow_bf16.py --device cuda > "$OUT/flow-bf16.md" 2>&1
+    head -3 "$OUT/flow-bf16.md"
 fi
 if [ "${PROFILE:-1}" = 1 ] && [ $((END - SECONDS)) -gt 60 ]; then
     stage profile
