@@ -156,14 +156,6 @@ def _typed(spec: RequestInput, contents: Any) -> np.ndarray:
     return array.reshape(spec.shape)
 
 
-class Abort(Exception):
-    """A finished gRPC error: its code, message and trailing metadata."""
-
-    def __init__(self, code: grpc.StatusCode, message: str, trailers: tuple[tuple[str, str], ...] = ()) -> None:
-        super().__init__(message)
-        self.code, self.message, self.trailers = code, message, trailers
-
-
 class InferenceService:
     """The protocol's RPCs, one coroutine each, on the runtime the HTTP app serves."""
 
@@ -224,10 +216,10 @@ class InferenceService:
     async def ModelInfer(self, request: pb.ModelInferRequest, context: aio.ServicerContext) -> pb.ModelInferResponse:
         runtime = self.runtime
         now = time.monotonic()
-        remaining = context.time_remaining()
-        budget = runtime.settings.request_timeout_s if remaining is None else min(remaining, 1e9)
         header = _metadata(context).get("x-request-timeout-ms")
-        deadline = now + min(budget, timeout_s(header, runtime.settings.request_timeout_s))
+        budget = timeout_s(header, runtime.settings.request_timeout_s)
+        remaining = context.time_remaining()  # the call's gRPC deadline, None without one
+        deadline = now + (budget if remaining is None else min(budget, remaining))
         if runtime.draining:
             raise Draining("the server is shutting down; retry on another replica")
         scope: dict[str, Any] = {"headers": [], "state": {"prologue": Prologue(deadline, now)}}
@@ -288,8 +280,7 @@ def _guarded(
         started = time.monotonic()
         given = _metadata(context)
         jsonlog.request_id.set(given.get("x-request-id", "")[:64] or f"grpc-{next(_ID_COUNTER):012x}")
-        model = getattr(request, "model_name", "") or getattr(request, "name", "")
-        task = model.split(".", 1)[0] if name == "ModelInfer" else "none"
+        task, model = _labels(runtime, getattr(request, "model_name", "") or getattr(request, "name", ""))
         status = 200
         try:
             if service.digests and not key_allowed(service.digests, _presented(given)):
@@ -300,7 +291,9 @@ def _guarded(
             if exc.reason is not None:
                 metrics.rejections.labels(task=task, model=model, reason=exc.reason).inc()
             trailers = tuple((k.lower(), v) for k, v in (exc.headers or {}).items() if k.lower() == "retry-after")
-            await _abort(context, Abort(CODES.get(exc.status, grpc.StatusCode.UNKNOWN), exc.message, trailers))
+            if trailers:
+                context.set_trailing_metadata(trailers)
+            await context.abort(CODES.get(exc.status, grpc.StatusCode.UNKNOWN), exc.message)
         except asyncio.CancelledError:
             status = 499
             raise
@@ -308,9 +301,7 @@ def _guarded(
             status = 500
             log.exception("unhandled error in %s", name)
             rid = jsonlog.request_id.get()
-            await _abort(
-                context, Abort(grpc.StatusCode.INTERNAL, InternalError(f"internal error; request id {rid}").message)
-            )
+            await context.abort(grpc.StatusCode.INTERNAL, InternalError(f"internal error; request id {rid}").message)
         finally:
             if name == "ModelInfer":
                 metrics.request_duration.labels(task=task, model=model).observe(time.monotonic() - started)
@@ -319,10 +310,11 @@ def _guarded(
     return call
 
 
-async def _abort(context: aio.ServicerContext, abort: Abort) -> None:
-    if abort.trailers:
-        context.set_trailing_metadata(abort.trailers)
-    await context.abort(abort.code, abort.message)
+def _labels(runtime: Runtime, v2: str) -> tuple[str, str]:
+    """The task and model labels HTTP gives the same model's metrics (classify, classify/learned), so one
+    dashboard counts both front ends; ("none", "") for a name no model has, as HTTP labels an unknown path."""
+    engine = next((e for e in served_models(runtime) if v2_name(e) == v2), None)
+    return ("none", "") if engine is None else (engine.task.name, engine.name)
 
 
 def _presented(metadata: dict[str, str]) -> bytes:

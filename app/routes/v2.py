@@ -394,13 +394,12 @@ def prepare(request: InferenceRequest, tensors: dict[str, Any], engine: Engine, 
     binary_all = _flag(parameters.pop("binary_data_output", False), "binary_data_output")
     timeout_s = _timeout(parameters.pop("timeout", None))
     accepted = [f for f in task.request_model.model_fields if f not in adapter.excluded]
+    known = [*accepted, *PROTOCOL_PARAMETERS]
     for name in sorted(set(parameters) - set(accepted)):
-        candidates = [*accepted, *PROTOCOL_PARAMETERS]
-        near = difflib.get_close_matches(name, candidates, n=1, cutoff=0.8) if len(name) <= 64 else []
+        near = difflib.get_close_matches(name, known, n=1, cutoff=0.8) if len(name) <= 64 else []
         if near:
             raise BadRequest(
-                f"parameters {name}: unknown; did you mean {near[0]}? {adapter.task} takes "
-                f"{', '.join([*accepted, *PROTOCOL_PARAMETERS])}"
+                f"parameters {name}: unknown; did you mean {near[0]}? {adapter.task} takes {', '.join(known)}"
             )
         del parameters[name]
     rows = max(_rows(tensors[name]) for name in tensors)

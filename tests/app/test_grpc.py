@@ -276,3 +276,13 @@ def test_a_call_in_flight_counts_as_http_requests_do(demo_server: LiveServer) ->
         in_flight = demo_server.metric("perceiver_inflight_requests")
         assert call.result().outputs
     assert in_flight == 1 and demo_server.metric("perceiver_inflight_requests") == 0
+
+
+def test_grpc_calls_are_counted_under_the_labels_http_gives_the_model(demo_server: LiveServer) -> None:
+    """classify.learned over gRPC counts as task classify, model classify/learned, as /v1 and /v2 count it."""
+    labels = {"task": "classify", "model": "classify/learned", "status": "200"}
+    before = demo_server.metric("perceiver_requests_total", **labels)
+    request = pb.ModelInferRequest(model_name="classify.learned")
+    request.inputs.add(name="IMAGE", datatype="BYTES", shape=[1]).contents.bytes_contents.append(CAT)
+    assert _infer_raw(demo_server.grpc_target, request, timeout=60).outputs
+    assert demo_server.metric("perceiver_requests_total", **labels) == before + 1
