@@ -8,14 +8,17 @@
 #      sample of the server under saturation with phone photos, and 12 MP photos decoded on the CPU
 #      (-cpujpeg); a size may carry flags (-raw, -eager, -cpujpeg: see benchmarks/e2e_gpu.py);
 #   5. model level: the published configs, ours vs transformers (bf16 by default), plus CUDA-graph replay;
-#   6. a profiled forward per head (top CUDA kernels), if time is left.
+#   6. the wide-head attention kernel (Triton) compiled: its bf16 tests, then against the two GEMMs on every
+#      published wide call and head (benchmarks/wide_attention.py; the default follows this);
+#   7. optical flow bf16 against transformers fp32, module by module;
+#   8. a profiled forward per head (top CUDA kernels), if time is left.
 # Installs the serving dependencies the GPU image lacks from wheels in .whl/ (see docs/performance.md).
 # Results (JSON + markdown) go to $OUT, or benchmarks/results/gpu.
 # Knobs: BUDGET=540; DTYPES=bfloat16 (model dtypes; bf16 error is against transformers fp32 either way);
 # GRAPHS=0 (skip CUDA-graph variants); ONLY=flow,mlm (case-name filter);
 # IMAGES=small,hd,phone,phone-raw,phone-cpujpeg (flags: benchmarks/e2e_gpu.py);
 # PYSPY_ON=phone; PYSPY_GIL=1 (sample only threads holding the GIL); E2E_SECONDS=8;
-# TESTS=0 / JPEG=0 / DECODE=0 / E2E=0 / MODELS=0 / FLOWBF16=0 / PROFILE=0 to skip a stage.
+# TESTS=0 / JPEG=0 / DECODE=0 / E2E=0 / MODELS=0 / WIDEATTN=0 / FLOWBF16=0 / PROFILE=0 to skip a stage.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 OUT=${OUT:-benchmarks/results/gpu}
@@ -64,6 +67,15 @@ if [ "${MODELS:-1}" = 1 ]; then
     timeout "$(left 300)" python3 benchmarks/models.py --suite gpu --reps 10 --budget 4 --dtypes "${DTYPES:-bfloat16}" \
         "${extra[@]}" --json "$OUT/models.json" --markdown "$OUT/models.md" > "$OUT/models.log" 2>&1
     grep -v "^{" "$OUT/models.log" | tail -24
+fi
+if [ "${WIDEATTN:-1}" = 1 ]; then
+    stage "wide-head attention: Triton kernel against two GEMMs"
+    timeout "$(left 90)" python3 -m pytest -q -p no:cacheprovider -W ignore::UserWarning -W ignore::DeprecationWarning \
+        -W ignore::FutureWarning tests/perceiver_core/test_wide_attention.py -k "bf16 or boolean or refused" 2>&1 \
+        | tail -8 | tee "$OUT/wide-attention-tests.txt"
+    timeout "$(left 180)" python3 benchmarks/wide_attention.py --json "$OUT/wide-attention.json" \
+        --markdown "$OUT/wide-attention.md" > "$OUT/wide-attention.log" 2>&1
+    grep -v "^{" "$OUT/wide-attention.log" | tail -26
 fi
 if [ "${FLOWBF16:-1}" = 1 ]; then
     stage "optical flow bf16 against transformers fp32, module by module (3.7e-2 on GPU, 5.6e-3 on CPU)"

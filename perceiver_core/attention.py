@@ -21,6 +21,8 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import os
+from types import ModuleType
 
 import torch
 import torch.nn.functional as F
@@ -155,6 +157,9 @@ def _attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float) 
 
 def _sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float) -> Tensor:
     if (q.is_cuda or aligned.forced()) and q.shape[-1] > _FUSED_MAX_HEAD_DIM:
+        kernel = _wide_kernel(q, k, v, mask)
+        if kernel is not None:
+            return kernel.wide_attention(q, k, v, mask, scale)
         return _explicit(q, k, v, mask, scale)
     try:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
@@ -166,6 +171,41 @@ def _sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float) ->
         _warn_fallback(exc)
         with sdpa_kernel(SDPBackend.MATH):
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+
+WIDE_ATTENTION_ENV = "PERCEIVER_WIDE_ATTENTION"
+_WIDE_CHOICES = ("gemm", "fused")
+
+
+def wide_attention_choice() -> str:
+    """How heads wider than 256 are computed on CUDA: ``gemm`` (``_explicit``, the default) or ``fused`` (the
+    Triton kernel in wide_attention.py), from $PERCEIVER_WIDE_ATTENTION. The default follows measurement: it
+    changes where benchmarks/wide_attention.py shows the kernel faster on a card (docs/performance.md)."""
+    choice = os.environ.get(WIDE_ATTENTION_ENV, "gemm").strip().lower() or "gemm"
+    if choice not in _WIDE_CHOICES:
+        raise ValueError(f"{WIDE_ATTENTION_ENV}={choice!r}: use one of {', '.join(_WIDE_CHOICES)}")
+    return choice
+
+
+def _wide_kernel(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> ModuleType | None:
+    """The fused kernel's module when it is asked for and takes these operands: on CUDA, or on a CPU under
+    Triton's interpreter (tests)."""
+    if wide_attention_choice() != "fused":
+        return None
+    kernel = _wide_attention_module()
+    if kernel is None or not (q.is_cuda or kernel.interpreting()) or not kernel.supported(q, k, v, mask):
+        return None
+    return kernel
+
+
+@functools.cache
+def _wide_attention_module() -> ModuleType | None:
+    try:
+        from . import wide_attention
+    except ImportError as exc:  # no triton (it comes with CUDA builds of torch): the two GEMMs
+        log.warning("%s=fused, but the Triton kernel cannot be loaded (%s); using two GEMMs", WIDE_ATTENTION_ENV, exc)
+        return None
+    return wide_attention
 
 
 def _explicit(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float) -> Tensor:

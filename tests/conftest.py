@@ -13,6 +13,12 @@ sys.path.insert(0, str(Path(__file__).parent))
 # each would otherwise listen on 8001, and two at once cannot.
 os.environ.setdefault("PERCEIVER_GRPC_PORT", "0")
 
+# Without a GPU, Triton kernels run in Triton's CPU interpreter (tests/perceiver_core/test_wide_attention.py). The
+# variable must be set before triton is first imported (transformers' Perceiver imports it), since Triton's own
+# library functions are defined for the interpreter or for a GPU at that moment.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 from reference import CONFIGS, Reference, build_reference
 
 
