@@ -70,7 +70,7 @@ if [ "${MODELS:-1}" = 1 ]; then
 fi
 if [ "${WIDEATTN:-1}" = 1 ]; then
     stage "wide-head attention: Triton kernel against two GEMMs"
-    timeout "$(left 90)" python3 -m pytest -q -p no:cacheprovider -W ignore::UserWarning -W ignore::DeprecationWarning \
+    timeout "$(left 150)" python3 -m pytest -q -p no:cacheprovider -W ignore::UserWarning -W ignore::DeprecationWarning \
         -W ignore::FutureWarning tests/perceiver_core/test_wide_attention.py -k "bf16 or boolean or refused" 2>&1 \
         | tail -8 | tee "$OUT/wide-attention-tests.txt"
     timeout "$(left 180)" python3 benchmarks/wide_attention.py --json "$OUT/wide-attention.json" \
