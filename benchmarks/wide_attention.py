@@ -4,6 +4,9 @@ around an fp32 softmax (attention._explicit), call by call and head by head, in 
     python benchmarks/wide_attention.py --json w.json --markdown w.md   # on a GPU (benchmarks/gpu.sh: WIDEATTN)
     python benchmarks/wide_attention.py --smoke                         # no GPU: checks the script in Triton's
                                                                         # interpreter, on cut-down shapes
+    python benchmarks/wide_attention.py --compile-check 90              # no GPU: compiles every autotune
+                                                                        # configuration for sm_90 (registers,
+                                                                        # spills, shared memory)
 
 1. Every attention call wider than 256 channels that the published configs make (recorded from a forward on the
    meta device, with CUDA's padding), at full size and the batch benchmarks/models.py uses, in bf16: median ms of
@@ -259,6 +262,69 @@ def markdown(device_name: str, calls: list[dict[str, Any]], heads: list[dict[str
     return "\n".join(lines)
 
 
+def compile_check(arch: int) -> list[dict[str, Any]]:
+    """Compile the kernel ahead of time for ``sm_<arch>`` in every autotune configuration, in bf16 with an
+    additive mask and without one (CUDA runs it in bf16 and fp16 only: see attention._wide_kernel), with Triton's
+    bundled ptxas (no GPU needed), and read each cubin's
+    registers, stack (spilled registers) and shared memory with its bundled cuobjdump. Needs TRITON_INTERPRET
+    unset: the interpreter's kernels do not compile."""
+    import re
+    import subprocess
+    import tempfile
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from perceiver_core import wide_attention
+
+    kernel = wide_attention._wide_attention_kernel
+    names = list(kernel.arg_names)
+    contiguous = ("stride_qd", "stride_kd", "stride_vd", "stride_od", "stride_mm")  # as the JIT specialises 1s
+    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    rows = []
+    for config in wide_attention._CUDA_CONFIGS:
+        for dtype, mask_kind in (("bf16", 2), ("bf16", 0)):
+            constants: dict[str, Any] = dict(config.kwargs, MASK_KIND=mask_kind, EMULATE_BF16=False)
+            constants.update(dict.fromkeys(contiguous, 1))
+            signature = {}
+            for name in names:
+                if name in constants:
+                    signature[name] = "constexpr"
+                elif name in ("Q", "K", "V", "OUT"):
+                    signature[name] = f"*{dtype}"
+                elif name == "MASK":
+                    signature[name] = "*fp32"
+                else:
+                    signature[name] = "fp32" if name == "scale" else "i32"
+            source = ASTSource(
+                fn=kernel, signature=signature, constexprs={(names.index(k),): v for k, v in constants.items()}
+            )
+            options = dict(num_warps=config.num_warps, num_stages=config.num_stages)
+            compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
+            with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+                cubin.write(compiled.asm["cubin"])
+                cubin.flush()
+                usage = subprocess.run(
+                    [str(cuobjdump), "--dump-resource-usage", cubin.name], capture_output=True, text=True, check=True
+                ).stdout
+            resources = dict(re.findall(r"(REG|STACK|LOCAL):(\d+)", usage))
+            rows.append(
+                dict(
+                    config=config.kwargs,
+                    num_warps=config.num_warps,
+                    num_stages=config.num_stages,
+                    dtype=dtype,
+                    mask_kind=mask_kind,
+                    registers=int(resources["REG"]),
+                    stack_bytes=int(resources["STACK"]),
+                    local_bytes=int(resources["LOCAL"]),
+                    shared_bytes=int(compiled.metadata.shared),
+                )
+            )
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="cut-down shapes on the CPU, in Triton's interpreter")
@@ -266,9 +332,13 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--budget", type=float, default=3.0, help="max seconds of timed reps per row")
     parser.add_argument("--no-heads", action="store_true", help="only the calls (part 1)")
+    parser.add_argument("--compile-check", type=int, metavar="ARCH", help="compile for sm_ARCH and print resources")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--markdown", type=Path)
     args = parser.parse_args()
+    if args.compile_check:
+        print(json.dumps(compile_check(args.compile_check)))
+        return
     if args.smoke:
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernel's module imports triton
         device = torch.device("cpu")

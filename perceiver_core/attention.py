@@ -188,14 +188,18 @@ def wide_attention_choice() -> str:
 
 
 def _wide_kernel(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> ModuleType | None:
-    """The fused kernel's module when it is asked for and takes these operands: on CUDA, or on a CPU under
-    Triton's interpreter (tests)."""
+    """The fused kernel's module when it is asked for and takes these operands: on CUDA in bf16 or fp16, or on a
+    CPU under Triton's interpreter (tests)."""
     if wide_attention_choice() != "fused":
         return None
     kernel = _wide_attention_module()
-    if kernel is None or not (q.is_cuda or kernel.interpreting()) or not kernel.supported(q, k, v, mask):
+    if kernel is None or not kernel.supported(q, k, v, mask):
         return None
-    return kernel
+    if kernel.interpreting():  # tests, on the CPU
+        return kernel
+    # On CUDA in half precision only: fp32 has no tensor-core product, and the kernel's fp32 build spills
+    # kilobytes of registers (benchmarks/wide_attention.py --compile-check), where two fp32 GEMMs do not.
+    return kernel if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) else None
 
 
 @functools.cache

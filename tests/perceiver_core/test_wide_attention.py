@@ -10,7 +10,12 @@ as published."""
 from __future__ import annotations
 
 import importlib
+import json
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -23,6 +28,8 @@ from benchmarks.wide_attention import call_operands, published_wide_calls
 from perceiver_core import aligned, attention
 
 pytest.importorskip("triton")
+
+ROOT = Path(__file__).resolve().parents[2]
 
 # Queries and keys kept per call: more than one tile of each in the interpreter's tiling (32 queries, 64 keys,
 # 128 channels a slice), with ragged last tiles.
@@ -149,6 +156,26 @@ def test_every_head_through_the_kernel_matches_transformers(
     assert kernel_calls == gemm_calls
     if arch in WIDE_TINY_HEADS:
         assert kernel_calls, "this head has a cross-attention wider than 256: it should have used the kernel"
+
+
+def test_every_autotune_configuration_compiles_for_hopper_without_spilling(kernel: ModuleType) -> None:
+    """Each configuration the GPU's autotuner may pick, compiled ahead of time for sm_90 (H100, H200) with Triton's
+    own ptxas, no GPU needed: no register spilled to the stack or local memory, shared memory within the 227 KiB
+    a block may have."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the interpreter's kernels do not compile
+    done = subprocess.run(
+        [sys.executable, "-W", "ignore", str(ROOT / "benchmarks" / "wide_attention.py"), "--compile-check", "90"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads(done.stdout)
+    assert len(rows) == 2 * len(kernel._CUDA_CONFIGS)
+    for row in rows:
+        assert row["stack_bytes"] == row["local_bytes"] == 0, row
+        assert 0 < row["registers"] <= 255 and row["shared_bytes"] <= 227 * 1024, row
 
 
 def test_the_choice_is_read_and_checked(monkeypatch: pytest.MonkeyPatch) -> None:
