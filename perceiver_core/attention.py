@@ -148,6 +148,10 @@ def _attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float) 
         # 160 per head). Zero columns add nothing to q·k, so pad q and k up to v's width.
         pad = v.shape[-1] - q.shape[-1]
         q, k = F.pad(q, (0, pad)), F.pad(k, (0, pad))
+    if (q.is_cuda or aligned.forced()) and q.shape[-1] > _FUSED_MAX_HEAD_DIM:
+        kernel = _wide_kernel(q, k, v, mask)
+        if kernel is not None:  # it writes no score matrix, so it needs no chunks
+            return kernel.wide_attention(q, k, v, mask, scale)
     b, h, n, _ = q.shape
     rows = max(1, _MAX_SCORE_ELEMENTS // max(1, b * h * k.shape[2]))
     if n <= rows:
@@ -157,9 +161,6 @@ def _attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float) 
 
 def _sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float) -> Tensor:
     if (q.is_cuda or aligned.forced()) and q.shape[-1] > _FUSED_MAX_HEAD_DIM:
-        kernel = _wide_kernel(q, k, v, mask)
-        if kernel is not None:
-            return kernel.wide_attention(q, k, v, mask, scale)
         return _explicit(q, k, v, mask, scale)
     try:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
