@@ -151,7 +151,12 @@ def _attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float) 
     if (q.is_cuda or aligned.forced()) and q.shape[-1] > _FUSED_MAX_HEAD_DIM:
         kernel = _wide_kernel(q, k, v, mask)
         if kernel is not None:  # it writes no score matrix, so it needs no chunks
-            return kernel.wide_attention(q, k, v, mask, scale)
+            try:
+                return kernel.wide_attention(q, k, v, mask, scale)
+            except torch.OutOfMemoryError:
+                raise  # the batcher splits the batch
+            except Exception as exc:  # e.g. Triton cannot build its launcher (no C compiler in the image)
+                _give_up_wide_kernel(exc)
     b, h, n, _ = q.shape
     rows = max(1, _MAX_SCORE_ELEMENTS // max(1, b * h * k.shape[2]))
     if n <= rows:
@@ -188,10 +193,20 @@ def wide_attention_choice() -> str:
     return choice
 
 
+_wide_kernel_failed: str | None = None
+
+
+def _give_up_wide_kernel(exc: Exception) -> None:
+    """The kernel failed to run: the two GEMMs from now on in this process, said once in the log."""
+    global _wide_kernel_failed
+    _wide_kernel_failed = f"{type(exc).__name__}: {str(exc)[:300]}"
+    log.warning("%s=fused, but the Triton kernel failed (%s); using two GEMMs", WIDE_ATTENTION_ENV, _wide_kernel_failed)
+
+
 def _wide_kernel(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> ModuleType | None:
     """The fused kernel's module when it is asked for and takes these operands: on CUDA in bf16 or fp16, or on a
     CPU under Triton's interpreter (tests)."""
-    if wide_attention_choice() != "fused":
+    if wide_attention_choice() != "fused" or _wide_kernel_failed is not None:
         return None
     kernel = _wide_attention_module()
     if kernel is None or not kernel.supported(q, k, v, mask):

@@ -82,6 +82,7 @@ def _wide_attention_kernel(
     D,
     DV,
     scale,
+    size_bucket,  # the autotuner's key with D and DV (next power of two of B·H·N·M); the kernel never reads it
     MASK_KIND: tl.constexpr,  # 0 none, 1 boolean (nonzero keeps the key), 2 additive
     # The interpreter's tl.dot misreads bf16 and its casts to bf16 truncate: multiply bf16 values in fp32 (their
     # products are exact there) and round to nearest by hand.
@@ -94,8 +95,9 @@ def _wide_attention_kernel(
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     pid_dv = tl.program_id(2)
-    b = pid_bh // H
-    h = pid_bh % H
+    # Batch and head offsets in 64 bits: at image batch 84 and more, b * stride_qb alone passes 2^31.
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
     q_base = Q + b * stride_qb + h * stride_qh
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
@@ -184,7 +186,12 @@ _CUDA_CONFIGS = [
         (128, 32, 64, 128, 8, 2),
     ]
 ]
-_tuned = None if _INTERPRET else triton.autotune(configs=_CUDA_CONFIGS, key=["D", "DV"])(_wide_attention_kernel)
+# Tuned per width and per size class: warm-up's batch of 1 and a batch of 64 may want different tiles.
+_tuned = (
+    None
+    if _INTERPRET
+    else triton.autotune(configs=_CUDA_CONFIGS, key=["D", "DV", "size_bucket"])(_wide_attention_kernel)
+)
 
 
 def supported(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> bool:
@@ -194,8 +201,10 @@ def supported(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> bool:
         return False
     if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return False
-    if k.shape[-2] != v.shape[-2] or q.shape[-1] != k.shape[-1]:
-        return False
+    if k.shape[-2] != v.shape[-2] or q.shape[-1] != k.shape[-1] or k.shape[-2] == 0:
+        return False  # no keys: softmax over nothing, left to the two GEMMs
+    if any(x.shape[-2] * x.shape[-1] >= 2**31 for x in (q, k, v)):
+        return False  # one batch element's offsets are 32-bit in the kernel
     for other in (k, v):  # keys and values may be shared across the batch or the heads (size 1 there)
         if any(size not in (1, want) for size, want in zip(other.shape[:2], q.shape[:2], strict=True)):
             return False
@@ -209,9 +218,12 @@ def supported(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> bool:
     )
 
 
-def wide_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float) -> Tensor:
+def wide_attention(
+    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float, config: triton.Config | None = None
+) -> Tensor:
     """softmax(q·kᵀ·scale + mask)·v for q [B, H, N, D], k [B|1, H|1, M, D], v [B|1, H|1, M, DV] → [B, H, N, DV]
-    in v's dtype, without a score matrix. ``mask`` as in ``supported``."""
+    in v's dtype, without a score matrix. ``mask`` as in ``supported``. ``config`` runs one tiling of
+    ``_CUDA_CONFIGS`` instead of the autotuner's pick (or the interpreter's tiles): tests check each of them."""
     if not supported(q, k, v, mask):
         raise ValueError(
             f"wide_attention takes 4-D q/k/v of one dtype with one mask row per batch element; got q "
@@ -251,14 +263,17 @@ def wide_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: 
         d,
         dv,
         float(scale),
+        triton.next_power_of_2(b * h * n * m),
     )
-    if _tuned is None:
-        blocks = _INTERPRETER_BLOCKS
+    if _tuned is None or config is not None:
+        blocks = _INTERPRETER_BLOCKS if config is None else config.kwargs
+        launch = {} if config is None or _INTERPRET else dict(num_warps=config.num_warps, num_stages=config.num_stages)
 
         def grid(_meta: dict[str, int]) -> tuple[int, int, int]:
             return triton.cdiv(n, blocks["BLOCK_N"]), b * h, triton.cdiv(dv, blocks["BLOCK_DV"])
 
-        _wide_attention_kernel[grid](*args, MASK_KIND=mask_kind, EMULATE_BF16=q.dtype == torch.bfloat16, **blocks)
+        emulate = _INTERPRET and q.dtype == torch.bfloat16
+        _wide_attention_kernel[grid](*args, MASK_KIND=mask_kind, EMULATE_BF16=emulate, **blocks, **launch)
     else:
 
         def tuned_grid(meta: dict[str, int]) -> tuple[int, int, int]:

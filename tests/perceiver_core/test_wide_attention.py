@@ -119,6 +119,64 @@ def test_boolean_masks_broadcast_batches_and_rows_with_no_key(kernel: ModuleType
     assert got[2].isnan().all() and expected[2].isnan().all()
 
 
+@pytest.mark.parametrize("config", range(4), ids=lambda i: f"config{i}")
+def test_every_gpu_tiling_matches_the_two_gemm_path(kernel: ModuleType, device: torch.device, config: int) -> None:
+    """Each tiling the GPU's autotuner may pick (run directly, whatever it would pick), on a flow-decoder-like
+    call with several tiles of queries, keys, head channels and value channels, all ragged: an additive bias
+    whose first key tile is all dropped (-inf), and a mask shared by the batch."""
+    assert len(kernel._CUDA_CONFIGS) == 4
+    gen = torch.Generator().manual_seed(config)
+    q = torch.randn(2, 1, 150, 328, generator=gen)
+    k = torch.randn(2, 1, 100, 328, generator=gen)
+    v = torch.randn(1, 1, 100, 330, generator=gen)  # one value set for the batch (stride 0)
+    bias = 2 * torch.randn(2, 1, 1, 100, generator=gen)
+    bias[0, ..., :70] = float("-inf")  # more than the widest key tile (64)
+    shared = torch.rand(1, 1, 1, 100, generator=gen) > 0.5
+    tiling = kernel._CUDA_CONFIGS[config]
+    for mask in (bias, shared):
+        q_, k_, v_, mask_ = (x.to(device) for x in (q, k, v, mask))
+        got = kernel.wide_attention(q_, k_, v_, mask_, 0.05, config=tiling)
+        expected = attention._explicit(q_, k_, v_.expand(2, -1, -1, -1), mask_, 0.05)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_kernel_that_fails_to_run_leaves_the_two_gemms(
+    kernel: ModuleType, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Where Triton cannot run (an image without a C compiler cannot build its launcher), the first wide call
+    says so once in the log and every call, that one included, takes the two GEMMs; running out of memory is
+    not such a failure (the batcher splits the batch)."""
+    calls = []
+
+    def broken(*args: Any, **kwargs: Any) -> None:
+        calls.append(1)
+        raise RuntimeError("Failed to find C compiler")
+
+    monkeypatch.setattr(kernel, "wide_attention", broken)
+    monkeypatch.setattr(attention, "_wide_kernel_failed", None)
+    monkeypatch.setenv(attention.WIDE_ATTENTION_ENV, "fused")
+    q, k = torch.randn(1, 1, 5, 300), torch.randn(1, 1, 7, 300)
+    with aligned.force(), caplog.at_level("WARNING", logger="perceiver_core.attention"):
+        first = attention._attend(q, k, k, None, 0.1)
+        second = attention._attend(q, k, k, None, 0.1)
+    expected = attention._explicit(q, k, k, None, 0.1)
+    torch.testing.assert_close(first, expected)
+    torch.testing.assert_close(second, expected)
+    assert calls == [1]
+    assert [r.getMessage() for r in caplog.records] == [
+        "PERCEIVER_WIDE_ATTENTION=fused, but the Triton kernel failed (RuntimeError: Failed to find C compiler); "
+        "using two GEMMs"
+    ]
+
+    def out_of_memory(*args: Any, **kwargs: Any) -> None:
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(kernel, "wide_attention", out_of_memory)
+    monkeypatch.setattr(attention, "_wide_kernel_failed", None)
+    with aligned.force(), pytest.raises(torch.OutOfMemoryError):
+        attention._attend(q, k, k, None, 0.1)
+
+
 def test_operands_it_does_not_take_are_refused(kernel: ModuleType) -> None:
     q = torch.randn(1, 1, 4, 300)
     k = torch.randn(1, 1, 5, 300)
@@ -126,6 +184,7 @@ def test_operands_it_does_not_take_are_refused(kernel: ModuleType) -> None:
     assert not kernel.supported(q, k.double(), k, None)  # mixed dtypes
     assert not kernel.supported(q, k, torch.randn(1, 1, 6, 300), None)  # keys and values disagree
     assert not kernel.supported(q, k, k, torch.ones(1, 1, 4, 5, dtype=torch.bool))  # a mask per query
+    assert not kernel.supported(q, k[:, :, :0], k[:, :, :0], None)  # no keys
     with pytest.raises(ValueError, match="one mask row per batch element"):
         kernel.wide_attention(q, k, k, torch.ones(1, 1, 4, 5, dtype=torch.bool), 0.1)
 
@@ -172,7 +231,7 @@ def test_every_autotune_configuration_compiles_for_hopper_without_spilling(kerne
     )
     assert done.returncode == 0, done.stderr[-3000:]
     rows = json.loads(done.stdout)
-    assert len(rows) == 2 * len(kernel._CUDA_CONFIGS)
+    assert len(rows) == 3 * len(kernel._CUDA_CONFIGS)
     for row in rows:
         assert row["stack_bytes"] == row["local_bytes"] == 0, row
         assert 0 < row["registers"] <= 255 and row["shared_bytes"] <= 227 * 1024, row
