@@ -10,7 +10,7 @@
 #   5. model level: the published configs, ours vs transformers (bf16 by default), plus CUDA-graph replay;
 #   6. the wide-head attention kernel (Triton) compiled: its bf16 tests, then against the two GEMMs on every
 #      published wide call and head (benchmarks/wide_attention.py; the default follows this);
-#   7. optical flow bf16 against transformers fp32, module by module;
+#   7. optical flow bf16 against transformers fp32, module by module, with the two GEMMs and with the kernel;
 #   8. a profiled forward per head (top CUDA kernels), if time is left.
 # Installs the serving dependencies the GPU image lacks from wheels in .whl/ (see docs/performance.md).
 # Results (JSON + markdown) go to $OUT, or benchmarks/results/gpu.
@@ -81,6 +81,11 @@ if [ "${FLOWBF16:-1}" = 1 ]; then
     stage "optical flow bf16 against transformers fp32, module by module (3.7e-2 on GPU, 5.6e-3 on CPU)"
     timeout "$(left 120)" python3 benchmarks/flow_bf16.py --device cuda > "$OUT/flow-bf16.md" 2>&1
     head -3 "$OUT/flow-bf16.md"
+    # the same with the wide cross-attentions in the fused kernel instead of two cuBLAS GEMMs: if the error
+    # enters in those GEMMs, this run does not have it
+    PERCEIVER_WIDE_ATTENTION=fused timeout "$(left 120)" python3 benchmarks/flow_bf16.py --device cuda \
+        > "$OUT/flow-bf16-fused.md" 2>&1
+    head -3 "$OUT/flow-bf16-fused.md"
 fi
 if [ "${PROFILE:-1}" = 1 ] && [ $((END - SECONDS)) -gt 60 ]; then
     stage profile
