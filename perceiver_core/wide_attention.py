@@ -17,9 +17,9 @@ Masks are what ``attention`` passes: ``None``, or one row per batch element over
 boolean (False drops the key) or additive (fp32 scores plus the mask). A row whose keys are all dropped comes
 out NaN, as softmax gives.
 
-On CUDA the kernel runs where ``PERCEIVER_WIDE_ATTENTION=fused`` asks for it (``attention._sdpa``); the
-default stays the two GEMMs until benchmarks/wide_attention.py has measured both on a card
-(docs/performance.md). On a CPU, ``TRITON_INTERPRET=1`` runs the same kernel in Triton's interpreter:
+On CUDA the kernel runs, in bf16 and fp16, where ``PERCEIVER_WIDE_ATTENTION=fused`` asks for it
+(``attention._attend``, before it would cut the queries into chunks); the default stays the two GEMMs until
+benchmarks/wide_attention.py has measured both on a card (docs/performance.md). On a CPU, ``TRITON_INTERPRET=1`` runs the same kernel in Triton's interpreter:
 tests/perceiver_core/test_wide_attention.py checks it there against ``_explicit`` on the shapes of every
 published config.
 """
