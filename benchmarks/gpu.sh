@@ -10,15 +10,16 @@
 #   5. model level: the published configs, ours vs transformers (bf16 by default), plus CUDA-graph replay;
 #   6. the wide-head attention kernel (Triton) compiled: its bf16 tests, then against the two GEMMs on every
 #      published wide call and head (benchmarks/wide_attention.py; the default follows this);
-#   7. optical flow bf16 against transformers fp32, module by module, with the two GEMMs and with the kernel;
-#   8. a profiled forward per head (top CUDA kernels), if time is left.
+#   7. latency and memory per head (batch 1 and saturating: p50, p99, peak memory a pass);
+#   8. optical flow bf16 against transformers fp32, module by module, with the two GEMMs and with the kernel;
+#   9. a profiled forward per head (top CUDA kernels), if time is left.
 # Installs the serving dependencies the GPU image lacks from wheels in .whl/ (see docs/performance.md).
 # Results (JSON + markdown) go to $OUT, or benchmarks/results/gpu.
 # Knobs: BUDGET=540; DTYPES=bfloat16 (model dtypes; bf16 error is against transformers fp32 either way);
 # GRAPHS=0 (skip CUDA-graph variants); ONLY=flow,mlm (case-name filter);
 # IMAGES=small,hd,phone,phone-raw,phone-cpujpeg (flags: benchmarks/e2e_gpu.py);
 # PYSPY_ON=phone; PYSPY_GIL=1 (sample only threads holding the GIL); E2E_SECONDS=8;
-# TESTS=0 / JPEG=0 / DECODE=0 / E2E=0 / MODELS=0 / WIDEATTN=0 / FLOWBF16=0 / PROFILE=0 to skip a stage.
+# TESTS=0 / JPEG=0 / DECODE=0 / E2E=0 / MODELS=0 / WIDEATTN=0 / LATMEM=0 / FLOWBF16=0 / PROFILE=0 to skip a stage.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 OUT=${OUT:-benchmarks/results/gpu}
@@ -76,6 +77,12 @@ if [ "${WIDEATTN:-1}" = 1 ]; then
     timeout "$(left 180)" python3 benchmarks/wide_attention.py --json "$OUT/wide-attention.json" \
         --markdown "$OUT/wide-attention.md" > "$OUT/wide-attention.log" 2>&1
     grep -v "^{" "$OUT/wide-attention.log" | tail -27  # the last line names any call whose error is too high
+fi
+if [ "${LATMEM:-1}" = 1 ]; then
+    stage "latency and memory per head: batch 1 and saturating, p50/p99, peak memory a pass"
+    timeout "$(left 150)" python3 benchmarks/latency_memory.py --dtype "${LATMEM_DTYPE:-bfloat16}" \
+        --json "$OUT/latency-memory.json" --markdown "$OUT/latency-memory.md" > "$OUT/latency-memory.log" 2>&1
+    grep -v "^{" "$OUT/latency-memory.log" | tail -16
 fi
 if [ "${FLOWBF16:-1}" = 1 ]; then
     stage "optical flow bf16 against transformers fp32, module by module (3.7e-2 on GPU, 5.6e-3 on CPU)"

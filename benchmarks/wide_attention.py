@@ -36,6 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import perceiver_core  # noqa: E402
+from benchmarks.latency_memory import cast_floats, forward  # noqa: E402
 from benchmarks.models import GPU_CASES, Case  # noqa: E402
 from perceiver_core import aligned, attention  # noqa: E402
 from perceiver_core.checkpoint import config_from_dict  # noqa: E402
@@ -199,14 +200,6 @@ def measure_calls(args: argparse.Namespace, device: torch.device) -> list[dict[s
     return rows
 
 
-def _cast(x: Any, dtype: torch.dtype) -> Any:
-    if isinstance(x, torch.Tensor) and x.is_floating_point():
-        return x.to(dtype)
-    if isinstance(x, dict):
-        return {key: _cast(value, dtype) for key, value in x.items()}
-    return x
-
-
 def measure_heads(args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
     rows = []
     widest = {call["case"] for call in published_wide_calls()}
@@ -216,13 +209,15 @@ def measure_heads(args: argparse.Namespace, device: torch.device) -> list[dict[s
         config = config_from_dict({**case.config, "architectures": [case.arch]})
         torch.manual_seed(0)
         model = perceiver_core.build_model(config).to(device=device, dtype=torch.bfloat16).eval()
-        inputs = _cast(case.make_inputs(case.batch, device), torch.bfloat16)
+        inputs = cast_floats(case.make_inputs(case.batch, device), torch.bfloat16)
 
-        def forward(choice: str, model: Any = model, inputs: Any = inputs) -> Any:
+        call = forward(case, model, inputs)  # as benchmarks/models.py times ours (the whole video for multimodal)
+
+        def timed_forward(choice: str, call: Callable[[], Any] = call) -> Any:
             with wide_choice(choice), torch.no_grad():
-                return model(**inputs)
+                return call()
 
-        ms = timed({c: (lambda c=c: forward(c)) for c in ("gemm", "fused")}, device, args.reps, args.budget)
+        ms = timed({c: (lambda c=c: timed_forward(c)) for c in ("gemm", "fused")}, device, args.reps, args.budget)
         rows.append(
             dict(
                 case=case.name,
