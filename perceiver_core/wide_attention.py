@@ -19,9 +19,9 @@ out NaN, as softmax gives.
 
 On CUDA the kernel runs, in bf16 and fp16, where ``PERCEIVER_WIDE_ATTENTION=fused`` asks for it
 (``attention._attend``, before it would cut the queries into chunks); the default stays the two GEMMs until
-benchmarks/wide_attention.py has measured both on a card (docs/performance.md). On a CPU, ``TRITON_INTERPRET=1`` runs the same kernel in Triton's interpreter:
-tests/perceiver_core/test_wide_attention.py checks it there against ``_explicit`` on the shapes of every
-published config.
+benchmarks/wide_attention.py has measured both on a card (docs/performance.md). On a CPU,
+``TRITON_INTERPRET=1`` runs the same kernel in Triton's interpreter: tests/perceiver_core/test_wide_attention.py
+checks it there against ``_explicit`` on the shapes of every published config.
 """
 
 from __future__ import annotations
