@@ -64,16 +64,20 @@ def rss():
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) * 1024
 
+def heap():
+    info = memory._glibc().mallinfo2()
+    return info.arena + info.hblkhd
+
 torch.set_num_threads(1)
 keeper = memory.MemoryKeeper(keep=256 << 20, after_s=float("inf"))
-start, kept, trims = rss(), [], 0
+start, start_heap, kept, trims = rss(), heap(), [], 0
 for i in range(24):
     x = torch.ones(64 << 18)
     kept.append(torch.ones(100 + i))
     del x
     if sys.argv[1] == "keeper" and keeper.poll(False, i, memory.free_bytes()):
         trims += memory.trim()
-print(rss() - start, trims)
+print(rss() - start, trims, heap() - start_heap)
 """
 
 TRIM = """
@@ -116,9 +120,17 @@ def test_a_pass_reuses_the_memory_the_last_one_freed() -> None:
 
 @needs_glibc
 def test_memory_kept_for_reuse_stays_within_its_bound() -> None:
-    grown, _ = (int(v) for v in run(BOUND, "plain").split())
-    assert grown >= 1200 * MIB, f"without the keeper this pattern should grow the heap: {grown / MIB:.0f} MiB"
-    grown, trims = (int(v) for v in run(BOUND, "keeper").split())
+    # Without the keeper the pattern grows the heap (the premise of the bound). In about 1 run in 75 on the
+    # development VM it did not (RSS +199 MiB once, against 1,473-1,543 MiB in 74 others; cause not found),
+    # so the premise gets three tries, each reporting the allocator's own heap size beside the RSS.
+    premise = []
+    for _ in range(3):
+        grown, _, heap = (int(v) for v in run(BOUND, "plain").split())
+        premise.append(f"RSS +{grown / MIB:.0f} MiB, heap +{heap / MIB:.0f} MiB")
+        if grown >= 1200 * MIB:
+            break
+    assert grown >= 1200 * MIB, f"without the keeper this pattern should grow the heap: {premise}"
+    grown, trims, _ = (int(v) for v in run(BOUND, "keeper").split())
     assert trims >= 3
     assert grown <= (256 + 2 * 64 + 32) * MIB, f"RSS grew {grown / MIB:.0f} MiB with a 256 MiB bound"
 
