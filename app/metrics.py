@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import gc
 import os
 import time
@@ -24,6 +25,7 @@ _GC_BUCKETS = (0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.2
 
 class Metrics:
     def __init__(self) -> None:
+        self._gc_pauses: collections.deque[tuple[str, float]] = collections.deque(maxlen=100_000)
         self.registry = CollectorRegistry()
         labels = ("task", "model")
         r = self.registry
@@ -90,21 +92,34 @@ class Metrics:
         )
 
     def watch_gc(self) -> Callable[[], None]:
-        """Time every collection into ``gc_pause``; returns the function that stops watching."""
+        """Time every collection into ``gc_pause``; returns the function that stops watching.
+
+        The callback only queues the pause; ``exposition`` records the queue. A collection can start while
+        prometheus_client holds its lock (in multiprocess mode, creating a labelled child serialises its key
+        with json.dumps), and observing from inside the collector then waited for that lock forever: a worker
+        of PERCEIVER_WORKERS=2 hung so (py-spy, 2026-12-03)."""
         started = 0.0
+        pending = self._gc_pauses
 
         def callback(phase: str, info: dict[str, Any]) -> None:
             nonlocal started
             if phase == "start":
                 started = time.perf_counter()
             else:
-                self.gc_pause.labels(generation=str(info["generation"])).observe(time.perf_counter() - started)
+                pending.append((str(info["generation"]), time.perf_counter() - started))
 
         gc.callbacks.append(callback)
         return lambda: gc.callbacks.remove(callback)
 
+    def record_gc_pauses(self) -> None:
+        """Move the queued collector pauses into ``gc_pause`` (outside the collector, so no lock is held)."""
+        while self._gc_pauses:
+            generation, seconds = self._gc_pauses.popleft()
+            self.gc_pause.labels(generation=generation).observe(seconds)
+
     def exposition(self) -> bytes:
         """The text format for /metrics: this registry, or every worker process's samples combined."""
+        self.record_gc_pauses()
         if MULTIPROCESS:
             combined = CollectorRegistry()
             MultiProcessCollector(combined)  # type: ignore[no-untyped-call]

@@ -214,3 +214,25 @@ def test_a_model_that_fails_to_load_fails_start_up_with_a_clear_message(tmp_path
     assert not ready_seen
     log = server.log.read_text()
     assert "model loading failed" in log and str(broken) in log
+
+
+def test_garbage_collection_never_takes_the_metrics_lock() -> None:
+    """The gc callback queues its pause and /metrics records it: a collection that starts while
+    prometheus_client holds its lock (multiprocess mode, inside labels()) once hung a worker for good."""
+    import gc
+
+    from app.metrics import Metrics
+
+    metrics = Metrics()
+    stop = metrics.watch_gc()
+    try:
+        observe = metrics.gc_pause.labels(generation="2").observe
+        calls: list[float] = []
+        metrics.gc_pause.labels(generation="2").observe = calls.append  # type: ignore[method-assign]
+        gc.collect()
+        assert calls == []  # nothing reached the histogram from inside the collector
+        metrics.gc_pause.labels(generation="2").observe = observe  # type: ignore[method-assign]
+        text = metrics.exposition().decode()
+    finally:
+        stop()
+    assert 'perceiver_gc_pause_seconds_count{generation="2"} 1.0' in text
