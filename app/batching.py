@@ -141,6 +141,57 @@ class ServiceTime:
         return {str(k): round(self._median[k] * 1000, 3) for k in sorted(self.samples)}
 
 
+@dataclass(frozen=True)
+class AdmissionState:
+    """What admission decides from: taken by ``Batcher.admission_state``, and read by front-end processes from
+    the model process's shared table (app/channel.py), where ``rest_s`` is then as of when it was written."""
+
+    idle: bool  # nothing queued and a lane free: every request is admitted
+    queue_len: int
+    known: bool  # any per-unit estimate yet
+    rest_s: float  # until a lane frees, when every lane is busy: the soonest running batch's rest
+    queued_s: float  # the queued work, shared between the lanes
+    batch_s: float  # a batch of one item
+
+    @property
+    def wait_s(self) -> float:
+        return self.rest_s + self.queued_s
+
+    def refusal(
+        self,
+        deadline: float | None,
+        now: float,
+        max_queue: int,
+        max_queue_delay_s: float | None,
+        rest: float | None = None,
+    ) -> tuple[str, float, str] | None:
+        """None (admit), or why not: (message, retry-after seconds, reason). ``rest`` replaces ``rest_s``."""
+        if self.idle:
+            return None
+        wait = (self.rest_s if rest is None else rest) + self.queued_s
+        if self.queue_len >= max_queue:
+            return f"queue holds {self.queue_len} requests (max_queue_size {max_queue})", max(1.0, wait), "queue_full"
+        if not self.known:
+            return None
+        if max_queue_delay_s is not None and wait > max_queue_delay_s:
+            return (
+                f"estimated queue wait {wait:.2f} s exceeds max_queue_delay ({max_queue_delay_s:.2f} s)",
+                max(1.0, wait - max_queue_delay_s),
+                "queue_full",
+            )
+        if deadline is None:
+            return None
+        finish = (wait + self.batch_s) * ADMISSION_MARGIN
+        budget = deadline - now
+        if finish > budget:
+            return (
+                f"estimated wait {finish:.2f} s exceeds the request's remaining deadline {max(budget, 0):.2f} s",
+                max(1.0, finish - budget),
+                "deadline",
+            )
+        return None
+
+
 class Batch:
     """A batch as its forward pass sees it while it runs: which of its requests still wait for an answer.
 
@@ -270,8 +321,10 @@ class Batcher(Generic[P, R]):
         oom_errors: tuple[type[BaseException], ...] = (MemoryError,),
         service_time: ServiceTime | None = None,
         clock: Clock = time.monotonic,
+        on_change: Callable[[], None] | None = None,
     ) -> None:
         self._run = run
+        self.on_change = on_change  # after every change of what admission decides from (app/channel.py)
         # Lanes: batches side by side, each on the lowest free lane; an executor: one batch at a time.
         self._lanes: Lanes | None = executor if isinstance(executor, Lanes) else None
         self._executor: Executor | None = None if isinstance(executor, Lanes) else executor
@@ -329,33 +382,32 @@ class Batcher(Generic[P, R]):
         slot), so it gets a 429 at once with an honest Retry-After: when the queue ahead will have drained
         enough. A queue-delay target (``max_queue_delay_s``, as CoDel keeps a target for the standing
         queue) keeps the queue short even when deadlines are long: a standing queue adds latency and no
-        throughput.
+        throughput. The arithmetic is ``AdmissionState.refusal``'s, which front-end processes run on a
+        snapshot of this state.
         """
         if not self._queue and self._busy_lanes() < self.lanes:
             return
-        if len(self._queue) >= self.max_queue:
-            raise QueueFull(
-                f"queue holds {len(self._queue)} requests (max_queue_size {self.max_queue})",
-                max(1.0, self.estimated_wait_s()),
-            )
-        if not self.service_time.known:
-            return
-        wait = self.estimated_wait_s()
-        if self.max_queue_delay_s is not None and wait > self.max_queue_delay_s:
-            raise QueueFull(
-                f"estimated queue wait {wait:.2f} s exceeds max_queue_delay ({self.max_queue_delay_s:.2f} s)",
-                max(1.0, wait - self.max_queue_delay_s),
-            )
-        if deadline is None:
-            return
-        finish = (wait + self.service_time.batch_s(1)) * ADMISSION_MARGIN
-        budget = deadline - self._clock()
-        if finish > budget:
-            raise QueueFull(
-                f"estimated wait {finish:.2f} s exceeds the request's remaining deadline {max(budget, 0):.2f} s",
-                max(1.0, finish - budget),
-                reason="deadline",
-            )
+        refusal = self.admission_state().refusal(deadline, self._clock(), self.max_queue, self.max_queue_delay_s)
+        if refusal is not None:
+            raise QueueFull(*refusal)
+
+    def admission_state(self) -> AdmissionState:
+        """What admission decides from, now."""
+        idle = not self._queue and self._busy_lanes() < self.lanes
+        rest = 0.0
+        if self._busy_lanes() >= self.lanes and self._running:
+            now = self._clock()
+            rest = max(0.0, min(expected - (now - started) for started, expected in self._running.values()))
+        queued = self._queued_units
+        per_unit = (self.service_time.per_unit(min(queued, self.max_batch_size)) or 0.0) if queued else 0.0
+        return AdmissionState(
+            idle,
+            len(self._queue),
+            self.service_time.known,
+            rest,
+            queued * per_unit / self.lanes,
+            self.service_time.batch_s(1),
+        )
 
     @property
     def depth(self) -> int:
@@ -372,15 +424,7 @@ class Batcher(Generic[P, R]):
         """Seconds before a request queued now starts: until a lane is free (the soonest running batch's
         rest, when every lane is busy), then the work queued ahead, shared between the lanes. The queue's
         units run in batches of up to max_batch_size, at those batches' per-unit time."""
-        rest = 0.0
-        if self._busy_lanes() >= self.lanes and self._running:
-            now = self._clock()
-            rest = max(0.0, min(expected - (now - started) for started, expected in self._running.values()))
-        queued = self._queued_units
-        if not queued:
-            return rest
-        per_unit = self.service_time.per_unit(min(queued, self.max_batch_size)) or 0.0
-        return rest + queued * per_unit / self.lanes
+        return self.admission_state().wait_s
 
     def _wake(self) -> None:
         """Leaving idleness: what was measured under load decays toward warm-up for the time spent idle."""
@@ -510,6 +554,8 @@ class Batcher(Generic[P, R]):
         key = id(batch)
         units = sum(t.units for t in batch)
         self._running[key] = (self._clock(), self.service_time.batch_s(units))
+        if self.on_change is not None:
+            self.on_change()
         executor = self._lanes.executors[lane] if self._lanes is not None and lane is not None else self._executor
         try:
             ran, results, elapsed, whole = await asyncio.get_running_loop().run_in_executor(
@@ -528,8 +574,12 @@ class Batcher(Generic[P, R]):
             if self._lanes is not None and lane is not None:
                 self._lanes.release(lane)
             self._maybe_idle()
+            if self.on_change is not None:
+                self.on_change()
         if ran and whole:  # a batch cut short by its requests' ending says nothing of the time a whole one takes
             self.service_time.observe(sum(t.units for t in ran), elapsed)
+            if self.on_change is not None:
+                self.on_change()
         ran_ids = {id(t) for t in ran}
         for ticket in batch:
             if id(ticket) not in ran_ids:
@@ -581,3 +631,5 @@ class Batcher(Generic[P, R]):
     def _report_depth(self) -> None:
         if self._observer is not None:
             self._observer.depth(len(self._queue))
+        if self.on_change is not None:
+            self.on_change()
