@@ -94,61 +94,132 @@ def uvicorn_config(app: FastAPI, settings: Settings) -> Any:
     )
 
 
-def _serve(settings: Settings, sockets: list[socket.socket] | None = None) -> int:
+def _serve(settings: Settings, sockets: list[socket.socket] | None = None, model_socket: str | None = None) -> int:
     jsonlog.configure(settings.log_level)
-    app = create_app(settings)
+    app = create_app(settings, model_socket=model_socket)
     server = _server_class()(uvicorn_config(app, settings), app.state.runtime)
     server.run(sockets=sockets)
     return int(server.exit_code)
 
 
+def die_with_parent() -> None:
+    """In a child of the supervisor: SIGTERM when the supervisor dies, however it dies (the OOM killer's SIGKILL
+    included), so that no process is left serving the port or holding the device without it (Linux)."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+    if os.getppid() == 1:  # the supervisor died before the call
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def _worker(settings_json: str, sock: socket.socket) -> None:
+    die_with_parent()
     sys.exit(_serve(Settings.model_validate_json(settings_json), [sock]))
 
 
-def _supervise(settings: Settings) -> int:
-    """Run ``settings.workers`` server processes on one listening socket; SIGTERM drains them all."""
-    import multiprocessing
-    import tempfile
+def _front_end(settings_json: str, sock: socket.socket, model_socket: str) -> None:
+    import torch
 
-    from prometheus_client import multiprocess
+    die_with_parent()
+    torch.set_num_threads(1)  # a front end decodes in its own threads; the cores' torch threads are the model's
+    sys.exit(_serve(Settings.model_validate_json(settings_json), [sock], model_socket))
 
+
+def _model_process(settings_json: str, path: str) -> None:
+    import asyncio
+
+    from . import model_process
+
+    die_with_parent()
+    settings = Settings.model_validate_json(settings_json)
+    jsonlog.configure(settings.log_level)
+    try:
+        import uvloop
+
+        factory: Any = uvloop.new_event_loop
+    except ImportError:  # pragma: no cover - uvloop comes with uvicorn[standard]
+        factory = None
+    with asyncio.Runner(loop_factory=factory) as runner:
+        sys.exit(runner.run(model_process.serve(settings, path)))
+
+
+def _listen(settings: Settings) -> socket.socket:
     family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((settings.host, settings.port))
     sock.listen(2048)
     sock.set_inheritable(True)
+    return sock
+
+
+def _supervise(settings: Settings) -> int:
+    """Run the server processes on one listening socket; SIGTERM drains them all.
+
+    ``workers`` > 1: that many copies of the whole server. ``api_processes`` >= 1: that many front ends and one
+    model process (docs/front-ends.md); SIGTERM goes to the front ends first, and to the model process once
+    they have all drained, so that what they accepted is answered."""
+    import multiprocessing
+    import tempfile
+
+    from prometheus_client import multiprocess
+
+    sock = _listen(settings)
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="perceiver-metrics-")
     context = multiprocessing.get_context("spawn")  # never fork a process that may hold a CUDA context
+    fronts = settings.front_end_processes()
+    if fronts:
+        settings = settings.model_copy(update={"api_processes": fronts})
     payload = settings.model_dump_json()
-    procs = [context.Process(target=_worker, args=(payload, sock), name=f"worker-{i}") for i in range(settings.workers)]
+    last: list[Any] = []  # stopped after every other process has exited
+    if fronts:
+        path = os.path.join(tempfile.mkdtemp(prefix="perceiver-model-"), "model.sock")
+        last = [context.Process(target=_model_process, args=(payload, path), name="model")]
+        procs = [
+            context.Process(target=_front_end, args=(payload, sock, path), name=f"front-end-{i}") for i in range(fronts)
+        ]
+    else:
+        procs = [
+            context.Process(target=_worker, args=(payload, sock), name=f"worker-{i}") for i in range(settings.workers)
+        ]
     stopping = False
+
+    def signal_all(sig: int, group: list[Any]) -> None:
+        for proc in group:
+            if proc.is_alive() and proc.pid is not None:
+                os.kill(proc.pid, sig)
 
     def forward(sig: int, frame: Any) -> None:
         nonlocal stopping
         stopping = True
-        for proc in procs:
-            if proc.is_alive() and proc.pid is not None:
-                os.kill(proc.pid, sig)
+        signal_all(sig, procs)
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, forward)
-    for proc in procs:
+    for proc in [*last, *procs]:
         proc.start()
-    log.info("started %d workers on %s:%d", settings.workers, settings.host, settings.port)
+    if fronts:
+        log.info("started %d front ends and the model process on %s:%d", fronts, settings.host, settings.port)
+    else:
+        log.info("started %d workers on %s:%d", settings.workers, settings.host, settings.port)
     codes: dict[int, int] = {}
-    while len(codes) < len(procs):
-        for proc in procs:
+    everything = [*procs, *last]
+    while len(codes) < len(everything):
+        for proc in everything:
             if proc.pid in codes or proc.is_alive():
                 continue
             if proc.pid is None or proc.exitcode is None:  # not started yet
                 continue
             codes[proc.pid] = proc.exitcode
             multiprocess.mark_process_dead(proc.pid)  # type: ignore[no-untyped-call]
-            if not stopping:  # a worker died on its own: take the rest down, let the orchestrator restart us
-                log.error("worker %s exited with %s; stopping", proc.name, proc.exitcode)
+            if not stopping:  # a process died on its own: take the rest down, let the orchestrator restart us
+                log.error("%s exited with %s; stopping", proc.name, proc.exitcode)
                 forward(signal.SIGTERM, None)
+        if last and all(p.pid in codes for p in procs):
+            signal_all(signal.SIGTERM, last)  # the front ends have drained: nothing more will come
         time.sleep(0.2)
     sock.close()
     return 0 if all(code == 0 for code in codes.values()) and stopping else 1
@@ -164,7 +235,8 @@ def main(argv: list[str] | None = None) -> None:
     given = (("host", args.host), ("port", args.port), ("workers", args.workers))
     settings = load_settings(args.config, **{k: v for k, v in given if v is not None})
     jsonlog.configure(settings.log_level)
-    sys.exit(_supervise(settings) if settings.workers > 1 else _serve(settings))
+    several = settings.workers > 1 or settings.front_end_processes() > 0
+    sys.exit(_supervise(settings) if several else _serve(settings))
 
 
 if __name__ == "__main__":

@@ -55,6 +55,16 @@ class Duration:
 
 
 @dataclass
+class RequestTiming:
+    """Where one successful request's time went, for Statistics."""
+
+    input_s: float = 0.0
+    queue_s: float = 0.0
+    infer_s: float = 0.0
+    output_s: float = 0.0
+
+
+@dataclass
 class Statistics:
     """Triton's per-model statistics (its statistics extension), kept on the event loop's thread: requests that
     succeeded and failed after admission with their time in the server, and per successful request the time
@@ -70,6 +80,14 @@ class Statistics:
     execution_count: int = 0  # forward passes
     last_inference_ms: int = 0  # wall clock, milliseconds since the epoch
     batches: dict[int, Duration] = field(default_factory=dict)  # forward passes and their time, by batch size
+
+    def account(self, ok: bool, total_s: float, timing: RequestTiming | None) -> None:
+        (self.success if ok else self.fail).add(total_s)
+        if ok and timing is not None:
+            self.compute_input.add(timing.input_s)
+            self.queue.add(timing.queue_s)
+            self.compute_infer.add(timing.infer_s)  # the forward pass of the request's batch
+            self.compute_output.add(timing.output_s)
 
     def batch(self, size: int, seconds: float) -> None:
         self.execution_count += 1
@@ -181,6 +199,23 @@ class Engine:
             self.metrics.inference_duration.labels(**labels).observe(ticket.inference_s)
         self.metrics.units_per_request.labels(**labels).observe(sum(t.units for t in tickets))
         return list(results)
+
+    @property
+    def idle(self) -> bool:
+        return self.batcher.idle
+
+    async def stop(self) -> None:
+        await self.batcher.stop()
+
+    def account(self, ok: bool, total_s: float, timing: RequestTiming | None) -> None:
+        """One request that ended after admission: Triton's per-model statistics."""
+        self.statistics.account(ok, total_s, timing)
+
+    async def statistics_now(self) -> Statistics:
+        return self.statistics
+
+    async def describe_now(self) -> dict[str, Any]:
+        return self.describe()
 
     async def run(self, payloads: Sequence[Any], deadline: float) -> list[Any]:
         """``submit`` then ``wait``: the results of one admitted request's payloads."""

@@ -24,7 +24,7 @@ from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 
-from . import jsonlog, memory
+from . import jsonlog, memory, remote
 from .access import ApiKeyMiddleware, cors_origins, key_digests
 from .admission import AdmissionMiddleware
 from .errors import InternalError, InvalidInput, ServiceError, for_status, join_problems
@@ -87,6 +87,8 @@ async def keep_memory(runtime: Runtime, keeper: memory.MemoryKeeper) -> None:
     loop = asyncio.get_running_loop()
     while True:
         await asyncio.sleep(1.0)
+        runtime.metrics.record_gc_pauses()  # also in processes that never serve /metrics (the model process)
+        runtime.metrics.update_gpu_memory()
         free = memory.free_bytes()
         if keeper.poll(runtime.idle(), runtime.taken, free):
             await loop.run_in_executor(runtime.offload_executor, memory.trim)
@@ -99,7 +101,11 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     unwatch_gc = runtime.metrics.watch_gc()
     # gRPC listens from the start, as HTTP does: its health service says NOT_SERVING while the models load.
     grpc_server = await oip_grpc.start(runtime, app.version, key_digests(runtime.settings))
-    loader = asyncio.create_task(_load(runtime, app.state.load_models))
+    model_socket = app.state.model_socket
+    if model_socket is None:
+        loader = asyncio.create_task(_load(runtime, app.state.load_models))
+    else:  # a front-end process: the models are the model process's (app/remote.py)
+        loader = asyncio.create_task(remote.connect(runtime, model_socket))
     keeper = asyncio.create_task(keep_memory(runtime, memory.MemoryKeeper()))
     try:
         yield
@@ -112,7 +118,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             with contextlib.suppress(asyncio.CancelledError):
                 await job
         for engine in runtime.engines():
-            await engine.batcher.stop()
+            await engine.stop()
         runtime.shutdown_executors()
         if app.state.tracing is not None:
             app.state.tracing.shutdown()  # flush the spans still held
@@ -140,9 +146,12 @@ def wrong_method_hint(method: str, path: str, allowed: str) -> str:
     return f"{hint}: {what_it_takes(task)}" if task is not None else hint
 
 
-def create_app(settings: Settings | None = None, load_models: ModelLoader = build_models) -> FastAPI:
+def create_app(
+    settings: Settings | None = None, load_models: ModelLoader = build_models, *, model_socket: str | None = None
+) -> FastAPI:
     """The app for ``settings`` (read from the environment and config file when None). ``load_models`` puts the
-    models on their device at start-up (tests pass one that substitutes a model whose answers they know)."""
+    models on their device at start-up (tests pass one that substitutes a model whose answers they know).
+    ``model_socket``: a front-end process, whose models run in the model process listening there."""
     settings = settings or load_settings()
     runtime = Runtime(settings, Metrics())
     tracing = configure_tracing(settings)  # None when off: nothing of OpenTelemetry's SDK is imported
@@ -175,6 +184,7 @@ def create_app(settings: Settings | None = None, load_models: ModelLoader = buil
     app.state.runtime = runtime
     app.state.tracing = tracing
     app.state.load_models = load_models
+    app.state.model_socket = model_socket
 
     def respond(request: Request, error: ServiceError) -> JSONResponse:
         if error.reason is not None:

@@ -128,7 +128,7 @@ class Runtime:
             log.info("draining: readiness off, finishing accepted requests")
 
     def idle(self) -> bool:
-        return self.inflight == 0 and all(e.batcher.idle for e in self.engines())
+        return self.inflight == 0 and all(e.idle for e in self.engines())
 
     def shutdown_executors(self) -> None:
         self.inference_executor.shutdown(wait=True, cancel_futures=True)

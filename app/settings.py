@@ -194,6 +194,20 @@ class Settings(BaseSettings):
         "where one process cannot parse and decode uploads fast enough; on one GPU the processes time-slice the "
         "device and each batches a fraction of the traffic (slower: docs/performance-history.md), so keep 1 per GPU.",
     )
+    api_processes: Annotated[int, Field(ge=0)] | Literal["auto"] = Field(
+        "auto",
+        description="HTTP and gRPC front ends in processes of their own (parsing, validation, decoding, encoding, "
+        "metrics), all handing their requests to one model process that owns the models, batchers and device "
+        "(docs/front-ends.md). 0: one process does everything. auto: 0 on a CPU host (measured: "
+        "docs/performance.md), and on a GPU host min(4, cores - 2). Not with workers > 1.",
+    )
+    api_slab_mb: int = Field(
+        64,
+        ge=1,
+        description="Shared memory per front-end process for the payloads it hands the model process (a memfd, "
+        "not /dev/shm). A payload that does not fit travels through the socket instead.",
+        json_schema_extra=TUNING,
+    )
     cpu_lanes: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
         "auto",
         description="CPU models: batches that may run side by side under load, the cores shared equally between "
@@ -248,6 +262,23 @@ class Settings(BaseSettings):
                 raise ValueError(f"model {spec.task}/{spec.variant} is configured twice")
             seen.add(key)
         return self
+
+    @model_validator(mode="after")
+    def _one_way_to_scale(self) -> Settings:
+        if self.workers > 1 and self.api_processes not in (0, "auto"):
+            raise ValueError(
+                "workers > 1 and api_processes >= 1 do not combine: workers copies the models into every process, "
+                "api_processes keeps one copy behind several front ends; choose one"
+            )
+        return self
+
+    def front_end_processes(self, cores: int | None = None) -> int:
+        """api_processes as decided: 0 (one process) or the count of front-end processes."""
+        if self.api_processes != "auto":
+            return int(self.api_processes)
+        if self.workers > 1 or not self.device.startswith("cuda"):
+            return 0
+        return min(4, max(1, (cores or os.cpu_count() or 1) - 2))
 
     @property
     def demo(self) -> bool:

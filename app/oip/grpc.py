@@ -206,7 +206,7 @@ class InferenceService:
         runtime = self.runtime
         named = request.name
         engines = [resolve(runtime, named, request.version or None)] if named else served_models(runtime)
-        stats = [triton.model_statistics(e, v2_name(e)) for e in engines]
+        stats = [await triton.model_statistics(e, v2_name(e)) for e in engines]
         for entry in stats:
             del entry["memory_usage"]  # not in the messages this server sends
         return json_format.ParseDict({"model_stats": stats}, tx.ModelStatisticsResponse())
@@ -394,7 +394,7 @@ async def start(runtime: Runtime, version: str, digests: list[bytes]) -> aio.Ser
             ("grpc.max_receive_message_length", settings.max_body_bytes),
             ("grpc.max_send_message_length", -1),
             # Several workers share the port as they share HTTP's; one alone must find it free, or fail.
-            ("grpc.so_reuseport", 1 if settings.workers > 1 else 0),
+            ("grpc.so_reuseport", 1 if settings.workers > 1 or settings.front_end_processes() > 1 else 0),
         ]
     )
     server.add_generic_rpc_handlers((_handlers(InferenceService(runtime, version, digests)),))

@@ -56,9 +56,10 @@ def _duration(duration: Duration) -> dict[str, int]:
     return {"count": duration.count, "ns": duration.ns}
 
 
-def model_statistics(engine: Engine, name: str) -> dict[str, Any]:
-    """The model's statistics since start-up, as Triton's statistics extension gives them."""
-    stats = engine.statistics
+async def model_statistics(engine: Engine, name: str) -> dict[str, Any]:
+    """The model's statistics since start-up, as Triton's statistics extension gives them (asked of the model
+    process when this is a front-end process)."""
+    stats = await engine.statistics_now()
     zero = Duration()
     return {
         "name": name,

@@ -124,4 +124,4 @@ async def metrics(request: Request) -> Response:
 )
 async def models(request: Request) -> dict[str, Any]:
     runtime = runtime_of(request)
-    return {"demo": runtime.settings.demo, "models": [e.describe() for e in runtime.engines()]}
+    return {"demo": runtime.settings.demo, "models": [await e.describe_now() for e in runtime.engines()]}

@@ -15,7 +15,7 @@ from pydantic import BaseModel, Field, create_model
 
 from ..admission import admit, begin
 from ..batching import Ticket
-from ..engine import Engine
+from ..engine import Engine, RequestTiming
 from ..errors import DeadlineExceeded
 from ..runtime import Runtime
 from ..tasks import TASKS, run_decode
@@ -134,13 +134,13 @@ async def run_items(
     """Decode → batch → encode, for the items of one admitted request: every interface (REST, the Open
     Inference Protocol over HTTP and gRPC) runs its requests through here, so they share the engine, its
     capacity, metrics and statistics."""
-    statistics = engine.statistics
+    timing = RequestTiming()
     try:
-        encoded = await _run_items(caller, runtime, engine, items, deadline)
+        encoded = await _run_items(caller, runtime, engine, items, deadline, timing)
     except BaseException:
-        statistics.fail.add(time.monotonic() - caller.started)
+        engine.account(False, time.monotonic() - caller.started, None)
         raise
-    statistics.success.add(time.monotonic() - caller.started)
+    engine.account(True, time.monotonic() - caller.started, timing)
     return encoded
 
 
@@ -150,9 +150,9 @@ async def _run_items(
     engine: Engine,
     items: Sequence[tuple[TaskRequest, Mapping[str, bytes]]],
     deadline: float,
+    timing: RequestTiming,
 ) -> list[dict[str, Any] | Reply]:
     task = engine.task
-    statistics = engine.statistics
     ctx = DecodeContext(engine.model.config, runtime.limits, engine.device)
     tracing = caller.tracing
     if tracing is not None:
@@ -178,11 +178,8 @@ async def _run_items(
                 raise DeadlineExceeded("the request did not finish before its deadline")
             else:
                 encoded.append(task.encode(result, options))
-    queue_s, inference_s, _ = caller.state["timing"]
-    statistics.compute_input.add(decoded - began)
-    statistics.queue.add(queue_s)
-    statistics.compute_infer.add(inference_s)  # the forward pass of the request's batch
-    statistics.compute_output.add(time.monotonic() - inferred)
+    timing.queue_s, timing.infer_s, _ = caller.state["timing"]
+    timing.input_s, timing.output_s = decoded - began, time.monotonic() - inferred
     return encoded
 
 

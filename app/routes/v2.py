@@ -207,7 +207,7 @@ async def list_models(request: Request) -> ModelList:
 async def all_statistics(request: Request) -> dict[str, Any]:
     runtime = runtime_of(request)
     runtime.check_ready(READY_PROBE)
-    return {"model_stats": [triton.model_statistics(e, v2_name(e)) for e in served_models(runtime)]}
+    return {"model_stats": [await triton.model_statistics(e, v2_name(e)) for e in served_models(runtime)]}
 
 
 @router.get("/health/live", response_model=Live, summary="Liveness: the process serves HTTP")
@@ -310,7 +310,7 @@ async def get_config(request: Request, model_name: str, model_version: str | Non
 
 async def get_statistics(request: Request, model_name: str, model_version: str | None) -> dict[str, Any]:
     runtime = runtime_of(request)
-    return {"model_stats": [triton.model_statistics(resolve(runtime, model_name, model_version), model_name)]}
+    return {"model_stats": [await triton.model_statistics(resolve(runtime, model_name, model_version), model_name)]}
 
 
 async def get_ready(request: Request, model_name: str, model_version: str | None) -> JSONResponse:

@@ -1,0 +1,368 @@
+"""The channel between front-end processes and the model process (PERCEIVER_API_PROCESSES, docs/front-ends.md).
+
+Messages are framed on a Unix stream socket: an 8-byte header (the JSON part's length, the inline bytes'
+length), a JSON object, then inline bytes. Arrays, tensors and bytes inside a message's values are not put in
+its JSON: large ones are written into the sender's shared-memory slab (a memfd each front end creates and
+hands to the model process once, with SCM_RIGHTS) and the message names the slot; small ones ride as inline
+bytes. Nothing is unpickled: values are JSON, buffers, and instances of this project's own dataclasses and
+error kinds, rebuilt field by field from an allow-list (``app.*`` and ``perceiver_core.*`` dataclasses already
+imported, ``app.errors`` kinds).
+
+The door's admission snapshot is a small table in shared memory that the model process writes after every
+change of a batcher's state (a seqlock: the sequence number is odd while a record is being written, and a
+reader retries when it reads an odd or changed number), so a front end refuses at the door without a round
+trip.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import mmap
+import os
+import socket
+import struct
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import errors
+from .batching import ADMISSION_MARGIN, AdmissionState
+
+HEADER = struct.Struct("<II")
+INLINE_MAX = 64 * 1024  # buffers up to this size ride in the message; larger ones go through the slab
+MAX_MESSAGE = 1 << 31  # a header announcing more is a broken peer, not a message
+SLAB_ALIGN = 64
+
+# ---------------------------------------------------------------------------------------------- values
+
+
+class Unsupported(TypeError):
+    """A value the channel does not carry (the model process answers it as an internal error)."""
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _allowed_class(path: str) -> type:
+    module_name, _, qualname = path.partition(":")
+    if not (module_name == "app" or module_name.startswith(("app.", "perceiver_core"))):
+        raise Unsupported(f"class {path} is not this project's")
+    module = sys.modules.get(module_name)  # never imports: only classes already loaded
+    if module is None:
+        raise Unsupported(f"module {module_name} is not loaded")
+    found: Any = module
+    for part in qualname.split("."):
+        found = getattr(found, part, None)
+    if not isinstance(found, type):
+        raise Unsupported(f"{path} is not a class")
+    return found
+
+
+class Encoder:
+    """Values → JSON-able values, buffers set aside (``buffers``) for the frame or the slab.
+
+    ``known`` maps id() of objects the receiver already holds (a request's own payloads, when the model process
+    answers) to a reference: the answer names the payload instead of sending it back."""
+
+    def __init__(self, known: dict[int, int] | None = None) -> None:
+        self.buffers: list[memoryview] = []
+        self.known = known or {}
+
+    def _buffer(self, data: memoryview) -> int:
+        self.buffers.append(data)
+        return len(self.buffers) - 1
+
+    def value(self, obj: Any) -> Any:
+        if obj is None or isinstance(obj, (bool, int, float, str)):
+            return obj
+        if id(obj) in self.known:
+            return {"$P": self.known[id(obj)]}
+        if isinstance(obj, list):
+            return [self.value(v) for v in obj]
+        if isinstance(obj, tuple):
+            return {"$tu": [self.value(v) for v in obj]}
+        if isinstance(obj, dict):
+            if all(isinstance(k, str) and not k.startswith("$") for k in obj):
+                return {k: self.value(v) for k, v in obj.items()}
+            return {"$m": [[self.value(k), self.value(v)] for k, v in obj.items()]}
+        if isinstance(obj, torch.Tensor):
+            tensor = obj.detach().cpu().contiguous()
+            raw = tensor.reshape(-1).view(torch.uint8).numpy()
+            return {"$T": self._buffer(raw.data), "d": _dtype_name(tensor.dtype), "s": list(tensor.shape)}
+        if isinstance(obj, np.ndarray):
+            array = np.ascontiguousarray(obj)
+            if array.dtype.hasobject:
+                raise Unsupported("object arrays are not carried")
+            flat = array.reshape(-1).view(np.uint8)
+            return {"$N": self._buffer(flat.data), "d": array.dtype.str, "s": list(array.shape)}
+        if isinstance(obj, np.generic):
+            return obj.item()
+        if isinstance(obj, (bytes, bytearray, memoryview)):
+            return {"$B": self._buffer(memoryview(obj).cast("B"))}
+        if isinstance(obj, errors.ServiceError):
+            return {"$E": type(obj).__name__, "m": obj.message, "h": dict(obj.headers), "r": obj.reason}
+        if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+            cls = type(obj)
+            path = f"{cls.__module__}:{cls.__qualname__}"
+            _allowed_class(path)
+            fields = {f.name: self.value(getattr(obj, f.name)) for f in dataclasses.fields(obj) if f.init}
+            return {"$D": path, "f": fields}
+        raise Unsupported(f"the channel does not carry {type(obj).__name__}")
+
+
+class Decoder:
+    def __init__(self, buffers: list[memoryview], known: list[Any] | None = None) -> None:
+        self.buffers = buffers
+        self.known = known or []
+
+    def value(self, obj: Any) -> Any:
+        if isinstance(obj, list):
+            return [self.value(v) for v in obj]
+        if not isinstance(obj, dict):
+            return obj
+        if "$T" in obj:
+            dtype = getattr(torch, obj["d"])
+            if not isinstance(dtype, torch.dtype):
+                raise Unsupported(f"not a dtype: {obj['d']}")
+            data = self.buffers[obj["$T"]]
+            if not len(data):
+                return torch.empty(obj["s"], dtype=dtype)
+            return torch.frombuffer(bytearray(data), dtype=dtype).reshape(obj["s"])
+        if "$N" in obj:
+            dtype = np.dtype(obj["d"])
+            if dtype.hasobject:
+                raise Unsupported("object arrays are not carried")
+            return np.frombuffer(bytearray(self.buffers[obj["$N"]]), dtype=dtype).reshape(obj["s"])
+        if "$B" in obj:
+            return bytes(self.buffers[obj["$B"]])
+        if "$tu" in obj:
+            return tuple(self.value(v) for v in obj["$tu"])
+        if "$m" in obj:
+            return {self.value(k): self.value(v) for k, v in obj["$m"]}
+        if "$P" in obj:
+            return self.known[obj["$P"]]
+        if "$E" in obj:
+            cls = getattr(errors, obj["$E"], None)
+            if not (isinstance(cls, type) and issubclass(cls, errors.ServiceError)):
+                raise Unsupported(f"not an error kind: {obj['$E']}")
+            error = cls.__new__(cls)
+            errors.ServiceError.__init__(error, obj["m"], obj["h"])
+            error.reason = obj["r"]
+            return error
+        if "$D" in obj:
+            cls = _allowed_class(obj["$D"])
+            if not dataclasses.is_dataclass(cls):
+                raise Unsupported(f"{obj['$D']} is not a dataclass")
+            return cls(**{k: self.value(v) for k, v in obj["f"].items()})
+        return {k: self.value(v) for k, v in obj.items()}
+
+
+# ---------------------------------------------------------------------------------------------- the slab
+
+
+class Slab:
+    """A front end's shared memory for payloads: a memfd, mapped, cut first-fit into 64-byte aligned blocks.
+    Used from the event loop's thread only. ``None`` from ``take`` when no block is free: the payload rides
+    inline instead."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.fd = os.memfd_create("perceiver-slab", os.MFD_CLOEXEC)
+        os.ftruncate(self.fd, size)
+        self.map = mmap.mmap(self.fd, size)
+        self.free: list[tuple[int, int]] = [(0, size)]  # (offset, length), sorted by offset
+
+    def take(self, length: int) -> int | None:
+        length = -(-max(length, 1) // SLAB_ALIGN) * SLAB_ALIGN
+        for i, (offset, free) in enumerate(self.free):
+            if free >= length:
+                if free == length:
+                    del self.free[i]
+                else:
+                    self.free[i] = (offset + length, free - length)
+                return offset
+        return None
+
+    def give(self, offset: int, length: int) -> None:
+        length = -(-max(length, 1) // SLAB_ALIGN) * SLAB_ALIGN
+        blocks = self.free
+        i = 0
+        while i < len(blocks) and blocks[i][0] < offset:
+            i += 1
+        blocks.insert(i, (offset, length))
+        merged: list[tuple[int, int]] = []
+        for start, size in blocks:  # coalesce neighbours
+            if merged and merged[-1][0] + merged[-1][1] == start:
+                merged[-1] = (merged[-1][0], merged[-1][1] + size)
+            else:
+                merged.append((start, size))
+        self.free = merged
+
+    @property
+    def free_bytes(self) -> int:
+        return sum(length for _, length in self.free)
+
+
+# ---------------------------------------------------------------------------------------------- frames
+
+
+def pack(
+    message: dict[str, Any], values: Any = None, *, slab: Slab | None = None, known: dict[int, int] | None = None
+) -> tuple[bytes, list[tuple[int, int]]]:
+    """One frame: ``message`` with ``values`` encoded into it as ``"v"``. Large buffers go into ``slab`` (when
+    given and it has room); returns the frame and the slab blocks it took (freed when its answer arrives)."""
+    encoder = Encoder(known)
+    if values is not None:
+        message = {**message, "v": encoder.value(values)}
+    table: list[list[int]] = []
+    inline: list[memoryview] = []
+    taken: list[tuple[int, int]] = []
+    position = 0
+    for data in encoder.buffers:
+        length = data.nbytes
+        offset = slab.take(length) if slab is not None and length > INLINE_MAX else None
+        if offset is not None and slab is not None:
+            slab.map[offset : offset + length] = data
+            taken.append((offset, length))
+            table.append([1, offset, length])
+        else:
+            inline.append(data)
+            table.append([0, position, length])
+            position += length
+    if table:
+        message["b"] = table
+    body = json.dumps(message, separators=(",", ":")).encode()
+    return b"".join([HEADER.pack(len(body), position), body, *inline]), taken
+
+
+def unpack(
+    body: bytes, tail: bytes, slab: mmap.mmap | None = None, known: list[Any] | None = None
+) -> tuple[dict[str, Any], Any]:
+    """A frame's message and its decoded values (None when it has none); buffers in the slab are copied out."""
+    message = json.loads(body)
+    view = memoryview(tail)
+    buffers: list[memoryview] = []
+    for where, offset, length in message.get("b", ()):
+        if where == 1:
+            if slab is None or offset < 0 or offset + length > len(slab):
+                raise ValueError("a slab reference outside the slab")
+            buffers.append(memoryview(slab)[offset : offset + length])
+        else:
+            if offset < 0 or offset + length > len(view):
+                raise ValueError("an inline reference outside the frame")
+            buffers.append(view[offset : offset + length])
+    values = Decoder(buffers, known).value(message["v"]) if "v" in message else None
+    for buffer in buffers:
+        buffer.release()
+    return message, values
+
+
+async def read_frame(reader: Any) -> tuple[bytes, bytes]:
+    """The next frame's JSON and inline bytes (asyncio.IncompleteReadError at the end of the stream)."""
+    header = await reader.readexactly(HEADER.size)
+    size, tail = HEADER.unpack(header)
+    if size + tail > MAX_MESSAGE:
+        raise ValueError(f"a frame of {size + tail} bytes")
+    return await reader.readexactly(size), (await reader.readexactly(tail) if tail else b"")
+
+
+# ---------------------------------------------------------------------------------------------- hand-shake
+
+HELLO = struct.Struct("<I")
+
+
+def send_hello(sock: socket.socket, message: dict[str, Any], fd: int) -> None:
+    """A hand-shake message with one file descriptor (blocking socket)."""
+    body = json.dumps(message).encode()
+    socket.send_fds(sock, [HELLO.pack(len(body)) + body], [fd])
+
+
+def receive_hello(sock: socket.socket) -> tuple[dict[str, Any], int]:
+    """The peer's hand-shake message and the descriptor sent with it (blocking socket)."""
+    data, fds, _, _ = socket.recv_fds(sock, 65536, 1)
+    if not fds:
+        raise ConnectionError("the hand-shake came without its shared memory")
+    while len(data) < HELLO.size:
+        more = sock.recv(65536)
+        if not more:
+            raise ConnectionError("the peer closed during the hand-shake")
+        data += more
+    (size,) = HELLO.unpack(data[: HELLO.size])
+    while len(data) < HELLO.size + size:
+        more = sock.recv(65536)
+        if not more:
+            raise ConnectionError("the peer closed during the hand-shake")
+        data += more
+    return json.loads(data[HELLO.size : HELLO.size + size]), fds[0]
+
+
+# ---------------------------------------------------------------------------------------------- admission table
+
+# Per engine: sequence, written-at (monotonic), rest of the running batch, queued work, one item's batch,
+# queue length, flags (1: idle admits, 2: estimates known).
+RECORD = struct.Struct("<QddddII")
+RECORD_SIZE = 64
+
+
+class StateTable:
+    """The model process's side: one record per engine, rewritten after every change (seqlock)."""
+
+    def __init__(self, engines: int) -> None:
+        self.size = max(RECORD_SIZE, engines * RECORD_SIZE)
+        self.fd = os.memfd_create("perceiver-admission", os.MFD_CLOEXEC)
+        os.ftruncate(self.fd, self.size)
+        self.map = mmap.mmap(self.fd, self.size)
+        self.sequence = [0] * engines
+
+    def write(self, index: int, state: AdmissionState, now: float) -> None:
+        at = index * RECORD_SIZE
+        sequence = self.sequence[index] + 1
+        struct.pack_into("<Q", self.map, at, sequence)  # odd: being written
+        flags = (1 if state.idle else 0) | (2 if state.known else 0)
+        RECORD.pack_into(
+            self.map, at, sequence, now, state.rest_s, state.queued_s, state.batch_s, state.queue_len, flags
+        )
+        self.sequence[index] = sequence + 1
+        struct.pack_into("<Q", self.map, at, sequence + 1)
+
+
+class StateView:
+    """A front end's side: reads an engine's record as the model process last wrote it."""
+
+    def __init__(self, fd: int, size: int) -> None:
+        self.map = mmap.mmap(fd, size, prot=mmap.PROT_READ)
+        os.close(fd)
+
+    def read(self, index: int) -> tuple[float, AdmissionState]:
+        at = index * RECORD_SIZE
+        for _ in range(1000):
+            sequence, written, rest, queued, batch, queue_len, flags = RECORD.unpack_from(self.map, at)
+            if sequence & 1:
+                continue
+            (again,) = struct.unpack_from("<Q", self.map, at)
+            if again == sequence:
+                return written, AdmissionState(bool(flags & 1), queue_len, bool(flags & 2), rest, queued, batch)
+        raise RuntimeError("the admission table is being rewritten without end")
+
+
+def door(
+    state: AdmissionState,
+    written: float,
+    deadline: float | None,
+    max_queue: int,
+    max_queue_delay_s: float | None,
+    clock: Callable[[], float] = time.monotonic,
+) -> tuple[str, float, str] | None:
+    """Batcher.admit's arithmetic on a snapshot: None (admit), or (message, retry-after seconds, reason)."""
+    now = clock()
+    rest = max(0.0, state.rest_s - (now - written))
+    return state.refusal(deadline, now, max_queue, max_queue_delay_s, rest=rest)
+
+
+__all__ = ["ADMISSION_MARGIN", "Decoder", "Encoder", "Slab", "StateTable", "StateView", "door", "pack", "unpack"]

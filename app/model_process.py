@@ -1,0 +1,237 @@
+"""The model process of PERCEIVER_API_PROCESSES >= 1 (docs/front-ends.md): every model, its batcher and its
+device, without HTTP. Front-end processes connect to its Unix socket, hand it the payloads they decoded, and
+send back what it answers; it refuses, batches, runs and times exactly as the single process does
+(``Engine.submit`` and ``Engine.wait``), so batches fill from every front end.
+
+After every change of a batcher's state it rewrites that model's record in the admission table (shared
+memory, app/channel.py): the front ends' doors refuse from it without asking. SIGTERM (sent by the supervisor
+once every front end has drained) exits when nothing is left, within ``drain_timeout_s``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import mmap
+import os
+import signal
+import socket
+import time
+from typing import Any
+
+from . import channel, memory
+from .engine import Engine, RequestTiming
+from .errors import InternalError, ServiceError
+from .loading import build_models
+from .metrics import Metrics
+from .runtime import Runtime
+from .settings import Settings
+
+log = logging.getLogger("perceiver.model")
+
+
+def describe_engine(engine: Engine, settings: Settings) -> dict[str, Any]:
+    """What a front end needs of an engine to build its proxy (JSON, with the config through the codec)."""
+    policy = engine.policy
+    return {
+        "task": engine.task.name,
+        "variant": engine.variant,
+        "config": channel.Encoder().value(engine.model.config),
+        "source": engine.source,
+        "weights": engine.weights,
+        "dtype": engine.dtype,
+        "device": engine.device,
+        "policy": {
+            "max_batch_size": policy.max_batch_size,
+            "source": policy.source,
+            "max_delay_ms": policy.max_delay_ms,
+            "max_batch_cost": policy.max_batch_cost,
+            "per_item_ms": {str(k): v for k, v in policy.per_item_ms.items()},
+        },
+        "placement": engine.placement,
+        "load_s": engine.load_s,
+        "warmup_s": engine.warmup_s,
+        "max_queue": engine.batcher.max_queue,
+        "max_queue_delay_s": engine.batcher.max_queue_delay_s,
+    }
+
+
+class ModelServer:
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        self.engines = runtime.engines()
+        self.table = channel.StateTable(len(self.engines))
+        self.connections: set[asyncio.Task[None]] = set()
+        self.pending = 0  # requests submitted and not yet answered, over every front end
+        for index, engine in enumerate(self.engines):
+            engine.batcher.on_change = functools.partial(self.publish, index, engine)
+            self.publish(index, engine)
+
+    def publish(self, index: int, engine: Engine) -> None:
+        batcher = engine.batcher
+        self.table.write(index, batcher.admission_state(), time.monotonic())
+
+    def hello(self) -> dict[str, Any]:
+        return {"engines": [describe_engine(e, self.runtime.settings) for e in self.engines], "table": self.table.size}
+
+    async def accept(self, listener: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            conn, _ = await loop.sock_accept(listener)
+            task = asyncio.create_task(self.front_end(conn))
+            self.connections.add(task)
+            task.add_done_callback(self.connections.discard)
+
+    async def front_end(self, conn: socket.socket) -> None:
+        """One front end's connection: hand-shake (its slab for ours), then its messages until it closes."""
+        loop = asyncio.get_running_loop()
+        conn.setblocking(True)
+        try:
+            hello, slab_fd = await loop.run_in_executor(None, channel.receive_hello, conn)
+            slab = mmap.mmap(slab_fd, int(hello["slab"]), prot=mmap.PROT_READ)
+            os.close(slab_fd)
+            await loop.run_in_executor(None, channel.send_hello, conn, self.hello(), self.table.fd)
+        except (OSError, ValueError, KeyError) as exc:
+            log.warning("a front end's hand-shake failed: %s", exc)
+            conn.close()
+            return
+        conn.setblocking(False)
+        reader, writer = await asyncio.open_unix_connection(sock=conn)
+        log.info("front end %s connected", hello.get("pid"))
+        tickets: dict[int, list[Any]] = {}
+        jobs: set[asyncio.Task[None]] = set()
+        try:
+            while True:
+                body, tail = await channel.read_frame(reader)
+                self.handle(body, tail, slab, writer, tickets, jobs)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            for queued in tickets.values():  # the front end is gone: nobody waits for these
+                for ticket in queued:
+                    ticket.cancel()
+            if jobs:
+                await asyncio.gather(*jobs, return_exceptions=True)
+            writer.close()
+            slab.close()
+            log.info("front end %s disconnected", hello.get("pid"))
+
+    def handle(
+        self,
+        body: bytes,
+        tail: bytes,
+        slab: mmap.mmap,
+        writer: asyncio.StreamWriter,
+        tickets: dict[int, list[Any]],
+        jobs: set[asyncio.Task[None]],
+    ) -> None:
+        try:
+            message, values = channel.unpack(body, tail, slab)
+        except Exception:
+            log.exception("a front end sent a message that could not be read")
+            return
+        kind = message.get("k")
+        if kind == "c":
+            for ticket in tickets.get(message["i"], ()):
+                ticket.cancel()
+        elif kind == "s":
+            rid, engine = message["i"], self.engines[message["m"]]
+            deadline = float(message["d"])
+            try:
+                submitted = engine.submit(values, deadline)
+            except ServiceError as exc:  # the authoritative admission: the door's snapshot may be a batch old
+                writer.write(channel.pack({"k": "r", "i": rid}, {"e": exc})[0])
+                return
+            tickets[rid] = submitted
+            self.pending += 1
+            job = asyncio.create_task(self.finish(rid, engine, submitted, deadline, values, writer, tickets))
+            jobs.add(job)
+            job.add_done_callback(jobs.discard)
+        elif kind == "a":
+            engine = self.engines[message["m"]]
+            timing = message.get("x")
+            engine.account(bool(message["ok"]), float(message["t"]), RequestTiming(*timing) if timing else None)
+        elif kind == "q":
+            engine = self.engines[message["m"]]
+            answer = engine.statistics if message["w"] == "stats" else engine.describe()
+            writer.write(channel.pack({"k": "q", "i": message["i"]}, answer)[0])
+
+    async def finish(
+        self,
+        rid: int,
+        engine: Engine,
+        submitted: list[Any],
+        deadline: float,
+        payloads: list[Any],
+        writer: asyncio.StreamWriter,
+        tickets: dict[int, list[Any]],
+    ) -> None:
+        answer: dict[str, Any]
+        try:
+            results = await engine.wait(submitted, deadline)
+            answer = {
+                "r": results,
+                "t": [[t.enqueued_at, t.queue_s, t.inference_s, t.batch_size] for t in submitted],
+            }
+        except ServiceError as exc:
+            answer = {"e": exc}
+        except Exception:
+            log.exception("request %d failed", rid)
+            answer = {"e": InternalError("internal error in the model process")}
+        finally:
+            tickets.pop(rid, None)
+            self.pending -= 1
+        try:
+            frame, _ = channel.pack({"k": "r", "i": rid}, answer, known={id(p): i for i, p in enumerate(payloads)})
+        except channel.Unsupported:
+            log.exception("an answer the channel cannot carry")
+            frame, _ = channel.pack({"k": "r", "i": rid}, {"e": InternalError("internal error in the model process")})
+        if not writer.is_closing():
+            writer.write(frame)
+
+
+async def serve(settings: Settings, path: str) -> int:
+    """Load the models, then serve front ends on the Unix socket ``path`` until SIGTERM; the exit code."""
+    runtime = Runtime(settings, Metrics())
+    unwatch_gc = runtime.metrics.watch_gc()
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)  # before loading: front ends connect at once and wait in the backlog
+    listener.listen(256)
+    listener.setblocking(False)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    from .main import _load, keep_memory
+
+    await _load(runtime, build_models)
+    if runtime.load_error is not None:
+        listener.close()
+        return 1
+    server = ModelServer(runtime)
+    acceptor = asyncio.create_task(server.accept(listener))
+    keeper = asyncio.create_task(keep_memory(runtime, memory.MemoryKeeper()))
+    log.info("model process %d ready: %d models on %s", os.getpid(), len(server.engines), path)
+    await stop.wait()
+    runtime.begin_drain()
+    started = time.monotonic()
+    while server.pending or not runtime.idle():  # the front ends drained first; this is what they left
+        if time.monotonic() - started > settings.drain_timeout_s:
+            log.warning("drain timeout with %d requests in flight", server.pending)
+            break
+        await asyncio.sleep(0.02)
+    acceptor.cancel()
+    keeper.cancel()
+    for job in [acceptor, keeper, *server.connections]:
+        job.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await job
+    listener.close()
+    for engine in runtime.engines():
+        await engine.stop()
+    unwatch_gc()
+    runtime.shutdown_executors()
+    log.info("model process drained in %.2fs; exiting", time.monotonic() - started)
+    return 0

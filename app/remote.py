@@ -1,0 +1,294 @@
+"""A front-end process's engines (PERCEIVER_API_PROCESSES >= 1, docs/front-ends.md): proxies for the model
+process's, which routes, /v2, gRPC and the door use as they use a local ``Engine``.
+
+``refusal`` reads the model's record in the admission table (shared memory; no round trip). ``submit`` writes
+the payloads into this process's slab and sends one message; ``wait`` awaits the answer, and a request that
+ends first (deadline, disconnect) sends a cancel, which the model process turns into ``Ticket.cancel``: its
+batcher drops the work or its forward pass skips it. The timings of the answer (queued, forward pass, batch
+size) come back with it, so responses, traces and statistics carry the model process's figures.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import socket
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+import torch
+
+from perceiver_core import PerceiverConfig
+
+from . import channel
+from .batching import QueueFull
+from .engine import BatchPolicy, Engine, RequestTiming, Statistics
+from .errors import DeadlineExceeded, NotReady, Overloaded, ServiceError
+from .runtime import Runtime
+from .tasks import TASKS
+
+log = logging.getLogger("perceiver.frontend")
+CONNECT_RETRY_S = 0.05
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What a front end knows of a model: its config (for decoding) and its device."""
+
+    config: PerceiverConfig
+    device: torch.device
+
+
+@dataclass(eq=False)
+class Request:
+    client: ModelClient
+    rid: int
+    future: asyncio.Future[dict[str, Any]]
+    payloads: Sequence[Any]
+    blocks: list[tuple[int, int]]
+    cancelled: bool = False
+
+    def cancel(self) -> None:
+        if not self.future.done() and not self.cancelled:
+            self.cancelled = True
+            self.client.send({"k": "c", "i": self.rid})
+
+
+@dataclass(eq=False)
+class RemoteTicket:
+    """What a route sees of one item: Ticket's timings, filled in from the model process's answer."""
+
+    request: Request
+    units: int
+    enqueued_at: float = 0.0
+    queue_s: float = 0.0
+    inference_s: float = 0.0
+    batch_size: int = 0
+
+    def cancel(self) -> None:
+        self.request.cancel()
+
+
+@dataclass
+class ModelClient:
+    """This front end's connection to the model process."""
+
+    runtime: Runtime
+    slab: channel.Slab
+    table: channel.StateView
+    writer: asyncio.StreamWriter
+    requests: dict[int, Request] = field(default_factory=dict)
+    queries: dict[int, asyncio.Future[Any]] = field(default_factory=dict)
+    ids: itertools.count[int] = field(default_factory=itertools.count)
+    closed: bool = False
+
+    def send(self, message: dict[str, Any], values: Any = None) -> None:
+        if self.closed or self.writer.is_closing():
+            return
+        self.writer.write(channel.pack(message, values)[0])
+
+    def submit(self, index: int, payloads: Sequence[Any], deadline: float) -> Request:
+        if self.closed:
+            raise NotReady("the model process has exited; retry shortly", {"Retry-After": "1"})
+        rid = next(self.ids)
+        frame, blocks = channel.pack({"k": "s", "i": rid, "m": index, "d": deadline}, list(payloads), slab=self.slab)
+        request = Request(self, rid, asyncio.get_running_loop().create_future(), payloads, blocks)
+        self.requests[rid] = request
+        self.writer.write(frame)
+        return request
+
+    async def ask(self, index: int, what: str) -> Any:
+        if self.closed:
+            raise NotReady("the model process has exited; retry shortly", {"Retry-After": "1"})
+        qid = next(self.ids)
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self.queries[qid] = future
+        self.send({"k": "q", "i": qid, "m": index, "w": what})
+        return await future
+
+    async def read(self, reader: asyncio.StreamReader) -> None:
+        """Answers, until the model process closes the connection."""
+        try:
+            while True:
+                body, tail = await channel.read_frame(reader)
+                self.answer(body, tail)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            self.close("the model process has exited")
+
+    def answer(self, body: bytes, tail: bytes) -> None:
+        import json
+
+        head = json.loads(body)
+        if head.get("k") == "q":
+            future = self.queries.pop(head["i"], None)
+            _, values = channel.unpack(body, tail)
+            if future is not None and not future.done():
+                future.set_result(values)
+            return
+        request = self.requests.pop(head["i"], None)
+        if request is None:
+            return
+        for offset, length in request.blocks:  # the model process copied them out on receipt
+            self.slab.give(offset, length)
+        try:
+            _, values = channel.unpack(body, tail, known=list(request.payloads))
+        except Exception as exc:
+            log.exception("an answer that could not be read")
+            values = {"e": exc}
+        if not request.future.done():
+            request.future.set_result(values)
+
+    def close(self, why: str) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if not self.runtime.draining:
+            log.error("%s; failing %d requests in flight", why, len(self.requests))
+            self.runtime.load_error = why  # readiness reports it; the supervisor takes the group down
+        error = NotReady(f"{why}; retry shortly", {"Retry-After": "1"})
+        for request in self.requests.values():
+            if not request.future.done():
+                request.future.set_result({"e": error})
+        self.requests.clear()
+        for future in self.queries.values():
+            if not future.done():
+                future.set_exception(error)
+        self.queries.clear()
+        self.writer.close()
+
+
+@dataclass(frozen=True)
+class RemoteEngine(Engine):
+    """An engine of the model process, as a front end uses it."""
+
+    client: ModelClient | None = None
+    index: int = 0
+    max_queue: int = 256
+    max_queue_delay_s: float | None = None
+    parameters: int = 0
+
+    def _client(self) -> ModelClient:
+        assert self.client is not None
+        return self.client
+
+    def refusal(self, deadline: float) -> Overloaded | None:
+        written, state = self._client().table.read(self.index)
+        why = channel.door(state, written, deadline, self.max_queue, self.max_queue_delay_s)
+        return None if why is None else self.overloaded(QueueFull(*why))
+
+    def submit(self, payloads: Sequence[Any], deadline: float) -> list[Any]:
+        self.admit(deadline)
+        request = self._client().submit(self.index, payloads, deadline)
+        return [RemoteTicket(request, self.task.units(p)) for p in payloads]
+
+    async def wait(self, tickets: list[Any], deadline: float) -> list[Any]:
+        request: Request = tickets[0].request
+        try:
+            async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                answer = await asyncio.shield(request.future)
+        except TimeoutError as exc:
+            raise DeadlineExceeded("the request did not finish before its deadline") from exc
+        finally:
+            request.cancel()  # no-op once answered
+        error = answer.get("e")
+        if isinstance(error, ServiceError):
+            raise error
+        if error is not None:
+            raise error
+        for ticket, (enqueued_at, queue_s, inference_s, batch_size) in zip(tickets, answer["t"], strict=True):
+            ticket.enqueued_at, ticket.queue_s, ticket.inference_s = enqueued_at, queue_s, inference_s
+            ticket.batch_size = batch_size
+        return cast(list[Any], answer["r"])
+
+    @property
+    def idle(self) -> bool:
+        return not self._client().requests
+
+    async def stop(self) -> None:
+        pass
+
+    def account(self, ok: bool, total_s: float, timing: RequestTiming | None) -> None:
+        x = None if timing is None else [timing.input_s, timing.queue_s, timing.infer_s, timing.output_s]
+        self._client().send({"k": "a", "m": self.index, "ok": ok, "t": total_s, "x": x})
+
+    async def statistics_now(self) -> Statistics:
+        return cast(Statistics, await self._client().ask(self.index, "stats"))
+
+    def describe(self) -> dict[str, Any]:
+        raise RuntimeError("a front end describes a model with describe_now() (the model process knows its state)")
+
+    async def describe_now(self) -> dict[str, Any]:
+        return cast(dict[str, Any], await self._client().ask(self.index, "describe"))
+
+
+def _handshake(path: str, slab: channel.Slab) -> tuple[socket.socket, dict[str, Any], int]:
+    """Connect (the model process may still be starting), give it the slab, and wait for its hello: sent once
+    its models are loaded and warm."""
+    while True:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.connect(path)
+            break
+        except (FileNotFoundError, ConnectionRefusedError):
+            sock.close()
+            time.sleep(CONNECT_RETRY_S)
+    channel.send_hello(sock, {"pid": os.getpid(), "slab": slab.size}, slab.fd)
+    hello, table_fd = channel.receive_hello(sock)
+    return sock, hello, table_fd
+
+
+async def connect(runtime: Runtime, path: str) -> None:
+    """Join the model process at ``path``, add its engines to ``runtime`` and read its answers until it closes
+    the connection (or this task is cancelled, at shutdown)."""
+    settings = runtime.settings
+    slab = channel.Slab(settings.api_slab_mb * 2**20)
+    try:
+        sock, hello, table_fd = await asyncio.to_thread(_handshake, path, slab)
+    except OSError as exc:
+        runtime.load_error = f"could not join the model process: {exc}"
+        return
+    sock.setblocking(False)
+    reader, writer = await asyncio.open_unix_connection(sock=sock)
+    client = ModelClient(runtime, slab, channel.StateView(table_fd, int(hello["table"])), writer)
+    decoder = channel.Decoder([])
+    for index, spec in enumerate(hello["engines"]):
+        task = TASKS[spec["task"]]
+        config = decoder.value(spec["config"])
+        policy = spec["policy"]
+        engine = RemoteEngine(
+            task=task,
+            variant=spec["variant"],
+            model=cast(Any, ModelInfo(config, torch.device(spec["device"]))),
+            source=spec["source"],
+            weights=spec["weights"],
+            dtype=spec["dtype"],
+            policy=BatchPolicy(
+                policy["max_batch_size"],
+                policy["source"],
+                policy["max_delay_ms"],
+                policy["max_batch_cost"],
+                {int(k): v for k, v in policy["per_item_ms"].items()},
+            ),
+            placement=spec["placement"],
+            batcher=cast(Any, None),
+            metrics=runtime.metrics,
+            load_s=spec["load_s"],
+            warmup_s=spec["warmup_s"],
+            client=client,
+            index=index,
+            max_queue=spec["max_queue"],
+            max_queue_delay_s=spec["max_queue_delay_s"],
+        )
+        runtime.add(engine)
+    runtime.ready = True
+    log.info("joined the model process: %s", ", ".join(e.name for e in runtime.engines()))
+    try:
+        await client.read(reader)
+    finally:
+        client.close("the connection to the model process closed")

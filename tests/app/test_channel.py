@@ -1,0 +1,196 @@
+"""The channel between front-end processes and the model process: values, slab, admission table."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+
+import numpy as np
+import pytest
+import torch
+
+import perceiver_core
+from app import channel
+from app.batching import EVERY, AdmissionState, Batcher, QueueFull, ServiceTime
+from app.engine import Duration, Statistics
+from app.errors import DeadlineExceeded, Overloaded
+from app.tasks import TASKS
+
+
+def roundtrip(values: object, slab: channel.Slab | None = None, known: list[object] | None = None) -> object:
+    ids = {id(v): i for i, v in enumerate(known or [])}
+    frame, blocks = channel.pack({"k": "x"}, values, slab=slab, known=ids)
+    size, tail = channel.HEADER.unpack(frame[: channel.HEADER.size])
+    body = frame[channel.HEADER.size : channel.HEADER.size + size]
+    assert len(frame) == channel.HEADER.size + size + tail
+    _, back = channel.unpack(body, frame[channel.HEADER.size + size :], slab.map if slab else None, known)
+    if slab is not None:
+        for offset, length in blocks:
+            slab.give(offset, length)
+    return back
+
+
+@pytest.mark.parametrize("task", list(TASKS.values()), ids=lambda t: t.name)
+def test_every_tasks_payloads_and_answers_cross_unchanged(task: object) -> None:
+    """Each task's warm-up payloads (every shape bucket) go through the slab, and the forward pass of what
+    arrives gives the same answers as of the originals; the answers come back equal, naming the payload."""
+    slab = channel.Slab(1 << 25)
+    for config in task.demo_configs.values():  # type: ignore[attr-defined]
+        torch.manual_seed(0)
+        model = perceiver_core.build_model(config).eval()
+        payloads = task.warmup_payloads(config)[:2]  # type: ignore[attr-defined]
+        arrived = roundtrip(payloads, slab)
+        with torch.inference_mode():
+            here = task.predict(model, payloads, EVERY)  # type: ignore[attr-defined]
+            there = task.predict(model, arrived, EVERY)  # type: ignore[attr-defined]
+        back = roundtrip({"r": there}, known=list(arrived))  # type: ignore[arg-type]
+        assert repr(back["r"]) == repr(here)  # type: ignore[index]
+        for result in back["r"]:  # type: ignore[index]
+            if hasattr(result, "payload"):  # optical flow's answer holds its payload: the front end's own
+                assert any(result.payload is p for p in arrived)  # type: ignore[union-attr]
+    assert slab.free == [(0, slab.size)]
+
+
+def test_values_keep_their_types() -> None:
+    values = {
+        "tuple": (1, 2.5, "x"),
+        "ints as keys": {1: "a", 2: "b"},
+        "$dollar": 1,
+        "bf16": torch.arange(6, dtype=torch.bfloat16).reshape(2, 3),
+        "empty": torch.empty(0, 4),
+        "scalar": torch.tensor(3.5),
+        "array": np.arange(12, dtype=np.int16).reshape(3, 4)[:, ::2],  # not contiguous
+        "bytes": b"\x00\xff" * 70_000,  # over the inline limit
+        "nan": float("nan"),
+        "stats": Statistics(success=Duration(2, 5), batches={4: Duration(1, 9)}),
+    }
+    back = roundtrip(values, channel.Slab(1 << 20))
+    assert isinstance(back, dict)
+    assert back["tuple"] == (1, 2.5, "x") and back["ints as keys"] == {1: "a", 2: "b"} and back["$dollar"] == 1
+    assert back["bf16"].dtype == torch.bfloat16 and torch.equal(back["bf16"], values["bf16"])
+    assert back["empty"].shape == (0, 4) and back["scalar"].item() == 3.5
+    assert np.array_equal(back["array"], values["array"]) and back["bytes"] == values["bytes"]
+    assert np.isnan(back["nan"]) and back["stats"] == values["stats"]
+
+
+def test_error_kinds_cross_with_their_status_headers_and_reason() -> None:
+    refused = Overloaded("busy", {"Retry-After": "3"}, reason="would_miss_deadline")
+    back = roundtrip([refused, DeadlineExceeded("late")])
+    assert isinstance(back, list)
+    assert type(back[0]) is Overloaded and back[0].status == 429 and back[0].headers == {"Retry-After": "3"}
+    assert back[0].reason == "would_miss_deadline" and str(back[0]) == "busy"
+    assert type(back[1]) is DeadlineExceeded and back[1].status == 504
+
+
+def test_nothing_outside_the_project_is_rebuilt() -> None:
+    """A message naming a class outside app/perceiver_core, or an error that is not an error kind, is refused:
+    the channel never becomes a way to call arbitrary constructors."""
+    for forged in (
+        {"$D": "subprocess:Popen", "f": {"args": ["true"]}},
+        {"$D": "os:system", "f": {}},
+        {"$E": "Exception", "m": "x", "h": {}, "r": None},
+        {"$N": 0, "d": "O", "s": [1]},
+    ):
+        with pytest.raises(channel.Unsupported):
+            channel.Decoder([memoryview(b"12345678")]).value(forged)
+    with pytest.raises(channel.Unsupported):
+        channel.Encoder().value(object())
+
+
+def test_slab_blocks_are_reused_and_coalesced() -> None:
+    slab = channel.Slab(1024)
+    a, b, c = slab.take(100), slab.take(200), slab.take(300)
+    assert (a, b, c) == (0, 128, 384)  # 64-byte aligned
+    assert slab.take(1024) is None  # no room: that payload travels inline
+    slab.give(b, 200)
+    slab.give(a, 100)
+    assert slab.free[0] == (0, 384)  # neighbours merged
+    slab.give(c, 300)
+    assert slab.free == [(0, 1024)] and slab.free_bytes == 1024
+
+
+def test_a_payload_that_does_not_fit_the_slab_travels_inline() -> None:
+    slab = channel.Slab(64 * 1024 * 2)
+    big = np.ones(300_000, dtype=np.uint8)
+    frame, blocks = channel.pack({"k": "s"}, [big], slab=slab)
+    assert blocks == [] and len(frame) > 300_000
+    assert np.array_equal(roundtrip([big], slab)[0], big)  # type: ignore[index]
+
+
+def test_hand_shake_passes_the_shared_memory() -> None:
+    left, right = socket.socketpair()
+    slab = channel.Slab(4096)
+    slab.map[:5] = b"hello"
+    channel.send_hello(left, {"pid": os.getpid(), "slab": slab.size}, slab.fd)
+    message, fd = channel.receive_hello(right)
+    assert message["slab"] == 4096
+    import mmap
+
+    seen = mmap.mmap(fd, 4096, prot=mmap.PROT_READ)
+    assert seen[:5] == b"hello"
+    slab.map[:5] = b"again"
+    assert seen[:5] == b"again"  # one memory, two processes' mappings
+    os.close(fd)
+    left.close()
+    right.close()
+
+
+def make_batcher(clock: list[float]) -> Batcher[int, int]:
+    return Batcher(
+        lambda payloads, batch: list(payloads),
+        __import__("concurrent.futures").futures.ThreadPoolExecutor(1),
+        max_batch_size=4,
+        max_delay_s=1.0,
+        max_queue=6,
+        max_queue_delay_s=2.0,
+        service_time=ServiceTime({1: 0.5, 4: 0.25}),
+        clock=lambda: clock[0],
+    )
+
+
+def test_the_door_decides_as_the_batcher_does() -> None:
+    """For queues of every length, a running batch at every point of its course and deadlines near and far,
+    the front end's door on the model process's snapshot refuses exactly what Batcher.admit refuses, with the
+    same reason and Retry-After; the snapshot is read back through the shared table."""
+
+    async def check() -> None:
+        clock = [100.0]
+        batcher = make_batcher(clock)
+        table = channel.StateTable(1)
+        view = channel.StateView(os.dup(table.fd), table.size)
+        batcher._running[1] = (100.0, 1.0)  # every lane busy, a batch of 1 s expected, started at t=100
+        compared = 0
+        for queued in range(7):
+            for elapsed in (0.0, 0.4, 0.9, 1.5):
+                clock[0] = 100.0
+                table.write(0, batcher.admission_state(), clock[0])
+                clock[0] = 100.0 + elapsed  # the snapshot ages: the running batch's rest shrinks
+                for budget in (0.5, 1.0, 2.0, 4.0, 30.0):
+                    deadline = clock[0] + budget
+                    try:
+                        batcher.admit(deadline)
+                        expected = None
+                    except QueueFull as exc:
+                        expected = (exc.reason, round(exc.retry_after_s, 6))
+                    written, state = view.read(0)
+                    why = channel.door(state, written, deadline, 6, 2.0, clock=lambda: clock[0])
+                    got = None if why is None else (why[2], round(why[1], 6))
+                    assert got == expected, (queued, elapsed, budget)
+                    compared += 1
+            batcher.submit(queued, deadline=None, admit=False)
+        assert compared == 7 * 4 * 5
+        await batcher.stop()
+
+    asyncio.run(check())
+
+
+def test_a_reader_never_sees_half_a_record() -> None:
+    table = channel.StateTable(2)
+    view = channel.StateView(os.dup(table.fd), table.size)
+    for i in range(200):
+        state = AdmissionState(i % 2 == 0, i, True, float(i), float(i), float(i))
+        table.write(1, state, float(i))
+        written, seen = view.read(1)
+        assert seen == state and written == float(i)
+    assert table.sequence[1] % 2 == 0

@@ -1,0 +1,286 @@
+"""PERCEIVER_API_PROCESSES=2: two front-end processes and one model process behind one port (docs/front-ends.md).
+
+Everything users have with one process must hold: the same answers, batches filling from both front ends,
+refusals at the door with Retry-After, deadlines, work that stops once its request has ended, drain on SIGTERM
+with nothing lost, metrics and statistics summed across processes, API keys, /v2, gRPC and the playground.
+Conditions are awaited (the model's queue as /v1/models reports it), never slept for.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import signal
+import socket
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+
+from .conftest import MEDIA, LiveServer, free_port, shifted_pair
+from .test_grpc import _infer_raw, _text_request
+from .test_lifecycle import STARTED, Server
+
+KEY = "front-end-test-key"
+AUTH = {"authorization": f"Bearer {KEY}"}
+
+
+def until(condition: Callable[[], bool], what: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.02)
+    raise TimeoutError(what)
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """The sum of a metric's samples with these labels, across the processes /metrics combined."""
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith((name + "{", name + " ")) and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+@pytest.fixture(scope="module")
+def front_ends(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    env = {
+        "PERCEIVER_API_PROCESSES": "2",
+        "PERCEIVER_DEMO_TASKS": '["classify-text", "classify"]',
+        "PERCEIVER_WARMUP": "false",
+        "PERCEIVER_MAX_DELAY_MS": "20",
+        "PERCEIVER_MAX_BODY_BYTES": str(4 * 1024 * 1024),
+        "PERCEIVER_API_KEYS": KEY,
+        "PERCEIVER_GRPC_PORT": str(free_port()),
+        "OTEL_TRACES_EXPORTER": "console",  # spans as JSON on stdout: the server's log
+        "OTEL_BSP_SCHEDULE_DELAY": "50",
+    }
+    server = Server(tmp_path_factory.mktemp("front-ends") / "log.jsonl", env)
+    server.grpc_target = f"127.0.0.1:{env['PERCEIVER_GRPC_PORT']}"  # type: ignore[attr-defined]
+    try:
+        server.wait_ready()
+        yield server
+        assert server.terminate() == 0
+    finally:
+        stop(server)
+
+
+def test_same_answers_as_one_process(front_ends: Server, demo_server: LiveServer) -> None:
+    """The demo models are the same (seeded) in both: every interface answers as the one-process server."""
+    image = (MEDIA / "cat.jpg").read_bytes()
+    v2_body = {"inputs": [{"name": "TEXT", "shape": [1], "datatype": "BYTES", "data": ["a test"]}]}
+    with httpx.Client(base_url=front_ends.url, timeout=60, headers=AUTH) as ours, demo_server.client() as one:
+        for path, kwargs in (
+            ("/v1/classify-text", {"json": {"text": ["hello", "world"], "top_k": 2}}),
+            ("/v1/classify", {"files": {"image": ("cat.jpg", image)}, "data": {"model": "conv"}}),
+            ("/v2/models/classify-text/infer", {"json": v2_body}),
+        ):
+            got, expected = ours.post(path, **kwargs), one.post(path, **kwargs)
+            assert got.status_code == expected.status_code == 200, got.text
+            answer = got.json()
+            answer.pop("id", None)
+            reference = expected.json()
+            reference.pop("id", None)
+            assert answer == reference
+        bad = ours.post("/v1/classify", files={"image": ("cat.jpg", image[:500])})
+        assert bad.status_code == 422 and bad.json()["error"]["type"] == "invalid_input"
+        assert httpx.post(front_ends.url + "/v1/classify-text", json={"text": "x"}).status_code == 401
+        assert ours.get("/").status_code == 200  # the playground
+        assert ours.get("/v2/models/classify-text/ready").status_code == 200
+    ours_grpc = _infer_raw(front_ends.grpc_target, _text_request(), timeout=60, metadata=[("x-api-key", KEY)])  # type: ignore[attr-defined]
+    one_grpc = _infer_raw(demo_server.grpc_target, _text_request(), timeout=60)
+    assert ours_grpc.raw_output_contents == one_grpc.raw_output_contents
+
+
+def test_batches_fill_from_both_front_ends_and_metrics_sum_them(front_ends: Server) -> None:
+    """Sixteen clients on fresh connections (the kernel spreads them over both front ends) share batches of
+    the one model process; /metrics on either front end counts every request and every batch."""
+
+    def ask(i: int) -> tuple[int, int]:
+        with httpx.Client(base_url=front_ends.url, timeout=60, headers=AUTH) as fresh:
+            r = fresh.post("/v1/classify-text", json={"text": f"request number {i}"})
+            return r.status_code, int(r.headers.get("x-batch-size", 0))
+
+    with httpx.Client(base_url=front_ends.url, timeout=60, headers=AUTH) as client:
+        before = client.get("/metrics").text
+        with ThreadPoolExecutor(16) as pool:
+            answers = list(pool.map(ask, range(48)))
+        after = client.get("/metrics").text
+        stats = client.get("/v2/models/classify-text/stats").json()["model_stats"][0]
+        models = client.get("/v1/models").json()["models"]
+    assert {status for status, _ in answers} == {200}
+    assert max(size for _, size in answers) > 1  # one forward pass served several requests
+    labels = {"task": "classify-text", "model": "classify-text"}
+    served = metric(after, "perceiver_requests_total", status="200", **labels) - metric(
+        before, "perceiver_requests_total", status="200", **labels
+    )
+    assert served == 48
+    rows = metric(after, "perceiver_batch_size_sum", **labels) - metric(before, "perceiver_batch_size_sum", **labels)
+    assert rows == 48  # the model process's batches held every request once
+    assert stats["inference_stats"]["success"]["count"] >= 48  # reported by both front ends to the model
+    assert stats["inference_count"] >= 48
+    assert {m["name"] for m in models} >= {"classify-text", "classify/learned"}
+    assert all(m["batching"]["queue_depth"] == 0 for m in models)
+    log = front_ends.log.read_text()
+    assert log.count("joined the model process") == 2 and log.count("connected") >= 2
+
+
+def test_a_trace_spans_the_front_end_and_the_model_process(front_ends: Server) -> None:
+    """The caller's trace continues in the front end's request span, with the decode and encode done there and
+    the queue and inference spans timed by the model process under it."""
+    trace_id = "5bf92f3577b34da6a3ce929d0e0e4736"
+    traceparent = f"00-{trace_id}-00f067aa0ba902b7-01"
+    with httpx.Client(base_url=front_ends.url, timeout=60, headers=AUTH) as client:
+        answer = client.post("/v1/classify-text", json={"text": "traced"}, headers={"traceparent": traceparent})
+    assert answer.status_code == 200
+    span = re.compile(r'"name": "([^"]+)",\s*"context": \{\s*"trace_id": "0x' + trace_id)
+
+    def names() -> set[str]:
+        return set(span.findall(front_ends.log.read_text()))
+
+    until(lambda: {"decode", "queue", "inference", "encode"} <= names(), "the spans exported")
+    assert "POST /v1/classify-text" in names()
+
+
+# ------------------------------------------------------------------------------------ one slow model
+
+
+@pytest.fixture
+def slow(tmp_path: Path) -> Iterator[Server]:
+    """Optical flow (seconds a pass here), one batch at a time of one pair, at most one request queued, and
+    deadlines far beyond any estimate: whether a request is refused depends on the queue alone."""
+    env = {
+        "PERCEIVER_API_PROCESSES": "2",
+        "PERCEIVER_DEMO_TASKS": '["optical-flow"]',
+        "PERCEIVER_WARMUP": "false",
+        "PERCEIVER_MAX_BATCH_SIZE": "1",
+        "PERCEIVER_CPU_LANES": "1",
+        "PERCEIVER_MAX_QUEUE_SIZE": "1",
+        "PERCEIVER_MAX_QUEUE_DELAY_MS": "600000",  # only the queue's bound refuses: no timing decides
+        "PERCEIVER_REQUEST_TIMEOUT_S": "600",
+        "PERCEIVER_DRAIN_TIMEOUT_S": "120",
+        "PERCEIVER_GRPC_PORT": "0",
+    }
+    server = Server(tmp_path / "log.jsonl", env)
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        stop(server)
+
+
+def stop(server: Server) -> None:
+    """Whatever a test left: the supervisor killed, and its children with it (they die with their parent)."""
+    if server.proc.poll() is None:
+        server.proc.kill()
+    server.proc.wait(timeout=60)
+    STARTED.remove(server.proc)
+
+
+def queue_depth(server: Server) -> int:
+    return int(httpx.get(server.url + "/v1/models", timeout=30).json()["models"][0]["batching"]["queue_depth"])
+
+
+def batches(server: Server) -> float:
+    return metric(httpx.get(server.url + "/metrics", timeout=30).text, "perceiver_batches_total")
+
+
+def flow(server: Server, timeout_ms: int | None = None, client_timeout: float = 300) -> httpx.Response:
+    first, second = shifted_pair(2, 1, size=(96, 128))
+    headers = {} if timeout_ms is None else {"x-request-timeout-ms": str(timeout_ms)}
+    return httpx.post(
+        server.url + "/v1/optical-flow",
+        files={"frame1": ("a.png", first), "frame2": ("b.png", second)},
+        headers=headers,
+        timeout=client_timeout,
+    )
+
+
+def test_refusals_deadlines_and_ended_work_across_processes(slow: Server) -> None:
+    with ThreadPoolExecutor(4) as pool:
+        running = pool.submit(flow, slow)
+        until(lambda: slow_started(slow), "a request in")
+        queued = pool.submit(flow, slow)
+        until(lambda: queue_depth(slow) == 1, "a request queued behind it")
+        refused = flow(slow)  # the queue holds one: the door (or the model process) refuses
+        assert refused.status_code == 429, refused.text
+        assert refused.json()["error"]["type"] == "overloaded" and int(refused.headers["retry-after"]) >= 1
+        assert running.result().status_code == 200 and queued.result().status_code == 200
+    until(lambda: queue_depth(slow) == 0, "idle")
+    done = batches(slow)
+    assert done == 2
+
+    # A request whose client leaves while it is queued never reaches the model.
+    with ThreadPoolExecutor(2) as pool:
+        running = pool.submit(flow, slow)
+        until(lambda: slow_started(slow, done), "a pass running")
+        with leaving_request(slow):
+            until(lambda: queue_depth(slow) == 1, "the leaving request queued")
+        assert running.result().status_code == 200
+    until(lambda: queue_depth(slow) == 0, "idle")
+    text = httpx.get(slow.url + "/metrics", timeout=30).text
+    assert metric(text, "perceiver_batches_total") == done + 1  # the one that stayed, not the one that left
+    assert metric(text, "perceiver_rejections_total", reason="cancelled") >= 1
+
+    # A deadline shorter than a pass: admitted (the model is idle), answered 504 at the deadline.
+    started = time.monotonic()
+    late = flow(slow, timeout_ms=300)
+    assert late.status_code == 504 and late.json()["error"]["type"] == "deadline_exceeded"
+    assert time.monotonic() - started < 60
+
+
+@contextlib.contextmanager
+def leaving_request(server: Server) -> Iterator[None]:
+    """A flow request sent whole on a socket of its own, which is closed (the client leaves) on exit."""
+    first, second = shifted_pair(2, 1, size=(96, 128))
+    request = httpx.Request(
+        "POST", server.url + "/v1/optical-flow", files={"frame1": ("a.png", first), "frame2": ("b.png", second)}
+    )
+    body = request.read()
+    head = "".join(f"{k}: {v}\r\n" for k, v in request.headers.items())
+    host, port = request.url.host, request.url.port
+    with socket.create_connection((host, port)) as sock:
+        sock.sendall(f"POST /v1/optical-flow HTTP/1.1\r\n{head}\r\n".encode() + body)
+        yield
+
+
+def slow_started(server: Server, done: float = 0) -> bool:
+    """A request is in (the front ends' inflight gauge), and no pass has finished since ``done`` were."""
+    text = httpx.get(server.url + "/metrics", timeout=30).text
+    return metric(text, "perceiver_inflight_requests") >= 1 and metric(text, "perceiver_batches_total") == done
+
+
+def test_sigterm_drains_both_front_ends_then_the_model_with_nothing_lost(slow: Server) -> None:
+    with ThreadPoolExecutor(2) as pool:
+        running = pool.submit(flow, slow)
+        until(lambda: slow_started(slow), "a pass running")
+        queued = pool.submit(flow, slow)
+        until(lambda: queue_depth(slow) == 1, "a request queued")
+        slow.proc.send_signal(signal.SIGTERM)
+        until(lambda: httpx.get(slow.url + "/readyz", timeout=5).status_code == 503, "readiness off")
+        late = httpx.post(slow.url + "/v1/optical-flow", timeout=30)
+        assert late.status_code == 503 and late.json()["error"]["type"] == "draining"
+        assert running.result().status_code == 200 and queued.result().status_code == 200
+    assert slow.proc.wait(timeout=120) == 0
+    lines = [json.loads(line) for line in slow.log.read_text().splitlines() if line.startswith("{")]
+    assert any("model process drained" in line["msg"] for line in lines)
+
+
+def test_when_the_model_process_dies_requests_get_503_and_the_group_stops(slow: Server) -> None:
+    """No hang and no half-alive server: the request in flight is answered 503 with Retry-After, and the
+    supervisor takes the front ends down and exits 1, for the orchestrator to restart it."""
+    found = re.search(r"model process (\d+) ready", slow.log.read_text())
+    assert found is not None
+    with ThreadPoolExecutor(1) as pool:
+        running = pool.submit(flow, slow)
+        until(lambda: slow_started(slow), "a request in")
+        os.kill(int(found[1]), signal.SIGKILL)
+        answer = running.result()
+    assert answer.status_code == 503 and answer.headers["retry-after"] == "1", answer.text
+    assert slow.proc.wait(timeout=120) == 1
