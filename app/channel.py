@@ -333,22 +333,34 @@ class StateTable:
 
 
 class StateView:
-    """A front end's side: reads an engine's record as the model process last wrote it."""
+    """A front end's side: reads an engine's record as the model process last wrote it.
+
+    A writer descheduled in the middle of a record (two cores, several processes) leaves its sequence odd for
+    as long as it waits for a core. The reader does not wait for it: after a few tries it answers the record it
+    last read whole, a few moments older (the model process admits again on submit, with its own state)."""
+
+    TRIES = 8
 
     def __init__(self, fd: int, size: int) -> None:
         self.map = mmap.mmap(fd, size, prot=mmap.PROT_READ)
         os.close(fd)
+        self.last: dict[int, tuple[float, AdmissionState]] = {}
 
     def read(self, index: int) -> tuple[float, AdmissionState]:
         at = index * RECORD_SIZE
-        for _ in range(1000):
+        for _ in range(self.TRIES):
             sequence, written, rest, queued, batch, queue_len, flags = RECORD.unpack_from(self.map, at)
             if sequence & 1:
                 continue
             (again,) = struct.unpack_from("<Q", self.map, at)
             if again == sequence:
-                return written, AdmissionState(bool(flags & 1), queue_len, bool(flags & 2), rest, queued, batch)
-        raise RuntimeError("the admission table is being rewritten without end")
+                state = AdmissionState(bool(flags & 1), queue_len, bool(flags & 2), rest, queued, batch)
+                self.last[index] = (written, state)
+                return written, state
+        return self.last.get(index, (0.0, IDLE))
+
+
+IDLE = AdmissionState(True, 0, False, 0.0, 0.0, 0.0)  # before anything was read: admit, the model process decides
 
 
 def door(

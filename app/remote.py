@@ -286,6 +286,9 @@ async def connect(runtime: Runtime, path: str) -> None:
             max_queue_delay_s=spec["max_queue_delay_s"],
         )
         runtime.add(engine)
+    from .main import freeze_startup_heap
+
+    freeze_startup_heap()  # as the model process does after loading: full collections skip the start-up heap
     runtime.ready = True
     log.info("joined the model process: %s", ", ".join(e.name for e in runtime.engines()))
     try:

@@ -194,3 +194,19 @@ def test_a_reader_never_sees_half_a_record() -> None:
         written, seen = view.read(1)
         assert seen == state and written == float(i)
     assert table.sequence[1] % 2 == 0
+
+
+def test_a_record_caught_mid_write_answers_the_last_one_read() -> None:
+    """A writer preempted between its two sequence bumps must not fail the door (it did: HTTP 500 under load
+    on two cores): the reader answers the record it last read whole."""
+    import struct
+
+    table = channel.StateTable(1)
+    view = channel.StateView(os.dup(table.fd), table.size)
+    written, state = view.read(0)
+    assert channel.door(state, written, None, 1, None) is None  # nothing written yet: admitted
+    whole = AdmissionState(False, 3, True, 0.5, 1.5, 0.2)
+    table.write(0, whole, 7.0)
+    assert view.read(0) == (7.0, whole)
+    struct.pack_into("<Q", table.map, 0, table.sequence[0] + 1)  # a writer stopped halfway
+    assert view.read(0) == (7.0, whole)
