@@ -148,6 +148,7 @@ class ModelClient:
         if self.closed:
             return
         self.closed = True
+        self.runtime.ready = False  # every readiness check (/readyz, /v2/health/ready, gRPC health) turns off
         if not self.runtime.draining:
             log.error("%s; failing %d requests in flight", why, len(self.requests))
             self.runtime.load_error = why  # readiness reports it; the supervisor takes the group down

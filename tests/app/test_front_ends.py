@@ -283,4 +283,21 @@ def test_when_the_model_process_dies_requests_get_503_and_the_group_stops(slow: 
         os.kill(int(found[1]), signal.SIGKILL)
         answer = running.result()
     assert answer.status_code == 503 and answer.headers["retry-after"] == "1", answer.text
+    with contextlib.suppress(httpx.TransportError):  # unless the group is already down
+        assert httpx.get(slow.url + "/v2/health/ready", timeout=5).status_code != 200
     assert slow.proc.wait(timeout=120) == 1
+
+
+def test_auto_starts_front_ends_on_gpu_hosts_only() -> None:
+    """auto follows the measurements: none on CPU hosts (docs/performance.md); with a GPU, CPUs less two, at most
+    four; an explicit count wins; workers > 1 and front ends do not combine."""
+    from app.settings import Settings
+
+    assert Settings(device="cpu").front_end_processes(cores=16) == 0
+    assert Settings(device="cuda").front_end_processes(cores=16) == 4
+    assert Settings(device="cuda").front_end_processes(cores=4) == 2
+    assert Settings(device="cuda").front_end_processes(cores=2) == 0
+    assert Settings(device="cpu", api_processes=3).front_end_processes(cores=2) == 3
+    assert Settings(device="cuda", workers=2).front_end_processes(cores=16) == 0
+    with pytest.raises(ValueError, match="choose one"):
+        Settings(workers=2, api_processes=2)
