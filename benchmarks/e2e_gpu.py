@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -83,11 +84,13 @@ def load(url: str, extra: list[str], out: Path) -> list[dict]:  # type: ignore[t
 
 
 def serve(
-    path: Path, workers: int, decoders: int, log: Path, device: str, extra: dict[str, str]
+    path: Path, workers: int, decoders: int, log: Path, device: str, extra: dict[str, str], fronts: int = 0
 ) -> tuple[subprocess.Popen[bytes], str]:
     return spawn(
         {
             **extra,
+            "PERCEIVER_API_PROCESSES": str(fronts),  # 0 unless asked: auto would pick front ends on a GPU host
+            **({"PERCEIVER_LOG_LEVEL": "INFO"} if fronts else {}),  # the model process logs its pid
             "PERCEIVER_DEVICE": device,
             "PERCEIVER_MODELS": json.dumps([{"task": "classify", "variant": "learned", "source": str(path)}]),
             "PERCEIVER_MAX_BATCH_SIZE": str(BATCH),
@@ -138,9 +141,10 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny model on the CPU: checks the script only")
     parser.add_argument(
         "--configs",
-        type=lambda s: [tuple(int(v) for v in c.split("x")) for c in s.split(",")],
-        default=[(1, 0), (1, 8)],
-        help="server configs as WORKERSxDECODE_PROCESSES, e.g. 1x0,1x8",
+        type=lambda s: [(*(int(v) for v in c.split("x")), 0)[:3] for c in s.split(",")],
+        default=[(1, 0, 0), (1, 8, 0)],
+        help="server configs as WORKERSxDECODE_PROCESSES[xFRONT_ENDS], e.g. 1x0,1x8,1x0x4 (FRONT_ENDS: "
+        "PERCEIVER_API_PROCESSES; py-spy then samples the model process)",
     )
     parser.add_argument("--pyspy", type=float, default=0, help="seconds of py-spy sampling of one server")
     parser.add_argument("--pyspy-on", default="", help="the upload size whose server is sampled (default: the first)")
@@ -160,17 +164,26 @@ def main() -> None:
     rows = []
     model_rate = model_level(ckpt, device, dtype)
     runs = [(image, cfg) for image in args.images.split(",") for cfg in args.configs]
-    for n, (spec, (workers, decoders)) in enumerate(runs):
+    for n, (spec, (workers, decoders, fronts)) in enumerate(runs):
         image, *flags = spec.split("-")
         raw, graphs, eager, cpujpeg = ("raw" in flags, "graphs" in flags, "eager" in flags, "cpujpeg" in flags)
         label = f"{workers} process" + ("es" if workers > 1 else "")
         label += f", decode in {decoders} processes" if decoders else ", decode in threads"
+        label += f", {fronts} front-end processes" if fronts else ""
         label += ", CUDA graphs" if graphs else ", eager" if eager else ""
         label += ", 12 MP JPEGs decoded on the CPU" if cpujpeg else ""
         extra = {"PERCEIVER_CUDA_GRAPHS": "true"} if graphs else {"PERCEIVER_CUDA_GRAPHS": "false"} if eager else {}
         if cpujpeg:
             extra["BENCH_CPU_JPEG_MIN_PIXELS"] = "8000000"
-        proc, url = serve(ckpt, workers, decoders, args.out / f"server-{n}.log", device, extra)
+        if cpujpeg and fronts:  # benchmarks.knobs patches its own process only, not the spawned front ends
+            print(f"skipped {spec} with {fronts} front ends: -cpujpeg needs one process", flush=True)
+            continue
+        log = args.out / f"server-{n}.log"
+        proc, url = serve(ckpt, workers, decoders, log, device, extra, fronts)
+        target = proc.pid
+        if fronts:
+            found = re.search(r"model process (\d+) ready", log.read_text())
+            target = int(found[1]) if found else proc.pid
         try:
             spy = None
             if args.pyspy and (spec == args.pyspy_on or (not args.pyspy_on and n == 0)):
@@ -179,7 +192,7 @@ def main() -> None:
                         "py-spy",
                         "record",
                         "-p",
-                        str(proc.pid),
+                        str(target),
                         "-d",
                         str(int(args.pyspy)),
                         "-f",
@@ -188,16 +201,19 @@ def main() -> None:
                         "--nonblocking",
                         *(["--gil"] if args.pyspy_gil else []),
                         "-o",
-                        str(args.out / "pyspy.txt"),
+                        str(args.out / f"pyspy-{n}.txt"),
                     ],
-                    stdout=(args.out / "pyspy.log").open("wb"),
+                    stdout=(args.out / f"pyspy-{n}.log").open("wb"),
                     stderr=subprocess.STDOUT,
                 )
             common = ["--duration", str(args.duration), "--warmup", "3", "--image", image, *(["--raw"] if raw else [])]
             sat = load(url, ["--concurrency", str(args.clients), *common], args.out / f"sat-{n}.json")[0]
             if spy is not None:
                 spy.wait(timeout=60)
-                summarize_pyspy(args.out / "pyspy.txt", args.out / "pyspy-summary.txt")
+                summary = args.out / f"pyspy-summary-{n}.txt"
+                summarize_pyspy(args.out / f"pyspy-{n}.txt", summary)
+                sampled = "the model process" if fronts else "the server"
+                summary.write_text(f"{label}, {spec}: {sampled}\n" + summary.read_text())
             half = load(url, ["--rate", f"{sat['throughput'] / 2:.0f}", *common], args.out / f"half-{n}.json")[0]
         finally:
             proc.send_signal(signal.SIGTERM)

@@ -6,7 +6,9 @@
 #   4. end to end: /v1/classify over HTTP with 451x300, 1920x1080 and 4032x3024 JPEG uploads (and the
 #      4032x3024 one as a raw body) against the model-level figure of the same checkpoint, with a py-spy
 #      sample of the server under saturation with phone photos, and 12 MP photos decoded on the CPU
-#      (-cpujpeg); a size may carry flags (-raw, -eager, -cpujpeg: see benchmarks/e2e_gpu.py);
+#      (-cpujpeg); a size may carry flags (-raw, -eager, -cpujpeg: see benchmarks/e2e_gpu.py); each with 0, 2
+#      and 4 front-end processes (PERCEIVER_API_PROCESSES; E2E_CONFIGS=1x0x0,1x0x1,1x0x2,1x0x4,1x0x8 for the
+#      whole sweep, in a call of its own), py-spy sampling the model process where there are front ends;
 #   5. model level: the published configs, ours vs transformers (bf16 by default), plus CUDA-graph replay;
 #   6. the wide-head attention kernel (Triton) compiled: its bf16 tests, then against the two GEMMs on every
 #      published wide call and head (benchmarks/wide_attention.py; the default follows this);
@@ -18,7 +20,8 @@
 # Knobs: BUDGET=540; DTYPES=bfloat16 (model dtypes; bf16 error is against transformers fp32 either way);
 # GRAPHS=0 (skip CUDA-graph variants); ONLY=flow,mlm (case-name filter);
 # IMAGES=small,hd,phone,phone-raw,phone-cpujpeg (flags: benchmarks/e2e_gpu.py);
-# PYSPY_ON=phone; PYSPY_GIL=1 (sample only threads holding the GIL); E2E_SECONDS=8;
+# PYSPY_ON=phone; PYSPY_GIL=1 (the default: sample only threads holding the GIL; 0 samples every thread); E2E_SECONDS=8;
+# E2E_CONFIGS=WORKERSxDECODE_PROCESSESxFRONT_ENDS,... (default 1x0x0,1x0x2,1x0x4);
 # TESTS=0 / JPEG=0 / DECODE=0 / E2E=0 / MODELS=0 / WIDEATTN=0 / LATMEM=0 / FLOWBF16=0 / PROFILE=0 to skip a stage.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
@@ -55,10 +58,11 @@ if [ "${DECODE:-1}" = 1 ]; then
 fi
 if [ "${E2E:-1}" = 1 ]; then
     stage "end to end"
-    timeout "$(left 300)" python3 benchmarks/e2e_gpu.py --out "$OUT" --duration "${E2E_SECONDS:-8}" --configs 1x0 \
+    timeout "$(left 360)" python3 benchmarks/e2e_gpu.py --out "$OUT" --duration "${E2E_SECONDS:-8}" \
+        --configs "${E2E_CONFIGS:-1x0x0,1x0x2,1x0x4}" \
         --images "${IMAGES:-small,hd,phone,phone-raw,phone-cpujpeg}" --pyspy 6 --pyspy-on "${PYSPY_ON:-phone}" \
-        ${PYSPY_GIL:+--pyspy-gil} 2>&1 | tail -9
-    [ -f "$OUT/pyspy-summary.txt" ] && head -30 "$OUT/pyspy-summary.txt"
+        $([ "${PYSPY_GIL:-1}" = 1 ] && echo --pyspy-gil) 2>&1 | tail -14
+    for summary in "$OUT"/pyspy-summary-*.txt; do [ -f "$summary" ] && head -16 "$summary"; done
 fi
 if [ "${MODELS:-1}" = 1 ]; then
     stage models
