@@ -35,7 +35,7 @@ from .batching import ADMISSION_MARGIN, AdmissionState
 
 HEADER = struct.Struct("<II")
 INLINE_MAX = 64 * 1024  # buffers up to this size ride in the message; larger ones go through the slab
-MAX_MESSAGE = 1 << 31  # a header announcing more is a broken peer, not a message
+MAX_MESSAGE = (1 << 32) - 1  # what the header's two unsigned 32-bit lengths can announce
 SLAB_ALIGN = 64
 
 # ---------------------------------------------------------------------------------------------- values
@@ -49,19 +49,31 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+# Where the classes a message may name live: payloads and results (app.tasks), statistics (app.engine), configs
+# and pre-processing layouts (perceiver_core). Anything else (app.runtime's Runtime, a torch class reached
+# through a module attribute) is refused.
+CARRIED_PACKAGES = ("app.tasks.", "perceiver_core.")
+
+
 def _allowed_class(path: str) -> type:
+    """The dataclass ``module:qualname`` names, if it is one of ours that a message may carry. Looked up in the
+    module's own namespace (no module ``__getattr__``, which could import), defined there, and never imported
+    here: only classes already loaded."""
     module_name, _, qualname = path.partition(":")
-    if not (module_name == "app" or module_name.startswith(("app.", "perceiver_core"))):
-        raise Unsupported(f"class {path} is not this project's")
-    module = sys.modules.get(module_name)  # never imports: only classes already loaded
+    if not (module_name == "app.engine" or module_name.startswith(CARRIED_PACKAGES)):
+        raise Unsupported(f"class {path} is not one the channel carries")
+    module = sys.modules.get(module_name)
     if module is None:
         raise Unsupported(f"module {module_name} is not loaded")
-    found: Any = module
+    found: Any = vars(module)
     for part in qualname.split("."):
-        found = getattr(found, part, None)
-    if not isinstance(found, type):
-        raise Unsupported(f"{path} is not a class")
-    return found
+        found = found.get(part) if isinstance(found, dict) else vars(found).get(part)
+        if not isinstance(found, type):
+            raise Unsupported(f"{path} is not a class")
+    cls: type = found
+    if cls.__module__ != module_name or cls.__qualname__ != qualname or not dataclasses.is_dataclass(cls):
+        raise Unsupported(f"{path} is not a dataclass defined there")
+    return cls
 
 
 class Encoder:
@@ -157,8 +169,6 @@ class Decoder:
             return error
         if "$D" in obj:
             cls = _allowed_class(obj["$D"])
-            if not dataclasses.is_dataclass(cls):
-                raise Unsupported(f"{obj['$D']} is not a dataclass")
             return cls(**{k: self.value(v) for k, v in obj["f"].items()})
         return {k: self.value(v) for k, v in obj.items()}
 
@@ -238,6 +248,11 @@ def pack(
     if table:
         message["b"] = table
     body = json.dumps(message, separators=(",", ":")).encode()
+    if len(body) + position > MAX_MESSAGE:
+        if slab is not None:
+            for offset, length in taken:
+                slab.give(offset, length)
+        raise Unsupported(f"a message of {len(body) + position} bytes is over the channel's {MAX_MESSAGE}")
     return b"".join([HEADER.pack(len(body), position), body, *inline]), taken
 
 

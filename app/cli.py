@@ -10,6 +10,7 @@ import argparse
 import contextlib
 import logging
 import os
+import shutil
 import signal
 import socket
 import sys
@@ -102,38 +103,39 @@ def _serve(settings: Settings, sockets: list[socket.socket] | None = None, model
     return int(server.exit_code)
 
 
-def die_with_parent() -> None:
-    """In a child of the supervisor: SIGTERM when the supervisor dies, however it dies (the OOM killer's SIGKILL
-    included), so that no process is left serving the port or holding the device without it (Linux)."""
+def die_with_parent(parent: int) -> None:
+    """In a child of the supervisor (pid ``parent``): SIGTERM when the supervisor dies, however it dies (the OOM
+    killer's SIGKILL included), so that no process is left serving the port or holding the device without it
+    (Linux). The supervisor may itself be pid 1 (the container's entrypoint), so it is named, not guessed."""
     if not sys.platform.startswith("linux"):
         return
     import ctypes
 
     pr_set_pdeathsig = 1
     ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
-    if os.getppid() == 1:  # the supervisor died before the call
+    if os.getppid() != parent:  # the supervisor died before the call
         os.kill(os.getpid(), signal.SIGTERM)
 
 
-def _worker(settings_json: str, sock: socket.socket) -> None:
-    die_with_parent()
+def _worker(settings_json: str, sock: socket.socket, parent: int) -> None:
+    die_with_parent(parent)
     sys.exit(_serve(Settings.model_validate_json(settings_json), [sock]))
 
 
-def _front_end(settings_json: str, sock: socket.socket, model_socket: str) -> None:
+def _front_end(settings_json: str, sock: socket.socket, model_socket: str, parent: int) -> None:
     import torch
 
-    die_with_parent()
+    die_with_parent(parent)
     torch.set_num_threads(1)  # a front end decodes in its own threads; the cores' torch threads are the model's
     sys.exit(_serve(Settings.model_validate_json(settings_json), [sock], model_socket))
 
 
-def _model_process(settings_json: str, path: str) -> None:
+def _model_process(settings_json: str, path: str, parent: int) -> None:
     import asyncio
 
     from . import model_process
 
-    die_with_parent()
+    die_with_parent(parent)
     settings = Settings.model_validate_json(settings_json)
     jsonlog.configure(settings.log_level)
     try:
@@ -174,16 +176,19 @@ def _supervise(settings: Settings) -> int:
     if fronts:
         settings = settings.model_copy(update={"api_processes": fronts})
     payload = settings.model_dump_json()
+    me = os.getpid()
     last: list[Any] = []  # stopped after every other process has exited
     if fronts:
         path = os.path.join(tempfile.mkdtemp(prefix="perceiver-model-"), "model.sock")
-        last = [context.Process(target=_model_process, args=(payload, path), name="model")]
+        last = [context.Process(target=_model_process, args=(payload, path, me), name="model")]
         procs = [
-            context.Process(target=_front_end, args=(payload, sock, path), name=f"front-end-{i}") for i in range(fronts)
+            context.Process(target=_front_end, args=(payload, sock, path, me), name=f"front-end-{i}")
+            for i in range(fronts)
         ]
     else:
         procs = [
-            context.Process(target=_worker, args=(payload, sock), name=f"worker-{i}") for i in range(settings.workers)
+            context.Process(target=_worker, args=(payload, sock, me), name=f"worker-{i}")
+            for i in range(settings.workers)
         ]
     stopping = False
 
@@ -206,6 +211,7 @@ def _supervise(settings: Settings) -> int:
     else:
         log.info("started %d workers on %s:%d", settings.workers, settings.host, settings.port)
     codes: dict[int, int] = {}
+    told_last = False
     everything = [*procs, *last]
     while len(codes) < len(everything):
         for proc in everything:
@@ -218,10 +224,13 @@ def _supervise(settings: Settings) -> int:
             if not stopping:  # a process died on its own: take the rest down, let the orchestrator restart us
                 log.error("%s exited with %s; stopping", proc.name, proc.exitcode)
                 forward(signal.SIGTERM, None)
-        if last and all(p.pid in codes for p in procs):
+        if last and not told_last and all(p.pid in codes for p in procs):
+            told_last = True  # once: a second signal would cut its exit short
             signal_all(signal.SIGTERM, last)  # the front ends have drained: nothing more will come
         time.sleep(0.2)
     sock.close()
+    if fronts:
+        shutil.rmtree(os.path.dirname(path), ignore_errors=True)
     return 0 if all(code == 0 for code in codes.values()) and stopping else 1
 
 

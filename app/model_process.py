@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
+import json
 import logging
 import mmap
 import os
@@ -30,6 +30,7 @@ from .runtime import Runtime
 from .settings import Settings
 
 log = logging.getLogger("perceiver.model")
+HELLO_TIMEOUT_S = 30.0
 
 
 def describe_engine(engine: Engine, settings: Settings) -> dict[str, Any]:
@@ -65,13 +66,15 @@ class ModelServer:
         self.table = channel.StateTable(len(self.engines))
         self.connections: set[asyncio.Task[None]] = set()
         self.pending = 0  # requests submitted and not yet answered, over every front end
-        for index, engine in enumerate(self.engines):
-            engine.batcher.on_change = functools.partial(self.publish, index, engine)
-            self.publish(index, engine)
+        for engine in self.engines:
+            engine.batcher.on_change = self.publish
+        self.publish()
 
-    def publish(self, index: int, engine: Engine) -> None:
-        batcher = engine.batcher
-        self.table.write(index, batcher.admission_state(), time.monotonic())
+    def publish(self) -> None:
+        """Every engine's record: a change of one batcher can change another's (CPU models share the lanes)."""
+        now = time.monotonic()
+        for index, engine in enumerate(self.engines):
+            self.table.write(index, engine.batcher.admission_state(), now)
 
     def hello(self) -> dict[str, Any]:
         return {"engines": [describe_engine(e, self.runtime.settings) for e in self.engines], "table": self.table.size}
@@ -88,15 +91,22 @@ class ModelServer:
         """One front end's connection: hand-shake (its slab for ours), then its messages until it closes."""
         loop = asyncio.get_running_loop()
         conn.setblocking(True)
+        conn.settimeout(HELLO_TIMEOUT_S)  # a peer that never sends its hello does not hold a thread for ever
+        slab: mmap.mmap | None = None
         try:
             hello, slab_fd = await loop.run_in_executor(None, channel.receive_hello, conn)
-            slab = mmap.mmap(slab_fd, int(hello["slab"]), prot=mmap.PROT_READ)
-            os.close(slab_fd)
+            try:
+                slab = mmap.mmap(slab_fd, int(hello["slab"]), prot=mmap.PROT_READ)
+            finally:
+                os.close(slab_fd)
             await loop.run_in_executor(None, channel.send_hello, conn, self.hello(), self.table.fd)
         except (OSError, ValueError, KeyError) as exc:
             log.warning("a front end's hand-shake failed: %s", exc)
+            if slab is not None:
+                slab.close()
             conn.close()
             return
+        conn.settimeout(None)
         conn.setblocking(False)
         reader, writer = await asyncio.open_unix_connection(sock=conn)
         log.info("front end %s connected", hello.get("pid"))
@@ -108,6 +118,8 @@ class ModelServer:
                 self.handle(body, tail, slab, writer, tickets, jobs)
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
+        except ValueError as exc:  # a frame header no front end of ours writes: the stream cannot be trusted
+            log.error("front end %s sent a broken frame (%s); closing its connection", hello.get("pid"), exc)
         finally:
             for queued in tickets.values():  # the front end is gone: nobody waits for these
                 for ticket in queued:
@@ -127,18 +139,40 @@ class ModelServer:
         tickets: dict[int, list[Any]],
         jobs: set[asyncio.Task[None]],
     ) -> None:
+        """One message. A message that fails is answered (when it asked something) and fails alone: the
+        connection, and every other request on it, carries on."""
         try:
-            message, values = channel.unpack(body, tail, slab)
-        except Exception:
-            log.exception("a front end sent a message that could not be read")
+            head = json.loads(body)
+        except ValueError:
+            log.exception("a front end sent a message that is not JSON")
             return
-        kind = message.get("k")
+        kind, rid = head.get("k"), head.get("i")
+        try:
+            self.dispatch(kind, rid, body, tail, slab, writer, tickets, jobs)
+        except Exception:
+            log.exception("a front end's %r message failed", kind)
+            if kind in ("s", "q") and isinstance(rid, int) and rid not in tickets:
+                error = InternalError("internal error in the model process")
+                writer.write(channel.pack({"k": "r" if kind == "s" else "q", "i": rid}, {"e": error})[0])
+
+    def dispatch(
+        self,
+        kind: Any,
+        rid: Any,
+        body: bytes,
+        tail: bytes,
+        slab: mmap.mmap,
+        writer: asyncio.StreamWriter,
+        tickets: dict[int, list[Any]],
+        jobs: set[asyncio.Task[None]],
+    ) -> None:
         if kind == "c":
-            for ticket in tickets.get(message["i"], ()):
+            for ticket in tickets.get(rid, ()):
                 ticket.cancel()
-        elif kind == "s":
-            rid, engine = message["i"], self.engines[message["m"]]
-            deadline = float(message["d"])
+            return
+        message, values = channel.unpack(body, tail, slab)
+        if kind == "s":
+            engine, deadline = self.engines[message["m"]], float(message["d"])
             try:
                 submitted = engine.submit(values, deadline)
             except ServiceError as exc:  # the authoritative admission: the door's snapshot may be a batch old
@@ -156,7 +190,7 @@ class ModelServer:
         elif kind == "q":
             engine = self.engines[message["m"]]
             answer = engine.statistics if message["w"] == "stats" else engine.describe()
-            writer.write(channel.pack({"k": "q", "i": message["i"]}, answer)[0])
+            writer.write(channel.pack({"k": "q", "i": rid}, {"r": answer})[0])
 
     async def finish(
         self,
@@ -183,9 +217,13 @@ class ModelServer:
         finally:
             tickets.pop(rid, None)
             self.pending -= 1
+        known = {id(p): i for i, p in enumerate(payloads)}
         try:
-            frame, _ = channel.pack({"k": "r", "i": rid}, answer, known={id(p): i for i, p in enumerate(payloads)})
-        except channel.Unsupported:
+            if engine.task.encode_offloaded and "r" in answer:  # flow fields, reconstructions: off the loop
+                frame, _ = await asyncio.to_thread(channel.pack, {"k": "r", "i": rid}, answer, known=known)
+            else:
+                frame, _ = channel.pack({"k": "r", "i": rid}, answer, known=known)
+        except Exception:
             log.exception("an answer the channel cannot carry")
             frame, _ = channel.pack({"k": "r", "i": rid}, {"e": InternalError("internal error in the model process")})
         if not writer.is_closing():
@@ -217,7 +255,9 @@ async def serve(settings: Settings, path: str) -> int:
     await stop.wait()
     runtime.begin_drain()
     started = time.monotonic()
-    while server.pending or not runtime.idle():  # the front ends drained first; this is what they left
+    # The supervisor signals once the front ends have drained and gone; a signal that reached every process at
+    # once (Ctrl-C in a terminal, a whole cgroup) waits for the front ends to finish what they accepted.
+    while server.pending or server.connections or not runtime.idle():
         if time.monotonic() - started > settings.drain_timeout_s:
             log.warning("drain timeout with %d requests in flight", server.pending)
             break

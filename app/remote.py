@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import logging
 import os
 import socket
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -27,12 +29,13 @@ from perceiver_core import PerceiverConfig
 from . import channel
 from .batching import QueueFull
 from .engine import BatchPolicy, Engine, RequestTiming, Statistics
-from .errors import DeadlineExceeded, NotReady, Overloaded, ServiceError
+from .errors import DeadlineExceeded, InternalError, NotReady, Overloaded, ServiceError
 from .runtime import Runtime
 from .tasks import TASKS
 
 log = logging.getLogger("perceiver.frontend")
 CONNECT_RETRY_S = 0.05
+CONNECT_REFUSED_S = 5.0  # a socket that refuses this long has no model process behind it
 
 
 @dataclass(frozen=True)
@@ -108,28 +111,37 @@ class ModelClient:
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self.queries[qid] = future
         self.send({"k": "q", "i": qid, "m": index, "w": what})
-        return await future
+        answer = await future
+        if isinstance(answer.get("e"), ServiceError):
+            raise answer["e"]
+        return answer["r"]
 
     async def read(self, reader: asyncio.StreamReader) -> None:
         """Answers, until the model process closes the connection."""
         try:
             while True:
                 body, tail = await channel.read_frame(reader)
-                self.answer(body, tail)
+                try:
+                    self.answer(body, tail)
+                except Exception:  # one answer that cannot be read fails its own request only
+                    log.exception("an answer from the model process could not be read")
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
         finally:
             self.close("the model process has exited")
 
     def answer(self, body: bytes, tail: bytes) -> None:
-        import json
-
         head = json.loads(body)
         if head.get("k") == "q":
             future = self.queries.pop(head["i"], None)
-            _, values = channel.unpack(body, tail)
-            if future is not None and not future.done():
-                future.set_result(values)
+            if future is None or future.done():
+                return
+            try:
+                _, values = channel.unpack(body, tail)
+            except Exception as exc:
+                future.set_exception(InternalError(f"the model process's answer could not be read ({exc})"))
+                raise
+            future.set_result(values)
             return
         request = self.requests.pop(head["i"], None)
         if request is None:
@@ -138,9 +150,9 @@ class ModelClient:
             self.slab.give(offset, length)
         try:
             _, values = channel.unpack(body, tail, known=list(request.payloads))
-        except Exception as exc:
+        except Exception:
             log.exception("an answer that could not be read")
-            values = {"e": exc}
+            values = {"e": InternalError("the model process's answer could not be read")}
         if not request.future.done():
             request.future.set_result(values)
 
@@ -201,7 +213,7 @@ class RemoteEngine(Engine):
         if isinstance(error, ServiceError):
             raise error
         if error is not None:
-            raise error
+            raise InternalError("the model process failed this request")
         for ticket, (enqueued_at, queue_s, inference_s, batch_size) in zip(tickets, answer["t"], strict=True):
             ticket.enqueued_at, ticket.queue_s, ticket.inference_s = enqueued_at, queue_s, inference_s
             ticket.batch_size = batch_size
@@ -230,18 +242,52 @@ class RemoteEngine(Engine):
 
 def _handshake(path: str, slab: channel.Slab) -> tuple[socket.socket, dict[str, Any], int]:
     """Connect (the model process may still be starting), give it the slab, and wait for its hello: sent once
-    its models are loaded and warm."""
+    its models are loaded and warm. A socket that refuses connections belongs to a model process that has
+    exited: that is an error after a few tries, not a reason to wait."""
+    refused = 0
     while True:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.connect(path)
             break
-        except (FileNotFoundError, ConnectionRefusedError):
+        except FileNotFoundError:  # not bound yet
             sock.close()
-            time.sleep(CONNECT_RETRY_S)
+        except ConnectionRefusedError:
+            sock.close()
+            refused += 1
+            if refused * CONNECT_RETRY_S > CONNECT_REFUSED_S:
+                raise
+        time.sleep(CONNECT_RETRY_S)
     channel.send_hello(sock, {"pid": os.getpid(), "slab": slab.size}, slab.fd)
     hello, table_fd = channel.receive_hello(sock)
     return sock, hello, table_fd
+
+
+async def _in_daemon_thread(fn: Any, *args: Any) -> Any:
+    """``fn(*args)`` in a daemon thread: a hand-shake that waits for a model process still loading must not keep
+    this process from exiting (an executor's threads are joined at exit)."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[Any] = loop.create_future()
+
+    def run() -> None:
+        try:
+            result = fn(*args)
+        except BaseException as exc:  # handed to the awaiting task
+            loop.call_soon_threadsafe(_settle, future, None, exc)
+        else:
+            loop.call_soon_threadsafe(_settle, future, result, None)
+
+    threading.Thread(target=run, name="model-handshake", daemon=True).start()
+    return await future
+
+
+def _settle(future: asyncio.Future[Any], result: Any, exc: BaseException | None) -> None:
+    if future.done():
+        return
+    if exc is not None:
+        future.set_exception(exc)
+    else:
+        future.set_result(result)
 
 
 async def connect(runtime: Runtime, path: str) -> None:
@@ -250,9 +296,10 @@ async def connect(runtime: Runtime, path: str) -> None:
     settings = runtime.settings
     slab = channel.Slab(settings.api_slab_mb * 2**20)
     try:
-        sock, hello, table_fd = await asyncio.to_thread(_handshake, path, slab)
-    except OSError as exc:
-        runtime.load_error = f"could not join the model process: {exc}"
+        sock, hello, table_fd = await _in_daemon_thread(_handshake, path, slab)
+    except Exception as exc:
+        runtime.load_error = f"could not join the model process: {type(exc).__name__}: {exc}"
+        log.error("%s", runtime.load_error)
         return
     sock.setblocking(False)
     reader, writer = await asyncio.open_unix_connection(sock=sock)

@@ -89,6 +89,10 @@ def test_nothing_outside_the_project_is_rebuilt() -> None:
     for forged in (
         {"$D": "subprocess:Popen", "f": {"args": ["true"]}},
         {"$D": "os:system", "f": {}},
+        {"$D": "app.runtime:Runtime", "f": {}},  # ours, but nothing a message carries
+        {"$D": "app.tasks.classify:np.lib.NumpyVersion", "f": {}},  # reached through a module attribute
+        {"$D": "app.channel:torch.export.graph_signature.TensorArgument", "f": {"name": "x"}},
+        {"$D": "perceiver_core.config:PerceiverConfig.__init__", "f": {}},
         {"$E": "Exception", "m": "x", "h": {}, "r": None},
         {"$N": 0, "d": "O", "s": [1]},
     ):

@@ -14,6 +14,8 @@ import os
 import re
 import signal
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -301,3 +303,13 @@ def test_auto_starts_front_ends_on_gpu_hosts_only() -> None:
     assert Settings(device="cuda", workers=2).front_end_processes(cores=16) == 0
     with pytest.raises(ValueError, match="choose one"):
         Settings(workers=2, api_processes=2)
+
+
+def test_a_child_dies_with_the_supervisor_it_names() -> None:
+    """die_with_parent compares with the supervisor's pid, which may be 1 (a container's entrypoint): a child
+    whose named parent is alive carries on; one whose named parent is gone stops (SIGTERM)."""
+    code = "import sys; from app.cli import die_with_parent; die_with_parent(int(sys.argv[1])); print('alive')"
+    alive = subprocess.run([sys.executable, "-c", code, str(os.getpid())], capture_output=True, text=True, check=False)
+    assert alive.returncode == 0 and "alive" in alive.stdout, alive.stderr
+    gone = subprocess.run([sys.executable, "-c", code, "1"], capture_output=True, text=True, check=False)
+    assert gone.returncode == -signal.SIGTERM and "alive" not in gone.stdout
