@@ -19,6 +19,7 @@ import os
 import signal
 import socket
 import time
+from dataclasses import dataclass, field
 from typing import Any
 
 from . import channel, memory
@@ -57,6 +58,16 @@ def describe_engine(engine: Engine, settings: Settings) -> dict[str, Any]:
         "max_queue": engine.batcher.max_queue,
         "max_queue_delay_s": engine.batcher.max_queue_delay_s,
     }
+
+
+@dataclass
+class Link:
+    """One front end's connection, as the model process keeps it."""
+
+    slab: mmap.mmap
+    writer: asyncio.StreamWriter
+    tickets: dict[int, list[Any]] = field(default_factory=dict)  # request id → its tickets, until answered
+    jobs: set[asyncio.Task[None]] = field(default_factory=set)
 
 
 class ModelServer:
@@ -110,12 +121,12 @@ class ModelServer:
         conn.setblocking(False)
         reader, writer = await asyncio.open_unix_connection(sock=conn)
         log.info("front end %s connected", hello.get("pid"))
-        tickets: dict[int, list[Any]] = {}
-        jobs: set[asyncio.Task[None]] = set()
+        link = Link(slab, writer)
+        tickets, jobs = link.tickets, link.jobs
         try:
             while True:
                 body, tail = await channel.read_frame(reader)
-                self.handle(body, tail, slab, writer, tickets, jobs)
+                self.handle(body, tail, link)
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
         except ValueError as exc:  # a frame header no front end of ours writes: the stream cannot be trusted
@@ -130,15 +141,7 @@ class ModelServer:
             slab.close()
             log.info("front end %s disconnected", hello.get("pid"))
 
-    def handle(
-        self,
-        body: bytes,
-        tail: bytes,
-        slab: mmap.mmap,
-        writer: asyncio.StreamWriter,
-        tickets: dict[int, list[Any]],
-        jobs: set[asyncio.Task[None]],
-    ) -> None:
+    def handle(self, body: bytes, tail: bytes, link: Link) -> None:
         """One message. A message that fails is answered (when it asked something) and fails alone: the
         connection, and every other request on it, carries on."""
         try:
@@ -148,29 +151,20 @@ class ModelServer:
             return
         kind, rid = head.get("k"), head.get("i")
         try:
-            self.dispatch(kind, rid, body, tail, slab, writer, tickets, jobs)
+            self.dispatch(kind, rid, body, tail, link)
         except Exception:
             log.exception("a front end's %r message failed", kind)
-            if kind in ("s", "q") and isinstance(rid, int) and rid not in tickets:
+            if kind in ("s", "q") and isinstance(rid, int) and rid not in link.tickets:
                 error = InternalError("internal error in the model process")
-                writer.write(channel.pack({"k": "r" if kind == "s" else "q", "i": rid}, {"e": error})[0])
+                link.writer.write(channel.pack({"k": "r" if kind == "s" else "q", "i": rid}, {"e": error})[0])
 
-    def dispatch(
-        self,
-        kind: Any,
-        rid: Any,
-        body: bytes,
-        tail: bytes,
-        slab: mmap.mmap,
-        writer: asyncio.StreamWriter,
-        tickets: dict[int, list[Any]],
-        jobs: set[asyncio.Task[None]],
-    ) -> None:
+    def dispatch(self, kind: Any, rid: Any, body: bytes, tail: bytes, link: Link) -> None:
+        writer, tickets = link.writer, link.tickets
         if kind == "c":
             for ticket in tickets.get(rid, ()):
                 ticket.cancel()
             return
-        message, values = channel.unpack(body, tail, slab)
+        message, values = channel.unpack(body, tail, link.slab)
         if kind == "s":
             engine, deadline = self.engines[message["m"]], float(message["d"])
             try:
@@ -180,9 +174,9 @@ class ModelServer:
                 return
             tickets[rid] = submitted
             self.pending += 1
-            job = asyncio.create_task(self.finish(rid, engine, submitted, deadline, values, writer, tickets))
-            jobs.add(job)
-            job.add_done_callback(jobs.discard)
+            job = asyncio.create_task(self.finish(rid, engine, submitted, deadline, values, link))
+            link.jobs.add(job)
+            job.add_done_callback(link.jobs.discard)
         elif kind == "a":
             engine = self.engines[message["m"]]
             timing = message.get("x")
@@ -199,8 +193,7 @@ class ModelServer:
         submitted: list[Any],
         deadline: float,
         payloads: list[Any],
-        writer: asyncio.StreamWriter,
-        tickets: dict[int, list[Any]],
+        link: Link,
     ) -> None:
         answer: dict[str, Any]
         try:
@@ -215,7 +208,7 @@ class ModelServer:
             log.exception("request %d failed", rid)
             answer = {"e": InternalError("internal error in the model process")}
         finally:
-            tickets.pop(rid, None)
+            link.tickets.pop(rid, None)
             self.pending -= 1
         known = {id(p): i for i, p in enumerate(payloads)}
         try:
@@ -226,8 +219,8 @@ class ModelServer:
         except Exception:
             log.exception("an answer the channel cannot carry")
             frame, _ = channel.pack({"k": "r", "i": rid}, {"e": InternalError("internal error in the model process")})
-        if not writer.is_closing():
-            writer.write(frame)
+        if not link.writer.is_closing():
+            link.writer.write(frame)
 
 
 async def serve(settings: Settings, path: str) -> int:
