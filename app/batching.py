@@ -414,6 +414,11 @@ class Batcher(Generic[P, R]):
         return len(self._queue)
 
     @property
+    def running(self) -> int:
+        """Batches in their forward pass now."""
+        return len(self._running)
+
+    @property
     def idle(self) -> bool:
         return not self._queue and not self._running
 

@@ -243,6 +243,7 @@ class Engine:
                 "max_delay_ms": policy.max_delay_ms,
                 "max_batch_cost": policy.max_batch_cost,
                 "queue_depth": self.batcher.depth,
+                "running": self.batcher.running,
                 "placement": self.placement,
             },
             "load_s": round(self.load_s, 3),

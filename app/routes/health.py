@@ -43,6 +43,7 @@ class Batching(BaseModel):
     max_delay_ms: float
     max_batch_cost: int | None
     queue_depth: int
+    running: int = Field(0, description="Batches in their forward pass now")
     placement: Literal["inference-thread", "lanes"] = Field(
         description="Where batches run: the one inference thread, or CPU lanes (batches of CPU models side by side)"
     )

@@ -189,6 +189,12 @@ def queue_depth(server: Server) -> int:
     return int(httpx.get(server.url + "/v1/models", timeout=30).json()["models"][0]["batching"]["queue_depth"])
 
 
+def in_pass(server: Server) -> bool:
+    """One batch in its forward pass, nothing queued: the model process's own state, via /v1/models."""
+    batching = httpx.get(server.url + "/v1/models", timeout=30).json()["models"][0]["batching"]
+    return bool(batching["running"] == 1 and batching["queue_depth"] == 0)
+
+
 def batches(server: Server) -> float:
     return metric(httpx.get(server.url + "/metrics", timeout=30).text, "perceiver_batches_total")
 
@@ -207,7 +213,7 @@ def flow(server: Server, timeout_ms: int | None = None, client_timeout: float = 
 def test_refusals_deadlines_and_ended_work_across_processes(slow: Server) -> None:
     with ThreadPoolExecutor(4) as pool:
         running = pool.submit(flow, slow)
-        until(lambda: slow_started(slow), "a request in")
+        until(lambda: in_pass(slow), "a pass running")
         queued = pool.submit(flow, slow)
         until(lambda: queue_depth(slow) == 1, "a request queued behind it")
         refused = flow(slow)  # the queue holds one: the door (or the model process) refuses
@@ -221,7 +227,7 @@ def test_refusals_deadlines_and_ended_work_across_processes(slow: Server) -> Non
     # A request whose client leaves while it is queued never reaches the model.
     with ThreadPoolExecutor(2) as pool:
         running = pool.submit(flow, slow)
-        until(lambda: slow_started(slow, done), "a pass running")
+        until(lambda: in_pass(slow), "a pass running")
         with leaving_request(slow):
             until(lambda: queue_depth(slow) == 1, "the leaving request queued")
         assert running.result().status_code == 200
@@ -252,16 +258,10 @@ def leaving_request(server: Server) -> Iterator[None]:
         yield
 
 
-def slow_started(server: Server, done: float = 0) -> bool:
-    """A request is in (the front ends' inflight gauge), and no pass has finished since ``done`` were."""
-    text = httpx.get(server.url + "/metrics", timeout=30).text
-    return metric(text, "perceiver_inflight_requests") >= 1 and metric(text, "perceiver_batches_total") == done
-
-
 def test_sigterm_drains_both_front_ends_then_the_model_with_nothing_lost(slow: Server) -> None:
     with ThreadPoolExecutor(2) as pool:
         running = pool.submit(flow, slow)
-        until(lambda: slow_started(slow), "a pass running")
+        until(lambda: in_pass(slow), "a pass running")
         queued = pool.submit(flow, slow)
         until(lambda: queue_depth(slow) == 1, "a request queued")
         slow.proc.send_signal(signal.SIGTERM)
@@ -281,7 +281,7 @@ def test_when_the_model_process_dies_requests_get_503_and_the_group_stops(slow: 
     assert found is not None
     with ThreadPoolExecutor(1) as pool:
         running = pool.submit(flow, slow)
-        until(lambda: slow_started(slow), "a request in")
+        until(lambda: in_pass(slow), "a pass running")
         os.kill(int(found[1]), signal.SIGKILL)
         answer = running.result()
     assert answer.status_code == 503 and answer.headers["retry-after"] == "1", answer.text
