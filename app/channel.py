@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from . import errors
-from .batching import ADMISSION_MARGIN, AdmissionState
+from .batching import AdmissionState
 
 HEADER = struct.Struct("<II")
 INLINE_MAX = 64 * 1024  # buffers up to this size ride in the message; larger ones go through the slab
@@ -256,11 +256,8 @@ def pack(
     return b"".join([HEADER.pack(len(body), position), body, *inline]), taken
 
 
-def unpack(
-    body: bytes, tail: bytes, slab: mmap.mmap | None = None, known: list[Any] | None = None
-) -> tuple[dict[str, Any], Any]:
-    """A frame's message and its decoded values (None when it has none); buffers in the slab are copied out."""
-    message = json.loads(body)
+def unpack(message: dict[str, Any], tail: bytes, slab: mmap.mmap | None = None, known: list[Any] | None = None) -> Any:
+    """A message's decoded values (None when it has none); buffers in the slab are copied out."""
     view = memoryview(tail)
     buffers: list[memoryview] = []
     for where, offset, length in message.get("b", ()):
@@ -275,16 +272,20 @@ def unpack(
     values = Decoder(buffers, known).value(message["v"]) if "v" in message else None
     for buffer in buffers:
         buffer.release()
-    return message, values
+    return values
 
 
-async def read_frame(reader: Any) -> tuple[bytes, bytes]:
-    """The next frame's JSON and inline bytes (asyncio.IncompleteReadError at the end of the stream)."""
+async def read_frame(reader: Any) -> tuple[dict[str, Any], bytes]:
+    """The next frame's message (its JSON, parsed once here) and inline bytes: asyncio.IncompleteReadError at the
+    end of the stream, ValueError for a frame no peer of ours writes (the stream cannot be trusted after it)."""
     header = await reader.readexactly(HEADER.size)
     size, tail = HEADER.unpack(header)
     if size + tail > MAX_MESSAGE:
         raise ValueError(f"a frame of {size + tail} bytes")
-    return await reader.readexactly(size), (await reader.readexactly(tail) if tail else b"")
+    message = json.loads(await reader.readexactly(size))
+    if not isinstance(message, dict):
+        raise ValueError("a frame whose message is not a JSON object")
+    return message, (await reader.readexactly(tail) if tail else b"")
 
 
 # ---------------------------------------------------------------------------------------------- hand-shake
@@ -390,6 +391,3 @@ def door(
     now = clock()
     rest = max(0.0, state.rest_s - (now - written))
     return state.refusal(deadline, now, max_queue, max_queue_delay_s, rest=rest)
-
-
-__all__ = ["ADMISSION_MARGIN", "Decoder", "Encoder", "Slab", "StateTable", "StateView", "door", "pack", "unpack"]

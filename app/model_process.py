@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import mmap
 import os
@@ -34,7 +33,7 @@ log = logging.getLogger("perceiver.model")
 HELLO_TIMEOUT_S = 30.0
 
 
-def describe_engine(engine: Engine, settings: Settings) -> dict[str, Any]:
+def describe_engine(engine: Engine) -> dict[str, Any]:
     """What a front end needs of an engine to build its proxy (JSON, with the config through the codec)."""
     policy = engine.policy
     return {
@@ -88,7 +87,7 @@ class ModelServer:
             self.table.write(index, engine.batcher.admission_state(), now)
 
     def hello(self) -> dict[str, Any]:
-        return {"engines": [describe_engine(e, self.runtime.settings) for e in self.engines], "table": self.table.size}
+        return {"engines": [describe_engine(e) for e in self.engines], "table": self.table.size}
 
     async def accept(self, listener: socket.socket) -> None:
         loop = asyncio.get_running_loop()
@@ -125,11 +124,11 @@ class ModelServer:
         tickets, jobs = link.tickets, link.jobs
         try:
             while True:
-                body, tail = await channel.read_frame(reader)
-                self.handle(body, tail, link)
+                message, tail = await channel.read_frame(reader)
+                self.handle(message, tail, link)
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
-        except ValueError as exc:  # a frame header no front end of ours writes: the stream cannot be trusted
+        except ValueError as exc:  # a frame no front end of ours writes: the stream cannot be trusted
             log.error("front end %s sent a broken frame (%s); closing its connection", hello.get("pid"), exc)
         finally:
             for queued in tickets.values():  # the front end is gone: nobody waits for these
@@ -141,30 +140,25 @@ class ModelServer:
             slab.close()
             log.info("front end %s disconnected", hello.get("pid"))
 
-    def handle(self, body: bytes, tail: bytes, link: Link) -> None:
+    def handle(self, message: dict[str, Any], tail: bytes, link: Link) -> None:
         """One message. A message that fails is answered (when it asked something) and fails alone: the
         connection, and every other request on it, carries on."""
+        kind, rid = message.get("k"), message.get("i")
         try:
-            head = json.loads(body)
-        except ValueError:
-            log.exception("a front end sent a message that is not JSON")
-            return
-        kind, rid = head.get("k"), head.get("i")
-        try:
-            self.dispatch(kind, rid, body, tail, link)
+            self.dispatch(kind, rid, message, tail, link)
         except Exception:
             log.exception("a front end's %r message failed", kind)
             if kind in ("s", "q") and isinstance(rid, int) and rid not in link.tickets:
                 error = InternalError("internal error in the model process")
                 link.writer.write(channel.pack({"k": "r" if kind == "s" else "q", "i": rid}, {"e": error})[0])
 
-    def dispatch(self, kind: Any, rid: Any, body: bytes, tail: bytes, link: Link) -> None:
+    def dispatch(self, kind: Any, rid: Any, message: dict[str, Any], tail: bytes, link: Link) -> None:
         writer, tickets = link.writer, link.tickets
         if kind == "c":
             for ticket in tickets.get(rid, ()):
                 ticket.cancel()
             return
-        message, values = channel.unpack(body, tail, link.slab)
+        values = channel.unpack(message, tail, link.slab)
         if kind == "s":
             engine, deadline = self.engines[message["m"]], float(message["d"])
             try:

@@ -11,8 +11,8 @@ size) come back with it, so responses, traces and statistics carry the model pro
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import itertools
-import json
 import logging
 import os
 import socket
@@ -120,24 +120,25 @@ class ModelClient:
         """Answers, until the model process closes the connection."""
         try:
             while True:
-                body, tail = await channel.read_frame(reader)
+                message, tail = await channel.read_frame(reader)
                 try:
-                    self.answer(body, tail)
+                    self.answer(message, tail)
                 except Exception:  # one answer that cannot be read fails its own request only
                     log.exception("an answer from the model process could not be read")
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
+        except ValueError:
+            log.exception("the model process sent a broken frame; closing the connection")
         finally:
             self.close("the model process has exited")
 
-    def answer(self, body: bytes, tail: bytes) -> None:
-        head = json.loads(body)
+    def answer(self, head: dict[str, Any], tail: bytes) -> None:
         if head.get("k") == "q":
             future = self.queries.pop(head["i"], None)
             if future is None or future.done():
                 return
             try:
-                _, values = channel.unpack(body, tail)
+                values = channel.unpack(head, tail)
             except Exception as exc:
                 future.set_exception(InternalError(f"the model process's answer could not be read ({exc})"))
                 raise
@@ -149,7 +150,7 @@ class ModelClient:
         for offset, length in request.blocks:  # the model process copied them out on receipt
             self.slab.give(offset, length)
         try:
-            _, values = channel.unpack(body, tail, known=list(request.payloads))
+            values = channel.unpack(head, tail, known=list(request.payloads))
         except Exception:
             log.exception("an answer that could not be read")
             values = {"e": InternalError("the model process's answer could not be read")}
@@ -184,7 +185,6 @@ class RemoteEngine(Engine):
     index: int = 0
     max_queue: int = 256
     max_queue_delay_s: float | None = None
-    parameters: int = 0
 
     def _client(self) -> ModelClient:
         assert self.client is not None
@@ -266,28 +266,16 @@ def _handshake(path: str, slab: channel.Slab) -> tuple[socket.socket, dict[str, 
 async def _in_daemon_thread(fn: Any, *args: Any) -> Any:
     """``fn(*args)`` in a daemon thread: a hand-shake that waits for a model process still loading must not keep
     this process from exiting (an executor's threads are joined at exit)."""
-    loop = asyncio.get_running_loop()
-    future: asyncio.Future[Any] = loop.create_future()
+    done: concurrent.futures.Future[Any] = concurrent.futures.Future()
 
     def run() -> None:
         try:
-            result = fn(*args)
+            done.set_result(fn(*args))
         except BaseException as exc:  # handed to the awaiting task
-            loop.call_soon_threadsafe(_settle, future, None, exc)
-        else:
-            loop.call_soon_threadsafe(_settle, future, result, None)
+            done.set_exception(exc)
 
     threading.Thread(target=run, name="model-handshake", daemon=True).start()
-    return await future
-
-
-def _settle(future: asyncio.Future[Any], result: Any, exc: BaseException | None) -> None:
-    if future.done():
-        return
-    if exc is not None:
-        future.set_exception(exc)
-    else:
-        future.set_result(result)
+    return await asyncio.wrap_future(done)
 
 
 async def connect(runtime: Runtime, path: str) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import socket
 
@@ -24,7 +25,7 @@ def roundtrip(values: object, slab: channel.Slab | None = None, known: list[obje
     size, tail = channel.HEADER.unpack(frame[: channel.HEADER.size])
     body = frame[channel.HEADER.size : channel.HEADER.size + size]
     assert len(frame) == channel.HEADER.size + size + tail
-    _, back = channel.unpack(body, frame[channel.HEADER.size + size :], slab.map if slab else None, known)
+    back = channel.unpack(json.loads(body), frame[channel.HEADER.size + size :], slab.map if slab else None, known)
     if slab is not None:
         for offset, length in blocks:
             slab.give(offset, length)

@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -219,12 +219,18 @@ def flow(server: Server, timeout_ms: int | None = None, client_timeout: float = 
     )
 
 
+def one_running_one_queued(pool: ThreadPoolExecutor, server: Server) -> tuple[Future[httpx.Response], ...]:
+    """Two flow requests: the first in its forward pass, then the second in the queue behind it."""
+    running = pool.submit(flow, server)
+    until(lambda: in_pass(server), "a pass running")
+    queued = pool.submit(flow, server)
+    until(lambda: queue_depth(server) == 1, "a request queued behind it")
+    return running, queued
+
+
 def test_refusals_deadlines_and_ended_work_across_processes(slow: Server) -> None:
     with ThreadPoolExecutor(4) as pool:
-        running = pool.submit(flow, slow)
-        until(lambda: in_pass(slow), "a pass running")
-        queued = pool.submit(flow, slow)
-        until(lambda: queue_depth(slow) == 1, "a request queued behind it")
+        running, queued = one_running_one_queued(pool, slow)
         refused = flow(slow)  # the queue holds one: the door (or the model process) refuses
         assert refused.status_code == 429, refused.text
         assert refused.json()["error"]["type"] == "overloaded" and int(refused.headers["retry-after"]) >= 1
@@ -269,10 +275,7 @@ def leaving_request(server: Server) -> Iterator[None]:
 
 def test_sigterm_drains_both_front_ends_then_the_model_with_nothing_lost(slow: Server) -> None:
     with ThreadPoolExecutor(2) as pool:
-        running = pool.submit(flow, slow)
-        until(lambda: in_pass(slow), "a pass running")
-        queued = pool.submit(flow, slow)
-        until(lambda: queue_depth(slow) == 1, "a request queued")
+        running, queued = one_running_one_queued(pool, slow)
         slow.proc.send_signal(signal.SIGTERM)
         until(lambda: httpx.get(slow.url + "/readyz", timeout=5).status_code == 503, "readiness off")
         late = httpx.post(slow.url + "/v1/optical-flow", timeout=30)
