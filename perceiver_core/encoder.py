@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor, nn
 
@@ -37,11 +39,18 @@ class PerceiverEncoder(nn.Module):
             for _ in range(config.num_self_attends_per_block)
         )
         self.num_blocks = config.num_blocks
+        # ``layer(z)`` compiled once for every latent layer (compiled.py); None runs them eagerly.
+        self.layer_call: Callable[[nn.Module, Tensor], Tensor] | None = None
 
     def forward(self, inputs: Tensor, mask: Tensor | None = None) -> Tensor:
         # The mask only applies to this cross-attention; the reference leaves self-attention unmasked.
         z = self.cross(self.latents.expand(inputs.shape[0], -1, -1), inputs, mask)
+        call = self.layer_call
         for _ in range(self.num_blocks):  # the same layers, applied num_blocks times
             for layer in self.layers:
-                z = layer(z)
+                if call is None:
+                    z = layer(z)
+                else:
+                    torch._dynamo.maybe_mark_dynamic(z, 0)  # one graph for every batch size above 1
+                    z = call(layer, z)
         return z

@@ -1,0 +1,110 @@
+"""The compiled latent block (perceiver_core/compiled.py): the same answers as transformers and as eager, one
+graph for every batch size above 1, and a compile cache that a second process reads instead of compiling."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from reference import Reference, make_inputs, reference_logits, relative_error
+from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+import perceiver_core
+from perceiver_core import compiled
+
+# Two heads whose latent layers have the same shapes (tests/reference.py's _BASE): one compile serves both.
+ARCHS = ["PerceiverForMaskedLM", "PerceiverForImageClassificationLearned"]
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _logits(model: perceiver_core.PerceiverHead, inputs: dict[str, object]) -> torch.Tensor:
+    with torch.inference_mode():  # as the server runs them
+        logits = model(**inputs).logits
+    assert isinstance(logits, torch.Tensor)
+    return logits
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_compiled_latent_block_matches_transformers_and_eager(arch: str, references: dict[str, Reference]) -> None:
+    ref = references[arch]
+    theirs = reference_logits(ref)
+    eager = perceiver_core.from_pretrained(ref.path)
+    model = perceiver_core.from_pretrained(ref.path)
+    compiled.compile_latent_block(model)
+    assert compiled.compiled(model) and not compiled.compiled(eager)
+    ours = _logits(model, ref.inputs)
+    if arch == "PerceiverForMaskedLM":  # transformers always decodes max_position_embeddings positions
+        theirs = theirs[:, : ours.shape[1]]
+    assert relative_error(ours, theirs) <= 1e-4
+    assert relative_error(ours, _logits(eager, ref.inputs)) <= 1e-5
+
+
+def test_one_graph_serves_every_batch_size_above_one(references: dict[str, Reference]) -> None:
+    """After warm_compiled (batch 1 and 2), batches of 3 and 5 run without compiling again, and each row is the
+    row eager computes for it alone in a batch."""
+    arch = "PerceiverForImageClassificationLearned"
+    ref = references[arch]
+    eager = perceiver_core.from_pretrained(ref.path)
+    model = perceiver_core.from_pretrained(ref.path)
+    compiled.compile_latent_block(model)
+    batches = {n: make_inputs(arch, model.config, batch=n, seed=n) for n in (1, 2, 3, 5)}
+    seconds = compiled.warm_compiled(model)
+    assert seconds > 0
+    graphs = len(_debug_get_cache_entry_list(compiled._run_layer.__code__))
+    assert graphs >= 2  # batch 1, and every other batch (more where other tests compiled other shapes)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for n in (3, 5, 2, 1):
+            ours = _logits(model, batches[n])
+            assert ours.shape[0] == n
+            assert relative_error(ours, _logits(eager, batches[n])) <= 1e-5
+    assert len(_debug_get_cache_entry_list(compiled._run_layer.__code__)) == graphs
+
+
+def test_compile_cache_dir_is_read_by_the_next_process(tmp_path: Path) -> None:
+    """The first process compiles and writes its kernels under the cache directory; a second one with the same
+    directory finds every graph there (Inductor's FX graph cache: hits, no misses) and computes the same logits."""
+    cache = tmp_path / "compile-cache"
+    script = textwrap.dedent(
+        f"""
+        import json, sys, torch
+        sys.path.insert(0, {str(ROOT / "tests")!r})
+        from perceiver_core import compiled
+        compiled.use_cache_dir({str(cache)!r})
+        from reference import _BASE, CONFIGS, make_inputs
+        from transformers import PerceiverConfig
+        import perceiver_core
+        from perceiver_core.checkpoint import config_from_dict
+        arch = "PerceiverForSequenceClassification"
+        raw = {{**_BASE, **CONFIGS[arch]}}
+        torch.manual_seed(0)
+        model = perceiver_core.build_model(config_from_dict({{**raw, "architectures": [arch]}})).eval()
+        compiled.compile_latent_block(model)
+        inputs = make_inputs(arch, PerceiverConfig(**raw), batch=2)
+        with torch.inference_mode():
+            logits = model(**inputs).logits
+        stats = torch._dynamo.utils.counters["inductor"]
+        print(json.dumps({{"hit": stats["fxgraph_cache_hit"], "miss": stats["fxgraph_cache_miss"],
+                           "logits": logits.flatten().tolist()}}))
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if k != compiled.CACHE_DIR_ENV}
+
+    def run() -> dict[str, object]:
+        done = subprocess.run(
+            [sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        return json.loads(done.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+    first = run()
+    assert first["miss"] >= 1 and first["hit"] == 0
+    assert any((cache / "fxgraph").rglob("*")), "nothing was written to the cache directory"
+    second = run()
+    assert second["hit"] == first["miss"] and second["miss"] == 0
+    assert second["logits"] == first["logits"]
