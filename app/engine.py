@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from perceiver_core import PerceiverHead
+from perceiver_core.compiled import compiled
 
 from .batching import EVERY, Batch, Batcher, BatchError, Cancelled, Expired, QueueFull, ServiceTime, Ticket
 from .cores import CoreShare
@@ -233,6 +234,7 @@ class Engine:
             "weights": self.weights,
             "dtype": self.dtype,
             "device": self.device,
+            "compile": "latent" if compiled(self.model) else "off",
             "parameters": sum(p.numel() for p in self.model.parameters()),
             **({"num_labels": config.num_labels} if self.task.labelled else {}),
             "batching": {

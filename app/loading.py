@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 import perceiver_core
+from perceiver_core import compiled
 from perceiver_core.graphs import enable_cuda_graphs
 
 from . import memory
@@ -378,10 +379,40 @@ def warm_service_time(policy: BatchPolicy, warm: WarmUp) -> ServiceTime:
     return ServiceTime(seed)
 
 
+def maybe_compile(settings: Settings, loaded: LoadedModel, cores: int) -> float:
+    """compile=latent: compile the model's latent block and run each of its graphs once, before
+    max_batch_size=auto or warm-up time a pass: a pass that compiles takes seconds, and a timing that held one
+    would bend the batch size and admission's first estimates. Dynamo makes a graph for batch 1 and one for every
+    larger batch, per torch thread count (it guards on it: Inductor's CPU kernels are built for one), so a CPU
+    model gets both at every count its core share can give a pass, 1 to ``cores``. The latent block sees
+    [B, latents, width] whatever the input's shape, so these graphs serve every bucket. Returns the seconds
+    taken."""
+    if settings.compile == "off":
+        return 0.0
+    if settings.compile_cache:
+        compiled.use_cache_dir(settings.compile_cache)
+    model, task = loaded.model, loaded.task
+    compiled.compile_latent_block(model)
+    sizes = (1,) if task.max_batch_size_cap == 1 else (1, 2)
+    threads = torch.get_num_threads()
+    counts = range(1, cores + 1) if model.device.type == "cpu" else [threads]
+    seconds = 0.0
+    try:
+        for count in counts:
+            torch.set_num_threads(count)
+            seconds += compiled.warm_compiled(model, sizes)
+    finally:
+        torch.set_num_threads(threads)
+    log.info("compiled %s's latent block in %.1fs (torch threads: %s)", loaded.name, seconds, list(counts))
+    return seconds
+
+
 async def start_engine(runtime: Runtime, loaded: LoadedModel) -> Engine:
-    """Decide the batch policy, warm up (both on the inference thread), then build the engine."""
+    """Compile (compile=latent), decide the batch policy, warm up (all on the inference thread), then build the
+    engine."""
     loop = asyncio.get_running_loop()
     settings = runtime.settings
+    compile_s = await loop.run_in_executor(runtime.inference_executor, maybe_compile, settings, loaded, runtime.cores)
     policy, deciding_s = await loop.run_in_executor(runtime.inference_executor, decide_policy, loaded, settings)
     maybe_enable_graphs(settings, loaded, policy)
     warm = WarmUp()
@@ -406,5 +437,5 @@ async def start_engine(runtime: Runtime, loaded: LoadedModel) -> Engine:
         policy=policy,
         service_time=warm_service_time(policy, warm),
         load_s=loaded.load_s,
-        warmup_s=deciding_s + warm.seconds,
+        warmup_s=compile_s + deciding_s + warm.seconds,
     )

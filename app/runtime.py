@@ -54,6 +54,11 @@ class Runtime:
                 self.settings.decode_processes, mp_context=multiprocessing.get_context("spawn")
             )
 
+    @property
+    def cores(self) -> int:
+        """torch threads a CPU forward pass may use at most (its core share gives it 1 to this many)."""
+        return self._cores
+
     def cpu_lanes(self) -> int:
         """Batches CPU models may run side by side: the setting (AUTO_CPU_LANES for auto), at most one per core."""
         wanted = AUTO_CPU_LANES if self.settings.cpu_lanes == "auto" else self.settings.cpu_lanes

@@ -187,6 +187,21 @@ class Settings(BaseSettings):
         "thread waits for the GIL around every kernel launch under HTTP load (docs/performance-history.md, H100 runs).",
         json_schema_extra=TUNING,
     )
+    compile: Literal["off", "latent"] = Field(
+        "off",
+        description="latent: torch.compile each model's latent transformer (one compiled layer serves every latent "
+        "layer, one graph every batch size above 1), compiled at start-up before warm-up measures anything. Same "
+        "answers within rounding; start-up takes the compile (docs/performance.md has it measured, cold and with "
+        "compile_cache). off: eager PyTorch.",
+        json_schema_extra=TUNING,
+    )
+    compile_cache: str | None = Field(
+        None,
+        description="Directory for compiled kernels (TORCHINDUCTOR_CACHE_DIR) that outlives the process: a restart "
+        "with compile=latent reads them instead of compiling again. It holds code the server runs: mount it "
+        "writable by the server only.",
+        json_schema_extra=TUNING,
+    )
     workers: int = Field(
         1,
         ge=1,

@@ -58,6 +58,7 @@ class ModelInfo(BaseModel):
     weights: Literal["pretrained", "random-init"]
     dtype: str
     device: str
+    compile: Literal["off", "latent"] = Field(description="Whether the latent block runs compiled (compile setting)")
     parameters: int
     num_labels: int | None = Field(None, description="Classes the model predicts (absent where it means nothing)")
     batching: Batching
