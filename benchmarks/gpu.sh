@@ -15,7 +15,9 @@
 #      published wide call and head (benchmarks/wide_attention.py; the default follows this);
 #   7. latency and memory per head (batch 1 and saturating: p50, p99, peak memory a pass);
 #   8. optical flow bf16 against transformers fp32, module by module, with the two GEMMs and with the kernel;
-#   9. a profiled forward per head (top CUDA kernels), if time is left.
+#   9. the compiled latent block (PERCEIVER_COMPILE=latent): compile seconds cold and from the cache, and eager
+#      against compiled a pass, with and without CUDA graphs (benchmarks/compile_cost.py; COMPILE_CASES);
+#  10. a profiled forward per head (top CUDA kernels), if time is left.
 # Installs the serving dependencies the GPU image lacks from wheels in .whl/ (see docs/performance.md).
 # Results (JSON + markdown) go to $OUT, or benchmarks/results/gpu.
 # Knobs: BUDGET=540; DTYPES=bfloat16 (model dtypes; bf16 error is against transformers fp32 either way);
@@ -23,7 +25,8 @@
 # IMAGES=small,hd,phone (add phone-raw, phone-cpujpeg: flags in benchmarks/e2e_gpu.py);
 # PYSPY_ON=phone; PYSPY_GIL=1 (the default: sample only threads holding the GIL; 0 samples every thread); E2E_SECONDS=8;
 # E2E_CONFIGS=WORKERSxDECODE_PROCESSESxFRONT_ENDS,... (default 1x0x0,1x0x4);
-# TESTS=0 / E2E=0 / MODELS=0 / WIDEATTN=0 / LATMEM=0 / FLOWBF16=0 / PROFILE=0 to skip a stage (JPEG=1 and
+# COMPILE_CASES=image-learned,mlm 2048,optical flow (case-name substrings for stage 9);
+# TESTS=0 / E2E=0 / MODELS=0 / WIDEATTN=0 / LATMEM=0 / FLOWBF16=0 / COMPILE=0 / PROFILE=0 to skip a stage (JPEG=1 and
 # DECODE=1 to run those two). The stages' own caps add up to more than BUDGET: the later ones get what is left.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
@@ -99,6 +102,13 @@ if [ "${FLOWBF16:-1}" = 1 ]; then
     PERCEIVER_WIDE_ATTENTION=fused timeout "$(left 120)" python3 benchmarks/flow_bf16.py --device cuda \
         > "$OUT/flow-bf16-fused.md" 2>&1
     head -3 "$OUT/flow-bf16-fused.md"
+fi
+if [ "${COMPILE:-1}" = 1 ]; then
+    stage "compiled latent block: compile cold and cached, eager against compiled"
+    IFS=, read -r -a compile_cases <<< "${COMPILE_CASES:-image-learned,mlm 2048,optical flow}"
+    timeout "$(left 240)" python3 benchmarks/compile_cost.py --suite gpu --device cuda --dtype bfloat16 --reps 10 \
+        --budget 8 --cases "${compile_cases[@]}" > "$OUT/compile.log" 2>&1
+    grep -v "^{" "$OUT/compile.log" | tail -10
 fi
 if [ "${PROFILE:-1}" = 1 ] && [ $((END - SECONDS)) -gt 60 ]; then
     stage profile
