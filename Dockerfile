@@ -2,6 +2,7 @@
 # Perceiver IO serving image. CUDA runtime by default; `--build-arg VARIANT=cpu` for a CPU-only image.
 #   docker build -t perceiver-serve:cuda .
 #   docker build --build-arg VARIANT=cpu -t perceiver-serve:cpu .
+#   docker build --build-arg COMPILER=true ...   adds a C compiler (PERCEIVER_COMPILE, PERCEIVER_WIDE_ATTENTION)
 # Weights are never baked in: mount a checkpoint directory or a Hugging Face cache at /models.
 
 ARG VARIANT=cuda
@@ -38,9 +39,19 @@ COPY app ./app
 # tracing: OpenTelemetry, off unless PERCEIVER_TRACING or the OTEL_* variables turn it on (README, Settings).
 RUN pip install -c requirements/constraints.txt ".[gpu,tracing]"
 
-# Runtime: the same base, the virtualenv, and nothing else (no compilers, no sources, no secrets).
+# Runtime: the same base, the virtualenv, and nothing else (no compilers unless COMPILER=true, no sources, no secrets).
 # hadolint ignore=DL3006
 FROM base-${VARIANT} AS runtime
+# PERCEIVER_COMPILE=latent and PERCEIVER_WIDE_ATTENTION=fused build kernels when the server starts, and need a C
+# compiler for it (Inductor's CPU kernels, Triton's launcher) and Python's headers (the CPU image's Python has
+# them; the CUDA image's is Ubuntu's, whose headers are python3-dev). Without them they log why and run eagerly.
+ARG COMPILER=false
+# hadolint ignore=DL3008
+RUN if [ "${COMPILER}" = true ]; then \
+        headers=python3-dev; [ -x /usr/local/bin/python3 ] && headers=; \
+        apt-get update && apt-get install -y --no-install-recommends gcc g++ libc6-dev ${headers} \
+        && rm -rf /var/lib/apt/lists/*; \
+    fi
 COPY --from=builder /opt/venv /opt/venv
 # A fixed non-root uid so Kubernetes can enforce runAsNonRoot and volume ownership (fsGroup) predictably.
 RUN useradd --uid 10001 --user-group --no-create-home --home-dir /tmp --shell /usr/sbin/nologin perceiver \

@@ -379,32 +379,49 @@ def warm_service_time(policy: BatchPolicy, warm: WarmUp) -> ServiceTime:
     return ServiceTime(seed)
 
 
+_compile_failed: str | None = None  # why compiling failed in this process: the later models are not tried
+
+
 def maybe_compile(settings: Settings, loaded: LoadedModel, cores: int) -> float:
     """compile=latent: compile the model's latent block and run each of its graphs once, before
     max_batch_size=auto or warm-up time a pass: a pass that compiles takes seconds, and a timing that held one
     would bend the batch size and admission's first estimates. Dynamo makes a graph for batch 1 and one for every
     larger batch, per torch thread count (it guards on it: Inductor's CPU kernels are built for one), so a CPU
     model gets both at every count its core share can give a pass, 1 to ``cores``. The latent block sees
-    [B, latents, width] whatever the input's shape, so these graphs serve every bucket. Returns the seconds
-    taken."""
-    if settings.compile == "off":
+    [B, latents, width] whatever the input's shape, so these graphs serve every bucket.
+
+    Compiling needs a C compiler at run time (Inductor's CPU kernels, Triton's launcher on CUDA), which the
+    project's image leaves out unless built with COMPILER=true: where it fails, the log says why once and every
+    model is served eagerly (/v1/models shows compile "off"). Returns the seconds taken."""
+    global _compile_failed
+    if settings.compile == "off" or _compile_failed is not None:
         return 0.0
     if settings.compile_cache:
         compiled.use_cache_dir(settings.compile_cache)
     model, task = loaded.model, loaded.task
-    compiled.compile_latent_block(model)
     sizes = (1,) if task.max_batch_size_cap == 1 else (1, 2)
     threads = torch.get_num_threads()
     counts = range(1, cores + 1) if model.device.type == "cpu" else [threads]
-    seconds = 0.0
+    started = time.monotonic()
+    compiled.compile_latent_block(model)
     try:
         for count in counts:
             torch.set_num_threads(count)
-            seconds += compiled.warm_compiled(model, sizes)
+            compiled.warm_compiled(model, sizes)
+    except Exception as exc:  # no C compiler, an op Inductor cannot lower: eager is correct, only slower
+        compiled.uncompile(model)
+        first_line = str(exc).strip().split("\n", 1)[0]  # torch appends lines of advice for its own developers
+        _compile_failed = f"{type(exc).__name__}: {first_line[:300]}"
+        log.warning(
+            "PERCEIVER_COMPILE=latent: compiling %s's latent block failed (%s); serving every model eagerly",
+            loaded.name,
+            _compile_failed,
+        )
+    else:
+        log.info("compiled %s's latent block (torch threads: %s)", loaded.name, list(counts))
     finally:
         torch.set_num_threads(threads)
-    log.info("compiled %s's latent block in %.1fs (torch threads: %s)", loaded.name, seconds, list(counts))
-    return seconds
+    return time.monotonic() - started
 
 
 async def start_engine(runtime: Runtime, loaded: LoadedModel) -> Engine:

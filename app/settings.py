@@ -192,7 +192,8 @@ class Settings(BaseSettings):
         description="latent: torch.compile each model's latent transformer (one compiled layer serves every latent "
         "layer, one graph every batch size above 1), compiled at start-up before warm-up measures anything. Same "
         "answers within rounding; start-up takes the compile (docs/performance.md has it measured, cold and with "
-        "compile_cache). off: eager PyTorch.",
+        "compile_cache). Needs a C compiler at run time (the image: --build-arg COMPILER=true); without one the log "
+        "says why and the models run eagerly. off: eager PyTorch.",
         json_schema_extra=TUNING,
     )
     compile_cache: str | None = Field(

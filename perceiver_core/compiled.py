@@ -87,6 +87,11 @@ def compile_latent_block(model: nn.Module) -> None:
     _encoder(model).layer_call = compiled_layer()
 
 
+def uncompile(model: nn.Module) -> None:
+    """Run ``model``'s latent block eagerly again."""
+    _encoder(model).layer_call = None
+
+
 def compiled(model: nn.Module) -> bool:
     encoder = getattr(model, "encoder", None)
     return isinstance(encoder, PerceiverEncoder) and encoder.layer_call is not None

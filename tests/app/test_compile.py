@@ -3,15 +3,19 @@ as the eager model does."""
 
 from __future__ import annotations
 
+import json
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from torch._dynamo.utils import counters
 
 from app import loading
 
 from .conftest import LiveServer
+from .test_lifecycle import Server
 
 TEXTS = ["a compiled latent block", "Ünïcödé is fine: 日本語 🚀", "x" * 300, "short", "the same answers, faster"]
 
@@ -64,3 +68,34 @@ def test_compiled_server_compiles_before_timing_and_answers_as_eager(monkeypatch
         server.stop()
     for ours, eager in zip(compiled_scores, eager_scores, strict=True):
         assert ours == pytest.approx(eager, abs=1e-5)
+
+
+def test_without_a_c_compiler_the_server_serves_eagerly_and_says_why(tmp_path: Path) -> None:
+    """The project's image has no C compiler unless built with COMPILER=true, and Inductor needs one for its CPU
+    kernels. A server whose compiler is missing (CXX names none) and whose cache is empty fails to compile for
+    real, comes up eager all the same, and /v1/models and the log say so."""
+    env = {
+        "CXX": str(tmp_path / "no-such-c++"),
+        "PERCEIVER_DEMO_TASKS": '["classify-text", "fill-mask"]',
+        "PERCEIVER_COMPILE": "latent",
+        "PERCEIVER_COMPILE_CACHE": str(tmp_path / "cache"),
+        "PERCEIVER_API_PROCESSES": "0",
+    }
+    server = Server(tmp_path / "log.jsonl", env)
+    try:
+        server.wait_ready(timeout=600)
+        models = httpx.get(server.url + "/v1/models", timeout=30).json()["models"]
+        r = httpx.post(server.url + "/v1/classify-text", json={"text": "eager after all"}, timeout=60)
+        assert server.terminate() == 0
+    finally:
+        if server.proc.poll() is None:
+            server.proc.kill()
+    assert [m["compile"] for m in models] == ["off", "off"]
+    assert r.status_code == 200, r.text
+    failures = [
+        json.loads(line)["msg"]
+        for line in server.log.read_text().splitlines()
+        if line.startswith("{") and "latent block failed" in line
+    ]
+    assert len(failures) == 1, failures  # said once; the second model is not tried
+    assert "serving every model eagerly" in failures[0] and "Compiler" in failures[0], failures
