@@ -387,33 +387,37 @@ def maybe_compile(settings: Settings, loaded: LoadedModel, cores: int) -> float:
     max_batch_size=auto or warm-up time a pass: a pass that compiles takes seconds, and a timing that held one
     would bend the batch size and admission's first estimates. Dynamo makes a graph for batch 1 and one for every
     larger batch, per torch thread count (it guards on it: Inductor's CPU kernels are built for one), so a CPU
-    model gets both at every count its core share can give a pass, 1 to ``cores``. The latent block sees
-    [B, latents, width] whatever the input's shape, so these graphs serve every bucket.
+    model gets both at every count its core share can give a pass, 1 to ``cores``: start-up grows with the
+    cores. The latent block sees [B, latents, width] whatever the input's shape, so these graphs serve every
+    bucket.
 
     Compiling needs a C compiler at run time (Inductor's CPU kernels, Triton's launcher on CUDA), which the
-    project's image leaves out unless built with COMPILER=true: where it fails, the log says why once and every
-    model is served eagerly (/v1/models shows compile "off"). Returns the seconds taken."""
+    project's image leaves out unless built with COMPILER=true. Where compiling fails (that, an op Inductor
+    cannot lower, the recompile limit), the log says why once, and this model and every one loaded after it are
+    served eagerly (/v1/models shows compile "off"). Returns the seconds taken."""
     global _compile_failed
     if settings.compile == "off" or _compile_failed is not None:
         return 0.0
-    if settings.compile_cache:
-        compiled.use_cache_dir(settings.compile_cache)
     model, task = loaded.model, loaded.task
     sizes = (1,) if task.max_batch_size_cap == 1 else (1, 2)
     threads = torch.get_num_threads()
     counts = range(1, cores + 1) if model.device.type == "cpu" else [threads]
     started = time.monotonic()
-    compiled.compile_latent_block(model)
     try:
+        if settings.compile_cache:
+            compiled.use_cache_dir(settings.compile_cache)
+        compiled.compile_latent_block(model)
         for count in counts:
             torch.set_num_threads(count)
             compiled.warm_compiled(model, sizes)
-    except Exception as exc:  # no C compiler, an op Inductor cannot lower: eager is correct, only slower
-        compiled.uncompile(model)
+    except Exception as exc:  # eager is correct, only slower
+        if compiled.compiled(model):
+            compiled.uncompile(model)
         first_line = str(exc).strip().split("\n", 1)[0]  # torch appends lines of advice for its own developers
         _compile_failed = f"{type(exc).__name__}: {first_line[:300]}"
         log.warning(
-            "PERCEIVER_COMPILE=latent: compiling %s's latent block failed (%s); serving every model eagerly",
+            "PERCEIVER_COMPILE=latent: compiling %s's latent block failed (%s); serving it and every model loaded "
+            "after it eagerly",
             loaded.name,
             _compile_failed,
         )

@@ -158,6 +158,10 @@ def _attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float) 
             except Exception as exc:  # e.g. Triton cannot build its launcher (no C compiler in the image)
                 _give_up_wide_kernel(exc)
     b, h, n, _ = q.shape
+    if torch.compiler.is_compiling() and q.shape[-1] <= _FUSED_MAX_HEAD_DIM:
+        # A compiled layer (compiled.py): SDPA lowers to fused kernels that hold no score matrix, so chunks bound
+        # nothing, and a chunk count computed from the dynamic batch would guard on it: a graph per batch size.
+        return _sdpa(q, k, v, mask, scale)
     rows = max(1, _MAX_SCORE_ELEMENTS // max(1, b * h * k.shape[2]))
     if n <= rows:
         return _sdpa(q, k, v, mask, scale)

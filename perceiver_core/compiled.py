@@ -108,7 +108,9 @@ def warm_compiled(model: nn.Module, sizes: Sequence[int] = (1, 2)) -> float:
         raise ValueError("compile_latent_block(model) first")
     latents = encoder.latents
     started = time.perf_counter()
-    with torch.inference_mode():
+    # Past the recompile limit Dynamo would log a warning and run the layer eagerly from then on; here it raises,
+    # so that a caller knows the model is not compiled.
+    with torch.inference_mode(), torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
         for size in sizes:
             z = torch.zeros(size, *latents.shape, dtype=latents.dtype, device=latents.device)
             torch._dynamo.maybe_mark_dynamic(z, 0)

@@ -16,7 +16,7 @@ from reference import Reference, make_inputs, reference_logits, relative_error
 from torch._dynamo.eval_frame import _debug_get_cache_entry_list
 
 import perceiver_core
-from perceiver_core import compiled
+from perceiver_core import attention, compiled
 
 # Two heads whose latent layers have the same shapes (tests/reference.py's _BASE): one compile serves both.
 ARCHS = ["PerceiverForMaskedLM", "PerceiverForImageClassificationLearned"]
@@ -45,10 +45,17 @@ def test_compiled_latent_block_matches_transformers_and_eager(arch: str, referen
     assert relative_error(ours, _logits(eager, ref.inputs)) <= 1e-5
 
 
-def test_one_graph_serves_every_batch_size_above_one(references: dict[str, Reference]) -> None:
-    """After warm_compiled (batch 1 and 2), batches of 3 and 5 run without compiling again, and each row is the
-    row eager computes for it alone in a batch."""
+def test_one_graph_serves_every_batch_size_above_one(
+    references: dict[str, Reference], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After warm_compiled (batch 1 and 2), batches of 3 and 5 run without compiling again, and give eager's
+    answers. Eager attention computes its score matrices in query chunks when they would be large, the count
+    from the batch size: with the bound lowered so that the latent self-attention chunks from batch 3 on (the
+    published flow head's latents do from 5), the compiled layer still makes no graph of its own per batch."""
     arch = "PerceiverForImageClassificationLearned"
+    config = references[arch].model.config
+    per_batch = config.num_self_attention_heads * config.num_latents * config.num_latents
+    monkeypatch.setattr(attention, "_MAX_SCORE_ELEMENTS", 2 * per_batch)  # chunks from batch 3 on
     ref = references[arch]
     eager = perceiver_core.from_pretrained(ref.path)
     model = perceiver_core.from_pretrained(ref.path)
@@ -74,7 +81,7 @@ def test_compile_cache_dir_is_read_by_the_next_process(tmp_path: Path) -> None:
         f"""
         import json, sys, torch
         sys.path.insert(0, {str(ROOT / "tests")!r})
-        from perceiver_core import compiled
+        from perceiver_core import attention, compiled
         compiled.use_cache_dir({str(cache)!r})
         from reference import _BASE, CONFIGS, make_inputs
         from transformers import PerceiverConfig
@@ -108,3 +115,17 @@ def test_compile_cache_dir_is_read_by_the_next_process(tmp_path: Path) -> None:
     second = run()
     assert second["hit"] == first["miss"] and second["miss"] == 0
     assert second["logits"] == first["logits"]
+
+
+def test_warm_up_raises_where_dynamo_would_quietly_run_eagerly(references: dict[str, Reference]) -> None:
+    """At its recompile limit Dynamo runs a function eagerly from then on and only logs it; warm_compiled raises
+    instead, so that the server knows the model is not compiled (and says so) rather than reporting it is."""
+    ref = references["PerceiverForImageClassificationLearned"]
+    first = perceiver_core.from_pretrained(ref.path)
+    compiled.compile_latent_block(first)
+    compiled.warm_compiled(first)
+    entries = len(_debug_get_cache_entry_list(compiled._run_layer.__code__))
+    other = perceiver_core.from_pretrained(ref.path, dtype=torch.float64)  # a dtype no graph has yet
+    compiled.compile_latent_block(other)
+    with torch._dynamo.config.patch(recompile_limit=entries), pytest.raises(torch._dynamo.exc.FailOnRecompileLimitHit):
+        compiled.warm_compiled(other)
