@@ -13,6 +13,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import sysconfig
 import threading
 import tomllib
 from collections.abc import Iterator
@@ -191,8 +192,11 @@ def test_the_lock_holds_the_torch_pair_the_makefile_names() -> None:
 
 
 def test_the_installed_packages_are_the_locked_ones() -> None:
-    """What `make install` put in this environment came through the lock (pip's -c), torch's CPU build included."""
-    installed = {canonicalize_name(d.metadata["Name"]): d.version for d in distributions()}
+    """What `make install` put in this environment came through the lock (pip's -c), torch's CPU build included.
+    Read from the environment's site-packages: once something imports setuptools (torch.compile does), its
+    vendored copies (setuptools/_vendor: packaging among them, not the installed version) are on sys.path too."""
+    site = sorted({sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]})
+    installed = {canonicalize_name(d.metadata["Name"]): d.version for d in distributions(path=site)}
     for name, found in locked().items():
         for pin in found:
             if name in installed and (pin.marker is None or pin.marker.evaluate()):
