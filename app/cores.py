@@ -66,7 +66,10 @@ class CoreShare:
         with self._lock:
             now, busy = self.clock(), self.unavailable_s()
             if now > self.at:
-                self.load = 0.5 * self.load + 0.5 * (busy - self.busy) / (now - self.at)
+                # Never below 0: the other processes' time is the machine's busy time less this process's, read
+                # at two moments, and can come out lower the second time; a negative load gave a pass more
+                # threads than there are cores (3 on 2).
+                self.load = 0.5 * self.load + 0.5 * max(0.0, busy - self.busy) / (now - self.at)
             self.at, self.busy = now, busy
             return max(1, (self.cores - round(self.load)) // max(1, self.running))
 

@@ -83,3 +83,14 @@ async def test_decode_counts_the_time_spent_decoding_not_waiting_for_a_worker() 
         assert 0.19 <= runtime.decode_busy_s < 0.3
     finally:
         runtime.shutdown_executors()
+
+
+def test_never_more_threads_than_cores_when_the_busy_time_reads_lower() -> None:
+    """Other processes' busy time is the machine's less this process's, read at two moments; it can come out
+    lower the second time. That is no load, and never more threads than cores (it gave a pass 3 on 2)."""
+    clock, others = [0.0], [5.0]
+    share = CoreShare(2, lambda: 0.0, lambda: clock[0], others_busy_s=lambda: others[0])
+    for _ in range(4):
+        clock[0] += 1.0
+        others[0] -= 1.5
+        assert share.threads() == 2
