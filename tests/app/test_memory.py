@@ -71,13 +71,15 @@ def heap():
 torch.set_num_threads(1)
 keeper = memory.MemoryKeeper(keep=256 << 20, after_s=float("inf"))
 start, start_heap, kept, trims = rss(), heap(), [], 0
+first_free, most_free = memory.free_bytes(), 0
 for i in range(24):
     x = torch.ones(64 << 18)
     kept.append(torch.ones(100 + i))
     del x
+    most_free = max(most_free, memory.free_bytes() - first_free)
     if sys.argv[1] == "keeper" and keeper.poll(False, i, memory.free_bytes()):
         trims += memory.trim()
-print(rss() - start, trims, heap() - start_heap)
+print(rss() - start, trims, heap() - start_heap, most_free)
 """
 
 TRIM = """
@@ -125,13 +127,23 @@ def test_memory_kept_for_reuse_stays_within_its_bound() -> None:
     # so the premise gets three tries, each reporting the allocator's own heap size beside the RSS.
     premise = []
     for _ in range(3):
-        grown, _, heap = (int(v) for v in run(BOUND, "plain").split())
+        grown, _, heap, _ = (int(v) for v in run(BOUND, "plain").split())
         premise.append(f"RSS +{grown / MIB:.0f} MiB, heap +{heap / MIB:.0f} MiB")
         if grown >= 1200 * MIB:
             break
     assert grown >= 1200 * MIB, f"without the keeper this pattern should grow the heap: {premise}"
-    grown, trims, _ = (int(v) for v in run(BOUND, "keeper").split())
-    assert trims >= 3
+    # The same anomaly can strike the run with the keeper: the freed blocks are then reused, free memory never
+    # passes the bound and there is nothing to trim (a clean-clone CI run, 2026-12-03: no trim, RSS within the
+    # bound). That run proves nothing about the keeper, so it gets the same three tries; the keeper must act in
+    # a run whose free memory passed the bound.
+    tries = []
+    for _ in range(3):
+        grown, trims, _, most_free = (int(v) for v in run(BOUND, "keeper").split())
+        tries.append(f"RSS +{grown / MIB:.0f} MiB, {trims} trims, free memory up to +{most_free / MIB:.0f} MiB")
+        if most_free > 256 * MIB:
+            break
+    assert most_free > 256 * MIB, f"free memory never passed the keeper's bound: {tries}"
+    assert trims >= 3, tries
     assert grown <= (256 + 2 * 64 + 32) * MIB, f"RSS grew {grown / MIB:.0f} MiB with a 256 MiB bound"
 
 
