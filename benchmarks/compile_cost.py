@@ -5,12 +5,12 @@
     python benchmarks/compile_cost.py --server                                   # the demo server's start-up
 
 For each head, two fresh processes share one new compile cache directory: the first compiles from nothing
-(cold), the second reads the cache (cached). Each builds the head, times its eager forward pass, compiles and
+(cold), the second reads the cache (cached). Each builds the head, runs its eager forward pass, compiles and
 runs the two graphs on one latent layer (batch 1 and 2; the seconds this takes are the compile's cost at
-start-up), then times eager
-and compiled passes in alternation at the case's batch size, with CUDA graphs too on a GPU (the image and flow
-heads serve through them). It prints one table: compile seconds cold and cached, milliseconds a pass, the
-ratio, and how far the compiled output is from eager's (relative L2, same dtype).
+start-up), then times eager and compiled passes in alternation at the case's batch size (models.py's
+``time_calls``), with CUDA graphs too on a GPU (the image and flow heads serve through them). It prints one
+table: compile seconds cold and cached, milliseconds a pass, the ratio, and how far the compiled output is from
+eager's (relative L2, same dtype).
 
 ``--server`` starts ``python -m app.cli`` (demo profile) with compile off, then on with an empty cache, then on
 again with that cache, and gives the seconds from spawn to /readyz and each model's warmup_s.
@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -34,20 +33,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.models import CPU_CASES, GPU_CASES, Case, cuda_graph, smoke  # noqa: E402
+from benchmarks.models import CPU_CASES, GPU_CASES, Case, _rel, _sync, cuda_graph, smoke, time_calls  # noqa: E402
 
 
 def _cases(suite: str, names: list[str] | None, small: bool) -> list[Case]:
     cases = [c for c in (CPU_CASES if suite == "cpu" else GPU_CASES) if c.positions is None]
     cases = [smoke(c) for c in cases] if small else cases
     return [c for c in cases if any(n in c.name for n in names)] if names else cases
-
-
-def _rel(a: Any, b: Any) -> float:
-    if isinstance(b, dict):
-        return max(_rel(a[k], b[k]) for k in b)
-    a, b = a.double(), b.double()
-    return float((a - b).norm() / b.norm())
 
 
 def child(args: argparse.Namespace) -> None:
@@ -67,27 +59,20 @@ def child(args: argparse.Namespace) -> None:
             return {k: cast(v) for k, v in x.items()}
         return x.to(dtype) if isinstance(x, torch.Tensor) and x.is_floating_point() else x
 
-    def inputs(batch: int) -> dict[str, Any]:
-        return cast(case.make_inputs(batch, device))
-
     def forward(x: dict[str, Any]) -> Any:
         if case.chunks:  # the multimodal head: the whole video, as the server decodes it
             return model.autoencode(x["inputs"], num_chunks=8)
         return model(**x).logits
 
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    full = inputs(case.batch)
+    full = cast(case.make_inputs(case.batch, device))
     with torch.inference_mode():
         for _ in range(2):
             eager_out = forward(full)
-        sync()
+        _sync(device)
         compiled.compile_latent_block(model)
         compile_s = compiled.warm_compiled(model, (1, 2) if case.batch > 1 else (1,))
         compiled_out = forward(full)
-        sync()
+        _sync(device)
         calls = {"eager": None, "compiled": compiled.compiled_layer()}
 
         def run(layer_call: Any) -> Any:
@@ -100,24 +85,16 @@ def child(args: argparse.Namespace) -> None:
                 model.encoder.layer_call = call
                 timed[name + "+cudagraph"] = cuda_graph(lambda: forward(full))
                 timed[name + "+cudagraph"]()  # captured with this layer_call
-        times: dict[str, list[float]] = {name: [] for name in timed}
-        started = time.perf_counter()
-        for _ in range(args.reps):
-            for name, fn in timed.items():
-                t0 = time.perf_counter()
-                fn()
-                sync()
-                times[name].append((time.perf_counter() - t0) * 1000)
-            if time.perf_counter() - started > args.budget:
-                break
+        medians = time_calls(timed, device, args)
+    if missing := sorted(set(timed) - set(medians)):
+        raise RuntimeError(f"failed to run: {', '.join(missing)}")  # the table shows this process's error
     print(
         json.dumps(
             {
                 "case": case.name,
                 "batch": case.batch,
                 "compile_s": round(compile_s, 2),
-                "ms": {name: round(statistics.median(t), 2) for name, t in times.items()},
-                "reps": len(times["eager"]),
+                "ms": {name: round(ms, 2) for name, ms in medians.items()},
                 "rel_compiled_vs_eager": _rel(compiled_out, eager_out),
             }
         ),
@@ -128,7 +105,7 @@ def child(args: argparse.Namespace) -> None:
 def run_child(args: argparse.Namespace, name: str, cache: Path) -> dict[str, Any]:
     command = [sys.executable, __file__, "--child", name, "--cache", str(cache), "--suite", args.suite]
     command += ["--device", args.device, "--dtype", args.dtype, "--reps", str(args.reps), "--budget", str(args.budget)]
-    command += ["--smoke"] if args.smoke else []
+    command += ["--warmup", str(args.warmup)] + (["--smoke"] if args.smoke else [])
     started = time.perf_counter()
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
     if done.returncode != 0:
@@ -204,6 +181,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--cases", nargs="*", help="substrings of the case names to run (default: all)")
     parser.add_argument("--reps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=1, help="untimed passes of each variant before timing")
     parser.add_argument("--budget", type=float, default=60.0, help="seconds of timed passes per process")
     parser.add_argument("--smoke", action="store_true", help="tiny latent stacks: checks the script, not figures")
     parser.add_argument("--server", action="store_true", help="the demo server's start-up with and without")
