@@ -8,6 +8,7 @@ import functools
 import gc
 import itertools
 import logging
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -42,7 +43,8 @@ AUTO_MAX_BATCH_SIZE = 64  # largest size max_batch_size=auto tries
 AUTO_UNMEASURED_BATCH_SIZE = 16  # max_batch_size=auto with warm-up off (nothing measured), or no reliable timing
 # The chosen size's per-item time is within this share of the best size's: the rest would add latency for less.
 AUTO_NEAR_BEST = 0.10
-AUTO_TIMED_RUNS = 3  # per size, after one untimed run; the fastest counts (noise only ever adds time)
+AUTO_TIMED_RUNS = 3  # per size, after one untimed run; the fastest counts (runs back to back
+# share one moment, and a spike within it, an interrupt or a page fault, only adds time)
 # ...unless the timed runs already took this long: a forward pass of seconds is measured well enough by one
 # run, and repeating it would add seconds to start-up (the demo's optical flow: 2 s a pass on 2 cores).
 AUTO_TIMING_BUDGET_S = 0.3
@@ -55,10 +57,14 @@ AUTO_SLOW_FIRST_RUN_S = 0.25
 # still does, the measurements cannot decide and the choice falls back to AUTO_UNMEASURED_BATCH_SIZE.
 AUTO_FASTER_TOLERANCE = 0.10
 AUTO_COSTLIER_FACTOR = 4.0  # twice the items at twice the per-item cost: caches can do 1.3x, not that
-AUTO_REMEASURES = 2
-# Rounds over every size the search measured: each size's fastest of all its rounds counts.
+AUTO_REMEASURES = 3
+# Rounds over every size the search measured: each size's median of all its readings counts (the lower of the
+# two middle ones for an even count, so one or two readings give the fastest).
 # One round measured sizes in turn, so a slow spell (page faults, another process's cache traffic) fell on a
 # few neighbouring sizes only and bent the curve: the demo's fill-mask chose 2, 4, 16 or 32 from start to start.
+# The fastest of all rounds was kept once, but one thread's CPU time errs both ways on a shared core (the same
+# pass read 1.8 to 4.0 ms within one quiet start, the other hyperthread and the clock deciding): one fast
+# reading pinned a size below its neighbour for good, and the timings could never stop contradicting.
 AUTO_ROUNDS = 3
 
 
@@ -176,7 +182,7 @@ def _timed(run: Any, payloads: list[Any], device: torch.device) -> float:
 @dataclass
 class BatchSizeChoice:
     size: int
-    per_item_s: dict[int, float]  # size → fastest measured forward time per item
+    per_item_s: dict[int, float]  # size → the median reading's forward time per item
     reliable: bool  # False: the timings contradicted each other even when measured again
     remeasured: list[int]  # sizes measured again because they were implausible against a neighbour
 
@@ -189,16 +195,19 @@ def decide_batch_size(
     less than that. ``measure(size, again)`` gives one size's forward seconds (at first, its fastest of a few runs).
 
     A decision taken from measurements must survive a noisy one. Every size is measured in AUTO_ROUNDS
-    rounds and its fastest counts; the choice compares each size with the best of all (one flat step in a
-    noisy curve used to end a step-by-step search early). Times that contradict their neighbours (a larger
-    batch faster in total, or more than AUTO_COSTLIER_FACTOR times as costly for twice the items) are
-    measured again; a contradiction that remains falls back to ``fallback``, within the budget as measured.
+    rounds and the median of its readings counts (noise errs both ways); the choice compares each size with
+    the best of all (one flat step in a noisy curve used to end a step-by-step search early). Times that
+    contradict their neighbours (a larger batch faster in total, or more than AUTO_COSTLIER_FACTOR times as
+    costly for twice the items) are measured again; a contradiction that remains falls back to ``fallback``,
+    within the budget as measured.
     """
-    seconds: dict[int, float] = {}
+    readings: dict[int, list[float]] = {}
+    seconds: dict[int, float] = {}  # size → the median of its readings
     remeasured: list[int] = []
 
     def timed(size: int) -> float:
-        seconds[size] = min(seconds.get(size, float("inf")), measure(size, size in seconds))
+        readings.setdefault(size, []).append(measure(size, size in readings))
+        seconds[size] = statistics.median_low(readings[size])
         return seconds[size]
 
     def implausible(small: int, large: int) -> bool:

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import pytest
 
-from app.loading import AUTO_UNMEASURED_BATCH_SIZE, decide_batch_size
+from app.loading import (
+    AUTO_COSTLIER_FACTOR,
+    AUTO_FASTER_TOLERANCE,
+    AUTO_UNMEASURED_BATCH_SIZE,
+    decide_batch_size,
+)
 
 from .conftest import LiveServer
 
@@ -28,18 +34,34 @@ ROUNDING = 0.001  # ms: each of two rounded values is off by at most half of it
 
 
 def test_auto_picks_the_smallest_size_near_the_best_and_shows_why() -> None:
+    """Real timings on this machine, as /v1/models reports them. Whether they let the search decide depends on
+    the machine (a busy one can leave a contradiction after every re-measurement; the decision on given timings
+    is tested below), so the report must be true to its own figures either way."""
     chosen = batching()
-    assert chosen["max_batch_size_source"] == "auto"
     per_item = {int(k): v for k, v in chosen["per_item_ms"].items()}
     size = chosen["max_batch_size"]
     sizes = sorted(per_item)
-    assert sizes == [2**i for i in range(len(sizes))] and size in per_item
-    # The choice is within NEAR_BEST of the best per-item time of every size within the 500 ms budget, and no
-    # smaller size is (per_item_ms is rounded to 0.001 ms; the decision compared unrounded times).
+    assert sizes == [2**i for i in range(len(sizes))] and len(sizes) >= 2
     fitting = {s: v for s, v in per_item.items() if v * s <= 500}
-    best = min(fitting.values())
-    assert per_item[size] <= best * (1 + NEAR_BEST) + ROUNDING
-    assert all(per_item[s] > best * (1 + NEAR_BEST) - ROUNDING for s in sizes if s < size)
+    # per_item_ms is rounded to 0.001 ms; the decision compared unrounded times.
+    if chosen["max_batch_size_source"] == "auto":
+        # The choice is within NEAR_BEST of the best per-item time of every size within the 500 ms budget, and
+        # no smaller size is.
+        assert size in per_item
+        best = min(fitting.values())
+        assert per_item[size] <= best * (1 + NEAR_BEST) + ROUNDING
+        assert all(per_item[s] > best * (1 + NEAR_BEST) - ROUNDING for s in sizes if s < size)
+    else:
+        assert chosen["max_batch_size_source"] == "auto-fallback"
+        # A fallback only where two neighbouring sizes still contradict each other, and then the safe default.
+        slack = ROUNDING * 64
+        totals = {s: v * s for s, v in per_item.items()}
+        assert any(
+            totals[b] < totals[a] * (1 - AUTO_FASTER_TOLERANCE) + slack
+            or totals[b] > totals[a] * (b / a) * AUTO_COSTLIER_FACTOR / 2 - slack
+            for a, b in itertools.pairwise(sizes)
+        ), per_item
+        assert size == min(AUTO_UNMEASURED_BATCH_SIZE, max(fitting)), per_item
 
 
 def test_the_latency_budget_bounds_the_choice() -> None:
@@ -89,6 +111,15 @@ def test_a_timing_implausible_against_its_neighbours_is_measured_again() -> None
     # ... and one that lasted all three rounds (size 8 slower than 16 in total) is measured again too.
     choice = decide_batch_size(timings(CLEAN_MS, {8: [60.0, 60.0, 60.0]}), 64, budget_s=0.5)
     assert (choice.size, choice.reliable) == (16, True) and 8 in choice.remeasured
+
+
+def test_one_reading_too_fast_does_not_pin_a_size() -> None:
+    # One thread's CPU time errs both ways on a shared core. A clean-clone CI run read size 2 at 2.43 ms in
+    # total against 2.85 ms for size 1 (both around 3 ms elsewhere in the run): kept as the fastest, that reading
+    # contradicted size 1 through every re-measurement, and the search fell back. The median outvotes it.
+    choice = decide_batch_size(timings(CLEAN_MS, {2: [8.0]}), 64, budget_s=0.5)
+    assert (choice.size, choice.reliable) == (16, True)
+    assert choice.per_item_s[2] == pytest.approx(0.006)
 
 
 def test_timings_that_stay_contradictory_fall_back_to_a_safe_default() -> None:
