@@ -13,6 +13,8 @@
 #   5. model level: the published configs, ours vs transformers (bf16 by default), plus CUDA-graph replay;
 #   6. the wide-head attention kernel (Triton) compiled: its bf16 tests, then against the two GEMMs on every
 #      published wide call and head (benchmarks/wide_attention.py; the default follows this);
+#   6b. the odd-width LayerNorm kernel (Triton): its tests compiled, then against PyTorch's on every published
+#      odd-width call and head (benchmarks/layer_norm.py; the default follows this);
 #   7. latency and memory per head (batch 1 and saturating: p50, p99, peak memory a pass);
 #   8. optical flow bf16 against transformers fp32, module by module, with the two GEMMs and with the kernel;
 #   9. the compiled latent block (PERCEIVER_COMPILE=latent): compile seconds cold and from the cache, and eager
@@ -26,7 +28,7 @@
 # PYSPY_ON=phone; PYSPY_GIL=1 (the default: sample only threads holding the GIL; 0 samples every thread); E2E_SECONDS=8;
 # E2E_CONFIGS=WORKERSxDECODE_PROCESSESxFRONT_ENDS,... (default 1x0x0,1x0x4);
 # COMPILE_CASES=image-learned,mlm 2048,optical flow (case-name substrings for stage 9);
-# TESTS=0 / E2E=0 / MODELS=0 / WIDEATTN=0 / LATMEM=0 / FLOWBF16=0 / COMPILE=0 / PROFILE=0 to skip a stage (JPEG=1 and
+# TESTS=0 / E2E=0 / MODELS=0 / WIDEATTN=0 / LAYERNORM=0 / LATMEM=0 / FLOWBF16=0 / COMPILE=0 / PROFILE=0 to skip a stage (JPEG=1 and
 # DECODE=1 to run those two). The stages' own caps add up to more than BUDGET: the later ones get what is left.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
@@ -86,6 +88,15 @@ if [ "${WIDEATTN:-1}" = 1 ]; then
     timeout "$(left 180)" python3 benchmarks/wide_attention.py --json "$OUT/wide-attention.json" \
         --markdown "$OUT/wide-attention.md" > "$OUT/wide-attention.log" 2>&1
     grep -v "^{" "$OUT/wide-attention.log" | tail -27  # the last line names any call whose error is too high
+fi
+if [ "${LAYERNORM:-1}" = 1 ]; then
+    stage "LayerNorm at odd widths: Triton kernel against PyTorch's"
+    timeout "$(left 90)" python3 -m pytest -q -p no:cacheprovider -W ignore::UserWarning -W ignore::DeprecationWarning \
+        -W ignore::FutureWarning tests/perceiver_core/test_layer_norm.py -k "matches_pytorch or half or far or refused" \
+        2>&1 | tail -8 | tee "$OUT/layer-norm-tests.txt"
+    timeout "$(left 120)" python3 benchmarks/layer_norm.py --json "$OUT/layer-norm.json" \
+        --markdown "$OUT/layer-norm.md" > "$OUT/layer-norm.log" 2>&1
+    grep -v "^{" "$OUT/layer-norm.log" | tail -14  # the last line names any call whose error is too high
 fi
 if [ "${LATMEM:-1}" = 1 ]; then
     stage "latency and memory per head: batch 1 and saturating, p50/p99, peak memory a pass"

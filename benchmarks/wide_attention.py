@@ -22,11 +22,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
-import statistics
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import perceiver_core  # noqa: E402
-from benchmarks.latency_memory import cast_floats, forward  # noqa: E402
+from benchmarks.kernels import compiled_resources, env_choice, heads_either_way, run, sync, timed  # noqa: E402
 from benchmarks.models import GPU_CASES, Case  # noqa: E402
 from perceiver_core import aligned, attention  # noqa: E402
 from perceiver_core.checkpoint import config_from_dict  # noqa: E402
@@ -105,51 +102,18 @@ def call_operands(
     return q, k, v, mask
 
 
-@contextlib.contextmanager
-def wide_choice(choice: str) -> Iterator[None]:
-    previous = os.environ.get(attention.WIDE_ATTENTION_ENV)
-    os.environ[attention.WIDE_ATTENTION_ENV] = choice
-    try:
-        yield
-    finally:
-        if previous is None:
-            del os.environ[attention.WIDE_ATTENTION_ENV]
-        else:
-            os.environ[attention.WIDE_ATTENTION_ENV] = previous
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(fns: dict[str, Callable[[], Any]], device: torch.device, reps: int, budget_s: float) -> dict[str, float]:
-    """Median ms of each function, timed in alternation after a warm-up call each (which autotunes the kernel)."""
-    for fn in fns.values():
-        fn()
-        fn()
-    _sync(device)
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    start = time.perf_counter()
-    for _ in range(reps):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            _sync(device)
-            times[name].append((time.perf_counter() - t0) * 1000)
-        if time.perf_counter() - start > budget_s:
-            break
-    return {name: statistics.median(t) for name, t in times.items()}
+def wide_choice(choice: str) -> contextlib.AbstractContextManager[None]:
+    return env_choice(attention.WIDE_ATTENTION_ENV, choice)
 
 
 def peak_mib(fn: Callable[[], Any], device: torch.device) -> float | None:
     if device.type != "cuda":
         return None
-    _sync(device)
+    sync(device)
     torch.cuda.reset_peak_memory_stats(device)
     before = torch.cuda.memory_allocated(device)
     fn()
-    _sync(device)
+    sync(device)
     return (torch.cuda.max_memory_allocated(device) - before) / 2**20
 
 
@@ -201,37 +165,9 @@ def measure_calls(args: argparse.Namespace, device: torch.device) -> list[dict[s
 
 
 def measure_heads(args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
-    rows = []
-    widest = {call["case"] for call in published_wide_calls()}
-    for case in GPU_CASES:
-        if case.name not in widest or (args.only and not any(part in case.name for part in args.only.split(","))):
-            continue
-        config = config_from_dict({**case.config, "architectures": [case.arch]})
-        torch.manual_seed(0)
-        model = perceiver_core.build_model(config).to(device=device, dtype=torch.bfloat16).eval()
-        inputs = cast_floats(case.make_inputs(case.batch, device), torch.bfloat16)
-
-        call = forward(case, model, inputs)  # as benchmarks/models.py times ours (the whole video for multimodal)
-
-        def timed_forward(choice: str, call: Callable[[], Any] = call) -> Any:
-            with wide_choice(choice), torch.no_grad():
-                return call()
-
-        ms = timed({c: (lambda c=c: timed_forward(c)) for c in ("gemm", "fused")}, device, args.reps, args.budget)
-        rows.append(
-            dict(
-                case=case.name,
-                batch=case.batch,
-                gemm_per_s=case.batch * 1000 / ms["gemm"],
-                fused_per_s=case.batch * 1000 / ms["fused"],
-                speedup=ms["gemm"] / ms["fused"],
-            )
-        )
-        print(json.dumps(rows[-1]), flush=True)
-        del model, inputs
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    return rows
+    return heads_either_way(
+        args, device, {call["case"] for call in published_wide_calls()}, attention.WIDE_ATTENTION_ENV, ("gemm", "fused")
+    )
 
 
 def markdown(device_name: str, calls: list[dict[str, Any]], heads: list[dict[str, Any]]) -> str:
@@ -261,51 +197,20 @@ def markdown(device_name: str, calls: list[dict[str, Any]], heads: list[dict[str
 def compile_check(arch: int) -> list[dict[str, Any]]:
     """Compile the kernel ahead of time for ``sm_<arch>`` in every autotune configuration, in bf16 with an
     additive mask and without one, and in fp16 with a boolean one (CUDA runs it in bf16 and fp16 only: see
-    attention._wide_kernel), with this machine's Triton (a GPU image's own may allocate registers otherwise) and
-    its bundled ptxas (no GPU needed), and read each cubin's
-    registers, stack (spilled registers) and shared memory with its bundled cuobjdump. Needs TRITON_INTERPRET
-    unset: the interpreter's kernels do not compile."""
-    import re
-    import subprocess
-    import tempfile
-
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
+    attention._wide_kernel), with this machine's Triton (a GPU image's own may allocate registers otherwise), and
+    read each cubin's registers, spills and shared memory (``kernels.compiled_resources``)."""
     from perceiver_core import wide_attention
 
     kernel = wide_attention._wide_attention_kernel
-    names = list(kernel.arg_names)
     contiguous = ("stride_qd", "stride_kd", "stride_vd", "stride_od", "stride_mm")  # as the JIT specialises 1s
-    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     rows = []
     for config in wide_attention._CUDA_CONFIGS:
         for dtype, mask_kind in (("bf16", 2), ("bf16", 0), ("fp16", 1)):
             constants: dict[str, Any] = dict(config.kwargs, MASK_KIND=mask_kind, EMULATE_BF16=False)
             constants.update(dict.fromkeys(contiguous, 1))
-            signature = {}
-            for name in names:
-                if name in constants:
-                    signature[name] = "constexpr"
-                elif name in ("Q", "K", "V", "OUT"):
-                    signature[name] = f"*{dtype}"
-                elif name == "MASK":
-                    signature[name] = "*u8" if mask_kind == 1 else "*fp32"
-                else:
-                    signature[name] = "fp32" if name == "scale" else "i32"
-            source = ASTSource(
-                fn=kernel, signature=signature, constexprs={(names.index(k),): v for k, v in constants.items()}
-            )
+            types = {name: "fp32" if name == "scale" else "i32" for name in kernel.arg_names}
+            types.update(dict.fromkeys(("Q", "K", "V", "OUT"), f"*{dtype}"), MASK="*u8" if mask_kind == 1 else "*fp32")
             options = dict(num_warps=config.num_warps, num_stages=config.num_stages)
-            compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
-            with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
-                cubin.write(compiled.asm["cubin"])
-                cubin.flush()
-                usage = subprocess.run(
-                    [str(cuobjdump), "--dump-resource-usage", cubin.name], capture_output=True, text=True, check=True
-                ).stdout
-            resources = dict(re.findall(r"(REG|STACK|LOCAL):(\d+)", usage))
             rows.append(
                 dict(
                     config=config.kwargs,
@@ -313,52 +218,14 @@ def compile_check(arch: int) -> list[dict[str, Any]]:
                     num_stages=config.num_stages,
                     dtype=dtype,
                     mask_kind=mask_kind,
-                    registers=int(resources["REG"]),
-                    stack_bytes=int(resources["STACK"]),
-                    local_bytes=int(resources["LOCAL"]),
-                    shared_bytes=int(compiled.metadata.shared),
+                    **compiled_resources(kernel, types, constants, arch, options),
                 )
             )
     return rows
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--smoke", action="store_true", help="cut-down shapes on the CPU, in Triton's interpreter")
-    parser.add_argument("--only", default=None, help="substring filter on case names, e.g. flow,multimodal")
-    parser.add_argument("--reps", type=int, default=10)
-    parser.add_argument("--budget", type=float, default=3.0, help="max seconds of timed reps per row")
-    parser.add_argument("--no-heads", action="store_true", help="only the calls (part 1)")
-    parser.add_argument("--compile-check", type=int, metavar="ARCH", help="compile for sm_ARCH and print resources")
-    parser.add_argument("--json", type=Path)
-    parser.add_argument("--markdown", type=Path)
-    args = parser.parse_args()
-    if args.compile_check:
-        print(json.dumps(compile_check(args.compile_check)))
-        return
-    if args.smoke:
-        os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernel's module imports triton
-        device = torch.device("cpu")
-    elif torch.cuda.is_available():
-        device = torch.device("cuda")
-    else:
-        sys.exit("needs a CUDA device (or --smoke, which runs the kernel in Triton's interpreter)")
-    calls = measure_calls(args, device)
-    heads = [] if args.smoke or args.no_heads else measure_heads(args, device)
-    name = (
-        torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (Triton's interpreter, cut-down shapes)"
-    )
-    table = markdown(name, calls, heads)
-    print(table)
-    if args.json:
-        args.json.write_text(
-            json.dumps({"device": name, "torch": torch.__version__, "calls": calls, "heads": heads}, indent=1)
-        )
-    if args.markdown:
-        args.markdown.write_text(table + "\n")
-    wrong = [f"{r['case']} {r['shape']}" for r in calls if not r["error_ok"]]
-    if wrong:
-        sys.exit(f"the kernel's output is further from fp32 than the two GEMMs' by more than 2^-8: {wrong}")
+    run(__doc__ or "", measure_calls, measure_heads, markdown, compile_check, against="the two GEMMs'")
 
 
 if __name__ == "__main__":

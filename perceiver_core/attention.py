@@ -71,8 +71,8 @@ class Attention(nn.Module):
         self.num_heads = num_heads
         self.cross = cross
         self.scale = 1.0 / math.sqrt(qk_channels // num_heads)
-        self.norm_q = nn.LayerNorm(q_dim)
-        self.norm_kv = nn.LayerNorm(kv_dim) if cross else None
+        self.norm_q = LayerNorm(q_dim)
+        self.norm_kv = LayerNorm(kv_dim) if cross else None
         self.q = AlignedLinear(q_dim, qk_channels)
         self.k = AlignedLinear(kv_dim, qk_channels)
         self.v = AlignedLinear(kv_dim, v_channels)
@@ -282,6 +282,67 @@ class MLP(nn.Module):
         return self.fc2(F.gelu(self.fc1(x)))
 
 
+LAYER_NORM_ENV = "PERCEIVER_LAYER_NORM"
+_LAYER_NORM_CHOICES = ("torch", "triton")
+
+
+def layer_norm_choice() -> str:
+    """How LayerNorm runs on CUDA at widths that are not a multiple of 8: ``torch`` (the default) or ``triton``
+    (the kernel in layer_norm.py), from $PERCEIVER_LAYER_NORM. The default follows measurement: it changes where
+    benchmarks/layer_norm.py shows the kernel faster on a card (docs/performance.md)."""
+    choice = os.environ.get(LAYER_NORM_ENV, "torch").strip().lower() or "torch"
+    if choice not in _LAYER_NORM_CHOICES:
+        raise ValueError(f"{LAYER_NORM_ENV}={choice!r}: use one of {', '.join(_LAYER_NORM_CHOICES)}")
+    return choice
+
+
+_layer_norm_failed: str | None = None
+
+
+class LayerNorm(nn.LayerNorm):
+    """``nn.LayerNorm`` (same parameters and state-dict keys) whose CUDA calls at odd widths (261, 322, 1,026:
+    not a multiple of 8) run layer_norm.py's Triton kernel where $PERCEIVER_LAYER_NORM=triton asks for it."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        kernel = _layer_norm_kernel(x, self)
+        if kernel is not None:
+            try:
+                return kernel.layer_norm(x, self.weight, self.bias, self.eps)
+            except torch.OutOfMemoryError:
+                raise  # the batcher splits the batch
+            except Exception as exc:  # e.g. Triton cannot build its launcher (no C compiler in the image)
+                _give_up_layer_norm_kernel(exc)
+        return super().forward(x)
+
+
+def _layer_norm_kernel(x: Tensor, norm: nn.LayerNorm) -> ModuleType | None:
+    if (not x.is_cuda and not aligned.forced()) or x.shape[-1] % aligned.MULTIPLE == 0:
+        return None
+    if layer_norm_choice() != "triton" or _layer_norm_failed is not None or torch.compiler.is_compiling():
+        return None  # a compiled graph gets Inductor's own fused LayerNorm
+    kernel = _layer_norm_module()
+    if kernel is None or not kernel.supported(x, norm.weight, norm.bias):
+        return None
+    return kernel if x.is_cuda or kernel.interpreting() else None
+
+
+def _give_up_layer_norm_kernel(exc: Exception) -> None:
+    """The kernel failed to run: PyTorch's LayerNorm from now on in this process, said once in the log."""
+    global _layer_norm_failed
+    _layer_norm_failed = f"{type(exc).__name__}: {str(exc)[:300]}"
+    log.warning("%s=triton, but the Triton kernel failed (%s); using PyTorch's", LAYER_NORM_ENV, _layer_norm_failed)
+
+
+@functools.cache
+def _layer_norm_module() -> ModuleType | None:
+    try:
+        from . import layer_norm
+    except ImportError as exc:  # no triton (it comes with CUDA builds of torch): PyTorch's LayerNorm
+        log.warning("%s=triton, but the Triton kernel cannot be loaded (%s); using PyTorch's", LAYER_NORM_ENV, exc)
+        return None
+    return layer_norm
+
+
 class PerceiverLayer(nn.Module):
     """Attention (+ optional query residual) followed by a residual MLP on the attention output."""
 
@@ -302,7 +363,7 @@ class PerceiverLayer(nn.Module):
         out_dim = q_dim if cross else v_channels
         self.attn = Attention(q_dim, kv_dim, qk_channels, v_channels, num_heads, out_dim, cross)
         self.query_residual = query_residual
-        self.norm = nn.LayerNorm(q_dim)
+        self.norm = LayerNorm(q_dim)
         self.mlp = MLP(q_dim, widening_factor)
 
     def forward(

@@ -9,12 +9,10 @@ as published."""
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -43,21 +41,8 @@ WIDE_TINY_HEADS = {
 }
 
 
-@pytest.fixture(scope="module")
-def kernel() -> Iterator[ModuleType]:
-    """perceiver_core.wide_attention, compiled for the GPU or, without one, in Triton's interpreter (tests/conftest.py
-    sets TRITON_INTERPRET=1 before triton is first imported)."""
-    module = importlib.import_module("perceiver_core.wide_attention")
-    if not (module.interpreting() or torch.cuda.is_available()):
-        pytest.skip("no GPU, and triton was imported before TRITON_INTERPRET=1 was set")
-    attention._wide_attention_module.cache_clear()
-    yield module
-    attention._wide_attention_module.cache_clear()
-
-
-@pytest.fixture(scope="module")
-def device(kernel: ModuleType) -> torch.device:
-    return torch.device("cpu" if kernel.interpreting() else "cuda")
+# The kernel and device fixtures (conftest.py) load this module's kernel.
+KERNEL, KERNEL_LOADER = "perceiver_core.wide_attention", "_wide_attention_module"
 
 
 CALLS = published_wide_calls()
