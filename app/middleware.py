@@ -117,7 +117,7 @@ class ObservabilityMiddleware:
             label_task = task or "none"
             metrics.request_duration.labels(task=label_task, model=model).observe(elapsed)
             metrics.requests.labels(task=label_task, model=model, status=str(status)).inc()
-            skipped = self.refusals.admit(started + elapsed) if status == 429 else 0
+            skipped = self.refusals.admit(self.runtime.log_clock()) if status == 429 else 0
             if skipped is not None:
                 fields = {"method": scope.get("method"), "path": path, "status": status, "ms": round(elapsed * 1000, 2)}
                 if model:

@@ -35,6 +35,8 @@ class Runtime:
     inflight: int = 0
     taken: int = 0  # task requests taken so far (app/memory.py's idle trim watches it)
     decode_busy_s: float = 0.0  # seconds spent decoding uploads so far, summed over decodes (overlaps add up)
+    decode_timer: Callable[[], float] = time.perf_counter  # times each decode where it runs (tests give a clock)
+    log_clock: Callable[[], float] = time.monotonic  # what the refusal log's one line a second reads (tests: a clock)
     drain_started: float | None = None
     load_error: str | None = None
     created: float = field(default_factory=time.monotonic)
@@ -114,7 +116,9 @@ class Runtime:
         """Decode an upload off the event loop: in threads, or in processes with decode_processes > 0. A decode
         that only gets a worker after its request's deadline is not started (504)."""
         loop = asyncio.get_running_loop()
-        result, seconds = await loop.run_in_executor(self.decode_executor, _timed_call, deadline, fn, *args)
+        result, seconds = await loop.run_in_executor(
+            self.decode_executor, _timed_call, deadline, self.decode_timer, fn, *args
+        )
         self.decode_busy_s += seconds
         return result
 
@@ -122,7 +126,7 @@ class Runtime:
         """CPU-heavy post-processing (blending, encoding responses) in threads, off the event loop; not started
         after the request's deadline (504)."""
         result, _ = await asyncio.get_running_loop().run_in_executor(
-            self.offload_executor, _timed_call, deadline, fn, *args
+            self.offload_executor, _timed_call, deadline, time.perf_counter, fn, *args
         )
         return result
 
@@ -143,11 +147,12 @@ class Runtime:
         self.offload_executor.shutdown(wait=True, cancel_futures=True)
 
 
-def _timed_call(deadline: float, fn: Callable[..., T], *args: Any) -> tuple[T, float]:
-    """``fn(*args)`` and the seconds it ran, timed where it runs (not counting the wait for a free worker);
-    DeadlineExceeded instead if the worker got it after ``deadline`` (monotonic: one clock for every process)."""
+def _timed_call(deadline: float, timer: Callable[[], float], fn: Callable[..., T], *args: Any) -> tuple[T, float]:
+    """``fn(*args)`` and the seconds it ran by ``timer``, timed where it runs (not counting the wait for a free
+    worker); DeadlineExceeded instead if the worker got it after ``deadline`` (monotonic: one clock for every
+    process)."""
     if time.monotonic() >= deadline:
         raise DeadlineExceeded("the request's deadline passed before its turn in the worker pool")
-    started = time.perf_counter()
+    started = timer()
     result = fn(*args)
-    return result, time.perf_counter() - started
+    return result, timer() - started

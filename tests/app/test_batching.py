@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from app.batching import EVERY, Batch, Batcher, BatchError, Cancelled, Expired, QueueFull, ServiceTime
+from app.batching import ADMISSION_MARGIN, EVERY, Batch, Batcher, BatchError, Cancelled, Expired, QueueFull, ServiceTime
 
 from .asyncutil import async_test
 
@@ -31,6 +32,16 @@ class Recorder:
         if self.fail_on in payloads:
             raise ValueError("boom")
         return [f"result:{p}" for p in payloads]
+
+
+class Clock:
+    """The batcher's clock, moved by the test alone."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
 
 
 def make(run: Recorder, **kwargs: object) -> Batcher[object, object]:
@@ -57,30 +68,37 @@ async def test_full_batches_are_cut_at_max_batch_size_and_results_routed_back() 
 
 @async_test
 async def test_a_lone_request_waits_at_most_max_delay() -> None:
+    """By the batcher's clock: a lone request waits for company until max_delay has passed, then runs alone."""
+    clock = Clock()
     run = Recorder()
-    batcher = make(run, max_delay_s=0.2)
+    batcher = make(run, max_delay_s=0.25, clock=clock)
     batcher.start()
-    started = time.monotonic()
-    assert await gather(batcher, ["x"]) == ["result:x"]
-    waited = time.monotonic() - started
-    assert 0.15 <= waited < 1.0
+    ticket = batcher.submit("x")
+    await asyncio.sleep(0.3)  # longer than the delay on the real clock: the batcher's clock has not moved
+    assert not ticket.future.done() and run.batches == []
+    clock.now += 0.25
+    assert await ticket.future == "result:x"
+    assert run.batches == [["x"]]
     await batcher.stop()
 
 
 @async_test
 async def test_delay_counts_from_the_oldest_request() -> None:
-    """A trickle of arrivals must not postpone the oldest request past its bound."""
+    """A trickle of arrivals must not postpone the oldest request past its bound: the batch is cut when the
+    oldest has waited max_delay on the batcher's clock, whoever arrived since."""
+    clock = Clock()
     run = Recorder()
-    batcher = make(run, max_batch_size=100, max_delay_s=0.3)
+    batcher = make(run, max_batch_size=100, max_delay_s=0.25, clock=clock)
     batcher.start()
     first = batcher.submit("first")
     for i in range(5):
-        await asyncio.sleep(0.1)
+        clock.now += 0.125  # binary fractions: the bound is reached exactly at the second arrival
         batcher.submit(i)
-    started = first.enqueued_at
-    await first.future
-    assert time.monotonic() - started < 0.6
+        while i == 1 and batcher.depth:  # the arrival wakes the batcher, which cuts the batch at the bound
+            await asyncio.sleep(0)
+    assert await first.future == "result:first"
     await batcher.stop()
+    assert run.batches[0] == ["first", 0, 1]
 
 
 @async_test
@@ -197,55 +215,69 @@ async def test_a_torch_out_of_memory_error_is_one_when_the_batcher_is_told_so() 
 
 @async_test
 async def test_admission_is_by_time_once_the_service_time_is_known() -> None:
-    run = Recorder(delay=0.2)
-    batcher = make(run, max_batch_size=1, max_delay_s=0.0)
-    batcher.start()
-    assert await gather(batcher, ["first"]) == ["result:first"]  # one batch observed: about 0.2 s
-    backlog = [batcher.submit(f"b{i}", deadline=time.monotonic() + 30) for i in range(5)]  # ~1 s of work
+    clock = Clock()
+    unknown = make(Recorder(), max_batch_size=1, max_delay_s=0.0, clock=clock)
+    admitted = [unknown.submit(i, deadline=clock.now + 0.01) for i in range(6)]  # nothing measured: none refused
+    await unknown.stop()
+    assert all(isinstance(t.future.exception(), Cancelled) for t in admitted)
+    # 0.2 s a pass (as warm-up or the first batches measure it); five requests queued: 1 s of work
+    batcher = make(Recorder(), max_batch_size=1, max_delay_s=0.0, service_time=ServiceTime({1: 0.2}), clock=clock)
+    backlog = [batcher.submit(f"b{i}", deadline=clock.now + 30) for i in range(5)]
     with pytest.raises(QueueFull) as refused:
-        batcher.submit("hurried", deadline=time.monotonic() + 0.5)
+        batcher.submit("hurried", deadline=clock.now + 0.3)
     assert "exceeds the request's remaining deadline" in str(refused.value)
-    # Honest Retry-After: the work ahead (~1.2 s incl. its own pass) minus its budget, at least 1 s.
-    assert 1.0 <= refused.value.retry_after_s <= 1.5
-    patient = batcher.submit("patient", deadline=time.monotonic() + 5)  # fits: admitted
+    # Honest Retry-After: the work ahead and its own pass (1.2 s, with admission's 20% margin 1.44 s) less its
+    # 0.3 s budget.
+    assert refused.value.retry_after_s == pytest.approx(1.2 * ADMISSION_MARGIN - 0.3)
+    patient = batcher.submit("patient", deadline=clock.now + 5)  # fits: admitted
+    batcher.start()
     results = await asyncio.gather(*(t.future for t in [*backlog, patient]))
     assert results[-1] == "result:patient"
     await batcher.stop()
 
 
-class SlowFor(Recorder):
-    """0.3 s a batch, but ``slow`` takes longer than the batcher expects."""
-
-    def __call__(self, payloads: Sequence[object], batch: Batch = EVERY) -> list[object]:
-        if "slow" in payloads:
-            time.sleep(0.6)
-        return super().__call__(payloads, batch)
-
-
 @async_test
 async def test_a_request_that_can_no_longer_finish_in_time_never_reaches_the_model() -> None:
-    run = SlowFor(delay=0.3)
-    batcher = make(run, max_batch_size=1, max_delay_s=0.0)
+    clock = Clock()
+    gate = threading.Event()
+    batches: list[list[object]] = []
+
+    def run(payloads: Sequence[object], batch: Batch = EVERY) -> list[object]:
+        batches.append(list(payloads))
+        if "slow" in payloads:
+            gate.wait(10)
+            clock.now += 0.8  # the pass took 0.8 s where 0.3 s was expected
+        return [f"result:{p}" for p in payloads]
+
+    service = ServiceTime({1: 0.3})  # a pass takes 0.3 s, as warm-up measured
+    batcher = Batcher(run, ThreadPoolExecutor(1), max_batch_size=1, max_delay_s=0.0, service_time=service, clock=clock)
     batcher.start()
-    await gather(batcher, ["warm"])  # the batcher learns a pass takes ~0.3 s
-    slow = batcher.submit("slow", deadline=time.monotonic() + 30)
-    await asyncio.sleep(0.05)  # running, expected to end in ~0.25 s; it will take ~0.85 s
-    doomed = batcher.submit("doomed", deadline=time.monotonic() + 0.7)  # admitted: ~0.55 s expected
+    try:
+        slow = batcher.submit("slow", deadline=clock.now + 30)
+        while not batcher.running:
+            await asyncio.sleep(0)
+        clock.now += 0.05  # running for 0.05 s: expected to end in 0.25 s
+        doomed = batcher.submit("doomed", deadline=clock.now + 0.7)  # admitted: (0.25 + 0.3) x 1.2 = 0.66 s
+    finally:
+        gate.set()
     results = await asyncio.gather(slow.future, doomed.future, return_exceptions=True)
     assert results[0] == "result:slow" and isinstance(results[1], Expired)
-    assert ["doomed"] not in run.batches  # dropped at ~0.85 s: a 0.3 s pass would end after its deadline
+    assert batches == [["slow"]]  # at 0.75 s past its arrival, with 0.7 s to live, "doomed" never ran
     await batcher.stop()
 
 
 @async_test
 async def test_a_queue_delay_target_refuses_before_the_deadline_would() -> None:
-    run = Recorder(delay=0.1)
-    batcher = make(run, max_batch_size=1, max_delay_s=0.0, max_queue_delay_s=0.25)
+    clock = Clock()
+    service = ServiceTime({1: 0.1})  # 0.1 s a pass
+    batcher = make(
+        Recorder(), max_batch_size=1, max_delay_s=0.0, max_queue_delay_s=0.25, service_time=service, clock=clock
+    )
+    queued = [batcher.submit(i, deadline=clock.now + 30) for i in range(3)]  # 0.3 s of work
+    with pytest.raises(QueueFull, match="max_queue_delay") as refused:
+        batcher.submit("one too many", deadline=clock.now + 30)  # the deadline alone would admit it
+    assert refused.value.retry_after_s == 1.0  # 0.05 s over the target: the least Retry-After
     batcher.start()
-    await gather(batcher, ["warm"])
-    queued = [batcher.submit(i, deadline=time.monotonic() + 30) for i in range(3)]  # ~0.3 s of work
-    with pytest.raises(QueueFull, match="max_queue_delay"):
-        batcher.submit("one too many", deadline=time.monotonic() + 30)  # the deadline alone would admit it
     assert len(await asyncio.gather(*(t.future for t in queued))) == 3
     await batcher.stop()
 
@@ -282,14 +314,6 @@ def test_an_estimate_decays_toward_warm_up_while_the_model_is_idle() -> None:
     assert service.per_unit(1) == pytest.approx(0.010 + 0.99 / 2)
     service.decay(600.0)
     assert service.per_unit(1) == pytest.approx(0.010, rel=1e-3)
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @async_test

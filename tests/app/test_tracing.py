@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -48,6 +49,17 @@ def spans_of_trace(exporter: InMemorySpanExporter) -> list[ReadableSpan]:
     ]
 
 
+def ended_requests(exporter: InMemorySpanExporter, count: int) -> list[ReadableSpan]:
+    """The first ``count`` request (SERVER) spans, once that many have ended. A request's span ends after the last
+    byte of its answer is sent, so the client can hold the answer a moment before the span is exported."""
+    deadline = time.monotonic() + 30  # a guard against a hang, not a bound on anything
+    while len(requests := [s for s in exporter.get_finished_spans() if s.kind == SpanKind.SERVER]) < count:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{len(requests)} of {count} request spans ended")
+        time.sleep(0.01)
+    return requests
+
+
 @pytest.mark.parametrize(
     ("path", "body", "route"),
     [
@@ -68,6 +80,7 @@ def test_a_request_continues_the_callers_trace_with_a_span_per_stage(
     with server.client() as client:
         r = client.post(path, headers={"traceparent": TRACEPARENT}, **body)  # type: ignore[arg-type]
     assert r.status_code == 200, r.text
+    ended_requests(exporter, 1)
     spans = spans_of_trace(exporter)
     (request,) = [s for s in spans if s.kind == SpanKind.SERVER]
     assert request.name == route and request.attributes is not None
@@ -90,7 +103,7 @@ def test_without_traceparent_a_request_starts_its_own_trace(traced: tuple[LiveSe
     with server.client() as client:
         assert client.post("/v1/classify-text", json={"text": "untraced caller"}).status_code == 200
         assert client.post("/v1/classify-text", json={"text": ""}).status_code == 422
-    requests = [s for s in exporter.get_finished_spans() if s.kind == SpanKind.SERVER]
+    requests = ended_requests(exporter, 2)
     assert len(requests) == 2 and all(s.parent is None for s in requests)
     assert requests[1].attributes is not None and requests[1].attributes["http.response.status_code"] == 422
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import io
 import json
 import math
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -126,12 +125,6 @@ class DecodingSpy:
             return original(*args, **kwargs)
 
         return spy
-
-
-def timed(call: Any) -> tuple[httpx.Response, float]:
-    started = time.perf_counter()
-    response = call()
-    return response, time.perf_counter() - started
 
 
 def scores(predictions: list[dict[str, Any]]) -> dict[int, float]:
@@ -279,18 +272,13 @@ def test_more_clips_than_allowed_is_a_413_before_anything_is_decoded(
     client: httpx.Client, long_video: bytes, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     spy = DecodingSpy(monkeypatch)
-    r, seconds = timed(
-        lambda: client.post("/v1/autoencode", files={"video": ("long.mp4", long_video)}, data={"clips": "9"})
-    )
+    r = client.post("/v1/autoencode", files={"video": ("long.mp4", long_video)}, data={"clips": "9"})
     assert r.status_code == 413, r.text
     assert "limit of 8 clips" in r.json()["error"]["message"]
-    assert spy.calls == [] and seconds < 0.5, (spy.calls, seconds)
+    assert spy.calls == []
     # The most clips allowed, spread over the 40 s: the clips' frames are decoded (and 8 clips run).
-    r, allowed = timed(
-        lambda: client.post("/v1/autoencode", files={"video": ("long.mp4", long_video)}, data={"clips": "uniform"})
-    )
+    r = client.post("/v1/autoencode", files={"video": ("long.mp4", long_video)}, data={"clips": "uniform"})
     assert r.status_code == 200 and r.json()["num_clips"] == 8 and spy.calls == ["sample"]
-    assert allowed > 2 * seconds
 
 
 # ---------------------------------------------------------------------------------------------- video flow
@@ -360,11 +348,11 @@ def test_video_frames_over_the_flow_limit_are_a_413_before_any_is_decoded(
 ) -> None:
     spy = DecodingSpy(monkeypatch)
     with flow_server.client() as client:
-        r, seconds = timed(lambda: client.post("/v1/optical-flow", files={"video": ("long.mp4", long_video)}))
+        r = client.post("/v1/optical-flow", files={"video": ("long.mp4", long_video)})
         assert r.status_code == 413, r.text
         message = r.json()["error"]["message"]
         assert "1000 frames" in message and "limit is 8 frames" in message and "stride of at least 125" in message
-        assert spy.calls == [] and seconds < 0.5, (spy.calls, seconds)
+        assert spy.calls == []
         # At the stride the message asks for, the same video is within the limit (8 frames, 7 pairs).
         r = client.post("/v1/optical-flow", files={"video": ("long.mp4", long_video)}, data={"stride": "125"})
         assert r.status_code == 200, r.text
@@ -498,10 +486,10 @@ def test_text_over_the_byte_limit_is_a_413_before_it_is_tokenized(
     spy = DecodingSpy(monkeypatch)
     text = "[MASK]" + "é" * 33_000  # 66,006 bytes in 33,006 characters
     body = {"text": text, **({"long_text": "windows"} if path == "/v1/classify-text" else {})}
-    r, seconds = timed(lambda: client.post(path, json=body))
+    r = client.post(path, json=body)
     assert r.status_code == 413, r.text
     assert r.json()["error"]["message"] == "text is 66006 UTF-8 bytes; the server's limit is 65536; send a shorter text"
-    assert spy.calls == [] and seconds < 0.5
+    assert spy.calls == []
     r = client.post(path, json={"text": "x" * 70_000})
     assert r.status_code == 413 and "over 65536 UTF-8 bytes" in r.json()["error"]["message"]
 
