@@ -34,12 +34,21 @@ MEDIA = Path(__file__).parents[1] / "media"
 BUSY = -1  # the key of the stand-in batch ``occupy`` puts among a batcher's running ones
 
 
+class JustStarted(float):
+    """The start of a stand-in batch that has always just started: however long the test takes to ask, the time
+    since is 0, and its rest is all of its estimate (a real start would age by the request's travel time)."""
+
+    def __rsub__(self, now: float) -> float:  # type: ignore[override]
+        return 0.0
+
+
 def occupy(engine: Engine, seconds: float) -> None:
     """Make ``engine`` busy, as if a batch that its estimates say takes ``seconds`` had just started (every lane
-    of a CPU model's lanes is then taken): admission refuses by time, deterministically. ``release`` ends it."""
+    of a CPU model's lanes is then taken): admission refuses by time, deterministically, whenever it is asked.
+    ``release`` ends it."""
     batcher = engine.batcher
     batcher.service_time = ServiceTime({1: seconds})
-    batcher._running[BUSY] = (time.monotonic(), seconds)
+    batcher._running[BUSY] = (JustStarted(), seconds)
     if batcher._lanes is not None:
         while batcher._lanes.acquire() is not None:
             pass
@@ -137,9 +146,40 @@ class LiveServer:
         for executor in executors:
             executor.submit(time.sleep, seconds)
 
+    def hold_inference(self) -> threading.Event:
+        """Occupy every thread a forward pass may run on until the returned event is set (60 s at most, a guard
+        against a test that never sets it): a forward pass that lasts exactly as long as the test needs."""
+        gate = threading.Event()
+        runtime = self.runtime
+        executors = [runtime.inference_executor]
+        if runtime.cpu_lanes() > 1:
+            executors += runtime.lanes().executors
+        for executor in executors:
+            executor.submit(gate.wait, 60)
+        return gate
+
     def metric(self, name: str, **labels: str) -> float:
         value = self.runtime.metrics.registry.get_sample_value(name, labels)
         return float(value or 0.0)
+
+
+def until(condition: Callable[[], bool], what: str, timeout: float = 120) -> None:
+    """Wait for ``condition``; ``timeout`` guards against a hang and bounds nothing the test asserts."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.02)
+    raise TimeoutError(what)
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """The sum of a metric's samples with these labels, across the processes /metrics combined."""
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith((name + "{", name + " ")) and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
 
 
 @pytest.fixture(scope="session")

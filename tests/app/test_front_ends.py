@@ -17,37 +17,19 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 import pytest
 
-from .conftest import MEDIA, LiveServer, free_port, shifted_pair
+from .conftest import MEDIA, LiveServer, free_port, metric, shifted_pair, until
 from .test_grpc import _infer_raw, _text_request
 from .test_lifecycle import STARTED, Server
 
 KEY = "front-end-test-key"
 AUTH = {"authorization": f"Bearer {KEY}"}
-
-
-def until(condition: Callable[[], bool], what: str, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.02)
-    raise TimeoutError(what)
-
-
-def metric(text: str, name: str, **labels: str) -> float:
-    """The sum of a metric's samples with these labels, across the processes /metrics combined."""
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith((name + "{", name + " ")) and all(f'{k}="{v}"' in line for k, v in labels.items()):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
 
 
 @pytest.fixture(scope="module")
@@ -277,7 +259,9 @@ def test_sigterm_drains_both_front_ends_then_the_model_with_nothing_lost(slow: S
     with ThreadPoolExecutor(2) as pool:
         running, queued = one_running_one_queued(pool, slow)
         slow.proc.send_signal(signal.SIGTERM)
-        until(lambda: httpx.get(slow.url + "/readyz", timeout=5).status_code == 503, "readiness off")
+        # each front end turns readiness off on its own SIGTERM: both, before a late request may land on either
+        until(lambda: slow.log.read_text().count("draining: readiness off") >= 2, "both front ends draining")
+        assert httpx.get(slow.url + "/readyz", timeout=5).status_code == 503
         late = httpx.post(slow.url + "/v1/optical-flow", timeout=30)
         assert late.status_code == 503 and late.json()["error"]["type"] == "draining"
         assert running.result().status_code == 200 and queued.result().status_code == 200

@@ -18,7 +18,7 @@ import pytest
 
 from app.settings import Settings, load_settings
 
-from .conftest import MEDIA, free_port
+from .conftest import MEDIA, free_port, metric, until
 
 STARTED: list[subprocess.Popen[bytes]] = []
 
@@ -146,12 +146,15 @@ def test_sigterm_drains_in_flight_requests_and_exits_zero(tmp_path: Path) -> Non
         )
         return r.status_code
 
+    def arrived() -> bool:  # every request is in flight or answered
+        text = httpx.get(url + "/metrics", timeout=10).text
+        return metric(text, "perceiver_inflight_requests") + metric(text, "perceiver_requests_total", status="200") >= 8
+
     with ThreadPoolExecutor(8) as pool:
         futures = [pool.submit(classify, i) for i in range(8)]
-        time.sleep(0.5)  # all eight are accepted; with batches of one they take several seconds
+        until(arrived, "eight requests in the server")
         proc.send_signal(signal.SIGTERM)
-        time.sleep(0.3)
-        assert httpx.get(url + "/readyz", timeout=5).status_code == 503
+        until(lambda: httpx.get(url + "/readyz", timeout=5).status_code == 503, "readiness off")
         late = httpx.post(url + "/v1/classify", files={"image": ("cat.jpg", image)}, timeout=10)
         assert late.status_code == 503 and late.json()["error"]["type"] == "draining"
         assert httpx.get(url + "/healthz", timeout=5).status_code == 200

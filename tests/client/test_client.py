@@ -10,7 +10,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -25,7 +25,7 @@ from perceiver_client import (
     Prediction,
 )
 
-from ..app.conftest import MEDIA, LiveServer
+from ..app.conftest import MEDIA, LiveServer, until
 
 ROOT = Path(__file__).parents[2]
 EXAMPLES = ROOT / "examples"
@@ -103,31 +103,38 @@ def busy() -> Iterator[LiveServer]:
     server.stop()
 
 
-def occupy(server: LiveServer, seconds: float) -> list[threading.Thread]:
-    """Block the inference thread for ``seconds`` and fill the queue, as real load would: one request taken into
-    a batch (waiting for the thread), and one queued behind it."""
+def occupy(server: LiveServer) -> tuple[threading.Event, list[threading.Thread]]:
+    """Hold the inference thread until the returned gate is set and fill the queue, as real load would: one
+    request taken into a batch (waiting for the thread), and one queued behind it."""
     batcher = server.runtime.engine_for("classify-text").batcher
-    server.block_inference(seconds)
-    time.sleep(0.05)
+    gate = server.hold_inference()
     fillers = []
-    for _ in range(2):
-        post = {"json": {"text": "filler"}, "timeout": 30}
+    for ready in (lambda: batcher.running == 1, lambda: batcher.depth == 1):
+        post = {"json": {"text": "filler"}, "timeout": 60}
         fillers.append(threading.Thread(target=httpx.post, args=(server.url + "/v1/classify-text",), kwargs=post))
         fillers[-1].start()
-        time.sleep(0.2)
-    assert batcher.depth == 1
-    return fillers
+        until(ready, "the filler taken in")
+    return gate, fillers
+
+
+def release(gate: threading.Event, fillers: list[threading.Thread]) -> None:
+    gate.set()
+    for filler in fillers:
+        filler.join()
 
 
 class Seen:
     """Every response the client received (an httpx event hook): status and Retry-After."""
 
-    def __init__(self) -> None:
+    def __init__(self, then: Callable[[], object] | None = None) -> None:
         self.responses: list[tuple[int, float | None]] = []
+        self.then = then  # called on every response after it is recorded
 
     def __call__(self, response: httpx.Response) -> None:
         header = response.headers.get("retry-after")
         self.responses.append((response.status_code, None if header is None else float(header)))
+        if self.then is not None:
+            self.then()
 
     async def hook(self, response: httpx.Response) -> None:
         self(response)
@@ -137,14 +144,15 @@ class Seen:
 
 
 def test_a_429_is_retried_after_retry_after_until_it_succeeds(busy: LiveServer) -> None:
-    fillers = occupy(busy, 2.0)
-    seen = Seen()
+    gate, fillers = occupy(busy)
+    seen = Seen(then=gate.set)  # the model frees up once the client has been refused
     started = time.monotonic()
-    with Client(busy.url, max_retries=6, event_hooks={"response": [seen]}) as client:
-        result = client.classify_text("patience", top_k=1)
-    elapsed = time.monotonic() - started
-    for filler in fillers:
-        filler.join()
+    try:
+        with Client(busy.url, max_retries=6, event_hooks={"response": [seen]}) as client:
+            result = client.classify_text("patience", top_k=1)
+        elapsed = time.monotonic() - started
+    finally:
+        release(gate, fillers)
     statuses = [s for s, _ in seen.responses]
     assert statuses[0] == 429 and statuses[-1] == 200 and set(statuses[:-1]) == {429}, seen.responses
     assert all(r is not None and r >= 1 for s, r in seen.responses if s == 429)
@@ -153,17 +161,18 @@ def test_a_429_is_retried_after_retry_after_until_it_succeeds(busy: LiveServer) 
 
 
 def test_retries_are_bounded_and_then_raise_a_clear_error(busy: LiveServer) -> None:
-    fillers = occupy(busy, 4.0)
+    gate, fillers = occupy(busy)
     seen = Seen()
     started = time.monotonic()
-    with (
-        Client(busy.url, max_retries=1, event_hooks={"response": [seen]}) as client,
-        pytest.raises(OverloadedError) as caught,
-    ):
-        client.classify_text("impatient")
-    elapsed = time.monotonic() - started
-    for filler in fillers:
-        filler.join()
+    try:
+        with (
+            Client(busy.url, max_retries=1, event_hooks={"response": [seen]}) as client,
+            pytest.raises(OverloadedError) as caught,
+        ):
+            client.classify_text("impatient")
+        elapsed = time.monotonic() - started
+    finally:
+        release(gate, fillers)
     assert [s for s, _ in seen.responses] == [429, 429]  # the first try and one retry
     assert elapsed >= seen.waited_at_least() - seen.responses[-1][1]  # type: ignore[operator]
     error = caught.value
@@ -172,30 +181,34 @@ def test_retries_are_bounded_and_then_raise_a_clear_error(busy: LiveServer) -> N
 
 
 def test_a_retry_after_longer_than_the_deadline_is_not_waited_for(busy: LiveServer) -> None:
-    fillers = occupy(busy, 2.0)
-    started = time.monotonic()
-    with Client(busy.url, max_retries=5) as client, pytest.raises(OverloadedError) as caught:
-        client.classify_text("in a hurry", timeout_ms=500)  # Retry-After is at least 1 s
-    assert time.monotonic() - started < 0.5 and caught.value.attempts == 1
-    for filler in fillers:
-        filler.join()
+    gate, fillers = occupy(busy)
+    seen = Seen()
+    try:
+        with (
+            Client(busy.url, max_retries=5, event_hooks={"response": [seen]}) as client,
+            pytest.raises(OverloadedError) as caught,
+        ):
+            client.classify_text("in a hurry", timeout_ms=500)  # Retry-After is at least 1 s
+    finally:
+        release(gate, fillers)
+    assert caught.value.attempts == 1 and [s for s, _ in seen.responses] == [429]  # no retry, so no wait for one
 
 
 def test_the_deadline_reaches_the_server(busy: LiveServer) -> None:
-    """x-request-timeout-ms: the server gives up at the client's deadline (504), not at its own 30 s."""
-    busy.block_inference(1.5)
-    time.sleep(0.05)
-    started = time.monotonic()
-    with Client(busy.url, max_retries=0) as client, pytest.raises(APIError) as caught:
-        client.classify_text("waiting", timeout_ms=300)
+    """x-request-timeout-ms: the server gives up at the client's deadline (504), not at its own 30 s: the forward
+    pass it waits for lasts until the answer is in."""
+    gate = busy.hold_inference()
+    try:
+        with Client(busy.url, max_retries=0) as client, pytest.raises(APIError) as caught:
+            client.classify_text("waiting", timeout_ms=300)
+    finally:
+        gate.set()
     assert caught.value.status_code == 504 and caught.value.error_type == "deadline_exceeded"
-    assert time.monotonic() - started < 1.2
-    time.sleep(1.5)
 
 
 def test_the_async_client_retries_the_same_way(busy: LiveServer) -> None:
-    fillers = occupy(busy, 2.0)
-    seen = Seen()
+    gate, fillers = occupy(busy)
+    seen = Seen(then=gate.set)
 
     async def call() -> tuple[Classification, float]:
         started = time.monotonic()
@@ -203,9 +216,10 @@ def test_the_async_client_retries_the_same_way(busy: LiveServer) -> None:
             result = await client.classify_text("async patience", top_k=2)
         return result, time.monotonic() - started
 
-    result, elapsed = asyncio.run(call())
-    for filler in fillers:
-        filler.join()
+    try:
+        result, elapsed = asyncio.run(call())
+    finally:
+        release(gate, fillers)
     statuses = [s for s, _ in seen.responses]
     assert statuses[0] == 429 and statuses[-1] == 200 and set(statuses[:-1]) == {429}, seen.responses
     assert elapsed >= seen.waited_at_least() and len(result.predictions) == 2
