@@ -7,9 +7,9 @@ from __future__ import annotations
 import base64
 import io
 import json
-import time
+import threading
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -19,7 +19,7 @@ import tritonclient.http as triton
 from PIL import Image
 from tritonclient.utils import InferenceServerException
 
-from .conftest import MEDIA, LiveServer
+from .conftest import MEDIA, LiveServer, until
 
 ROOT = MEDIA.parents[1]
 CAT = (MEDIA / "cat.jpg").read_bytes()
@@ -343,30 +343,46 @@ def test_keys_guard_inference_but_not_the_health_probes() -> None:
 
 def test_v2_and_rest_share_the_batcher_its_backpressure_and_metrics() -> None:
     """A queue filled by REST requests refuses v2 ones (429, Retry-After, the v2 error body), and v2 requests
-    count in the task's metrics and share forward passes with REST ones. The batcher holds a batch for company
-    for up to a second (max_delay_ms), so the queue stays full while the v2 request arrives."""
+    count in the task's metrics and share forward passes with REST ones. The forward pass is held while the
+    queue fills, so it stays full while the v2 request arrives, and the mixed four queue together."""
     server = LiveServer(demo_tasks=["classify-text"], max_batch_size=8, max_delay_ms=1000, max_queue_size=4).start()
     labels = {"task": "classify-text", "model": "classify-text"}
     v2 = {"inputs": [{"name": "TEXT", "shape": [1], "datatype": "BYTES", "data": ["v2"]}]}
     batcher = server.runtime.engine_for("classify-text").batcher
+
+    def behind_a_held_pass(pool: ThreadPoolExecutor, c: httpx.Client) -> tuple[threading.Event, Future[httpx.Response]]:
+        """The forward pass held, and a batch of one REST request waiting for it: what arrives now queues."""
+        gate = server.hold_inference()
+        first = pool.submit(c.post, "/v1/classify-text", json={"text": "first"})
+        until(lambda: batcher.running == 1, "a batch waiting for the pass")
+        return gate, first
+
     try:
         with server.client() as c, ThreadPoolExecutor(8) as pool:
-            queued = [pool.submit(c.post, "/v1/classify-text", json={"text": f"rest {i}"}) for i in range(4)]
-            deadline = time.monotonic() + 0.8
-            while batcher.depth < 4 and time.monotonic() < deadline:
-                time.sleep(0.01)
-            refused = c.post("/v2/models/classify-text/infer", json=v2)
+            gate, first = behind_a_held_pass(pool, c)
+            try:
+                queued = [pool.submit(c.post, "/v1/classify-text", json={"text": f"rest {i}"}) for i in range(4)]
+                until(lambda: batcher.depth == 4, "the queue full")
+                refused = c.post("/v2/models/classify-text/infer", json=v2)
+            finally:
+                gate.set()
             assert refused.status_code == 429 and int(refused.headers["retry-after"]) >= 1
             assert set(refused.json()) == {"error"} and "overloaded" in refused.json()["error"]
-            assert all(f.result().status_code == 200 for f in queued)
+            assert all(f.result().status_code == 200 for f in [first, *queued])
             assert server.metric("perceiver_rejections_total", **labels, reason="queue_full") == 1
-            before = server.metric("perceiver_batches_total", **labels)
-            mixed = [pool.submit(c.post, "/v1/classify-text", json={"text": "rest"}) for _ in range(2)]
-            mixed += [pool.submit(c.post, "/v2/models/classify-text/infer", json=v2) for _ in range(2)]
-            assert all(f.result().status_code == 200 for f in mixed)
-            assert server.metric("perceiver_batches_total", **labels) - before == 1  # one forward pass for all four
+            gate, first = behind_a_held_pass(pool, c)
+            try:
+                before = server.metric("perceiver_batches_total", **labels)
+                mixed = [pool.submit(c.post, "/v1/classify-text", json={"text": "rest"}) for _ in range(2)]
+                mixed += [pool.submit(c.post, "/v2/models/classify-text/infer", json=v2) for _ in range(2)]
+                until(lambda: batcher.depth == 4, "the four queued together")
+            finally:
+                gate.set()
+            assert all(f.result().status_code == 200 for f in [first, *mixed])
+            # the held batch, then one forward pass for all four
+            assert server.metric("perceiver_batches_total", **labels) - before == 2
             assert {int(f.result().headers["x-batch-size"]) for f in mixed} == {4}
-        assert server.metric("perceiver_requests_total", **labels, status="200") == 8  # v2 ones counted too
+        assert server.metric("perceiver_requests_total", **labels, status="200") == 10  # v2 ones counted too
     finally:
         server.stop()
 
