@@ -139,24 +139,23 @@ class LiveServer:
     def block_inference(self, seconds: float) -> None:
         """Occupy every thread a forward pass may run on (the inference thread and, on CPU, the lanes), as a
         long forward pass would."""
-        runtime = self.runtime
-        executors = [runtime.inference_executor]
-        if runtime.cpu_lanes() > 1:
-            executors += runtime.lanes().executors
-        for executor in executors:
+        for executor in self._inference_executors():
             executor.submit(time.sleep, seconds)
 
     def hold_inference(self) -> threading.Event:
         """Occupy every thread a forward pass may run on until the returned event is set (60 s at most, a guard
         against a test that never sets it): a forward pass that lasts exactly as long as the test needs."""
         gate = threading.Event()
-        runtime = self.runtime
-        executors = [runtime.inference_executor]
-        if runtime.cpu_lanes() > 1:
-            executors += runtime.lanes().executors
-        for executor in executors:
+        for executor in self._inference_executors():
             executor.submit(gate.wait, 60)
         return gate
+
+    def _inference_executors(self) -> list[Any]:
+        runtime = self.runtime
+        executors: list[Any] = [runtime.inference_executor]
+        if runtime.cpu_lanes() > 1:
+            executors += runtime.lanes().executors
+        return executors
 
     def metric(self, name: str, **labels: str) -> float:
         value = self.runtime.metrics.registry.get_sample_value(name, labels)
