@@ -21,7 +21,6 @@ from __future__ import annotations
 import functools
 import logging
 import math
-import os
 from types import ModuleType
 
 import torch
@@ -31,6 +30,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from . import aligned
 from .aligned import AlignedLinear
+from .kernel_switch import KernelSwitch
 
 log = logging.getLogger("perceiver_core.attention")
 
@@ -156,7 +156,7 @@ def _attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float) 
             except torch.OutOfMemoryError:
                 raise  # the batcher splits the batch
             except Exception as exc:  # e.g. Triton cannot build its launcher (no C compiler in the image)
-                _give_up_wide_kernel(exc)
+                WIDE_ATTENTION.give_up(exc)
     b, h, n, _ = q.shape
     if torch.compiler.is_compiling() and q.shape[-1] <= _FUSED_MAX_HEAD_DIM:
         # A compiled layer (compiled.py): SDPA lowers to fused kernels that hold no score matrix, so chunks bound
@@ -183,36 +183,17 @@ def _sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float) ->
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 
 
-WIDE_ATTENTION_ENV = "PERCEIVER_WIDE_ATTENTION"
-_WIDE_CHOICES = ("gemm", "fused")
-
-
-def wide_attention_choice() -> str:
-    """How heads wider than 256 are computed on CUDA: ``gemm`` (``_explicit``, the default) or ``fused`` (the
-    Triton kernel in wide_attention.py), from $PERCEIVER_WIDE_ATTENTION. The default follows measurement: it
-    changes where benchmarks/wide_attention.py shows the kernel faster on a card (docs/performance.md)."""
-    choice = os.environ.get(WIDE_ATTENTION_ENV, "gemm").strip().lower() or "gemm"
-    if choice not in _WIDE_CHOICES:
-        raise ValueError(f"{WIDE_ATTENTION_ENV}={choice!r}: use one of {', '.join(_WIDE_CHOICES)}")
-    return choice
-
-
-_wide_kernel_failed: str | None = None
-
-
-def _give_up_wide_kernel(exc: Exception) -> None:
-    """The kernel failed to run: the two GEMMs from now on in this process, said once in the log."""
-    global _wide_kernel_failed
-    _wide_kernel_failed = f"{type(exc).__name__}: {str(exc)[:300]}"
-    log.warning("%s=fused, but the Triton kernel failed (%s); using two GEMMs", WIDE_ATTENTION_ENV, _wide_kernel_failed)
+# How heads wider than 256 are computed on CUDA: ``gemm`` (``_explicit``, the default) or ``fused`` (the Triton
+# kernel in wide_attention.py). The default follows measurement: it changes where benchmarks/wide_attention.py
+# shows the kernel faster on a card (docs/performance.md).
+WIDE_ATTENTION = KernelSwitch("PERCEIVER_WIDE_ATTENTION", "gemm", "fused", "wide_attention", "two GEMMs")
+WIDE_ATTENTION_ENV = WIDE_ATTENTION.variable
 
 
 def _wide_kernel(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> ModuleType | None:
     """The fused kernel's module when it is asked for and takes these operands: on CUDA in bf16 or fp16, or on a
     CPU under Triton's interpreter (tests)."""
-    if wide_attention_choice() != "fused" or _wide_kernel_failed is not None:
-        return None
-    kernel = _wide_attention_module()
+    kernel = WIDE_ATTENTION.module()
     if kernel is None or not kernel.supported(q, k, v, mask):
         return None
     if kernel.interpreting():  # tests, on the CPU
@@ -220,16 +201,6 @@ def _wide_kernel(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Module
     # On CUDA in half precision only: fp32 has no tensor-core product, and the kernel's fp32 build spills
     # kilobytes of registers (benchmarks/wide_attention.py --compile-check), where two fp32 GEMMs do not.
     return kernel if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) else None
-
-
-@functools.cache
-def _wide_attention_module() -> ModuleType | None:
-    try:
-        from . import wide_attention
-    except ImportError as exc:  # no triton (it comes with CUDA builds of torch): the two GEMMs
-        log.warning("%s=fused, but the Triton kernel cannot be loaded (%s); using two GEMMs", WIDE_ATTENTION_ENV, exc)
-        return None
-    return wide_attention
 
 
 def _explicit(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float) -> Tensor:
@@ -282,21 +253,11 @@ class MLP(nn.Module):
         return self.fc2(F.gelu(self.fc1(x)))
 
 
-LAYER_NORM_ENV = "PERCEIVER_LAYER_NORM"
-_LAYER_NORM_CHOICES = ("torch", "triton")
-
-
-def layer_norm_choice() -> str:
-    """How LayerNorm runs on CUDA at widths that are not a multiple of 8: ``torch`` (the default) or ``triton``
-    (the kernel in layer_norm.py), from $PERCEIVER_LAYER_NORM. The default follows measurement: it changes where
-    benchmarks/layer_norm.py shows the kernel faster on a card (docs/performance.md)."""
-    choice = os.environ.get(LAYER_NORM_ENV, "torch").strip().lower() or "torch"
-    if choice not in _LAYER_NORM_CHOICES:
-        raise ValueError(f"{LAYER_NORM_ENV}={choice!r}: use one of {', '.join(_LAYER_NORM_CHOICES)}")
-    return choice
-
-
-_layer_norm_failed: str | None = None
+# How LayerNorm runs on CUDA at widths that are not a multiple of 8: ``torch`` (the default) or ``triton`` (the
+# kernel in layer_norm.py). The default follows measurement: it changes where benchmarks/layer_norm.py shows the
+# kernel faster on a card (docs/performance.md).
+LAYER_NORM = KernelSwitch("PERCEIVER_LAYER_NORM", "torch", "triton", "layer_norm", "PyTorch's")
+LAYER_NORM_ENV = LAYER_NORM.variable
 
 
 class LayerNorm(nn.LayerNorm):
@@ -311,36 +272,19 @@ class LayerNorm(nn.LayerNorm):
             except torch.OutOfMemoryError:
                 raise  # the batcher splits the batch
             except Exception as exc:  # e.g. Triton cannot build its launcher (no C compiler in the image)
-                _give_up_layer_norm_kernel(exc)
+                LAYER_NORM.give_up(exc)
         return super().forward(x)
 
 
 def _layer_norm_kernel(x: Tensor, norm: nn.LayerNorm) -> ModuleType | None:
     if (not x.is_cuda and not aligned.forced()) or x.shape[-1] % aligned.MULTIPLE == 0:
         return None
-    if layer_norm_choice() != "triton" or _layer_norm_failed is not None or torch.compiler.is_compiling():
+    if torch.compiler.is_compiling():
         return None  # a compiled graph gets Inductor's own fused LayerNorm
-    kernel = _layer_norm_module()
+    kernel = LAYER_NORM.module()
     if kernel is None or not kernel.supported(x, norm.weight, norm.bias):
         return None
     return kernel if x.is_cuda or kernel.interpreting() else None
-
-
-def _give_up_layer_norm_kernel(exc: Exception) -> None:
-    """The kernel failed to run: PyTorch's LayerNorm from now on in this process, said once in the log."""
-    global _layer_norm_failed
-    _layer_norm_failed = f"{type(exc).__name__}: {str(exc)[:300]}"
-    log.warning("%s=triton, but the Triton kernel failed (%s); using PyTorch's", LAYER_NORM_ENV, _layer_norm_failed)
-
-
-@functools.cache
-def _layer_norm_module() -> ModuleType | None:
-    try:
-        from . import layer_norm
-    except ImportError as exc:  # no triton (it comes with CUDA builds of torch): PyTorch's LayerNorm
-        log.warning("%s=triton, but the Triton kernel cannot be loaded (%s); using PyTorch's", LAYER_NORM_ENV, exc)
-        return None
-    return layer_norm
 
 
 class PerceiverLayer(nn.Module):

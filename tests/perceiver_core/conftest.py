@@ -14,16 +14,16 @@ from perceiver_core import attention
 
 @pytest.fixture(scope="module")
 def kernel(request: pytest.FixtureRequest) -> Iterator[ModuleType]:
-    """The test module's kernel (its ``KERNEL`` names the module, ``KERNEL_LOADER`` attention's cached loader of
-    it), compiled for the GPU or, without one, in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1
-    before triton is first imported)."""
+    """The test module's kernel (its ``KERNEL`` names the module, ``KERNEL_SWITCH`` attention's switch for it,
+    reset before and after), compiled for the GPU or, without one, in Triton's interpreter (tests/conftest.py sets
+    TRITON_INTERPRET=1 before triton is first imported)."""
     module = importlib.import_module(request.module.KERNEL)
     if not (module.interpreting() or torch.cuda.is_available()):
         pytest.skip("no GPU, and triton was imported before TRITON_INTERPRET=1 was set")
-    loader = getattr(attention, request.module.KERNEL_LOADER)
-    loader.cache_clear()
+    switch = getattr(attention, request.module.KERNEL_SWITCH)
+    switch.reset()
     yield module
-    loader.cache_clear()
+    switch.reset()
 
 
 @pytest.fixture(scope="module")

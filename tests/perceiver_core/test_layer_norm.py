@@ -39,7 +39,7 @@ ODD_TINY_HEADS = {
 
 
 # The kernel and device fixtures (conftest.py) load this module's kernel.
-KERNEL, KERNEL_LOADER = "perceiver_core.layer_norm", "_layer_norm_module"
+KERNEL, KERNEL_SWITCH = "perceiver_core.layer_norm", "LAYER_NORM"
 
 
 CALLS = published_odd_norms()
@@ -127,7 +127,7 @@ def test_a_kernel_that_fails_to_run_leaves_pytorchs_layer_norm(
         raise RuntimeError("Failed to find C compiler")
 
     monkeypatch.setattr(kernel, "layer_norm", broken)
-    monkeypatch.setattr(attention, "_layer_norm_failed", None)
+    monkeypatch.setattr(attention.LAYER_NORM, "failed", None)
     monkeypatch.setenv(attention.LAYER_NORM_ENV, "triton")
     norm = attention.LayerNorm(261)
     x = torch.randn(3, 261)
@@ -146,7 +146,7 @@ def test_a_kernel_that_fails_to_run_leaves_pytorchs_layer_norm(
         raise torch.OutOfMemoryError("CUDA out of memory")
 
     monkeypatch.setattr(kernel, "layer_norm", out_of_memory)
-    monkeypatch.setattr(attention, "_layer_norm_failed", None)
+    monkeypatch.setattr(attention.LAYER_NORM, "failed", None)
     with aligned.force(), pytest.raises(torch.OutOfMemoryError), torch.no_grad():
         norm(x)
 
@@ -211,9 +211,9 @@ def test_the_kernel_compiles_for_hopper_without_spilling() -> None:
 
 def test_the_choice_is_read_and_checked(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(attention.LAYER_NORM_ENV, raising=False)
-    assert attention.layer_norm_choice() == "torch"
+    assert attention.LAYER_NORM.choice() == "torch"
     monkeypatch.setenv(attention.LAYER_NORM_ENV, " Triton ")
-    assert attention.layer_norm_choice() == "triton"
+    assert attention.LAYER_NORM.choice() == "triton"
     monkeypatch.setenv(attention.LAYER_NORM_ENV, "fast")
     with pytest.raises(ValueError, match="PERCEIVER_LAYER_NORM='fast': use one of torch, triton"):
-        attention.layer_norm_choice()
+        attention.LAYER_NORM.choice()

@@ -42,7 +42,7 @@ WIDE_TINY_HEADS = {
 
 
 # The kernel and device fixtures (conftest.py) load this module's kernel.
-KERNEL, KERNEL_LOADER = "perceiver_core.wide_attention", "_wide_attention_module"
+KERNEL, KERNEL_SWITCH = "perceiver_core.wide_attention", "WIDE_ATTENTION"
 
 
 CALLS = published_wide_calls()
@@ -138,7 +138,7 @@ def test_a_kernel_that_fails_to_run_leaves_the_two_gemms(
         raise RuntimeError("Failed to find C compiler")
 
     monkeypatch.setattr(kernel, "wide_attention", broken)
-    monkeypatch.setattr(attention, "_wide_kernel_failed", None)
+    monkeypatch.setattr(attention.WIDE_ATTENTION, "failed", None)
     monkeypatch.setenv(attention.WIDE_ATTENTION_ENV, "fused")
     q, k = torch.randn(1, 1, 5, 300), torch.randn(1, 1, 7, 300)
     with aligned.force(), caplog.at_level("WARNING", logger="perceiver_core.attention"):
@@ -157,7 +157,7 @@ def test_a_kernel_that_fails_to_run_leaves_the_two_gemms(
         raise torch.OutOfMemoryError("CUDA out of memory")
 
     monkeypatch.setattr(kernel, "wide_attention", out_of_memory)
-    monkeypatch.setattr(attention, "_wide_kernel_failed", None)
+    monkeypatch.setattr(attention.WIDE_ATTENTION, "failed", None)
     with aligned.force(), pytest.raises(torch.OutOfMemoryError):
         attention._attend(q, k, k, None, 0.1)
 
@@ -224,9 +224,9 @@ def test_every_autotune_configuration_compiles_for_hopper_without_spilling(kerne
 
 def test_the_choice_is_read_and_checked(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(attention.WIDE_ATTENTION_ENV, raising=False)
-    assert attention.wide_attention_choice() == "gemm"
+    assert attention.WIDE_ATTENTION.choice() == "gemm"
     monkeypatch.setenv(attention.WIDE_ATTENTION_ENV, " Fused ")
-    assert attention.wide_attention_choice() == "fused"
+    assert attention.WIDE_ATTENTION.choice() == "fused"
     monkeypatch.setenv(attention.WIDE_ATTENTION_ENV, "fussed")
     with pytest.raises(ValueError, match="PERCEIVER_WIDE_ATTENTION='fussed': use one of gemm, fused"):
-        attention.wide_attention_choice()
+        attention.WIDE_ATTENTION.choice()

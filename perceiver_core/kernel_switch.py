@@ -1,0 +1,64 @@
+"""A Triton kernel that stands in for a PyTorch path where an environment variable asks for it: attention.py's
+wide-head attention (PERCEIVER_WIDE_ATTENTION) and odd-width LayerNorm (PERCEIVER_LAYER_NORM).
+
+The variable is read on every call (benchmarks switch it between timed runs). The kernel's module is imported on
+first use only: it imports triton, which CPU builds of torch may lack. A kernel that cannot be loaded, or fails to
+run (Triton builds a small C launcher on first use, and an image without a C compiler cannot), is said once in
+the log, and the process keeps the PyTorch path from then on."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+from types import ModuleType
+
+log = logging.getLogger("perceiver_core.attention")
+
+_UNLOADED = object()
+
+
+class KernelSwitch:
+    """``variable`` chooses ``default`` (the PyTorch path, named ``fallback`` in the log) or ``kernel`` (the
+    module ``perceiver_core.<module>``)."""
+
+    def __init__(self, variable: str, default: str, kernel: str, module: str, fallback: str) -> None:
+        self.variable, self.default, self.kernel = variable, default, kernel
+        self.module_name, self.fallback = module, fallback
+        self.failed: str | None = None  # why the kernel failed in this process, if it did
+        self._module: object = _UNLOADED
+
+    def choice(self) -> str:
+        choice = os.environ.get(self.variable, self.default).strip().lower() or self.default
+        if choice not in (self.default, self.kernel):
+            raise ValueError(f"{self.variable}={choice!r}: use one of {self.default}, {self.kernel}")
+        return choice
+
+    def module(self) -> ModuleType | None:
+        """The kernel's module where the variable asks for it and it has neither failed to load nor to run."""
+        if self.choice() != self.kernel or self.failed is not None:
+            return None
+        if self._module is _UNLOADED:
+            try:
+                self._module = importlib.import_module(f"{__package__}.{self.module_name}")
+            except ImportError as exc:  # no triton (it comes with CUDA builds of torch)
+                log.warning(
+                    "%s=%s, but the Triton kernel cannot be loaded (%s); using %s",
+                    self.variable,
+                    self.kernel,
+                    exc,
+                    self.fallback,
+                )
+                self._module = None
+        return self._module  # type: ignore[return-value]
+
+    def give_up(self, exc: Exception) -> None:
+        """The kernel failed to run: the PyTorch path from now on in this process, said once in the log."""
+        self.failed = f"{type(exc).__name__}: {str(exc)[:300]}"
+        log.warning(
+            "%s=%s, but the Triton kernel failed (%s); using %s", self.variable, self.kernel, self.failed, self.fallback
+        )
+
+    def reset(self) -> None:
+        """Forget a failure and the loaded module (tests)."""
+        self.failed, self._module = None, _UNLOADED
