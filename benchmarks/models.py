@@ -11,6 +11,7 @@ do); its per-video time is the median chunk time × 128.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import sys
@@ -53,6 +54,9 @@ class Result:
     gflop_per_sample: float | None = None
     tflops: float | None = None
     rel_err_vs_ref_fp32: float | None = None
+    # ours in fp32 arithmetic on this dtype's rounded parameters and inputs, against the same reference: what storing
+    # the weights in this dtype costs before any arithmetic (docs/performance.md, "bf16 fidelity")
+    storage_floor: float | None = None
     error: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -345,6 +349,22 @@ def _calls(
     return calls
 
 
+def storage_floor(case: Case, ours: Any, inputs: dict[str, Any], ref_out: Any, device: torch.device) -> float:
+    """The error against transformers fp32 of ``ours`` (a bf16 or fp16 model) computed in fp32 on its own rounded
+    parameters and buffers, from ``inputs`` already rounded to that dtype: what storing the weights in the dtype
+    costs before any arithmetic (whose own error adds to it, or by chance partly cancels it). A random-weight head
+    whose output is small against its activations (flow) can sit near 1e-2 on this alone."""
+    exact = copy.deepcopy(ours).float()
+    try:
+        with torch.inference_mode():
+            out = _calls(case, None, exact, inputs, device, False)["perceiver_core"]()
+        return _rel(*_comparable(case, out, ref_out))
+    finally:
+        del exact
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
 def cuda_graph(fn: Callable[[], Any]) -> Callable[[], Any]:
     """Capture ``fn`` (fixed inputs) once; replays skip all launch overhead. Captured lazily on first call."""
     state: dict[str, Any] = {}
@@ -371,9 +391,8 @@ def run_case(case: Case, device: torch.device, dtypes: list[torch.dtype], args: 
     import transformers
 
     hf_config = transformers.PerceiverConfig(**case.config, attention_probs_dropout_prob=0.0)
-    torch.manual_seed(0)
-    with torch.device(device):
-        hf_fp32 = getattr(transformers, case.arch)(hf_config).eval().requires_grad_(False)
+    torch.manual_seed(0)  # initialised on the CPU: the same weights on every device (CUDA's generator differs)
+    hf_fp32 = getattr(transformers, case.arch)(hf_config).to(device).eval().requires_grad_(False)
     config = config_from_dict({**hf_config.to_dict(), "architectures": [case.arch]})
     with torch.device("meta"):
         ours_meta = perceiver_core.build_model(config)
@@ -400,7 +419,11 @@ def run_case(case: Case, device: torch.device, dtypes: list[torch.dtype], args: 
         if dtype != torch.float32:
             hf = getattr(transformers, case.arch)(hf_config).to(device, dtype).eval().requires_grad_(False)
             hf.load_state_dict(hf_fp32.state_dict())
-        ours = ours_fp32 if dtype == torch.float32 else ours_fp32.to(dtype)
+        # a copy: Module.to converts in place, and a later dtype must start from the fp32 weights, not these
+        ours = ours_fp32 if dtype == torch.float32 else copy.deepcopy(ours_fp32).to(dtype)
+        floor = None
+        if dtype != torch.float32 and ref_out is not None:
+            floor = storage_floor(case, ours, cast(cast(inputs, dtype), torch.float32), ref_out, device)
         calls = _calls(case, hf, ours, cast(inputs, dtype), device, args.graphs and dtype != torch.float32)
         with torch.inference_mode():
             medians = time_calls(calls, device, args)
@@ -424,6 +447,7 @@ def run_case(case: Case, device: torch.device, dtypes: list[torch.dtype], args: 
                     ref_out = out
                 elif impl.startswith("perceiver_core") and ref_out is not None:
                     res.rel_err_vs_ref_fp32 = _rel(*_comparable(case, out, ref_out))
+                    res.storage_floor = floor
                 res.ms = ms
                 res.per_s = case.batch * 1000 / ms
                 res.gflop_per_sample = gflop
@@ -432,7 +456,7 @@ def run_case(case: Case, device: torch.device, dtypes: list[torch.dtype], args: 
                 res.error = f"{type(exc).__name__}: {str(exc)[:120]}"
             results.append(res)
             print(json.dumps(asdict(res)), flush=True)
-        del hf
+        del hf, ours, calls
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return results
@@ -443,7 +467,7 @@ def markdown(results: list[Result], device_name: str) -> str:
         f"Device: {device_name}; torch {torch.__version__}",
         "",
         "| case | dtype | ours | batch | transformers /s | ours /s | ours ÷ transformers | ours GFLOP/sample "
-        "| ours TFLOP/s | % of bf16 peak (ref FLOPs) | rel. err vs ref fp32 |",
+        "| ours TFLOP/s | % of bf16 peak (ref FLOPs) | rel. err vs ref fp32 (storage floor) |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     refs = {(r.case, r.dtype): r for r in results if r.impl == "transformers"}
@@ -460,6 +484,8 @@ def markdown(results: list[Result], device_name: str) -> str:
         if ours.per_s and ref and ref.gflop_per_sample and not device_name.startswith("CPU"):
             frac = f"{100 * ref.gflop_per_sample * ours.per_s / 1000 / BF16_PEAK_TFLOPS:.0f}%"
         err = f"{ours.rel_err_vs_ref_fp32:.1e}" if ours.rel_err_vs_ref_fp32 is not None else "—"
+        if ours.storage_floor is not None:
+            err += f" ({ours.storage_floor:.1e})"
         gf = f"{ours.gflop_per_sample:,.0f}" if ours.gflop_per_sample else "—"
         tf = f"{ours.tflops:,.1f}" if ours.tflops else "—"
         variant = ours.impl.removeprefix("perceiver_core").lstrip("+") or "eager"
