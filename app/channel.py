@@ -9,9 +9,11 @@ error kinds, rebuilt field by field from an allow-list (``app.*`` and ``perceive
 imported, ``app.errors`` kinds).
 
 The door's admission snapshot is a small table in shared memory that the model process writes after every
-change of a batcher's state (a seqlock: the sequence number is odd while a record is being written, and a
-reader retries when it reads an odd or changed number), so a front end refuses at the door without a round
-trip.
+change of a batcher's state, so a front end refuses at the door without a round trip. It is a seqlock (the
+sequence number is odd while a record is being written) whose records also carry a CRC-32 of their bytes,
+sequence included: Python has no memory barriers, and a weakly ordered CPU (ARM: Graviton, Grace) may make
+another core see a record's stores in any order. A reader copies a record once and accepts the copy only when
+its sequence is even and its checksum matches, whichever order the stores arrived in.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import socket
 import struct
 import sys
 import time
+import zlib
 from collections.abc import Callable
 from typing import Any
 
@@ -321,8 +324,9 @@ def receive_hello(sock: socket.socket) -> tuple[dict[str, Any], int]:
 # ---------------------------------------------------------------------------------------------- admission table
 
 # Per engine: sequence, written-at (monotonic), rest of the running batch, queued work, one item's batch,
-# queue length, flags (1: idle admits, 2: estimates known).
+# queue length, flags (1: idle admits, 2: estimates known); then the CRC-32 of those bytes.
 RECORD = struct.Struct("<QddddII")
+CHECK = struct.Struct("<I")
 RECORD_SIZE = 64
 
 
@@ -341,9 +345,11 @@ class StateTable:
         sequence = self.sequence[index] + 1
         struct.pack_into("<Q", self.map, at, sequence)  # odd: being written
         flags = (1 if state.idle else 0) | (2 if state.known else 0)
-        RECORD.pack_into(
-            self.map, at, sequence, now, state.rest_s, state.queued_s, state.batch_s, state.queue_len, flags
-        )
+        record = RECORD.pack(
+            sequence + 1, now, state.rest_s, state.queued_s, state.batch_s, state.queue_len, flags
+        )  # as it will read once whole: its checksum covers the even sequence
+        self.map[at + 8 : at + RECORD.size] = record[8:]
+        CHECK.pack_into(self.map, at + RECORD.size, zlib.crc32(record))
         self.sequence[index] = sequence + 1
         struct.pack_into("<Q", self.map, at, sequence + 1)
 
@@ -365,14 +371,17 @@ class StateView:
     def read(self, index: int) -> tuple[float, AdmissionState]:
         at = index * RECORD_SIZE
         for _ in range(self.TRIES):
-            sequence, written, rest, queued, batch, queue_len, flags = RECORD.unpack_from(self.map, at)
-            if sequence & 1:
+            copied = self.map[at : at + RECORD.size + CHECK.size]  # one copy: the checks below are on it alone
+            sequence, written, rest, queued, batch, queue_len, flags = RECORD.unpack_from(copied)
+            if sequence == 0:  # nothing written yet
+                break
+            if sequence & 1:  # a writer in the middle of it
                 continue
-            (again,) = struct.unpack_from("<Q", self.map, at)
-            if again == sequence:
-                state = AdmissionState(bool(flags & 1), queue_len, bool(flags & 2), rest, queued, batch)
-                self.last[index] = (written, state)
-                return written, state
+            if CHECK.unpack_from(copied, RECORD.size)[0] != zlib.crc32(copied[: RECORD.size]):
+                continue  # stores of two writes, or half of one: torn
+            state = AdmissionState(bool(flags & 1), queue_len, bool(flags & 2), rest, queued, batch)
+            self.last[index] = (written, state)
+            return written, state
         return self.last.get(index, (0.0, IDLE))
 
 

@@ -215,3 +215,30 @@ def test_a_record_caught_mid_write_answers_the_last_one_read() -> None:
     assert view.read(0) == (7.0, whole)
     struct.pack_into("<Q", table.map, 0, table.sequence[0] + 1)  # a writer stopped halfway
     assert view.read(0) == (7.0, whole)
+
+
+def test_a_record_whose_stores_arrived_out_of_order_is_not_read() -> None:
+    """On a weakly ordered CPU (ARM) a reader can see a write's sequence bump before its fields, or some fields of
+    the next write under the last one's even sequence: no barrier orders Python's stores. Each mix of two whole
+    records' bytes is refused by its checksum, and the reader answers the record it last read whole."""
+    table = channel.StateTable(1)
+    view = channel.StateView(os.dup(table.fd), table.size)
+    first, second = AdmissionState(True, 1, True, 0.1, 0.2, 0.3), AdmissionState(False, 5, True, 2.0, 9.0, 1.0)
+    table.write(0, first, 1.0)
+    assert view.read(0) == (1.0, first)
+    before = bytes(table.map[: channel.RECORD_SIZE])
+    table.write(0, second, 2.0)
+    after = bytes(table.map[: channel.RECORD_SIZE])
+    size = channel.RECORD.size + channel.CHECK.size
+    mixes = 0
+    for cut in range(8, size, 4):  # every prefix of the new record over the old one, and the other way round
+        for head, tail in ((after, before), (before, after)):
+            torn = head[:cut] + tail[cut:size]
+            if torn in (before[:size], after[:size]):
+                continue
+            table.map[:size] = torn
+            assert view.read(0) == (1.0, first), cut
+            mixes += 1
+    assert mixes > 20
+    table.map[: channel.RECORD_SIZE] = after  # the stores all arrived
+    assert view.read(0) == (2.0, second)
