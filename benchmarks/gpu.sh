@@ -114,6 +114,10 @@ if [ "${FLOWBF16:-1}" = 1 ]; then
     timeout "$(left 120)" python3 benchmarks/flow_bf16.py --device cuda --seeds 3,6,7 --dtypes bfloat16,float16 \
         --no-modules > "$OUT/flow-bf16-seeds.md" 2>&1
     grep -E "^(seed|ours|storage)" "$OUT/flow-bf16-seeds.md"
+    # the arithmetic's lever, emulated: residual sums kept in fp32 (docs/performance.md, "bf16 fidelity")
+    timeout "$(left 90)" python3 benchmarks/flow_bf16.py --device cuda --seeds 0,6,7 --fp32-residual --no-modules \
+        > "$OUT/flow-bf16-fp32-residual.md" 2>&1
+    grep -E "^(seed|ours|storage)" "$OUT/flow-bf16-fp32-residual.md"
     # the wide cross-attentions in the fused kernel instead of two cuBLAS GEMMs
     PERCEIVER_WIDE_ATTENTION=fused timeout "$(left 90)" python3 benchmarks/flow_bf16.py --device cuda --no-modules \
         > "$OUT/flow-bf16-fused.md" 2>&1
