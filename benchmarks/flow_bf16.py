@@ -105,13 +105,9 @@ def fp32_residual_stream() -> Any:
 
 
 def rounded_copy(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
-    """``model`` (fp32) with every floating parameter and buffer rounded to ``dtype`` and kept in fp32."""
-    exact = copy.deepcopy(model)
-    with torch.no_grad():
-        for tensor in [*exact.parameters(), *exact.buffers()]:
-            if tensor.is_floating_point():
-                tensor.copy_(tensor.to(dtype).float())
-    return exact
+    """``model`` (fp32) rounded to ``dtype`` and back: fp32 arithmetic on that dtype's weights, as
+    benchmarks/models.py's storage_floor computes it."""
+    return copy.deepcopy(model).to(dtype).float()
 
 
 def main() -> None:
