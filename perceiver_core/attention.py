@@ -288,7 +288,16 @@ def _layer_norm_kernel(x: Tensor, norm: nn.LayerNorm) -> ModuleType | None:
 
 
 class PerceiverLayer(nn.Module):
-    """Attention (+ optional query residual) followed by a residual MLP on the attention output."""
+    """Attention (+ optional query residual) followed by a residual MLP on the attention output.
+
+    ``residual_dtype`` (an attribute, not a parameter: checkpoints are unchanged): the dtype the residual sums are
+    kept in when it is wider than the weights', for example fp32 in a bf16 model. The attention and the MLP still
+    run in the weights' dtype on the stream rounded to it, but the stream itself is not rounded at every layer:
+    ``h = attn(x) + x`` and ``h + mlp(norm(h))`` are summed in ``residual_dtype`` and returned in it (the encoder
+    and decoder return their output in the weights' dtype). None, or the weights' own dtype: plain sums. Costs: the
+    stream's bytes once more in each sum, and two casts a layer (Inductor fuses them into the sums in a compiled
+    latent block).
+    """
 
     def __init__(
         self,
@@ -309,11 +318,17 @@ class PerceiverLayer(nn.Module):
         self.query_residual = query_residual
         self.norm = LayerNorm(q_dim)
         self.mlp = MLP(q_dim, widening_factor)
+        self.residual_dtype: torch.dtype | None = None
 
     def forward(
         self, x: Tensor, kv: Tensor | None = None, mask: Tensor | None = None, projected_q: Tensor | None = None
     ) -> Tensor:
-        h = self.attn(x, kv, mask, projected_q)
-        if self.query_residual:
-            h = h + x
-        return h + self.mlp(self.norm(h))
+        dtype, wide = self.norm.weight.dtype, self.residual_dtype
+        if wide is None or wide == dtype:
+            h = self.attn(x, kv, mask, projected_q)
+            if self.query_residual:
+                h = h + x
+            return h + self.mlp(self.norm(h))
+        h = self.attn(x.to(dtype), kv, mask, projected_q)
+        h = x.to(wide) + h if self.query_residual else h.to(wide)  # the sum is wide, whichever dtype x comes in
+        return h + self.mlp(self.norm(h.to(dtype)))

@@ -107,12 +107,14 @@ def warm_compiled(model: nn.Module, sizes: Sequence[int] = (1, 2)) -> float:
     if call is None:
         raise ValueError("compile_latent_block(model) first")
     latents = encoder.latents
+    # the latent layers' input: the cross-attention's output, in its residual stream's dtype where that is wider
+    stream = torch.promote_types(latents.dtype, encoder.cross.residual_dtype or latents.dtype)
     started = time.perf_counter()
     # Past the recompile limit Dynamo would log a warning and run the layer eagerly from then on; here it raises,
     # so that a caller knows the model is not compiled.
     with torch.inference_mode(), torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
         for size in sizes:
-            z = torch.zeros(size, *latents.shape, dtype=latents.dtype, device=latents.device)
+            z = torch.zeros(size, *latents.shape, dtype=stream, device=latents.device)
             torch._dynamo.maybe_mark_dynamic(z, 0)
             call(encoder.layers[0], z)
     if latents.is_cuda:

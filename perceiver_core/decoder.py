@@ -29,5 +29,5 @@ class CrossAttentionDecoder(nn.Module):
         self.final = AlignedLinear(q_dim, out_dim) if out_dim is not None else None
 
     def forward(self, queries: Tensor, latents: Tensor, projected_q: Tensor | None = None) -> Tensor:
-        out = self.layer(queries, latents, projected_q=projected_q)
+        out = self.layer(queries, latents, projected_q=projected_q).to(self.layer.norm.weight.dtype)
         return self.final(out) if self.final is not None else out

@@ -53,4 +53,4 @@ class PerceiverEncoder(nn.Module):
                 else:
                     torch._dynamo.maybe_mark_dynamic(z, 0)  # one graph for every batch size above 1
                     z = call(layer, z)
-        return z
+        return z.to(self.latents.dtype)  # from a wide residual stream (PerceiverLayer.residual_dtype), if any

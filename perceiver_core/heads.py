@@ -19,6 +19,7 @@ from .adapters.image import ConvImageAdapter, FourierImageAdapter, LearnedImageA
 from .adapters.multimodal import MultimodalAdapter, MultimodalQueries
 from .adapters.text import TextAdapter
 from .aligned import AlignedLinear
+from .attention import PerceiverLayer
 from .config import ARCHITECTURES, PerceiverConfig
 from .decoder import CrossAttentionDecoder
 from .encoder import PerceiverEncoder
@@ -64,9 +65,29 @@ def _key_mask(attention_mask: Tensor | None, device: torch.device) -> Tensor | N
 class PerceiverHead(nn.Module):
     """Common plumbing: the config, the encoder, and the parameter dtype/device."""
 
+    encoder: PerceiverEncoder
+
     def __init__(self, config: PerceiverConfig) -> None:
         super().__init__()
         self.config = config
+
+    @property
+    def residual_dtype(self) -> torch.dtype | None:
+        """The dtype of the residual sums when it is wider than the weights' (fp32 in a bf16 or fp16 model); None:
+        the weights' own dtype (PerceiverLayer has the details)."""
+        return self.encoder.cross.residual_dtype
+
+    @residual_dtype.setter
+    def residual_dtype(self, dtype: torch.dtype | None) -> None:
+        """Set for the encoder's layers and for decoders with a query residual. A decoder without one (flow, MLM,
+        multimodal) sums once and rounds its output to the weights' dtype at once: a wide sum would give the same
+        bits at the cost of its queries' bytes (182,528 × 322 a flow pair), so its layer keeps plain sums."""
+        plain = {
+            id(m.layer) for m in self.modules() if isinstance(m, CrossAttentionDecoder) and not m.layer.query_residual
+        }
+        for module in self.modules():
+            if isinstance(module, PerceiverLayer):
+                module.residual_dtype = None if id(module) in plain else dtype
 
     @property
     def dtype(self) -> torch.dtype:
@@ -218,6 +239,10 @@ class PerceiverForOpticalFlow(PerceiverHead):
         self.encoder = PerceiverEncoder(config, self.input.num_channels)
         # The query for each pixel is its own preprocessed input; no residual (queries aren't outputs).
         self.decoder = CrossAttentionDecoder(config, self.input.num_channels, 2, query_residual=False)
+        # In bf16 and fp16 the residual sums stay in fp32: with bf16 sums the flow output (a 322 -> 2 projection of
+        # small activations) is 1.2e-2 from transformers fp32 on some weight draws, 8e-3 with fp32 sums, at a cost
+        # of the latent stream's bytes (docs/performance.md, "bf16 fidelity"). No effect in fp32.
+        self.residual_dtype = torch.float32
 
     def forward(self, inputs: Tensor, attention_mask: Tensor | None = None) -> PerceiverOutput:
         patches = self._float(inputs)

@@ -129,3 +129,21 @@ def test_warm_up_raises_where_dynamo_would_quietly_run_eagerly(references: dict[
     compiled.compile_latent_block(other)
     with torch._dynamo.config.patch(recompile_limit=entries), pytest.raises(torch._dynamo.exc.FailOnRecompileLimitHit):
         compiled.warm_compiled(other)
+
+
+def test_warm_up_compiles_the_graph_a_wide_residual_stream_runs(references: dict[str, Reference]) -> None:
+    """A bf16 model whose residual sums are fp32 (the flow head's default) hands fp32 latents to its latent layers:
+    warm_compiled compiles that graph, so the first requests compile nothing, and the compiled layers give eager's
+    answers within bf16's rounding."""
+    ref = references["PerceiverForOpticalFlow"]
+    eager = perceiver_core.from_pretrained(ref.path, dtype=torch.bfloat16)
+    model = perceiver_core.from_pretrained(ref.path, dtype=torch.bfloat16)
+    assert model.residual_dtype == torch.float32
+    compiled.compile_latent_block(model)
+    compiled.warm_compiled(model)
+    batches = {n: make_inputs("PerceiverForOpticalFlow", model.config, batch=n, seed=n) for n in (1, 3)}
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for n, inputs in batches.items():
+            ours = _logits(model, inputs)
+            assert ours.dtype == torch.bfloat16 and ours.shape[0] == n
+            assert relative_error(ours.float(), _logits(eager, inputs).float()) <= 2e-2

@@ -66,6 +66,52 @@ def test_half_precision_parity(arch: str, dtype: torch.dtype, references: dict[s
     _compare(_run(model, ref, **extra), theirs, 3e-2 if dtype == torch.bfloat16 else 5e-3)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_residual_sums_in_fp32_in_half_precision(
+    arch: str, dtype: torch.dtype, references: dict[str, Reference]
+) -> None:
+    """Every head with its residual sums kept in fp32 (PerceiverLayer.residual_dtype) under bf16 or fp16 weights:
+    the same parity with transformers fp32, the outputs and latents in the model's dtype, and the same state dict
+    (the setting is not a weight). The flow head keeps fp32 sums by default; the others opt in."""
+    ref = references[arch]
+    theirs, extra = _reference_and_extra(arch, ref)
+    model = perceiver_core.from_pretrained(ref.path, dtype=dtype)
+    keys = list(model.state_dict())
+    model.residual_dtype = torch.float32
+    assert model.residual_dtype == torch.float32 and list(model.state_dict()) == keys
+    with torch.no_grad():
+        out = model(**ref.inputs, **extra)
+    assert out.last_hidden_state.dtype == dtype
+    for logits in out.logits.values() if isinstance(out.logits, dict) else [out.logits]:
+        assert logits is None or logits.dtype == dtype
+    _compare(_run(model, ref, **extra), theirs, 3e-2 if dtype == torch.bfloat16 else 5e-3)
+
+
+def test_flow_keeps_fp32_residual_sums_by_default_and_fp32_models_are_unchanged(
+    references: dict[str, Reference],
+) -> None:
+    """In fp32 the setting changes nothing (the sums are already fp32): bit for bit the same logits. In bf16 the
+    encoder's stream changes the arithmetic (the outputs differ from bf16 sums, by rounding); the decoder's would
+    not."""
+    ref = references["PerceiverForOpticalFlow"]
+    model = perceiver_core.from_pretrained(ref.path)
+    assert model.residual_dtype == torch.float32
+    assert perceiver_core.from_pretrained(references["PerceiverForMaskedLM"].path).residual_dtype is None
+    wide = _run(model, ref)
+    model.residual_dtype = None
+    assert isinstance(wide, torch.Tensor) and torch.equal(wide, _run(model, ref))
+    half = perceiver_core.from_pretrained(ref.path, dtype=torch.bfloat16)
+    wide = _run(half, ref)
+    # The decoder sums once, without a query residual, and rounds at once: a wide sum there gives the same bits,
+    # so it keeps plain sums
+    assert half.decoder.layer.residual_dtype is None
+    half.decoder.layer.residual_dtype = torch.float32
+    assert isinstance(wide, torch.Tensor) and torch.equal(wide, _run(half, ref))
+    half.residual_dtype = None
+    assert not torch.equal(wide, _run(half, ref))
+
+
 def test_reassociated_attention_matches_plain(references: dict[str, Reference]) -> None:
     """The folded single-head cross-attention forms give the plain result within fp32 rounding."""
     for arch in ("PerceiverForImageClassificationLearned", "PerceiverForOpticalFlow"):
