@@ -146,6 +146,8 @@ def build_models(settings: Settings) -> list[LoadedModel]:
             raise ValueError(
                 f"{spec.source} is a {model.config.architecture}; task {spec.task} needs one of {task.architectures}"
             )
+        if spec.residual_dtype != "auto":
+            model.residual_dtype = torch.float32 if spec.residual_dtype == "float32" else None
         log.info("loaded %s/%s from %s in %.1fs", spec.task, spec.variant, spec.source, time.monotonic() - started)
         loaded.append(
             LoadedModel(

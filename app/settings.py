@@ -69,6 +69,12 @@ class ModelSpec(BaseModel):
     source: str
     revision: str = "main"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] | None = None
+    residual_dtype: Literal["auto", "float32", "model"] = Field(
+        "auto",
+        description="The residual sums' dtype under bf16/fp16 weights. float32: the latent stream is not rounded at "
+        "every layer (closer to fp32's answers, the stream's bytes twice over); model: the weights' dtype (fastest); "
+        "auto: the head's own, float32 for optical flow and model for the rest. No effect in float32.",
+    )
     max_batch_size: BatchSize | None = None
     max_delay_ms: float | None = Field(None, ge=0)
     max_batch_cost: int | None = Field(None, ge=1, json_schema_extra=TUNING)

@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 from pydantic import ValidationError
+from reference import Reference
 
+from app.loading import build_models
 from app.settings import ModelSpec, Settings, load_settings
 from app.tasks import TASK_NAMES
 
@@ -209,3 +211,32 @@ def test_an_unknown_task_in_the_file_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValidationError) as caught:
         load_settings(write(tmp_path / "serve.yaml", "demo_tasks: [segment]\n"))
     assert_names_the_bad_task(caught.value, "demo_tasks.0")
+
+
+@pytest.mark.parametrize(
+    ("arch", "task", "residual", "expected"),
+    [
+        ("PerceiverForOpticalFlow", "optical-flow", "auto", torch.float32),  # flow's own default
+        ("PerceiverForOpticalFlow", "optical-flow", "model", None),
+        ("PerceiverForMaskedLM", "fill-mask", "auto", None),
+        ("PerceiverForMaskedLM", "fill-mask", "float32", torch.float32),
+    ],
+)
+def test_a_models_residual_dtype_key_reaches_its_layers(
+    references: dict[str, Reference], arch: str, task: str, residual: str, expected: torch.dtype | None
+) -> None:
+    """The per-model ``residual_dtype`` key, on a checkpoint saved by transformers and loaded in bf16: every
+    encoder layer keeps its sums in the dtype asked for, and the model still answers in bf16."""
+    spec = ModelSpec(task=task, source=str(references[arch].path), dtype="bfloat16", residual_dtype=residual)
+    (loaded,) = build_models(Settings(models=[spec], device="cpu"))
+    model = loaded.model
+    assert model.residual_dtype is expected
+    assert {layer.residual_dtype for layer in model.encoder.layers} == {expected}
+    with torch.no_grad():
+        out = model(**references[arch].inputs)
+    assert isinstance(out.logits, torch.Tensor) and out.logits.dtype == torch.bfloat16
+
+
+def test_an_unknown_residual_dtype_is_refused_with_the_choices() -> None:
+    with pytest.raises(ValidationError, match="'auto', 'float32' or 'model'"):
+        ModelSpec(task="optical-flow", source="/a", residual_dtype="bfloat16")  # type: ignore[arg-type]
