@@ -10,7 +10,8 @@
 #      451x300, 1920x1080 and 4032x3024 with 0 and 4 front-end processes (PERCEIVER_API_PROCESSES;
 #      E2E_CONFIGS=1x0x0,1x0x1,1x0x2,1x0x4,1x0x8 for the whole sweep, in a call of its own), py-spy
 #      sampling the model process where there are front ends;
-#   5. model level: the published configs, ours vs transformers (bf16 by default), plus CUDA-graph replay;
+#   5. model level: the published configs, ours vs transformers (bf16 by default), plus CUDA-graph replay and
+#      each head with the other residual stream (fp32 sums for all but flow, bf16 sums for flow);
 #   6. the wide-head attention kernel (Triton) compiled: its bf16 tests, then against the two GEMMs on every
 #      published wide call and head (benchmarks/wide_attention.py; the default follows this);
 #   6b. the odd-width LayerNorm kernel (Triton): its tests compiled, then against PyTorch's on every published
@@ -24,7 +25,7 @@
 # Installs the serving dependencies the GPU image lacks from wheels in .whl/ (see docs/performance.md).
 # Results (JSON + markdown) go to $OUT, or benchmarks/results/gpu.
 # Knobs: BUDGET=540; DTYPES=bfloat16 (model dtypes; bf16 error is against transformers fp32 either way);
-# GRAPHS=0 (skip CUDA-graph variants); ONLY=flow,mlm (case-name filter);
+# GRAPHS=0 (skip CUDA-graph variants); RESIDUAL=0 (skip the other residual stream); ONLY=flow,mlm (case-name filter);
 # IMAGES=small,hd,phone (add phone-raw, phone-cpujpeg: flags in benchmarks/e2e_gpu.py);
 # PYSPY_ON=phone; PYSPY_GIL=1 (the default: sample only threads holding the GIL; 0 samples every thread); E2E_SECONDS=8;
 # E2E_CONFIGS=WORKERSxDECODE_PROCESSESxFRONT_ENDS,... (default 1x0x0,1x0x4);
@@ -76,6 +77,7 @@ if [ "${MODELS:-1}" = 1 ]; then
     stage models
     extra=()
     [ "${GRAPHS:-1}" = 1 ] && extra+=(--graphs)
+    [ "${RESIDUAL:-1}" = 1 ] && extra+=(--residual-ab)  # each head with the other residual stream: cost and error
     [ -n "${ONLY:-}" ] && extra+=(--only "$ONLY")
     timeout "$(left 300)" python3 benchmarks/models.py --suite gpu --reps 10 --budget 4 --dtypes "${DTYPES:-bfloat16}" \
         "${extra[@]}" --json "$OUT/models.json" --markdown "$OUT/models.md" > "$OUT/models.log" 2>&1
@@ -114,10 +116,10 @@ if [ "${FLOWBF16:-1}" = 1 ]; then
     timeout "$(left 120)" python3 benchmarks/flow_bf16.py --device cuda --seeds 3,6,7 --dtypes bfloat16,float16 \
         --no-modules > "$OUT/flow-bf16-seeds.md" 2>&1
     grep -E "^(seed|ours|storage)" "$OUT/flow-bf16-seeds.md"
-    # the arithmetic's lever, emulated: residual sums kept in fp32 (docs/performance.md, "bf16 fidelity")
-    timeout "$(left 90)" python3 benchmarks/flow_bf16.py --device cuda --seeds 0,6,7 --fp32-residual --no-modules \
-        > "$OUT/flow-bf16-fp32-residual.md" 2>&1
-    grep -E "^(seed|ours|storage)" "$OUT/flow-bf16-fp32-residual.md"
+    # the same draws with residual sums in bf16, as before flow kept them in fp32 (docs/performance.md, "bf16 fidelity")
+    timeout "$(left 90)" python3 benchmarks/flow_bf16.py --device cuda --seeds 0,6,7 --residual model --no-modules \
+        > "$OUT/flow-bf16-bf16-residual.md" 2>&1
+    grep -E "^(seed|ours|storage)" "$OUT/flow-bf16-bf16-residual.md"
     # the wide cross-attentions in the fused kernel instead of two cuBLAS GEMMs
     PERCEIVER_WIDE_ATTENTION=fused timeout "$(left 90)" python3 benchmarks/flow_bf16.py --device cuda --no-modules \
         > "$OUT/flow-bf16-fused.md" 2>&1

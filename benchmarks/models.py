@@ -274,14 +274,18 @@ def time_calls(calls: dict[str, Callable[[], Any]], device: torch.device, args: 
     times: dict[str, list[float]] = {name: [] for name in live}
     start_all = time.perf_counter()
     for _ in range(args.reps):
-        for name, fn in live.items():
+        for name, fn in list(live.items()):
             t0 = time.perf_counter()
-            fn()
-            _sync(device)
+            try:
+                fn()
+                _sync(device)
+            except Exception:  # with --warmup 0 the first failure is here
+                del live[name], times[name]
+                continue
             times[name].append((time.perf_counter() - t0) * 1000)
         if time.perf_counter() - start_all > args.budget:
             break
-    return {name: statistics.median(t) for name, t in times.items()}
+    return {name: statistics.median(t) for name, t in times.items() if t}
 
 
 def count_gflop(fn: Callable[[], Any]) -> float | None:
@@ -347,6 +351,14 @@ def _calls(
     if graphs and device.type == "cuda":
         calls["perceiver_core+cudagraph"] = cuda_graph(calls["perceiver_core"])
     return calls
+
+
+def other_residual(ours: Any) -> tuple[str, Any]:
+    """A copy of ``ours`` (bf16 or fp16) with the other residual stream than its head's default
+    (PerceiverLayer.residual_dtype: fp32 sums for flow, the weights' dtype for the rest), and its name."""
+    other = copy.deepcopy(ours)
+    other.residual_dtype = None if ours.residual_dtype == torch.float32 else torch.float32
+    return ("+fp32-residual" if other.residual_dtype == torch.float32 else f"+{str(ours.dtype)[6:]}-residual"), other
 
 
 def storage_floor(case: Case, ours: Any, inputs: dict[str, Any], ref_out: Any, device: torch.device) -> float:
@@ -425,6 +437,11 @@ def run_case(case: Case, device: torch.device, dtypes: list[torch.dtype], args: 
         if dtype != torch.float32 and ref_out is not None:
             floor = storage_floor(case, ours, cast(cast(inputs, dtype), torch.float32), ref_out, device)
         calls = _calls(case, hf, ours, cast(inputs, dtype), device, args.graphs and dtype != torch.float32)
+        if args.residual_ab and dtype != torch.float32:
+            suffix, other = other_residual(ours)
+            calls["perceiver_core" + suffix] = _calls(case, hf, other, cast(inputs, dtype), device, False)[
+                "perceiver_core"
+            ]
         with torch.inference_mode():
             medians = time_calls(calls, device, args)
         for impl, call in calls.items():
@@ -508,6 +525,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--graphs", action="store_true", help="also time ours replayed from a CUDA graph")
     parser.add_argument("--smoke", action="store_true", help="shrink every config (checks the script, not speed)")
+    parser.add_argument(
+        "--residual-ab", action="store_true", help="in bf16/fp16, also time ours with the other residual stream"
+    )
     parser.add_argument("--json", type=Path)
     parser.add_argument("--markdown", type=Path)
     args = parser.parse_args()

@@ -89,10 +89,13 @@ def test_cuda_graphs_replay_the_eager_result(arch: str, references: dict[str, Re
 
 
 @cuda
-@pytest.mark.parametrize("arch", ["PerceiverForMaskedLM", "PerceiverForImageClassificationLearned"])
+@pytest.mark.parametrize(
+    "arch", ["PerceiverForMaskedLM", "PerceiverForImageClassificationLearned", "PerceiverForOpticalFlow"]
+)
 def test_compiled_latent_block_on_cuda_in_bf16(arch: str, references: dict[str, Reference]) -> None:
     """Compiled (Triton kernels from Inductor) within bf16 tolerance of transformers fp32 and close to eager bf16;
-    under CUDA graphs it replays its own result, and batches of 3 compile nothing more."""
+    under CUDA graphs it replays its own result, and batches of 3 compile nothing more (flow: through its fp32
+    residual stream)."""
     ref = references[arch]
     theirs = reference_logits(ref)
     model = perceiver_core.from_pretrained(ref.path, device="cuda", dtype=torch.bfloat16)
