@@ -20,12 +20,14 @@ The cache holds code that the process runs: it must be writable by the server on
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import time
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -39,6 +41,11 @@ CACHE_DIR_ENV = "TORCHINDUCTOR_CACHE_DIR"
 # the one compiled function's cache; Dynamo's default limit of 8 would send the fifth back to eager, silently.
 # A call checks the entry it used last first, so a long list costs the hot path nothing.
 RECOMPILE_LIMIT = 512
+# From torch 2.12 on, an assignment to torch._dynamo.config holds in the assigning thread only (pytorch/pytorch
+# #186537), and the forward passes run on the batcher's threads, which would see the default of 8. Those torch
+# versions take the limit as an argument of torch.compile, where it holds in every thread; older ones have only the
+# process-wide setting.
+LIMIT_PER_FUNCTION = "recompile_limit" in inspect.signature(torch.compile).parameters
 
 
 def _run_layer(layer: nn.Module, z: Tensor) -> Tensor:
@@ -52,13 +59,17 @@ def compiled_layer() -> Callable[[nn.Module, Tensor], Tensor]:
     """The process's one compiled ``layer(z)``: its cache holds an entry per layer shape, dtype and batch class."""
     global _compiled_layer
     if _compiled_layer is None:
-        config = torch._dynamo.config
-        per_function = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # torch < 2.7
-        for name in (per_function, "accumulated_recompile_limit"):
-            setattr(config, name, max(getattr(config, name), RECOMPILE_LIMIT))
+        options: dict[str, Any] = {}
+        if LIMIT_PER_FUNCTION:  # its cap over all compiled functions (256 by default) is far above what we make
+            options["recompile_limit"] = RECOMPILE_LIMIT
+        else:
+            config = torch._dynamo.config
+            per_function = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # < 2.7
+            for name in (per_function, "accumulated_recompile_limit"):
+                setattr(config, name, max(getattr(config, name), RECOMPILE_LIMIT))
         with warnings.catch_warnings():  # torch's own imports (torch.utils.mkldnn) use torch.jit.script_method
             warnings.filterwarnings("ignore", "`torch.jit.script_method` is deprecated", DeprecationWarning)
-            _compiled_layer = torch.compile(_run_layer)
+            _compiled_layer = torch.compile(_run_layer, **options)
     return _compiled_layer
 
 
