@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -128,7 +129,9 @@ def test_serving_a_real_checkpoint_from_a_directory(tmp_path: Path) -> None:
 
 
 def test_sigterm_drains_in_flight_requests_and_exits_zero(tmp_path: Path) -> None:
-    """Requests in flight when SIGTERM arrives all finish with 200; new ones get 503; exit code 0."""
+    """Requests in flight when SIGTERM arrives all finish with 200, their uploads still arriving; new ones get 503;
+    exit code 0. Each upload holds back its last bytes until the server is draining, so that all eight are in
+    flight at the signal and none can have finished (the server counts a request in flight from its headers on)."""
     env = {
         "PERCEIVER_DEMO_TASKS": '["classify"]',
         "PERCEIVER_WARMUP": "false",
@@ -139,25 +142,33 @@ def test_sigterm_drains_in_flight_requests_and_exits_zero(tmp_path: Path) -> Non
     url, proc = server.url, server.proc
     server.wait_ready()
     image = (MEDIA / "cat.jpg").read_bytes()
+    form = httpx.Request("POST", url, files={"image": ("cat.jpg", image)}, data={"model": "learned"})
+    body, content_type = form.read(), form.headers["content-type"]
+    release = threading.Event()
+
+    def upload() -> Iterator[bytes]:
+        yield body[:1000]
+        release.wait(120)
+        yield body[1000:]
 
     def classify(_: int) -> int:
-        r = httpx.post(
-            url + "/v1/classify", files={"image": ("cat.jpg", image)}, data={"model": "learned"}, timeout=120
-        )
-        return r.status_code
+        headers = {"content-type": content_type, "content-length": str(len(body))}
+        return httpx.post(url + "/v1/classify", content=upload(), headers=headers, timeout=120).status_code
 
-    def arrived() -> bool:  # every request is in flight or answered
-        text = httpx.get(url + "/metrics", timeout=10).text
-        return metric(text, "perceiver_inflight_requests") + metric(text, "perceiver_requests_total", status="200") >= 8
+    def inflight() -> float:
+        return metric(httpx.get(url + "/metrics", timeout=10).text, "perceiver_inflight_requests")
 
     with ThreadPoolExecutor(8) as pool:
         futures = [pool.submit(classify, i) for i in range(8)]
-        until(arrived, "eight requests in the server")
-        proc.send_signal(signal.SIGTERM)
-        until(lambda: httpx.get(url + "/readyz", timeout=5).status_code == 503, "readiness off")
-        late = httpx.post(url + "/v1/classify", files={"image": ("cat.jpg", image)}, timeout=10)
-        assert late.status_code == 503 and late.json()["error"]["type"] == "draining"
-        assert httpx.get(url + "/healthz", timeout=5).status_code == 200
+        try:
+            until(lambda: inflight() == 8, "eight requests in the server")
+            proc.send_signal(signal.SIGTERM)
+            until(lambda: httpx.get(url + "/readyz", timeout=5).status_code == 503, "readiness off")
+            late = httpx.post(url + "/v1/classify", files={"image": ("cat.jpg", image)}, timeout=10)
+            assert late.status_code == 503 and late.json()["error"]["type"] == "draining"
+            assert httpx.get(url + "/healthz", timeout=5).status_code == 200
+        finally:
+            release.set()
         statuses = [f.result() for f in futures]
     assert statuses == [200] * 8
     assert proc.wait(timeout=60) == 0
