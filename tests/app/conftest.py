@@ -136,15 +136,10 @@ class LiveServer:
     def client(self) -> httpx.Client:
         return httpx.Client(base_url=self.url, timeout=120)
 
-    def block_inference(self, seconds: float) -> None:
-        """Occupy every thread a forward pass may run on (the inference thread and, on CPU, the lanes), as a
-        long forward pass would."""
-        for executor in self._inference_executors():
-            executor.submit(time.sleep, seconds)
-
     def hold_inference(self) -> threading.Event:
-        """Occupy every thread a forward pass may run on until the returned event is set (60 s at most, a guard
-        against a test that never sets it): a forward pass that lasts exactly as long as the test needs."""
+        """Occupy every thread a forward pass may run on (the inference thread and, on CPU, the lanes) until the
+        returned event is set (60 s at most, a guard against a test that never sets it): a forward pass that lasts
+        exactly as long as the test needs."""
         gate = threading.Event()
         for executor in self._inference_executors():
             executor.submit(gate.wait, 60)

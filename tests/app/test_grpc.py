@@ -267,13 +267,16 @@ def test_the_readmes_grpc_example_runs_as_written_and_prints_what_it_says(demo_s
 
 def test_a_call_in_flight_counts_as_http_requests_do(demo_server: LiveServer) -> None:
     """perceiver_inflight_requests (what the drain waits for and the HPA scales on) counts gRPC calls too."""
-    demo_server.block_inference(5.0)  # the call waits for the forward pass's thread: in flight meanwhile
+    gate = demo_server.hold_inference()  # the call waits for the forward pass's thread: in flight until the gate opens
     with ThreadPoolExecutor(1) as pool:
         call = pool.submit(_infer_raw, demo_server.grpc_target, _text_request(), timeout=60)
-        deadline = time.monotonic() + 30
-        while demo_server.metric("perceiver_inflight_requests") < 1 and time.monotonic() < deadline:
-            time.sleep(0.01)
-        in_flight = demo_server.metric("perceiver_inflight_requests")
+        try:
+            deadline = time.monotonic() + 30
+            while demo_server.metric("perceiver_inflight_requests") < 1 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            in_flight = demo_server.metric("perceiver_inflight_requests")
+        finally:
+            gate.set()
         assert call.result().outputs
     assert in_flight == 1 and demo_server.metric("perceiver_inflight_requests") == 0
 
