@@ -358,7 +358,8 @@ def other_residual(ours: Any) -> tuple[str, Any]:
     (PerceiverLayer.residual_dtype: fp32 sums for flow, the weights' dtype for the rest), and its name."""
     other = copy.deepcopy(ours)
     other.residual_dtype = None if ours.residual_dtype == torch.float32 else torch.float32
-    return ("+fp32-residual" if other.residual_dtype == torch.float32 else f"+{str(ours.dtype)[6:]}-residual"), other
+    sums = "fp32" if other.residual_dtype == torch.float32 else str(ours.dtype).removeprefix("torch.")
+    return f"+{sums}-residual", other
 
 
 def storage_floor(case: Case, ours: Any, inputs: dict[str, Any], ref_out: Any, device: torch.device) -> float:

@@ -82,12 +82,12 @@ class PerceiverHead(nn.Module):
         """Set for the encoder's layers and for decoders with a query residual. A decoder without one (flow, MLM,
         multimodal) sums once and rounds its output to the weights' dtype at once: a wide sum would give the same
         bits at the cost of its queries' bytes (182,528 × 322 a flow pair), so its layer keeps plain sums."""
-        plain = {
-            id(m.layer) for m in self.modules() if isinstance(m, CrossAttentionDecoder) and not m.layer.query_residual
-        }
-        for module in self.modules():
-            if isinstance(module, PerceiverLayer):
-                module.residual_dtype = None if id(module) in plain else dtype
+        layers = [m for m in self.modules() if isinstance(m, PerceiverLayer)]
+        for layer in layers:
+            layer.residual_dtype = dtype
+        for decoder in (m for m in self.modules() if isinstance(m, CrossAttentionDecoder)):
+            if not decoder.layer.query_residual:
+                decoder.layer.residual_dtype = None
 
     @property
     def dtype(self) -> torch.dtype:
