@@ -222,8 +222,9 @@ def _explicit(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float
 
 
 def _scores_fp32(q: Tensor, k: Tensor) -> Tensor:
-    """q·kᵀ as fp32: CUDA's bmm writes fp32 from bf16/fp16 inputs (``out_dtype``); elsewhere, upcast first."""
-    if q.dtype == torch.float32:
+    """q·kᵀ in fp32 or wider: CUDA's bmm writes fp32 from bf16/fp16 inputs (``out_dtype``); elsewhere, upcast first.
+    fp32 and fp64 inputs keep their own dtype (CUDA's ``out_dtype`` takes half-precision inputs only)."""
+    if q.dtype not in (torch.float16, torch.bfloat16):
         return torch.matmul(q, k.transpose(-1, -2))
     lead = q.shape[:-2]
     if q.is_cuda and k.shape[:-2] == lead:
