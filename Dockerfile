@@ -2,7 +2,7 @@
 # Perceiver IO serving image. CUDA runtime by default; `--build-arg VARIANT=cpu` for a CPU-only image.
 #   docker build -t perceiver-serve:cuda .
 #   docker build --build-arg VARIANT=cpu -t perceiver-serve:cpu .
-#   docker build --build-arg COMPILER=true ...   adds a C compiler (PERCEIVER_COMPILE, PERCEIVER_WIDE_ATTENTION)
+#   docker build --build-arg COMPILER=true ...   adds a C compiler (PERCEIVER_COMPILE, the Triton kernels)
 # Weights are never baked in: mount a checkpoint directory or a Hugging Face cache at /models.
 
 ARG VARIANT=cuda

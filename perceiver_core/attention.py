@@ -254,16 +254,16 @@ class MLP(nn.Module):
         return self.fc2(F.gelu(self.fc1(x)))
 
 
-# How LayerNorm runs on CUDA at widths that are not a multiple of 8: ``torch`` (the default) or ``triton`` (the
-# kernel in layer_norm.py). The default follows measurement: it changes where benchmarks/layer_norm.py shows the
-# kernel faster on a card (docs/performance.md).
-LAYER_NORM = KernelSwitch("PERCEIVER_LAYER_NORM", "torch", "triton", "layer_norm", "PyTorch's")
+# How LayerNorm runs at widths that are not a multiple of 8: ``torch``, ``triton`` (the kernel in layer_norm.py)
+# or ``auto`` (the default): the kernel on CUDA, PyTorch's elsewhere. The default follows measurement: on an H200
+# (run 11, docs/performance.md) the kernel made each head with an odd width 1.02-1.22x faster.
+LAYER_NORM = KernelSwitch("PERCEIVER_LAYER_NORM", "torch", "triton", "layer_norm", "PyTorch's", default="auto")
 LAYER_NORM_ENV = LAYER_NORM.variable
 
 
 class LayerNorm(nn.LayerNorm):
     """``nn.LayerNorm`` (same parameters and state-dict keys) whose CUDA calls at odd widths (261, 322, 1,026:
-    not a multiple of 8) run layer_norm.py's Triton kernel where $PERCEIVER_LAYER_NORM=triton asks for it."""
+    not a multiple of 8) run layer_norm.py's Triton kernel unless $PERCEIVER_LAYER_NORM=torch."""
 
     def forward(self, x: Tensor) -> Tensor:
         kernel = _layer_norm_kernel(x, self)
@@ -282,7 +282,7 @@ def _layer_norm_kernel(x: Tensor, norm: nn.LayerNorm) -> ModuleType | None:
         return None
     if torch.compiler.is_compiling():
         return None  # a compiled graph gets Inductor's own fused LayerNorm
-    kernel = LAYER_NORM.module()
+    kernel = LAYER_NORM.module(cuda=x.is_cuda)
     if kernel is None or not kernel.supported(x, norm.weight, norm.bias):
         return None
     return kernel if x.is_cuda or kernel.interpreting() else None

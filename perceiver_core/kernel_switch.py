@@ -19,45 +19,55 @@ _UNLOADED = object()
 
 
 class KernelSwitch:
-    """``variable`` chooses ``default`` (the PyTorch path, named ``fallback`` in the log) or ``kernel`` (the
-    module ``perceiver_core.<module>``)."""
+    """``variable`` chooses ``plain`` (the PyTorch path, named ``fallback`` in the log) or ``kernel`` (the module
+    ``perceiver_core.<module>``); with ``default="auto"`` it also takes ``auto``, its default: the kernel on CUDA,
+    the PyTorch path elsewhere (where a CPU test emulates CUDA's path too)."""
 
-    def __init__(self, variable: str, default: str, kernel: str, module: str, fallback: str) -> None:
-        self.variable, self.default, self.kernel = variable, default, kernel
+    def __init__(
+        self, variable: str, plain: str, kernel: str, module: str, fallback: str, default: str | None = None
+    ) -> None:
+        self.variable, self.plain, self.kernel = variable, plain, kernel
+        self.default = default or plain
         self.module_name, self.fallback = module, fallback
         self.failed: str | None = None  # why the kernel failed in this process, if it did
         self._module: object = _UNLOADED
 
+    def choices(self) -> tuple[str, ...]:
+        return (self.plain, self.kernel, *(("auto",) if self.default == "auto" else ()))
+
     def choice(self) -> str:
         choice = os.environ.get(self.variable, self.default).strip().lower() or self.default
-        if choice not in (self.default, self.kernel):
-            raise ValueError(f"{self.variable}={choice!r}: use one of {self.default}, {self.kernel}")
+        if choice not in self.choices():
+            raise ValueError(f"{self.variable}={choice!r}: use one of {', '.join(self.choices())}")
         return choice
 
-    def module(self) -> ModuleType | None:
-        """The kernel's module where the variable asks for it and it has neither failed to load nor to run."""
-        if self.choice() != self.kernel or self.failed is not None:
+    def module(self, cuda: bool = True) -> ModuleType | None:
+        """The kernel's module where the variable asks for it (``auto``: for a call on CUDA) and it has neither
+        failed to load nor to run."""
+        choice = self.choice()
+        if choice == "auto":
+            choice = self.kernel if cuda else self.plain
+        if choice != self.kernel or self.failed is not None:
             return None
         if self._module is _UNLOADED:
             try:
                 self._module = importlib.import_module(f"{__package__}.{self.module_name}")
             except ImportError as exc:  # no triton (it comes with CUDA builds of torch)
-                log.warning(
-                    "%s=%s, but the Triton kernel cannot be loaded (%s); using %s",
-                    self.variable,
-                    self.kernel,
-                    exc,
-                    self.fallback,
-                )
+                self._say("the Triton kernel cannot be loaded (%s); using %s", exc)
                 self._module = None
         return self._module  # type: ignore[return-value]
+
+    def _say(self, what: str, exc: object) -> None:
+        """A warning where the variable asked for the kernel; where ``auto`` picked it, an info line (an image
+        without a C compiler cannot build Triton's launcher, and PyTorch's path is the documented outcome)."""
+        choice = self.choice()
+        level = logging.INFO if choice == "auto" else logging.WARNING
+        log.log(level, "%s=%s, but " + what, self.variable, choice, exc, self.fallback)
 
     def give_up(self, exc: Exception) -> None:
         """The kernel failed to run: the PyTorch path from now on in this process, said once in the log."""
         self.failed = f"{type(exc).__name__}: {str(exc)[:300]}"
-        log.warning(
-            "%s=%s, but the Triton kernel failed (%s); using %s", self.variable, self.kernel, self.failed, self.fallback
-        )
+        self._say("the Triton kernel failed (%s); using %s", self.failed)
 
     def reset(self) -> None:
         """Forget a failure and the loaded module (tests)."""

@@ -211,9 +211,38 @@ def test_the_kernel_compiles_for_hopper_without_spilling() -> None:
 
 def test_the_choice_is_read_and_checked(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(attention.LAYER_NORM_ENV, raising=False)
-    assert attention.LAYER_NORM.choice() == "torch"
+    assert attention.LAYER_NORM.choice() == "auto"
     monkeypatch.setenv(attention.LAYER_NORM_ENV, " Triton ")
     assert attention.LAYER_NORM.choice() == "triton"
     monkeypatch.setenv(attention.LAYER_NORM_ENV, "fast")
-    with pytest.raises(ValueError, match="PERCEIVER_LAYER_NORM='fast': use one of torch, triton"):
+    with pytest.raises(ValueError, match="PERCEIVER_LAYER_NORM='fast': use one of torch, triton, auto"):
         attention.LAYER_NORM.choice()
+
+
+def test_auto_takes_the_kernel_on_cuda_only(
+    kernel: ModuleType, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The default, auto: the kernel for calls on CUDA; on a CPU (CUDA's path emulated included) PyTorch's, the
+    kernel's module not consulted. Where the kernel fails under auto, the log says so at INFO, not as a warning
+    (an image without a C compiler is a documented set-up, not a fault)."""
+    monkeypatch.delenv(attention.LAYER_NORM_ENV, raising=False)
+    monkeypatch.setattr(attention.LAYER_NORM, "failed", None)
+    assert attention.LAYER_NORM.module(cuda=True) is kernel
+    assert attention.LAYER_NORM.module(cuda=False) is None
+    calls = []
+    monkeypatch.setattr(kernel, "layer_norm", lambda *args, **kwargs: calls.append(1))
+    norm = attention.LayerNorm(261)
+    x = torch.randn(3, 261)
+    with aligned.force(), torch.no_grad():
+        torch.testing.assert_close(norm(x), F.layer_norm(x, (261,), norm.weight, norm.bias, norm.eps))
+    assert calls == []
+    with caplog.at_level("INFO", logger="perceiver_core.attention"):
+        attention.LAYER_NORM.give_up(RuntimeError("Failed to find C compiler"))
+    assert [(r.levelname, r.getMessage()) for r in caplog.records] == [
+        (
+            "INFO",
+            "PERCEIVER_LAYER_NORM=auto, but the Triton kernel failed (RuntimeError: Failed to find C compiler); "
+            "using PyTorch's",
+        )
+    ]
+    assert attention.LAYER_NORM.module(cuda=True) is None  # PyTorch's from then on
