@@ -414,6 +414,10 @@ def maybe_compile(settings: Settings, loaded: LoadedModel, cores: int) -> float:
     threads = torch.get_num_threads()
     counts = range(1, cores + 1) if model.device.type == "cpu" else [threads]
     started = time.monotonic()
+    reason = compiled.known_crash(model, model.device)
+    if reason is not None:  # this model only: the others are compiled as asked
+        log.warning("PERCEIVER_COMPILE=latent: serving %s eagerly: %s", loaded.name, reason)
+        return 0.0
     try:
         if settings.compile_cache:
             compiled.use_cache_dir(settings.compile_cache)

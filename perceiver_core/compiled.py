@@ -88,14 +88,37 @@ def _encoder(model: nn.Module) -> PerceiverEncoder:
     return encoder
 
 
-def compile_latent_block(model: nn.Module) -> None:
-    """Run ``model``'s latent transformer through the compiled layer from its next call on.
+# Heads whose compiled latent block was seen to crash the process, per device type: a segfault ends a server with
+# every request it holds, so compile_latent_block refuses them there until a run on a card shows otherwise
+# (benchmarks/compile_crash.py narrows the cause in one gpu.sh call).
+KNOWN_CRASHES = {
+    ("PerceiverForMaskedLM", "cuda"): "on an H200 with torch 2.11 the first forward pass after compiling it "
+    "segfaulted in the decoder's attention (docs/performance.md, run 11)",
+}
+
+
+class CompileRefused(RuntimeError):
+    """compile_latent_block refused a head known to crash compiled on this device (KNOWN_CRASHES)."""
+
+
+def known_crash(model: nn.Module, device: torch.device) -> str | None:
+    """Why ``model`` is not compiled on ``device``'s type, or None."""
+    return KNOWN_CRASHES.get((type(model).__name__, device.type))
+
+
+def compile_latent_block(model: nn.Module, force: bool = False) -> None:
+    """Run ``model``'s latent transformer through the compiled layer from its next call on. Refuses
+    (CompileRefused) a head known to crash compiled on its device, unless ``force`` (benchmarks/compile_crash.py).
 
     Numerics: the compiled layer computes the same functions in the same dtype; Inductor reorders reductions,
     so outputs differ from eager by rounding (tests/perceiver_core/test_compiled.py holds them to 1e-5 in fp32
     and to transformers' outputs as the eager path is).
     """
-    _encoder(model).layer_call = compiled_layer()
+    encoder = _encoder(model)
+    reason = known_crash(model, encoder.latents.device)
+    if reason is not None and not force:
+        raise CompileRefused(f"{type(model).__name__} is not compiled on {encoder.latents.device.type}: {reason}")
+    encoder.layer_call = compiled_layer()
 
 
 def uncompile(model: nn.Module) -> None:

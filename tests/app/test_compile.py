@@ -13,6 +13,7 @@ import pytest
 from torch._dynamo.utils import counters
 
 from app import loading
+from perceiver_core import compiled
 
 from .conftest import LiveServer
 from .test_lifecycle import Server
@@ -100,3 +101,29 @@ def test_without_a_c_compiler_the_server_serves_eagerly_and_says_why(tmp_path: P
     assert len(failures) == 1, failures  # said once; the second model is not tried
     assert "serving it and every model loaded after it eagerly" in failures[0], failures
     assert "compiler" in failures[0].lower(), failures  # names what is missing
+
+
+def test_a_head_known_to_crash_compiled_is_served_eagerly_and_the_log_says_why(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """compiled.KNOWN_CRASHES names heads whose compiled latent block crashed the process on a device type (the
+    MLM on CUDA, run 11): the server does not compile them there, serves them eagerly, says why, and still
+    compiles its other models. Here the MLM is entered for the CPU, so that the gate runs on this machine."""
+    monkeypatch.setitem(compiled.KNOWN_CRASHES, ("PerceiverForMaskedLM", "cpu"), "seen crashing in this test")
+    seen: dict[str, int] = {}
+    _observe_compiles(monkeypatch, "maybe_compile", seen)
+    with caplog.at_level("WARNING", logger="perceiver.loading"):
+        server = LiveServer(demo_tasks=["fill-mask"], compile="latent").start(timeout=600)
+    try:
+        with server.client() as client:
+            (model,) = client.get("/v1/models").json()["models"]
+            r = client.post("/v1/fill-mask", json={"text": "The capital of France is [MASK]."})
+        assert not compiled.compiled(server.runtime.engine_for("fill-mask").model)
+    finally:
+        server.stop()
+    assert model["compile"] == "off"
+    assert r.status_code == 200, r.text
+    assert seen["maybe_compile"] == 0  # nothing was compiled
+    said = [rec.getMessage() for rec in caplog.records if "eagerly" in rec.getMessage()]
+    assert said == ["PERCEIVER_COMPILE=latent: serving fill-mask eagerly: seen crashing in this test"], said
+    assert loading._compile_failed is None  # the next model would be compiled

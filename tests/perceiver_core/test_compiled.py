@@ -168,3 +168,19 @@ def test_a_wide_residual_stream_compiled_on_the_threads_that_serve(references: d
     for n, ours in answers.items():
         assert ours.dtype == torch.bfloat16 and ours.shape[0] == n
         assert relative_error(ours.float(), _logits(eager, batches[n]).float()) <= 2e-2
+
+
+def test_a_head_known_to_crash_compiled_on_a_device_is_refused_there_only(
+    references: dict[str, Reference], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """KNOWN_CRASHES: the MLM is refused on CUDA (run 11's segfault) and compiled on a CPU; an entry for the CPU
+    makes compile_latent_block refuse it here, leaving it eager, unless forced (benchmarks/compile_crash.py)."""
+    model = perceiver_core.from_pretrained(references["PerceiverForMaskedLM"].path)
+    assert "segfaulted" in (compiled.known_crash(model, torch.device("cuda")) or "")
+    assert compiled.known_crash(model, torch.device("cpu")) is None
+    monkeypatch.setitem(compiled.KNOWN_CRASHES, ("PerceiverForMaskedLM", "cpu"), "seen here")
+    with pytest.raises(compiled.CompileRefused, match="PerceiverForMaskedLM is not compiled on cpu: seen here"):
+        compiled.compile_latent_block(model)
+    assert not compiled.compiled(model)
+    compiled.compile_latent_block(model, force=True)
+    assert compiled.compiled(model)
