@@ -104,6 +104,31 @@ def serve(
     )
 
 
+def front_end_pid(server: int, model: int) -> int | None:
+    """One front-end process of the server ``server`` (PERCEIVER_API_PROCESSES >= 1): a descendant started by
+    multiprocessing's spawn that is not the model process (nor its resource tracker). Reads /proc (Linux)."""
+    parents: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after "pid (comm)": state, ppid, ...
+            parents[int(stat.parent.name)] = int(fields[1])
+        except (OSError, IndexError, ValueError):
+            continue
+    for pid in sorted(parents):
+        ancestor = parents.get(pid)
+        while ancestor is not None and ancestor not in (server, 0, 1):
+            ancestor = parents.get(ancestor)
+        if ancestor != server or pid == model:
+            continue
+        try:
+            cmdline = (Path("/proc") / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ")
+        except OSError:
+            continue
+        if b"spawn_main" in cmdline:
+            return pid
+    return None
+
+
 def summarize_pyspy(raw: Path, out: Path) -> None:
     """Samples per thread, and the hottest functions (inclusive) of the event-loop thread."""
     import collections
@@ -146,8 +171,17 @@ def main() -> None:
         help="server configs as WORKERSxDECODE_PROCESSES[xFRONT_ENDS], e.g. 1x0,1x8,1x0x4 (FRONT_ENDS: "
         "PERCEIVER_API_PROCESSES; py-spy then samples the model process)",
     )
-    parser.add_argument("--pyspy", type=float, default=0, help="seconds of py-spy sampling of one server")
-    parser.add_argument("--pyspy-on", default="", help="the upload size whose server is sampled (default: the first)")
+    parser.add_argument(
+        "--pyspy",
+        type=float,
+        default=0,
+        help="seconds of py-spy sampling of one server (its model process and a front end)",
+    )
+    parser.add_argument(
+        "--pyspy-on",
+        default="",
+        help="the upload sizes whose servers are sampled, comma-separated (default: the first)",
+    )
     parser.add_argument("--pyspy-gil", action="store_true", help="sample only threads holding the GIL (py-spy --gil)")
     parser.add_argument("--images", default="small,hd,phone", help="upload sizes: small, hd, phone or WxH")
     args = parser.parse_args()
@@ -185,35 +219,40 @@ def main() -> None:
             found = re.search(r"model process (\d+) ready", log.read_text())
             target = int(found[1]) if found else proc.pid
         try:
-            spy = None
-            if args.pyspy and (spec == args.pyspy_on or (not args.pyspy_on and n == 0)):
-                spy = subprocess.Popen(
-                    [
-                        "py-spy",
-                        "record",
-                        "-p",
-                        str(target),
-                        "-d",
-                        str(int(args.pyspy)),
-                        "-f",
-                        "raw",
-                        "--threads",
-                        "--nonblocking",
-                        *(["--gil"] if args.pyspy_gil else []),
-                        "-o",
-                        str(args.out / f"pyspy-{n}.txt"),
-                    ],
-                    stdout=(args.out / f"pyspy-{n}.log").open("wb"),
-                    stderr=subprocess.STDOUT,
-                )
+            spies: list[tuple[subprocess.Popen[bytes], str, str]] = []  # (py-spy, file tag, what it samples)
+            if args.pyspy and (spec in args.pyspy_on.split(",") or (not args.pyspy_on and n == 0)):
+                sampled = [(target, f"{n}", "the model process" if fronts else "the server")]
+                front = front_end_pid(proc.pid, target) if fronts else None
+                if front is not None:  # one front end too: what holds the uploads back before the model process
+                    sampled.append((front, f"{n}-front", "one front-end process"))
+                for pid, tag, what in sampled:
+                    spy = subprocess.Popen(
+                        [
+                            "py-spy",
+                            "record",
+                            "-p",
+                            str(pid),
+                            "-d",
+                            str(int(args.pyspy)),
+                            "-f",
+                            "raw",
+                            "--threads",
+                            "--nonblocking",
+                            *(["--gil"] if args.pyspy_gil else []),
+                            "-o",
+                            str(args.out / f"pyspy-{tag}.txt"),
+                        ],
+                        stdout=(args.out / f"pyspy-{tag}.log").open("wb"),
+                        stderr=subprocess.STDOUT,
+                    )
+                    spies.append((spy, tag, what))
             common = ["--duration", str(args.duration), "--warmup", "3", "--image", image, *(["--raw"] if raw else [])]
             sat = load(url, ["--concurrency", str(args.clients), *common], args.out / f"sat-{n}.json")[0]
-            if spy is not None:
+            for spy, tag, what in spies:
                 spy.wait(timeout=60)
-                summary = args.out / f"pyspy-summary-{n}.txt"
-                summarize_pyspy(args.out / f"pyspy-{n}.txt", summary)
-                sampled = "the model process" if fronts else "the server"
-                summary.write_text(f"{label}, {spec}: {sampled}\n" + summary.read_text())
+                summary = args.out / f"pyspy-summary-{tag}.txt"
+                summarize_pyspy(args.out / f"pyspy-{tag}.txt", summary)
+                summary.write_text(f"{label}, {spec}: {what}\n" + summary.read_text())
             half = load(url, ["--rate", f"{sat['throughput'] / 2:.0f}", *common], args.out / f"half-{n}.json")[0]
         finally:
             proc.send_signal(signal.SIGTERM)

@@ -9,7 +9,7 @@
 #      (-cpujpeg); a size may carry flags (-raw, -eager, -cpujpeg: see benchmarks/e2e_gpu.py); by default
 #      451x300, 1920x1080 and 4032x3024 with 0 and 4 front-end processes (PERCEIVER_API_PROCESSES;
 #      E2E_CONFIGS=1x0x0,1x0x1,1x0x2,1x0x4,1x0x8 for the whole sweep, in a call of its own), py-spy
-#      sampling the model process where there are front ends;
+#      sampling the model process and one front-end process where there are front ends;
 #   5. model level: the published configs, ours vs transformers (bf16 by default), plus CUDA-graph replay and
 #      each head with the other residual stream (fp32 sums for all but flow, bf16 sums for flow);
 #   6. the wide-head attention kernel (Triton) compiled: its bf16 tests, then against the two GEMMs on every
@@ -28,7 +28,8 @@
 # Knobs: BUDGET=540; DTYPES=bfloat16 (model dtypes; bf16 error is against transformers fp32 either way);
 # GRAPHS=0 (skip CUDA-graph variants); RESIDUAL=0 (skip the other residual stream); ONLY=flow,mlm (case-name filter);
 # IMAGES=small,hd,phone (add phone-raw, phone-cpujpeg: flags in benchmarks/e2e_gpu.py);
-# PYSPY_ON=phone; PYSPY_GIL=1 (the default: sample only threads holding the GIL; 0 samples every thread); E2E_SECONDS=8;
+# PYSPY_ON=hd,phone (the upload sizes whose servers py-spy samples); PYSPY_GIL=1 (the default: sample only threads
+# holding the GIL; 0 samples every thread); E2E_SECONDS=8;
 # E2E_CONFIGS=WORKERSxDECODE_PROCESSESxFRONT_ENDS,... (default 1x0x0,1x0x4);
 # COMPILE_CASES=image-learned,optical flow (case-name substrings for stage 9);
 # TESTS=0 / E2E=0 / MODELS=0 / WIDEATTN=0 / LAYERNORM=0 / LATMEM=0 / FLOWBF16=0 / COMPILE=0 / PROFILE=0 to skip a stage (JPEG=1 and
@@ -75,7 +76,7 @@ if [ "${E2E:-1}" = 1 ]; then
     stage "end to end"
     timeout "$(left 300)" python3 benchmarks/e2e_gpu.py --out "$OUT" --duration "${E2E_SECONDS:-8}" \
         --configs "${E2E_CONFIGS:-1x0x0,1x0x4}" \
-        --images "${IMAGES:-small,hd,phone}" --pyspy 6 --pyspy-on "${PYSPY_ON:-phone}" \
+        --images "${IMAGES:-small,hd,phone}" --pyspy 6 --pyspy-on "${PYSPY_ON:-hd,phone}" \
         $([ "${PYSPY_GIL:-1}" = 1 ] && echo --pyspy-gil) 2>&1 | tail -14
     for summary in "$OUT"/pyspy-summary-*.txt; do [ -f "$summary" ] && head -16 "$summary"; done
 fi
