@@ -4,14 +4,16 @@
 #   2. (JPEG=1) nvJPEG next to the model: batched, threaded and overlapped decoding against the forward pass;
 #   3. (DECODE=1) each image-decoding path (nvJPEG included) against the reference, in pixels and logits;
 #   4. end to end: /v1/classify over HTTP with 451x300, 1920x1080 and 4032x3024 JPEG uploads (and the
-#      4032x3024 one as a raw body) against the model-level figure of the same checkpoint, with a py-spy
-#      sample of the server under saturation with phone photos, and 12 MP photos decoded on the CPU
+#      4032x3024 one as a raw body) against the model-level figure of the same checkpoint, with py-spy
+#      samples of the server under saturation with 1920x1080 and phone photos, and 12 MP photos decoded on the CPU
 #      (-cpujpeg); a size may carry flags (-raw, -eager, -cpujpeg: see benchmarks/e2e_gpu.py); by default
 #      451x300, 1920x1080 and 4032x3024 with 0 and 4 front-end processes (PERCEIVER_API_PROCESSES;
 #      E2E_CONFIGS=1x0x0,1x0x1,1x0x2,1x0x4,1x0x8 for the whole sweep, in a call of its own), py-spy
 #      sampling the model process and one front-end process where there are front ends;
 #   5. model level: the published configs, ours vs transformers (bf16 by default), plus CUDA-graph replay and
 #      each head with the other residual stream (fp32 sums for all but flow, bf16 sums for flow);
+#   5b. fp16, the lever where bf16's storage floor is over 1e-2: multimodal's error in bf16 and fp16
+#      (benchmarks/multimodal_fidelity.py), then flow and multimodal timed in fp16 beside transformers;
 #   6. the wide-head attention kernel (Triton) compiled: its bf16 tests, then against the two GEMMs on every
 #      published wide call and head (benchmarks/wide_attention.py; the default follows this);
 #   6b. the odd-width LayerNorm kernel (Triton): its tests compiled, then against PyTorch's on every published
@@ -32,8 +34,8 @@
 # holding the GIL; 0 samples every thread); E2E_SECONDS=8;
 # E2E_CONFIGS=WORKERSxDECODE_PROCESSESxFRONT_ENDS,... (default 1x0x0,1x0x4);
 # COMPILE_CASES=image-learned,optical flow (case-name substrings for stage 9);
-# TESTS=0 / E2E=0 / MODELS=0 / WIDEATTN=0 / LAYERNORM=0 / LATMEM=0 / FLOWBF16=0 / COMPILE=0 / PROFILE=0 to skip a stage (JPEG=1 and
-# DECODE=1 to run those two). The stages' own caps add up to more than BUDGET: the later ones get what is left.
+# TESTS=0 / E2E=0 / MODELS=0 / FP16=0 / WIDEATTN=0 / LAYERNORM=0 / LATMEM=0 / FLOWBF16=0 / COMPILE=0 / PROFILE=0
+# to skip a stage (JPEG=1 and DECODE=1 to run those two). The stages' own caps add up to more than BUDGET: the later ones get what is left.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 OUT=${OUT:-benchmarks/results/gpu}
@@ -89,6 +91,17 @@ if [ "${MODELS:-1}" = 1 ]; then
     timeout "$(left 300)" python3 benchmarks/models.py --suite gpu --reps 10 --budget 4 --dtypes "${DTYPES:-bfloat16}" \
         "${extra[@]}" --json "$OUT/models.json" --markdown "$OUT/models.md" > "$OUT/models.log" 2>&1
     grep -v "^{" "$OUT/models.log" | tail -24
+fi
+if [ "${FP16:-1}" = 1 ]; then
+    # fp16 is the lever where bf16's storage floor is over 1e-2 (flow on some draws, multimodal: docs/performance.md,
+    # "bf16 fidelity"): multimodal's error in both dtypes on this card, then flow and multimodal timed in fp16
+    stage "fp16: multimodal's error, flow's and multimodal's speed"
+    timeout "$(left 60)" python3 benchmarks/multimodal_fidelity.py --device cuda > "$OUT/multimodal-fidelity.txt" 2>&1
+    grep -E "^(ours|storage)" "$OUT/multimodal-fidelity.txt"
+    timeout "$(left 120)" python3 benchmarks/models.py --suite gpu --reps 10 --budget 4 --dtypes float16 \
+        --only "flow,multimodal" --json "$OUT/models-fp16.json" --markdown "$OUT/models-fp16.md" \
+        > "$OUT/models-fp16.log" 2>&1
+    grep -v "^{" "$OUT/models-fp16.log" | tail -8
 fi
 if [ "${WIDEATTN:-1}" = 1 ]; then
     stage "wide-head attention: Triton kernel against two GEMMs"
