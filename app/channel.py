@@ -132,7 +132,7 @@ class Encoder:
 
 
 class Decoder:
-    def __init__(self, buffers: list[memoryview], known: list[Any] | None = None) -> None:
+    def __init__(self, buffers: list[memoryview | bytes], known: list[Any] | None = None) -> None:
         self.buffers = buffers
         self.known = known or []
 
@@ -190,6 +190,7 @@ class Slab:
         os.ftruncate(self.fd, size)
         self.map = mmap.mmap(self.fd, size)
         self.free: list[tuple[int, int]] = [(0, size)]  # (offset, length), sorted by offset
+        self.overflow_bytes = 0  # slab-sized buffers that found no room and travelled inline instead
 
     def take(self, length: int) -> int | None:
         length = -(-max(length, 1) // SLAB_ALIGN) * SLAB_ALIGN
@@ -245,6 +246,8 @@ def pack(
             taken.append((offset, length))
             table.append([1, offset, length])
         else:
+            if slab is not None and length > INLINE_MAX:
+                slab.overflow_bytes += length
             inline.append(data)
             table.append([0, position, length])
             position += length
@@ -260,21 +263,25 @@ def pack(
 
 
 def unpack(message: dict[str, Any], tail: bytes, slab: mmap.mmap | None = None, known: list[Any] | None = None) -> Any:
-    """A message's decoded values (None when it has none); buffers in the slab are copied out."""
+    """A message's decoded values (None when it has none); buffers in the slab are copied out. An inline buffer
+    that is the whole tail (one upload that did not fit the slab) is handed on as the bytes it arrived in."""
     view = memoryview(tail)
-    buffers: list[memoryview] = []
+    buffers: list[memoryview | bytes] = []
     for where, offset, length in message.get("b", ()):
         if where == 1:
             if slab is None or offset < 0 or offset + length > len(slab):
                 raise ValueError("a slab reference outside the slab")
             buffers.append(memoryview(slab)[offset : offset + length])
+        elif type(tail) is bytes and offset == 0 and length == len(tail):
+            buffers.append(tail)  # bytes(tail) is tail: no copy for a $B, one for a tensor as before
         else:
             if offset < 0 or offset + length > len(view):
                 raise ValueError("an inline reference outside the frame")
             buffers.append(view[offset : offset + length])
     values = Decoder(buffers, known).value(message["v"]) if "v" in message else None
     for buffer in buffers:
-        buffer.release()
+        if isinstance(buffer, memoryview):
+            buffer.release()
     return values
 
 

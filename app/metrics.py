@@ -79,6 +79,12 @@ class Metrics:
         self.inflight = Gauge(
             "perceiver_inflight_requests", "Task requests being handled.", registry=r, multiprocess_mode="livesum"
         )
+        self.channel_overflow = Counter(
+            "perceiver_channel_overflow_bytes",
+            "Payload bytes a front-end process sent the model process through the socket because its shared "
+            "memory (PERCEIVER_API_SLAB_MB) was full.",
+            registry=r,
+        )
         self.gpu_memory = Gauge(
             "perceiver_gpu_memory_bytes", "Allocated CUDA memory.", ("kind",), registry=r, multiprocess_mode="livesum"
         )

@@ -36,6 +36,7 @@ from .tasks import TASKS
 log = logging.getLogger("perceiver.frontend")
 CONNECT_RETRY_S = 0.05
 CONNECT_REFUSED_S = 5.0  # a socket that refuses this long has no model process behind it
+OVERFLOW_WARNING_S = 60.0  # at most one "slab full" warning a minute per front end
 
 
 @dataclass(frozen=True)
@@ -88,6 +89,7 @@ class ModelClient:
     queries: dict[int, asyncio.Future[Any]] = field(default_factory=dict)
     ids: itertools.count[int] = field(default_factory=itertools.count)
     closed: bool = False
+    overflow_warned_at: float | None = None
 
     def send(self, message: dict[str, Any], values: Any = None) -> None:
         if self.closed or self.writer.is_closing():
@@ -98,11 +100,29 @@ class ModelClient:
         if self.closed:
             raise NotReady("the model process has exited; retry shortly", {"Retry-After": "1"})
         rid = next(self.ids)
+        overflowed = self.slab.overflow_bytes
         frame, blocks = channel.pack({"k": "s", "i": rid, "m": index, "d": deadline}, list(payloads), slab=self.slab)
+        if self.slab.overflow_bytes > overflowed:
+            self.overflowed(self.slab.overflow_bytes - overflowed)
         request = Request(self, rid, asyncio.get_running_loop().create_future(), payloads, blocks)
         self.requests[rid] = request
         self.writer.write(frame)
         return request
+
+    def overflowed(self, nbytes: int) -> None:
+        """Payload bytes that found the slab full and went through the socket: counted, and said at most once a
+        minute (the model process copies them out of its socket buffer under its GIL, some copies more each)."""
+        self.runtime.metrics.channel_overflow.inc(nbytes)
+        now = time.monotonic()
+        if self.overflow_warned_at is None or now - self.overflow_warned_at >= OVERFLOW_WARNING_S:
+            self.overflow_warned_at = now
+            log.warning(
+                "this front end's shared memory is full (PERCEIVER_API_SLAB_MB=%d, %d MiB in flight): payloads go "
+                "through the socket, which costs the model process copies; raise PERCEIVER_API_SLAB_MB "
+                "(perceiver_channel_overflow_bytes_total counts them)",
+                self.slab.size >> 20,
+                (self.slab.size - self.slab.free_bytes) >> 20,
+            )
 
     async def ask(self, index: int, what: str) -> Any:
         if self.closed:

@@ -224,10 +224,12 @@ class Settings(BaseSettings):
         "docs/performance.md), and on a GPU host min(4, CPUs - 2) (0 with fewer than 3 CPUs). Not with workers > 1.",
     )
     api_slab_mb: int = Field(
-        64,
+        256,
         ge=1,
         description="Shared memory per front-end process for the payloads it hands the model process (a memfd, "
-        "not /dev/shm). A payload that does not fit travels through the socket instead.",
+        "not /dev/shm, counted in the pod's memory as it is touched): about 140 12 MP phone photos in flight. A "
+        "payload that does not fit travels through the socket instead, at some copies more in the model process "
+        "(perceiver_channel_overflow_bytes_total counts them).",
         json_schema_extra=TUNING,
     )
     cpu_lanes: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(

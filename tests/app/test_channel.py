@@ -4,19 +4,27 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import socket
+import time
+from typing import Any, cast
 
 import numpy as np
 import pytest
 import torch
 
 import perceiver_core
-from app import channel
+from app import channel, remote
 from app.batching import EVERY, AdmissionState, Batcher, QueueFull, ServiceTime
 from app.engine import Duration, Statistics
 from app.errors import DeadlineExceeded, Overloaded
+from app.metrics import Metrics
+from app.runtime import Runtime
+from app.settings import Settings
 from app.tasks import TASKS
+
+from .conftest import metric
 
 
 def roundtrip(values: object, slab: channel.Slab | None = None, known: list[object] | None = None) -> object:
@@ -120,7 +128,50 @@ def test_a_payload_that_does_not_fit_the_slab_travels_inline() -> None:
     big = np.ones(300_000, dtype=np.uint8)
     frame, blocks = channel.pack({"k": "s"}, [big], slab=slab)
     assert blocks == [] and len(frame) > 300_000
+    assert slab.overflow_bytes == 300_000  # counted: the front end reports it (perceiver_channel_overflow_bytes)
     assert np.array_equal(roundtrip([big], slab)[0], big)  # type: ignore[index]
+    assert slab.overflow_bytes == 600_000
+    channel.pack({"k": "s"}, [np.ones(1000, dtype=np.uint8)], slab=slab)  # small: inline by design, not counted
+    channel.pack({"k": "s"}, [np.ones(100_000, dtype=np.uint8)], slab=slab)  # fits: through the slab
+    assert slab.overflow_bytes == 600_000
+
+
+def test_an_upload_through_the_socket_is_not_copied_again() -> None:
+    """The model process reads an overflowing upload's frame tail as bytes; that object is the upload (a second
+    1.8 MB copy under its GIL saved), and several buffers in one tail are still cut apart."""
+    upload, other = os.urandom(200_000), os.urandom(100_000)
+    frame, _ = channel.pack({"k": "s"}, [upload], slab=channel.Slab(4096))
+    size, _ = channel.HEADER.unpack(frame[: channel.HEADER.size])
+    tail = frame[channel.HEADER.size + size :]
+    (back,) = channel.unpack(json.loads(frame[channel.HEADER.size : channel.HEADER.size + size]), tail)
+    assert back is tail and back == upload
+    assert roundtrip([upload, other], channel.Slab(4096)) == [upload, other]
+
+
+def test_a_front_end_counts_and_warns_when_its_slab_is_full(caplog: pytest.LogCaptureFixture) -> None:
+    """Two 1.5 MB uploads through a front end whose slab holds 1 MiB: both reach the model side's reader whole,
+    /metrics counts their bytes, and the operator is told once (a minute), not per request."""
+    upload = os.urandom(1_500_000)
+
+    async def send_two() -> list[object]:
+        front, model = socket.socketpair()
+        _, writer = await asyncio.open_unix_connection(sock=front)
+        reader, model_writer = await asyncio.open_unix_connection(sock=model)
+        client = remote.ModelClient(Runtime(Settings(), Metrics()), channel.Slab(1 << 20), cast(Any, None), writer)
+        for _ in range(2):
+            client.submit(0, [upload], time.monotonic() + 10)
+        received = [channel.unpack(*await channel.read_frame(reader)) for _ in range(2)]
+        writer.close()
+        model_writer.close()
+        metrics.append(client.runtime.metrics)
+        return received
+
+    metrics: list[Metrics] = []
+    with caplog.at_level(logging.WARNING, logger="perceiver.frontend"):
+        assert asyncio.run(send_two()) == [[upload], [upload]]
+    assert metric(metrics[0].exposition().decode(), "perceiver_channel_overflow_bytes_total") == 3_000_000
+    warnings = [r.getMessage() for r in caplog.records if "PERCEIVER_API_SLAB_MB" in r.getMessage()]
+    assert len(warnings) == 1 and "PERCEIVER_API_SLAB_MB=1," in warnings[0]
 
 
 def test_hand_shake_passes_the_shared_memory() -> None:
