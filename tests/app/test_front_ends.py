@@ -55,6 +55,20 @@ def front_ends(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         stop(server)
 
 
+def same_answer(got: object, expected: object) -> bool:
+    """Equal, except that a score may differ by one unit in the 6th decimal the JSON keeps: each server's CPU
+    forward passes run on as many threads as the cores free then (app/cores.py), and a GEMM's sums over another
+    thread count differ in the 7th digit, which rounding can carry into the 6th (once in CI: 0.108003 against
+    0.108004 for the conv head). Everything else, labels and their order included, must be identical."""
+    if isinstance(got, dict) and isinstance(expected, dict):
+        return got.keys() == expected.keys() and all(same_answer(got[k], expected[k]) for k in got)
+    if isinstance(got, list) and isinstance(expected, list):
+        return len(got) == len(expected) and all(same_answer(a, b) for a, b in zip(got, expected, strict=True))
+    if isinstance(got, float) and isinstance(expected, float):
+        return abs(got - expected) <= 1.5e-6
+    return type(got) is type(expected) and got == expected
+
+
 def test_same_answers_as_one_process(front_ends: Server, demo_server: LiveServer) -> None:
     """The demo models are the same (seeded) in both: every interface answers as the one-process server."""
     image = (MEDIA / "cat.jpg").read_bytes()
@@ -71,7 +85,7 @@ def test_same_answers_as_one_process(front_ends: Server, demo_server: LiveServer
             answer.pop("id", None)
             reference = expected.json()
             reference.pop("id", None)
-            assert answer == reference
+            assert same_answer(answer, reference), (answer, reference)
         bad = ours.post("/v1/classify", files={"image": ("cat.jpg", image[:500])})
         assert bad.status_code == 422 and bad.json()["error"]["type"] == "invalid_input"
         assert httpx.post(front_ends.url + "/v1/classify-text", json={"text": "x"}).status_code == 401
