@@ -81,8 +81,8 @@ class Metrics:
         )
         self.channel_overflow = Counter(
             "perceiver_channel_overflow_bytes",
-            "Payload bytes a front-end process sent the model process through the socket because its shared "
-            "memory (PERCEIVER_API_SLAB_MB) was full.",
+            "Payload bytes a front-end process sent the model process through the socket because they found no "
+            "room in its shared memory (PERCEIVER_API_SLAB_MB).",
             registry=r,
         )
         self.gpu_memory = Gauge(

@@ -110,16 +110,18 @@ class ModelClient:
         return request
 
     def overflowed(self, nbytes: int) -> None:
-        """Payload bytes that found the slab full and went through the socket: counted, and said at most once a
-        minute (the model process copies them out of its socket buffer under its GIL, some copies more each)."""
+        """Payload bytes that found no room in the slab (full, or smaller than the payload) and went through the
+        socket: counted, and said at most once a minute (the model process copies them out of its socket buffer
+        under its GIL, some copies more each)."""
         self.runtime.metrics.channel_overflow.inc(nbytes)
         now = time.monotonic()
         if self.overflow_warned_at is None or now - self.overflow_warned_at >= OVERFLOW_WARNING_S:
             self.overflow_warned_at = now
             log.warning(
-                "this front end's shared memory is full (PERCEIVER_API_SLAB_MB=%d, %d MiB in flight): payloads go "
-                "through the socket, which costs the model process copies; raise PERCEIVER_API_SLAB_MB "
-                "(perceiver_channel_overflow_bytes_total counts them)",
+                "a %.1f MiB request found no room in this front end's shared memory (PERCEIVER_API_SLAB_MB=%d, "
+                "%d MiB in use): payloads that do not fit go through the socket, which costs the model process "
+                "copies; raise PERCEIVER_API_SLAB_MB (perceiver_channel_overflow_bytes_total counts them)",
+                nbytes / 2**20,
                 self.slab.size >> 20,
                 (self.slab.size - self.slab.free_bytes) >> 20,
             )

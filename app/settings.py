@@ -227,8 +227,8 @@ class Settings(BaseSettings):
         256,
         ge=1,
         description="Shared memory per front-end process for the payloads it hands the model process (a memfd, "
-        "not /dev/shm, counted in the pod's memory as it is touched): about 140 12 MP phone photos in flight. A "
-        "payload that does not fit travels through the socket instead, at some copies more in the model process "
+        "not /dev/shm, counted in the pod's memory once touched; sizing: docs/front-ends.md). A payload that does "
+        "not fit travels through the socket instead, at some copies more in the model process "
         "(perceiver_channel_overflow_bytes_total counts them).",
         json_schema_extra=TUNING,
     )
