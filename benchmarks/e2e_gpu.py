@@ -105,26 +105,17 @@ def serve(
 
 
 def front_end_pid(server: int, model: int) -> int | None:
-    """One front-end process of the server ``server`` (PERCEIVER_API_PROCESSES >= 1): a descendant started by
-    multiprocessing's spawn that is not the model process (nor its resource tracker). Reads /proc (Linux)."""
-    parents: dict[int, int] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
+    """One front-end process of the server ``server`` (PERCEIVER_API_PROCESSES >= 1): a child it started with
+    multiprocessing's spawn that is not the model process. A direct child, so not a decode-pool worker (those are
+    the children of a front end or of the model process). Reads /proc (Linux)."""
+    for stat in sorted(Path("/proc").glob("[0-9]*/stat"), key=lambda p: int(p.parent.name)):
         try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()  # after "pid (comm)": state, ppid, ...
-            parents[int(stat.parent.name)] = int(fields[1])
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])  # after "pid (comm)": state, ppid, ...
+            pid = int(stat.parent.name)
+            cmdline = (stat.parent / "cmdline").read_bytes()
         except (OSError, IndexError, ValueError):
             continue
-    for pid in sorted(parents):
-        ancestor = parents.get(pid)
-        while ancestor is not None and ancestor not in (server, 0, 1):
-            ancestor = parents.get(ancestor)
-        if ancestor != server or pid == model:
-            continue
-        try:
-            cmdline = (Path("/proc") / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ")
-        except OSError:
-            continue
-        if b"spawn_main" in cmdline:
+        if parent == server and pid != model and b"spawn_main" in cmdline:
             return pid
     return None
 
@@ -169,13 +160,13 @@ def main() -> None:
         type=lambda s: [(*(int(v) for v in c.split("x")), 0)[:3] for c in s.split(",")],
         default=[(1, 0, 0), (1, 8, 0)],
         help="server configs as WORKERSxDECODE_PROCESSES[xFRONT_ENDS], e.g. 1x0,1x8,1x0x4 (FRONT_ENDS: "
-        "PERCEIVER_API_PROCESSES; py-spy then samples the model process)",
+        "PERCEIVER_API_PROCESSES; py-spy then samples the model process and one front end)",
     )
     parser.add_argument(
         "--pyspy",
         type=float,
         default=0,
-        help="seconds of py-spy sampling of one server (its model process and a front end)",
+        help="seconds of py-spy sampling of each server --pyspy-on names (its model process and a front end)",
     )
     parser.add_argument(
         "--pyspy-on",

@@ -94,7 +94,9 @@ if [ "${MODELS:-1}" = 1 ]; then
 fi
 if [ "${FP16:-1}" = 1 ]; then
     # fp16 is the lever where bf16's storage floor is over 1e-2 (flow on some draws, multimodal: docs/performance.md,
-    # "bf16 fidelity"): multimodal's error in both dtypes on this card, then flow and multimodal timed in fp16
+    # "bf16 fidelity"): multimodal's error in both dtypes on this card, then flow and multimodal timed in fp16.
+    # After TESTS, E2E and MODELS little of the default BUDGET is left: in a call of its own, TESTS=0 E2E=0
+    # MODELS=0 WIDEATTN=0 LAYERNORM=0 LATMEM=0 FLOWBF16=0 COMPILE=0 PROFILE=0 bash benchmarks/gpu.sh.
     stage "fp16: multimodal's error, flow's and multimodal's speed"
     timeout "$(left 60)" python3 benchmarks/multimodal_fidelity.py --device cuda > "$OUT/multimodal-fidelity.txt" 2>&1
     grep -E "^(ours|storage)" "$OUT/multimodal-fidelity.txt"
