@@ -191,6 +191,8 @@ class Slab:
         self.map = mmap.mmap(self.fd, size)
         self.free: list[tuple[int, int]] = [(0, size)]  # (offset, length), sorted by offset
         self.overflow_bytes = 0  # slab-sized buffers that found no room and travelled inline instead
+        self.takes = 0  # blocks taken so far
+        self._takes_released = 0  # ``takes`` when the pages last went back to the kernel
 
     def take(self, length: int) -> int | None:
         length = -(-max(length, 1) // SLAB_ALIGN) * SLAB_ALIGN
@@ -200,8 +202,25 @@ class Slab:
                     del self.free[i]
                 else:
                     self.free[i] = (offset + length, free - length)
+                self.takes += 1
                 return offset
         return None
+
+    @property
+    def resident_bytes(self) -> int:
+        """The memfd's pages the kernel holds: every page a payload has touched, until ``release_pages``."""
+        return os.fstat(self.fd).st_blocks * 512
+
+    def release_pages(self) -> int:
+        """A wholly free slab that held payloads since the last call gives its pages back to the kernel
+        (``MADV_REMOVE`` punches them out of the memfd; a freed block keeps its pages otherwise); returns the
+        bytes it held. The next payloads fault in fresh zeroed pages, so a front end calls this when idle."""
+        if self.free != [(0, self.size)] or self.takes == self._takes_released or not hasattr(mmap, "MADV_REMOVE"):
+            return 0
+        held = self.resident_bytes
+        self.map.madvise(mmap.MADV_REMOVE)
+        self._takes_released = self.takes
+        return held
 
     def give(self, offset: int, length: int) -> None:
         length = -(-max(length, 1) // SLAB_ALIGN) * SLAB_ALIGN

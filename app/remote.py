@@ -37,6 +37,7 @@ log = logging.getLogger("perceiver.frontend")
 CONNECT_RETRY_S = 0.05
 CONNECT_REFUSED_S = 5.0  # a socket that refuses this long has no model process behind it
 OVERFLOW_WARNING_S = 60.0  # at most one "slab full" warning a minute per front end
+SLAB_IDLE_S = 30.0  # a slab that took no payload for this long gives its pages back (as app/memory.py's heap)
 
 
 @dataclass(frozen=True)
@@ -285,6 +286,18 @@ def _handshake(path: str, slab: channel.Slab) -> tuple[socket.socket, dict[str, 
     return sock, hello, table_fd
 
 
+async def release_idle_slab(client: ModelClient, idle_s: float = SLAB_IDLE_S) -> None:
+    """Until the connection closes: each time a whole ``idle_s`` passes with no payload taken, the slab's pages go
+    back to the kernel (``Slab.release_pages``), so a burst of large uploads does not keep its memory for the
+    life of the pod (docs/front-ends.md)."""
+    slab = client.slab
+    while not client.closed:
+        takes = slab.takes
+        await asyncio.sleep(idle_s)
+        if slab.takes == takes and (released := slab.release_pages()):
+            log.info("this front end's idle shared memory went back to the kernel (%.0f MiB)", released / 2**20)
+
+
 async def _in_daemon_thread(fn: Any, *args: Any) -> Any:
     """``fn(*args)`` in a daemon thread: a hand-shake that waits for a model process still loading must not keep
     this process from exiting (an executor's threads are joined at exit)."""
@@ -349,7 +362,9 @@ async def connect(runtime: Runtime, path: str) -> None:
     freeze_startup_heap()  # as the model process does after loading: full collections skip the start-up heap
     runtime.ready = True
     log.info("joined the model process: %s", ", ".join(e.name for e in runtime.engines()))
+    releaser = asyncio.create_task(release_idle_slab(client))
     try:
         await client.read(reader)
     finally:
+        releaser.cancel()
         client.close("the connection to the model process closed")

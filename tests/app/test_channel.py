@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import mmap
 import os
 import socket
 import time
@@ -134,6 +135,61 @@ def test_a_payload_that_does_not_fit_the_slab_travels_inline() -> None:
     channel.pack({"k": "s"}, [np.ones(1000, dtype=np.uint8)], slab=slab)  # small: inline by design, not counted
     channel.pack({"k": "s"}, [np.ones(100_000, dtype=np.uint8)], slab=slab)  # fits: through the slab
     assert slab.overflow_bytes == 600_000
+
+
+def test_an_idle_slab_gives_its_pages_back_and_the_model_side_reads_new_payloads() -> None:
+    """A memfd keeps a page once written, block freed or not: 10 MB of uploads would stay in the pod's memory.
+    Wholly free again, the slab gives them back; in use, or unused since, it does nothing; the model process's
+    read-only mapping then reads the next payloads as written."""
+    slab = channel.Slab(32 * 2**20)
+    model_side = mmap.mmap(slab.fd, slab.size, prot=mmap.PROT_READ)
+    assert slab.resident_bytes == 0 and slab.release_pages() == 0
+    upload = os.urandom(10_000_000)
+    frame, blocks = channel.pack({"k": "s"}, [upload], slab=slab)
+    assert slab.resident_bytes >= 10_000_000
+    assert slab.release_pages() == 0  # a block is in use: nothing is touched
+    for offset, length in blocks:
+        slab.give(offset, length)
+    assert slab.resident_bytes >= 10_000_000  # freed, still held
+    assert slab.release_pages() >= 10_000_000
+    assert slab.resident_bytes == 0 and slab.release_pages() == 0
+    again = os.urandom(200_000)
+    frame, blocks = channel.pack({"k": "s"}, [again], slab=slab)
+    size, _ = channel.HEADER.unpack(frame[: channel.HEADER.size])
+    assert channel.unpack(json.loads(frame[channel.HEADER.size : channel.HEADER.size + size]), b"", model_side) == [
+        again
+    ]
+
+
+def test_a_front_end_releases_its_slab_only_after_an_idle_interval() -> None:
+    """``release_idle_slab``: pages go back after an interval in which no payload was taken, not while one is
+    in flight; it stops when the connection closes."""
+    upload = os.urandom(1_000_000)
+
+    async def run() -> list[int]:
+        front, model = socket.socketpair()
+        _, writer = await asyncio.open_unix_connection(sock=front)
+        client = remote.ModelClient(Runtime(Settings(), Metrics()), channel.Slab(8 * 2**20), cast(Any, None), writer)
+        request = client.submit(0, [upload], time.monotonic() + 10)
+        releaser = asyncio.create_task(remote.release_idle_slab(client, idle_s=0.001))
+        held = []
+        for _ in range(20):  # intervals pass with the payload in flight
+            await asyncio.sleep(0.002)
+        held.append(client.slab.resident_bytes)
+        for offset, length in request.blocks:  # its answer arrived
+            client.slab.give(offset, length)
+        for _ in range(5000):  # a bound, not a timing: it releases at the first idle interval
+            if not client.slab.resident_bytes or releaser.done():
+                break
+            await asyncio.sleep(0.002)
+        held.append(client.slab.resident_bytes)
+        client.close("test over")
+        await asyncio.wait_for(releaser, 10)
+        model.close()
+        return held
+
+    in_flight, idle = asyncio.run(run())
+    assert in_flight >= 1_000_000 and idle == 0
 
 
 def test_an_upload_through_the_socket_is_not_copied_again() -> None:
