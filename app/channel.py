@@ -132,7 +132,7 @@ class Encoder:
 
 
 class Decoder:
-    def __init__(self, buffers: list[memoryview | bytes], known: list[Any] | None = None) -> None:
+    def __init__(self, buffers: list[memoryview], known: list[Any] | None = None) -> None:
         self.buffers = buffers
         self.known = known or []
 
@@ -282,25 +282,21 @@ def pack(
 
 
 def unpack(message: dict[str, Any], tail: bytes, slab: mmap.mmap | None = None, known: list[Any] | None = None) -> Any:
-    """A message's decoded values (None when it has none); buffers in the slab are copied out. An inline buffer
-    that is the whole tail (one upload that did not fit the slab) is handed on as the bytes it arrived in."""
+    """A message's decoded values (None when it has none); buffers in the slab are copied out."""
     view = memoryview(tail)
-    buffers: list[memoryview | bytes] = []
+    buffers: list[memoryview] = []
     for where, offset, length in message.get("b", ()):
         if where == 1:
             if slab is None or offset < 0 or offset + length > len(slab):
                 raise ValueError("a slab reference outside the slab")
             buffers.append(memoryview(slab)[offset : offset + length])
-        elif type(tail) is bytes and offset == 0 and length == len(tail):
-            buffers.append(tail)  # bytes(tail) is tail: no copy for a $B, one for a tensor as before
         else:
             if offset < 0 or offset + length > len(view):
                 raise ValueError("an inline reference outside the frame")
             buffers.append(view[offset : offset + length])
     values = Decoder(buffers, known).value(message["v"]) if "v" in message else None
     for buffer in buffers:
-        if isinstance(buffer, memoryview):
-            buffer.release()
+        buffer.release()
     return values
 
 

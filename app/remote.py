@@ -26,7 +26,7 @@ import torch
 
 from perceiver_core import PerceiverConfig
 
-from . import channel
+from . import channel, memory
 from .batching import QueueFull
 from .engine import BatchPolicy, Engine, RequestTiming, Statistics
 from .errors import DeadlineExceeded, InternalError, NotReady, Overloaded, ServiceError
@@ -37,7 +37,6 @@ log = logging.getLogger("perceiver.frontend")
 CONNECT_RETRY_S = 0.05
 CONNECT_REFUSED_S = 5.0  # a socket that refuses this long has no model process behind it
 OVERFLOW_WARNING_S = 60.0  # at most one "slab full" warning a minute per front end
-SLAB_IDLE_S = 30.0  # a slab that took no payload for this long gives its pages back (as app/memory.py's heap)
 
 
 @dataclass(frozen=True)
@@ -286,7 +285,7 @@ def _handshake(path: str, slab: channel.Slab) -> tuple[socket.socket, dict[str, 
     return sock, hello, table_fd
 
 
-async def release_idle_slab(client: ModelClient, idle_s: float = SLAB_IDLE_S) -> None:
+async def release_idle_slab(client: ModelClient, idle_s: float = memory.IDLE_TRIM_S) -> None:
     """Until the connection closes: each time a whole ``idle_s`` passes with no payload taken, the slab's pages go
     back to the kernel (``Slab.release_pages``), so a burst of large uploads does not keep its memory for the
     life of the pod (docs/front-ends.md)."""

@@ -192,18 +192,6 @@ def test_a_front_end_releases_its_slab_only_after_an_idle_interval() -> None:
     assert in_flight >= 1_000_000 and idle == 0
 
 
-def test_an_upload_through_the_socket_is_not_copied_again() -> None:
-    """The model process reads an overflowing upload's frame tail as bytes; that object is the upload (a second
-    1.8 MB copy under its GIL saved), and several buffers in one tail are still cut apart."""
-    upload, other = os.urandom(200_000), os.urandom(100_000)
-    frame, _ = channel.pack({"k": "s"}, [upload], slab=channel.Slab(4096))
-    size, _ = channel.HEADER.unpack(frame[: channel.HEADER.size])
-    tail = frame[channel.HEADER.size + size :]
-    (back,) = channel.unpack(json.loads(frame[channel.HEADER.size : channel.HEADER.size + size]), tail)
-    assert back is tail and back == upload
-    assert roundtrip([upload, other], channel.Slab(4096)) == [upload, other]
-
-
 def test_a_front_end_counts_and_warns_when_its_slab_is_full(caplog: pytest.LogCaptureFixture) -> None:
     """Two 1.5 MB uploads through a front end whose slab holds 1 MiB: both reach the model side's reader whole,
     /metrics counts their bytes, and the operator is told once (a minute), not per request."""
