@@ -322,8 +322,17 @@ class Batcher(Generic[P, R]):
         service_time: ServiceTime | None = None,
         clock: Clock = time.monotonic,
         on_change: Callable[[], None] | None = None,
+        prepare: Callable[[Sequence[P]], Sequence[P]] | None = None,
+        prepare_executor: Executor | None = None,
     ) -> None:
         self._run = run
+        # A stage ahead of the forward pass (one executor only, not lanes): each batch's inputs are prepared (a
+        # batch's JPEGs decoded on the GPU) on ``prepare_executor`` while the batch before it runs.
+        self._prepare = prepare if prepare_executor is not None and not isinstance(executor, Lanes) else None
+        self._prepare_executor = prepare_executor
+        self._ahead: list[Ticket[P, R]] = []  # the batch taken and preparing while the one before it runs
+        self._ahead_units = 0
+        self._current: asyncio.Task[None] | None = None  # the batch running (or waiting for its preparation)
         self.on_change = on_change  # after every change of what admission decides from (app/channel.py)
         # Lanes: batches side by side, each on the lowest free lane; an executor: one batch at a time.
         self._lanes: Lanes | None = executor if isinstance(executor, Lanes) else None
@@ -385,7 +394,7 @@ class Batcher(Generic[P, R]):
         throughput. The arithmetic is ``AdmissionState.refusal``'s, which front-end processes run on a
         snapshot of this state.
         """
-        if not self._queue and self._busy_lanes() < self.lanes:
+        if self._idle_now():
             return
         refusal = self.admission_state().refusal(deadline, self._clock(), self.max_queue, self.max_queue_delay_s)
         if refusal is not None:
@@ -393,21 +402,25 @@ class Batcher(Generic[P, R]):
 
     def admission_state(self) -> AdmissionState:
         """What admission decides from, now."""
-        idle = not self._queue and self._busy_lanes() < self.lanes
+        idle = self._idle_now()
         rest = 0.0
         if self._busy_lanes() >= self.lanes and self._running:
             now = self._clock()
             rest = max(0.0, min(expected - (now - started) for started, expected in self._running.values()))
-        queued = self._queued_units
+        queued = self._queued_units + self._ahead_units  # a batch preparing is still work ahead of a new request
         per_unit = (self.service_time.per_unit(min(queued, self.max_batch_size)) or 0.0) if queued else 0.0
         return AdmissionState(
             idle,
-            len(self._queue),
+            len(self._queue) + len(self._ahead),
             self.service_time.known,
             rest,
             queued * per_unit / self.lanes,
             self.service_time.batch_s(1),
         )
+
+    @property
+    def prepares_ahead(self) -> bool:
+        return self._prepare is not None
 
     @property
     def depth(self) -> int:
@@ -420,7 +433,11 @@ class Batcher(Generic[P, R]):
 
     @property
     def idle(self) -> bool:
-        return not self._queue and not self._running
+        return not self._queue and not self._running and not self._ahead
+
+    def _idle_now(self) -> bool:
+        """A request queued now would start at once: nothing queued or preparing, and a lane free."""
+        return not self._queue and not self._ahead and self._busy_lanes() < self.lanes
 
     def _busy_lanes(self) -> int:
         return self._lanes.running if self._lanes is not None else len(self._running)
@@ -449,11 +466,13 @@ class Batcher(Generic[P, R]):
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
         self._task = None
-        while self._queue:
-            ticket = self._queue.popleft()
+        for ticket in [*self._queue, *self._ahead]:
             if not ticket.future.done():
                 ticket.future.set_exception(Cancelled("server shutting down"))
-        self._queued_units = 0
+        self._queue.clear()
+        self._ahead, self._queued_units, self._ahead_units = [], 0, 0
+        if self._prepare_executor is not None:
+            self._prepare_executor.shutdown(wait=False, cancel_futures=True)
 
     # ------------------------------------------------------------------ worker side
     async def _loop(self) -> None:
@@ -489,6 +508,8 @@ class Batcher(Generic[P, R]):
                 running = asyncio.get_running_loop().create_task(self._execute(batch, lane))
                 self._lane_tasks.add(running)
                 running.add_done_callback(self._lane_tasks.discard)
+            elif batch and self._prepare is not None:
+                await self._pipeline(batch)
             elif batch:
                 await self._execute(batch)
             else:
@@ -546,6 +567,43 @@ class Batcher(Generic[P, R]):
         self._queued_units = sum(t.units for t in keep)
         return batch
 
+    async def _pipeline(self, batch: list[Ticket[P, R]]) -> None:
+        """Start preparing ``batch`` now, run it once the batch before it has ended, and return as soon as it
+        runs: the loop then forms and prepares the next batch while this one runs. One batch at most is ahead."""
+        loop = asyncio.get_running_loop()
+        prepared = loop.run_in_executor(self._prepare_executor, self._prepare_live, batch)
+        prepared.add_done_callback(_retrieve_exception)  # read by _execute, unless stop() came first
+        self._ahead, self._ahead_units = batch, sum(t.units for t in batch)
+        try:
+            if self._current is not None and not self._current.done():
+                await asyncio.shield(self._current)
+        except asyncio.CancelledError:  # stop(): the batch will not run
+            _fail(batch, Cancelled("server shutting down"))
+            raise
+        finally:
+            self._ahead, self._ahead_units = [], 0
+        if self.on_change is not None:
+            self.on_change()
+        running = loop.create_task(self._execute(batch, prepared=prepared))
+        self._current = running
+        self._lane_tasks.add(running)
+        running.add_done_callback(self._lane_tasks.discard)
+
+    def _prepare_live(self, batch: list[Ticket[P, R]]) -> tuple[list[P], float]:
+        """On the prepare executor: the batch's payloads as its forward pass takes them, and the seconds it
+        took. Requests that ended while the batch formed keep their payload unprepared (they will not run)."""
+        assert self._prepare is not None
+        started = self._clock()
+        live = [i for i, t in enumerate(batch) if not t.cancelled and (t.deadline is None or started < t.deadline)]
+        payloads = [t.payload for t in batch]
+        if live:
+            ready = list(self._prepare([payloads[i] for i in live]))
+            if len(ready) != len(live):
+                raise RuntimeError(f"prepare returned {len(ready)} payloads for {len(live)}")
+            for i, payload in zip(live, ready, strict=True):
+                payloads[i] = payload
+        return payloads, self._clock() - started
+
     def _drop(self, ticket: Ticket[P, R], exc: Exception) -> None:
         """Fail a ticket that will not run; its request's handler reports it (and counts the rejection)."""
         if not ticket.future.done():
@@ -555,17 +613,29 @@ class Batcher(Generic[P, R]):
         if self.idle and self._idle_since is None:
             self._idle_since = self._clock()
 
-    async def _execute(self, batch: list[Ticket[P, R]], lane: int | None = None) -> None:
+    async def _execute(
+        self,
+        batch: list[Ticket[P, R]],
+        lane: int | None = None,
+        prepared: asyncio.Future[tuple[list[P], float]] | None = None,
+    ) -> None:
         key = id(batch)
         units = sum(t.units for t in batch)
         self._running[key] = (self._clock(), self.service_time.batch_s(units))
         if self.on_change is not None:
             self.on_change()
         executor = self._lanes.executors[lane] if self._lanes is not None and lane is not None else self._executor
+        prepare_s = 0.0
         try:
+            payloads = None
+            if prepared is not None:
+                payloads, prepare_s = await prepared
             ran, results, elapsed, whole = await asyncio.get_running_loop().run_in_executor(
-                executor, self._run_live, batch
+                executor, self._run_live, batch, payloads
             )
+        except asyncio.CancelledError:  # stop() while the batch ran: its requests are not left waiting
+            _fail(batch, Cancelled("server shutting down"))
+            raise
         except Exception as exc:
             log.exception("batch of %d failed", len(batch))
             error = BatchError(str(exc))
@@ -582,7 +652,8 @@ class Batcher(Generic[P, R]):
             if self.on_change is not None:
                 self.on_change()
         if ran and whole:  # a batch cut short by its requests' ending says nothing of the time a whole one takes
-            self.service_time.observe(sum(t.units for t in ran), elapsed)
+            # prepared ahead, a batch holds the pipeline for the longer of its two stages
+            self.service_time.observe(sum(t.units for t in ran), max(elapsed, prepare_s))
             if self.on_change is not None:
                 self.on_change()
         ran_ids = {id(t) for t in ran}
@@ -602,15 +673,20 @@ class Batcher(Generic[P, R]):
             if not ticket.future.done():
                 ticket.future.set_result(result)
 
-    def _run_live(self, batch: list[Ticket[P, R]]) -> tuple[list[Ticket[P, R]], list[R], float, bool]:
+    def _run_live(
+        self, batch: list[Ticket[P, R]], payloads: Sequence[P] | None = None
+    ) -> tuple[list[Ticket[P, R]], list[R], float, bool]:
         """On the executor thread: skip tickets cancelled or expired while the batch waited for the device.
-        Also says whether every request it ran was still wanted when it ended (its time is a whole batch's)."""
+        Also says whether every request it ran was still wanted when it ended (its time is a whole batch's).
+        ``payloads``: the batch's payloads as the prepare stage left them (default: the tickets')."""
         started = self._clock()
-        live = [t for t in batch if not t.cancelled and (t.deadline is None or started < t.deadline)]
+        items = list(zip(batch, payloads if payloads is not None else [t.payload for t in batch], strict=True))
+        alive = [(t, p) for t, p in items if not t.cancelled and (t.deadline is None or started < t.deadline)]
+        live = [t for t, _ in alive]
         for ticket in live:
             ticket.queue_s = started - ticket.enqueued_at
         context = Batch(live, self._clock)
-        results = self._run_split([t.payload for t in live], context) if live else []
+        results = self._run_split([p for _, p in alive], context) if live else []
         ended = self._clock()
         whole = not any(context.ended(i) for i in range(len(live)))
         return live, results, ended - started, whole
@@ -638,3 +714,14 @@ class Batcher(Generic[P, R]):
             self._observer.depth(len(self._queue))
         if self.on_change is not None:
             self.on_change()
+
+
+def _retrieve_exception(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
+def _fail(batch: Sequence[Ticket[Any, Any]], exc: Exception) -> None:
+    for ticket in batch:
+        if not ticket.future.done():
+            ticket.future.set_exception(exc)

@@ -8,10 +8,12 @@ Open Inference Protocol) only translate: they ask ``admit(deadline)`` and hand p
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import math
 import time
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -247,6 +249,7 @@ class Engine:
                 "queue_depth": self.batcher.depth,
                 "running": self.batcher.running,
                 "placement": self.placement,
+                "prepare_ahead": self.batcher.prepares_ahead,
             },
             "load_s": round(self.load_s, 3),
             "warmup_s": round(self.warmup_s, 3),
@@ -282,6 +285,22 @@ def make_runner(task: AnyTask, model: PerceiverHead, cores: CoreShare | None = N
     return run_shared
 
 
+def make_prepare(task: AnyTask, model: PerceiverHead) -> Any:
+    """The prepare stage the batcher runs ahead of each forward pass (``Task.prepare``), on a CUDA stream of its
+    own so that its kernels (nvJPEG, the crops) overlap the forward pass of the batch before; it waits for its
+    stream before handing the batch on, so the forward pass reads finished inputs."""
+    stream = torch.cuda.Stream(model.device) if model.device.type == "cuda" else None  # type: ignore[no-untyped-call]
+
+    def prepare(payloads: Sequence[Any]) -> list[Any]:
+        with torch.inference_mode(), torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            ready = task.prepare(model, payloads)
+        if stream is not None:
+            stream.synchronize()  # releases the GIL while it waits
+        return ready
+
+    return prepare
+
+
 def build_engine(
     runtime: Runtime,
     task: AnyTask,
@@ -314,6 +333,7 @@ def build_engine(
 
     on_lanes = runtime.uses_lanes(model.device, policy)
     settings = runtime.settings
+    ahead = settings.prepare_ahead and task.prepares and model.device.type == "cuda" and not on_lanes
     batcher: Batcher[Any, Any] = Batcher(
         make_runner(task, model, runtime.core_share()),
         runtime.lanes() if on_lanes else runtime.inference_executor,
@@ -326,6 +346,8 @@ def build_engine(
         on_oom=torch.cuda.empty_cache if model.device.type == "cuda" else None,
         oom_errors=(MemoryError, torch.OutOfMemoryError),
         service_time=service_time,
+        prepare=make_prepare(task, model) if ahead else None,
+        prepare_executor=ThreadPoolExecutor(1, thread_name_prefix=f"prepare-{labels['model']}") if ahead else None,
     )
     batcher.start()
     return Engine(

@@ -193,6 +193,13 @@ class Settings(BaseSettings):
         "thread waits for the GIL around every kernel launch under HTTP load (docs/performance-history.md, H100 runs).",
         json_schema_extra=TUNING,
     )
+    prepare_ahead: bool = Field(
+        True,
+        description="On CUDA, prepare each /v1/classify batch (nvJPEG decoding and cropping its JPEGs, on a thread and "
+        "stream of their own) while the batch before it runs, instead of in turn with the forward pass. The "
+        "batch runs once it is prepared and the one before has ended (docs/performance.md has both measured).",
+        json_schema_extra=TUNING,
+    )
     compile: Literal["off", "latent"] = Field(
         "off",
         description="latent: torch.compile each model's latent transformer (one compiled layer serves every latent "

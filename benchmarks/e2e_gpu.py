@@ -8,7 +8,9 @@ benchmarks/photos.py) and each server config: model-level img/s at the serving b
 throughput at saturation (closed loop), and p50/p99 at half that rate (open-loop Poisson), against the
 targets: HTTP >= 85% of model level (>= 50% for 4032x3024); p99 at half load <= 3x the batch forward.
 A size may carry flags: ``-raw`` sends the JPEG as the whole request body instead of a multipart form,
-``-graphs`` runs the server with PERCEIVER_CUDA_GRAPHS=true, ``-eager`` with it false, and ``-cpujpeg`` with
+``-graphs`` runs the server with PERCEIVER_CUDA_GRAPHS=true, ``-eager`` with it false, ``-serial`` with
+PERCEIVER_PREPARE_AHEAD=false (each batch's JPEGs decoded in turn with the forward passes, not while the batch
+before runs), and ``-cpujpeg`` with
 BENCH_CPU_JPEG_MIN_PIXELS=8000000 (benchmarks/knobs.py: 12 MP photos decoded at reduced scale on the CPU, not
 by nvJPEG).
 """
@@ -192,12 +194,16 @@ def main() -> None:
     for n, (spec, (workers, decoders, fronts)) in enumerate(runs):
         image, *flags = spec.split("-")
         raw, graphs, eager, cpujpeg = ("raw" in flags, "graphs" in flags, "eager" in flags, "cpujpeg" in flags)
+        serial = "serial" in flags
         label = f"{workers} process" + ("es" if workers > 1 else "")
         label += f", decode in {decoders} processes" if decoders else ", decode in threads"
         label += f", {fronts} front-end processes" if fronts else ""
         label += ", CUDA graphs" if graphs else ", eager" if eager else ""
         label += ", 12 MP JPEGs decoded on the CPU" if cpujpeg else ""
+        label += ", decoded in turn with the forward" if serial else ", prepared ahead"
         extra = {"PERCEIVER_CUDA_GRAPHS": "true"} if graphs else {"PERCEIVER_CUDA_GRAPHS": "false"} if eager else {}
+        if serial:
+            extra["PERCEIVER_PREPARE_AHEAD"] = "false"
         if cpujpeg:
             extra["BENCH_CPU_JPEG_MIN_PIXELS"] = "8000000"
         if cpujpeg and fronts:  # benchmarks.knobs patches its own process only, not the spawned front ends

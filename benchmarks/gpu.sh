@@ -32,7 +32,8 @@
 # IMAGES=small,hd,phone (add phone-raw, phone-cpujpeg: flags in benchmarks/e2e_gpu.py);
 # PYSPY_ON=hd,phone (the upload sizes whose servers py-spy samples); PYSPY_GIL=1 (the default: sample only threads
 # holding the GIL; 0 samples every thread); E2E_SECONDS=8;
-# E2E_CONFIGS=WORKERSxDECODE_PROCESSESxFRONT_ENDS,... (default 1x0x0,1x0x4);
+# E2E_CONFIGS=WORKERSxDECODE_PROCESSESxFRONT_ENDS,... (default 1x0x0,1x0x4); E2E_SWEEP=SIZES:CONFIGS (a second
+# sweep after it, e.g. hd:1x0x1,1x0x2,1x0x8, results in $OUT/sweep); a size's -serial flag: PERCEIVER_PREPARE_AHEAD=false;
 # COMPILE_CASES=image-learned,optical flow (case-name substrings for stage 9);
 # TESTS=0 / E2E=0 / MODELS=0 / FP16=0 / WIDEATTN=0 / LAYERNORM=0 / LATMEM=0 / FLOWBF16=0 / COMPILE=0 / PROFILE=0
 # to skip a stage (JPEG=1 and DECODE=1 to run those two). The stages' own caps add up to more than BUDGET: the later ones get what is left.
@@ -81,6 +82,10 @@ if [ "${E2E:-1}" = 1 ]; then
         --images "${IMAGES:-small,hd,phone}" --pyspy 6 --pyspy-on "${PYSPY_ON:-hd,phone}" \
         $([ "${PYSPY_GIL:-1}" = 1 ] && echo --pyspy-gil) 2>&1 | tail -14
     for summary in "$OUT"/pyspy-summary-*.txt; do [ -f "$summary" ] && head -16 "$summary"; done
+    if [ -n "${E2E_SWEEP:-}" ]; then  # SIZES:CONFIGS, e.g. hd:1x0x1,1x0x2,1x0x8: more front-end counts, in $OUT/sweep
+        timeout "$(left 200)" python3 benchmarks/e2e_gpu.py --out "$OUT/sweep" --duration "${E2E_SECONDS:-8}" \
+            --images "${E2E_SWEEP%%:*}" --configs "${E2E_SWEEP#*:}" 2>&1 | tail -8
+    fi
 fi
 if [ "${MODELS:-1}" = 1 ]; then
     stage models

@@ -121,6 +121,7 @@ class Task(ABC, Generic[RequestT, PayloadT, ResultT]):
     decode_offloaded: ClassVar[bool] = True  # False: decode is cheap enough for the event loop
     encode_offloaded: ClassVar[bool] = False  # True: encode is heavy (blending, video encoding)
     cuda_graphs: ClassVar[bool] = False  # fixed input shapes: CUDA-graph replay may serve it
+    prepares: ClassVar[bool] = False  # has a ``prepare`` stage worth running ahead of the forward pass (on CUDA)
     max_batch_size_cap: ClassVar[int | None] = None  # one request is already a large forward pass
 
     def variant(self, request: RequestT) -> str | None:
@@ -135,6 +136,12 @@ class Task(ABC, Generic[RequestT, PayloadT, ResultT]):
     @abstractmethod
     def decode(self, request: RequestT, files: Mapping[str, bytes], ctx: DecodeContext) -> PayloadT:
         """Request fields and uploads (one file per upload name) → the payload of one forward-pass item."""
+
+    def prepare(self, model: PerceiverHead, payloads: Sequence[PayloadT]) -> list[PayloadT]:
+        """A batch's payloads made ready for ``predict`` on the model's device (uploads decoded there), on a
+        thread and CUDA stream of their own while the batch before runs. Only where ``prepares`` is set;
+        ``predict`` must also take payloads that were not prepared."""
+        return list(payloads)
 
     def bucket(self, payload: PayloadT) -> Hashable:
         """Shape class: only payloads of one bucket share a forward pass."""

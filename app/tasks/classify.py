@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
 import numpy as np
@@ -71,6 +71,8 @@ class ImagePayload:
     top_k: int
     jpeg: bytes | None = None  # instead of pixels: a JPEG for the device's decoder (nvJPEG), in the batch
     max_pixels: int = 0  # for the CPU fallback of ``jpeg``
+    crop: torch.Tensor | None = None  # prepared: the uint8 [224, 224, 3] crop, on the model's device
+    unreadable: bool = False  # prepared: no decoder could read the upload
 
 
 Result = list[dict[str, Any]] | ServiceError  # a JPEG that no decoder could read fails only its own request
@@ -114,6 +116,7 @@ class Classify(Task[ClassifyRequest, ImagePayload, Result]):
         ),
     )
     cuda_graphs = True
+    prepares = True  # nvJPEG decodes a batch's JPEGs while the batch before it runs
 
     def decode(self, request: ClassifyRequest, files: Mapping[str, bytes], ctx: DecodeContext) -> ImagePayload:
         """auto on CUDA: JPEGs that nvJPEG takes are only checked here and decoded in the batch, on the GPU;
@@ -128,6 +131,14 @@ class Classify(Task[ClassifyRequest, ImagePayload, Result]):
 
     def cost(self, payload: ImagePayload) -> int:
         return CROP * CROP
+
+    def prepare(self, model: PerceiverHead, payloads: Sequence[ImagePayload]) -> list[ImagePayload]:
+        """Each payload's crop on the device: the batch's JPEGs decoded by nvJPEG, CPU-decoded pixels copied."""
+        crops = crops_on_device(payloads, model)
+        return [
+            replace(p, pixels=None, jpeg=None, crop=c, unreadable=c is None)
+            for p, c in zip(payloads, crops, strict=True)
+        ]
 
     def predict(self, model: PerceiverHead, payloads: Sequence[ImagePayload], batch: Batch = EVERY) -> list[Result]:
         crops = crops_on_device(payloads, model)  # uint8 [B, 224, 224, 3], None where no decoder could read it
@@ -153,10 +164,8 @@ class Classify(Task[ClassifyRequest, ImagePayload, Result]):
 def crops_on_device(payloads: Sequence[ImagePayload], model: PerceiverHead) -> list[torch.Tensor | None]:
     """Every payload's 224x224 crop on the model's device: CPU-decoded pixels are copied over, JPEGs are
     decoded there in one batched call. A JPEG the device decoder refuses is decoded on the CPU (the exact
-    path); one that no decoder reads is None."""
-    crops: list[torch.Tensor | None] = [
-        None if p.pixels is None else to_device(torch.from_numpy(p.pixels), model) for p in payloads
-    ]
+    path); one that no decoder reads is None. Payloads ``Classify.prepare`` made keep their crop."""
+    crops: list[torch.Tensor | None] = [_ready(p, model) for p in payloads]
     jpegs = [(i, p.jpeg) for i, p in enumerate(payloads) if p.jpeg is not None]
     if not jpegs:
         return crops
@@ -176,6 +185,17 @@ def crops_on_device(payloads: Sequence[ImagePayload], model: PerceiverHead) -> l
         except ServiceError:
             crops[i] = None
     return crops
+
+
+def _ready(payload: ImagePayload, model: PerceiverHead) -> torch.Tensor | None:
+    """The crop of a payload with pixels or a prepared crop; None for a JPEG (and for an unreadable upload)."""
+    if payload.crop is not None:
+        if payload.crop.is_cuda:  # made on the prepare stream: its memory must outlive this stream's use of it
+            payload.crop.record_stream(torch.cuda.current_stream(payload.crop.device))
+        return payload.crop
+    if payload.pixels is None:
+        return None
+    return to_device(torch.from_numpy(payload.pixels), model)
 
 
 def _decode_one(data: bytes, device: torch.device) -> torch.Tensor | None:

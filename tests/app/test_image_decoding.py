@@ -163,3 +163,50 @@ def test_cpu_jpeg_min_pixels_keeps_large_photos_off_the_device_decoder() -> None
     assert leave_to_device(phone, default) and leave_to_device(small, default)
     assert not leave_to_device(phone, hybrid) and leave_to_device(small, hybrid)
     assert not leave_to_device(open_image(_reencode(photo_jpeg(451, 300), progressive=True), 10**9), default)
+
+
+# ---------------------------------------------------------------------------------------------- prepared ahead
+
+
+def _prepare_and_predict(model: torch.nn.Module, payloads: list[ImagePayload]) -> list[object]:
+    """What the batcher does with prepare_ahead on: the engine's prepare stage on a thread of its own (and, on
+    CUDA, a stream of its own), then the forward pass on another thread."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from app.engine import make_prepare
+
+    with ThreadPoolExecutor(1) as preparer, ThreadPoolExecutor(1) as runner:
+        prepared = preparer.submit(make_prepare(TASK, model), payloads).result()  # type: ignore[arg-type]
+        assert all(p.pixels is None and p.jpeg is None for p in prepared)
+
+        def run() -> list[object]:
+            with torch.inference_mode():
+                return list(TASK.predict(model, prepared))  # type: ignore[arg-type]
+
+        return runner.submit(run).result()
+
+
+def test_a_batch_prepared_ahead_gets_the_answers_of_one_that_is_not() -> None:
+    """CPU-decoded uploads (every host): the prepare stage copies the pixels over, the answers stay the same."""
+    torch.manual_seed(0)
+    model = perceiver_core.build_model(TASK.demo_configs["conv"]).eval()
+    payloads = [ImagePayload(crops(photo_jpeg(*size))[0], 4) for size in SIZES]
+    with torch.inference_mode():
+        direct = TASK.predict(model, payloads)
+    assert _prepare_and_predict(model, payloads) == direct
+
+
+@needs_torchvision
+@pytest.mark.parametrize("device", DEVICES)
+def test_jpegs_decoded_ahead_get_the_answers_of_the_batch_and_a_bad_one_fails_alone(device: str) -> None:
+    """On CUDA, nvJPEG decodes on the prepare stage's stream while the previous batch runs on the default one."""
+    torch.manual_seed(0)
+    model = perceiver_core.build_model(TASK.demo_configs["conv"]).to(device).eval()
+    payloads = [ImagePayload(None, 3, photo_jpeg(*size), 10**9) for size in SIZES]
+    payloads.append(ImagePayload(None, 3, b"\xff\xd8" + bytes(500), 10**9))
+    payloads.append(ImagePayload(crops(photo_jpeg(451, 300))[0], 3))  # decoded on the CPU, copied over
+    with torch.inference_mode():
+        direct = TASK.predict(model, payloads)
+    ahead = _prepare_and_predict(model, payloads)
+    assert isinstance(direct[-2], InvalidInput) and isinstance(ahead[-2], InvalidInput)
+    assert ahead[:-2] == direct[:-2] and ahead[-1] == direct[-1]

@@ -1,0 +1,139 @@
+"""The batcher's prepare stage (prepare_ahead): each batch is prepared on a thread of its own while the batch
+before it runs, one batch ahead at most, and everything the batcher promises still holds for it."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from app.batching import EVERY, Batch, Batcher, BatchError, ServiceTime
+
+from .asyncutil import async_test
+
+pytestmark = pytest.mark.timeout(30)
+WAIT_S = 10  # what a blocked thread waits for an event that never comes before the test fails (never reached)
+
+
+class Stages:
+    """A prepare stage and a forward pass that record what ran, and may be held until the test lets them go."""
+
+    def __init__(self, fail_on: object = None) -> None:
+        self.prepared: list[list[object]] = []
+        self.ran: list[list[object]] = []
+        self.fail_on = fail_on
+        self.second_prepared = threading.Event()  # set when the second batch's preparation starts
+        self.release_first = threading.Event()  # the first forward pass waits for this, if the test sets hold
+        self.hold = False
+        self.overlapped = False  # the second batch was prepared while the first one ran
+
+    def prepare(self, payloads: Sequence[object]) -> list[object]:
+        self.prepared.append(list(payloads))
+        if len(self.prepared) == 2:
+            self.second_prepared.set()
+        if self.fail_on in payloads:
+            raise ValueError("no decoder reads this batch")
+        return [f"prepared:{p}" for p in payloads]
+
+    def run(self, payloads: Sequence[object], batch: Batch = EVERY) -> list[object]:
+        self.ran.append(list(payloads))
+        if len(self.ran) == 1:
+            self.overlapped = self.second_prepared.wait(WAIT_S)
+            if self.hold:
+                self.release_first.wait(WAIT_S)
+        return [f"result:{p}" for p in payloads]
+
+
+def make(stages: Stages, **kwargs: object) -> Batcher[object, object]:
+    options: dict[str, object] = dict(max_batch_size=2, max_delay_s=0.0, max_queue=100)
+    options.update(kwargs)
+    return Batcher(  # type: ignore[arg-type]
+        stages.run, ThreadPoolExecutor(1), prepare=stages.prepare, prepare_executor=ThreadPoolExecutor(1), **options
+    )
+
+
+@async_test
+async def test_the_next_batch_is_prepared_while_the_one_before_runs() -> None:
+    stages = Stages()
+    batcher = make(stages)
+    batcher.start()
+    tickets = [batcher.submit(p) for p in "abcd"]
+    results = await asyncio.gather(*(t.future for t in tickets))
+    assert results == [f"result:prepared:{p}" for p in "abcd"]  # the forward pass takes the prepared payloads
+    assert stages.overlapped  # the first forward pass saw the second batch's preparation start
+    assert stages.prepared == [["a", "b"], ["c", "d"]]
+    assert stages.ran == [["prepared:a", "prepared:b"], ["prepared:c", "prepared:d"]]
+    await batcher.stop()
+
+
+@async_test
+async def test_one_batch_at_most_is_prepared_ahead_and_admission_counts_it() -> None:
+    stages = Stages()
+    stages.hold = True
+    batcher = make(stages, service_time=ServiceTime({1: 0.5, 2: 0.5}))
+    batcher.start()
+    tickets = [batcher.submit(p, deadline=None) for p in "abcdef"]
+    await asyncio.get_running_loop().run_in_executor(None, stages.second_prepared.wait, WAIT_S)
+    for _ in range(20):  # the loop has nothing to wait for but the event loop's turns
+        await asyncio.sleep(0)
+    assert len(stages.prepared) == 2  # the first batch runs, the second is ready, the third waits in the queue
+    assert batcher.depth == 2 and not batcher.idle
+    state = batcher.admission_state()
+    assert not state.idle and state.queue_len == 4  # the queued pair and the pair prepared ahead
+    assert state.queued_s == pytest.approx(4 * 0.5)  # their four units, at batch size 2's per-unit time
+    stages.release_first.set()
+    assert await asyncio.gather(*(t.future for t in tickets)) == [f"result:prepared:{p}" for p in "abcdef"]
+    assert batcher.idle and batcher.admission_state().idle
+    await batcher.stop()
+
+
+@async_test
+async def test_a_request_that_ends_while_its_batch_is_prepared_never_reaches_the_model() -> None:
+    stages = Stages()
+    stages.hold = True
+    batcher = make(stages)
+    batcher.start()
+    first = [batcher.submit(p) for p in "ab"]
+    second = [batcher.submit(p) for p in "cd"]
+    await asyncio.get_running_loop().run_in_executor(None, stages.second_prepared.wait, WAIT_S)
+    second[0].cancel()  # the client left after its batch was prepared, before it ran
+    stages.release_first.set()
+    await asyncio.gather(*(t.future for t in first))
+    assert await second[1].future == "result:prepared:d"
+    assert stages.ran[1] == ["prepared:d"]
+    with pytest.raises(Exception, match="cancelled"):
+        await second[0].future
+    await batcher.stop()
+
+
+@async_test
+async def test_a_preparation_that_fails_fails_only_its_batch() -> None:
+    stages = Stages(fail_on="bad")
+    batcher = make(stages)
+    batcher.start()
+    tickets = [batcher.submit(p) for p in ["a", "b", "bad", "c", "d", "e"]]
+    results = await asyncio.gather(*(t.future for t in tickets), return_exceptions=True)
+    assert results[:2] == ["result:prepared:a", "result:prepared:b"]
+    assert all(isinstance(r, BatchError) for r in results[2:4])
+    assert results[4:] == ["result:prepared:d", "result:prepared:e"]
+    await batcher.stop()
+
+
+@async_test
+async def test_stopping_fails_the_batch_prepared_ahead_instead_of_leaving_it_waiting() -> None:
+    stages = Stages()
+    stages.hold = True
+    batcher = make(stages)
+    batcher.start()
+    tickets = [batcher.submit(p) for p in "abcd"]
+    await asyncio.get_running_loop().run_in_executor(None, stages.second_prepared.wait, WAIT_S)
+    for _ in range(20):
+        await asyncio.sleep(0)
+    await batcher.stop()
+    stages.release_first.set()
+    for ticket in tickets:  # the batch running and the one prepared ahead: none is left waiting
+        with pytest.raises(Exception, match="shutting down"):
+            await ticket.future
