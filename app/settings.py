@@ -228,7 +228,8 @@ class Settings(BaseSettings):
         description="HTTP and gRPC front ends in processes of their own (parsing, validation, decoding, encoding, "
         "metrics), all handing their requests to one model process that owns the models, batchers and device "
         "(docs/front-ends.md). 0: one process does everything. auto: 0 on a CPU host (measured: "
-        "docs/performance.md), and on a GPU host min(4, CPUs - 2) (0 with fewer than 3 CPUs). Not with workers > 1.",
+        "docs/performance.md), and on a GPU host min(2, CPUs - 2) (0 with fewer than 3 CPUs; on an H200, 2 served "
+        "1920x1080 uploads faster than 1, 4 or 8: docs/performance.md). Not with workers > 1.",
     )
     api_slab_mb: int = Field(
         256,
@@ -310,7 +311,7 @@ class Settings(BaseSettings):
         if self.workers > 1 or not self.device.startswith("cuda"):
             return 0
         usable = cores or len(os.sched_getaffinity(0))  # the CPUs this process may run on, not the machine's
-        return min(4, usable - 2) if usable >= 3 else 0
+        return min(2, usable - 2) if usable >= 3 else 0
 
     @property
     def demo(self) -> bool:

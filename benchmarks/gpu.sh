@@ -7,7 +7,7 @@
 #      4032x3024 one as a raw body) against the model-level figure of the same checkpoint, with py-spy
 #      samples of the server under saturation with 1920x1080 and phone photos, and 12 MP photos decoded on the CPU
 #      (-cpujpeg); a size may carry flags (-raw, -eager, -cpujpeg: see benchmarks/e2e_gpu.py); by default
-#      451x300, 1920x1080 and 4032x3024 with 0 and 4 front-end processes (PERCEIVER_API_PROCESSES;
+#      451x300, 1920x1080 and 4032x3024 with 0 and 2 front-end processes (PERCEIVER_API_PROCESSES;
 #      E2E_CONFIGS=1x0x0,1x0x1,1x0x2,1x0x4,1x0x8 for the whole sweep, in a call of its own), py-spy
 #      sampling the model process and one front-end process where there are front ends;
 #   5. model level: the published configs, ours vs transformers (bf16 by default), plus CUDA-graph replay and
@@ -32,7 +32,7 @@
 # IMAGES=small,hd,phone (add phone-raw, phone-cpujpeg: flags in benchmarks/e2e_gpu.py);
 # PYSPY_ON=hd,phone (the upload sizes whose servers py-spy samples); PYSPY_GIL=1 (the default: sample only threads
 # holding the GIL; 0 samples every thread); E2E_SECONDS=8;
-# E2E_CONFIGS=WORKERSxDECODE_PROCESSESxFRONT_ENDS,... (default 1x0x0,1x0x4); E2E_SWEEP=SIZES:CONFIGS (a second
+# E2E_CONFIGS=WORKERSxDECODE_PROCESSESxFRONT_ENDS,... (default 1x0x0,1x0x2); E2E_SWEEP=SIZES:CONFIGS (a second
 # sweep after it, e.g. hd:1x0x1,1x0x2,1x0x8, results in $OUT/sweep); a size's -serial flag: PERCEIVER_PREPARE_AHEAD=false;
 # COMPILE_CASES=image-learned,optical flow (case-name substrings for stage 9);
 # TESTS=0 / E2E=0 / MODELS=0 / FP16=0 / WIDEATTN=0 / LAYERNORM=0 / LATMEM=0 / FLOWBF16=0 / COMPILE=0 / PROFILE=0
@@ -78,7 +78,7 @@ fi
 if [ "${E2E:-1}" = 1 ]; then
     stage "end to end"
     timeout "$(left 300)" python3 benchmarks/e2e_gpu.py --out "$OUT" --duration "${E2E_SECONDS:-8}" \
-        --configs "${E2E_CONFIGS:-1x0x0,1x0x4}" \
+        --configs "${E2E_CONFIGS:-1x0x0,1x0x2}" \
         --images "${IMAGES:-small,hd,phone}" --pyspy 6 --pyspy-on "${PYSPY_ON:-hd,phone}" \
         $([ "${PYSPY_GIL:-1}" = 1 ] && echo --pyspy-gil) 2>&1 | tail -14
     for summary in "$OUT"/pyspy-summary-*.txt; do [ -f "$summary" ] && head -16 "$summary"; done

@@ -314,8 +314,8 @@ def test_auto_starts_front_ends_on_gpu_hosts_only() -> None:
     from app.settings import Settings
 
     assert Settings(device="cpu").front_end_processes(cores=16) == 0
-    assert Settings(device="cuda").front_end_processes(cores=16) == 4
-    assert Settings(device="cuda").front_end_processes(cores=4) == 2
+    assert Settings(device="cuda").front_end_processes(cores=16) == 2
+    assert Settings(device="cuda").front_end_processes(cores=3) == 1
     assert Settings(device="cuda").front_end_processes(cores=2) == 0
     assert Settings(device="cpu", api_processes=3).front_end_processes(cores=2) == 3
     assert Settings(device="cuda", workers=2).front_end_processes(cores=16) == 0
