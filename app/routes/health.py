@@ -47,6 +47,11 @@ class Batching(BaseModel):
     placement: Literal["inference-thread", "lanes"] = Field(
         description="Where batches run: the one inference thread, or CPU lanes (batches of CPU models side by side)"
     )
+    prepare_ahead: bool = Field(
+        False,
+        description="Each batch is prepared (JPEGs decoded on the GPU) while the batch before it runs "
+        "(PERCEIVER_PREPARE_AHEAD, CUDA only)",
+    )
 
 
 class ModelInfo(BaseModel):
