@@ -10,9 +10,10 @@ targets: HTTP >= 85% of model level (>= 50% for 4032x3024); p99 at half load <= 
 A size may carry flags: ``-raw`` sends the JPEG as the whole request body instead of a multipart form,
 ``-graphs`` runs the server with PERCEIVER_CUDA_GRAPHS=true, ``-eager`` with it false, ``-serial`` with
 PERCEIVER_PREPARE_AHEAD=false (each batch's JPEGs decoded in turn with the forward passes, not while the batch
-before runs), and ``-cpujpeg`` with
+before runs), ``-cpujpeg`` with
 BENCH_CPU_JPEG_MIN_PIXELS=8000000 (benchmarks/knobs.py: 12 MP photos decoded at reduced scale on the CPU, not
-by nvJPEG).
+by nvJPEG), and ``-hybridK`` with that and BENCH_CPU_JPEG_SLOTS=K (at most K such photos a process decoded on
+the CPU at once, the others by nvJPEG). The knobs reach the front-end and model processes too.
 """
 
 from __future__ import annotations
@@ -195,20 +196,21 @@ def main() -> None:
         image, *flags = spec.split("-")
         raw, graphs, eager, cpujpeg = ("raw" in flags, "graphs" in flags, "eager" in flags, "cpujpeg" in flags)
         serial = "serial" in flags
+        hybrid = next((int(f[len("hybrid") :]) for f in flags if f.startswith("hybrid")), 0)
         label = f"{workers} process" + ("es" if workers > 1 else "")
         label += f", decode in {decoders} processes" if decoders else ", decode in threads"
         label += f", {fronts} front-end processes" if fronts else ""
         label += ", CUDA graphs" if graphs else ", eager" if eager else ""
         label += ", 12 MP JPEGs decoded on the CPU" if cpujpeg else ""
+        label += f", 12 MP JPEGs on the CPU in up to {hybrid} threads a process, the rest by nvJPEG" if hybrid else ""
         label += ", decoded in turn with the forward" if serial else ", prepared ahead"
         extra = {"PERCEIVER_CUDA_GRAPHS": "true"} if graphs else {"PERCEIVER_CUDA_GRAPHS": "false"} if eager else {}
         if serial:
             extra["PERCEIVER_PREPARE_AHEAD"] = "false"
-        if cpujpeg:
+        if cpujpeg or hybrid:
             extra["BENCH_CPU_JPEG_MIN_PIXELS"] = "8000000"
-        if cpujpeg and fronts:  # benchmarks.knobs patches its own process only, not the spawned front ends
-            print(f"skipped {spec} with {fronts} front ends: -cpujpeg needs one process", flush=True)
-            continue
+        if hybrid:
+            extra["BENCH_CPU_JPEG_SLOTS"] = str(hybrid)
         log = args.out / f"server-{n}.log"
         proc, url = serve(ckpt, workers, decoders, log, device, extra, fronts)
         target = proc.pid

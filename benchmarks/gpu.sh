@@ -29,7 +29,7 @@
 # Results (JSON + markdown) go to $OUT, or benchmarks/results/gpu.
 # Knobs: BUDGET=540; DTYPES=bfloat16 (model dtypes; bf16 error is against transformers fp32 either way);
 # GRAPHS=0 (skip CUDA-graph variants); RESIDUAL=0 (skip the other residual stream); ONLY=flow,mlm (case-name filter);
-# IMAGES=small,hd,phone (add phone-raw, phone-cpujpeg: flags in benchmarks/e2e_gpu.py);
+# IMAGES=small,hd,phone (add phone-raw, phone-cpujpeg, phone-hybrid6, hd-serial: flags in benchmarks/e2e_gpu.py);
 # PYSPY_ON=hd,phone (the upload sizes whose servers py-spy samples); PYSPY_GIL=1 (the default: sample only threads
 # holding the GIL; 0 samples every thread); E2E_SECONDS=8;
 # E2E_CONFIGS=WORKERSxDECODE_PROCESSESxFRONT_ENDS,... (default 1x0x0,1x0x2); E2E_SWEEP=SIZES:CONFIGS (a second

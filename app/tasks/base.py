@@ -85,6 +85,7 @@ class Limits:
     max_flow_frames: int = 32
     image_decoder: str = "auto"  # auto: scaled JPEG decoding where it stays in tolerance; exact: reference
     cpu_jpeg_min_pixels: int = 0  # CUDA, auto: JPEGs this large decoded on the CPU (0: never; benchmarks/knobs.py)
+    cpu_jpeg_slots: int = 0  # with cpu_jpeg_min_pixels: at most this many at once a process, the rest to the device
 
 
 @dataclass(frozen=True)

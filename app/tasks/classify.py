@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import contextlib
+import threading
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
@@ -85,9 +87,37 @@ def decode_on_cpu(data: bytes, max_pixels: int, scaled: bool) -> np.ndarray:
 
 def leave_to_device(image: Image.Image, ctx: DecodeContext) -> bool:
     """Whether a JPEG goes to nvJPEG in the batch: one it can take, below cpu_jpeg_min_pixels when that is set
-    (larger ones are decoded at reduced scale on the CPU, in the decode threads)."""
-    large = 0 < ctx.limits.cpu_jpeg_min_pixels <= image.width * image.height
-    return not large and device_decodable(image)
+    (larger ones are decoded at reduced scale on the CPU, in the decode threads; see ``CpuSlots`` for the share)."""
+    return not _large(image, ctx) and device_decodable(image)
+
+
+def _large(image: Image.Image, ctx: DecodeContext) -> bool:
+    return 0 < ctx.limits.cpu_jpeg_min_pixels <= image.width * image.height
+
+
+class CpuSlots:
+    """The large JPEGs this process is decoding on the CPU now. With ``cpu_jpeg_slots`` (benchmarks/knobs.py), one
+    that finds them all taken goes to nvJPEG instead: the host's cores and the GPU's decoder share the photos."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.busy = 0
+
+    @contextlib.contextmanager
+    def hold(self, limit: int) -> Iterator[bool]:
+        """Yields whether a slot was free (always, with no limit); gives it back on leaving."""
+        with self._lock:
+            taken = not limit or self.busy < limit
+            self.busy += taken
+        try:
+            yield taken
+        finally:
+            if taken:
+                with self._lock:
+                    self.busy -= 1
+
+
+CPU_SLOTS = CpuSlots()
 
 
 class Classify(Task[ClassifyRequest, ImagePayload, Result]):
@@ -122,8 +152,15 @@ class Classify(Task[ClassifyRequest, ImagePayload, Result]):
         """auto on CUDA: JPEGs that nvJPEG takes are only checked here and decoded in the batch, on the GPU;
         auto elsewhere: large JPEGs decoded at reduced scale; exact: the reference preprocessing."""
         data, limit, auto = files["image"], ctx.limits.max_image_pixels, ctx.limits.image_decoder == "auto"
-        if auto and DEVICE_JPEG and ctx.device.startswith("cuda") and leave_to_device(open_image(data, limit), ctx):
-            return ImagePayload(None, request.top_k, data, limit)
+        if auto and DEVICE_JPEG and ctx.device.startswith("cuda"):
+            image = open_image(data, limit)
+            if leave_to_device(image, ctx):
+                return ImagePayload(None, request.top_k, data, limit)
+            if _large(image, ctx) and device_decodable(image):
+                with CPU_SLOTS.hold(ctx.limits.cpu_jpeg_slots) as on_cpu:
+                    if on_cpu:
+                        return ImagePayload(decode_on_cpu(data, limit, auto), request.top_k)
+                return ImagePayload(None, request.top_k, data, limit)  # every CPU slot busy: nvJPEG takes it
         return ImagePayload(decode_on_cpu(data, limit, auto), request.top_k)
 
     def bucket(self, payload: ImagePayload) -> str:

@@ -165,6 +165,48 @@ def test_cpu_jpeg_min_pixels_keeps_large_photos_off_the_device_decoder() -> None
     assert not leave_to_device(open_image(_reencode(photo_jpeg(451, 300), progressive=True), 10**9), default)
 
 
+def test_with_cpu_jpeg_slots_large_photos_go_to_the_cpu_while_a_slot_is_free_and_to_nvjpeg_after(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """benchmarks/knobs.py's hybrid: a CUDA host's decode threads take 12 MP photos at reduced scale while fewer
+    than cpu_jpeg_slots are at it, and leave the rest to nvJPEG. What the decision reads of the upload is its
+    header, so this runs without torchvision (the device decode itself is tested on a GPU above)."""
+    from app.settings import Settings
+    from app.tasks import classify
+    from app.tasks.base import DecodeContext
+
+    monkeypatch.setattr(classify, "DEVICE_JPEG", True)
+    limits = dataclasses.replace(Settings().limits(), cpu_jpeg_min_pixels=8_000_000, cpu_jpeg_slots=1)
+    ctx = DecodeContext(TASK.demo_configs["conv"], limits, "cuda")
+    phone, small = photo_jpeg(4032, 3024), photo_jpeg(451, 300)
+    request = classify.ClassifyRequest()
+
+    on_cpu = TASK.decode(request, {"image": phone}, ctx)
+    assert on_cpu.jpeg is None and on_cpu.pixels is not None and on_cpu.pixels.shape == (224, 224, 3)
+    assert mean_abs_diff(on_cpu.pixels, crops(phone)[1]) == 0  # the reduced-scale CPU path, as on a CPU host
+    with classify.CPU_SLOTS.hold(1) as taken:  # another decode thread holds the one slot
+        assert taken
+        assert TASK.decode(request, {"image": phone}, ctx).jpeg == phone  # nvJPEG's, in the batch
+    assert classify.CPU_SLOTS.busy == 0
+    assert TASK.decode(request, {"image": phone}, ctx).pixels is not None  # the slot is free again
+    assert TASK.decode(request, {"image": small}, ctx).jpeg == small  # below the size: nvJPEG's as always
+    no_bound = DecodeContext(ctx.config, dataclasses.replace(limits, cpu_jpeg_slots=0), "cuda")
+    with classify.CPU_SLOTS.hold(1):
+        assert TASK.decode(request, {"image": phone}, no_bound).pixels is not None  # 0: every large one on the CPU
+
+
+def test_cpu_slots_are_given_back_when_a_decode_fails() -> None:
+    from app.tasks.classify import CpuSlots
+
+    slots = CpuSlots()
+    with pytest.raises(ValueError), slots.hold(2) as first:
+        assert first and slots.busy == 1
+        raise ValueError("a corrupt upload")
+    with slots.hold(2) as a, slots.hold(2) as b, slots.hold(2) as c:
+        assert (a, b, c) == (True, True, False) and slots.busy == 2
+    assert slots.busy == 0
+
+
 # ---------------------------------------------------------------------------------------------- prepared ahead
 
 
