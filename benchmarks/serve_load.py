@@ -239,9 +239,22 @@ def run_level(base: str, args: argparse.Namespace, concurrency: int, rate: float
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A port free now, below the kernel's ephemeral range: a port the kernel picked for ``bind(0)`` can be handed
+    to any client socket's connect before the server binds it (a busy-CI run lost a gRPC bind so), while nothing
+    takes a port below that range unless asked for it by number."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768  # Linux's default; elsewhere the range may differ, and bind() below still checks
+    for _ in range(200):
+        port = random.randrange(max(1024, low - 12000), low)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port found below the ephemeral range")
 
 
 def spawn(env: dict[str, str], log: Path | None = None, root: Path = ROOT) -> tuple[subprocess.Popen[bytes], str]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import socket
 import subprocess
 import sys
 import threading
@@ -26,6 +25,7 @@ from app.loading import LoadedModel, build_models
 from app.main import create_app
 from app.runtime import Runtime
 from app.settings import Settings
+from benchmarks.serve_load import free_port
 from perceiver_core import PerceiverHead
 
 MEDIA = Path(__file__).parents[1] / "media"
@@ -74,12 +74,6 @@ def schemathesis(schema: str, cwd: Path, *options: str) -> tuple[subprocess.Comp
         cwd=cwd,  # schemathesis keeps a cache in its working directory
     )
     return run, run.stdout[run.stdout.find("SUMMARY") :]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 Swap = Callable[[PerceiverHead], torch.nn.Module]
