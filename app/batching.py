@@ -573,21 +573,27 @@ class Batcher(Generic[P, R]):
         loop = asyncio.get_running_loop()
         prepared = loop.run_in_executor(self._prepare_executor, self._prepare_live, batch)
         prepared.add_done_callback(_retrieve_exception)  # read by _execute, unless stop() came first
-        self._ahead, self._ahead_units = batch, sum(t.units for t in batch)
+        units = sum(t.units for t in batch)
+        self._ahead, self._ahead_units = batch, units
+        if self.on_change is not None:
+            self.on_change()  # the front ends' door sees the batch ahead
         try:
             if self._current is not None and not self._current.done():
-                await asyncio.shield(self._current)
+                await asyncio.wait({self._current})  # raises nothing, whatever ended the batch before
         except asyncio.CancelledError:  # stop(): the batch will not run
             _fail(batch, Cancelled("server shutting down"))
             raise
         finally:
             self._ahead, self._ahead_units = [], 0
+        # running from now on, for admission too (``_execute`` starts on the loop's next turn)
+        self._running[id(batch)] = (self._clock(), self.service_time.batch_s(units))
         if self.on_change is not None:
             self.on_change()
         running = loop.create_task(self._execute(batch, prepared=prepared))
         self._current = running
         self._lane_tasks.add(running)
         running.add_done_callback(self._lane_tasks.discard)
+        running.add_done_callback(_log_failure)
 
     def _prepare_live(self, batch: list[Ticket[P, R]]) -> tuple[list[P], float]:
         """On the prepare executor: the batch's payloads as its forward pass takes them, and the seconds it
@@ -597,7 +603,13 @@ class Batcher(Generic[P, R]):
         live = [i for i, t in enumerate(batch) if not t.cancelled and (t.deadline is None or started < t.deadline)]
         payloads = [t.payload for t in batch]
         if live:
-            ready = list(self._prepare([payloads[i] for i in live]))
+            try:
+                ready = list(self._prepare([payloads[i] for i in live]))
+            except self._oom_errors:  # the forward pass prepares them itself, split in halves if it must
+                log.warning("out of memory preparing a batch of %d; the forward pass prepares it", len(live))
+                if self._on_oom is not None:
+                    self._on_oom()
+                return payloads, self._clock() - started
             if len(ready) != len(live):
                 raise RuntimeError(f"prepare returned {len(ready)} payloads for {len(live)}")
             for i, payload in zip(live, ready, strict=True):
@@ -665,13 +677,13 @@ class Batcher(Generic[P, R]):
                     self._drop(ticket, Expired("deadline passed while waiting for the device"))
         if not ran:
             return
-        if self._observer is not None:
-            self._observer.batch(len(ran), sum(t.cost for t in ran), elapsed)
         for ticket, result in zip(ran, results, strict=True):
             ticket.inference_s = elapsed
             ticket.batch_size = len(ran)
             if not ticket.future.done():
                 ticket.future.set_result(result)
+        if self._observer is not None:  # after the answers: a failing metric must not keep them waiting
+            self._observer.batch(len(ran), sum(t.cost for t in ran), elapsed)
 
     def _run_live(
         self, batch: list[Ticket[P, R]], payloads: Sequence[P] | None = None
@@ -725,3 +737,9 @@ def _fail(batch: Sequence[Ticket[Any, Any]], exc: Exception) -> None:
     for ticket in batch:
         if not ticket.future.done():
             ticket.future.set_exception(exc)
+
+
+def _log_failure(task: asyncio.Task[None]) -> None:
+    """A batch's bookkeeping that raised after its answers (a metrics observer, say): logged, not lost."""
+    if not task.cancelled() and (exc := task.exception()) is not None:
+        log.error("a batch's bookkeeping failed after its answers", exc_info=exc)

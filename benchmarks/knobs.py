@@ -6,8 +6,9 @@ sets any of them):
   it after warm-up; docs/performance.md has what that gains).
 - ``BENCH_CPU_JPEG_MIN_PIXELS=N``: on CUDA hosts, decode JPEGs of at least N pixels on the CPU at reduced scale
   instead of by nvJPEG in the batch (the server never does; docs/performance.md, runs 8 and 9, has why).
-- ``BENCH_CPU_JPEG_SLOTS=K``: with it, at most K such JPEGs at once a process on the CPU; one that finds all K
-  busy goes to nvJPEG (the host's cores and the GPU's decoder share the photos).
+- ``BENCH_CPU_JPEG_SLOTS=K``: with it, at most K such JPEGs at once a process on the CPU (each front end, or each
+  decode process with PERCEIVER_DECODE_PROCESSES); one that finds all K busy goes to nvJPEG (the host's cores and
+  the GPU's decoder share the photos).
 
 Operators have no use for them, so they are not settings. They are applied when this module is imported, so
 also in the front-end and model processes the server spawns (multiprocessing's spawn imports the main module

@@ -238,6 +238,9 @@ def run_level(base: str, args: argparse.Namespace, concurrency: int, rate: float
     )
 
 
+_HANDED_OUT: set[int] = set()  # ports free_port returned in this process: never twice, even before they are bound
+
+
 def free_port() -> int:
     """A port free now, below the kernel's ephemeral range: a port the kernel picked for ``bind(0)`` can be handed
     to any client socket's connect before the server binds it (a busy-CI run lost a gRPC bind so), while nothing
@@ -246,15 +249,23 @@ def free_port() -> int:
         low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
     except (OSError, ValueError, IndexError):
         low = 32768  # Linux's default; elsewhere the range may differ, and bind() below still checks
-    for _ in range(200):
-        port = random.randrange(max(1024, low - 12000), low)
+    start = max(1024, low - 12000)
+    for _ in range(200 if start < low else 0):
+        port = random.randrange(start, low)
+        if port in _HANDED_OUT:
+            continue
         with socket.socket() as s:
             try:
                 s.bind(("127.0.0.1", port))
             except OSError:
                 continue
-            return port
-    raise RuntimeError("no free port found below the ephemeral range")
+        _HANDED_OUT.add(port)
+        return port
+    with socket.socket() as s:  # no room below the range: the kernel's pick, with the race above
+        s.bind(("127.0.0.1", 0))
+        port = int(s.getsockname()[1])
+    _HANDED_OUT.add(port)
+    return port
 
 
 def spawn(env: dict[str, str], log: Path | None = None, root: Path = ROOT) -> tuple[subprocess.Popen[bytes], str]:

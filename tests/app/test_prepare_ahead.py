@@ -137,3 +137,54 @@ async def test_stopping_fails_the_batch_prepared_ahead_instead_of_leaving_it_wai
     for ticket in tickets:  # the batch running and the one prepared ahead: none is left waiting
         with pytest.raises(Exception, match="shutting down"):
             await ticket.future
+
+
+@async_test
+async def test_a_batch_whose_preparation_runs_out_of_memory_is_prepared_by_its_forward_pass() -> None:
+    """The prepare stage's out-of-memory frees the cache and hands the payloads on as they came: the forward pass
+    decodes them itself, under its own halving on out-of-memory, instead of failing the batch."""
+    freed: list[bool] = []
+
+    def prepare(payloads: Sequence[object]) -> list[object]:
+        raise MemoryError("CUDA out of memory: tried to allocate 2.00 GiB")
+
+    ran: list[list[object]] = []
+
+    def run(payloads: Sequence[object], batch: Batch = EVERY) -> list[object]:
+        ran.append(list(payloads))
+        return [f"result:{p}" for p in payloads]
+
+    batcher: Batcher[object, object] = Batcher(
+        run,
+        ThreadPoolExecutor(1),
+        max_batch_size=2,
+        max_delay_s=0.0,
+        prepare=prepare,
+        prepare_executor=ThreadPoolExecutor(1),
+        on_oom=lambda: freed.append(True),
+    )
+    batcher.start()
+    tickets = [batcher.submit(p) for p in "ab"]
+    assert await asyncio.gather(*(t.future for t in tickets)) == ["result:a", "result:b"]
+    assert ran == [["a", "b"]] and freed == [True]
+    await batcher.stop()
+
+
+@async_test
+async def test_a_batch_that_ends_in_an_error_after_its_answers_does_not_stall_the_batch_ahead() -> None:
+    """Whatever ends the batch before (here a metrics observer that raises), the batch prepared ahead still runs."""
+
+    class Failing:
+        def batch(self, size: int, cost: int, inference_s: float) -> None:
+            raise RuntimeError("a metrics backend went away")
+
+        def depth(self, depth: int) -> None:
+            pass
+
+    stages = Stages()
+    batcher = make(stages, observer=Failing())
+    batcher.start()
+    tickets = [batcher.submit(p) for p in "abcd"]
+    _, pending = await asyncio.wait([t.future for t in tickets], timeout=WAIT_S)
+    assert not pending and [t.future.result() for t in tickets] == [f"result:prepared:{p}" for p in "abcd"]
+    await batcher.stop()
