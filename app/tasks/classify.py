@@ -74,7 +74,6 @@ class ImagePayload:
     jpeg: bytes | None = None  # instead of pixels: a JPEG for the device's decoder (nvJPEG), in the batch
     max_pixels: int = 0  # for the CPU fallback of ``jpeg``
     crop: torch.Tensor | None = None  # prepared: the uint8 [224, 224, 3] crop, on the model's device
-    unreadable: bool = False  # prepared: no decoder could read the upload
 
 
 Result = list[dict[str, Any]] | ServiceError  # a JPEG that no decoder could read fails only its own request
@@ -154,13 +153,12 @@ class Classify(Task[ClassifyRequest, ImagePayload, Result]):
         data, limit, auto = files["image"], ctx.limits.max_image_pixels, ctx.limits.image_decoder == "auto"
         if auto and DEVICE_JPEG and ctx.device.startswith("cuda"):
             image = open_image(data, limit)
-            if leave_to_device(image, ctx):
-                return ImagePayload(None, request.top_k, data, limit)
-            if _large(image, ctx) and device_decodable(image):
-                with CPU_SLOTS.hold(ctx.limits.cpu_jpeg_slots) as on_cpu:
-                    if on_cpu:
-                        return ImagePayload(decode_on_cpu(data, limit, auto), request.top_k)
-                return ImagePayload(None, request.top_k, data, limit)  # every CPU slot busy: nvJPEG takes it
+            if device_decodable(image):
+                if _large(image, ctx):
+                    with CPU_SLOTS.hold(ctx.limits.cpu_jpeg_slots) as on_cpu:
+                        if on_cpu:
+                            return ImagePayload(decode_on_cpu(data, limit, auto), request.top_k)
+                return ImagePayload(None, request.top_k, data, limit)  # nvJPEG's, in the batch
         return ImagePayload(decode_on_cpu(data, limit, auto), request.top_k)
 
     def bucket(self, payload: ImagePayload) -> str:
@@ -173,7 +171,7 @@ class Classify(Task[ClassifyRequest, ImagePayload, Result]):
         """Each payload's crop on the device: the batch's JPEGs decoded by nvJPEG, CPU-decoded pixels copied."""
         crops = crops_on_device(payloads, model)
         return [
-            replace(p, pixels=None, jpeg=None, crop=c, unreadable=c is None)
+            replace(p, pixels=None, jpeg=None, crop=c)  # neither pixels nor crop: no decoder read it
             for p, c in zip(payloads, crops, strict=True)
         ]
 

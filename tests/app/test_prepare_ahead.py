@@ -21,13 +21,13 @@ WAIT_S = 10  # what a blocked thread waits for an event that never comes before 
 class Stages:
     """A prepare stage and a forward pass that record what ran, and may be held until the test lets them go."""
 
-    def __init__(self, fail_on: object = None) -> None:
+    def __init__(self, fail_on: object = None, hold: bool = False) -> None:
         self.prepared: list[list[object]] = []
         self.ran: list[list[object]] = []
         self.fail_on = fail_on
         self.second_prepared = threading.Event()  # set when the second batch's preparation starts
         self.release_first = threading.Event()  # the first forward pass waits for this, if the test sets hold
-        self.hold = False
+        self.hold = hold
         self.overlapped = False  # the second batch was prepared while the first one ran
 
     def prepare(self, payloads: Sequence[object]) -> list[object]:
@@ -37,6 +37,12 @@ class Stages:
         if self.fail_on in payloads:
             raise ValueError("no decoder reads this batch")
         return [f"prepared:{p}" for p in payloads]
+
+    async def second_batch_prepared(self) -> None:
+        """Returns once the second batch's preparation has started and the batcher's loop has had its turns."""
+        await asyncio.get_running_loop().run_in_executor(None, self.second_prepared.wait, WAIT_S)
+        for _ in range(20):  # the loop has nothing to wait for but the event loop's turns
+            await asyncio.sleep(0)
 
     def run(self, payloads: Sequence[object], batch: Batch = EVERY) -> list[object]:
         self.ran.append(list(payloads))
@@ -71,14 +77,11 @@ async def test_the_next_batch_is_prepared_while_the_one_before_runs() -> None:
 
 @async_test
 async def test_one_batch_at_most_is_prepared_ahead_and_admission_counts_it() -> None:
-    stages = Stages()
-    stages.hold = True
+    stages = Stages(hold=True)
     batcher = make(stages, service_time=ServiceTime({1: 0.5, 2: 0.5}))
     batcher.start()
     tickets = [batcher.submit(p, deadline=None) for p in "abcdef"]
-    await asyncio.get_running_loop().run_in_executor(None, stages.second_prepared.wait, WAIT_S)
-    for _ in range(20):  # the loop has nothing to wait for but the event loop's turns
-        await asyncio.sleep(0)
+    await stages.second_batch_prepared()
     assert len(stages.prepared) == 2  # the first batch runs, the second is ready, the third waits in the queue
     assert batcher.depth == 2 and not batcher.idle
     state = batcher.admission_state()
@@ -92,13 +95,12 @@ async def test_one_batch_at_most_is_prepared_ahead_and_admission_counts_it() -> 
 
 @async_test
 async def test_a_request_that_ends_while_its_batch_is_prepared_never_reaches_the_model() -> None:
-    stages = Stages()
-    stages.hold = True
+    stages = Stages(hold=True)
     batcher = make(stages)
     batcher.start()
     first = [batcher.submit(p) for p in "ab"]
     second = [batcher.submit(p) for p in "cd"]
-    await asyncio.get_running_loop().run_in_executor(None, stages.second_prepared.wait, WAIT_S)
+    await stages.second_batch_prepared()
     second[0].cancel()  # the client left after its batch was prepared, before it ran
     stages.release_first.set()
     await asyncio.gather(*(t.future for t in first))
@@ -124,14 +126,11 @@ async def test_a_preparation_that_fails_fails_only_its_batch() -> None:
 
 @async_test
 async def test_stopping_fails_the_batch_prepared_ahead_instead_of_leaving_it_waiting() -> None:
-    stages = Stages()
-    stages.hold = True
+    stages = Stages(hold=True)
     batcher = make(stages)
     batcher.start()
     tickets = [batcher.submit(p) for p in "abcd"]
-    await asyncio.get_running_loop().run_in_executor(None, stages.second_prepared.wait, WAIT_S)
-    for _ in range(20):
-        await asyncio.sleep(0)
+    await stages.second_batch_prepared()
     await batcher.stop()
     stages.release_first.set()
     for ticket in tickets:  # the batch running and the one prepared ahead: none is left waiting
