@@ -83,7 +83,7 @@ class ModelSpec(BaseModel):
 class Settings(BaseSettings):
     """Server settings. Each field is also the environment variable PERCEIVER_<FIELD NAME>."""
 
-    model_config = SettingsConfigDict(env_prefix="PERCEIVER_", extra="forbid")
+    model_config = SettingsConfigDict(env_prefix="PERCEIVER_", extra="forbid", env_parse_none_str="null")
 
     host: str = Field("0.0.0.0", description="Interface to bind.")
     port: int = Field(8000, ge=1, le=65535, description="TCP port.")
@@ -137,8 +137,9 @@ class Settings(BaseSettings):
         gt=0,
         description="Queue-delay target: a request whose estimated wait in its model's queue exceeds it gets 429 at "
         "once, with Retry-After from the estimate (as CoDel keeps a target for the standing queue: a long queue "
-        "adds latency, not throughput). A request whose estimated finish is past its deadline always does. None "
-        "(null) turns the target off: served requests may then wait most of their deadline under overload "
+        "adds latency, not throughput). A request whose estimated finish is past its deadline always does. "
+        "null turns the target off (PERCEIVER_MAX_QUEUE_DELAY_MS=null, or null in the file): served requests may "
+        "then wait most of their deadline under overload "
         "(docs/reliability.md has both measured).",
     )
     request_timeout_s: float = Field(

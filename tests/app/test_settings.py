@@ -43,6 +43,16 @@ def test_prefixed_environment_variables_are_read(monkeypatch: pytest.MonkeyPatch
     assert settings.warmup is False and settings.device == "cpu"
 
 
+def test_null_in_the_environment_turns_an_optional_setting_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The queue-delay target's documented off switch works from the environment, not only from a file."""
+    assert Settings().max_queue_delay_ms == 500.0
+    monkeypatch.setenv("PERCEIVER_MAX_QUEUE_DELAY_MS", "null")
+    assert Settings().max_queue_delay_ms is None and load_settings().max_queue_delay_ms is None
+    monkeypatch.setenv("PERCEIVER_PORT", "null")  # a setting that cannot be off says so
+    with pytest.raises(ValidationError, match="port"):
+        Settings()
+
+
 def test_models_and_demo_tasks_are_read_as_json_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(
         "PERCEIVER_MODELS",
