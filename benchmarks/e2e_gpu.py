@@ -14,6 +14,8 @@ before runs), ``-cpujpeg`` with
 BENCH_CPU_JPEG_MIN_PIXELS=8000000 (benchmarks/knobs.py: 12 MP photos decoded at reduced scale on the CPU, not
 by nvJPEG), and ``-hybridK`` with that and BENCH_CPU_JPEG_SLOTS=K (at most K such photos a process decoded on
 the CPU at once, the others by nvJPEG). The knobs reach the front-end and model processes too.
+Under saturation it also polls /v1/models every 0.25 s: the queue depth and admission's per-unit estimates by
+batch size class (admission-N.json, and their medians in e2e.md), which say why a setting's batches were small.
 """
 
 from __future__ import annotations
@@ -22,12 +24,15 @@ import argparse
 import json
 import re
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
+import httpx
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -84,6 +89,47 @@ def load(url: str, extra: list[str], out: Path) -> list[dict]:  # type: ignore[t
     subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
     # serve_load writes one row per load level
     return json.loads(out.read_text())
+
+
+class Admission(threading.Thread):
+    """What admission decided from while the load ran: the model's queue depth, batches running and per-unit
+    estimates by size class (/v1/models, its ``batching``), every ``every`` seconds, until stopped."""
+
+    def __init__(self, url: str, every: float = 0.25) -> None:
+        super().__init__(daemon=True)
+        self.url, self.every, self.samples = url, every, []  # type: ignore[var-annotated]
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        with httpx.Client(base_url=self.url, timeout=5) as client:
+            while not self.done.wait(self.every):
+                try:
+                    batching = client.get("/v1/models").json()["models"][0]["batching"]
+                except (httpx.HTTPError, ValueError, LookupError):
+                    continue
+                self.samples.append(
+                    {
+                        "t": time.monotonic(),
+                        "queue_depth": batching["queue_depth"],
+                        "running": batching["running"],
+                        "per_unit_ms": batching.get("admission_per_item_ms", {}),
+                    }
+                )
+
+    def summary(self) -> dict[str, object]:
+        """Medians over the samples: queue depth, and each size class's per-unit estimate."""
+        if not self.samples:
+            return {"samples": 0}
+        classes = sorted({k for s in self.samples for k in s["per_unit_ms"]}, key=int)
+        return {
+            "samples": len(self.samples),
+            "queue_depth_p50": statistics.median(s["queue_depth"] for s in self.samples),
+            "queue_depth_max": max(s["queue_depth"] for s in self.samples),
+            "per_unit_ms_p50": {
+                k: round(statistics.median(s["per_unit_ms"][k] for s in self.samples if k in s["per_unit_ms"]), 3)
+                for k in classes
+            },
+        }
 
 
 def serve(
@@ -246,7 +292,14 @@ def main() -> None:
                     )
                     spies.append((spy, tag, what))
             common = ["--duration", str(args.duration), "--warmup", "3", "--image", image, *(["--raw"] if raw else [])]
-            sat = load(url, ["--concurrency", str(args.clients), *common], args.out / f"sat-{n}.json")[0]
+            watch = Admission(url)  # why a setting's batches were small (run 12: 4 front ends, prepared ahead)
+            watch.start()
+            try:
+                sat = load(url, ["--concurrency", str(args.clients), *common], args.out / f"sat-{n}.json")[0]
+            finally:
+                watch.done.set()
+                watch.join(timeout=10)
+            (args.out / f"admission-{n}.json").write_text(json.dumps(watch.samples))
             for spy, tag, what in spies:
                 spy.wait(timeout=60)
                 summary = args.out / f"pyspy-summary-{tag}.txt"
@@ -274,6 +327,7 @@ def main() -> None:
             "half_p99_ms": half["p99_ms"],
             "batch_forward_ms": forward_ms,
             "p99_vs_forward": half["p99_ms"] / forward_ms,
+            "admission": watch.summary(),  # under saturation: queue depth and per-unit estimates (medians)
         }
         print(json.dumps(row), flush=True)
         rows.append(row)
@@ -293,6 +347,15 @@ def main() -> None:
             f"| {r['sat_mean_batch']:.1f} | {r['half_rate']:,.0f}/s | {r['half_p50_ms']:.1f} | {r['half_p99_ms']:.1f} "
             f"| {r['batch_forward_ms']:.1f} | {r['p99_vs_forward']:.2f}× | {r['errors']} | {r['rejected_429']} |"
         )
+    lines += ["", "Under saturation, what admission decided from (/v1/models every 0.25 s, medians):", ""]
+    for r in rows:
+        a = r["admission"]
+        if a.get("samples"):
+            per_unit = ", ".join(f"{k}: {v} ms" for k, v in a["per_unit_ms_p50"].items())
+            lines.append(
+                f"- {r['upload']}, {r['serving']}: queue depth {a['queue_depth_p50']:g} (max {a['queue_depth_max']}), "
+                f"per-unit estimate by batch size class {per_unit} ({a['samples']} samples)"
+            )
     table = "\n".join(lines)
     print(table)
     (args.out / "e2e.md").write_text(table + "\n")
