@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from .tasks import TASK_NAMES
@@ -35,6 +35,12 @@ def _known_task(name: str) -> str:
     if name not in TASK_NAMES:
         raise ValueError(f"unknown task {name!r}; tasks: {', '.join(TASK_NAMES)}")
     return name
+
+
+def _null_is_off(value: Any) -> Any:
+    """ "null" from the environment, as null in a file: the setting is off. Only where a setting says so: a
+    global rule would also turn, say, an API key of "null" into no key at all."""
+    return None if isinstance(value, str) and value.strip().lower() == "null" else value
 
 
 BatchSize = Annotated[int, Field(ge=1)] | Literal["auto"]
@@ -83,7 +89,7 @@ class ModelSpec(BaseModel):
 class Settings(BaseSettings):
     """Server settings. Each field is also the environment variable PERCEIVER_<FIELD NAME>."""
 
-    model_config = SettingsConfigDict(env_prefix="PERCEIVER_", extra="forbid", env_parse_none_str="null")
+    model_config = SettingsConfigDict(env_prefix="PERCEIVER_", extra="forbid")
 
     host: str = Field("0.0.0.0", description="Interface to bind.")
     port: int = Field(8000, ge=1, le=65535, description="TCP port.")
@@ -132,7 +138,7 @@ class Settings(BaseSettings):
         description="Queued requests per model before new ones get 429. A low limit refuses clients "
         "instead of having them wait too long.",
     )
-    max_queue_delay_ms: float | None = Field(
+    max_queue_delay_ms: Annotated[float | None, BeforeValidator(_null_is_off)] = Field(
         500.0,
         gt=0,
         description="Queue-delay target: a request whose estimated wait in its model's queue exceeds it gets 429 at "

@@ -48,6 +48,8 @@ def test_null_in_the_environment_turns_an_optional_setting_off(monkeypatch: pyte
     assert Settings().max_queue_delay_ms == 500.0
     monkeypatch.setenv("PERCEIVER_MAX_QUEUE_DELAY_MS", "null")
     assert Settings().max_queue_delay_ms is None and load_settings().max_queue_delay_ms is None
+    monkeypatch.setenv("PERCEIVER_API_KEYS", "null")  # elsewhere "null" is a value: never access left open
+    assert Settings().api_keys == "null"
     monkeypatch.setenv("PERCEIVER_PORT", "null")  # a setting that cannot be off says so
     with pytest.raises(ValidationError, match="port"):
         Settings()
