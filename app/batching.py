@@ -333,6 +333,7 @@ class Batcher(Generic[P, R]):
         self._ahead: list[Ticket[P, R]] = []  # the batch taken and preparing while the one before it runs
         self._ahead_units = 0
         self._current: asyncio.Task[None] | None = None  # the batch running (or waiting for its preparation)
+        self._pipeline_end: float | None = None  # when the last batch prepared ahead ended its forward pass
         self.on_change = on_change  # after every change of what admission decides from (app/channel.py)
         # Lanes: batches side by side, each on the lowest free lane; an executor: one batch at a time.
         self._lanes: Lanes | None = executor if isinstance(executor, Lanes) else None
@@ -596,8 +597,9 @@ class Batcher(Generic[P, R]):
         running.add_done_callback(_log_failure)
 
     def _prepare_live(self, batch: list[Ticket[P, R]]) -> tuple[list[P], float]:
-        """On the prepare executor: the batch's payloads as its forward pass takes them, and the seconds it
-        took. Requests that ended while the batch formed keep their payload unprepared (they will not run)."""
+        """On the prepare executor: the batch's payloads as its forward pass takes them, and when preparing
+        them began. Requests that ended while the batch formed keep their payload unprepared (they will not
+        run)."""
         assert self._prepare is not None
         started = self._clock()
         live = [i for i, t in enumerate(batch) if not t.cancelled and (t.deadline is None or started < t.deadline)]
@@ -609,12 +611,12 @@ class Batcher(Generic[P, R]):
                 log.warning("out of memory preparing a batch of %d; the forward pass prepares it", len(live))
                 if self._on_oom is not None:
                     self._on_oom()
-                return payloads, self._clock() - started
+                return payloads, started
             if len(ready) != len(live):
                 raise RuntimeError(f"prepare returned {len(ready)} payloads for {len(live)}")
             for i, payload in zip(live, ready, strict=True):
                 payloads[i] = payload
-        return payloads, self._clock() - started
+        return payloads, started
 
     def _drop(self, ticket: Ticket[P, R], exc: Exception) -> None:
         """Fail a ticket that will not run; its request's handler reports it (and counts the rejection)."""
@@ -632,19 +634,22 @@ class Batcher(Generic[P, R]):
         prepared: asyncio.Future[tuple[list[P], float]] | None = None,
     ) -> None:
         key = id(batch)
+        before_ended = self._pipeline_end  # prepared ahead: when the batch before this one ended
         units = sum(t.units for t in batch)
         self._running[key] = (self._clock(), self.service_time.batch_s(units))
         if self.on_change is not None:
             self.on_change()
         executor = self._lanes.executors[lane] if self._lanes is not None and lane is not None else self._executor
-        prepare_s = 0.0
+        prepare_started: float | None = None
+        finished: float | None = None  # when the forward pass ended, once it has
         try:
             payloads = None
             if prepared is not None:
-                payloads, prepare_s = await prepared
-            ran, results, elapsed, whole = await asyncio.get_running_loop().run_in_executor(
+                payloads, prepare_started = await prepared
+            ran, results, started, ended, whole = await asyncio.get_running_loop().run_in_executor(
                 executor, self._run_live, batch, payloads
             )
+            finished = ended
         except asyncio.CancelledError:  # stop() while the batch ran: its requests are not left waiting
             _fail(batch, Cancelled("server shutting down"))
             raise
@@ -657,15 +662,24 @@ class Batcher(Generic[P, R]):
                     ticket.future.set_exception(error)
             return
         finally:
+            if prepared is not None:  # the next batch's time in the pipeline starts here at the earliest
+                self._pipeline_end = finished if finished is not None else self._clock()
             del self._running[key]
             if self._lanes is not None and lane is not None:
                 self._lanes.release(lane)
             self._maybe_idle()
             if self.on_change is not None:
                 self.on_change()
+        elapsed = ended - started
         if ran and whole:  # a batch cut short by its requests' ending says nothing of the time a whole one takes
-            # prepared ahead, a batch holds the pipeline for the longer of its two stages
-            self.service_time.observe(sum(t.units for t in ran), max(elapsed, prepare_s))
+            held = elapsed
+            if prepare_started is not None:
+                # Prepared ahead, the pipeline's pace: from the later of the batch before's end and this batch's
+                # preparation's start, to this batch's end. Not the longer stage's own time: on one GPU the
+                # preparation's kernels queue behind the forward pass before it, so a small batch's preparation
+                # lasts about a whole large forward pass, and its per-unit time would be several times its share.
+                held = ended - (prepare_started if before_ended is None else max(prepare_started, before_ended))
+            self.service_time.observe(sum(t.units for t in ran), held)
             if self.on_change is not None:
                 self.on_change()
         ran_ids = {id(t) for t in ran}
@@ -687,9 +701,10 @@ class Batcher(Generic[P, R]):
 
     def _run_live(
         self, batch: list[Ticket[P, R]], payloads: Sequence[P] | None = None
-    ) -> tuple[list[Ticket[P, R]], list[R], float, bool]:
+    ) -> tuple[list[Ticket[P, R]], list[R], float, float, bool]:
         """On the executor thread: skip tickets cancelled or expired while the batch waited for the device.
-        Also says whether every request it ran was still wanted when it ended (its time is a whole batch's).
+        Returns the requests run, their results, when the pass started and ended, and whether every request it
+        ran was still wanted when it ended (its time is then a whole batch's).
         ``payloads``: the batch's payloads as the prepare stage left them (default: the tickets')."""
         started = self._clock()
         items = list(zip(batch, payloads if payloads is not None else [t.payload for t in batch], strict=True))
@@ -701,7 +716,7 @@ class Batcher(Generic[P, R]):
         results = self._run_split([p for _, p in alive], context) if live else []
         ended = self._clock()
         whole = not any(context.ended(i) for i in range(len(live)))
-        return live, results, ended - started, whole
+        return live, results, started, ended, whole
 
     def _run_split(self, payloads: Sequence[P], context: Batch) -> list[R]:
         """Run a batch; on out-of-memory, free the cache and run each half (down to single requests)."""

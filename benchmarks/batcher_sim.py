@@ -12,14 +12,19 @@ per-unit estimates at the end.
 
 It answers one question from H200 run 12 (docs/performance.md): does preparing ahead make batches smaller
 by itself? With the defaults (run 12's 100 ms forward at 64, a decode about 0.8 ms an item) it does not.
+``--one-gpu`` makes the two stages take turns, as a decode's kernels queue behind a forward pass on one card:
+the per-unit estimates it prints show what admission learns then (a small batch's preparation that waited
+for a whole forward pass used to count as that batch's time).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import statistics
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -34,9 +39,11 @@ async def run(args: argparse.Namespace, ahead: bool) -> dict[str, float]:
     forward_s = (args.forward_ms / 1e3, args.forward_per_item_ms / 1e3)
     prepare_s = (args.prepare_ms / 1e3, args.prepare_per_item_ms / 1e3)
     sizes: list[int] = []
+    gpu = threading.Lock() if args.one_gpu else contextlib.nullcontext()
 
     def stage(payloads: Sequence[int], *stages: tuple[float, float]) -> list[int]:
-        time.sleep(sum(fixed + per * len(payloads) for fixed, per in stages))
+        with gpu:  # --one-gpu: a stage's work waits for the other stage's to end
+            time.sleep(sum(fixed + per * len(payloads) for fixed, per in stages))
         return list(payloads)
 
     def forward(payloads: Sequence[int], batch: Batch) -> list[int]:
@@ -45,7 +52,8 @@ async def run(args: argparse.Namespace, ahead: bool) -> dict[str, float]:
 
     full = args.max_batch_size
     forward_full, prepare_full = (fixed + per * full for fixed, per in (forward_s, prepare_s))
-    per_batch = max(forward_full, prepare_full) if ahead else forward_full + prepare_full  # the pipeline's pace
+    overlap = ahead and not args.one_gpu
+    per_batch = max(forward_full, prepare_full) if overlap else forward_full + prepare_full  # the pipeline's pace
     batcher: Batcher[int, int] = Batcher(
         forward,
         ThreadPoolExecutor(1),
@@ -100,6 +108,12 @@ def main() -> None:
     parser.add_argument("--forward-per-item-ms", type=float, default=1.25)
     parser.add_argument("--prepare-ms", type=float, default=2.0)
     parser.add_argument("--prepare-per-item-ms", type=float, default=0.8)
+    parser.add_argument(
+        "--one-gpu",
+        action="store_true",
+        help="the two stages share one device: a preparation started during a forward pass waits for it to end "
+        "(decode kernels queued behind the forward's), as on one GPU at saturation",
+    )
     args = parser.parse_args()
     for ahead in (False, True):
         figures = asyncio.run(run(args, ahead))

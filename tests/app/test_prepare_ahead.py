@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -53,12 +53,19 @@ class Stages:
         return [f"result:{p}" for p in payloads]
 
 
-def make(stages: Stages, **kwargs: object) -> Batcher[object, object]:
+def pipeline(
+    run: Callable[[Sequence[object], Batch], list[object]],
+    prepare: Callable[[Sequence[object]], list[object]],
+    **kwargs: object,
+) -> Batcher[object, object]:
+    """A batcher with a prepare stage ahead, in batches of two cut at once."""
     options: dict[str, object] = dict(max_batch_size=2, max_delay_s=0.0, max_queue=100)
     options.update(kwargs)
-    return Batcher(  # type: ignore[arg-type]
-        stages.run, ThreadPoolExecutor(1), prepare=stages.prepare, prepare_executor=ThreadPoolExecutor(1), **options
-    )
+    return Batcher(run, ThreadPoolExecutor(1), prepare=prepare, prepare_executor=ThreadPoolExecutor(1), **options)  # type: ignore[arg-type]
+
+
+def make(stages: Stages, **kwargs: object) -> Batcher[object, object]:
+    return pipeline(stages.run, stages.prepare, **kwargs)
 
 
 @async_test
@@ -153,15 +160,7 @@ async def test_a_batch_whose_preparation_runs_out_of_memory_is_prepared_by_its_f
         ran.append(list(payloads))
         return [f"result:{p}" for p in payloads]
 
-    batcher: Batcher[object, object] = Batcher(
-        run,
-        ThreadPoolExecutor(1),
-        max_batch_size=2,
-        max_delay_s=0.0,
-        prepare=prepare,
-        prepare_executor=ThreadPoolExecutor(1),
-        on_oom=lambda: freed.append(True),
-    )
+    batcher = pipeline(run, prepare, on_oom=lambda: freed.append(True))
     batcher.start()
     tickets = [batcher.submit(p) for p in "ab"]
     assert await asyncio.gather(*(t.future for t in tickets)) == ["result:a", "result:b"]
@@ -186,4 +185,51 @@ async def test_a_batch_that_ends_in_an_error_after_its_answers_does_not_stall_th
     tickets = [batcher.submit(p) for p in "abcd"]
     _, pending = await asyncio.wait([t.future for t in tickets], timeout=WAIT_S)
     assert not pending and [t.future.result() for t in tickets] == [f"result:prepared:{p}" for p in "abcd"]
+    await batcher.stop()
+
+
+@async_test
+async def test_admission_learns_the_pipelines_pace_not_a_preparation_that_waited_for_the_gpu() -> None:
+    """On one GPU the next batch's preparation queues behind the forward pass running: a small batch's preparation
+    then lasts about that whole pass. A batch is timed from the later of the batch before's end and its own
+    preparation's start, to its end; the clock is the test's, so the times are exact."""
+    now = [0.0]
+    first_prepared, second_preparing, first_answered = threading.Event(), threading.Event(), threading.Event()
+
+    def prepare(payloads: Sequence[object]) -> list[object]:
+        if payloads[0] == "a":
+            first_prepared.set()
+        elif payloads[0] == "b":  # ahead of "a"'s forward pass: its kernels wait for that pass to end
+            second_preparing.set()
+            first_answered.wait(WAIT_S)
+            now[0] += 0.005
+        else:  # "d", with nothing running: the pipeline was idle
+            now[0] += 0.020
+        return list(payloads)
+
+    def run(payloads: Sequence[object], batch: Batch = EVERY) -> list[object]:
+        if payloads[0] == "a":
+            second_preparing.wait(WAIT_S)
+            now[0] += 0.100
+        else:
+            now[0] += 0.010
+        return list(payloads)
+
+    batcher = pipeline(run, prepare, clock=lambda: now[0])
+    batcher.start()
+    loop = asyncio.get_running_loop()
+    first = batcher.submit("a")
+    await loop.run_in_executor(None, first_prepared.wait, WAIT_S)
+    second = [batcher.submit(p) for p in "bc"]  # taken while "a" runs, and prepared ahead
+    await first.future
+    first_answered.set()
+    await asyncio.gather(*(t.future for t in second))
+    last = batcher.submit("d")
+    await last.future
+    samples = batcher.service_time.samples
+    # "b" and "c": the 5 ms of preparation left after "a" ended, then their 10 ms pass, not the 105 ms the
+    # preparation lasted (52.5 ms a unit, 7 times the pipeline's 7.5)
+    assert list(samples[2]) == pytest.approx([0.015 / 2])
+    # "a" and "d" each found the pipeline idle: their preparation and their pass (0 + 100 ms, 20 + 10 ms)
+    assert list(samples[1]) == pytest.approx([0.100, 0.030])
     await batcher.stop()
