@@ -635,10 +635,10 @@ class Batcher(Generic[P, R]):
     ) -> None:
         key = id(batch)
         before_ended = self._pipeline_end  # prepared ahead: when the batch before this one ended
-        units = sum(t.units for t in batch)
-        self._running[key] = (self._clock(), self.service_time.batch_s(units))
-        if self.on_change is not None:
-            self.on_change()
+        if key not in self._running:  # prepared ahead, _pipeline registered it already
+            self._running[key] = (self._clock(), self.service_time.batch_s(sum(t.units for t in batch)))
+            if self.on_change is not None:
+                self.on_change()
         executor = self._lanes.executors[lane] if self._lanes is not None and lane is not None else self._executor
         prepare_started: float | None = None
         finished: float | None = None  # when the forward pass ended, once it has

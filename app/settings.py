@@ -38,8 +38,8 @@ def _known_task(name: str) -> str:
 
 
 def _null_is_off(value: Any) -> Any:
-    """ "null" from the environment, as null in a file: the setting is off. Only where a setting says so: a
-    global rule would also turn, say, an API key of "null" into no key at all."""
+    """Reads "null" from the environment as null in a file does: the setting is off. Only where a setting says
+    so: a global rule would also turn, say, an API key of "null" into no key at all."""
     return None if isinstance(value, str) and value.strip().lower() == "null" else value
 
 

@@ -31,6 +31,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import torch
@@ -97,7 +98,8 @@ class Admission(threading.Thread):
 
     def __init__(self, url: str, every: float = 0.25) -> None:
         super().__init__(daemon=True)
-        self.url, self.every, self.samples = url, every, []  # type: ignore[var-annotated]
+        self.url, self.every = url, every
+        self.samples: list[dict[str, Any]] = []
         self.done = threading.Event()
 
     def run(self) -> None:

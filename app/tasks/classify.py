@@ -84,13 +84,9 @@ def decode_on_cpu(data: bytes, max_pixels: int, scaled: bool) -> np.ndarray:
     return resize_image(image, CROP)
 
 
-def leave_to_device(image: Image.Image, ctx: DecodeContext) -> bool:
-    """Whether a JPEG goes to nvJPEG in the batch: one it can take, below cpu_jpeg_min_pixels when that is set
-    (larger ones are decoded at reduced scale on the CPU, in the decode threads; see ``CpuSlots`` for the share)."""
-    return not _large(image, ctx) and device_decodable(image)
-
-
 def _large(image: Image.Image, ctx: DecodeContext) -> bool:
+    """At or over cpu_jpeg_min_pixels, when that is set: decoded at reduced scale on the CPU, in the decode
+    threads, rather than by nvJPEG (see ``CpuSlots`` for the share)."""
     return 0 < ctx.limits.cpu_jpeg_min_pixels <= image.width * image.height
 
 

@@ -151,18 +151,28 @@ def test_only_plain_upright_jpegs_are_left_to_the_device() -> None:
     assert not device_decodable(open_image(rotated.getvalue(), 10**9))
 
 
-def test_cpu_jpeg_min_pixels_keeps_large_photos_off_the_device_decoder() -> None:
+def test_cpu_jpeg_min_pixels_keeps_large_photos_off_the_device_decoder(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a CUDA host, which JPEGs Classify.decode leaves to nvJPEG (the payload keeps the bytes) and which it
+    decodes on the CPU (the payload has pixels). The decision reads the header only: no torchvision needed."""
     from app.settings import Settings
+    from app.tasks import classify
     from app.tasks.base import DecodeContext
-    from app.tasks.classify import leave_to_device
 
-    phone, small = open_image(photo_jpeg(4032, 3024), 10**9), open_image(photo_jpeg(451, 300), 10**9)
-    config = TASK.demo_configs["conv"]
+    monkeypatch.setattr(classify, "DEVICE_JPEG", True)
+    phone, small = photo_jpeg(4032, 3024), photo_jpeg(451, 300)
+    progressive = _reencode(small, progressive=True)
+    config, request = TASK.demo_configs["conv"], classify.ClassifyRequest()
     default = DecodeContext(config, Settings().limits(), "cuda")
     hybrid = DecodeContext(config, dataclasses.replace(Settings().limits(), cpu_jpeg_min_pixels=8_000_000), "cuda")
-    assert leave_to_device(phone, default) and leave_to_device(small, default)
-    assert not leave_to_device(phone, hybrid) and leave_to_device(small, hybrid)
-    assert not leave_to_device(open_image(_reencode(photo_jpeg(451, 300), progressive=True), 10**9), default)
+
+    def to_device(data: bytes, ctx: DecodeContext) -> bool:
+        payload = TASK.decode(request, {"image": data}, ctx)
+        assert (payload.jpeg is None) == (payload.pixels is not None)  # one or the other
+        return payload.jpeg == data
+
+    assert to_device(phone, default) and to_device(small, default)
+    assert not to_device(phone, hybrid) and to_device(small, hybrid)
+    assert not to_device(progressive, default)  # nvJPEG cannot take it: the CPU decodes it
 
 
 def test_with_cpu_jpeg_slots_large_photos_go_to_the_cpu_while_a_slot_is_free_and_to_nvjpeg_after(
