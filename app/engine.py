@@ -301,6 +301,13 @@ def make_prepare(task: AnyTask, model: PerceiverHead) -> Any:
     return prepare
 
 
+def prepares_ahead(setting: bool, task: AnyTask, model: PerceiverHead, on_lanes: bool) -> bool:
+    """Whether the batcher prepares each batch while the one before runs: where the task has a prepare stage
+    (nvJPEG's decode) whose work can overlap a forward pass, i.e. on CUDA, one batch at a time. A seam:
+    benchmarks/knobs.py's model of sleeps turns it on for the CPU."""
+    return setting and task.prepares and model.device.type == "cuda" and not on_lanes
+
+
 def build_engine(
     runtime: Runtime,
     task: AnyTask,
@@ -333,7 +340,7 @@ def build_engine(
 
     on_lanes = runtime.uses_lanes(model.device, policy)
     settings = runtime.settings
-    ahead = settings.prepare_ahead and task.prepares and model.device.type == "cuda" and not on_lanes
+    ahead = prepares_ahead(settings.prepare_ahead, task, model, on_lanes)
     batcher: Batcher[Any, Any] = Batcher(
         make_runner(task, model, runtime.core_share()),
         runtime.lanes() if on_lanes else runtime.inference_executor,

@@ -14,7 +14,10 @@ It answers one question from H200 run 12 (docs/performance.md): does preparing a
 by itself? With the defaults (run 12's 100 ms forward at 64, a decode about 0.8 ms an item) it does not.
 ``--one-gpu`` makes the two stages take turns, as a decode's kernels queue behind a forward pass on one card:
 the per-unit estimates it prints show what admission learns then (a small batch's preparation that waited
-for a whole forward pass used to count as that batch's time).
+for a whole forward pass used to count as that batch's time). ``--warm-every-class`` starts admission from
+every power of two, as the server's warm-up does; ``--seed 8=12,16=12`` from a state learned earlier (both
+timings recover from inflated small classes: the queue passes 64 and the batches of those sizes are timed
+again); ``--ramp-s`` brings the clients in one by one.
 """
 
 from __future__ import annotations
@@ -54,6 +57,13 @@ async def run(args: argparse.Namespace, ahead: bool) -> dict[str, float]:
     forward_full, prepare_full = (fixed + per * full for fixed, per in (forward_s, prepare_s))
     overlap = ahead and not args.one_gpu
     per_batch = max(forward_full, prepare_full) if overlap else forward_full + prepare_full  # the pipeline's pace
+    warm = {full: per_batch / full}
+    if args.warm_every_class:  # as the server's warm-up does: each power of two, its stages in turn
+        size = 1
+        while size < full:
+            warm[size] = sum(fixed + per * size for fixed, per in (forward_s, prepare_s)) / size
+            size *= 2
+    warm.update(args.seed)
     batcher: Batcher[int, int] = Batcher(
         forward,
         ThreadPoolExecutor(1),
@@ -61,7 +71,7 @@ async def run(args: argparse.Namespace, ahead: bool) -> dict[str, float]:
         max_delay_s=args.max_delay_ms / 1e3,
         max_queue=4096,
         max_queue_delay_s=args.max_queue_delay_ms / 1e3,
-        service_time=ServiceTime({full: per_batch / full}),  # as warm-up would have measured
+        service_time=ServiceTime(warm),  # as warm-up would have measured
         prepare=(lambda payloads: stage(payloads, prepare_s)) if ahead else None,
         prepare_executor=ThreadPoolExecutor(1) if ahead else None,
     )
@@ -70,8 +80,9 @@ async def run(args: argparse.Namespace, ahead: bool) -> dict[str, float]:
     latencies: list[float] = []
     end = time.monotonic() + args.seconds
 
-    async def client() -> None:
+    async def client(delay: float) -> None:
         nonlocal served, refused
+        await asyncio.sleep(delay)
         while time.monotonic() < end:
             started = time.monotonic()
             try:
@@ -85,7 +96,7 @@ async def run(args: argparse.Namespace, ahead: bool) -> dict[str, float]:
                 served += 1
                 latencies.append(time.monotonic() - started)
 
-    await asyncio.gather(*(client() for _ in range(args.clients)))
+    await asyncio.gather(*(client(args.ramp_s * i / args.clients) for i in range(args.clients)))
     await batcher.stop()
     return {
         "items_s": served / args.seconds,
@@ -113,6 +124,16 @@ def main() -> None:
         action="store_true",
         help="the two stages share one device: a preparation started during a forward pass waits for it to end "
         "(decode kernels queued behind the forward's), as on one GPU at saturation",
+    )
+    parser.add_argument(
+        "--seed",
+        type=lambda s: {int(k): float(v) / 1e3 for k, v in (pair.split("=") for pair in s.split(","))},
+        default={},
+        help="SIZE=MS,...: admission starts from these per-unit times instead (a state learned earlier)",
+    )
+    parser.add_argument("--ramp-s", type=float, default=0.0, help="clients start one by one over this long")
+    parser.add_argument(
+        "--warm-every-class", action="store_true", help="admission starts from every power of two, as after warm-up"
     )
     args = parser.parse_args()
     for ahead in (False, True):
