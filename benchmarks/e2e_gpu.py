@@ -15,13 +15,16 @@ BENCH_CPU_JPEG_MIN_PIXELS=8000000 (benchmarks/knobs.py: 12 MP photos decoded at 
 by nvJPEG), and ``-hybridK`` with that and BENCH_CPU_JPEG_SLOTS=K (at most K such photos a process decoded on
 the CPU at once, the others by nvJPEG). The knobs reach the front-end and model processes too.
 Under saturation it also polls /v1/models every 0.25 s: the queue depth and admission's per-unit estimates by
-batch size class (admission-N.json, and their medians in e2e.md), which say why a setting's batches were small.
+batch size class (admission-N.json, and their medians in e2e.md), which say why a setting's batches were small,
+and how busy the host's cores and the model process's threads were over that time.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import re
 import signal
 import statistics
@@ -30,6 +33,7 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -96,13 +100,21 @@ class Admission(threading.Thread):
     """What admission decided from while the load ran: the model's queue depth, batches running and per-unit
     estimates by size class (/v1/models, its ``batching``), every ``every`` seconds, until stopped."""
 
-    def __init__(self, url: str, every: float = 0.25) -> None:
+    def __init__(self, url: str, model_pid: int | None = None, every: float = 0.25) -> None:
         super().__init__(daemon=True)
-        self.url, self.every = url, every
+        self.url, self.every, self.model_pid = url, every, model_pid
         self.samples: list[dict[str, Any]] = []
         self.done = threading.Event()
+        self.cpu: list[CpuSnapshot] = []  # at the start and at the end
 
     def run(self) -> None:
+        self.cpu.append(CpuSnapshot.take(self.model_pid))
+        try:
+            self._poll()
+        finally:
+            self.cpu.append(CpuSnapshot.take(self.model_pid))
+
+    def _poll(self) -> None:
         with httpx.Client(base_url=self.url, timeout=5) as client:
             while not self.done.wait(self.every):
                 try:
@@ -120,8 +132,9 @@ class Admission(threading.Thread):
 
     def summary(self) -> dict[str, object]:
         """Medians over the samples: queue depth, and each size class's per-unit estimate."""
+        cpu = self.cpu[0].between(self.cpu[1]) if len(self.cpu) == 2 else {}
         if not self.samples:
-            return {"samples": 0}
+            return {"samples": 0, **cpu}
         classes = sorted({k for s in self.samples for k in s["per_unit_ms"]}, key=int)
         return {
             "samples": len(self.samples),
@@ -131,6 +144,44 @@ class Admission(threading.Thread):
                 k: round(statistics.median(s["per_unit_ms"][k] for s in self.samples if k in s["per_unit_ms"]), 3)
                 for k in classes
             },
+            **cpu,
+        }
+
+
+@dataclass
+class CpuSnapshot:
+    """The host's CPU time (/proc/stat) and each thread's of the model process (/proc/PID/task), at one moment:
+    two of them say whether the host's cores were all busy under the load, and whether one of the model
+    process's threads (event loop, prepare stage, forward pass) used a whole core. Linux; empty elsewhere."""
+
+    at: float
+    busy: float  # the host's jiffies: all but idle and iowait
+    total: float
+    threads: dict[int, float]  # the model process's threads: tid → user + system jiffies
+
+    @classmethod
+    def take(cls, pid: int | None) -> CpuSnapshot:
+        busy = total = 0.0
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = [float(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+            total, busy = sum(fields), sum(fields) - fields[3] - fields[4]
+        threads: dict[int, float] = {}
+        for stat in Path(f"/proc/{pid}/task").glob("*/stat") if pid else ():
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                after = stat.read_text().rsplit(")", 1)[1].split()  # state, ppid, ..., utime (12th), stime
+                threads[int(stat.parent.name)] = float(after[11]) + float(after[12])
+        return cls(time.monotonic(), busy, total, threads)
+
+    def between(self, later: CpuSnapshot) -> dict[str, object]:
+        """The host's busy share and the model process's cores used (its three busiest threads too)."""
+        wall, hz = later.at - self.at, os.sysconf("SC_CLK_TCK")
+        if wall <= 0 or later.total <= self.total:
+            return {}
+        used = sorted(((later.threads[t] - self.threads.get(t, 0.0)) / hz / wall for t in later.threads), reverse=True)
+        return {
+            "host_busy": round((later.busy - self.busy) / (later.total - self.total), 3),
+            "model_process_cores": round(sum(used), 2),
+            "model_busiest_threads_cores": [round(u, 2) for u in used[:3]],
         }
 
 
@@ -294,7 +345,9 @@ def main() -> None:
                     )
                     spies.append((spy, tag, what))
             common = ["--duration", str(args.duration), "--warmup", "3", "--image", image, *(["--raw"] if raw else [])]
-            watch = Admission(url)  # why a setting's batches were small (run 12: 4 front ends, prepared ahead)
+            watch = Admission(
+                url, target if fronts else proc.pid
+            )  # why a setting's batches were small (run 12: 4 front ends, prepared ahead)
             watch.start()
             try:
                 sat = load(url, ["--concurrency", str(args.clients), *common], args.out / f"sat-{n}.json")[0]
@@ -357,6 +410,11 @@ def main() -> None:
             lines.append(
                 f"- {r['upload']}, {r['serving']}: queue depth {a['queue_depth_p50']:g} (max {a['queue_depth_max']}), "
                 f"per-unit estimate by batch size class {per_unit} ({a['samples']} samples)"
+            )
+        if "host_busy" in a:
+            lines.append(
+                f"  - CPU: the host's cores {100 * a['host_busy']:.0f}% busy; the model process used "
+                f"{a['model_process_cores']} cores, its busiest threads {a['model_busiest_threads_cores']}"
             )
     table = "\n".join(lines)
     print(table)
