@@ -22,10 +22,11 @@ pytestmark = pytest.mark.timeout(60)
 
 
 class Meeting:
-    """Each batch waits (up to 5 s) until ``parties`` batches are running at once, and records its thread."""
+    """Each batch waits (up to 30 s: a guard against a hang, not a bound) until ``parties`` batches are running at
+    once, and records its thread."""
 
     def __init__(self, parties: int) -> None:
-        self.barrier = threading.Barrier(parties, timeout=5)
+        self.barrier = threading.Barrier(parties, timeout=30)
         self.threads: list[str] = []
 
     def __call__(self, payloads: Sequence[object], batch: Batch = EVERY) -> list[object]:
