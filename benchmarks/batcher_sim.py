@@ -129,9 +129,14 @@ def main() -> None:
         "--seed",
         type=lambda s: {int(k): float(v) / 1e3 for k, v in (pair.split("=") for pair in s.split(","))},
         default={},
-        help="SIZE=MS,...: admission starts from these per-unit times instead (a state learned earlier)",
+        help="SIZE=MS,...: admission starts from these per-unit times, over the others (a state learned earlier)",
     )
-    parser.add_argument("--ramp-s", type=float, default=0.0, help="clients start one by one over this long")
+    parser.add_argument(
+        "--ramp-s",
+        type=float,
+        default=0.0,
+        help="clients start one by one over this long (inside --seconds: throughput counts the ramp too)",
+    )
     parser.add_argument(
         "--warm-every-class", action="store_true", help="admission starts from every power of two, as after warm-up"
     )

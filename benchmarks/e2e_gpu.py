@@ -98,7 +98,8 @@ def load(url: str, extra: list[str], out: Path) -> list[dict]:  # type: ignore[t
 
 class Admission(threading.Thread):
     """What admission decided from while the load ran: the model's queue depth, batches running and per-unit
-    estimates by size class (/v1/models, its ``batching``), every ``every`` seconds, until stopped."""
+    estimates by size class (/v1/models, its ``batching``), every ``every`` seconds, until stopped; and the CPU
+    the host and the model process used over that time (``CpuSnapshot``, at the start and at the end)."""
 
     def __init__(self, url: str, model_pid: int | None = None, every: float = 0.25) -> None:
         super().__init__(daemon=True)
@@ -152,7 +153,8 @@ class Admission(threading.Thread):
 class CpuSnapshot:
     """The host's CPU time (/proc/stat) and each thread's of the model process (/proc/PID/task), at one moment:
     two of them say whether the host's cores were all busy under the load, and whether one of the model
-    process's threads (event loop, prepare stage, forward pass) used a whole core. Linux; empty elsewhere."""
+    process's threads (event loop, prepare stage, forward pass) used a whole core. A thread that ended between
+    the two is not counted. Linux; empty elsewhere."""
 
     at: float
     busy: float  # the host's jiffies: all but idle and iowait
@@ -413,7 +415,8 @@ def main() -> None:
             )
         if "host_busy" in a:
             lines.append(
-                f"  - CPU: the host's cores {100 * a['host_busy']:.0f}% busy; the model process used "
+                ("  - CPU: " if a.get("samples") else f"- {r['upload']}, {r['serving']}: CPU: ")
+                + f"the host's cores {100 * a['host_busy']:.0f}% busy; the model process used "
                 f"{a['model_process_cores']} cores, its busiest threads {a['model_busiest_threads_cores']}"
             )
     table = "\n".join(lines)

@@ -432,8 +432,9 @@ def longest_stall(tick: float = 0.01) -> Iterator[Callable[[], float]]:
     freezes the server's event loop with it: no request, not even /readyz, is answered meanwhile).
 
     A gap counts for the CPU time the process had in it, at most its length: a process the machine's other
-    work kept off the cores (a busy CI host) was not stalled by its own code, and a C call holding the GIL
-    runs on a core all along."""
+    work kept off the cores (a busy CI host) was not stalled by its own code, and a CPU-bound C call holding the
+    GIL (a decoder: what this corpus attacks) runs on a core all along. A call blocked in a system call with the
+    GIL held would go unseen."""
     longest = 0.0
     done = threading.Event()
 
