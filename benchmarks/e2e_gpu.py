@@ -347,9 +347,8 @@ def main() -> None:
                     )
                     spies.append((spy, tag, what))
             common = ["--duration", str(args.duration), "--warmup", "3", "--image", image, *(["--raw"] if raw else [])]
-            watch = Admission(
-                url, target if fronts else proc.pid
-            )  # why a setting's batches were small (run 12: 4 front ends, prepared ahead)
+            # why a setting's batches were small (run 12: 4 front ends, prepared ahead)
+            watch = Admission(url, target)
             watch.start()
             try:
                 sat = load(url, ["--concurrency", str(args.clients), *common], args.out / f"sat-{n}.json")[0]
