@@ -3,7 +3,7 @@ or between each consecutive pair of a video's frames (every ``stride``-th frame)
 
 A pair and a video are one payload: frames [T, H, W, 3] (T = 2 for a pair) whose T − 1 pairs are cut into
 the same windows. The batcher counts windows (pairs × windows per pair), and the windows of all the pairs
-of a batch run in passes of at most WINDOWS_PER_PASS.
+of a batch run in passes of at most WINDOWS_PER_PASS on a GPU and of one window on a CPU.
 """
 
 from __future__ import annotations
@@ -29,11 +29,20 @@ from ..media import decode_rgb_array, open_video
 from .base import DEMO_LATENTS, DecodeContext, Reply, Task, TaskRequest, Upload, naming, to_device
 
 FLO_MAGIC = 202021.25  # Middlebury .flo header
-WINDOWS_PER_PASS = 8  # bounds activation memory when one request alone brings many windows
+WINDOWS_PER_PASS = 8  # on a GPU: bounds activation memory when one request alone brings many windows
+# On a CPU a window's activations are ~1.4 GB in fp32 (the demo head and the published one alike), and windows
+# sharing a pass cost more each there (the flow model's max_batch_size=auto is 1): 8 windows in a pass were
+# 9.5 GB and 37 s on 2 cores, where 8 passes of one are 1.4 GB at a time (docs/reliability.md, threats).
+CPU_WINDOWS_PER_PASS = 1
 
 
 PAIR_FORMATS = ("json", "npy", "flo", "png")
 VIDEO_FORMATS = ("json", "npz", "npy", "mp4")
+
+
+def windows_per_pass(device: torch.device) -> int:
+    """How many 368x496 windows share a forward pass on ``device``: what bounds a request's memory."""
+    return WINDOWS_PER_PASS if device.type == "cuda" else CPU_WINDOWS_PER_PASS
 
 
 class FlowRequest(TaskRequest):
@@ -269,16 +278,17 @@ class OpticalFlow(Task[FlowRequest, FlowFrames, FlowResult]):
         return max_batch_size  # one request may bring many windows (a large pair, a video): bound windows
 
     def predict(self, model: PerceiverHead, payloads: Sequence[FlowFrames], batch: Batch = EVERY) -> list[FlowResult]:
-        """All windows of all pairs of all requests, in forward passes of at most WINDOWS_PER_PASS windows.
-        Before each pass, windows of requests that have ended (deadline, disconnect) are left out: their
-        answer would be thrown away, and a 24-window pair is seconds of work on a CPU."""
+        """All windows of all pairs of all requests, in forward passes of at most WINDOWS_PER_PASS windows (one
+        on a CPU: ``windows_per_pass``). Before each pass, windows of requests that have ended (deadline,
+        disconnect) are left out: their answer would be thrown away, and a 24-window pair is seconds of work on
+        a CPU."""
         # (request, pair, window) of every window, in order
         units = [
             (i, p, w) for i, f in enumerate(payloads) for p in range(f.pairs) for w in range(len(f.layout.corners))
         ]
         h, w = payloads[0].layout.window
         logits = torch.zeros(len(units), h, w, 2)  # [n, wh, ww, 2]: stays zero for abandoned windows
-        for rows in batch.passes([u[0] for u in units], WINDOWS_PER_PASS):
+        for rows in batch.passes([u[0] for u in units], windows_per_pass(model.device)):
             pieces: list[torch.Tensor] = []
             pairs: dict[tuple[int, int], list[int]] = {}  # the windows of each pair in this pass, cut together
             for j in rows:

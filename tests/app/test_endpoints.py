@@ -16,7 +16,12 @@ import pytest
 import torch
 from PIL import Image
 
+from app.tasks import optical_flow
+from app.tasks.base import DEMO_LATENTS
+from app.tasks.optical_flow import FlowFrames, OpticalFlow
 from benchmarks.photos import photo_jpeg
+from perceiver_core import PerceiverConfig, build_model
+from perceiver_core.processing.flow import flow_layout
 
 from .conftest import MEDIA, LiveServer, make_mp4, shifted_pair
 
@@ -372,7 +377,8 @@ class CountingFlow(FlowStandIn):
 
 
 def test_work_stops_at_the_next_pass_once_the_request_has_ended() -> None:
-    """A 12-window pair is 2 passes of 8 windows; a 0.3 s deadline ends the request during the first."""
+    """A 12-window pair is 12 passes of one window on a CPU; a 0.3 s deadline ends the request during the
+    first."""
     model = CountingFlow((368, 496), seconds=0.8)
     server = LiveServer(demo_tasks=["optical-flow"], swap={"optical-flow": lambda _: model}).start()
     try:
@@ -393,7 +399,32 @@ def test_work_stops_at_the_next_pass_once_the_request_has_ended() -> None:
             assert batcher.idle
             ran = model.passes
             assert ran <= 1  # 0 when decoding alone outlasted the deadline on a busy machine
+            model.seconds = 0.0  # the same pair with no deadline: every window, one pass each
             r = client.post("/v1/optical-flow", files={"frame1": ("a.png", first), "frame2": ("b.png", second)})
-            assert r.status_code == 200 and r.json()["tiles"] == 12 and model.passes == ran + 2
+            assert r.status_code == 200 and r.json()["tiles"] == 12 and model.passes == ran + 12
     finally:
         server.stop()
+
+
+def test_a_cpu_runs_flow_one_window_a_pass_with_the_answer_of_passes_of_eight(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A flow window's activations are ~1.4 GB in fp32 on a CPU, and 8 windows in one pass were 9.5 GB: two
+    such passes side by side (two lanes) outgrew the deployments' memory limits. On a CPU each pass holds one
+    window, and the flow is the same as with passes of eight (a real flow head, reduced to 24x32 windows)."""
+    torch.manual_seed(0)
+    config = PerceiverConfig(architecture="PerceiverForOpticalFlow", **DEMO_LATENTS, train_size=(24, 32))
+    model = build_model(config).eval()
+    passes: list[int] = []
+    model.register_forward_pre_hook(lambda _, args, kwargs: passes.append(len(kwargs["inputs"])), with_kwargs=True)
+    pair = FlowFrames(torch.randint(0, 256, (2, 24, 48, 3), dtype=torch.uint8), flow_layout(24, 48, (24, 32)))
+    video = FlowFrames(torch.randint(0, 256, (4, 24, 48, 3), dtype=torch.uint8), flow_layout(24, 48, (24, 32)))
+    windows = pair.windows + video.windows
+    assert pair.windows == 3 and windows == 12
+    with torch.inference_mode():
+        one = OpticalFlow().predict(model, [pair, video])
+        assert passes == [1] * windows
+        monkeypatch.setattr(optical_flow, "CPU_WINDOWS_PER_PASS", 8)
+        eight = OpticalFlow().predict(model, [pair, video])
+    assert passes[windows:] == [8, 4]
+    for a, b in zip(one, eight, strict=True):
+        np.testing.assert_allclose(a.flow(), b.flow(), rtol=1e-4, atol=1e-5)
+        assert np.abs(a.flow()).max() > 0
