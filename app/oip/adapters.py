@@ -22,6 +22,7 @@ from PIL import Image
 
 from ..errors import BadRequest
 from ..tasks.base import Reply
+from ..tasks.fill_mask import check_answer_size
 from .tensors import Output, RequestInput
 
 Item = tuple[dict[str, Any], dict[str, bytes]]  # request fields, uploads: what one row gives the task
@@ -151,6 +152,10 @@ class Adapter(ABC):
     def item(self, row: dict[str, bytes], options: Mapping[str, Any]) -> Item:
         return dict(options), {name.lower(): data for name, data in row.items()}
 
+    def check_rows(self, requests: Sequence[Any]) -> None:
+        """The rows' validated requests, before any is decoded: refuse what the output tensors could not hold."""
+        return None  # most tasks' outputs grow with the rows alone, which max_files_per_request bounds
+
     @abstractmethod
     def results(self, encoded: Sequence[Encoded]) -> list[Output]:
         """Every row's encoded result → the output tensors, rows first."""
@@ -226,6 +231,11 @@ class FillMaskAdapter(TextAdapter):
     with byte offset -1, candidate byte -1 and score 0."""
 
     task = "fill-mask"
+
+    def check_rows(self, requests: Sequence[Any]) -> None:
+        if requests:  # every row is padded to the most [MASK]s in one
+            check_answer_size([r.text.count("[MASK]") for r in requests], requests[0].top_k, padded=True)
+
     outputs = (
         TensorSpec("TEXT", (Form("BYTES", (-1,)),), "The text with every [MASK] replaced by its best byte."),
         TensorSpec("BYTE_OFFSETS", (Form("INT64", (-1, -1)),), "[N, M]: each mask's offset in the filled text."),

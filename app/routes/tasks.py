@@ -160,6 +160,7 @@ async def _run_items(
     # Work ends with its request at every stage: decodes and encodes that would start after the deadline do
     # not start, and the batcher's passes skip the requests that have ended (tasks.base.Task.predict).
     began = time.monotonic()
+    task.check(items)
     with span(tracing, "decode", items=len(items)):
         if task.decode_offloaded:
             decodes = (runtime.decode(deadline, run_decode, task.name, o, f, ctx) for o, f in items)

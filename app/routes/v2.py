@@ -406,6 +406,7 @@ def prepare(request: InferenceRequest, tensors: dict[str, Any], engine: Engine, 
     if rows > max_rows:
         raise BadRequest(f"the batch has {rows} rows; at most {max_rows} per request (max_files_per_request)")
     items = [(_validate(task, fields), files) for fields, files in adapter.items(tensors, parameters)]
+    adapter.check_rows([options for options, _ in items])
     declared = [o.name for o in adapter.outputs]
     if request.outputs is None:
         return Call(request.id, items, declared, set(declared) if binary_all else set(), timeout_s)
@@ -441,8 +442,9 @@ def _flag(value: AnyParameter, name: str) -> bool:
 
 
 def _timeout(value: AnyParameter) -> float | None:
-    """Triton's timeout parameter, in microseconds: it shortens the request's deadline."""
-    if value is None:
+    """Triton's timeout parameter, in microseconds: it shortens the request's deadline. 0 is Triton's default,
+    no timeout of the request's own (TRITONSERVER_InferenceRequestSetTimeoutMicroseconds): the server's."""
+    if value is None or value == 0:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise BadRequest(f"timeout is microseconds (an integer >= 0), got {shown(value)}")

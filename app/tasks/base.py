@@ -134,6 +134,10 @@ class Task(ABC, Generic[RequestT, PayloadT, ResultT]):
         answered as ``results`` in order. None: a single input."""
         return None
 
+    def check(self, items: Sequence[tuple[RequestT, Mapping[str, bytes]]]) -> None:
+        """Refuse a request as a whole (a ServiceError: its 4xx) before any of its items is decoded: what no
+        single item shows, such as the size of the answer all of them would make together."""
+
     @abstractmethod
     def decode(self, request: RequestT, files: Mapping[str, bytes], ctx: DecodeContext) -> PayloadT:
         """Request fields and uploads (one file per upload name) → the payload of one forward-pass item."""

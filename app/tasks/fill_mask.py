@@ -19,7 +19,7 @@ from perceiver_core.processing import tokenizer
 from perceiver_core.processing.tokenizer import central_window, window_starts
 
 from ..batching import EVERY, Batch
-from ..errors import InvalidInput
+from ..errors import InvalidInput, PayloadTooLarge
 from .base import (
     DEMO_TEXT,
     TEXT_BUCKETS,
@@ -41,6 +41,22 @@ from .base import (
 BYTE_IDS = slice(tokenizer.BYTE_OFFSET, tokenizer.VOCAB_SIZE)
 ROWS_PER_PASS = 8  # windows per forward pass when long texts fill a batch (short-text batches stay whole)
 ANSWER_CHECK_EVERY = 256  # masks: how often building an answer asks whether its request has ended
+# Candidates (masks x top_k) one request's answer may hold: about 3 MB of JSON, encoded in 60 ms on 2 cores.
+# A 64 KB text of [MASK]s at top_k 256 was 2.8 million: a 114 MB answer, seconds of the event loop.
+MAX_CANDIDATES = 65_536
+
+
+def check_answer_size(masks: Sequence[int], top_k: int, *, padded: bool = False) -> None:
+    """Refuse (413) a request whose answer would hold more than MAX_CANDIDATES candidates, from its texts'
+    [MASK] counts, before anything is decoded. ``padded``: the answer is one [texts, most masks, top_k]
+    tensor (the Open Inference Protocol's), so every text counts as many masks as the most in one."""
+    total = (len(masks) * max(masks, default=0) if padded else sum(masks)) * top_k
+    if total > MAX_CANDIDATES:
+        counted = "texts x the most [MASK]s in one text" if padded else "[MASK]s"
+        raise PayloadTooLarge(
+            f"the answer would hold {total:,} candidates ({counted} x top_k {top_k}); the server's limit is "
+            f"{MAX_CANDIDATES:,} a request: lower top_k, or send fewer [MASK]s in each request"
+        )
 
 
 class FillMaskRequest(TaskRequest):
@@ -110,6 +126,10 @@ class FillMask(Task[FillMaskRequest, MaskedText, dict[str, Any]]):
 
     def expand(self, request: Any) -> Any:
         return expand_texts(request)
+
+    def check(self, items: Sequence[tuple[FillMaskRequest, Mapping[str, bytes]]]) -> None:
+        if items:
+            check_answer_size([one_text(r.text).count("[MASK]") for r, _ in items], items[0][0].top_k)
 
     def decode(self, request: FillMaskRequest, files: Mapping[str, bytes], ctx: DecodeContext) -> MaskedText:
         ids, size = text_ids(one_text(request.text), ctx.limits.max_text_bytes), text_window(ctx)

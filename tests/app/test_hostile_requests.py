@@ -29,7 +29,7 @@ IMAGE_V2 = "/v2/models/classify.learned/infer"
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[LiveServer]:
-    live = LiveServer(demo_tasks=["classify", "classify-text", "autoencode"])
+    live = LiveServer(demo_tasks=["classify", "classify-text", "fill-mask", "autoencode"])
 
     async def boom() -> None:
         raise RuntimeError("a bug of ours, not the client's")
@@ -125,17 +125,53 @@ def test_a_shape_of_thousands_of_digits_is_a_400(server: LiveServer) -> None:
     assert_json_error(r, {400})
 
 
-def test_a_timeout_parameter_beyond_every_limit_shortens_nothing_and_a_negative_one_is_a_400(
+def test_a_timeout_parameter_beyond_every_limit_or_of_0_shortens_nothing_and_a_negative_one_is_a_400(
     server: LiveServer,
 ) -> None:
     big = "1" + "0" * 400  # 1e400, written as an integer
     with server.client() as c:
+        # 0 is Triton's "no timeout" (its default): it was a 504 at once
+        r = c.post(TEXT_V2, json=v2_text(parameters={"timeout": 0}))
+        assert r.status_code == 200, r.text
         body = json.dumps(v2_text()).replace('"inputs"', f'"parameters": {{"timeout": {big}}}, "inputs"')
         r = c.post(TEXT_V2, content=body.encode(), headers={"content-type": "application/json"})
         assert r.status_code == 200, r.text
         body = body.replace(big, "-" + big)
         r = c.post(TEXT_V2, content=body.encode(), headers={"content-type": "application/json"})
     assert "timeout" in str(assert_json_error(r, {400})["error"])
+
+
+def test_a_fill_mask_answer_is_bounded_before_anything_is_decoded(server: LiveServer) -> None:
+    """Candidates are [MASK]s x top_k: a 64 KB text of 10,922 [MASK]s at top_k 256 answered 114 MB of JSON,
+    built and encoded on the event loop. The bound (65,536 a request) counts a list's texts together, and the
+    Open Inference Protocol's [texts, most masks, top_k] tensors with every row padded; at the bound, served.
+    (The bound's cost at 65,536: ~3 MB of JSON, ~60 ms to encode on 2 cores.)"""
+    v2 = "/v2/models/fill-mask/infer"
+    with server.client() as c:
+        r = c.post("/v1/fill-mask", json={"text": "[MASK]" * 10_922, "top_k": 256})
+        message = str(assert_json_error(r, {413})["error"])
+        assert "2,796,032 candidates" in message and "lower top_k" in message
+        r = c.post("/v1/fill-mask", json={"text": ["[MASK]" * 128] * 3, "top_k": 256})  # 98,304 together
+        assert "98,304 candidates" in str(assert_json_error(r, {413})["error"])
+        r = c.post("/v1/fill-mask", json={"text": ["a[MASK]" * 128, "[MASK]b" * 128], "top_k": 256})
+        assert r.status_code == 200, r.text[:300]
+        results = r.json()["results"]
+        assert [len(x["masks"]) for x in results] == [128, 128]
+        assert {len(m["candidates"]) for x in results for m in x["masks"]} == {256}
+        # v2: 64 rows padded to the one with 128 [MASK]s, at top_k 8: 65,536 values, served
+        rows = ["[MASK]" * 128] + ["x[MASK]"] * 63
+        tensor = {"name": "TEXT", "shape": [64], "datatype": "BYTES", "data": rows}
+        r = c.post(v2, json={"inputs": [tensor], "parameters": {"top_k": 8}, "outputs": [{"name": "BYTE_OFFSETS"}]})
+        assert r.status_code == 200, r.text[:300]
+        assert r.json()["outputs"][0]["shape"] == [64, 128]
+        # 256 and 1 [MASK]s at top_k 200 are 51,400 candidates, but two padded rows of 256: 102,400
+        tensor = {**tensor, "shape": [2], "data": ["[MASK]" * 256, "x[MASK]"]}
+        r = c.post(v2, json={"inputs": [tensor], "parameters": {"top_k": 200}})
+        assert "102,400 candidates (texts x the most [MASK]s in one text" in str(assert_json_error(r, {413})["error"])
+        r = c.post("/v1/fill-mask", json={"text": tensor["data"], "top_k": 200})  # REST answers them unpadded
+        assert r.status_code == 200, r.text[:300]
+    with server.client() as c:
+        assert c.get("/readyz").status_code == 200
 
 
 def nested(depth: int) -> str:
