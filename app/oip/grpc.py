@@ -17,6 +17,7 @@ come in the ``authorization`` metadata (``Bearer <key>``) or ``x-api-key``; the 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -25,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 import numpy as np
 from google.protobuf import json_format
+from google.protobuf.message import DecodeError
 from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from pydantic import ValidationError
@@ -33,11 +35,13 @@ from .. import jsonlog
 from ..access import key_allowed
 from ..admission import Prologue, admit, timeout_s
 from ..errors import BadRequest, Draining, InternalError, ModelNotFound, ServiceError, Unauthorized
+from ..jsonbody import LARGE_BODY
 from ..routes.tasks import Caller, run_items
 from ..routes.v2 import (
     READY_PROBE,
     SERVER_NAME,
     VERSION,
+    Call,
     metadata,
     outputs_of,
     prepare,
@@ -57,6 +61,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("perceiver.grpc")
 
 SERVICE = "inference.GRPCInferenceService"
+# The size of the call's request message as it came off the wire (set by ``_guarded``, which parses it).
+MESSAGE_BYTES: contextvars.ContextVar[int] = contextvars.ContextVar("grpc_message_bytes", default=0)
 EXTENSIONS = ["classification", "model_configuration", "statistics"]
 
 # HTTP status of a ServiceError -> the gRPC code a client of the protocol expects.
@@ -228,9 +234,18 @@ class InferenceService:
             raise ModelNotFound(
                 f"model {request.model_name!r} has version {VERSION} only, not {request.model_version!r}"
             )
-        parsed = infer_request(request)
-        ADAPTERS[engine.task.name].check(parsed.inputs)  # names, datatypes and shapes before any data
-        call = prepare(parsed, tensors_of(request, parsed), engine, runtime.settings.max_files_per_request)
+
+        def parse_and_prepare() -> Call:
+            parsed = infer_request(request)
+            ADAPTERS[engine.task.name].check(parsed.inputs)  # names, datatypes and shapes before any data
+            return prepare(parsed, tensors_of(request, parsed), engine, runtime.settings.max_files_per_request)
+
+        # A large message's tensors are read off the event loop, as HTTP's bodies over LARGE_BODY are: a 27 MB
+        # image tensor (copied, checked, encoded as PNG) held the loop for a second, and every other call with it.
+        if MESSAGE_BYTES.get() > LARGE_BODY:
+            call = await runtime.offload(deadline, parse_and_prepare)
+        else:
+            call = parse_and_prepare()
         if call.timeout_s is not None:
             deadline = min(deadline, time.monotonic() + call.timeout_s)
         done = asyncio.Event()
@@ -270,21 +285,35 @@ _ID_COUNTER = iter(range(1, 2**63))
 
 
 def _guarded(
-    service: InferenceService, name: str, method: Callable[[Any, aio.ServicerContext], Awaitable[Any]]
-) -> Callable[[Any, aio.ServicerContext], Awaitable[Any]]:
-    """The RPC with the key check, a request id, metrics, and errors as status codes (never a traceback)."""
+    service: InferenceService,
+    name: str,
+    message: Any,
+    method: Callable[[Any, aio.ServicerContext], Awaitable[Any]],
+) -> Callable[[bytes, aio.ServicerContext], Awaitable[Any]]:
+    """The RPC with the key check, the request message parsed (bytes that are not one are INVALID_ARGUMENT, not
+    grpc's UNKNOWN naming a protobuf exception), a request id, metrics, and errors as status codes (never a
+    traceback)."""
     runtime = service.runtime
     metrics = runtime.metrics
 
-    async def call(request: Any, context: aio.ServicerContext) -> Any:
+    async def call(raw: bytes, context: aio.ServicerContext) -> Any:
         started = time.monotonic()
         given = _metadata(context)
         jsonlog.request_id.set(given.get("x-request-id", "")[:64] or f"grpc-{next(_ID_COUNTER):012x}")
-        task, model = _labels(runtime, getattr(request, "model_name", "") or getattr(request, "name", ""))
+        task, model = "none", ""
         status = 200
         try:
             if service.digests and not key_allowed(service.digests, _presented(given)):
                 raise Unauthorized("this server needs an API key: send the authorization metadata, Bearer <key>")
+            try:
+                request = message.FromString(raw)
+            except DecodeError:
+                raise BadRequest(
+                    f"the request is not a {message.DESCRIPTOR.full_name} message ({len(raw)} bytes that do not "
+                    f"parse as one): send {SERVICE}/{name} what its .proto declares"
+                ) from None
+            task, model = _labels(runtime, getattr(request, "model_name", "") or getattr(request, "name", ""))
+            MESSAGE_BYTES.set(len(raw))
             return await method(request, context)
         except ServiceError as exc:
             status = exc.status
@@ -339,8 +368,7 @@ def _handlers(service: InferenceService) -> grpc.GenericRpcHandler:
         SERVICE,
         {
             name: grpc.unary_unary_rpc_method_handler(
-                _guarded(service, name, getattr(service, name)),
-                request_deserializer=request.FromString,
+                _guarded(service, name, request, getattr(service, name)),  # it parses the bytes itself
                 response_serializer=response.SerializeToString,
             )
             for name, (request, response) in messages.items()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -190,6 +191,34 @@ def test_typed_contents_work_and_errors_are_status_codes(demo_server: LiveServer
         with pytest.raises(grpc.RpcError) as caught:
             _infer_raw(target, request, timeout=60)
         assert caught.value.code() == code and needle in (caught.value.details() or "")
+    # bytes that are no protobuf message: INVALID_ARGUMENT in words, not UNKNOWN naming protobuf's DecodeError
+    with grpc.insecure_channel(target) as channel, pytest.raises(grpc.RpcError) as caught:
+        channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")(b"\xff\xff\xff\xff\x0f", timeout=60)
+    details = caught.value.details() or ""
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, details
+    assert "not a inference.ModelInferRequest message" in details and "Error" not in details
+
+
+def test_a_large_tensor_is_read_off_the_event_loop(demo_server: LiveServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 1 MB UINT8 image tensor is checked, copied and encoded in a worker thread, as HTTP's large bodies are (a
+    27 MB one held the event loop, and with it every other call, for a second); a small request stays on the loop,
+    where a thread hop would cost more than it saves."""
+    from app.oip import grpc as oip_grpc
+
+    threads: list[bool] = []
+    real = oip_grpc.prepare
+
+    def watched(*args: object, **kwargs: object) -> object:
+        threads.append(threading.current_thread() is demo_server.thread)  # the server's event loop runs there
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(oip_grpc, "prepare", watched)
+    image = pb.ModelInferRequest(model_name="classify.learned")
+    image.inputs.add(name="IMAGE", datatype="UINT8", shape=[1, 600, 600, 3])
+    image.raw_input_contents.append(np.random.default_rng(0).integers(0, 256, 600 * 600 * 3, np.uint8).tobytes())
+    assert len(_infer_raw(demo_server.grpc_target, image, timeout=60).raw_output_contents) == 3
+    assert _infer_raw(demo_server.grpc_target, _text_request(), timeout=60).outputs
+    assert threads == [False, True]
 
 
 def test_overload_is_resource_exhausted_with_the_retry_delay_and_the_grpc_deadline_counts(
