@@ -40,6 +40,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._header_timer: asyncio.TimerHandle | None = None
         self._refusal: ServiceError | None = None
         self._discarding = False  # refused: what the client still sends is dropped until the connection closes
+        self._deferred: ServiceError | None = None  # a refusal waiting for the answers of the requests before it
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -113,8 +114,28 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         super().on_headers_complete()
 
     def _refuse(self, error: ServiceError) -> None:
-        """The error as JSON (the protocol's own shape on /v2), then close: the rest of the request is not parsed."""
+        """The error as JSON (the protocol's own shape on /v2), then close: the rest of the request is not parsed.
+        Answers go out in the order of their requests: a refusal that follows pipelined requests still being
+        answered waits for them (written at once, it came first and its end of the stream cut their answers)."""
         self._stop_header_timer()
+        self._discarding = True
+        if self._answering():
+            self._deferred = error
+            return
+        self._send_refusal(error)
+
+    def _answering(self) -> bool:
+        """Whether a request before this one on the connection still waits for its answer."""
+        cycle = getattr(self, "cycle", None)
+        return bool(self.pipeline) or (cycle is not None and not cycle.response_complete)
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()  # starts the next pipelined request, if any
+        if self._deferred is not None and not self._answering() and not self.transport.is_closing():
+            error, self._deferred = self._deferred, None
+            self._send_refusal(error)
+
+    def _send_refusal(self, error: ServiceError) -> None:
         v2 = self.url.startswith(b"/v2/") if isinstance(getattr(self, "url", None), bytes) else False
         body = json.dumps({"error": error.message} if v2 else errors.body(error)).encode()
         reason = {408: b"Request Timeout", 414: b"URI Too Long", 431: b"Request Header Fields Too Large"}
@@ -126,7 +147,6 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         # A lingering close: had it closed with the client still sending, the kernel would answer its bytes with
         # a reset, and the client could lose the answer before reading it. So: end our side, read and drop
         # what still comes, and close after LINGER_S (or when the client closes).
-        self._discarding = True
         if self.transport.can_write_eof():
             self.transport.write_eof()
         self.loop.call_later(LINGER_S, self.transport.close)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import socket
 import struct
 import time
@@ -366,6 +367,18 @@ def test_headers_and_urls_are_bounded_with_a_json_answer(server: LiveServer, req
     assert got == status, body
     error = body["error"]
     assert isinstance(error, str if b" /v2/" in request_bytes[:8] else dict), error
+
+
+def test_a_refusal_after_pipelined_requests_waits_for_their_answers(server: LiveServer) -> None:
+    """HTTP/1.1 pipelining: two requests, then bytes that are not HTTP, in one write. Each request gets its answer,
+    in order, then the 400 and the close (the 400 used to go first, and its end of the stream lost the answers)."""
+    ask = b"POST /v1/classify-text HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 13\r\n\r\n"
+    received = raw_exchange(server, ask + b'{"text":"hi"}' + ask + b'{"text":"yo"}' + b"GARBAGE\x01 / HTTP/1.1\r\n\r\n")
+    heads = re.findall(rb"HTTP/1\.1 (\d{3}) ", received)
+    assert heads == [b"200", b"200", b"400"], received[:600]
+    last = received[received.rindex(b"HTTP/1.1 400") :]
+    status, body = status_and_json(last)
+    assert status == 400 and "not a valid HTTP/1.1 request" in json.dumps(body)
 
 
 def test_a_request_with_many_ordinary_headers_is_served(server: LiveServer) -> None:
