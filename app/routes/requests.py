@@ -14,7 +14,7 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import ClientDisconnect, Request
 
 from ..admission import prologue
-from ..errors import BadRequest, ClientClosedRequest, InvalidInput, join_problems
+from ..errors import BadRequest, ClientClosedRequest, InvalidInput, UnsupportedMedia, join_problems, shown
 from ..jsonbody import LARGE_BODY, JsonBodyError, parse_json
 from ..tasks.base import Task, TaskRequest, Upload
 
@@ -155,6 +155,7 @@ async def read_task_request(
     request: Request, task: Task[Any, Any, Any], max_files: int
 ) -> tuple[TaskRequest, dict[str, list[bytes]]]:
     """The validated request fields and the uploads (name → files in upload order)."""
+    refuse_compressed(request)
     fields: dict[str, Any] = {}
     for key, value in request.query_params.multi_items():
         _put(fields, key, value)
@@ -169,6 +170,14 @@ async def read_task_request(
     except ClientDisconnect as exc:
         raise ClientClosedRequest("the client went away while sending the request") from exc
     return validate(task, fields), files
+
+
+def refuse_compressed(request: Request) -> None:
+    """Bodies are read as sent: a Content-Encoding (gzip, ...) is a 415 that says so, before the body is read. A
+    gzipped body read as JSON, an image or multipart was refused for what its bytes looked like instead."""
+    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+    if encoding not in ("", "identity"):
+        raise UnsupportedMedia(f"Content-Encoding {shown(encoding)} is not supported; send the request uncompressed")
 
 
 def validate(task: Task[Any, Any, Any], fields: Mapping[str, Any]) -> TaskRequest:

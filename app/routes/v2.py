@@ -24,7 +24,7 @@ from starlette.requests import ClientDisconnect
 from .. import jsonlog
 from ..admission import admit
 from ..engine import Engine
-from ..errors import BadRequest, ClientClosedRequest, ModelNotFound, NotReady, UnsupportedMedia, join_problems, shown
+from ..errors import BadRequest, ClientClosedRequest, ModelNotFound, NotReady, join_problems, shown
 from ..jsonbody import LARGE_BODY
 from ..oip import triton
 from ..oip.adapters import ADAPTERS, Adapter
@@ -43,6 +43,7 @@ from ..oip.tensors import (
 )
 from ..runtime import Runtime
 from ..tasks.base import TaskRequest
+from .requests import refuse_compressed
 from .tasks import AnyTask, caller_of, run_items, runtime_of
 
 VERSION = "1"  # one version per served model
@@ -328,9 +329,7 @@ async def infer(request: Request, model_name: str, model_version: str | None) ->
     # Before reading the body: refusing must stay cheap.
     engine, deadline = admit(request.scope, runtime, READY_PROBE, lambda: resolve(runtime, model_name, model_version))
     task, adapter = engine.task, ADAPTERS[engine.task.name]
-    encoding = request.headers.get("content-encoding", "identity").strip().lower()
-    if encoding != "identity":
-        raise UnsupportedMedia(f"Content-Encoding {encoding} is not supported; send the request uncompressed")
+    refuse_compressed(request)
     body = await _read_body(request)
     header_length = request.headers.get(HEADER_LENGTH)
     max_rows = runtime.settings.max_files_per_request

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import io
 import struct
 import zlib
@@ -41,6 +42,8 @@ def tiff_corrupt() -> bytes:
 
 
 MP4 = make_mp4(seconds=0.5)
+GZIP = {"content-encoding": "gzip"}
+GZIP_JSON = {**GZIP, "content-type": "application/json"}
 
 # (id, method, path, request kwargs, acceptable statuses)
 CORPUS: list[tuple[str, str, str, dict[str, Any], set[int]]] = [
@@ -149,6 +152,14 @@ CORPUS: list[tuple[str, str, str, dict[str, Any], set[int]]] = [
     ("fill-mask-top-k-out-of-range", "post", "/v1/fill-mask", {"json": {"text": "a[MASK]", "top_k": 999}}, {422}),
     ("unknown-path", "get", "/v1/segment", {}, {404}),
     ("wrong-method", "get", "/v1/classify", {}, {405}),
+    (
+        "gzipped-json",
+        "post",
+        "/v1/classify-text",
+        {"content": gzip.compress(b'{"text": "hi"}'), "headers": GZIP_JSON},
+        {415},
+    ),
+    ("gzipped-upload", "post", "/v1/classify", {"files": {"image": ("c.jpg", CAT)}, "headers": GZIP}, {415}),
 ]
 
 
@@ -166,6 +177,17 @@ def test_bad_input_gets_a_json_4xx(
 
 def test_corpus_is_large_enough() -> None:
     assert len(CORPUS) >= 20
+
+
+def test_a_compressed_body_is_a_415_that_says_to_send_it_uncompressed(client: httpx.Client) -> None:
+    """Bodies are read as sent. A gzipped body was refused for what its bytes looked like: JSON "not UTF-8
+    encoded", an image "not an image", multipart "Invalid multipart data"."""
+    for r in (
+        client.post("/v1/classify-text", content=gzip.compress(b'{"text": "hi"}'), headers=GZIP_JSON),
+        client.post("/v1/classify", files={"image": ("c.jpg", CAT)}, headers=GZIP),
+    ):
+        assert r.status_code == 415 and "send the request uncompressed" in r.json()["error"]["message"], r.text
+    assert client.post("/v1/classify-text", json={"text": "hi"}, headers={"content-encoding": "identity"}).is_success
 
 
 def test_rejections_are_counted_by_reason(client: httpx.Client) -> None:
