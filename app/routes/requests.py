@@ -219,10 +219,15 @@ async def _read_uploads(
             form = await request.form(max_files=max_files, max_fields=MAX_FORM_FIELDS)
         try:
             for key, value in form.multi_items():
+                # A file input left empty: a browser's form sends it as a part with filename="" and no bytes,
+                # other clients as an empty field. Either is no file, so an optional upload is simply absent.
                 if isinstance(value, UploadFile):
-                    files.setdefault(key, []).append(await value.read())
+                    data = await value.read()
+                    if data or value.filename:
+                        files.setdefault(key, []).append(data)
                 elif any(u.name == key for u in task.uploads):
-                    raise InvalidInput(f"{key}: expected a file upload (curl -F {key}=@file), got a text field")
+                    if value:
+                        raise InvalidInput(f"{key}: expected a file upload (curl -F {key}=@file), got a text field")
                 else:
                     _put(fields, key, value)
         finally:

@@ -77,6 +77,33 @@ def test_a_text_file_as_the_video_names_the_video(client: httpx.Client) -> None:
     assert message(r).startswith("video: "), message(r)
 
 
+def form(*parts: tuple[str, str | None, bytes]) -> tuple[bytes, dict[str, str]]:
+    """A multipart body as a browser's form writes it: (name, filename or None for a text field, content)."""
+    body = b""
+    for name, filename, content in parts:
+        disposition = f'form-data; name="{name}"' + ("" if filename is None else f'; filename="{filename}"')
+        kind = b"" if filename is None else b"Content-Type: application/octet-stream\r\n"
+        body += f"--B\r\nContent-Disposition: {disposition}\r\n".encode() + kind + b"\r\n" + content + b"\r\n"
+    return body + b"--B--\r\n", {"content-type": "multipart/form-data; boundary=B"}
+
+
+def test_a_file_input_left_empty_is_no_file(client: httpx.Client) -> None:
+    """A browser's form sends a file input left empty as a part with filename="" and no bytes; other clients an
+    empty field. Either is an upload not sent: an optional one is absent (it was "the audio upload is empty"), a
+    required one is asked for."""
+    clip = (MEDIA.parent.parent / "examples" / "clip.mp4").read_bytes()
+    for empty in (("audio", "", b""), ("audio", None, b"")):
+        content, headers = form(("video", "clip.mp4", clip), empty, ("top_k", None, b"1"))
+        r = client.post("/v1/autoencode", content=content, headers=headers)
+        assert r.status_code == 200 and len(r.json()["predictions"]) == 1, r.text
+    content, headers = form(("image", "", b""), ("top_k", None, b"1"))
+    r = client.post("/v1/classify", content=content, headers=headers)
+    assert r.status_code == 422 and message(r).startswith("image: file required"), r.text
+    content, headers = form(("image", None, b"a caption"))  # a text field with something in it is still a mistake
+    r = client.post("/v1/classify", content=content, headers=headers)
+    assert r.status_code == 422 and "expected a file upload" in message(r), r.text
+
+
 def test_a_trailing_slash_is_a_404_that_names_the_right_path(client: httpx.Client) -> None:
     r = client.post("/v1/classify/", files={"image": ("cat.jpg", (MEDIA / "cat.jpg").read_bytes())})
     assert r.status_code == 404  # not a bare 307 with an empty body
