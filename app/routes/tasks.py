@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -16,7 +16,7 @@ from pydantic import BaseModel, Field, create_model
 from ..admission import admit, begin
 from ..batching import Ticket
 from ..engine import Engine, RequestTiming
-from ..errors import DeadlineExceeded
+from ..errors import DeadlineExceeded, ServiceError
 from ..runtime import Runtime
 from ..tasks import TASKS, run_decode
 from ..tasks.base import DecodeContext, Reply, Task, TaskRequest
@@ -163,10 +163,16 @@ async def _run_items(
     task.check(items)
     with span(tracing, "decode", items=len(items)):
         if task.decode_offloaded:
-            decodes = (runtime.decode(deadline, run_decode, task.name, o, f, ctx) for o, f in items)
+            decodes = (
+                _decoded(i, len(items), runtime.decode(deadline, run_decode, task.name, *it, ctx))
+                for i, it in enumerate(items)
+            )
             payloads = await asyncio.gather(*decodes)
         else:
-            payloads = [task.decode(o, f, ctx) for o, f in items]
+            payloads = []
+            for i, (o, f) in enumerate(items):
+                with _which(i, len(items)):
+                    payloads.append(task.decode(o, f, ctx))
     decoded = time.monotonic()
     results = await run_watched(caller, engine, payloads, deadline)
     inferred = time.monotonic()
@@ -182,6 +188,27 @@ async def _run_items(
     timing.queue_s, timing.infer_s, _ = caller.state["timing"]
     timing.input_s, timing.output_s = decoded - began, time.monotonic() - inferred
     return encoded
+
+
+INPUT_STATUSES = (400, 413, 415, 422)  # what is wrong with an input itself
+
+
+@contextlib.contextmanager
+def _which(index: int, count: int) -> Iterator[None]:
+    """Of several inputs in one request (images, texts, v2 rows), the error of one names it: "input 2 of 3: the
+    image cannot be read" (it named none). Only what is wrong with the input: not a deadline or an overload."""
+    try:
+        yield
+    except ServiceError as exc:
+        if count > 1 and exc.status in INPUT_STATUSES:
+            exc.message = f"input {index + 1} of {count}: {exc.message}"
+            exc.args = (exc.message,)
+        raise
+
+
+async def _decoded(index: int, count: int, decode: Awaitable[Any]) -> Any:
+    with _which(index, count):
+        return await decode
 
 
 def tracing_of(request: Request) -> Tracing | None:

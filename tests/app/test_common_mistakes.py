@@ -104,6 +104,17 @@ def test_a_file_input_left_empty_is_no_file(client: httpx.Client) -> None:
     assert r.status_code == 422 and "expected a file upload" in message(r), r.text
 
 
+def test_of_several_inputs_the_error_names_the_one_it_is_about(client: httpx.Client) -> None:
+    cat = (MEDIA / "cat.jpg").read_bytes()
+    images = [("image", ("a.jpg", cat)), ("image", ("b.jpg", cat[: len(cat) // 2])), ("image", ("c.jpg", cat))]
+    r = client.post("/v1/classify", files=images)
+    assert r.status_code == 422 and message(r).startswith("input 2 of 3: the image is corrupt or truncated"), r.text
+    r = client.post("/v1/fill-mask", json={"text": ["a [MASK] b", "no mask here"]})
+    assert r.status_code == 422 and message(r).startswith("input 2 of 2: the text has no [MASK]"), r.text
+    r = client.post("/v1/fill-mask", json={"text": "no mask here"})  # one input: nothing to tell apart
+    assert r.status_code == 422 and message(r).startswith("the text has no [MASK]"), r.text
+
+
 def test_a_trailing_slash_is_a_404_that_names_the_right_path(client: httpx.Client) -> None:
     r = client.post("/v1/classify/", files={"image": ("cat.jpg", (MEDIA / "cat.jpg").read_bytes())})
     assert r.status_code == 404  # not a bare 307 with an empty body
