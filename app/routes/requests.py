@@ -16,7 +16,7 @@ from starlette.requests import ClientDisconnect, Request
 from ..admission import prologue
 from ..errors import BadRequest, ClientClosedRequest, InvalidInput, UnsupportedMedia, join_problems, shown
 from ..jsonbody import LARGE_BODY, JsonBodyError, parse_json
-from ..tasks.base import Task, TaskRequest, Upload
+from ..tasks.base import Task, TaskRequest, Upload, error_location
 
 MAX_FORM_FIELDS = 64  # options are a handful; more is a malformed or hostile form
 
@@ -190,7 +190,7 @@ def validate(task: Task[Any, Any, Any], fields: Mapping[str, Any]) -> TaskReques
 def _describe(task: Task[Any, Any, Any], exc: ValidationError) -> str:
     problems = []
     for error in exc.errors():
-        where = ".".join(str(p) for p in error.get("loc", ())) or "body"
+        where = error_location(error.get("loc", ())) or "body"
         if error["type"] == "extra_forbidden":
             accepted = ", ".join([*task.request_model.model_fields, *(u.name for u in task.uploads)])
             problems.append(f"{where}: unknown field; {task.path} accepts {accepted}")

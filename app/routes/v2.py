@@ -42,7 +42,7 @@ from ..oip.tensors import (
     parse_infer_request,
 )
 from ..runtime import Runtime
-from ..tasks.base import TaskRequest
+from ..tasks.base import TaskRequest, error_location
 from .requests import refuse_compressed
 from .tasks import AnyTask, caller_of, run_items, runtime_of
 
@@ -456,8 +456,9 @@ def _validate(task: AnyTask, fields: dict[str, Any]) -> TaskRequest:
     except ValidationError as exc:
         problems = []
         for error in exc.errors():
-            where = ".".join(str(p) for p in error.get("loc", ()))
-            where = "TEXT" if where == "text" else f"parameters.{where}"
+            where = error_location(error.get("loc", ()))
+            text = where == "text" or where.startswith("text.")  # the TEXT input's rows, not a parameter
+            where = f"TEXT{where[4:]}" if text else f"parameters.{where}"
             problems.append(f"{where}: {error['msg']}")
         raise BadRequest(join_problems(problems)) from None
 

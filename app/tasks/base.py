@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Annotated, Any, ClassVar, Generic, TypeVar
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
 
 from perceiver_core import PerceiverConfig, PerceiverHead
 from perceiver_core.processing import tokenizer
@@ -196,10 +196,20 @@ def naming(field: str) -> Iterator[None]:
 
 MAX_TEXTS = 64  # texts in one batched JSON request
 # ``text``: one text, or a list of them answered as ``results`` in order (text-embeddings-inference's inputs).
-Texts = (
-    Annotated[str, Field(min_length=1)]
-    | Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1, max_length=MAX_TEXTS)]
-)
+# Tagged by the value's type, so an error is the one branch's (a plain union reported both: "constrained-str:
+# String should have at least 1 character; list[constrained-str]: Input should be a valid list").
+TEXT_TAGS = ("one", "list")
+Texts = Annotated[
+    Annotated[Annotated[str, Field(min_length=1)], Tag("one")]
+    | Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1, max_length=MAX_TEXTS), Tag("list")],
+    Discriminator(lambda value: "list" if isinstance(value, list) else "one"),
+]
+
+
+def error_location(loc: Sequence[int | str]) -> str:
+    """A validation error's location as the client wrote it ("text.1"), without the Texts branch's tag."""
+    parts = [p for i, p in enumerate(loc) if not (i == 1 and loc[0] == "text" and p in TEXT_TAGS)]
+    return ".".join(str(p) for p in parts)
 
 
 def expand_texts(request: RequestT) -> list[RequestT] | None:

@@ -115,6 +115,24 @@ def test_of_several_inputs_the_error_names_the_one_it_is_about(client: httpx.Cli
     assert r.status_code == 422 and message(r).startswith("the text has no [MASK]"), r.text
 
 
+def test_an_invalid_text_gets_one_problem_at_the_place_it_was_sent(client: httpx.Client) -> None:
+    """``text`` is a string or a list of them: an error names the branch the value took, where the client put it
+    (it listed both: "text.constrained-str: ...; text.list[constrained-str]: Input should be a valid list"), and
+    over /v2 it names the TEXT input, not a parameter the client never sent."""
+    cases = [
+        ({"text": ""}, "text: String should have at least 1 character"),
+        ({"text": ["a [MASK]", ""]}, "text.1: String should have at least 1 character"),
+        ({"text": 5}, "text: Input should be a valid string"),
+        ({"text": []}, "text: List should have at least 1 item after validation, not 0"),
+    ]
+    for body, expected in cases:
+        r = client.post("/v1/fill-mask", json=body)
+        assert r.status_code == 422 and message(r) == expected, r.text
+    row = {"name": "TEXT", "shape": [2], "datatype": "BYTES", "data": ["a [MASK]", ""]}
+    r = client.post("/v2/models/fill-mask/infer", json={"inputs": [row]})
+    assert r.status_code == 400 and r.json()["error"] == "TEXT: String should have at least 1 character", r.text
+
+
 def test_a_trailing_slash_is_a_404_that_names_the_right_path(client: httpx.Client) -> None:
     r = client.post("/v1/classify/", files={"image": ("cat.jpg", (MEDIA / "cat.jpg").read_bytes())})
     assert r.status_code == 404  # not a bare 307 with an empty body
