@@ -136,7 +136,7 @@ class ObservabilityMiddleware:
                 record()
             if message["type"] == "http.response.start":
                 status, started_response = message["status"], True
-                extra = [(b"x-request-id", rid.encode())]
+                extra = [(b"x-request-id", rid.encode("latin-1"))]  # the bytes it came as (read as latin-1)
                 timing = state.get("timing")
                 if timing is not None:
                     queue_s, inference_s, batch = timing

@@ -141,6 +141,8 @@ def tensors_of(message: pb.ModelInferRequest, request: InferenceRequest) -> dict
     raw = list(message.raw_input_contents)
     if raw and len(raw) != len(message.inputs):
         raise BadRequest(f"raw_input_contents has {len(raw)} entries for {len(message.inputs)} inputs; give one each")
+    if raw and any(tensor.contents.ListFields() for tensor in message.inputs):
+        raise BadRequest("inputs have data in raw_input_contents and in contents; give all of it one way or the other")
     tensors = {}
     for i, (spec, tensor) in enumerate(zip(request.inputs, message.inputs, strict=True)):
         tensors[spec.name] = from_binary(spec, raw[i]) if raw else _typed(spec, tensor.contents)
@@ -151,6 +153,9 @@ def _typed(spec: RequestInput, contents: Any) -> np.ndarray:
     field = CONTENTS.get(spec.datatype)
     if field is None:
         raise BadRequest(f"{spec.name}: {spec.datatype} travels in raw_input_contents only")
+    given = [f.name for f, _ in contents.ListFields()]
+    if given and field not in given:
+        raise BadRequest(f"{spec.name}: {spec.datatype} values go in contents.{field}; got {', '.join(given)}")
     values = list(getattr(contents, field))
     if spec.datatype != "BYTES":
         return from_json(spec.model_copy(update={"data": values}))

@@ -181,7 +181,15 @@ def test_typed_contents_work_and_errors_are_status_codes(demo_server: LiveServer
     }
     wrong = _text_request()
     wrong.inputs[0].datatype = "FP32"
-    cases_wrong = [(grpc.StatusCode.INVALID_ARGUMENT, wrong, "datatype")]
+    misplaced = pb.ModelInferRequest(model_name="classify.learned")  # UINT8 values where INT8 ones go
+    misplaced.inputs.add(name="IMAGE", datatype="UINT8", shape=[1, 2, 2, 3]).contents.int_contents.extend([7] * 12)
+    both = _text_request()
+    both.raw_input_contents.append(b"\x05\x00\x00\x00hello")
+    cases_wrong = [
+        (grpc.StatusCode.INVALID_ARGUMENT, wrong, "datatype"),
+        (grpc.StatusCode.INVALID_ARGUMENT, misplaced, "UINT8 values go in contents.uint_contents; got int_contents"),
+        (grpc.StatusCode.INVALID_ARGUMENT, both, "in raw_input_contents and in contents"),
+    ]
     for code, request in cases.items():
         with pytest.raises(grpc.RpcError) as caught:
             _infer_raw(target, request, timeout=60)

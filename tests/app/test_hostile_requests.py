@@ -68,6 +68,12 @@ def test_an_unexpected_error_is_a_json_500_with_the_request_id_and_the_connectio
         second = _read_response(sock)
     status, headers, body = first
     assert status == 500 and headers["x-request-id"] == "boom-1"
+    with socket.create_connection((host, port), timeout=10) as sock:  # an id in UTF-8 comes back byte for byte
+        sock.sendall("GET /healthz HTTP/1.1\r\nHost: x\r\nx-request-id: café-☕\r\n\r\n".encode())
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += sock.recv(65536)
+    assert "x-request-id: café-☕\r\n".encode() in data, data
     assert json.loads(body)["error"]["message"] == "internal error; request id boom-1"
     assert "Traceback" not in body.decode() and "a bug of ours" not in body.decode()
     assert second[0] == 200  # the same keep-alive connection answered the next request
