@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import math
 import os
 import shutil
 import signal
@@ -66,15 +67,24 @@ def _server_class() -> Any:
                 return True
             if runtime.draining and runtime.drain_started is not None:
                 waited = time.monotonic() - runtime.drain_started
+                left = runtime.settings.drain_timeout_s - waited
                 if runtime.idle():
                     log.info("drained in %.2fs; exiting", waited)
-                    return True
-                if waited > runtime.settings.drain_timeout_s:
+                elif left <= 0:
                     log.warning("drain timeout (%.0fs) with %d requests in flight", waited, runtime.inflight)
-                    return True
+                else:
+                    return bool(await super().on_tick(counter))
+                # uvicorn's shutdown then waits for the connections still answering, and cancels what is left:
+                # with what is left of the drain's time, not a whole drain timeout more (the requests it cancels
+                # get a JSON 503 from app.middleware)
+                self.config.timeout_graceful_shutdown = max(math.ceil(left), LAST_ANSWERS_S)
+                return True
             return bool(await super().on_tick(counter))
 
     return DrainingServer
+
+
+LAST_ANSWERS_S = 1  # seconds past the drain's time: for the answers being written, and the cut requests' 503s
 
 
 def uvicorn_config(app: FastAPI, settings: Settings) -> Any:
@@ -162,8 +172,9 @@ def _supervise(settings: Settings) -> int:
     """Run the server processes on one listening socket; SIGTERM drains them all.
 
     ``workers`` > 1: that many copies of the whole server. ``api_processes`` >= 1: that many front ends and one
-    model process (docs/front-ends.md); SIGTERM goes to the front ends first, and to the model process once
-    they have all drained, so that what they accepted is answered."""
+    model process (docs/front-ends.md); SIGTERM goes to every process at once, and the model process answers
+    the front ends until they have drained and gone, so that what they accepted is answered, all of it within
+    one drain_timeout_s."""
     import multiprocessing
     import tempfile
 
@@ -200,7 +211,9 @@ def _supervise(settings: Settings) -> int:
     def forward(sig: int, frame: Any) -> None:
         nonlocal stopping
         stopping = True
-        signal_all(sig, procs)
+        # Every process at once, the model process too: it serves the front ends until they have drained and
+        # gone, within the same drain_timeout_s (signalled after them, it took a second drain's time)
+        signal_all(sig, [*procs, *last])
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, forward)
@@ -211,7 +224,6 @@ def _supervise(settings: Settings) -> int:
     else:
         log.info("started %d workers on %s:%d", settings.workers, settings.host, settings.port)
     codes: dict[int, int] = {}
-    told_last = False
     everything = [*procs, *last]
     while len(codes) < len(everything):
         for proc in everything:
@@ -224,9 +236,6 @@ def _supervise(settings: Settings) -> int:
             if not stopping:  # a process died on its own: take the rest down, let the orchestrator restart us
                 log.error("%s exited with %s; stopping", proc.name, proc.exitcode)
                 forward(signal.SIGTERM, None)
-        if last and not told_last and all(p.pid in codes for p in procs):
-            told_last = True  # once: a second signal would cut its exit short
-            signal_all(signal.SIGTERM, last)  # the front ends have drained: nothing more will come
         time.sleep(0.2)
     sock.close()
     if fronts:

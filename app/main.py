@@ -110,8 +110,10 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     try:
         yield
     finally:
-        if grpc_server is not None:  # HTTP has drained; calls still running get the drain's time to finish
-            await grpc_server.stop(runtime.settings.drain_timeout_s)
+        if grpc_server is not None:  # HTTP has drained; calls still running get what is left of the drain's time
+            started = runtime.drain_started
+            left = runtime.settings.drain_timeout_s - (time.monotonic() - started) if started is not None else 0.0
+            await grpc_server.stop(max(left, 0.0))
         unwatch_gc()
         for job in (loader, keeper):
             job.cancel()

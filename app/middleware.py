@@ -189,6 +189,13 @@ class ObservabilityMiddleware:
                 await self.app(scope, limited_receive, send_wrapper)
         except Exception as exc:  # the last resort: every other handler sits inside this one
             await self._last_resort(exc, rid, scope, receive, send_wrapper, started_response)
+        except asyncio.CancelledError:
+            # The drain's time ran out and uvicorn cancelled what still ran: a JSON 503 to retry elsewhere, not
+            # uvicorn's plain-text 500. The request ends here; its task was cancelled to end it.
+            if not runtime.draining or started_response:
+                raise
+            cut = Draining("the server stopped before this request finished (drain timeout); retry on another replica")
+            await reject(runtime, cut, path, "")(scope, receive, send_wrapper)
         finally:
             record()  # a response that never completed (the client left, or an error after it started)
             if task is not None:

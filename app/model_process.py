@@ -5,7 +5,7 @@ send back what it answers; it refuses, batches, runs and times exactly as the si
 
 After every change of a batcher's state it rewrites that model's record in the admission table (shared
 memory, app/channel.py): the front ends' doors refuse from it without asking. SIGTERM (sent by the supervisor
-once every front end has drained) exits when nothing is left, within ``drain_timeout_s``.
+to every process at once) exits once the front ends have drained and gone, within ``drain_timeout_s``.
 """
 
 from __future__ import annotations
@@ -242,8 +242,8 @@ async def serve(settings: Settings, path: str) -> int:
     await stop.wait()
     runtime.begin_drain()
     started = time.monotonic()
-    # The supervisor signals once the front ends have drained and gone; a signal that reached every process at
-    # once (Ctrl-C in a terminal, a whole cgroup) waits for the front ends to finish what they accepted.
+    # The supervisor signals every process at once (as Ctrl-C in a terminal or a whole cgroup would): serve the
+    # front ends until they have finished what they accepted and gone, within the one drain timeout.
     while server.pending or server.connections or not runtime.idle():
         if time.monotonic() - started > settings.drain_timeout_s:
             log.warning("drain timeout with %d requests in flight", server.pending)

@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -174,6 +175,42 @@ def test_sigterm_drains_in_flight_requests_and_exits_zero(tmp_path: Path) -> Non
     assert statuses == [200] * 8
     assert proc.wait(timeout=60) == 0
     assert "drained" in server.log.read_text()
+
+
+@pytest.mark.parametrize("fronts", ["0", "1"], ids=["one-process", "front-end"])
+def test_the_drain_timeout_bounds_the_shutdown_and_a_request_it_cuts_gets_a_json_503(
+    tmp_path: Path, fronts: str
+) -> None:
+    """A request whose body never ends is still in flight when the drain's time runs out: it gets a JSON 503
+    `draining`, and the server exits within the drain timeout. uvicorn's own graceful wait used to follow the
+    drain's, and the model process drained after the front ends: up to three drain timeouts (a plain-text 500
+    for the cut request)."""
+    drain_s = 4
+    env = {
+        "PERCEIVER_DEMO_TASKS": '["classify-text"]',
+        "PERCEIVER_WARMUP": "false",
+        "PERCEIVER_DRAIN_TIMEOUT_S": str(drain_s),
+        "PERCEIVER_API_PROCESSES": fronts,
+    }
+    server = Server(tmp_path / "log.jsonl", env)
+    server.wait_ready()
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=60) as sock:
+        head = b"POST /v1/classify-text HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        head += b"Content-Length: 99\r\n\r\n"
+        sock.sendall(head + b'{"text": ')  # and never the rest
+        until(lambda: b"perceiver_inflight_requests 1.0" in httpx.get(server.url + "/metrics").content, "in flight")
+        signalled = time.monotonic()
+        server.proc.send_signal(signal.SIGTERM)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+        code = server.proc.wait(timeout=60)
+        took = time.monotonic() - signalled
+    head_part, _, body = answer.partition(b"\r\n\r\n")
+    assert head_part.startswith(b"HTTP/1.1 503") and b"application/json" in head_part, answer[:300]
+    assert json.loads(body)["error"]["type"] == "draining"
+    assert code == 0 and took < 2 * drain_s, (code, took)  # one drain's time (and the last answers), not two
 
 
 def test_several_worker_processes_share_the_port_and_drain_together(tmp_path: Path) -> None:
