@@ -25,7 +25,8 @@ OPEN_PAGES = ("/", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json") 
 
 
 def key_digests(settings: Settings) -> list[bytes]:
-    """SHA-256 digests of every configured key (empty: keys are off)."""
+    """SHA-256 digests of every configured key (empty: keys are off). A keys setting that is set but holds no key
+    (empty, only commas, a file of comments) is an error, not keys off: it served everyone without a word."""
     digests = [hashlib.sha256(k.strip().encode()).digest() for k in (settings.api_keys or "").split(",") if k.strip()]
     if settings.api_keys_file is not None:
         for number, line in enumerate(Path(settings.api_keys_file).read_text().splitlines(), 1):
@@ -39,6 +40,12 @@ def key_digests(settings: Settings) -> list[bytes]:
             if len(digest) != hashlib.sha256().digest_size:
                 raise ValueError(f"{settings.api_keys_file}:{number}: expected a SHA-256 hex digest (64 hex digits)")
             digests.append(digest)
+    if not digests and (settings.api_keys is not None or settings.api_keys_file is not None):
+        where = "PERCEIVER_API_KEYS" if settings.api_keys is not None else "PERCEIVER_API_KEYS_FILE"
+        raise ValueError(
+            f"{where} is set but holds no key, which would leave every endpoint open: give at least one key, "
+            "or unset it to serve without keys"
+        )
     return digests
 
 

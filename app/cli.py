@@ -23,6 +23,7 @@ from typing import Any
 from fastapi import FastAPI
 
 from . import jsonlog
+from .access import key_digests
 from .main import create_app
 from .runtime import Runtime
 from .settings import Settings, load_settings
@@ -243,6 +244,35 @@ def _supervise(settings: Settings) -> int:
     return 0 if all(code == 0 for code in codes.values()) and stopping else 1
 
 
+def describe_settings_error(exc: Exception, config: str | None) -> str:
+    """Why the settings were refused, naming each setting as the environment spells it, without the values."""
+    from pydantic import ValidationError
+    from pydantic_settings import SettingsError
+
+    if isinstance(exc, ValidationError):
+        problems: dict[str, list[str]] = {}
+        for error in exc.errors():
+            loc = [str(p) for p in error.get("loc", ())]
+            message = str(error["msg"]).removeprefix("Value error, ")
+            if not loc:
+                problems.setdefault("", []).append(message)
+                continue
+            name = f"PERCEIVER_{loc[0].upper()}"
+            inner = [p for p in loc[1:] if p.isidentifier() or p.isdigit()]  # not a union's branch ("int")
+            where = name + "".join(f"[{p}]" if p.isdigit() else f".{p}" for p in inner if p not in ("int", "str"))
+            problems.setdefault(where, []).append(message)
+        return "; ".join(
+            (f"{where}: " if where else "") + ", or ".join(dict.fromkeys(found)) for where, found in problems.items()
+        )
+    if isinstance(exc, SettingsError):
+        return f"{exc} (settings that are lists or mappings, such as PERCEIVER_MODELS, take JSON)"
+    if isinstance(exc, OSError):
+        return f"{exc.filename or config}: {exc.strerror or exc}"
+    if config is not None and (type(exc).__name__ == "JSONDecodeError" or type(exc).__module__.startswith("yaml")):
+        return f"{config}: not valid JSON or YAML: {exc}"
+    return str(exc) or type(exc).__name__
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="perceiver-serve", description="Serve Perceiver IO models over HTTP.")
     parser.add_argument("--host", help="interface to bind (PERCEIVER_HOST)")
@@ -251,7 +281,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config", help="JSON or YAML file with settings and per-model overrides")
     args = parser.parse_args(argv)
     given = (("host", args.host), ("port", args.port), ("workers", args.workers))
-    settings = load_settings(args.config, **{k: v for k, v in given if v is not None})
+    try:
+        settings = load_settings(args.config, **{k: v for k, v in given if v is not None})
+        key_digests(settings)  # the keys file read and keys set empty refused, before any process starts
+    except Exception as exc:  # one line that names the setting, never a traceback (nor a value: it may be a key)
+        jsonlog.configure("INFO")
+        log.error("invalid settings: %s", describe_settings_error(exc, args.config))
+        sys.exit(2)
     jsonlog.configure(settings.log_level)
     several = settings.workers > 1 or settings.front_end_processes() > 0
     sys.exit(_supervise(settings) if several else _serve(settings))

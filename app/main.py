@@ -231,6 +231,9 @@ def create_app(
     digests = key_digests(settings)
     if digests:
         app.add_middleware(ApiKeyMiddleware, runtime=runtime, digests=digests)
+        log.info("API keys on: %d key(s); every endpoint but the probes and the pages needs one", len(digests))
+    else:
+        log.info("API keys off (PERCEIVER_API_KEYS and PERCEIVER_API_KEYS_FILE unset): every endpoint is open")
     app.add_middleware(ObservabilityMiddleware, runtime=runtime)
     origins = cors_origins(settings)
     if origins:

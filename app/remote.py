@@ -316,8 +316,8 @@ async def connect(runtime: Runtime, path: str) -> None:
     """Join the model process at ``path``, add its engines to ``runtime`` and read its answers until it closes
     the connection (or this task is cancelled, at shutdown)."""
     settings = runtime.settings
-    slab = channel.Slab(settings.api_slab_mb * 2**20)
-    try:
+    try:  # a failure is the load error /readyz and the supervisor see: a front end never hangs unready, silent
+        slab = channel.Slab(settings.api_slab_mb * 2**20)
         sock, hello, table_fd = await _in_daemon_thread(_handshake, path, slab)
     except Exception as exc:
         runtime.load_error = f"could not join the model process: {type(exc).__name__}: {exc}"

@@ -43,7 +43,8 @@ def _null_is_off(value: Any) -> Any:
     return None if isinstance(value, str) and value.strip().lower() == "null" else value
 
 
-BatchSize = Annotated[int, Field(ge=1)] | Literal["auto"]
+MAX_BATCH_SIZE = 1024  # a configured batch size past this is a typo: warm-up would run every size up to it
+BatchSize = Annotated[int, Field(ge=1, le=MAX_BATCH_SIZE)] | Literal["auto"]
 TUNING: dict[str, Any] = {"tuning": True}  # a tuning knob (json_schema_extra): README lists these apart
 TaskName = Annotated[str, AfterValidator(_known_task), Field(json_schema_extra={"enum": list(TASK_NAMES)})]
 
@@ -62,7 +63,7 @@ def _refuse_unknown_keys(fields: dict[str, Any], data: Any, what: str) -> None:
 class ModelSpec(BaseModel):
     """One served model. ``source`` is a local checkpoint directory or a Hub repo id (resolved offline first)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     @model_validator(mode="before")
     @classmethod
@@ -89,7 +90,8 @@ class ModelSpec(BaseModel):
 class Settings(BaseSettings):
     """Server settings. Each field is also the environment variable PERCEIVER_<FIELD NAME>."""
 
-    model_config = SettingsConfigDict(env_prefix="PERCEIVER_", extra="forbid")
+    # No float setting takes inf or nan: max_delay_ms=inf left a request in the queue forever.
+    model_config = SettingsConfigDict(env_prefix="PERCEIVER_", extra="forbid", allow_inf_nan=False)
 
     host: str = Field("0.0.0.0", description="Interface to bind.")
     port: int = Field(8000, ge=1, le=65535, description="TCP port.")
@@ -102,7 +104,8 @@ class Settings(BaseSettings):
     )
     device: str = Field(
         default_factory=lambda: "cuda" if _cuda_available() else "cpu",
-        description="Torch device for every model: cuda when available, else cpu.",
+        pattern=r"^(cpu|cuda(:[0-9]+)?)$",
+        description="Torch device for every model: cuda when available, else cpu (cpu, cuda or cuda:N).",
     )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Weights/activations dtype. auto: bfloat16 on GPU, float32 on CPU."
@@ -112,7 +115,7 @@ class Settings(BaseSettings):
         description="Served models. Empty: the demo profile (small random-init models for every task).",
     )
     demo_tasks: list[TaskName] | None = Field(
-        None, description="Demo profile only: serve just these tasks (default: all)."
+        None, min_length=1, description="Demo profile only: serve just these tasks (default: all)."
     )
     max_batch_size: BatchSize = Field(
         "auto",
@@ -241,6 +244,7 @@ class Settings(BaseSettings):
     api_slab_mb: int = Field(
         256,
         ge=1,
+        le=65536,
         description="Shared memory per front-end process for the payloads it hands the model process (a memfd, "
         "not /dev/shm, counted in the pod's memory once touched; sizing: docs/front-ends.md). A payload that does "
         "not fit travels through the socket instead, at some copies more in the model process "
@@ -284,7 +288,10 @@ class Settings(BaseSettings):
         "https://app.example.com. None allowed by default.",
     )
     warmup: bool = Field(True, description="Run every batch-size/shape bucket once before reporting ready.")
-    log_level: str = Field("INFO", description="Python logging level.")
+    log_level: Annotated[
+        Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"],
+        BeforeValidator(lambda v: v.upper() if isinstance(v, str) else v),
+    ] = Field("INFO", description="Python logging level: DEBUG, INFO, WARNING, ERROR or CRITICAL (any case).")
     tracing: bool | None = Field(
         None,
         description="OpenTelemetry traces (needs the tracing extra), configured by the standard OTEL_* variables. "

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
+import subprocess
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -252,3 +257,81 @@ def test_a_models_residual_dtype_key_reaches_its_layers(
 def test_an_unknown_residual_dtype_is_refused_with_the_choices() -> None:
     with pytest.raises(ValidationError, match="'auto', 'float32' or 'model'"):
         ModelSpec(task="optical-flow", source="/a", residual_dtype="bfloat16")  # type: ignore[arg-type]
+
+
+def serve_with(env: dict[str, str], *args: str) -> tuple[int, str]:
+    """perceiver-serve with these settings, as a process: its exit code and what it printed."""
+    full = {k: v for k, v in os.environ.items() if not k.startswith("PERCEIVER_")} | env
+    done = subprocess.run(
+        [sys.executable, "-m", "app.cli", *args], env=full, capture_output=True, text=True, timeout=120, check=False
+    )
+    return done.returncode, done.stdout + done.stderr
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({"PERCEIVER_PORT": "0"}, "PERCEIVER_PORT: Input should be greater than or equal to 1"),
+        ({"PERCEIVER_MAX_DELAY_MS": "inf"}, "PERCEIVER_MAX_DELAY_MS: Input should be a finite number"),
+        ({"PERCEIVER_MAX_BATCH_SIZE": "100000"}, "PERCEIVER_MAX_BATCH_SIZE: Input should be less than or equal to"),
+        ({"PERCEIVER_LOG_LEVEL": "verbose"}, "PERCEIVER_LOG_LEVEL: Input should be 'DEBUG'"),
+        ({"PERCEIVER_DEVICE": "gpu"}, "PERCEIVER_DEVICE: String should match pattern"),
+        ({"PERCEIVER_DEMO_TASKS": "[]"}, "PERCEIVER_DEMO_TASKS: List should have at least 1 item"),
+        ({"PERCEIVER_MODELS": "classify-text:/x"}, "take JSON"),
+        ({"PERCEIVER_API_KEYS": " , ,"}, "PERCEIVER_API_KEYS is set but holds no key"),
+        ({"PERCEIVER_API_KEYS_FILE": "/no/such/keys"}, "/no/such/keys: No such file or directory"),
+        (
+            {"PERCEIVER_API_KEYS": "sk-live-SECRET-0123", "PERCEIVER_WORKERS": "2", "PERCEIVER_API_PROCESSES": "1"},
+            "workers > 1 and api_processes >= 1 do not combine",
+        ),
+    ],
+    ids=[
+        "port",
+        "inf",
+        "batch",
+        "log-level",
+        "device",
+        "no-demo-task",
+        "models-not-json",
+        "keys",
+        "keys-file",
+        "scale",
+    ],
+)
+def test_bad_settings_stop_the_start_with_one_line_that_names_the_setting(env: dict[str, str], expected: str) -> None:
+    """One JSON log line, exit 2: no traceback, and no value (a whole-settings error used to print them all, API
+    keys included); keys that are set but hold none, and values that would break the server later (inf, a
+    batch size of 100,000, no demo task, an unknown device), are refused here."""
+    code, printed = serve_with(env)
+    lines = [json.loads(line) for line in printed.splitlines() if line.startswith("{")]
+    assert code == 2 and len(printed.splitlines()) == 1, printed[-2000:]
+    assert lines[0]["level"] == "ERROR" and expected in lines[0]["msg"], lines
+    assert "Traceback" not in printed and "SECRET" not in printed
+
+
+def test_a_keys_file_with_comments_only_is_refused_and_keys_on_or_off_are_logged(tmp_path: Path) -> None:
+    empty = tmp_path / "keys.txt"
+    empty.write_text("# no keys yet\n")
+    code, printed = serve_with({"PERCEIVER_API_KEYS_FILE": str(empty)})
+    assert code == 2 and "PERCEIVER_API_KEYS_FILE is set but holds no key" in printed, printed[-2000:]
+    from app.main import create_app
+
+    for keys, said in ((None, "API keys off"), ("sesame", "API keys on: 1 key(s)")):
+        with _logged("perceiver") as records:
+            create_app(Settings(demo_tasks=["classify-text"], api_keys=keys, warmup=False))
+        assert any(r.getMessage().startswith(said) for r in records), [r.getMessage() for r in records]
+
+
+@contextlib.contextmanager
+def _logged(name: str) -> Iterator[list[logging.LogRecord]]:
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    logger = logging.getLogger(name)
+    logger.addHandler(handler)
+    level, logger.level = logger.level, logging.INFO
+    try:
+        yield records
+    finally:
+        logger.removeHandler(handler)
+        logger.level = level
