@@ -12,6 +12,8 @@ import dataclasses
 import difflib
 import json
 import os
+import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -348,6 +350,26 @@ def tuning_knobs(model: type[BaseModel]) -> list[str]:
     return [name for name, f in model.model_fields.items() if (f.json_schema_extra or {}) == TUNING]
 
 
+# PERCEIVER_* variables that are not settings but are meant: perceiver_core's kernel switches. Kubernetes also
+# sets PERCEIVER_SERVE_SERVICE_HOST, PERCEIVER_SERVE_PORT=tcp://... for a Service named perceiver-serve.
+KERNEL_SWITCHES = ("PERCEIVER_WIDE_ATTENTION", "PERCEIVER_LAYER_NORM")
+SERVICE_LINK = re.compile(r"_SERVICE_(HOST|PORT)(_\w+)?$|_PORT(_\d+_(TCP|UDP|SCTP)(_\w+)?)?$")
+
+
+def _refuse_misspelt_variables(environment: Mapping[str, str]) -> None:
+    """A PERCEIVER_* variable that no setting reads but that is one typo from one (PERCEIVER_MAX_BATCHSIZE) is
+    refused with the right spelling, as a misspelt key of the config file is; it used to be ignored without a
+    word. Other PERCEIVER_* names (a Service's links, the kernel switches) are left alone."""
+    names = [f"PERCEIVER_{name.upper()}" for name in Settings.model_fields]
+    for variable in environment:
+        upper = variable.upper()
+        if not upper.startswith("PERCEIVER_") or upper in names or upper in KERNEL_SWITCHES:
+            continue
+        near = difflib.get_close_matches(upper, names, n=1, cutoff=0.85)
+        if near and not SERVICE_LINK.search(upper):
+            raise ValueError(f"unknown setting {variable}; did you mean {near[0]}?")
+
+
 def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Settings:
     """Explicit overrides (command-line flags) > PERCEIVER_* environment > the JSON/YAML file > defaults."""
     values: dict[str, Any] = {}
@@ -362,6 +384,7 @@ def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Se
     if not isinstance(values, dict):
         raise ValueError(f"{config_file}: expected a mapping of settings, got {type(values).__name__}")
     _refuse_unknown_keys(dict(Settings.model_fields), values, "config file")
+    _refuse_misspelt_variables(os.environ)
     # env > file > defaults, as with a Kubernetes ConfigMap plus env overrides: a key set in the environment
     # is dropped from the file's values, which would otherwise win (init arguments beat the environment).
     environment = {name.upper() for name in os.environ}

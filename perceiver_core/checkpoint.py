@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle  # its error type only: checkpoints are read by safetensors, or torch.load(weights_only=True)
 import re
 from dataclasses import fields
 from pathlib import Path
@@ -242,7 +243,12 @@ def _read_weights(directory: Path) -> dict[str, Tensor]:
         raise
     except Exception as exc:
         name = safetensors_file if safetensors_file.is_file() else bin_file
-        raise CheckpointError(f"cannot read weights from {name}: {exc}") from exc
+        reason = str(exc)
+        if isinstance(exc, pickle.UnpicklingError):  # not torch's advice to load it with weights_only=False
+            found = re.search(r"GLOBAL ([\w.]+)", reason)
+            what = f"it names {found.group(1)}" if found else "it holds more than tensors"
+            reason = f"{what}, and a checkpoint is never unpickled: convert it to safetensors or use another copy"
+        raise CheckpointError(f"cannot read weights from {name}: {reason}") from exc
     raise CheckpointError(f"{directory} has neither model.safetensors nor pytorch_model.bin")
 
 

@@ -17,7 +17,7 @@ from pydantic import ValidationError
 from reference import Reference
 
 from app.loading import build_models
-from app.settings import ModelSpec, Settings, load_settings
+from app.settings import ModelSpec, Settings, _refuse_misspelt_variables, load_settings
 from app.tasks import TASK_NAMES
 
 
@@ -279,6 +279,10 @@ def serve_with(env: dict[str, str], *args: str) -> tuple[int, str]:
         ({"PERCEIVER_DEMO_TASKS": "[]"}, "PERCEIVER_DEMO_TASKS: List should have at least 1 item"),
         ({"PERCEIVER_MODELS": "classify-text:/x"}, "take JSON"),
         ({"PERCEIVER_API_KEYS": " , ,"}, "PERCEIVER_API_KEYS is set but holds no key"),
+        (
+            {"PERCEIVER_MAX_BATCHSIZE": "4"},
+            "unknown setting PERCEIVER_MAX_BATCHSIZE; did you mean PERCEIVER_MAX_BATCH_",
+        ),
         ({"PERCEIVER_API_KEYS_FILE": "/no/such/keys"}, "/no/such/keys: No such file or directory"),
         (
             {"PERCEIVER_API_KEYS": "sk-live-SECRET-0123", "PERCEIVER_WORKERS": "2", "PERCEIVER_API_PROCESSES": "1"},
@@ -294,6 +298,7 @@ def serve_with(env: dict[str, str], *args: str) -> tuple[int, str]:
         "no-demo-task",
         "models-not-json",
         "keys",
+        "misspelt",
         "keys-file",
         "scale",
     ],
@@ -307,6 +312,21 @@ def test_bad_settings_stop_the_start_with_one_line_that_names_the_setting(env: d
     assert code == 2 and len(printed.splitlines()) == 1, printed[-2000:]
     assert lines[0]["level"] == "ERROR" and expected in lines[0]["msg"], lines
     assert "Traceback" not in printed and "SECRET" not in printed
+
+
+def test_kubernetes_service_links_and_the_kernel_switches_are_not_taken_for_misspelt_settings() -> None:
+    """A Service named perceiver-serve gives every pod of its namespace PERCEIVER_SERVE_* variables."""
+    links = {
+        "PERCEIVER_SERVE_PORT": "tcp://10.0.0.7:8000",
+        "PERCEIVER_SERVE_SERVICE_HOST": "10.0.0.7",
+        "PERCEIVER_SERVE_SERVICE_PORT_GRPC": "8001",
+        "PERCEIVER_SERVE_PORT_8000_TCP_ADDR": "10.0.0.7",
+        "PERCEIVER_WIDE_ATTENTION": "fused",
+        "PERCEIVER_PORT": "8000",
+    }
+    _refuse_misspelt_variables(links)
+    with pytest.raises(ValueError, match="did you mean PERCEIVER_WORKERS"):
+        _refuse_misspelt_variables({**links, "PERCEIVER_WORKER": "2"})
 
 
 def test_a_keys_file_with_comments_only_is_refused_and_keys_on_or_off_are_logged(tmp_path: Path) -> None:

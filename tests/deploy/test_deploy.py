@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import http.server
 import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
+import threading
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -135,7 +138,37 @@ def test_the_image_serves_and_exposes_the_servers_default_ports() -> None:
     exposed = {int(p) for line in re.findall(r"^EXPOSE (.*)$", _runtime_stage(), re.M) for p in line.split()}
     assert exposed == set(ports.values())
     healthcheck = re.search(r"^HEALTHCHECK .*$", _runtime_stage(), re.M)
-    assert healthcheck and f"http://127.0.0.1:{ports['http']}/healthz" in healthcheck.group(0)
+    assert healthcheck and f"os.environ.get('PERCEIVER_PORT', '{ports['http']}')" in healthcheck.group(0)
+
+
+def test_the_image_healthcheck_asks_the_port_the_server_was_given() -> None:
+    """It asked 127.0.0.1:8000 whatever PERCEIVER_PORT said: a container moved to another port was unhealthy."""
+    command = json.loads(re.search(r"^HEALTHCHECK .* CMD (\[.*\])$", _runtime_stage(), re.M).group(1))  # type: ignore[union-attr]
+    assert command[0] == "python3"
+
+    class Health(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200 if self.path == "/healthz" else 404)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), Health) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        try:
+            for port, healthy in ((server.server_address[1], True), (_closed_port(), False)):
+                env = {**os.environ, "PERCEIVER_PORT": str(port)}
+                done = subprocess.run([sys.executable, *command[1:]], env=env, capture_output=True, timeout=60)
+                assert (done.returncode == 0) == healthy, (port, done.stderr[-500:])
+        finally:
+            server.shutdown()
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def test_compose_publishes_every_port_the_image_serves_on() -> None:
