@@ -1,7 +1,7 @@
 """The ``perceiver-serve`` command: uvicorn with draining, and a supervisor for several worker processes.
 
 SIGTERM turns readiness off, refuses new task requests with 503, lets accepted ones finish, and exits 0
-once the queues are empty (or after ``drain_timeout_s``). A second signal stops at once.
+once the queues are empty (or after ``drain_timeout_s``). A second signal stops at once, with exit code 1.
 """
 
 from __future__ import annotations
@@ -55,9 +55,12 @@ def _server_class() -> Any:
                     signal.signal(sig, handler)
 
         def handle_exit(self, sig: int, frame: Any) -> None:
-            if self.runtime.draining:  # a second signal: stop now
+            if self.runtime.draining:  # a second signal: stop now, and say so (exit 1: not a clean drain)
+                if not self.force_exit:
+                    log.warning("second signal: stopping now with %d requests in flight", self.runtime.inflight)
                 self.should_exit = True
                 self.force_exit = True
+                self.exit_code = 1
             else:
                 self.runtime.begin_drain()
 
@@ -181,7 +184,11 @@ def _supervise(settings: Settings) -> int:
 
     from prometheus_client import multiprocess
 
-    sock = _listen(settings)
+    try:
+        sock = _listen(settings)
+    except OSError as exc:  # as uvicorn says it for one process: one line, exit 3
+        log.error("cannot listen on %s:%d: %s", settings.host, settings.port, exc.strerror or exc)
+        return 3
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="perceiver-metrics-")
     context = multiprocessing.get_context("spawn")  # never fork a process that may hold a CUDA context
     fronts = settings.front_end_processes()
@@ -241,6 +248,7 @@ def _supervise(settings: Settings) -> int:
     sock.close()
     if fronts:
         shutil.rmtree(os.path.dirname(path), ignore_errors=True)
+    shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)  # one folder a start, left in /tmp
     return 0 if all(code == 0 for code in codes.values()) and stopping else 1
 
 

@@ -105,12 +105,13 @@ def build_models(settings: Settings) -> list[LoadedModel]:
         raise RuntimeError("PERCEIVER_DEVICE is cuda but no CUDA device is available")
     loaded: list[LoadedModel] = []
     if settings.demo:
-        log.warning(
-            "demo profile: no models configured, serving small RANDOMLY INITIALISED models for every task; "
-            "their predictions are meaningless (set PERCEIVER_MODELS or --config to serve real checkpoints)"
-        )
         dtype_name = settings.resolved_dtype()
         tasks = [t for t in TASKS.values() if settings.demo_tasks is None or t.name in settings.demo_tasks]
+        log.warning(
+            "demo profile: no models configured, serving small RANDOMLY INITIALISED models for %s; "
+            "their predictions are meaningless (set PERCEIVER_MODELS or --config to serve real checkpoints)",
+            "every task" if settings.demo_tasks is None else ", ".join(t.name for t in tasks),
+        )
         for task in tasks:
             for variant, config in task.demo_configs.items():
                 started = time.monotonic()

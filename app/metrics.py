@@ -18,7 +18,8 @@ MULTIPROCESS = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-_COST_BUCKETS = tuple(float(4**i) for i in range(4, 16))
+# Costs run from 1 (a flow window, a clip) to millions (image pixels x batch): every power of 4 between
+_COST_BUCKETS = tuple(float(4**i) for i in range(16))
 _UNITS_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 _GC_BUCKETS = (0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5)
 
@@ -54,7 +55,11 @@ class Metrics:
             "perceiver_batch_size", "Requests per forward pass.", labels, buckets=_BATCH_BUCKETS, registry=r
         )
         self.batch_cost = Histogram(
-            "perceiver_batch_cost", "Input elements per forward pass.", labels, buckets=_COST_BUCKETS, registry=r
+            "perceiver_batch_cost",
+            "A forward pass's cost as its task counts it: input elements (images, texts), flow windows or video clips.",
+            labels,
+            buckets=_COST_BUCKETS,
+            registry=r,
         )
         self.batches = Counter("perceiver_batches", "Forward passes run.", labels, registry=r)
         self.units_per_request = Histogram(

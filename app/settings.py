@@ -277,7 +277,8 @@ class Settings(BaseSettings):
         None,
         repr=False,
         description="Comma-separated API keys. When set (or api_keys_file), every endpoint but /healthz, /readyz, "
-        "/v2/health/*, /metrics and the playground page (/ and its assets) needs Authorization: Bearer <key> or "
+        "/v2/health/*, /metrics and the pages a browser loads first (/, /docs, /redoc, /openapi.json, /static/*) "
+        "needs Authorization: Bearer <key> or "
         "X-API-Key: <key>; others get 401.",
     )
     api_keys_file: Path | None = Field(

@@ -213,6 +213,33 @@ def test_the_drain_timeout_bounds_the_shutdown_and_a_request_it_cuts_gets_a_json
     assert code == 0 and took < 2 * drain_s, (code, took)  # one drain's time (and the last answers), not two
 
 
+def test_a_second_signal_stops_at_once_says_so_and_exits_1(tmp_path: Path) -> None:
+    env = {"PERCEIVER_DEMO_TASKS": '["classify-text"]', "PERCEIVER_WARMUP": "false", "PERCEIVER_DRAIN_TIMEOUT_S": "60"}
+    server = Server(tmp_path / "log.jsonl", env)
+    server.wait_ready()
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=60) as sock:  # a request the drain would wait for
+        sock.sendall(b"POST /v1/classify-text HTTP/1.1\r\nHost: x\r\nContent-Length: 99\r\n\r\n{")
+        until(lambda: b"perceiver_inflight_requests 1.0" in httpx.get(server.url + "/metrics").content, "in flight")
+        server.proc.send_signal(signal.SIGTERM)
+        until(lambda: httpx.get(server.url + "/readyz", timeout=5).status_code == 503, "draining")
+        server.proc.send_signal(signal.SIGTERM)
+        assert server.proc.wait(timeout=60) == 1
+    assert "second signal: stopping now with 1 requests in flight" in server.log.read_text()
+
+
+def test_the_port_in_use_is_one_line_with_several_processes_too(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = {"PERCEIVER_DEMO_TASKS": '["classify-text"]', "PERCEIVER_WORKERS": "2"}
+        server = Server(tmp_path / "log.jsonl", env, "--port", str(port))  # the flag beats the test's free port
+        assert server.proc.wait(timeout=120) == 3
+    (line,) = server.log.read_text().splitlines()
+    assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in json.loads(line)["msg"]
+
+
 def test_several_worker_processes_share_the_port_and_drain_together(tmp_path: Path) -> None:
     env = {"PERCEIVER_DEMO_TASKS": '["classify-text"]', "PERCEIVER_WARMUP": "false", "PERCEIVER_WORKERS": "2"}
     server = Server(tmp_path / "log.jsonl", env)
