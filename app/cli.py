@@ -22,6 +22,8 @@ from typing import Any
 
 from fastapi import FastAPI
 
+from perceiver_core import attention
+
 from . import jsonlog
 from .access import key_digests
 from .main import create_app
@@ -292,6 +294,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         settings = load_settings(args.config, **{k: v for k, v in given if v is not None})
         key_digests(settings)  # the keys file read and keys set empty refused, before any process starts
+        for switch in (attention.WIDE_ATTENTION, attention.LAYER_NORM):  # not inside the first forward pass
+            switch.choice()
     except Exception as exc:  # one line that names the setting, never a traceback (nor a value: it may be a key)
         jsonlog.configure("INFO")
         log.error("invalid settings: %s", describe_settings_error(exc, args.config))

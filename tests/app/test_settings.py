@@ -283,6 +283,7 @@ def serve_with(env: dict[str, str], *args: str) -> tuple[int, str]:
             {"PERCEIVER_MAX_BATCHSIZE": "4"},
             "unknown setting PERCEIVER_MAX_BATCHSIZE; did you mean PERCEIVER_MAX_BATCH_",
         ),
+        ({"PERCEIVER_LAYER_NORM": "bogus"}, "PERCEIVER_LAYER_NORM='bogus': use one of torch, triton, auto"),
         ({"PERCEIVER_API_KEYS_FILE": "/no/such/keys"}, "/no/such/keys: No such file or directory"),
         (
             {"PERCEIVER_API_KEYS": "sk-live-SECRET-0123", "PERCEIVER_WORKERS": "2", "PERCEIVER_API_PROCESSES": "1"},
@@ -299,6 +300,7 @@ def serve_with(env: dict[str, str], *args: str) -> tuple[int, str]:
         "models-not-json",
         "keys",
         "misspelt",
+        "kernel-switch",
         "keys-file",
         "scale",
     ],
