@@ -195,7 +195,7 @@ def _describe(task: Task[Any, Any, Any], exc: ValidationError) -> str:
             accepted = ", ".join([*task.request_model.model_fields, *(u.name for u in task.uploads)])
             problems.append(f"{where}: unknown field; {task.path} accepts {accepted}")
         else:
-            problems.append(f"{where}: {error['msg']}")
+            problems.append(f"{where}: {str(error['msg']).removeprefix('Value error, ')}")
     return join_problems(problems)
 
 

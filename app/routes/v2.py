@@ -459,7 +459,7 @@ def _validate(task: AnyTask, fields: dict[str, Any]) -> TaskRequest:
             where = error_location(error.get("loc", ()))
             text = where == "text" or where.startswith("text.")  # the TEXT input's rows, not a parameter
             where = f"TEXT{where[4:]}" if text else f"parameters.{where}"
-            problems.append(f"{where}: {error['msg']}")
+            problems.append(f"{where}: {str(error['msg']).removeprefix('Value error, ')}")
         raise BadRequest(join_problems(problems)) from None
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Annotated, Any, ClassVar, Generic, TypeVar
 
 import torch
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationInfo, field_validator
 
 from perceiver_core import PerceiverConfig, PerceiverHead
 from perceiver_core.processing import tokenizer
@@ -58,6 +58,16 @@ class TaskRequest(BaseModel):
     model: str | None = Field(
         None, description="Which of the task's models (a variant listed by /v1/models); default: the first configured."
     )
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_booleans_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        """true is not a number here (pydantic's lax mode read top_k: true as 1); "3" from a form still is."""
+        if isinstance(value, bool) and info.field_name is not None:
+            annotation = cls.model_fields[info.field_name].annotation
+            if annotation in (int, float, int | None, float | None):
+                raise ValueError("expected a number, got a boolean")
+        return value
 
 
 @dataclass(frozen=True)

@@ -124,6 +124,7 @@ def test_an_invalid_text_gets_one_problem_at_the_place_it_was_sent(client: httpx
         ({"text": ["a [MASK]", ""]}, "text.1: String should have at least 1 character"),
         ({"text": 5}, "text: Input should be a valid string"),
         ({"text": []}, "text: List should have at least 1 item after validation, not 0"),
+        ({"text": "a [MASK]", "top_k": True}, "top_k: expected a number, got a boolean"),  # was read as 1
     ]
     for body, expected in cases:
         r = client.post("/v1/fill-mask", json=body)
