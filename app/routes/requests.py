@@ -158,6 +158,8 @@ async def read_task_request(
     refuse_compressed(request)
     fields: dict[str, Any] = {}
     for key, value in request.query_params.multi_items():
+        if not key:  # "?=3": it was reported as an unknown field of the body
+            raise InvalidInput("the query string has a parameter without a name (?=...); write it as ?top_k=3")
         _put(fields, key, value)
     media = request.headers.get("content-type", "").split(";")[0].strip().lower()
     files: dict[str, list[bytes]] = {}

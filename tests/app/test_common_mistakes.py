@@ -129,6 +129,8 @@ def test_an_invalid_text_gets_one_problem_at_the_place_it_was_sent(client: httpx
     for body, expected in cases:
         r = client.post("/v1/fill-mask", json=body)
         assert r.status_code == 422 and message(r) == expected, r.text
+    r = client.post("/v1/fill-mask?=3", json={"text": "a [MASK]"})  # was "body: unknown field"
+    assert r.status_code == 422 and message(r).startswith("the query string has a parameter without a name"), r.text
     row = {"name": "TEXT", "shape": [2], "datatype": "BYTES", "data": ["a [MASK]", ""]}
     r = client.post("/v2/models/fill-mask/infer", json={"inputs": [row]})
     assert r.status_code == 400 and r.json()["error"] == "TEXT: String should have at least 1 character", r.text
