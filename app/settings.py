@@ -74,7 +74,11 @@ class ModelSpec(BaseModel):
         return data
 
     task: TaskName
-    variant: str = Field("default", description="Name within the task, e.g. learned / fourier / conv for classify.")
+    variant: str = Field(
+        "default",
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+        description="Name within the task, e.g. learned / fourier / conv for classify.",
+    )
     source: str
     revision: str = "main"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] | None = None
@@ -310,6 +314,12 @@ class Settings(BaseSettings):
             if key in seen:
                 raise ValueError(f"model {spec.task}/{spec.variant} is configured twice")
             seen.add(key)
+        return self
+
+    @model_validator(mode="after")
+    def _metrics_auth_needs_keys(self) -> Settings:
+        if self.metrics_auth and self.api_keys is None and self.api_keys_file is None:
+            raise ValueError("metrics_auth needs API keys (api_keys or api_keys_file): without any, /metrics is open")
         return self
 
     @model_validator(mode="after")

@@ -284,6 +284,8 @@ def serve_with(env: dict[str, str], *args: str) -> tuple[int, str]:
             "unknown setting PERCEIVER_MAX_BATCHSIZE; did you mean PERCEIVER_MAX_BATCH_",
         ),
         ({"PERCEIVER_LAYER_NORM": "bogus"}, "PERCEIVER_LAYER_NORM='bogus': use one of torch, triton, auto"),
+        ({"PERCEIVER_METRICS_AUTH": "true"}, "metrics_auth needs API keys"),
+        ({"PERCEIVER_MODELS": '[{"task": "classify", "variant": "", "source": "x"}]'}, "PERCEIVER_MODELS[0].variant"),
         ({"PERCEIVER_API_KEYS_FILE": "/no/such/keys"}, "/no/such/keys: No such file or directory"),
         (
             {"PERCEIVER_API_KEYS": "sk-live-SECRET-0123", "PERCEIVER_WORKERS": "2", "PERCEIVER_API_PROCESSES": "1"},
@@ -301,6 +303,8 @@ def serve_with(env: dict[str, str], *args: str) -> tuple[int, str]:
         "keys",
         "misspelt",
         "kernel-switch",
+        "metrics-auth",
+        "empty-variant",
         "keys-file",
         "scale",
     ],
