@@ -70,6 +70,7 @@ class ApiKeyMiddleware:
             "this server needs an API key: send Authorization: Bearer <key> or X-API-Key: <key>",
             {"WWW-Authenticate": "Bearer"},
         )
+        scope.setdefault("state", {})["reason"] = error.reason  # the request's log line says why, as a 429's does
         await reject(self.runtime, error, scope["path"], "")(scope, receive, send)
 
     def _open(self, path: str) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -31,12 +32,15 @@ def post(server: LiveServer, **headers: str) -> httpx.Response:
         return client.post("/v1/classify-text", json={"text": "who am I"}, headers=headers)
 
 
-def test_requests_without_a_valid_key_get_a_json_401(locked: LiveServer) -> None:
+def test_requests_without_a_valid_key_get_a_json_401(locked: LiveServer, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="perceiver")
     for headers in ({}, {"authorization": "Bearer gamma"}, {"x-api-key": "alph"}, {"authorization": "Basic alpha"}):
         r = post(locked, **headers)
         assert r.status_code == 401, headers
         assert r.json()["error"]["type"] == "unauthorized" and "X-API-Key" in r.json()["error"]["message"]
         assert r.headers["www-authenticate"] == "Bearer"
+    lines = [getattr(r, "fields", {}) for r in caplog.records if getattr(r, "fields", {}).get("status") == 401]
+    assert len(lines) == 4 and {line.get("reason") for line in lines} == {"unauthorized"}, lines
     with locked.client() as client:
         assert client.get("/v1/models").status_code == 401
 
