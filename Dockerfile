@@ -71,7 +71,8 @@ USER 10001:10001
 # HTTP (REST, /v2, /metrics) and the Open Inference Protocol's gRPC API (plaintext HTTP/2, Triton's and KServe's 8001).
 EXPOSE 8000 8001
 # Liveness only, over HTTP: /readyz (and gRPC health) is for the load balancer, which must wait for models to load and
-# warm up. On the port the server is given (docker run -e PERCEIVER_PORT=9000 moves both).
+# warm up. On PERCEIVER_PORT (docker run -e PERCEIVER_PORT=9000 moves both; a --port flag or a config file's port
+# moves the server only).
 HEALTHCHECK --interval=15s --timeout=3s --start-period=30s --retries=3 \
     CMD ["python3", "-c", "import os, sys, urllib.request; port = os.environ.get('PERCEIVER_PORT', '8000'); sys.exit(urllib.request.urlopen('http://127.0.0.1:' + port + '/healthz', timeout=2).status != 200)"]
 # Exec form: the server is PID 1 and receives SIGTERM directly, which starts its drain.

@@ -57,6 +57,9 @@ def _server_class() -> Any:
                     signal.signal(sig, handler)
 
         def handle_exit(self, sig: int, frame: Any) -> None:
+            started = self.runtime.drain_started
+            if started is not None and time.monotonic() - started < SAME_SIGNAL_S:
+                return  # the same stop delivered twice: Ctrl-C reaches every process, then the supervisor forwards it
             if self.runtime.draining:  # a second signal: stop now, and say so (exit 1: not a clean drain)
                 if not self.force_exit:
                     log.warning("second signal: stopping now with %d requests in flight", self.runtime.inflight)
@@ -90,6 +93,7 @@ def _server_class() -> Any:
     return DrainingServer
 
 
+SAME_SIGNAL_S = 1.0  # a signal this soon after the one that began the drain is that one again, not a second
 LAST_ANSWERS_S = 1  # seconds past the drain's time: for the answers being written, and the cut requests' 503s
 
 
@@ -278,8 +282,12 @@ def describe_settings_error(exc: Exception, config: str | None) -> str:
         return f"{exc} (settings that are lists or mappings, such as PERCEIVER_MODELS, take JSON)"
     if isinstance(exc, OSError):
         return f"{exc.filename or config}: {exc.strerror or exc}"
-    if config is not None and (type(exc).__name__ == "JSONDecodeError" or type(exc).__module__.startswith("yaml")):
-        return f"{config}: not valid JSON or YAML: {exc}"
+    if config is not None and type(exc).__name__ == "JSONDecodeError":
+        return f"{config}: not valid JSON: {getattr(exc, 'msg', '')} at line {getattr(exc, 'lineno', '?')}"
+    if config is not None and type(exc).__module__.startswith("yaml"):  # its message quotes the line: a key, maybe
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        return f"{config}: not valid YAML: {getattr(exc, 'problem', None) or type(exc).__name__}{where}"
     return str(exc) or type(exc).__name__
 
 

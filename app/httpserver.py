@@ -125,9 +125,10 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._send_refusal(error)
 
     def _answering(self) -> bool:
-        """Whether a request before this one on the connection still waits for its answer."""
+        """Whether a request before the refused bytes still waits for its answer: one whose body was read whole
+        (bytes that break the body of the request being read are that request's, refused at once)."""
         cycle = getattr(self, "cycle", None)
-        return bool(self.pipeline) or (cycle is not None and not cycle.response_complete)
+        return bool(self.pipeline) or (cycle is not None and not cycle.response_complete and not cycle.more_body)
 
     def on_response_complete(self) -> None:
         super().on_response_complete()  # starts the next pipelined request, if any

@@ -364,21 +364,33 @@ def tuning_knobs(model: type[BaseModel]) -> list[str]:
 # PERCEIVER_* variables that are not settings but are meant: perceiver_core's kernel switches. Kubernetes also
 # sets PERCEIVER_SERVE_SERVICE_HOST, PERCEIVER_SERVE_PORT=tcp://... for a Service named perceiver-serve.
 KERNEL_SWITCHES = ("PERCEIVER_WIDE_ATTENTION", "PERCEIVER_LAYER_NORM")
-SERVICE_LINK = re.compile(r"_SERVICE_(HOST|PORT)(_\w+)?$|_PORT(_\d+_(TCP|UDP|SCTP)(_\w+)?)?$")
+SERVICE_LINK = re.compile(r"_SERVICE_(HOST|PORT)(_\w+)?$|_PORT_\d+_(TCP|UDP|SCTP)(_\w+)?$")
+
+
+def _one_edit(a: str, b: str) -> bool:
+    """Whether a and b differ by at most one insertion, deletion, substitution or swap of neighbours."""
+    if a == b:
+        return True
+    if abs(len(a) - len(b)) > 1:
+        return False
+    first = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+    swapped = a[first : first + 2] == b[first : first + 2][::-1] and a[first + 2 :] == b[first + 2 :]
+    return a[first + 1 :] == b[first + 1 :] or a[first + 1 :] == b[first:] or a[first:] == b[first + 1 :] or swapped
 
 
 def _refuse_misspelt_variables(environment: Mapping[str, str]) -> None:
     """A PERCEIVER_* variable that no setting reads but that is one typo from one (PERCEIVER_MAX_BATCHSIZE) is
     refused with the right spelling, as a misspelt key of the config file is; it used to be ignored without a
     word. Other PERCEIVER_* names (a Service's links, the kernel switches) are left alone."""
-    names = [f"PERCEIVER_{name.upper()}" for name in Settings.model_fields]
+    names = [name.upper() for name in Settings.model_fields]
     for variable in environment:
         upper = variable.upper()
-        if not upper.startswith("PERCEIVER_") or upper in names or upper in KERNEL_SWITCHES:
+        if not upper.startswith("PERCEIVER_") or upper in KERNEL_SWITCHES or SERVICE_LINK.search(upper):
             continue
-        near = difflib.get_close_matches(upper, names, n=1, cutoff=0.85)
-        if near and not SERVICE_LINK.search(upper):
-            raise ValueError(f"unknown setting {variable}; did you mean {near[0]}?")
+        name = upper.removeprefix("PERCEIVER_")
+        near = next((n for n in names if _one_edit(name, n)), None)
+        if near is not None and near != name:
+            raise ValueError(f"unknown setting {variable}; did you mean PERCEIVER_{near}?")
 
 
 def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Settings:

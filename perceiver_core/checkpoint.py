@@ -246,8 +246,15 @@ def _read_weights(directory: Path) -> dict[str, Tensor]:
         reason = str(exc)
         if isinstance(exc, pickle.UnpicklingError):  # not torch's advice to load it with weights_only=False
             found = re.search(r"GLOBAL ([\w.]+)", reason)
-            what = f"it names {found.group(1)}" if found else "it holds more than tensors"
-            reason = f"{what}, and a checkpoint is never unpickled: convert it to safetensors or use another copy"
+            if found:
+                reason = (
+                    f"it names {found.group(1)}, and a checkpoint is never unpickled: convert it to safetensors or "
+                    "use another copy"
+                )
+            else:  # corrupt, truncated, a Git LFS pointer: torch's own reason, without its advice
+                said = [line.strip() for line in reason.splitlines() if line.strip() and "weights_only" not in line]
+                torch_said = said[-1].removeprefix("WeightsUnpickler error: ") if said else "refused"
+                reason = f"not a readable torch checkpoint ({torch_said})"
         raise CheckpointError(f"cannot read weights from {name}: {reason}") from exc
     raise CheckpointError(f"{directory} has neither model.safetensors nor pytorch_model.bin")
 

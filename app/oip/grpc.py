@@ -245,25 +245,25 @@ class InferenceService:
             ADAPTERS[engine.task.name].check(parsed.inputs)  # names, datatypes and shapes before any data
             return prepare(parsed, tensors_of(request, parsed), engine, runtime.settings.max_files_per_request)
 
-        # A large message's tensors are read off the event loop, as HTTP's bodies over LARGE_BODY are: a 27 MB
-        # image tensor (copied, checked, encoded as PNG) held the loop for a second, and every other call with it.
-        if MESSAGE_BYTES.get() > LARGE_BODY:
-            call = await runtime.offload(deadline, parse_and_prepare)
-        else:
-            call = parse_and_prepare()
-        if call.timeout_s is not None:
-            deadline = min(deadline, time.monotonic() + call.timeout_s)
-        done = asyncio.Event()
-        context.add_done_callback(lambda _: done.set())
-
-        async def disconnected() -> None:
-            await done.wait()
-
-        caller = Caller(None, disconnected, scope["state"], now)
         runtime.inflight += 1  # counted as HTTP's task requests are: the drain waits for them, the HPA scales on them
         runtime.taken += 1
         runtime.metrics.inflight.set(runtime.inflight)
         try:
+            # A large message's tensors are read off the event loop, as HTTP's bodies over LARGE_BODY are: a 27 MB
+            # image tensor (copied, checked, encoded as PNG) held the loop for a second, and every call with it.
+            if MESSAGE_BYTES.get() > LARGE_BODY:
+                call = await runtime.offload(deadline, parse_and_prepare)
+            else:
+                call = parse_and_prepare()
+            if call.timeout_s is not None:
+                deadline = min(deadline, time.monotonic() + call.timeout_s)
+            done = asyncio.Event()
+            context.add_done_callback(lambda _: done.set())
+
+            async def disconnected() -> None:
+                await done.wait()
+
+            caller = Caller(None, disconnected, scope["state"], now)
             encoded = await run_items(caller, runtime, engine, call.items, deadline)
         finally:
             runtime.inflight -= 1

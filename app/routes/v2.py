@@ -443,7 +443,7 @@ def _flag(value: AnyParameter, name: str) -> bool:
 def _timeout(value: AnyParameter) -> float | None:
     """Triton's timeout parameter, in microseconds: it shortens the request's deadline. 0 is Triton's default,
     no timeout of the request's own (TRITONSERVER_InferenceRequestSetTimeoutMicroseconds): the server's."""
-    if value is None or value == 0:
+    if value is None or (type(value) is int and value == 0):
         return None
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise BadRequest(f"timeout is microseconds (an integer >= 0), got {shown(value)}")

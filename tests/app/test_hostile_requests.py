@@ -387,6 +387,15 @@ def test_a_refusal_after_pipelined_requests_waits_for_their_answers(server: Live
     assert status == 400 and "not a valid HTTP/1.1 request" in json.dumps(body)
 
 
+def test_a_body_that_breaks_its_own_chunking_is_refused_at_once_with_one_answer(server: LiveServer) -> None:
+    """Bytes that break the request being read (a chunk size that is not hex) are that request's: its 400 goes out
+    at once, alone (deferring it as if it followed a pipelined request left the handler waiting for the rest of the
+    body until its timeout, and then answered twice)."""
+    head = b"POST /v1/classify-text HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    received = raw_exchange(server, head + b'Transfer-Encoding: chunked\r\n\r\n3\r\n{"t\r\nZZ\r\n')
+    assert re.findall(rb"HTTP/1\.1 (\d{3}) ", received) == [b"400"], received[:600]
+
+
 def test_a_request_with_many_ordinary_headers_is_served(server: LiveServer) -> None:
     with server.client() as c:
         r = c.get("/healthz", headers={f"x-h{i}": "v" * 100 for i in range(60)})

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
-import logging
 import os
+import socket
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -281,7 +279,7 @@ def serve_with(env: dict[str, str], *args: str) -> tuple[int, str]:
         ({"PERCEIVER_API_KEYS": " , ,"}, "PERCEIVER_API_KEYS is set but holds no key"),
         (
             {"PERCEIVER_MAX_BATCHSIZE": "4"},
-            "unknown setting PERCEIVER_MAX_BATCHSIZE; did you mean PERCEIVER_MAX_BATCH_",
+            "unknown setting PERCEIVER_MAX_BATCHSIZE; did you mean PERCEIVER_MAX_BATCH_SIZE?",
         ),
         ({"PERCEIVER_LAYER_NORM": "bogus"}, "PERCEIVER_LAYER_NORM='bogus': use one of torch, triton, auto"),
         ({"PERCEIVER_METRICS_AUTH": "true"}, "metrics_auth needs API keys"),
@@ -331,8 +329,14 @@ def test_kubernetes_service_links_and_the_kernel_switches_are_not_taken_for_miss
         "PERCEIVER_PORT": "8000",
     }
     _refuse_misspelt_variables(links)
-    with pytest.raises(ValueError, match="did you mean PERCEIVER_WORKERS"):
-        _refuse_misspelt_variables({**links, "PERCEIVER_WORKER": "2"})
+    _refuse_misspelt_variables({"PERCEIVER_HOME": "/srv", "PERCEIVER_ROOT": "/", "PERCEIVER_HOSTNAME": "a"})  # 2+ edits
+    for typo, meant in (
+        ("PERCEIVER_WORKER", "WORKERS"),
+        ("PERCEIVER_GPRC_PORT", "GRPC_PORT"),
+        ("PERCEIVER_PROT", "PORT"),
+    ):
+        with pytest.raises(ValueError, match=f"did you mean PERCEIVER_{meant}\\?"):
+            _refuse_misspelt_variables({**links, typo: "2"})
 
 
 def test_a_keys_file_with_comments_only_is_refused_and_keys_on_or_off_are_logged(tmp_path: Path) -> None:
@@ -340,24 +344,12 @@ def test_a_keys_file_with_comments_only_is_refused_and_keys_on_or_off_are_logged
     empty.write_text("# no keys yet\n")
     code, printed = serve_with({"PERCEIVER_API_KEYS_FILE": str(empty)})
     assert code == 2 and "PERCEIVER_API_KEYS_FILE is set but holds no key" in printed, printed[-2000:]
-    from app.main import create_app
-
-    for keys, said in ((None, "API keys off"), ("sesame", "API keys on: 1 key(s)")):
-        with _logged("perceiver") as records:
-            create_app(Settings(demo_tasks=["classify-text"], api_keys=keys, warmup=False))
-        assert any(r.getMessage().startswith(said) for r in records), [r.getMessage() for r in records]
-
-
-@contextlib.contextmanager
-def _logged(name: str) -> Iterator[list[logging.LogRecord]]:
-    records: list[logging.LogRecord] = []
-    handler = logging.Handler()
-    handler.emit = records.append  # type: ignore[method-assign]
-    logger = logging.getLogger(name)
-    logger.addHandler(handler)
-    level, logger.level = logger.level, logging.INFO
-    try:
-        yield records
-    finally:
-        logger.removeHandler(handler)
-        logger.level = level
+    with socket.socket() as taken:  # the server builds its app, says whether keys are on, then cannot listen
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        env = {"PERCEIVER_HOST": "127.0.0.1", "PERCEIVER_PORT": port, "PERCEIVER_DEMO_TASKS": '["classify-text"]'}
+        for keys, said in (({}, "API keys off"), ({"PERCEIVER_API_KEYS": "sesame"}, "API keys on: 1 key(s)")):
+            code, printed = serve_with({**env, **keys, "PERCEIVER_GRPC_PORT": "0", "PERCEIVER_WARMUP": "false"})
+            messages = [json.loads(line)["msg"] for line in printed.splitlines() if line.startswith("{")]
+            assert any(m.startswith(said) for m in messages), messages
