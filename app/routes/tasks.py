@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -16,10 +16,10 @@ from pydantic import BaseModel, Field, create_model
 from ..admission import admit, begin
 from ..batching import Ticket
 from ..engine import Engine, RequestTiming
-from ..errors import DeadlineExceeded, ServiceError
+from ..errors import DeadlineExceeded
 from ..runtime import Runtime
 from ..tasks import TASKS, run_decode
-from ..tasks.base import DecodeContext, Reply, Task, TaskRequest
+from ..tasks.base import DecodeContext, Reply, Task, TaskRequest, naming
 from .requests import read_task_request
 
 if TYPE_CHECKING:
@@ -190,20 +190,9 @@ async def _run_items(
     return encoded
 
 
-INPUT_STATUSES = (400, 413, 415, 422)  # what is wrong with an input itself
-
-
-@contextlib.contextmanager
-def _which(index: int, count: int) -> Iterator[None]:
-    """Of several inputs in one request (images, texts, v2 rows), the error of one names it: "input 2 of 3: the
-    image cannot be read" (it named none). Only what is wrong with the input: not a deadline or an overload."""
-    try:
-        yield
-    except ServiceError as exc:
-        if count > 1 and exc.status in INPUT_STATUSES:
-            exc.message = f"input {index + 1} of {count}: {exc.message}"
-            exc.args = (exc.message,)
-        raise
+def _which(index: int, count: int) -> contextlib.AbstractContextManager[None]:
+    """Of several inputs in one request (images, texts, v2 rows), the error of one names it (it named none)."""
+    return naming(f"input {index + 1} of {count}") if count > 1 else contextlib.nullcontext()
 
 
 async def _decoded(index: int, count: int, decode: Awaitable[Any]) -> Any:

@@ -195,13 +195,18 @@ class Task(ABC, Generic[RequestT, PayloadT, ResultT]):
 @contextlib.contextmanager
 def naming(field: str) -> Iterator[None]:
     """Errors raised while decoding one upload start with its field name: which of two frames was not an
-    image, the video or the separate audio."""
+    image, the video or the separate audio; of several inputs in one request, "input 2 of 3". Only what is
+    wrong with the input itself (4xx of INPUT_STATUSES), not a deadline or an overload."""
     try:
         yield
     except ServiceError as exc:
-        exc.message = f"{field}: {exc.message}"
-        exc.args = (exc.message,)
+        if exc.status in INPUT_STATUSES:
+            exc.message = f"{field}: {exc.message}"
+            exc.args = (exc.message,)
         raise
+
+
+INPUT_STATUSES = (400, 413, 415, 422)  # what is wrong with an input itself
 
 
 MAX_TEXTS = 64  # texts in one batched JSON request
