@@ -12,6 +12,7 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -149,6 +150,15 @@ def build_models(settings: Settings) -> list[LoadedModel]:
             )
         if spec.residual_dtype != "auto":
             model.residual_dtype = torch.float32 if spec.residual_dtype == "float32" else None
+        if spec.revision != "main" and Path(spec.source).expanduser().is_dir():
+            log.warning(
+                "model %s/%s: revision %r is not checked out: %s is a local directory, served as it is "
+                "(a revision selects a Hub snapshot; here it is only reported in the model's metadata)",
+                spec.task,
+                spec.variant,
+                spec.revision,
+                spec.source,
+            )
         log.info("loaded %s/%s from %s in %.1fs", spec.task, spec.variant, spec.source, time.monotonic() - started)
         loaded.append(
             LoadedModel(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -250,6 +251,28 @@ def test_a_models_residual_dtype_key_reaches_its_layers(
     with torch.no_grad():
         out = model(**references[arch].inputs)
     assert isinstance(out.logits, torch.Tensor) and out.logits.dtype == torch.bfloat16
+
+
+def test_a_revision_given_for_a_local_directory_is_said_to_be_unused(
+    references: dict[str, Reference], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A revision selects a Hub snapshot; a local directory is served as it is, and the log says so rather
+    than let the operator believe v1 is what runs."""
+    source = str(references["PerceiverForMaskedLM"].path)
+    for revision, warned in (("v1", True), ("main", False)):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="perceiver.loading"):
+            build_models(Settings(models=[ModelSpec(task="fill-mask", source=source, revision=revision)]))
+        said = [r.getMessage() for r in caplog.records if "is not checked out" in r.getMessage()]
+        assert said == (
+            [
+                f"model fill-mask/default: revision 'v1' is not checked out: {source} is a local directory, "
+                "served as it is (a revision selects a Hub snapshot; here it is only reported in the model's "
+                "metadata)"
+            ]
+            if warned
+            else []
+        ), said
 
 
 def test_an_unknown_residual_dtype_is_refused_with_the_choices() -> None:
