@@ -67,21 +67,24 @@ def configure(settings: Settings) -> Tracing | None:
 
 def exporters() -> list[Any]:
     """The span exporters OTEL_TRACES_EXPORTER names (default otlp), from the SDK's entry points."""
-    names = [n.strip() for n in os.environ.get("OTEL_TRACES_EXPORTER", "otlp").lower().split(",") if n.strip()]
+    named = os.environ.get("OTEL_TRACES_EXPORTER", "").strip()
+    names = [n.strip() for n in (named or "otlp").lower().split(",") if n.strip()]
     found = []
     for name in names:
         if name == "none":
             continue
+        asked = f"OTEL_TRACES_EXPORTER names {name!r}" if named else "traces go to OTLP by default"
         if name == "otlp":
             protocol = os.environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or os.environ.get(
                 "OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"
             )
             name = "otlp_proto_grpc" if protocol == "grpc" else "otlp_proto_http"
+            asked += f" over {protocol}"
         points = entry_points(group="opentelemetry_traces_exporter", name=name)
         if not points:
             raise RuntimeError(
-                f"OTEL_TRACES_EXPORTER names {name!r}, which no installed package provides "
-                "(perceiver-serve[tracing] brings otlp over HTTP/protobuf, and console)"
+                f"{asked}, whose exporter ({name}) no installed package provides "
+                "(perceiver-serve[tracing] brings otlp over http/protobuf, and console)"
             )
         found.append(next(iter(points)).load()())
     return found

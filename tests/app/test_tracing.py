@@ -19,7 +19,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind
 
 from app.settings import Settings
-from app.tracing import wanted
+from app.tracing import exporters, wanted
 
 from .conftest import MEDIA, LiveServer
 
@@ -121,6 +121,23 @@ def test_tracing_follows_the_standard_variables(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.delenv("OTEL_EXPORTER_OTLP_ENDPOINT")
     monkeypatch.setenv("OTEL_TRACES_EXPORTER", "none")
     assert not wanted(Settings())
+
+
+def test_a_missing_exporter_is_named_as_the_variables_asked_for_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only the endpoint set: the error says OTLP is the default, not that OTEL_TRACES_EXPORTER (unset) names it."""
+    monkeypatch.delenv("OTEL_TRACES_EXPORTER", raising=False)
+    monkeypatch.delenv("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", raising=False)
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4317")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")  # no extra brings OTLP over gRPC
+    with pytest.raises(RuntimeError) as caught:
+        exporters()
+    assert str(caught.value).startswith(
+        "traces go to OTLP by default over grpc, whose exporter (otlp_proto_grpc) no installed package provides"
+    )
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", "console,zipkin")
+    with pytest.raises(RuntimeError) as caught:
+        exporters()
+    assert str(caught.value).startswith("OTEL_TRACES_EXPORTER names 'zipkin', whose exporter (zipkin) no installed")
 
 
 def test_off_by_default_with_no_opentelemetry_sdk_import() -> None:
