@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ipaddress
 import logging
 import math
 import os
@@ -118,6 +119,12 @@ def uvicorn_config(app: FastAPI, settings: Settings) -> Any:
 def _serve(settings: Settings, sockets: list[socket.socket] | None = None, model_socket: str | None = None) -> int:
     jsonlog.configure(settings.log_level)
     app = create_app(settings, model_socket=model_socket)
+    if sockets is None:  # one process: our socket, as the supervisor's, so that "::" answers IPv4 too
+        try:
+            sockets = [_listen(settings)]
+        except OSError as exc:
+            return _cannot_listen(settings, exc)
+        log.info("listening on %s:%d", settings.host, settings.port)
     server = _server_class()(uvicorn_config(app, settings), app.state.runtime)
     server.run(sockets=sockets)
     return int(server.exit_code)
@@ -169,13 +176,33 @@ def _model_process(settings_json: str, path: str, parent: int) -> None:
 
 
 def _listen(settings: Settings) -> socket.socket:
+    """The listening socket. Host ``::`` is every address of both stacks, as ``0.0.0.0`` is of IPv4: asyncio's
+    own IPv6 sockets answer IPv6 only, so a probe or HEALTHCHECK on 127.0.0.1 or the pod's IPv4 got no answer."""
     family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((settings.host, settings.port))
-    sock.listen(2048)
-    sock.set_inheritable(True)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6 and _unspecified(settings.host.strip("[]")):
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.bind((settings.host.strip("[]"), settings.port))
+        sock.listen(2048)
+    except OSError:
+        sock.close()
+        raise
     return sock
+
+
+def _unspecified(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_unspecified
+    except ValueError:  # not an address: bind says what is wrong with it
+        return False
+
+
+def _cannot_listen(settings: Settings, exc: OSError) -> int:
+    """One line and exit 3, however many processes would have served (uvicorn's traceback and exit 1 before)."""
+    log.error("cannot listen on %s:%d: %s", settings.host, settings.port, exc.strerror or exc)
+    return 3
 
 
 def _supervise(settings: Settings) -> int:
@@ -192,9 +219,9 @@ def _supervise(settings: Settings) -> int:
 
     try:
         sock = _listen(settings)
-    except OSError as exc:  # as uvicorn says it for one process: one line, exit 3
-        log.error("cannot listen on %s:%d: %s", settings.host, settings.port, exc.strerror or exc)
-        return 3
+    except OSError as exc:
+        return _cannot_listen(settings, exc)
+    sock.set_inheritable(True)
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="perceiver-metrics-")
     context = multiprocessing.get_context("spawn")  # never fork a process that may hold a CUDA context
     fronts = settings.front_end_processes()

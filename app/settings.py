@@ -99,7 +99,7 @@ class Settings(BaseSettings):
     # No float setting takes inf or nan: max_delay_ms=inf left a request in the queue forever.
     model_config = SettingsConfigDict(env_prefix="PERCEIVER_", extra="forbid", allow_inf_nan=False)
 
-    host: str = Field("0.0.0.0", description="Interface to bind.")
+    host: str = Field("0.0.0.0", description="Interface to bind; `::` is every address of both IPv6 and IPv4.")
     port: int = Field(8000, ge=1, le=65535, description="TCP port.")
     grpc_port: int = Field(
         8001,

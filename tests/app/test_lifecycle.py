@@ -230,16 +230,31 @@ def test_a_second_signal_stops_at_once_says_so_and_exits_1(tmp_path: Path) -> No
     assert "second signal: stopping now with 1 requests in flight" in server.log.read_text()
 
 
-def test_the_port_in_use_is_one_line_with_several_processes_too(tmp_path: Path) -> None:
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_the_port_in_use_is_one_line_and_exit_3_with_one_process_or_several(tmp_path: Path, workers: str) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        env = {"PERCEIVER_DEMO_TASKS": '["classify-text"]', "PERCEIVER_WORKERS": "2"}
+        env = {"PERCEIVER_DEMO_TASKS": '["classify-text"]', "PERCEIVER_WORKERS": workers}
         server = Server(tmp_path / "log.jsonl", env, "--port", str(port))  # the flag beats the test's free port
         assert server.proc.wait(timeout=120) == 3
-    (line,) = server.log.read_text().splitlines()
-    assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in json.loads(line)["msg"]
+    errors = [json.loads(line) for line in server.log.read_text().splitlines() if '"ERROR"' in line]
+    assert [e["msg"] for e in errors] == [f"cannot listen on 127.0.0.1:{port}: Address already in use"]
+
+
+def test_host_all_ipv6_addresses_answers_ipv4_too(tmp_path: Path) -> None:
+    """``::`` is every address of both stacks, as nginx's and Docker's defaults read it: the image's
+    HEALTHCHECK and a kubelet probe on the pod's IPv4 address reach it (asyncio's own socket was IPv6 only)."""
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6 here")
+    env = {"PERCEIVER_DEMO_TASKS": '["classify-text"]', "PERCEIVER_WARMUP": "false"}
+    server = Server(tmp_path / "log.jsonl", env, "--host", "::")
+    server.wait_ready()  # on 127.0.0.1
+    port = server.url.rsplit(":", 1)[1]
+    assert httpx.get(f"http://[::1]:{port}/healthz", timeout=10).json() == {"status": "ok"}
+    assert server.terminate() == 0
+    assert f"listening on :::{port}" in server.log.read_text()
 
 
 def test_several_worker_processes_share_the_port_and_drain_together(tmp_path: Path) -> None:
