@@ -123,6 +123,7 @@ def test_pod_hardening_probes_and_volumes(overlay: str) -> None:
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
     assert container["securityContext"]["capabilities"]["drop"] == ["ALL"]
     assert {m["mountPath"] for m in container["volumeMounts"]} == {"/models", "/tmp"}
+    assert pod["enableServiceLinks"] is False  # a Service named perceiver-grpc would set PERCEIVER_GRPC_PORT
     if overlay.startswith("gpu"):
         assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
         assert pod["nodeSelector"] and pod["tolerations"]

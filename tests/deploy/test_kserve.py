@@ -279,4 +279,6 @@ def test_its_settings_are_valid_and_its_drain_fits_the_grace_period() -> None:
     settings = Settings(port=container()["ports"][0]["containerPort"], **values)
     assert settings.device == "cuda" and {m.task for m in settings.models} >= {"classify", "fill-mask"}
     assert settings.drain_timeout_s < service()["spec"]["predictor"]["terminationGracePeriodSeconds"]
+    # Docker-link variables off: a Service named perceiver would set PERCEIVER_PORT=tcp://..., refused as a port
+    assert service()["spec"]["predictor"]["enableServiceLinks"] is False
     assert env["HF_HOME"] == "/mnt/models" and env["STORAGE_URI"].startswith("pvc://perceiver-models/")
