@@ -1,7 +1,8 @@
 """The ``perceiver-serve`` command: uvicorn with draining, and a supervisor for several worker processes.
 
 SIGTERM turns readiness off, refuses new task requests with 503, lets accepted ones finish, and exits 0
-once the queues are empty (or after ``drain_timeout_s``). A second signal stops at once, with exit code 1.
+once the queues are empty; after ``drain_timeout_s`` it cuts what is left and exits 1. A second signal stops
+at once, with exit code 1.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ def _server_class() -> Any:
     import uvicorn
 
     class DrainingServer(uvicorn.Server):
-        """uvicorn, but SIGTERM drains first (readiness off, accepted work finishes) and exits 0."""
+        """uvicorn, but SIGTERM drains first (readiness off, accepted work finishes) and exits 0 if nothing was cut."""
 
         def __init__(self, config: uvicorn.Config, runtime: Runtime) -> None:
             super().__init__(config)
@@ -80,8 +81,13 @@ def _server_class() -> Any:
                 left = runtime.settings.drain_timeout_s - waited
                 if runtime.idle():
                     log.info("drained in %.2fs; exiting", waited)
-                elif left <= 0:
-                    log.warning("drain timeout (%.0fs) with %d requests in flight", waited, runtime.inflight)
+                elif left <= 0:  # exit 1: requests were cut, not a clean drain (as a second signal)
+                    log.warning(
+                        "drain timeout (%.0fs) with %d requests in flight: they get 503 draining; exit 1",
+                        waited,
+                        runtime.inflight,
+                    )
+                    self.exit_code = 1
                 else:
                     return bool(await super().on_tick(counter))
                 # uvicorn's shutdown then waits for the connections still answering, and cancels what is left:

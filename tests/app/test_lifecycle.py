@@ -183,7 +183,7 @@ def test_the_drain_timeout_bounds_the_shutdown_and_a_request_it_cuts_gets_a_json
     tmp_path: Path, fronts: str
 ) -> None:
     """A request whose body never ends is still in flight when the drain's time runs out: it gets a JSON 503
-    `draining`, and the server exits within the drain timeout. uvicorn's own graceful wait used to follow the
+    `draining`, and the server exits 1 within the drain timeout. uvicorn's own graceful wait used to follow the
     drain's, and the model process drained after the front ends: up to three drain timeouts (a plain-text 500
     for the cut request)."""
     drain_s = 4
@@ -211,7 +211,9 @@ def test_the_drain_timeout_bounds_the_shutdown_and_a_request_it_cuts_gets_a_json
     head_part, _, body = answer.partition(b"\r\n\r\n")
     assert head_part.startswith(b"HTTP/1.1 503") and b"application/json" in head_part, answer[:300]
     assert json.loads(body)["error"]["type"] == "draining"
-    assert code == 0 and took < 2 * drain_s, (code, took)  # one drain's time (and the last answers), not two
+    # one drain's time (and the last answers), not two; exit 1: a request was cut, not a clean drain
+    assert code == 1 and took < 2 * drain_s, (code, took)
+    assert "with 1 requests in flight: they get 503 draining; exit 1" in server.log.read_text()
 
 
 def test_a_second_signal_stops_at_once_says_so_and_exits_1(tmp_path: Path) -> None:
