@@ -182,9 +182,10 @@ class Engine:
 
     async def wait(self, tickets: list[Ticket[Any, Any]], deadline: float) -> list[Any]:
         """The tickets' results, in order, or the error the request gets; the tickets not run are dropped."""
+        gathered = asyncio.gather(*(t.future for t in tickets))
         try:
             async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
-                results = await asyncio.shield(asyncio.gather(*(t.future for t in tickets)))
+                results = await asyncio.shield(gathered)
         except TimeoutError as exc:
             raise DeadlineExceeded("the request did not finish before its deadline") from exc
         except Expired as exc:
@@ -196,6 +197,8 @@ class Engine:
         finally:
             for ticket in tickets:
                 ticket.cancel()  # no-op for finished tickets; frees the queue of the rest
+            if not gathered.done():  # the request stopped waiting: the tickets' errors are read here, not logged
+                gathered.add_done_callback(_read_outcome)
         labels = self.labels
         for ticket in tickets:
             self.metrics.queue_duration.labels(**labels).observe(ticket.queue_s)
@@ -306,6 +309,12 @@ def prepares_ahead(setting: bool, task: AnyTask, model: PerceiverHead, on_lanes:
     (nvJPEG's decode) whose work can overlap a forward pass, i.e. on CUDA, one batch at a time. A seam:
     benchmarks/knobs.py's model of sleeps turns it on for the CPU."""
     return setting and task.prepares and model.device.type == "cuda" and not on_lanes
+
+
+def _read_outcome(future: asyncio.Future[Any]) -> None:
+    """Mark a future's error as read: asyncio logs an ERROR for every failed future no one read."""
+    if not future.cancelled():
+        future.exception()
 
 
 def build_engine(

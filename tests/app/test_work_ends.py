@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+import logging
 import time
 
 import pytest
@@ -18,6 +20,7 @@ from app.tasks.fill_mask import TASK as FILL_MASK
 from app.tasks.fill_mask import FillMaskRequest
 
 from .asyncutil import async_test
+from .conftest import LiveServer
 
 
 class EndsAfter(Batch):
@@ -90,3 +93,35 @@ async def test_a_decode_or_encode_that_gets_its_worker_after_the_deadline_does_n
         assert runtime.decode_busy_s < 1
     finally:
         runtime.shutdown_executors()
+
+
+class Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def test_a_request_that_ends_before_its_tickets_leaves_asyncio_nothing_to_log() -> None:
+    """A deadline that passes while the request's tickets are queued: a 504, and the tickets are dropped. The
+    gather of their futures fails once they are, after the request stopped waiting for it; it used to be left for
+    asyncio to log as an ERROR ("_GatheringFuture exception was never retrieved"), one per 504, on /v1 and /v2."""
+    records = Records()
+    logging.getLogger("asyncio").addHandler(records)  # here, not the root: the server configures the root's
+    server = LiveServer(demo_tasks=["classify-text"]).start()
+    try:
+        with server.client() as client:
+            for _ in range(3):
+                late = client.post("/v1/classify-text", json={"text": "hi"}, headers={"x-request-timeout-ms": "0"})
+                assert late.status_code == 504, late.text
+            v2 = {"inputs": [{"name": "TEXT", "shape": [1], "datatype": "BYTES", "data": ["hi"]}]}
+            late = client.post("/v2/models/classify-text/infer", json=v2, headers={"x-request-timeout-ms": "0"})
+            assert late.status_code == 504, late.text
+            gc.collect()  # a future reports what was never retrieved when it is collected
+            assert client.post("/v1/classify-text", json={"text": "hi"}).status_code == 200
+    finally:
+        server.stop()
+        logging.getLogger("asyncio").removeHandler(records)
+    assert [m for m in records.messages if "never retrieved" in m] == []
