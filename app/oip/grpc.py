@@ -34,7 +34,7 @@ from pydantic import ValidationError
 from .. import jsonlog
 from ..access import key_allowed
 from ..admission import Prologue, admit, timeout_s
-from ..errors import BadRequest, Draining, InternalError, ModelNotFound, ServiceError, Unauthorized
+from ..errors import BadRequest, Draining, InternalError, ModelNotFound, NotReady, ServiceError, Unauthorized
 from ..jsonbody import LARGE_BODY
 from ..routes.tasks import Caller, run_items
 from ..routes.v2 import (
@@ -191,7 +191,10 @@ class InferenceService:
     # ------------------------------------------------------------------------------------------ models
 
     async def ModelReady(self, request: pb.ModelReadyRequest, context: aio.ServicerContext) -> pb.ModelReadyResponse:
-        resolve(self.runtime, request.name, request.version or None)
+        try:
+            resolve(self.runtime, request.name, request.version or None)
+        except NotReady:  # still loading: not ready, an answer as REST's (the proto's "false if not ready")
+            return pb.ModelReadyResponse(ready=False)
         return pb.ModelReadyResponse(ready=serving(self.runtime))
 
     async def ModelMetadata(
@@ -381,15 +384,21 @@ def _handlers(service: InferenceService) -> grpc.GenericRpcHandler:
     )
 
 
+INFERENCE_SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name  # inference.GRPCInferenceService
+
+
 class Health(health_pb2_grpc.HealthServicer):  # type: ignore[misc]
-    """grpc.health.v1: "" is the server (SERVING once every model is loaded and warmed, and not draining: HTTP
-    /readyz's meaning), a model's v2 name is that model; Watch sends each change, polled once a second."""
+    """grpc.health.v1: "" and the protocol's service name are the server (SERVING once every model is loaded and
+    warmed, and not draining: HTTP /readyz's meaning), a model's v2 name is that model; Watch sends each change,
+    polled once a second."""
 
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
 
     def _status(self, service: str) -> int:
         runtime = self.runtime
+        if service == INFERENCE_SERVICE:  # the protocol's service is the server, as ""
+            service = ""
         if service and runtime.ready and service not in {v2_name(e) for e in served_models(runtime)}:
             return -1  # while loading, a model's name is not known yet: NOT_SERVING
         return (

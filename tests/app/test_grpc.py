@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
+import httpx
 import numpy as np
 import pytest
 import tritonclient.grpc as tg
@@ -25,7 +26,7 @@ from tritonclient.utils import InferenceServerException
 from app.batching import ServiceTime
 from app.oip.protos import open_inference_grpc_pb2 as pb
 
-from .conftest import MEDIA, LiveServer, free_port, occupy, release
+from .conftest import MEDIA, LiveServer, free_port, occupy, release, until
 
 ROOT = MEDIA.parents[1]
 CAT = (MEDIA / "cat.jpg").read_bytes()
@@ -122,7 +123,8 @@ def test_server_and_model_metadata_readiness_and_health(
     assert client.is_model_ready("classify-text") and client.is_model_ready("classify-text", "1")
     with grpc.insecure_channel(demo_server.grpc_target) as channel:
         health = health_pb2_grpc.HealthStub(channel)
-        for service in ("", "classify-text", "classify.learned"):
+        # "" and the protocol's service name are the server; a model's v2 name is that model
+        for service in ("", "inference.GRPCInferenceService", "classify-text", "classify.learned"):
             reply = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
             assert reply.status == health_pb2.HealthCheckResponse.SERVING, service
         with pytest.raises(grpc.RpcError) as caught:
@@ -333,3 +335,32 @@ def test_grpc_calls_are_counted_under_the_labels_http_gives_the_model(demo_serve
     request.inputs.add(name="IMAGE", datatype="BYTES", shape=[1]).contents.bytes_contents.append(CAT)
     assert _infer_raw(demo_server.grpc_target, request, timeout=60).outputs
     assert demo_server.metric("perceiver_requests_total", **labels) == before + 1
+
+
+def test_model_ready_while_the_models_load_says_not_ready_as_rest_does() -> None:
+    """The proto's ModelReadyResponse: "True if the model is ready, false if not ready". While loading it was an
+    UNAVAILABLE error, so tritonclient's and KServe's is_model_ready raised instead of answering False."""
+    loading = threading.Event()
+    gate = threading.Event()
+
+    def slow(model: object) -> object:
+        loading.set()
+        gate.wait(60)
+        return model
+
+    server = LiveServer({"classify-text": slow}, demo_tasks=["classify-text"], grpc_port=free_port())
+    server.thread.start()
+    try:
+        assert loading.wait(60)
+        client = tg.InferenceServerClient(server.grpc_target)
+        assert client.is_model_ready("classify-text") is False
+        assert client.is_server_ready() is False and client.is_server_live()
+        with httpx.Client(base_url=server.url) as rest:
+            assert rest.get("/v2/models/classify-text/ready").json() == {"name": "classify-text", "ready": False}
+        gate.set()
+        until(lambda: client.is_server_ready(), "ready")
+        assert client.is_model_ready("classify-text") is True
+        client.close()
+    finally:
+        gate.set()
+        server.stop()
