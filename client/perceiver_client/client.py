@@ -68,6 +68,16 @@ class DeadlineExceeded(PerceiverError):
     """The call's deadline passed before an answer came (the server's 504 is an ``APIError``)."""
 
 
+class ConnectionFailed(PerceiverError):
+    """The server could not be reached (retried, as a 503 is), or the connection broke or went silent before its
+    answer (not retried: the server may have done the work); the httpx error is its ``__cause__``."""
+
+    def __init__(self, message: str, *, attempts: int = 1) -> None:
+        tried = f" (gave up after {attempts} attempts)" if attempts > 1 else ""
+        super().__init__(message + tried)
+        self.attempts = attempts
+
+
 def _error(response: httpx.Response, attempts: int) -> APIError:
     try:
         detail = response.json()["error"]
@@ -149,13 +159,20 @@ class _Base:
         self.max_retries = max_retries
         self.max_retry_wait_s = max_retry_wait_s
 
-    def _wait(self, response: httpx.Response, attempt: int, deadline: float | None) -> float | None:
+    def _wait(
+        self, response: httpx.Response | httpx.TransportError, attempt: int, deadline: float | None
+    ) -> float | None:
         """Seconds to wait before retrying, or None to give up now."""
-        if response.status_code not in RETRY_STATUSES or attempt >= self.max_retries:
+        if isinstance(response, httpx.TransportError):  # only what never reached the server is safe to send again
+            if not isinstance(response, (httpx.ConnectError, httpx.ConnectTimeout)):
+                return None
+        elif response.status_code not in RETRY_STATUSES:
             return None
-        wait = retry_after(response)
-        if wait is None:
-            wait = min(0.5 * 2**attempt, self.max_retry_wait_s)  # no Retry-After: short exponential backoff
+        if attempt >= self.max_retries:
+            return None
+        wait = None if isinstance(response, httpx.TransportError) else retry_after(response)
+        if not wait:  # no Retry-After, or one of 0 or a date past: short exponential backoff, never a burst
+            wait = min(0.5 * 2**attempt, self.max_retry_wait_s)
         if wait > self.max_retry_wait_s:
             return None
         if deadline is not None and time.monotonic() + wait >= deadline:
@@ -170,7 +187,24 @@ class _Base:
     def _result(call: _Call[T], response: httpx.Response, attempts: int) -> T:
         if response.status_code != 200:
             raise _error(response, attempts)
-        return call.parse(response.json())
+        try:
+            return call.parse(response.json())
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise PerceiverError(
+                f"{call.method} {call.path}: the server's 200 answer could not be read ({type(exc).__name__}: {exc})"
+            ) from exc
+
+    @staticmethod
+    def _failed(call: _Call[Any], exc: httpx.TransportError, attempts: int, deadline: float | None) -> PerceiverError:
+        where = f"{call.method} {call.path}"
+        if isinstance(exc, httpx.TimeoutException) and deadline is not None and time.monotonic() >= deadline:
+            return DeadlineExceeded(f"{where}: the deadline passed before an answer came")
+        if isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout)):
+            return ConnectionFailed(
+                f"{where}: cannot reach the server ({exc or type(exc).__name__})", attempts=attempts
+            )
+        what = "no answer in time" if isinstance(exc, httpx.TimeoutException) else "the connection broke"
+        return ConnectionFailed(f"{where}: {what} ({exc or type(exc).__name__})", attempts=attempts)
 
     # ------------------------------------------------------------------ the calls, shared by both clients
 
@@ -189,6 +223,9 @@ class _Base:
     def _classify_many(
         images: Sequence[File], top_k: int, model: str | None, timeout_ms: float | None
     ) -> _Call[list[Classification]]:
+        if isinstance(images, (str, bytes, os.PathLike)):  # a str is a Sequence[str] to a type checker too
+            raise TypeError("classify_many takes a list of images; for one image, call classify")
+
         def parse(body: dict[str, Any]) -> list[Classification]:
             rows = body.get("results", [body])  # one image answers without "results"
             return [Classification.parse(row, body) for row in rows]
@@ -261,9 +298,16 @@ class Client(_Base):
         deadline = self._deadline(call)
         attempt = 0
         while True:
-            response = self.http.request(call.method, call.path, **call.request(deadline))
+            try:
+                response: httpx.Response | httpx.TransportError = self.http.request(
+                    call.method, call.path, **call.request(deadline)
+                )
+            except httpx.TransportError as exc:
+                response = exc
             wait = self._wait(response, attempt, deadline)
             if wait is None:
+                if isinstance(response, httpx.TransportError):
+                    raise self._failed(call, response, attempt + 1, deadline) from response
                 return self._result(call, response, attempt + 1)
             time.sleep(wait)
             attempt += 1
@@ -301,8 +345,12 @@ class Client(_Base):
         return self._send(_Call("GET", "/v1/models", _models))
 
     def ready(self) -> bool:
-        """True once every model is loaded and warmed (and the server is not draining)."""
-        return self.http.get("/readyz").status_code == 200
+        """True once every model is loaded and warmed (and the server is not draining); False while the server
+        cannot be reached, so that a loop can wait for a starting server."""
+        try:
+            return self.http.get("/readyz").status_code == 200
+        except httpx.TransportError:
+            return False
 
 
 class AsyncClient(_Base):
@@ -334,9 +382,16 @@ class AsyncClient(_Base):
         deadline = self._deadline(call)
         attempt = 0
         while True:
-            response = await self.http.request(call.method, call.path, **call.request(deadline))
+            try:
+                response: httpx.Response | httpx.TransportError = await self.http.request(
+                    call.method, call.path, **call.request(deadline)
+                )
+            except httpx.TransportError as exc:
+                response = exc
             wait = self._wait(response, attempt, deadline)
             if wait is None:
+                if isinstance(response, httpx.TransportError):
+                    raise self._failed(call, response, attempt + 1, deadline) from response
                 return self._result(call, response, attempt + 1)
             await asyncio.sleep(wait)
             attempt += 1
@@ -371,4 +426,7 @@ class AsyncClient(_Base):
         return await self._send(_Call("GET", "/v1/models", _models))
 
     async def ready(self) -> bool:
-        return (await self.http.get("/readyz")).status_code == 200
+        try:
+            return (await self.http.get("/readyz")).status_code == 200
+        except httpx.TransportError:
+            return False

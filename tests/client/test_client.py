@@ -5,7 +5,11 @@ retries, sync and async. Also: the package installs with httpx alone."""
 from __future__ import annotations
 
 import asyncio
+import email.utils
+import http.server
+import itertools
 import shutil
+import socket
 import subprocess
 import sys
 import threading
@@ -20,8 +24,11 @@ from perceiver_client import (
     AsyncClient,
     Classification,
     Client,
+    ConnectionFailed,
+    DeadlineExceeded,
     FilledText,
     OverloadedError,
+    PerceiverError,
     Prediction,
 )
 
@@ -223,6 +230,101 @@ def test_the_async_client_retries_the_same_way(busy: LiveServer) -> None:
     statuses = [s for s, _ in seen.responses]
     assert statuses[0] == 429 and statuses[-1] == 200 and set(statuses[:-1]) == {429}, seen.responses
     assert elapsed >= seen.waited_at_least() and len(result.predictions) == 2
+
+
+# ---------------------------------------------------------------------------------------------- the network
+
+
+class Scripted:
+    """A plain HTTP server on loopback that answers each request with the next (status, headers, body) of its
+    script, and notes when each came: what perceiver-serve never sends (a past Retry-After date, a 200 that is
+    not JSON), from a real socket."""
+
+    def __init__(self, *replies: tuple[int, dict[str, str], bytes]) -> None:
+        self.replies, self.times = list(replies), []  # type: list[tuple[int, dict[str, str], bytes]], list[float]
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers.get("content-length", 0)))
+                outer.times.append(time.monotonic())
+                status, headers, body = outer.replies.pop(0)
+                self.send_response(status)
+                for name, value in {**headers, "content-length": str(len(body))}.items():
+                    self.send_header(name, value)
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def __enter__(self) -> Scripted:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_a_server_that_cannot_be_reached_is_retried_then_raised_as_the_clients_own_error() -> None:
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    tries: list[float] = []
+    with Client(url, max_retries=2, event_hooks={"request": [lambda r: tries.append(time.monotonic())]}) as client:
+        assert client.ready() is False  # a starting server: a loop may wait on ready()
+        with pytest.raises(ConnectionFailed) as caught:
+            client.classify_text("anyone?")
+    assert isinstance(caught.value, PerceiverError) and isinstance(caught.value.__cause__, httpx.ConnectError)
+    assert caught.value.attempts == 3 and "cannot reach the server" in str(caught.value)
+    assert len(tries) == 4 and tries[3] - tries[1] >= 0.5 + 1.0  # ready(), then the call and two backed-off retries
+
+    async def call() -> bool:
+        async with AsyncClient(url, max_retries=0) as client:
+            with pytest.raises(ConnectionFailed):
+                await client.classify_text("anyone?")
+            return await client.ready()
+
+    assert asyncio.run(call()) is False
+
+
+def test_a_server_that_never_answers_ends_in_deadline_exceeded_not_an_httpx_error() -> None:
+    with socket.socket() as silent:  # accepts connections (the kernel's backlog) and never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        with Client(url, max_retries=3) as client, pytest.raises(DeadlineExceeded) as caught:
+            client.classify_text("hello?", timeout_ms=300)
+    assert "deadline passed" in str(caught.value) and isinstance(caught.value.__cause__, httpx.ReadTimeout)
+
+
+def test_a_retry_after_of_zero_or_a_date_past_backs_off_instead_of_retrying_at_once() -> None:
+    past = email.utils.formatdate(time.time() - 3600, usegmt=True)
+    busy = b'{"error": {"type": "overloaded", "message": "busy"}}'
+    with Scripted((429, {"retry-after": past}, busy), (503, {"retry-after": "0"}, busy), (429, {}, busy)) as server:
+        with Client(server.url, max_retries=2) as client, pytest.raises(OverloadedError) as caught:
+            client.classify_text("again")
+        gaps = [b - a for a, b in itertools.pairwise(server.times)]
+    assert caught.value.attempts == 3 and gaps[0] >= 0.5 and gaps[1] >= 1.0, gaps  # 0.5 s, then 1 s
+
+
+def test_a_200_whose_body_is_not_the_answer_is_a_clients_error() -> None:
+    not_json = (200, {"content-type": "application/json"}, b"<html>proxy</html>")
+    with Scripted(not_json, (200, {}, b"{}")) as server, Client(server.url) as client:
+        for _ in range(2):
+            with pytest.raises(PerceiverError, match="the server's 200 answer could not be read"):
+                client.classify_text("hi")
+
+
+def test_classify_many_refuses_one_image_given_alone() -> None:
+    with Client("http://127.0.0.1:9") as client:  # refused before anything is sent
+        for one in (str(MEDIA / "cat.jpg"), MEDIA / "cat.jpg", b"\xff\xd8"):
+            with pytest.raises(TypeError, match="for one image, call classify"):
+                client.classify_many(one)
 
 
 # ---------------------------------------------------------------------------------------------- packaging
