@@ -76,6 +76,7 @@ IMAGE_ARRAYS = Form("UINT8", (-1, -1, -1, 3))  # N x H x W x RGB
 IMAGE_ARRAY = Form("UINT8", (-1, -1, 3))  # one H x W x RGB image
 STRINGS = Form("BYTES", (-1,))
 STRING_COLUMN = Form("BYTES", (-1, 1))  # what Triton clients often send for one string per row
+MODEL_IN_PATH = "the model is the one the path names: /v2/models/{name}/infer"
 TOP_K = (
     TensorSpec("LABELS", (Form("BYTES", (-1, -1)),), "The top_k labels per row, best first."),
     TensorSpec("SCORES", (Form("FP32", (-1, -1)),), "Their probabilities."),
@@ -112,9 +113,10 @@ class Adapter(ABC):
     task: ClassVar[str]
     inputs: ClassVar[tuple[TensorSpec, ...]]
     outputs: ClassVar[tuple[TensorSpec, ...]]
-    # The task's request fields that a request's parameters may not set: the adapter sets them, or they ask
-    # for outputs it does not declare. Every other field (top_k, ...) is a parameter.
-    excluded: ClassVar[tuple[str, ...]] = ("model",)  # the model is the one named in the path
+    # The task's request fields that a request's parameters may not set, each with what to do instead (a 400 says
+    # it): the adapter sets them, or they ask for outputs it does not declare. Every other field (top_k, ...) is a
+    # parameter.
+    excluded: ClassVar[Mapping[str, str]] = {"model": MODEL_IN_PATH}
     classifies: ClassVar[bool] = False  # top-k outputs (LABELS, SCORES, INDICES): Triton's classification applies
 
     def check(self, inputs: Sequence[RequestInput]) -> None:
@@ -207,7 +209,7 @@ class TextAdapter(Adapter):
     """A UTF-8 string per row, given to the task as its ``text`` field."""
 
     inputs = (TensorSpec("TEXT", (STRINGS, STRING_COLUMN), "UTF-8 text, one per row."),)
-    excluded = ("model", "text")
+    excluded: ClassVar[Mapping[str, str]] = {"model": MODEL_IN_PATH, "text": "the text is the TEXT input's, a row each"}
 
     def item(self, row: dict[str, bytes], options: Mapping[str, Any]) -> Item:
         try:
@@ -271,7 +273,10 @@ class OpticalFlowAdapter(Adapter):
         TensorSpec("FRAME2", (ENCODED_IMAGE, IMAGE_ARRAYS, IMAGE_ARRAY), "Second frames, each the size of its first."),
     )
     outputs = (TensorSpec("FLOW", (Form("FP32", (-1, -1, -1, 2)),), "[N, H, W, 2]: (dx, dy) in pixels."),)
-    excluded = ("model", "format")
+    excluded: ClassVar[Mapping[str, str]] = {
+        "model": MODEL_IN_PATH,
+        "format": "FLOW is always FP32 [N, H, W, 2] (POST /v1/optical-flow has other formats)",
+    }
 
     def items(self, tensors: Mapping[str, np.ndarray], options: Mapping[str, Any]) -> list[Item]:
         items = super().items(tensors, options)
@@ -307,7 +312,11 @@ class AutoencodeAdapter(Adapter):
         ),
     )
     outputs = (*TOP_K, TensorSpec("AUDIO_SOURCE", (Form("BYTES", (-1,)),), "video, upload or silence."))
-    excluded = ("model", "reconstruction", "per_clip")  # reconstructions and per-clip answers: REST only
+    excluded: ClassVar[Mapping[str, str]] = {
+        "model": MODEL_IN_PATH,
+        "reconstruction": "reconstructions are REST only: POST /v1/autoencode",
+        "per_clip": "per-clip answers are REST only: POST /v1/autoencode",
+    }
 
     def results(self, encoded: Sequence[Encoded]) -> list[Output]:
         sources = _texts([_fields(e)["audio_source"] for e in encoded])

@@ -50,6 +50,8 @@ VERSION = "1"  # one version per served model
 SERVER_NAME = "perceiver-serve"
 EXTENSIONS = ["binary_tensor_data", "parameters", "classification", "model_configuration", "statistics"]
 MAX_TIMEOUT_US = 10**12  # 11.6 days
+MAX_CLASSIFICATION = 1000  # classes in one classification output: top_k's own bound
+TOP_K_OUTPUTS = ("LABELS", "SCORES", "INDICES")
 BINARY = {"type": "string", "format": "binary"}
 
 router = APIRouter(prefix="/v2", tags=["open inference protocol (v2)"])
@@ -369,6 +371,7 @@ class Call:
     binary: set[str]  # outputs sent as binary data after the JSON
     timeout_s: float | None  # the request's timeout parameter
     classification: dict[str, int] = field(default_factory=dict)  # output → k: Triton's top-k strings
+    columns: int | None = None  # the top_k asked for, when a classification's k made the items ask for more
 
 
 PROTOCOL_PARAMETERS = ("binary_data_output", "timeout")
@@ -385,13 +388,16 @@ def prepare(request: InferenceRequest, tensors: dict[str, Any], engine: Engine, 
     adapter and decoded (``tensors``): 400 for what is malformed.
 
     Parameters the protocol allows but no one here reads are ignored (Triton and KServe clients add their own),
-    except a name one letter or two from one this model takes (``topk``): that is a typo, and a 400 says so."""
+    except a name one letter or two from one this model takes (``topk``): that is a typo, and a 400 says so; and a
+    field of the task's /v1 request that /v2 answers another way (``reconstruction``): a 400 says how."""
     task, adapter = engine.task, ADAPTERS[engine.task.name]
     if request.model_name is not None and request.model_name != v2_name(engine):
         raise BadRequest(f"model_name is {shown(request.model_name)} in the body but {v2_name(engine)!r} in the path")
     parameters = dict(request.parameters)
     binary_all = _flag(parameters.pop("binary_data_output", False), "binary_data_output")
     timeout_s = _timeout(parameters.pop("timeout", None))
+    for name in sorted(set(parameters) & set(adapter.excluded)):  # a /v1 field that /v2 answers another way
+        raise BadRequest(f"parameters {name}: not a parameter of /v2 {adapter.task}; {adapter.excluded[name]}")
     accepted = [f for f in task.request_model.model_fields if f not in adapter.excluded]
     known = [*accepted, *PROTOCOL_PARAMETERS]
     for name in sorted(set(parameters) - set(accepted)):
@@ -401,16 +407,9 @@ def prepare(request: InferenceRequest, tensors: dict[str, Any], engine: Engine, 
                 f"parameters {name}: unknown; did you mean {near[0]}? {adapter.task} takes {', '.join(known)}"
             )
         del parameters[name]
-    rows = max(_rows(tensors[name]) for name in tensors)
-    if rows > max_rows:
-        raise BadRequest(f"the batch has {rows} rows; at most {max_rows} per request (max_files_per_request)")
-    items = [(_validate(task, fields), files) for fields, files in adapter.items(tensors, parameters)]
-    adapter.check_rows([options for options, _ in items])
     declared = [o.name for o in adapter.outputs]
-    if request.outputs is None:
-        return Call(request.id, items, declared, set(declared) if binary_all else set(), timeout_s)
     wanted, as_binary, classification = [], set(), {}
-    for output in request.outputs:
+    for output in request.outputs or ():  # none, or an empty list (all gRPC can say): every output
         if output.name not in declared:
             raise BadRequest(f"{output.name}: no such output; {adapter.task} has {', '.join(declared)}")
         if output.name in wanted:
@@ -421,11 +420,27 @@ def prepare(request: InferenceRequest, tensors: dict[str, Any], engine: Engine, 
         if k is not None:
             if not adapter.classifies:
                 raise BadRequest(f"{output.name}.classification: {adapter.task} gives no class scores")
-            if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-                raise BadRequest(f"{output.name}.classification must be a number of classes >= 1, got {shown(k)}")
+            if output.name != "SCORES":
+                raise BadRequest(f"{output.name}.classification: it applies to SCORES, the class scores; ask it there")
+            if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_CLASSIFICATION:
+                raise BadRequest(
+                    f"{output.name}.classification must be a number of classes from 1 to {MAX_CLASSIFICATION}, "
+                    f"got {shown(k)}"
+                )
             classification[output.name] = k
         wanted.append(output.name)
-    return Call(request.id, items, wanted, as_binary, timeout_s, classification)
+    if not wanted:
+        wanted, as_binary = declared, set(declared) if binary_all else set()
+    columns = None
+    asked = parameters.get("top_k", task.request_model.model_fields["top_k"].default if classification else None)
+    if classification and type(asked) is int and asked < max(classification.values()):
+        parameters["top_k"], columns = max(classification.values()), asked  # the k classes, computed once
+    rows = max(_rows(tensors[name]) for name in tensors)
+    if rows > max_rows:
+        raise BadRequest(f"the batch has {rows} rows; at most {max_rows} per request (max_files_per_request)")
+    items = [(_validate(task, fields), files) for fields, files in adapter.items(tensors, parameters)]
+    adapter.check_rows([options for options, _ in items])
+    return Call(request.id, items, wanted, as_binary, timeout_s, classification, columns)
 
 
 def _rows(tensor: Any) -> int:
@@ -466,15 +481,20 @@ def _validate(task: AnyTask, fields: dict[str, Any]) -> TaskRequest:
 def outputs_of(adapter: Adapter, encoded: list[Any], call: Call) -> list[Output]:
     """The outputs the call asked for, in its order; Triton's classification strings where it asked for them."""
     outputs: dict[str, Output] = {o.name: o for o in adapter.results(encoded)}
-    return [
-        classified(outputs, name, call.classification[name]) if name in call.classification else outputs[name]
-        for name in call.outputs
-    ]
+    chosen = []
+    for name in call.outputs:
+        output = outputs[name]
+        if name in call.classification:
+            output = classified(outputs, name, call.classification[name])
+        elif call.columns is not None and name in TOP_K_OUTPUTS:  # top_k's width, though a classification asked more
+            output = Output(name, output.datatype, output.array[:, : call.columns])
+        chosen.append(output)
+    return chosen
 
 
 def classified(outputs: dict[str, Output], name: str, k: int) -> Output:
-    """Triton's classification extension: per row, the best ``k`` classes (at most the top_k the request asked
-    for) as "score:index:label" strings, best first."""
+    """Triton's classification extension: per row, the best ``k`` classes as "score:index:label" strings, best
+    first (the items asked for k classes at least: ``prepare``)."""
     scores, indices, labels = (outputs[n].array[:, :k] for n in ("SCORES", "INDICES", "LABELS"))
     array = np.empty(scores.shape, dtype=object)
     for row in np.ndindex(scores.shape):

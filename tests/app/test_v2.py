@@ -493,3 +493,56 @@ def test_triton_config_statistics_and_classification_over_http(
         score, index, label = row[0].decode().split(":")
         assert int(index) == indices[0] and 0 < float(score) <= 1 and label
     assert {"model_configuration", "statistics", "classification"} <= set(client.get_server_metadata()["extensions"])
+
+
+def test_a_classification_asks_for_its_k_classes_and_applies_to_scores_alone(
+    client: triton.InferenceServerClient, demo_server: LiveServer
+) -> None:
+    """Triton's class_count is the number of classes the caller gets: 8 of the model's 10 (it was capped at the
+    request's top_k, 5 by default), while the plain outputs keep top_k's width; on LABELS or INDICES, which are
+    classes already, it is a 400 (it relabelled their column with scores)."""
+    image = tensor("IMAGE", strings(CAT), "BYTES", True)
+    outputs = [triton.InferRequestedOutput("SCORES", class_count=8), triton.InferRequestedOutput("LABELS")]
+    result = client.infer("classify.learned", [image], outputs=outputs)
+    every = client.infer("classify.learned", [image], parameters={"top_k": 8})  # the same 8 classes, plainly
+    classes = [c.decode().split(":") for c in result.as_numpy("SCORES")[0]]
+    assert len(classes) == 8 and result.as_numpy("LABELS").shape == (1, 5)
+    assert [(int(i), label) for _, i, label in classes] == list(
+        zip(every.as_numpy("INDICES")[0].tolist(), (b.decode() for b in every.as_numpy("LABELS")[0]), strict=True)
+    )
+    assert [row.decode() for row in result.as_numpy("LABELS")[0]] == [label for _, _, label in classes[:5]]
+    for name in ("LABELS", "INDICES"):
+        body = {"inputs": [{"name": "TEXT", "shape": [1], "datatype": "BYTES", "data": ["hi"]}]}
+        body["outputs"] = [{"name": name, "parameters": {"classification": 3}}]
+        with demo_server.client() as c:
+            r = c.post("/v2/models/classify-text/infer", json=body)
+        assert r.status_code == 400 and "it applies to SCORES" in r.json()["error"], r.text
+
+
+def test_an_empty_outputs_list_asks_for_every_output_as_grpc_does(demo_server: LiveServer) -> None:
+    """The spec: "if not specified all outputs produced by the model will be returned"; gRPC cannot tell an
+    empty list from none, and over REST [] answered no outputs at all."""
+    body = {"inputs": [{"name": "TEXT", "shape": [1], "datatype": "BYTES", "data": ["hi"]}], "outputs": []}
+    r = rest(demo_server, "/v2/models/classify-text/infer", json=body)
+    assert r.status_code == 200 and [o["name"] for o in r.json()["outputs"]] == ["LABELS", "SCORES", "INDICES"]
+
+
+@pytest.mark.parametrize(
+    ("model", "parameter", "said"),
+    [
+        ("autoencode", {"reconstruction": "npz"}, "reconstructions are REST only: POST /v1/autoencode"),
+        ("classify.learned", {"model": "fourier"}, "the model is the one the path names"),
+        ("fill-mask", {"text": "a [MASK]"}, "the text is the TEXT input's"),
+    ],
+)
+def test_a_v1_field_that_v2_answers_another_way_is_a_400_that_says_how(
+    demo_server: LiveServer, model: str, parameter: dict[str, str], said: str
+) -> None:
+    """A reconstruction asked for was a 200 without one: the parameter was dropped without a word."""
+    name = {"autoencode": "VIDEO", "classify.learned": "IMAGE", "fill-mask": "TEXT"}[model]
+    body = {"inputs": [{"name": name, "shape": [1], "datatype": "BYTES", "data": ["x"]}], "parameters": parameter}
+    with demo_server.client() as c:
+        r = c.post(f"/v2/models/{model}/infer", json=body)
+    (key,) = parameter
+    assert r.status_code == 400 and r.json()["error"].startswith(f"parameters {key}: not a parameter of /v2"), r.text
+    assert said in r.json()["error"]
