@@ -266,7 +266,7 @@ class InferenceService:
             async def disconnected() -> None:
                 await done.wait()
 
-            caller = Caller(None, disconnected, scope["state"], now)
+            caller = Caller(None, disconnected, scope["state"], now, item="row")
             encoded = await run_items(caller, runtime, engine, call.items, deadline)
         finally:
             runtime.inflight -= 1

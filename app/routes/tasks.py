@@ -109,6 +109,7 @@ class Caller:
     disconnected: Callable[[], Awaitable[None]]  # returns once the client has gone away
     state: dict[str, Any]  # the request's state: the pipeline leaves its timings there ("timing")
     started: float  # monotonic: when the request reached the server
+    item: str = "input"  # what an error calls one of several items: a REST upload, a v2 or gRPC tensor's "row"
 
 
 def caller_of(request: Request) -> Caller:
@@ -164,14 +165,14 @@ async def _run_items(
     with span(tracing, "decode", items=len(items)):
         if task.decode_offloaded:
             decodes = (
-                _decoded(i, len(items), runtime.decode(deadline, run_decode, task.name, *it, ctx))
+                _decoded(i, len(items), caller.item, runtime.decode(deadline, run_decode, task.name, *it, ctx))
                 for i, it in enumerate(items)
             )
             payloads = await asyncio.gather(*decodes)
         else:
             payloads = []
             for i, (o, f) in enumerate(items):
-                with _which(i, len(items)):
+                with which(i, len(items), caller.item):
                     payloads.append(task.decode(o, f, ctx))
     decoded = time.monotonic()
     results = await run_watched(caller, engine, payloads, deadline)
@@ -190,13 +191,13 @@ async def _run_items(
     return encoded
 
 
-def _which(index: int, count: int) -> contextlib.AbstractContextManager[None]:
+def which(index: int, count: int, item: str = "input") -> contextlib.AbstractContextManager[None]:
     """Of several inputs in one request (images, texts, v2 rows), the error of one names it (it named none)."""
-    return naming(f"input {index + 1} of {count}") if count > 1 else contextlib.nullcontext()
+    return naming(f"{item} {index + 1} of {count}") if count > 1 else contextlib.nullcontext()
 
 
-async def _decoded(index: int, count: int, decode: Awaitable[Any]) -> Any:
-    with _which(index, count):
+async def _decoded(index: int, count: int, item: str, decode: Awaitable[Any]) -> Any:
+    with which(index, count, item):
         return await decode
 
 

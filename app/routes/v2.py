@@ -12,7 +12,7 @@ from __future__ import annotations
 import difflib
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Annotated, Any, Literal
 
 import numpy as np
@@ -44,7 +44,7 @@ from ..oip.tensors import (
 from ..runtime import Runtime
 from ..tasks.base import TaskRequest, error_location
 from .requests import refuse_compressed
-from .tasks import AnyTask, caller_of, run_items, runtime_of
+from .tasks import AnyTask, caller_of, run_items, runtime_of, which
 
 VERSION = "1"  # one version per served model
 SERVER_NAME = "perceiver-serve"
@@ -341,7 +341,7 @@ async def infer(request: Request, model_name: str, model_version: str | None) ->
         call = _parse_and_prepare(body, header_length, engine, max_rows)
     if call.timeout_s is not None:
         deadline = min(deadline, time.monotonic() + call.timeout_s)
-    encoded = await run_items(caller_of(request), runtime, engine, call.items, deadline)
+    encoded = await run_items(replace(caller_of(request), item="row"), runtime, engine, call.items, deadline)
     head = response_head(engine, model_name, call.id)
     if task.encode_offloaded:
         content, headers, media = await runtime.offload(deadline, _finish, adapter, encoded, head, call)
@@ -438,7 +438,11 @@ def prepare(request: InferenceRequest, tensors: dict[str, Any], engine: Engine, 
     rows = max(_rows(tensors[name]) for name in tensors)
     if rows > max_rows:
         raise BadRequest(f"the batch has {rows} rows; at most {max_rows} per request (max_files_per_request)")
-    items = [(_validate(task, fields), files) for fields, files in adapter.items(tensors, parameters)]
+    rows_given = adapter.items(tensors, parameters)
+    items = []
+    for i, (fields, files) in enumerate(rows_given):
+        with which(i, len(rows_given), "row"):
+            items.append((_validate(task, fields), files))
     adapter.check_rows([options for options, _ in items])
     return Call(request.id, items, wanted, as_binary, timeout_s, classification, columns)
 

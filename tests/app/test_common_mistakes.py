@@ -113,6 +113,13 @@ def test_of_several_inputs_the_error_names_the_one_it_is_about(client: httpx.Cli
     assert r.status_code == 422 and message(r).startswith("input 2 of 2: the text has no [MASK]"), r.text
     r = client.post("/v1/fill-mask", json={"text": "no mask here"})  # one input: nothing to tell apart
     assert r.status_code == 422 and message(r).startswith("the text has no [MASK]"), r.text
+    # v2's items are a tensor's rows: "row", as the protocol says it (an "input" there is a tensor)
+    texts = {"name": "TEXT", "shape": [3], "datatype": "BYTES", "data": ["a [MASK] b", "", "no mask"]}
+    r = client.post("/v2/models/fill-mask/infer", json={"inputs": [texts]})
+    assert r.status_code == 400 and r.json()["error"].startswith("row 2 of 3: TEXT: String should have"), r.text
+    texts["data"] = ["a [MASK] b", "x [MASK]", "no mask"]
+    r = client.post("/v2/models/fill-mask/infer", json={"inputs": [texts]})
+    assert r.status_code == 400 and r.json()["error"].startswith("row 3 of 3: the text has no [MASK]"), r.text
 
 
 def test_an_invalid_text_gets_one_problem_at_the_place_it_was_sent(client: httpx.Client) -> None:
@@ -133,7 +140,8 @@ def test_an_invalid_text_gets_one_problem_at_the_place_it_was_sent(client: httpx
     assert r.status_code == 422 and message(r).startswith("the query string has a parameter without a name"), r.text
     row = {"name": "TEXT", "shape": [2], "datatype": "BYTES", "data": ["a [MASK]", ""]}
     r = client.post("/v2/models/fill-mask/infer", json={"inputs": [row]})
-    assert r.status_code == 400 and r.json()["error"] == "TEXT: String should have at least 1 character", r.text
+    said = r.json()["error"]
+    assert r.status_code == 400 and said == "row 2 of 2: TEXT: String should have at least 1 character", r.text
 
 
 def test_a_trailing_slash_is_a_404_that_names_the_right_path(client: httpx.Client) -> None:
