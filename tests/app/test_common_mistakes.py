@@ -152,7 +152,10 @@ def test_a_trailing_slash_is_a_404_that_names_the_right_path(client: httpx.Clien
     assert r.status_code == 404 and "/docs" in message(r)
 
 
-@pytest.mark.parametrize("path", ["/healthz", "/readyz"])
+@pytest.mark.parametrize(
+    "path",
+    ["/healthz", "/readyz", "/v2/health/ready", "/v2/models/fill-mask/ready", "/v2/models/fill-mask/versions/1/ready"],
+)
 def test_head_requests_to_the_probes_answer_200_without_a_body(client: httpx.Client, path: str) -> None:
     r = client.head(path)
     assert r.status_code == 200 and r.content == b""
