@@ -694,7 +694,9 @@ class Batcher(Generic[P, R]):
         for ticket, result in zip(ran, results, strict=True):
             ticket.inference_s = elapsed
             ticket.batch_size = len(ran)
-            if not ticket.future.done():
+            if ticket.cancelled:  # its request ended during the pass, which then skipped it: a partial result
+                self._drop(ticket, Cancelled("request cancelled during inference"))
+            elif not ticket.future.done():
                 ticket.future.set_result(result)
         if self._observer is not None:  # after the answers: a failing metric must not keep them waiting
             self._observer.batch(len(ran), sum(t.cost for t in ran), elapsed)

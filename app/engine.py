@@ -191,7 +191,7 @@ class Engine:
         except Expired as exc:
             raise DeadlineExceeded(str(exc)) from exc
         except Cancelled as exc:
-            raise ClientClosedRequest(f"request dropped before inference: {exc}") from exc
+            raise ClientClosedRequest(f"request dropped: {exc}") from exc
         except BatchError as exc:
             raise InferenceFailed(f"inference failed for this batch ({type(exc.__cause__).__name__})") from exc
         finally:

@@ -133,6 +133,26 @@ async def test_bounded_queue_refuses() -> None:
 
 
 @async_test
+async def test_a_request_that_ends_during_its_pass_gets_no_result_from_it() -> None:
+    """A client that leaves mid-pass: the pass skips it from then on (Task.predict asks batch.ended), so what it
+    returns for that request is partial. It must end in Cancelled, never be handed to the encoder as a result (an
+    autoencode request left mid-pass was a 500, KeyError 'video', or a 200 logged for a client that had gone)."""
+    tickets: list[object] = []
+
+    def run(payloads: Sequence[object], batch: Batch = EVERY) -> list[object]:
+        tickets[0].cancel()  # type: ignore[attr-defined]  # the client goes away during the pass
+        return [{} if batch.ended(i) else f"result:{p}" for i, p in enumerate(payloads)]
+
+    batcher = make(run, max_delay_s=0.05)  # type: ignore[arg-type]
+    batcher.start()
+    tickets.extend(batcher.submit(p) for p in ("gone", "stays"))
+    gone, stays = await asyncio.gather(*(t.future for t in tickets), return_exceptions=True)  # type: ignore[attr-defined]
+    assert isinstance(gone, Cancelled) and "during inference" in str(gone)
+    assert stays == "result:stays"
+    await batcher.stop()
+
+
+@async_test
 async def test_cancelled_and_expired_requests_never_reach_the_model() -> None:
     run = Recorder()
     batcher = make(run, max_delay_s=0.1)
