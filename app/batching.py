@@ -17,6 +17,7 @@ then make it refuse, so no noisy timing can lock a model out.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import statistics
@@ -265,18 +266,27 @@ class Lanes:
     The lowest free lane is taken first, so that one batch at a time always runs on the same thread: each
     thread that runs torch keeps its own OpenMP team, and a team left idle spins for a while after its last
     parallel region, against the team in use (alternating two threads made small forward passes 15% slower).
+
+    A lane released while batchers wait is handed to the one that has waited longest: first come, first served
+    between models. When every waiter woke to race for it, the batcher that won re-registered first each time (it
+    runs on without yielding), and kept the lanes for as long as it had a backlog: another model's requests
+    waited until they expired. Each lane also notes when its batch should end, so that a model's admission
+    counts the lanes that other models' batches hold.
     """
 
     def __init__(self, count: int, prefix: str = "inference-lane") -> None:
         self.executors = [ThreadPoolExecutor(1, thread_name_prefix=f"{prefix}-{i}") for i in range(count)]
         self._busy = [False] * count
-        self._waiters: list[asyncio.Future[None]] = []
+        self._ends: list[float | None] = [None] * count  # when each lane's batch should end (its batcher's clock)
+        self._waiters: collections.deque[asyncio.Future[int]] = collections.deque()
 
     def __len__(self) -> int:
         return len(self.executors)
 
     def acquire(self) -> int | None:
-        """The lowest free lane, now taken; None when every lane is busy."""
+        """The lowest free lane, now taken; None when every lane is busy or others wait for one already."""
+        if any(not w.done() for w in self._waiters):
+            return None  # theirs first
         for lane, busy in enumerate(self._busy):
             if not busy:
                 self._busy[lane] = True
@@ -284,17 +294,36 @@ class Lanes:
         return None
 
     def release(self, lane: int) -> None:
-        self._busy[lane] = False
-        waiters, self._waiters = self._waiters, []
-        for waiter in waiters:
+        """Hand the lane to the longest waiter, or free it."""
+        self._ends[lane] = None
+        while self._waiters:
+            waiter = self._waiters.popleft()
             if not waiter.done():
-                waiter.set_result(None)
+                waiter.set_result(lane)  # still busy: it is the waiter's now
+                return
+        self._busy[lane] = False
 
-    async def freed(self) -> None:
-        """Returns when a lane is released (every waiter wakes and tries again)."""
-        waiter = asyncio.get_running_loop().create_future()
+    async def turn(self) -> int:
+        """A lane, once one is handed to this caller (after those who asked before it)."""
+        waiter: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
-        await waiter
+        try:
+            return await waiter
+        except asyncio.CancelledError:  # stop() while waiting: a lane handed over meanwhile goes to the next
+            if waiter.done() and not waiter.cancelled():
+                self.release(waiter.result())
+            raise
+
+    def running_until(self, lane: int, end: float) -> None:
+        self._ends[lane] = end
+
+    def rest(self, now: float) -> float:
+        """Until the first lane frees, when every lane is busy: the soonest end among the lanes' batches, of
+        any model (0 when a lane is free, or one holds no batch yet)."""
+        if not all(self._busy):
+            return 0.0
+        ends = [end for end in self._ends if end is not None]
+        return max(0.0, min(ends) - now) if len(ends) == len(self._ends) else 0.0
 
     @property
     def running(self) -> int:
@@ -405,7 +434,9 @@ class Batcher(Generic[P, R]):
         """What admission decides from, now."""
         idle = self._idle_now()
         rest = 0.0
-        if self._busy_lanes() >= self.lanes and self._running:
+        if self._lanes is not None:  # the lanes are every CPU model's: another's batches hold them too
+            rest = self._lanes.rest(self._clock())
+        elif self._busy_lanes() >= self.lanes and self._running:
             now = self._clock()
             rest = max(0.0, min(expected - (now - started) for started, expected in self._running.values()))
         queued = self._queued_units + self._ahead_units  # a batch preparing is still work ahead of a new request
@@ -486,8 +517,11 @@ class Batcher(Generic[P, R]):
             if self._lanes is not None:
                 lane = self._lanes.acquire()
                 if lane is None:
-                    await self._lanes.freed()
-                    continue
+                    lane = await self._lanes.turn()
+                    if not self._queue:  # dropped while waiting for the lane: pass it on
+                        self._lanes.release(lane)
+                        self._maybe_idle()
+                        continue
             oldest = self._queue[0]
             # Wait for company until the batch is full or the oldest request's delay bound is reached.
             while not self._full(oldest.bucket):
@@ -637,6 +671,9 @@ class Batcher(Generic[P, R]):
         before_ended = self._pipeline_end  # prepared ahead: when the batch before this one ended
         if key not in self._running:  # prepared ahead, _pipeline registered it already
             self._running[key] = (self._clock(), self.service_time.batch_s(sum(t.units for t in batch)))
+            if self._lanes is not None and lane is not None:
+                started, expected = self._running[key]
+                self._lanes.running_until(lane, started + expected)
             if self.on_change is not None:
                 self.on_change()
         executor = self._lanes.executors[lane] if self._lanes is not None and lane is not None else self._executor

@@ -12,7 +12,7 @@ import httpx
 import pytest
 import torch
 
-from app.batching import EVERY, Batch, Batcher, Lanes
+from app.batching import EVERY, Batch, Batcher, Lanes, QueueFull, ServiceTime
 from app.cores import CoreShare
 
 from .asyncutil import async_test
@@ -78,6 +78,70 @@ async def test_a_model_waits_for_a_free_lane_when_others_hold_them_all() -> None
         await a.stop()
         await b.stop()
     finally:
+        lanes.shutdown()
+
+
+@async_test
+async def test_models_with_a_backlog_take_the_lanes_in_turn() -> None:
+    """Two models, each with a backlog, one lane: a released lane goes to the model that has waited longest.
+    When every waiter raced for it, the winner re-registered first each time (it runs on without yielding) and
+    kept the lane while it had work: the other model's requests waited until they expired."""
+    lanes = Lanes(1, prefix="lane")
+    try:
+        order: list[str] = []
+
+        def run(payloads: Sequence[object], batch: Batch = EVERY) -> list[object]:
+            order.append(str(payloads[0])[0])
+            time.sleep(0.01)
+            return list(payloads)
+
+        a = Batcher(run, lanes, max_batch_size=1, max_delay_s=0.0, max_queue=10)
+        b = Batcher(run, lanes, max_batch_size=1, max_delay_s=0.0, max_queue=10)
+        a.start(), b.start()
+        tickets = [a.submit(f"a{i}") for i in range(5)] + [b.submit(f"b{i}") for i in range(5)]
+        await asyncio.gather(*(t.future for t in tickets))
+        # a's loop waited for the lane before b's did, then they alternate (it was a five times, then b five times)
+        assert order == list("aababababb"), order
+        await a.stop()
+        await b.stop()
+    finally:
+        lanes.shutdown()
+
+
+@async_test
+async def test_a_models_admission_counts_the_lanes_another_models_batches_hold() -> None:
+    """One lane, held by a flow-like batch of another model (5 s by its estimate): a request for an idle model
+    would wait for it, so the queue-delay target refuses it, with a Retry-After of that wait. It counted the
+    model's own batches only: admitted at an estimated wait of 0, it waited out the other model's pass."""
+    lanes = Lanes(1, prefix="lane")
+    gate = threading.Event()
+    try:
+
+        def held(payloads: Sequence[object], batch: Batch = EVERY) -> list[object]:
+            gate.wait(30)
+            return list(payloads)
+
+        flow = Batcher(held, lanes, max_batch_size=1, max_delay_s=0.0, service_time=ServiceTime({1: 5.0}))
+        images = Batcher(
+            held, lanes, max_batch_size=1, max_delay_s=0.0, max_queue_delay_s=0.5, service_time=ServiceTime({1: 0.1})
+        )
+        flow.start(), images.start()
+        running = flow.submit("pair")
+        until = time.monotonic() + 10
+        while lanes.running == 0 or not flow.running:
+            assert time.monotonic() < until
+            await asyncio.sleep(0.01)
+        assert 4.5 < images.admission_state().rest_s <= 5.0
+        with pytest.raises(QueueFull) as refused:
+            images.admit(time.monotonic() + 30)
+        assert refused.value.retry_after_s >= 4.0, refused.value
+        gate.set()
+        assert await running.future == "pair"
+        images.admit(time.monotonic() + 30)  # the lane free again: admitted
+        await flow.stop()
+        await images.stop()
+    finally:
+        gate.set()
         lanes.shutdown()
 
 
