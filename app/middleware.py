@@ -158,13 +158,17 @@ class ObservabilityMiddleware:
             nonlocal received, body_done
             if body_done:  # later calls only watch for a disconnect
                 return await receive()
+            begun = state.get("prologue")  # a task request's own deadline (x-request-timeout-ms) bounds it too
+            deadline = body_deadline if begun is None else min(body_deadline, begun.deadline)
             try:
-                async with asyncio.timeout(max(0.0, body_deadline - time.monotonic())):
+                async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
                     message = await receive()
             except TimeoutError:
-                raise RequestTimeout(
-                    f"the request body did not arrive within {runtime.settings.request_timeout_s:g} s"
-                ) from None
+                within = f"within {runtime.settings.request_timeout_s:g} s"
+                if begun is not None and deadline < body_deadline:
+                    budget_ms = (begun.deadline - begun.started) * 1000
+                    within = f"before the request's deadline ({budget_ms:.0f} ms, x-request-timeout-ms)"
+                raise RequestTimeout(f"the request body did not arrive {within}") from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
