@@ -17,7 +17,7 @@ from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import errors, jsonlog
-from .errors import Draining, PayloadTooLarge, RequestTimeout, ServiceError
+from .errors import DeadlineExceeded, Draining, PayloadTooLarge, RequestTimeout, ServiceError
 from .runtime import Runtime
 from .tasks import TASKS
 
@@ -164,11 +164,15 @@ class ObservabilityMiddleware:
                 async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
                     message = await receive()
             except TimeoutError:
-                within = f"within {runtime.settings.request_timeout_s:g} s"
-                if begun is not None and deadline < body_deadline:
+                if begun is not None and deadline < body_deadline:  # the client's deadline: 504, as at any stage
                     budget_ms = (begun.deadline - begun.started) * 1000
-                    within = f"before the request's deadline ({budget_ms:.0f} ms, x-request-timeout-ms)"
-                raise RequestTimeout(f"the request body did not arrive {within}") from None
+                    raise DeadlineExceeded(
+                        f"the request body did not arrive before the request's deadline ({budget_ms:.0f} ms, "
+                        "x-request-timeout-ms)"
+                    ) from None
+                raise RequestTimeout(
+                    f"the request body did not arrive within {runtime.settings.request_timeout_s:g} s"
+                ) from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
