@@ -12,7 +12,7 @@ import contextlib
 import functools
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -140,6 +140,10 @@ class Engine:
         except QueueFull as exc:
             return self.overloaded(exc)
         return None
+
+    def reserve(self, units: int) -> Callable[[], None]:
+        """Count an admitted request as queued work while it decodes; call the result once it is queued."""
+        return self.batcher.reserve(units)
 
     def admit(self, deadline: float) -> None:
         """429 (Overloaded) if this model could not finish a request with this deadline."""

@@ -18,7 +18,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import errors, jsonlog
 from .errors import DeadlineExceeded, Draining, PayloadTooLarge, RequestTimeout, ServiceError
-from .runtime import Runtime
+from .runtime import Runtime, release
 from .tasks import TASKS
 
 QUIET_PATHS = ("/healthz", "/readyz", "/v2/health/", "/metrics")  # prefixes logged at DEBUG
@@ -205,6 +205,7 @@ class ObservabilityMiddleware:
             cut = Draining("the server stopped before this request finished (drain timeout); retry on another replica")
             await reject(runtime, cut, path, "")(scope, receive, send_wrapper)
         finally:
+            release(state)  # a request that ended before it was queued no longer counts as work ahead
             record()  # a response that never completed (the client left, or an error after it started)
             if task is not None:
                 runtime.inflight -= 1

@@ -18,7 +18,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -212,6 +212,11 @@ class RemoteEngine(Engine):
         assert self.client is not None
         return self.client
 
+    def reserve(self, units: int) -> Callable[[], None]:
+        """Not counted here: the model process's queue is what its table shows (a front end's decodes in
+        flight are its own; docs/front-ends.md)."""
+        return _nothing
+
     def refusal(self, deadline: float) -> Overloaded | None:
         written, state = self._client().table.read(self.index)
         why = channel.door(state, written, deadline, self.max_queue, self.max_queue_delay_s)
@@ -367,3 +372,7 @@ async def connect(runtime: Runtime, path: str) -> None:
     finally:
         releaser.cancel()
         client.close("the connection to the model process closed")
+
+
+def _nothing() -> None:
+    pass

@@ -156,3 +156,11 @@ def _timed_call(deadline: float, timer: Callable[[], float], fn: Callable[..., T
     started = timer()
     result = fn(*args)
     return result, timer() - started
+
+
+def release(state: dict[str, Any]) -> None:
+    """A request admitted at the door (admission.admit) is queued, or ends: its reading and decoding no longer
+    count as work ahead of others. Idempotent: the route calls it before queueing, the front end at the end."""
+    reservation = state.pop("reservation", None)
+    if reservation is not None:
+        reservation()

@@ -49,6 +49,7 @@ from ..routes.v2 import (
     served_models,
     v2_name,
 )
+from ..runtime import release
 from . import triton
 from .adapters import ADAPTERS
 from .protos import open_inference_grpc_pb2 as pb
@@ -239,6 +240,7 @@ class InferenceService:
         scope: dict[str, Any] = {"headers": [], "state": {"prologue": Prologue(deadline, now)}}
         engine, deadline = admit(scope, runtime, READY_PROBE, lambda: resolve(runtime, request.model_name, None))
         if request.model_version and request.model_version != VERSION:
+            release(scope["state"])
             raise ModelNotFound(
                 f"model {request.model_name!r} has version {VERSION} only, not {request.model_version!r}"
             )
@@ -269,6 +271,7 @@ class InferenceService:
             caller = Caller(None, disconnected, scope["state"], now, item="row")
             encoded = await run_items(caller, runtime, engine, call.items, deadline)
         finally:
+            release(scope["state"])  # ended before it was queued: no longer work ahead of others
             runtime.inflight -= 1
             runtime.metrics.inflight.set(runtime.inflight)
         response = pb.ModelInferResponse(

@@ -17,7 +17,7 @@ from ..admission import admit, begin
 from ..batching import Ticket
 from ..engine import Engine, RequestTiming
 from ..errors import DeadlineExceeded
-from ..runtime import Runtime
+from ..runtime import Runtime, release
 from ..tasks import TASKS, run_decode
 from ..tasks.base import DecodeContext, Reply, Task, TaskRequest, naming
 from .requests import read_task_request
@@ -162,6 +162,9 @@ async def _run_items(
     # not start, and the batcher's passes skip the requests that have ended (tasks.base.Task.predict).
     began = time.monotonic()
     task.check(items)
+    if task.decode_offloaded:  # the decode threads are a queue too: asked again, and counted until queued
+        engine.admit(deadline)  # the queue may have grown while the body arrived: refused before decoding
+        caller.state["reservation"] = engine.reserve(len(items))
     with span(tracing, "decode", items=len(items)):
         if task.decode_offloaded:
             decodes = (
@@ -222,6 +225,7 @@ def _split(task: AnyTask, files: dict[str, list[bytes]]) -> list[dict[str, bytes
 
 async def run_watched(caller: Caller, engine: Engine, payloads: list[Any], deadline: float) -> list[Any]:
     """``engine.run``, its tickets dropped as soon as the client goes away; the timings for the response."""
+    release(caller.state)  # queued from here on: counted by the queue itself
     tickets = engine.submit(payloads, deadline)
     watcher = asyncio.create_task(_watch_disconnect(caller, tickets))
     try:

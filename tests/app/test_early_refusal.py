@@ -3,11 +3,13 @@ the upload of every refused request was a tenth of the event loop's work at 30x 
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 
+import httpx
 import pytest
 
-from .conftest import MEDIA, LiveServer, occupy
+from .conftest import MEDIA, LiveServer, occupy, until
 
 CAT = (MEDIA / "cat.jpg").read_bytes()
 
@@ -117,3 +119,38 @@ def test_refusals_past_the_pace_wait_before_they_are_sent() -> None:
     pacer = RefusalPacer(per_s=3, pause_s=0.25)
     assert [pacer.pause(10.0 + i / 100) for i in range(5)] == [0.0, 0.0, 0.0, 0.25, 0.25]
     assert pacer.pause(11.05) == 0.0  # a new second: answered at once again
+
+
+def test_uploads_waiting_for_a_decode_thread_count_as_queued_work() -> None:
+    """The decode threads are a queue in front of the model's: with them all busy, the uploads that wait there
+    count against max_queue_size, so the third of four is refused at once, not decoded and then refused at the
+    model's queue (under 30x overload autoencode's refusals came 6-12 s late, and its answers waited 13 s)."""
+    server = LiveServer(demo_tasks=["classify"], max_queue_size=2).start()
+    gate = threading.Event()
+    try:
+        runtime = server.runtime
+        for _ in range(runtime.settings.decode_workers):  # every decode thread busy until the gate opens
+            runtime.decode_executor.submit(gate.wait, 60)
+        engine = runtime.engine_for("classify", "learned")
+        answers: list[httpx.Response] = []
+
+        def post() -> None:
+            answers.append(httpx.post(server.url + "/v1/classify", files={"image": ("c.jpg", CAT)}, timeout=60))
+
+        threads = [threading.Thread(target=post) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        until(lambda: len(answers) == 2, "two refused while the decode threads are held")
+        assert [r.status_code for r in answers] == [429, 429] and engine.batcher.admission_state().queue_len == 2
+        assert "queue holds 2 requests" in answers[0].json()["error"]["message"]
+        gate.set()
+        for thread in threads:
+            thread.join()
+        assert sorted(r.status_code for r in answers) == [200, 200, 429, 429]
+        until(lambda: engine.batcher.admission_state().queue_len == 0, "nothing left counted")  # none leaked
+        broken = httpx.post(server.url + "/v1/classify", files={"image": ("c.jpg", CAT[:500])}, timeout=60)
+        assert broken.status_code == 422  # a decode that fails leaves nothing counted either
+        assert engine.batcher.admission_state().queue_len == 0 and engine.batcher.admission_state().idle
+    finally:
+        gate.set()
+        server.stop()
