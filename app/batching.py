@@ -400,8 +400,8 @@ class Batcher(Generic[P, R]):
     ) -> Ticket[P, R]:
         """Queue one request (raises QueueFull); await ``ticket.future`` for its result. ``admit=False``: the
         request was admitted already (the second and later items of one request are not asked again)."""
-        if admit:
-            self.admit(deadline)
+        if admit:  # joining the queue now: the requests still decoding will join it after this one
+            self.admit(deadline, decoding_ahead=False)
         self._wake()
         future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
         ticket: Ticket[P, R] = Ticket(payload, cost, bucket, deadline, future, self._clock(), max(1, units))
@@ -431,8 +431,10 @@ class Batcher(Generic[P, R]):
 
         return release
 
-    def admit(self, deadline: float | None) -> None:
+    def admit(self, deadline: float | None, decoding_ahead: bool = True) -> None:
         """Refuse at the door (QueueFull) a request that the queue cannot hold or could not finish in time.
+        ``decoding_ahead``: the requests still decoding (``reserve``) count as ahead of this one, as they are of
+        one that is yet to decode; not of one that joins the queue now, before them.
 
         An idle model (nothing queued, and a lane free) admits every request: it would start at once, so
         the worst that can happen is its own 504, and no estimate, however wrong, can refuse it.
@@ -445,15 +447,17 @@ class Batcher(Generic[P, R]):
         throughput. The arithmetic is ``AdmissionState.refusal``'s, which front-end processes run on a
         snapshot of this state.
         """
-        if self._idle_now():
+        if self._idle_now(decoding_ahead):
             return
-        refusal = self.admission_state().refusal(deadline, self._clock(), self.max_queue, self.max_queue_delay_s)
+        state = self.admission_state(decoding_ahead)
+        refusal = state.refusal(deadline, self._clock(), self.max_queue, self.max_queue_delay_s)
         if refusal is not None:
             raise QueueFull(*refusal)
 
-    def admission_state(self) -> AdmissionState:
-        """What admission decides from, now."""
-        idle = self._idle_now()
+    def admission_state(self, decoding_ahead: bool = True) -> AdmissionState:
+        """What admission decides from, now (``decoding_ahead``: as ``admit``'s)."""
+        idle = self._idle_now(decoding_ahead)
+        pending = self._pending if decoding_ahead else 0
         rest = 0.0
         if self._lanes is not None:  # the lanes are every CPU model's: another's batches hold them too
             rest = self._lanes.rest(self._clock())
@@ -461,11 +465,11 @@ class Batcher(Generic[P, R]):
             now = self._clock()
             rest = max(0.0, min(expected - (now - started) for started, expected in self._running.values()))
         # a batch preparing is still work ahead of a new request, and so is one still decoding (``reserve``)
-        queued = self._queued_units + self._ahead_units + self._pending
+        queued = self._queued_units + self._ahead_units + pending
         per_unit = (self.service_time.per_unit(min(queued, self.max_batch_size)) or 0.0) if queued else 0.0
         return AdmissionState(
             idle,
-            len(self._queue) + len(self._ahead) + self._pending,
+            len(self._queue) + len(self._ahead) + pending,
             self.service_time.known,
             rest,
             queued * per_unit / self.lanes,
@@ -489,9 +493,11 @@ class Batcher(Generic[P, R]):
     def idle(self) -> bool:
         return not self._queue and not self._running and not self._ahead
 
-    def _idle_now(self) -> bool:
-        """A request queued now would start at once: nothing queued, preparing or decoding, and a lane free."""
-        return not self._queue and not self._ahead and not self._pending and self._busy_lanes() < self.lanes
+    def _idle_now(self, decoding_ahead: bool = True) -> bool:
+        """A request queued now would start at once: nothing queued, preparing or (``decoding_ahead``) decoding,
+        and a lane free."""
+        decoding = self._pending if decoding_ahead else 0
+        return not self._queue and not self._ahead and not decoding and self._busy_lanes() < self.lanes
 
     def _busy_lanes(self) -> int:
         return self._lanes.running if self._lanes is not None else len(self._running)

@@ -153,6 +153,25 @@ async def test_a_request_that_ends_during_its_pass_gets_no_result_from_it() -> N
 
 
 @async_test
+async def test_requests_still_decoding_are_ahead_of_a_new_one_and_behind_one_that_joins_the_queue() -> None:
+    """Two requests admitted while decoding (``reserve``): for a third asking now they are work ahead, 2 s of it
+    at 1 s an item, past its 2.3 s budget; for the first of them, joining the queue, the other is behind it (it
+    decodes still), so the idle model takes it. Counted ahead there too, it got a 429 with nothing queued."""
+    clock = Clock()
+    batcher = make(Recorder(), max_batch_size=1, max_delay_s=0.0, service_time=ServiceTime({1: 1.0}), clock=clock)
+    first, second = batcher.reserve(), batcher.reserve()
+    with pytest.raises(QueueFull):
+        batcher.admit(clock.now + 2.3)  # a new request: both decodes are ahead of it
+    first()  # the first is decoded: it joins the queue now, ahead of the second
+    batcher.start()
+    ticket = batcher.submit("first", deadline=clock.now + 2.3)
+    assert await ticket.future == "result:first"
+    second()
+    assert batcher.admission_state().idle
+    await batcher.stop()
+
+
+@async_test
 async def test_cancelled_and_expired_requests_never_reach_the_model() -> None:
     run = Recorder()
     batcher = make(run, max_delay_s=0.1)
