@@ -42,6 +42,16 @@ class JustStarted(float):
         return 0.0
 
 
+class AlwaysAhead(float):
+    """The end of a stand-in batch on a lane that is always ``rest`` seconds away (``Lanes.rest``: end - now)."""
+
+    def __new__(cls, rest: float) -> AlwaysAhead:
+        return super().__new__(cls, rest)
+
+    def __sub__(self, now: float) -> float:  # type: ignore[override]
+        return float(self)
+
+
 def occupy(engine: Engine, seconds: float) -> None:
     """Make ``engine`` busy, as if a batch that its estimates say takes ``seconds`` had just started (every lane
     of a CPU model's lanes is then taken): admission refuses by time, deterministically, whenever it is asked.
@@ -49,9 +59,9 @@ def occupy(engine: Engine, seconds: float) -> None:
     batcher = engine.batcher
     batcher.service_time = ServiceTime({1: seconds})
     batcher._running[BUSY] = (JustStarted(), seconds)
-    if batcher._lanes is not None:
-        while batcher._lanes.acquire() is not None:
-            pass
+    if batcher._lanes is not None:  # every lane, each ending ``seconds`` from whenever admission asks
+        while (lane := batcher._lanes.acquire()) is not None:
+            batcher._lanes.running_until(lane, AlwaysAhead(seconds))
 
 
 def release(engine: Engine) -> None:

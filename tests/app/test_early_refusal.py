@@ -149,8 +149,8 @@ def test_uploads_waiting_for_a_decode_thread_count_as_queued_work() -> None:
         assert sorted(r.status_code for r in answers) == [200, 200, 429, 429]
         until(lambda: engine.batcher.admission_state().queue_len == 0, "nothing left counted")  # none leaked
         broken = httpx.post(server.url + "/v1/classify", files={"image": ("c.jpg", CAT[:500])}, timeout=60)
-        assert broken.status_code == 422  # a decode that fails leaves nothing counted either
-        assert engine.batcher.admission_state().queue_len == 0 and engine.batcher.admission_state().idle
+        assert broken.status_code == 422  # a decode that fails leaves nothing counted either (released once
+        until(lambda: engine.batcher.admission_state().idle, "the failed decode no longer counted")  # answered)
     finally:
         gate.set()
         server.stop()
