@@ -50,7 +50,6 @@ VERSION = "1"  # one version per served model
 SERVER_NAME = "perceiver-serve"
 EXTENSIONS = ["binary_tensor_data", "parameters", "classification", "model_configuration", "statistics"]
 MAX_TIMEOUT_US = 10**12  # 11.6 days
-MAX_CLASSIFICATION = 1000  # classes in one classification output: top_k's own bound
 TOP_K_OUTPUTS = ("LABELS", "SCORES", "INDICES")
 BINARY = {"type": "string", "format": "binary"}
 
@@ -422,29 +421,43 @@ def prepare(request: InferenceRequest, tensors: dict[str, Any], engine: Engine, 
                 raise BadRequest(f"{output.name}.classification: {adapter.task} gives no class scores")
             if output.name != "SCORES":
                 raise BadRequest(f"{output.name}.classification: it applies to SCORES, the class scores; ask it there")
-            if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_CLASSIFICATION:
+            most = _most_classes(task)
+            if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= most:
                 raise BadRequest(
-                    f"{output.name}.classification must be a number of classes from 1 to {MAX_CLASSIFICATION}, "
-                    f"got {shown(k)}"
+                    f"{output.name}.classification must be a number of classes from 1 to {most}, got {shown(k)}"
                 )
             classification[output.name] = k
         wanted.append(output.name)
     if not wanted:
         wanted, as_binary = declared, set(declared) if binary_all else set()
-    columns = None
-    asked = parameters.get("top_k", task.request_model.model_fields["top_k"].default if classification else None)
-    if classification and type(asked) is int and asked < max(classification.values()):
-        parameters["top_k"], columns = max(classification.values()), asked  # the k classes, computed once
     rows = max(_rows(tensors[name]) for name in tensors)
     if rows > max_rows:
         raise BadRequest(f"the batch has {rows} rows; at most {max_rows} per request (max_files_per_request)")
-    rows_given = adapter.items(tensors, parameters)
-    items = []
-    for i, (fields, files) in enumerate(rows_given):
-        with which(i, len(rows_given), "row"):
-            items.append((_validate(task, fields), files))
+    items = _items(task, adapter, tensors, parameters)
+    columns = None
+    asked = getattr(items[0][0], "top_k", None) if classification else None  # as validated: "3" and 3.0 are 3
+    if asked is not None and asked < max(classification.values()):
+        parameters["top_k"], columns = max(classification.values()), asked  # the k classes, computed once
+        items = _items(task, adapter, tensors, parameters)
     adapter.check_rows([options for options, _ in items])
     return Call(request.id, items, wanted, as_binary, timeout_s, classification, columns)
+
+
+def _items(
+    task: AnyTask, adapter: Adapter, tensors: dict[str, Any], parameters: dict[str, Any]
+) -> list[tuple[TaskRequest, dict[str, bytes]]]:
+    rows = adapter.items(tensors, parameters)
+    items = []
+    for i, (fields, files) in enumerate(rows):
+        with which(i, len(rows), "row"):
+            items.append((_validate(task, fields), files))
+    return items
+
+
+def _most_classes(task: AnyTask) -> int:
+    """The most classes a classification may ask for: the task's own bound on top_k (1,000; autoencode's 700)."""
+    field = task.request_model.model_fields["top_k"]
+    return min(int(m.le) for m in field.metadata if getattr(m, "le", None) is not None)
 
 
 def _rows(tensor: Any) -> int:

@@ -511,6 +511,13 @@ def test_a_classification_asks_for_its_k_classes_and_applies_to_scores_alone(
         zip(every.as_numpy("INDICES")[0].tolist(), (b.decode() for b in every.as_numpy("LABELS")[0]), strict=True)
     )
     assert [row.decode() for row in result.as_numpy("LABELS")[0]] == [label for _, _, label in classes[:5]]
+    asked = client.infer("classify.learned", [image], outputs=outputs, parameters={"top_k": "3"})  # as validated
+    assert len(asked.as_numpy("SCORES")[0]) == 8 and asked.as_numpy("LABELS").shape == (1, 3)
+    body = {"inputs": [{"name": "VIDEO", "shape": [1], "datatype": "BYTES", "data": ["x"]}]}
+    body["outputs"] = [{"name": "SCORES", "parameters": {"classification": 701}}]  # autoencode's top_k: 700 at most
+    with demo_server.client() as c:
+        r = c.post("/v2/models/autoencode/infer", json=body)
+    assert r.status_code == 400 and "a number of classes from 1 to 700, got 701" in r.json()["error"], r.text
     for name in ("LABELS", "INDICES"):
         body = {"inputs": [{"name": "TEXT", "shape": [1], "datatype": "BYTES", "data": ["hi"]}]}
         body["outputs"] = [{"name": name, "parameters": {"classification": 3}}]
