@@ -81,13 +81,15 @@ def _server_class() -> Any:
                 left = runtime.settings.drain_timeout_s - waited
                 if runtime.idle():
                     log.info("drained in %.2fs; exiting", waited)
-                elif left <= 0:  # exit 1: requests were cut, not a clean drain (as a second signal)
+                elif left <= 0 and runtime.inflight:  # exit 1: requests were cut, not a clean drain
                     log.warning(
                         "drain timeout (%.0fs) with %d requests in flight: they get 503 draining; exit 1",
                         waited,
                         runtime.inflight,
                     )
                     self.exit_code = 1
+                elif left <= 0:  # only work whose requests had ended (a pass that skips them ends on its own)
+                    log.info("drain timeout (%.0fs) with no request in flight; exiting", waited)
                 else:
                     return bool(await super().on_tick(counter))
                 # uvicorn's shutdown then waits for the connections still answering, and cancels what is left:
@@ -125,9 +127,9 @@ def uvicorn_config(app: FastAPI, settings: Settings) -> Any:
 def _serve(settings: Settings, sockets: list[socket.socket] | None = None, model_socket: str | None = None) -> int:
     jsonlog.configure(settings.log_level)
     app = create_app(settings, model_socket=model_socket)
-    if sockets is None:  # one process: our socket, as the supervisor's, so that "::" answers IPv4 too
+    if sockets is None:  # one process: our sockets, as the supervisor's, so that "::" answers IPv4 too
         try:
-            sockets = [_listen(settings)]
+            sockets = _listen(settings)
         except OSError as exc:
             return _cannot_listen(settings, exc)
         log.info("listening on %s:%d", settings.host, settings.port)
@@ -150,17 +152,17 @@ def die_with_parent(parent: int) -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
-def _worker(settings_json: str, sock: socket.socket, parent: int) -> None:
+def _worker(settings_json: str, sockets: list[socket.socket], parent: int) -> None:
     die_with_parent(parent)
-    sys.exit(_serve(Settings.model_validate_json(settings_json), [sock]))
+    sys.exit(_serve(Settings.model_validate_json(settings_json), sockets))
 
 
-def _front_end(settings_json: str, sock: socket.socket, model_socket: str, parent: int) -> None:
+def _front_end(settings_json: str, sockets: list[socket.socket], model_socket: str, parent: int) -> None:
     import torch
 
     die_with_parent(parent)
     torch.set_num_threads(1)  # a front end decodes in its own threads; the cores' torch threads are the model's
-    sys.exit(_serve(Settings.model_validate_json(settings_json), [sock], model_socket))
+    sys.exit(_serve(Settings.model_validate_json(settings_json), sockets, model_socket))
 
 
 def _model_process(settings_json: str, path: str, parent: int) -> None:
@@ -181,21 +183,29 @@ def _model_process(settings_json: str, path: str, parent: int) -> None:
         sys.exit(runner.run(model_process.serve(settings, path)))
 
 
-def _listen(settings: Settings) -> socket.socket:
-    """The listening socket. Host ``::`` is every address of both stacks, as ``0.0.0.0`` is of IPv4: asyncio's
-    own IPv6 sockets answer IPv6 only, so a probe or HEALTHCHECK on 127.0.0.1 or the pod's IPv4 got no answer."""
-    family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+def _listen(settings: Settings) -> list[socket.socket]:
+    """The listening sockets: one per address the host names, as asyncio binds them (``localhost``: 127.0.0.1
+    and ::1). Host ``::`` is every address of both stacks, as ``0.0.0.0`` is of IPv4: asyncio's own IPv6 sockets
+    answer IPv6 only, so a probe or HEALTHCHECK on 127.0.0.1 or the pod's IPv4 got no answer."""
+    host = settings.host.strip("[]")
+    found = socket.getaddrinfo(host, settings.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    addresses = list(dict.fromkeys((family, address[:2]) for family, _, _, _, address in found))
+    sockets: list[socket.socket] = []
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if family == socket.AF_INET6 and _unspecified(settings.host.strip("[]")):
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-        sock.bind((settings.host.strip("[]"), settings.port))
-        sock.listen(2048)
+        for family, address in addresses:
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:  # "::" alone: both stacks; beside the name's IPv4 address: IPv6 only
+                both = _unspecified(host) and len(addresses) == 1
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if both else 1)
+            sock.bind(address)
+            sock.listen(2048)
     except OSError:
-        sock.close()
+        for sock in sockets:
+            sock.close()
         raise
-    return sock
+    return sockets
 
 
 def _unspecified(host: str) -> bool:
@@ -224,10 +234,11 @@ def _supervise(settings: Settings) -> int:
     from prometheus_client import multiprocess
 
     try:
-        sock = _listen(settings)
+        sockets = _listen(settings)
     except OSError as exc:
         return _cannot_listen(settings, exc)
-    sock.set_inheritable(True)
+    for sock in sockets:
+        sock.set_inheritable(True)
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="perceiver-metrics-")
     context = multiprocessing.get_context("spawn")  # never fork a process that may hold a CUDA context
     fronts = settings.front_end_processes()
@@ -240,12 +251,12 @@ def _supervise(settings: Settings) -> int:
         path = os.path.join(tempfile.mkdtemp(prefix="perceiver-model-"), "model.sock")
         last = [context.Process(target=_model_process, args=(payload, path, me), name="model")]
         procs = [
-            context.Process(target=_front_end, args=(payload, sock, path, me), name=f"front-end-{i}")
+            context.Process(target=_front_end, args=(payload, sockets, path, me), name=f"front-end-{i}")
             for i in range(fronts)
         ]
     else:
         procs = [
-            context.Process(target=_worker, args=(payload, sock, me), name=f"worker-{i}")
+            context.Process(target=_worker, args=(payload, sockets, me), name=f"worker-{i}")
             for i in range(settings.workers)
         ]
     stopping = False
@@ -284,7 +295,8 @@ def _supervise(settings: Settings) -> int:
                 log.error("%s exited with %s; stopping", proc.name, proc.exitcode)
                 forward(signal.SIGTERM, None)
         time.sleep(0.2)
-    sock.close()
+    for sock in sockets:
+        sock.close()
     if fronts:
         shutil.rmtree(os.path.dirname(path), ignore_errors=True)
     shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)  # one folder a start, left in /tmp
