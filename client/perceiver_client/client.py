@@ -26,6 +26,7 @@ from .models import Classification, FilledText, Flow, ModelInfo, VideoClassifica
 T = TypeVar("T")
 File = bytes | str | os.PathLike[str] | IO[bytes]
 RETRY_STATUSES = frozenset({429, 503})
+NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)  # safe to send again: retried
 DEFAULT_TIMEOUT_S = 60.0
 
 
@@ -164,7 +165,7 @@ class _Base:
     ) -> float | None:
         """Seconds to wait before retrying, or None to give up now."""
         if isinstance(response, httpx.TransportError):  # only what never reached the server is safe to send again
-            if not isinstance(response, (httpx.ConnectError, httpx.ConnectTimeout)):
+            if not isinstance(response, NOT_SENT):
                 return None
         elif response.status_code not in RETRY_STATUSES:
             return None
@@ -199,7 +200,7 @@ class _Base:
         where = f"{call.method} {call.path}"
         if isinstance(exc, httpx.TimeoutException) and deadline is not None and time.monotonic() >= deadline:
             return DeadlineExceeded(f"{where}: the deadline passed before an answer came")
-        if isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout)):
+        if isinstance(exc, NOT_SENT):
             return ConnectionFailed(
                 f"{where}: cannot reach the server ({exc or type(exc).__name__})", attempts=attempts
             )
@@ -223,7 +224,8 @@ class _Base:
     def _classify_many(
         images: Sequence[File], top_k: int, model: str | None, timeout_ms: float | None
     ) -> _Call[list[Classification]]:
-        if isinstance(images, (str, bytes, os.PathLike)):  # a str is a Sequence[str] to a type checker too
+        # one image given alone (a str is a Sequence[str] to a type checker too)
+        if isinstance(images, (str, bytes, bytearray, os.PathLike)) or hasattr(images, "read"):
             raise TypeError("classify_many takes a list of images; for one image, call classify")
 
         def parse(body: dict[str, Any]) -> list[Classification]:

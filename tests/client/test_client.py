@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import http.server
+import io
 import itertools
 import shutil
 import socket
@@ -322,7 +323,7 @@ def test_a_200_whose_body_is_not_the_answer_is_a_clients_error() -> None:
 
 def test_classify_many_refuses_one_image_given_alone() -> None:
     with Client("http://127.0.0.1:9") as client:  # refused before anything is sent
-        for one in (str(MEDIA / "cat.jpg"), MEDIA / "cat.jpg", b"\xff\xd8"):
+        for one in (str(MEDIA / "cat.jpg"), MEDIA / "cat.jpg", b"\xff\xd8", bytearray(b"\xff"), io.BytesIO(b"\xff")):
             with pytest.raises(TypeError, match="for one image, call classify"):
                 client.classify_many(one)
 
