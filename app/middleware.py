@@ -22,6 +22,9 @@ from .runtime import Runtime, release
 from .tasks import TASKS
 
 QUIET_PATHS = ("/healthz", "/readyz", "/v2/health/", "/metrics")  # prefixes logged at DEBUG
+# A body cut off unread: the connection closes after the answer. Kept alive, uvicorn reads and drops the rest of
+# the body, and each byte that comes restarts its keep-alive timer: a client trickling bytes held it for ever.
+CLOSE = {"Connection": "close"}
 
 log = logging.getLogger("perceiver.server")
 # Request ids: a random per-process prefix and a counter (uuid4 per request costs a syscall each).
@@ -168,15 +171,16 @@ class ObservabilityMiddleware:
                     budget_ms = (begun.deadline - begun.started) * 1000
                     raise DeadlineExceeded(
                         f"the request body did not arrive before the request's deadline ({budget_ms:.0f} ms, "
-                        "x-request-timeout-ms)"
+                        "x-request-timeout-ms)",
+                        CLOSE,
                     ) from None
                 raise RequestTimeout(
-                    f"the request body did not arrive within {runtime.settings.request_timeout_s:g} s"
+                    f"the request body did not arrive within {runtime.settings.request_timeout_s:g} s", CLOSE
                 ) from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
-                    raise PayloadTooLarge(f"request body exceeds {limit} bytes")
+                    raise PayloadTooLarge(f"request body exceeds {limit} bytes", CLOSE)
                 body_done = not message.get("more_body", False)
             return message
 
