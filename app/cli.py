@@ -187,8 +187,8 @@ def _listen(settings: Settings) -> list[socket.socket]:
     """The listening sockets: one per address the host names, as asyncio binds them (``localhost``: 127.0.0.1
     and ::1). Host ``::`` is every address of both stacks, as ``0.0.0.0`` is of IPv4: asyncio's own IPv6 sockets
     answer IPv6 only, so a probe or HEALTHCHECK on 127.0.0.1 or the pod's IPv4 got no answer."""
-    host = settings.host.strip("[]")
-    found = socket.getaddrinfo(host, settings.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    host = settings.host.strip("[]")  # "" is every interface, of both stacks, as asyncio reads it
+    found = socket.getaddrinfo(host or None, settings.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     addresses = list(dict.fromkeys((family, address[:2]) for family, _, _, _, address in found))
     sockets: list[socket.socket] = []
     try:

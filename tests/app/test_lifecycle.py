@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from app.cli import SAME_SIGNAL_S
+from app.cli import SAME_SIGNAL_S, _listen
 from app.settings import Settings, load_settings
 
 from .conftest import MEDIA, free_port, metric, until
@@ -243,6 +243,23 @@ def test_the_port_in_use_is_one_line_and_exit_3_with_one_process_or_several(tmp_
         assert server.proc.wait(timeout=120) == 3
     errors = [json.loads(line) for line in server.log.read_text().splitlines() if '"ERROR"' in line]
     assert [e["msg"] for e in errors] == [f"cannot listen on 127.0.0.1:{port}: Address already in use"]
+
+
+def test_the_host_is_every_address_it_names() -> None:
+    """As asyncio reads a host: "" is every interface of both stacks, "::" alone both stacks on one socket,
+    an address itself; the sockets bound are those (an empty host was an error, a host name one of its addresses)."""
+    families = {info[0] for info in socket.getaddrinfo(None, 80, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)}
+    for host, expected in (("", {("0.0.0.0", socket.AF_INET), ("::", socket.AF_INET6)}), ("127.0.0.1", None)):
+        sockets = _listen(Settings(host=host, port=free_port()))
+        try:
+            bound = {(s.getsockname()[0], s.family) for s in sockets}
+        finally:
+            for sock in sockets:
+                sock.close()
+        if expected is None:
+            assert bound == {("127.0.0.1", socket.AF_INET)}
+        else:
+            assert bound == {(a, f) for a, f in expected if f in families}, bound
 
 
 def test_host_all_ipv6_addresses_answers_ipv4_too(tmp_path: Path) -> None:
