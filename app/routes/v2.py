@@ -42,6 +42,7 @@ from ..oip.tensors import (
     parse_infer_request,
 )
 from ..runtime import Runtime
+from ..tasks import TASKS
 from ..tasks.base import TaskRequest, error_location
 from .requests import refuse_compressed
 from .tasks import AnyTask, caller_of, run_items, runtime_of, which
@@ -104,7 +105,7 @@ class RepositoryIndexRequest(BaseModel):
 class RepositoryModel(BaseModel):
     name: str
     version: str
-    state: Literal["READY", "UNAVAILABLE"]
+    state: Literal["READY", "UNAVAILABLE", "LOADING"]
     reason: str
 
 
@@ -136,6 +137,17 @@ def v2_name(engine: Engine) -> str:
 
 def served_models(runtime: Runtime) -> list[Engine]:
     return [e for e in runtime.engines() if e.task.name in ADAPTERS]
+
+
+def configured_names(runtime: Runtime) -> list[str]:
+    """The v2 names of the models the settings ask for, known before any is loaded."""
+    settings = runtime.settings
+    if settings.demo:
+        chosen = [t for t in TASKS.values() if settings.demo_tasks is None or t.name in settings.demo_tasks]
+        pairs = [(t.name, variant) for t in chosen for variant in t.demo_configs]
+    else:
+        pairs = [(m.task, m.variant) for m in settings.models]
+    return [task if variant == "default" else f"{task}.{variant}" for task, variant in pairs if task in ADAPTERS]
 
 
 def resolve(runtime: Runtime, name: str, version: str | None) -> Engine:
@@ -255,7 +267,13 @@ async def repository_index(request: Request) -> list[RepositoryModel]:
         raise BadRequest(f"not a repository index request: {_problems(exc)}") from None
     index = []
     ok = model_ready(runtime)
-    for engine in served_models(runtime):
+    engines = served_models(runtime)
+    if not engines and not runtime.ready and not options.ready:  # loading: as Triton lists them, by name
+        loading = "loading" if runtime.load_error is None else "failed to load"
+        return [
+            RepositoryModel(name=n, version=VERSION, state="LOADING", reason=loading) for n in configured_names(runtime)
+        ]
+    for engine in engines:
         if ok or not options.ready:
             reason = "" if ok else ("draining" if runtime.draining else "loading")
             index.append(RepositoryModel(name=v2_name(engine), version=VERSION, state=_state(ok), reason=reason))

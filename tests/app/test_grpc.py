@@ -357,6 +357,10 @@ def test_model_ready_while_the_models_load_says_not_ready_as_rest_does() -> None
         assert client.is_server_ready() is False and client.is_server_live()
         with httpx.Client(base_url=server.url) as rest:
             assert rest.get("/v2/models/classify-text/ready").json() == {"name": "classify-text", "ready": False}
+            # the repository index names what is loading, as Triton's does (it listed nothing)
+            loading = {"name": "classify-text", "version": "1", "state": "LOADING", "reason": "loading"}
+            assert rest.post("/v2/repository/index").json() == [loading]
+            assert rest.post("/v2/repository/index", json={"ready": True}).json() == []
         gate.set()
         until(lambda: client.is_server_ready(), "ready")
         assert client.is_model_ready("classify-text") is True
