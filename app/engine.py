@@ -120,7 +120,7 @@ class Engine:
     # Read on every request: computed once (a head's device walks its parameters: 30 us a request).
     @functools.cached_property
     def name(self) -> str:
-        return self.task.name if self.variant == "default" else f"{self.task.name}/{self.variant}"
+        return served_name(self.task.name, self.variant)
 
     @functools.cached_property
     def device(self) -> str:
@@ -313,6 +313,11 @@ def prepares_ahead(setting: bool, task: AnyTask, model: PerceiverHead, on_lanes:
     (nvJPEG's decode) whose work can overlap a forward pass, i.e. on CUDA, one batch at a time. A seam:
     benchmarks/knobs.py's model of sleeps turns it on for the CPU."""
     return setting and task.prepares and model.device.type == "cuda" and not on_lanes
+
+
+def served_name(task: str, variant: str) -> str:
+    """A model's name in the API: its task, and its variant unless that is ``default`` (classify/learned)."""
+    return task if variant == "default" else f"{task}/{variant}"
 
 
 def _read_outcome(future: asyncio.Future[Any]) -> None:

@@ -23,7 +23,7 @@ from perceiver_core.graphs import enable_cuda_graphs
 
 from . import memory
 from .batching import ServiceTime
-from .engine import BatchPolicy, Engine, build_engine, make_runner
+from .engine import BatchPolicy, Engine, build_engine, make_runner, served_name
 from .settings import Settings
 from .tasks import TASKS, Task
 
@@ -96,7 +96,12 @@ class LoadedModel:
 
     @property
     def name(self) -> str:
-        return self.task.name if self.variant == "default" else f"{self.task.name}/{self.variant}"
+        return served_name(self.task.name, self.variant)
+
+
+def demo_tasks(settings: Settings) -> list[Task]:
+    """The tasks the demo profile serves: every one, or those PERCEIVER_DEMO_TASKS names."""
+    return [t for t in TASKS.values() if settings.demo_tasks is None or t.name in settings.demo_tasks]
 
 
 def build_models(settings: Settings) -> list[LoadedModel]:
@@ -107,7 +112,7 @@ def build_models(settings: Settings) -> list[LoadedModel]:
     loaded: list[LoadedModel] = []
     if settings.demo:
         dtype_name = settings.resolved_dtype()
-        tasks = [t for t in TASKS.values() if settings.demo_tasks is None or t.name in settings.demo_tasks]
+        tasks = demo_tasks(settings)
         log.warning(
             "demo profile: no models configured, serving small RANDOMLY INITIALISED models for %s; "
             "their predictions are meaningless (set PERCEIVER_MODELS or --config to serve real checkpoints)",

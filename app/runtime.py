@@ -159,8 +159,9 @@ def _timed_call(deadline: float, timer: Callable[[], float], fn: Callable[..., T
 
 
 def release(state: dict[str, Any]) -> None:
-    """A request admitted at the door (admission.admit) is queued, or ends: its reading and decoding no longer
-    count as work ahead of others. Idempotent: the route calls it before queueing, the front end at the end."""
+    """A request whose inputs were counted as queued work while they decode (``Engine.reserve``, in the routes'
+    pipeline once the body is in) is queued, or ends: they no longer count. Once only: the pipeline calls it
+    before queueing, the HTTP middleware and the gRPC handler when the request ends."""
     reservation = state.pop("reservation", None)
     if reservation is not None:
         reservation()

@@ -23,9 +23,10 @@ from starlette.requests import ClientDisconnect
 
 from .. import jsonlog
 from ..admission import admit
-from ..engine import Engine
+from ..engine import Engine, served_name
 from ..errors import BadRequest, ClientClosedRequest, ModelNotFound, NotReady, join_problems, shown
 from ..jsonbody import LARGE_BODY
+from ..loading import demo_tasks
 from ..oip import triton
 from ..oip.adapters import ADAPTERS, Adapter
 from ..oip.tensors import (
@@ -42,7 +43,6 @@ from ..oip.tensors import (
     parse_infer_request,
 )
 from ..runtime import Runtime
-from ..tasks import TASKS
 from ..tasks.base import TaskRequest, error_location
 from .requests import refuse_compressed
 from .tasks import AnyTask, caller_of, run_items, runtime_of, which
@@ -143,11 +143,10 @@ def configured_names(runtime: Runtime) -> list[str]:
     """The v2 names of the models the settings ask for, known before any is loaded."""
     settings = runtime.settings
     if settings.demo:
-        chosen = [t for t in TASKS.values() if settings.demo_tasks is None or t.name in settings.demo_tasks]
-        pairs = [(t.name, variant) for t in chosen for variant in t.demo_configs]
+        pairs = [(t.name, variant) for t in demo_tasks(settings) for variant in t.demo_configs]
     else:
         pairs = [(m.task, m.variant) for m in settings.models]
-    return [task if variant == "default" else f"{task}.{variant}" for task, variant in pairs if task in ADAPTERS]
+    return [served_name(task, variant).replace("/", ".") for task, variant in pairs if task in ADAPTERS]
 
 
 def resolve(runtime: Runtime, name: str, version: str | None) -> Engine:
@@ -413,7 +412,9 @@ def prepare(request: InferenceRequest, tensors: dict[str, Any], engine: Engine, 
     parameters = dict(request.parameters)
     binary_all = _flag(parameters.pop("binary_data_output", False), "binary_data_output")
     timeout_s = _timeout(parameters.pop("timeout", None))
-    for name in sorted(set(parameters) & set(adapter.excluded)):  # a /v1 field that /v2 answers another way
+    answered_otherwise = sorted(set(parameters) & set(adapter.excluded))  # /v1 fields that /v2 answers another way
+    if answered_otherwise:
+        name = answered_otherwise[0]
         raise BadRequest(f"parameters {name}: not a parameter of /v2 {adapter.task}; {adapter.excluded[name]}")
     accepted = [f for f in task.request_model.model_fields if f not in adapter.excluded]
     known = [*accepted, *PROTOCOL_PARAMETERS]

@@ -185,7 +185,12 @@ class _Base:
         return None if call.timeout_ms is None else time.monotonic() + call.timeout_ms / 1000
 
     @staticmethod
-    def _result(call: _Call[T], response: httpx.Response, attempts: int) -> T:
+    def _result(
+        call: _Call[T], response: httpx.Response | httpx.TransportError, attempts: int, deadline: float | None
+    ) -> T:
+        """The answer, or the error the last attempt ends in."""
+        if isinstance(response, httpx.TransportError):
+            raise _Base._failed(call, response, attempts, deadline) from response
         if response.status_code != 200:
             raise _error(response, attempts)
         try:
@@ -308,9 +313,7 @@ class Client(_Base):
                 response = exc
             wait = self._wait(response, attempt, deadline)
             if wait is None:
-                if isinstance(response, httpx.TransportError):
-                    raise self._failed(call, response, attempt + 1, deadline) from response
-                return self._result(call, response, attempt + 1)
+                return self._result(call, response, attempt + 1, deadline)
             time.sleep(wait)
             attempt += 1
 
@@ -392,9 +395,7 @@ class AsyncClient(_Base):
                 response = exc
             wait = self._wait(response, attempt, deadline)
             if wait is None:
-                if isinstance(response, httpx.TransportError):
-                    raise self._failed(call, response, attempt + 1, deadline) from response
-                return self._result(call, response, attempt + 1)
+                return self._result(call, response, attempt + 1, deadline)
             await asyncio.sleep(wait)
             attempt += 1
 
