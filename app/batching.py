@@ -25,7 +25,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Generic, Protocol, TypeVar
 
 P = TypeVar("P")
@@ -153,6 +153,16 @@ class AdmissionState:
     rest_s: float  # until a lane frees, when every lane is busy: the soonest running batch's rest
     queued_s: float  # the queued work, shared between the lanes
     batch_s: float  # a batch of one item
+    unit_s: float = 0.0  # one more queued unit's share of the queued work, at the full batch's per-unit time
+
+    def with_decoding(self, units: int) -> AdmissionState:
+        """As if ``units`` more were admitted and decoding ahead (a front end's door: the decodes of every front
+        end, which the model process does not see). Each costs ``unit_s``: the per-unit time of a full batch, the
+        cheapest, so the door never refuses what the model process would admit on that count; with the same
+        per-unit time at every batch size it is exactly what ``Batcher.reserve`` adds in one process."""
+        if units <= 0:
+            return self
+        return replace(self, idle=False, queue_len=self.queue_len + units, queued_s=self.queued_s + units * self.unit_s)
 
     @property
     def wait_s(self) -> float:
@@ -474,6 +484,7 @@ class Batcher(Generic[P, R]):
             rest,
             queued * per_unit / self.lanes,
             self.service_time.batch_s(1),
+            (self.service_time.per_unit(self.max_batch_size) or 0.0) / self.lanes,
         )
 
     @property

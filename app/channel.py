@@ -318,16 +318,18 @@ async def read_frame(reader: Any) -> tuple[dict[str, Any], bytes]:
 HELLO = struct.Struct("<I")
 
 
-def send_hello(sock: socket.socket, message: dict[str, Any], fd: int) -> None:
-    """A hand-shake message with one file descriptor (blocking socket)."""
+def send_hello(sock: socket.socket, message: dict[str, Any], fds: list[int]) -> None:
+    """A hand-shake message with its file descriptors (blocking socket)."""
     body = json.dumps(message).encode()
-    socket.send_fds(sock, [HELLO.pack(len(body)) + body], [fd])
+    socket.send_fds(sock, [HELLO.pack(len(body)) + body], fds)
 
 
-def receive_hello(sock: socket.socket) -> tuple[dict[str, Any], int]:
-    """The peer's hand-shake message and the descriptor sent with it (blocking socket)."""
-    data, fds, _, _ = socket.recv_fds(sock, 65536, 1)
-    if not fds:
+def receive_hello(sock: socket.socket, count: int = 1) -> tuple[dict[str, Any], list[int]]:
+    """The peer's hand-shake message and the ``count`` descriptors sent with it (blocking socket)."""
+    data, fds, _, _ = socket.recv_fds(sock, 65536, count)
+    if len(fds) != count:
+        for fd in fds:
+            os.close(fd)
         raise ConnectionError("the hand-shake came without its shared memory")
     while len(data) < HELLO.size:
         more = sock.recv(65536)
@@ -340,14 +342,14 @@ def receive_hello(sock: socket.socket) -> tuple[dict[str, Any], int]:
         if not more:
             raise ConnectionError("the peer closed during the hand-shake")
         data += more
-    return json.loads(data[HELLO.size : HELLO.size + size]), fds[0]
+    return json.loads(data[HELLO.size : HELLO.size + size]), fds
 
 
 # ---------------------------------------------------------------------------------------------- admission table
 
-# Per engine: sequence, written-at (monotonic), rest of the running batch, queued work, one item's batch,
-# queue length, flags (1: idle admits, 2: estimates known); then the CRC-32 of those bytes.
-RECORD = struct.Struct("<QddddII")
+# Per engine: sequence, written-at (monotonic), rest of the running batch, queued work, one item's batch, one
+# more queued unit's share, queue length, flags (1: idle admits, 2: estimates known); then the CRC-32 of those.
+RECORD = struct.Struct("<QdddddII")
 CHECK = struct.Struct("<I")
 RECORD_SIZE = 64
 
@@ -368,7 +370,7 @@ class StateTable:
         struct.pack_into("<Q", self.map, at, sequence)  # odd: being written
         flags = (1 if state.idle else 0) | (2 if state.known else 0)
         record = RECORD.pack(
-            sequence + 1, now, state.rest_s, state.queued_s, state.batch_s, state.queue_len, flags
+            sequence + 1, now, state.rest_s, state.queued_s, state.batch_s, state.unit_s, state.queue_len, flags
         )  # as it will read once whole: its checksum covers the even sequence
         self.map[at + 8 : at + RECORD.size] = record[8:]
         CHECK.pack_into(self.map, at + RECORD.size, zlib.crc32(record))
@@ -394,14 +396,14 @@ class StateView:
         at = index * RECORD_SIZE
         for _ in range(self.TRIES):
             copied = self.map[at : at + RECORD.size + CHECK.size]  # one copy: the checks below are on it alone
-            sequence, written, rest, queued, batch, queue_len, flags = RECORD.unpack_from(copied)
+            sequence, written, rest, queued, batch, unit, queue_len, flags = RECORD.unpack_from(copied)
             if sequence == 0:  # nothing written yet
                 break
             if sequence & 1:  # a writer in the middle of it
                 continue
             if CHECK.unpack_from(copied, RECORD.size)[0] != zlib.crc32(copied[: RECORD.size]):
                 continue  # stores of two writes, or half of one: torn
-            state = AdmissionState(bool(flags & 1), queue_len, bool(flags & 2), rest, queued, batch)
+            state = AdmissionState(bool(flags & 1), queue_len, bool(flags & 2), rest, queued, batch, unit)
             self.last[index] = (written, state)
             return written, state
         return self.last.get(index, (0.0, IDLE))
@@ -417,8 +419,49 @@ def door(
     max_queue: int,
     max_queue_delay_s: float | None,
     clock: Callable[[], float] = time.monotonic,
+    decoding: int = 0,
 ) -> tuple[str, float, str] | None:
-    """Batcher.admit's arithmetic on a snapshot: None (admit), or (message, retry-after seconds, reason)."""
+    """Batcher.admit's arithmetic on a snapshot: None (admit), or (message, retry-after seconds, reason).
+    ``decoding``: the units every front end has admitted and is still decoding (``Decoding.total``), ahead of
+    this request as ``Batcher.reserve``'s are in one process."""
     now = clock()
     rest = max(0.0, state.rest_s - (now - written))
-    return state.refusal(deadline, now, max_queue, max_queue_delay_s, rest=rest)
+    return state.with_decoding(decoding).refusal(deadline, now, max_queue, max_queue_delay_s, rest=rest)
+
+
+# ---------------------------------------------------------------------------------------------- decodes in flight
+
+
+class Decoding:
+    """The units each front end has admitted and is still reading or decoding, per engine: what
+    ``Batcher.reserve`` counts in one process, which the model process's table cannot hold (the decodes are the
+    front ends'). A memfd of int64 counts, one per (engine, front-end slot). The model process creates it, gives
+    each front end a slot at the hand-shake and zeroes the slot of one that has gone; each count is written by its
+    front end alone, from its event loop (its routes and its gRPC server run there), and every door sums an
+    engine's counts. An aligned 8-byte load or store is single-copy atomic on x86-64 and ARMv8, and memoryview
+    reads and writes one element with one of them: a reader sees a count old or new, never torn."""
+
+    def __init__(self, engines: int, slots: int, fd: int | None = None) -> None:
+        self.engines, self.slots = engines, slots
+        self.size = max(mmap.PAGESIZE, engines * slots * 8)
+        created = fd is None
+        if fd is None:
+            fd = os.memfd_create("perceiver-decoding", os.MFD_CLOEXEC)
+            os.ftruncate(fd, self.size)
+        self.map = mmap.mmap(fd, self.size)
+        if not created:  # a front end's mapping: the descriptor is not needed once mapped
+            os.close(fd)
+        self.fd = fd if created else -1  # the model process hands its descriptor to each front end
+        self.counts = memoryview(self.map).cast("q")
+
+    def add(self, engine: int, slot: int, units: int) -> None:
+        self.counts[engine * self.slots + slot] += units
+
+    def total(self, engine: int) -> int:
+        at = engine * self.slots
+        return sum(self.counts[at : at + self.slots])
+
+    def clear(self, slot: int) -> None:
+        """A front end has gone: what it was decoding will never be queued."""
+        for engine in range(self.engines):
+            self.counts[engine * self.slots + slot] = 0

@@ -79,6 +79,11 @@ class ModelServer:
         self.runtime = runtime
         self.engines = runtime.engines()
         self.table = channel.StateTable(len(self.engines))
+        # a slot per front end, twice as many as the supervisor starts: one that restarts may join before the
+        # model process has seen its predecessor's connection close
+        slots = 2 * max(1, runtime.settings.front_end_processes())
+        self.decoding = channel.Decoding(len(self.engines), slots)
+        self.free_slots = list(range(slots))
         self.connections: set[asyncio.Task[None]] = set()
         self.pending = 0  # requests submitted and not yet answered, over every front end
         for engine in self.engines:
@@ -91,8 +96,12 @@ class ModelServer:
         for index, engine in enumerate(self.engines):
             self.table.write(index, engine.batcher.admission_state(), now)
 
-    def hello(self) -> dict[str, Any]:
-        return {"engines": [describe_engine(e) for e in self.engines], "table": self.table.size}
+    def hello(self, slot: int | None) -> dict[str, Any]:
+        return {
+            "engines": [describe_engine(e) for e in self.engines],
+            "table": self.table.size,
+            "decoding": {"slots": self.decoding.slots, "slot": slot},
+        }
 
     async def accept(self, listener: socket.socket) -> None:
         loop = asyncio.get_running_loop()
@@ -109,12 +118,22 @@ class ModelServer:
         conn.settimeout(HELLO_TIMEOUT_S)  # a peer that never sends its hello does not hold a thread for ever
         slab: mmap.mmap | None = None
         try:
-            hello, slab_fd = await loop.run_in_executor(None, channel.receive_hello, conn)
+            hello, (slab_fd,) = await loop.run_in_executor(None, channel.receive_hello, conn)
             try:
                 slab = mmap.mmap(slab_fd, int(hello["slab"]), prot=mmap.PROT_READ)
             finally:
                 os.close(slab_fd)
-            await loop.run_in_executor(None, channel.send_hello, conn, self.hello(), self.table.fd)
+            slot = self.free_slots.pop(0) if self.free_slots else None
+            if slot is None:
+                log.warning(
+                    "front end %s joined with every decode slot taken: its decodes go uncounted", hello.get("pid")
+                )
+            fds = [self.table.fd, self.decoding.fd]
+            try:
+                await loop.run_in_executor(None, channel.send_hello, conn, self.hello(slot), fds)
+            except OSError:
+                self.release_slot(slot)
+                raise
         except (OSError, ValueError, KeyError) as exc:
             log.warning("a front end's hand-shake failed: %s", exc)
             if slab is not None:
@@ -143,7 +162,14 @@ class ModelServer:
                 await asyncio.gather(*jobs, return_exceptions=True)
             writer.close()
             slab.close()
+            self.release_slot(slot)
             log.info("front end %s disconnected", hello.get("pid"))
+
+    def release_slot(self, slot: int | None) -> None:
+        """A front end has gone: the uploads it was decoding will never be queued, and its slot is free again."""
+        if slot is not None:
+            self.decoding.clear(slot)
+            self.free_slots.append(slot)
 
     def handle(self, message: dict[str, Any], tail: bytes, link: Link) -> None:
         """One message. A message that fails is answered (when it asked something) and fails alone: the

@@ -85,6 +85,8 @@ class ModelClient:
     slab: channel.Slab
     table: channel.StateView
     writer: asyncio.StreamWriter
+    decoding: channel.Decoding
+    slot: int | None  # this front end's counts in ``decoding`` (None: every slot was taken, its decodes uncounted)
     requests: dict[int, Request] = field(default_factory=dict)
     queries: dict[int, asyncio.Future[Any]] = field(default_factory=dict)
     ids: itertools.count[int] = field(default_factory=itertools.count)
@@ -213,13 +215,28 @@ class RemoteEngine(Engine):
         return self.client
 
     def reserve(self, units: int) -> Callable[[], None]:
-        """Not counted here: the model process's queue is what its table shows (a front end's decodes in
-        flight are its own; docs/front-ends.md)."""
-        return _nothing
+        """As ``Batcher.reserve`` in one process: counted in this front end's slot of the shared decode counts,
+        which every front end's door adds to the model process's record (docs/front-ends.md)."""
+        client = self._client()
+        slot = client.slot
+        if slot is None:
+            return _nothing
+        client.decoding.add(self.index, slot, units)
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                client.decoding.add(self.index, slot, -units)
+
+        return release
 
     def refusal(self, deadline: float) -> Overloaded | None:
-        written, state = self._client().table.read(self.index)
-        why = channel.door(state, written, deadline, self.max_queue, self.max_queue_delay_s)
+        client = self._client()
+        written, state = client.table.read(self.index)
+        decoding = client.decoding.total(self.index)
+        why = channel.door(state, written, deadline, self.max_queue, self.max_queue_delay_s, decoding=decoding)
         return None if why is None else self.overloaded(QueueFull(*why))
 
     def submit(self, payloads: Sequence[Any], deadline: float) -> list[Any]:
@@ -267,7 +284,7 @@ class RemoteEngine(Engine):
         return cast(dict[str, Any], await self._client().ask(self.index, "describe"))
 
 
-def _handshake(path: str, slab: channel.Slab) -> tuple[socket.socket, dict[str, Any], int]:
+def _handshake(path: str, slab: channel.Slab) -> tuple[socket.socket, dict[str, Any], list[int]]:
     """Connect (the model process may still be starting), give it the slab, and wait for its hello: sent once
     its models are loaded and warm. A socket that refuses connections belongs to a model process that has
     exited: that is an error after a few tries, not a reason to wait."""
@@ -285,9 +302,9 @@ def _handshake(path: str, slab: channel.Slab) -> tuple[socket.socket, dict[str, 
             if refused * CONNECT_RETRY_S > CONNECT_REFUSED_S:
                 raise
         time.sleep(CONNECT_RETRY_S)
-    channel.send_hello(sock, {"pid": os.getpid(), "slab": slab.size}, slab.fd)
-    hello, table_fd = channel.receive_hello(sock)
-    return sock, hello, table_fd
+    channel.send_hello(sock, {"pid": os.getpid(), "slab": slab.size}, [slab.fd])
+    hello, fds = channel.receive_hello(sock, 2)
+    return sock, hello, fds
 
 
 async def release_idle_slab(client: ModelClient, idle_s: float = memory.IDLE_TRIM_S) -> None:
@@ -323,16 +340,19 @@ async def connect(runtime: Runtime, path: str) -> None:
     settings = runtime.settings
     try:  # a failure is the load error /readyz and the supervisor see: a front end never hangs unready, silent
         slab = channel.Slab(settings.api_slab_mb * 2**20)
-        sock, hello, table_fd = await _in_daemon_thread(_handshake, path, slab)
+        sock, hello, (table_fd, decoding_fd) = await _in_daemon_thread(_handshake, path, slab)
     except Exception as exc:
         runtime.load_error = f"could not join the model process: {type(exc).__name__}: {exc}"
         log.error("%s", runtime.load_error)
         return
     sock.setblocking(False)
     reader, writer = await asyncio.open_unix_connection(sock=sock)
-    client = ModelClient(runtime, slab, channel.StateView(table_fd, int(hello["table"])), writer)
+    engines = hello["engines"]
+    decoding = channel.Decoding(len(engines), int(hello["decoding"]["slots"]), decoding_fd)
+    table = channel.StateView(table_fd, int(hello["table"]))
+    client = ModelClient(runtime, slab, table, writer, decoding, hello["decoding"]["slot"])
     decoder = channel.Decoder([])
-    for index, spec in enumerate(hello["engines"]):
+    for index, spec in enumerate(engines):
         task = TASKS[spec["task"]]
         config = decoder.value(spec["config"])
         policy = spec["policy"]

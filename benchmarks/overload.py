@@ -6,7 +6,12 @@ Spawns a demo classify server on loopback (PERCEIVER_REQUEST_TIMEOUT_S=10, 320x2
 learned head), measures its capacity with closed-loop clients, then sends Poisson arrivals at each
 overload factor. Reports goodput (200s answered within the deadline, per second, as a share of
 capacity), how the excess was refused (429 latency and Retry-After), 504s, other errors, and the
-server's RSS over the run. Every request gets an answer or counts as lost.
+server's RSS over the run (the supervisor's alone with front ends). Every request gets an answer or counts
+as lost.
+
+    # front ends' decodes at the door (docs/front-ends.md): the example clip, 2 front ends, against a commit
+    python benchmarks/overload.py --task autoencode --env PERCEIVER_API_PROCESSES=2 --factors 1,30 \
+        --duration 15 --root /path/to/other/checkout
 """
 
 from __future__ import annotations
@@ -33,23 +38,31 @@ from benchmarks.serve_load import Connection, spawn  # noqa: E402
 TIMEOUT_S = 10.0
 
 
+TASK = "classify"  # --task: classify (320x240 JPEG) or autoencode (examples/clip.mp4)
+
+
 def upload_request(host: str) -> bytes:
-    """POST /v1/classify with the cat photo at 320x240 (JPEG), as one keep-alive HTTP/1.1 request."""
+    """POST /v1/TASK with its upload (the cat photo at 320x240, JPEG; or the example clip), as one keep-alive
+    HTTP/1.1 request."""
     from PIL import Image
 
-    buffer = io.BytesIO()
-    Image.open(ROOT / "tests" / "media" / "cat.jpg").convert("RGB").resize((320, 240)).save(buffer, "JPEG")
+    if TASK == "autoencode":
+        field, name, kind, data = "video", "c.mp4", "video/mp4", (ROOT / "examples" / "clip.mp4").read_bytes()
+    else:
+        buffer = io.BytesIO()
+        Image.open(ROOT / "tests" / "media" / "cat.jpg").convert("RGB").resize((320, 240)).save(buffer, "JPEG")
+        field, name, kind, data = "image", "c.jpg", "image/jpeg", buffer.getvalue()
     boundary = "overload"
     body = (
         (
-            f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="c.jpg"\r\n'
-            "Content-Type: image/jpeg\r\n\r\n"
+            f'--{boundary}\r\nContent-Disposition: form-data; name="{field}"; filename="{name}"\r\n'
+            f"Content-Type: {kind}\r\n\r\n"
         ).encode()
-        + buffer.getvalue()
+        + data
         + f"\r\n--{boundary}--\r\n".encode()
     )
     head = (
-        f"POST /v1/classify HTTP/1.1\r\nHost: {host}\r\n"
+        f"POST /v1/{TASK} HTTP/1.1\r\nHost: {host}\r\n"
         f"Content-Type: multipart/form-data; boundary={boundary}\r\nContent-Length: {len(body)}\r\n\r\n"
     )
     return head.encode() + body
@@ -254,7 +267,7 @@ async def measure(
 
 def start_server(extra: dict[str, str] | None = None, root: Path = ROOT) -> tuple[object, str]:
     env = {
-        "PERCEIVER_DEMO_TASKS": '["classify"]',
+        "PERCEIVER_DEMO_TASKS": f'["{TASK}"]',
         "PERCEIVER_REQUEST_TIMEOUT_S": str(TIMEOUT_S),
         "PERCEIVER_MAX_QUEUE_SIZE": "1024",
         **(extra or {}),
@@ -316,6 +329,7 @@ def rss_growth(rss: list[int]) -> float | None:
 
 
 def main() -> None:
+    global TASK
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--factors", type=lambda s: [float(x) for x in s.split(",")], default=[3.0, 30.0])
     parser.add_argument("--duration", type=float, default=60.0, help="seconds per overload factor")
@@ -339,7 +353,9 @@ def main() -> None:
         "or at once (ignore), for --duration seconds (repeatable), e.g. 200:honour 32:ignore",
     )
     parser.add_argument("--root", type=Path, default=ROOT, help="serve the tree at this path (another commit)")
+    parser.add_argument("--task", choices=["classify", "autoencode"], default=TASK, help="the demo task loaded")
     args = parser.parse_args()
+    TASK = args.task
     retry_clients = [(int(n), mode == "honour") for n, _, mode in (r.partition(":") for r in args.retrying)]
     proc, url = start_server(dict(pair.split("=", 1) for pair in args.env), args.root.resolve())
     os.nice(args.client_nice)

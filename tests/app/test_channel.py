@@ -169,7 +169,9 @@ def test_a_front_end_releases_its_slab_only_after_an_idle_interval() -> None:
     async def run() -> list[int]:
         front, model = socket.socketpair()
         _, writer = await asyncio.open_unix_connection(sock=front)
-        client = remote.ModelClient(Runtime(Settings(), Metrics()), channel.Slab(8 * 2**20), cast(Any, None), writer)
+        client = remote.ModelClient(
+            Runtime(Settings(), Metrics()), channel.Slab(8 * 2**20), cast(Any, None), writer, cast(Any, None), None
+        )
         request = client.submit(0, [upload], time.monotonic() + 10)
         releaser = asyncio.create_task(remote.release_idle_slab(client, idle_s=0.001))
         held = []
@@ -201,7 +203,9 @@ def test_a_front_end_counts_and_warns_when_its_slab_is_full(caplog: pytest.LogCa
         front, model = socket.socketpair()
         _, writer = await asyncio.open_unix_connection(sock=front)
         reader, model_writer = await asyncio.open_unix_connection(sock=model)
-        client = remote.ModelClient(Runtime(Settings(), Metrics()), channel.Slab(1 << 20), cast(Any, None), writer)
+        client = remote.ModelClient(
+            Runtime(Settings(), Metrics()), channel.Slab(1 << 20), cast(Any, None), writer, cast(Any, None), None
+        )
         for _ in range(2):
             client.submit(0, [upload], time.monotonic() + 10)
         received = [channel.unpack(*await channel.read_frame(reader)) for _ in range(2)]
@@ -222,8 +226,8 @@ def test_hand_shake_passes_the_shared_memory() -> None:
     left, right = socket.socketpair()
     slab = channel.Slab(4096)
     slab.map[:5] = b"hello"
-    channel.send_hello(left, {"pid": os.getpid(), "slab": slab.size}, slab.fd)
-    message, fd = channel.receive_hello(right)
+    channel.send_hello(left, {"pid": os.getpid(), "slab": slab.size}, [slab.fd])
+    message, (fd,) = channel.receive_hello(right)
     assert message["slab"] == 4096
     import mmap
 
@@ -236,15 +240,18 @@ def test_hand_shake_passes_the_shared_memory() -> None:
     right.close()
 
 
-def make_batcher(clock: list[float]) -> Batcher[int, int]:
+def make_batcher(
+    clock: list[float], per_unit: dict[int, float] | None = None, max_queue_delay_s: float = 2.0
+) -> Batcher[int, int]:
+    """Batches of up to 4, at most 6 queued; ``per_unit``: seconds a unit by batch size (0.5 alone, 0.25 in 4)."""
     return Batcher(
         lambda payloads, batch: list(payloads),
         __import__("concurrent.futures").futures.ThreadPoolExecutor(1),
         max_batch_size=4,
         max_delay_s=1.0,
         max_queue=6,
-        max_queue_delay_s=2.0,
-        service_time=ServiceTime({1: 0.5, 4: 0.25}),
+        max_queue_delay_s=max_queue_delay_s,
+        service_time=ServiceTime(per_unit or {1: 0.5, 4: 0.25}),
         clock=lambda: clock[0],
     )
 
@@ -337,3 +344,111 @@ def test_a_record_whose_stores_arrived_out_of_order_is_not_read() -> None:
     assert mixes > 20
     table.map[: channel.RECORD_SIZE] = after  # the stores all arrived
     assert view.read(0) == (2.0, second)
+
+
+def test_the_door_counts_every_front_ends_decodes_as_the_batcher_counts_its_own() -> None:
+    """Uploads admitted and still decoding are work ahead of a new request: in one process ``Batcher.reserve``
+    counts them; with front ends each counts its own in the shared decode counts, and every door adds their sum
+    to the model process's record. With the same per-unit time at every batch size (1 s a unit here) the door
+    refuses exactly what the batcher refuses, with the same reason and Retry-After, the decodes split between
+    two front ends' slots."""
+
+    async def check() -> None:
+        clock = [100.0]
+        batcher = make_batcher(clock, per_unit={1: 1.0, 4: 1.0}, max_queue_delay_s=5.0)
+        table = channel.StateTable(1)
+        view = channel.StateView(os.dup(table.fd), table.size)
+        counts = channel.Decoding(1, 4)
+        fronts = [channel.Decoding(1, 4, os.dup(counts.fd)) for _ in range(2)]  # two front ends' mappings
+        compared = refused = 0
+        for queued in range(4):
+            for decoding in range(5):
+                table.write(0, batcher.admission_state(), clock[0])  # the model process decodes nothing
+                releases = [batcher.reserve(1) for _ in range(decoding)]
+                for unit in range(decoding):
+                    fronts[unit % 2].add(0, unit % 2, 1)
+                for budget in (0.5, 2.0, 4.0, 7.0, 30.0, None):
+                    deadline = None if budget is None else clock[0] + budget
+                    try:
+                        batcher.admit(deadline)
+                        expected = None
+                    except QueueFull as exc:
+                        expected = (exc.reason, round(exc.retry_after_s, 6), str(exc))
+                    written, state = view.read(0)
+                    why = channel.door(state, written, deadline, 6, 5.0, lambda: clock[0], fronts[1].total(0))
+                    got = None if why is None else (why[2], round(why[1], 6), why[0])
+                    assert got == expected, (queued, decoding, budget)
+                    compared += 1
+                    refused += expected is not None
+                for release in releases:
+                    release()
+                for unit in range(decoding):
+                    fronts[unit % 2].add(0, unit % 2, -1)
+                assert counts.total(0) == 0
+            batcher.submit(queued, deadline=None, admit=False)
+        assert compared == 4 * 5 * 6 and 0 < refused < compared  # both answers were compared
+        await batcher.stop()
+
+    asyncio.run(check())
+
+
+def test_a_front_ends_decodes_count_at_the_other_front_ends_door_until_released_or_gone(tmp_path: Any) -> None:
+    """One model process and two front ends joined through the real hand-shake (in this process, over a Unix
+    socket): uploads the first front end is decoding fill the model's queue at the second's door; a reservation
+    released (once, however often its release is called) no longer counts, nor do those of a front end that has
+    gone (its slot is cleared and given to the next one)."""
+    from app import model_process
+    from app.loading import build_models
+    from app.main import _load
+
+    async def eventually(condition: Any, what: str) -> None:
+        async with asyncio.timeout(60):  # guards against a hang; bounds nothing asserted
+            while not condition():
+                await asyncio.sleep(0.01)
+
+    async def check() -> None:
+        settings = Settings(demo_tasks=["classify-text"], warmup=False, max_queue_size=2, api_processes=2)
+        model_side = Runtime(settings, Metrics())
+        await _load(model_side, build_models)
+        assert model_side.load_error is None
+        server = model_process.ModelServer(model_side)
+        path = str(tmp_path / "model.sock")
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(path)
+        listener.listen()
+        listener.setblocking(False)
+        acceptor = asyncio.create_task(server.accept(listener))
+        fronts = [Runtime(settings, Metrics()) for _ in range(3)]
+        joins = [asyncio.create_task(remote.connect(front, path)) for front in fronts[:2]]
+        await eventually(lambda: all(front.ready for front in fronts[:2]), "both front ends joined")
+        first, second = (front.engine_for("classify-text", None) for front in fronts[:2])
+        deadline = time.monotonic() + 600
+        try:
+            assert second.refusal(deadline) is None  # idle
+            release = first.reserve(2)
+            refusal = second.refusal(deadline)
+            assert refusal is not None and "queue holds 2 requests (max_queue_size 2)" in refusal.message
+            assert first.refusal(deadline) is not None
+            release()
+            release()  # once only: a second call must not count the units out again
+            assert second.refusal(deadline) is None and server.decoding.total(0) == 0
+            second.reserve(1)
+            assert second.refusal(deadline) is None  # one decoding, queue bound 2
+            first.reserve(1)
+            assert second.refusal(deadline) is not None
+            joins[0].cancel()  # the first front end goes with its reservation unreleased
+            await eventually(lambda: second.refusal(deadline) is None, "the gone front end's decodes not counted")
+            assert server.decoding.total(0) == 1  # the second's own still counts
+            joins.append(asyncio.create_task(remote.connect(fronts[2], path)))
+            await eventually(lambda: fronts[2].ready, "a third front end joined in the freed slot")
+            assert fronts[2].engine_for("classify-text", None).refusal(deadline) is None
+        finally:
+            for job in [acceptor, *joins, *server.connections]:
+                job.cancel()
+            await asyncio.gather(acceptor, *joins, *server.connections, return_exceptions=True)
+            listener.close()
+            for engine in model_side.engines():
+                await engine.stop()
+            model_side.shutdown_executors()
+
+    asyncio.run(check())
