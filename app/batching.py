@@ -57,8 +57,10 @@ class ServiceTime:
     no single outlier (a 10,000-mask request, a pass slowed by another process) can make an estimate stick.
     A class starts from the warm-up figure, counted ``seed_weight`` times: two outliers in a row cannot move
     the median, and a real change of speed moves it within a few batches. While the model is idle, every
-    class decays toward its warm-up figure (half of the gap per ``half_life_s``): what was learned under
-    load says less and less about the next request.
+    class decays toward its long-run figure, the median of its last ``history`` per-unit times (warm-up's seeds
+    among them until real batches replace them), half of the gap per ``half_life_s``: what the last burst
+    taught says less and less about the next request, and the long run more. Not toward the warm-up figure
+    itself: timed on a busy machine it was 2x the model's speed, and every idle spell brought it back.
     """
 
     def __init__(
@@ -68,12 +70,13 @@ class ServiceTime:
         window: int = 9,
         seed_weight: int = 3,
         half_life_s: float = 30.0,
+        history: int = 64,
     ) -> None:
-        self.warm = {size_class(k): v for k, v in (warm or {}).items()}
+        seeds = {size_class(k): v for k, v in (warm or {}).items()}
         self.window, self.half_life_s = window, half_life_s
-        self.samples: dict[int, deque[float]] = {
-            k: deque([v] * seed_weight, maxlen=window) for k, v in self.warm.items()
-        }
+        self.samples: dict[int, deque[float]] = {k: deque([v] * seed_weight, maxlen=window) for k, v in seeds.items()}
+        self.history: dict[int, deque[float]] = {k: deque([v] * seed_weight, maxlen=history) for k, v in seeds.items()}
+        self._history_len = history
         # Each class's median and fastest sample, kept up to date as samples come: admission asks on every
         # request (three times: the door, the route, the queue), and a median per ask cost the event loop.
         self._median: dict[int, float] = {}
@@ -96,7 +99,12 @@ class ServiceTime:
             return
         klass = size_class(units)
         self.samples.setdefault(klass, deque(maxlen=self.window)).append(seconds / units)
+        self.history.setdefault(klass, deque(maxlen=self._history_len)).append(seconds / units)
         self._refresh(klass)
+
+    def long_run(self, klass: int) -> float:
+        """The class's long-run per-unit time: the median of its last ``history`` samples and seeds."""
+        return statistics.median(self.history[klass])
 
     def per_unit(self, units: float) -> float | None:
         """Seconds per unit in a batch of about ``units``: its class's median, else the nearest smaller class
@@ -126,13 +134,13 @@ class ServiceTime:
         return 0.0 if per_unit is None else per_unit * max(units, 1.0)
 
     def decay(self, idle_s: float) -> None:
-        """The model was idle for ``idle_s``: move every class toward its warm-up figure."""
-        if idle_s <= 0 or not self.warm:
+        """The model was idle for ``idle_s``: move every class toward its long-run figure."""
+        if idle_s <= 0:
             return
         keep = 0.5 ** (idle_s / self.half_life_s)
-        for klass, warm in self.warm.items():
-            samples = self.samples[klass]
-            decayed = [warm + (x - warm) * keep for x in samples]
+        for klass, samples in self.samples.items():
+            target = self.long_run(klass)
+            decayed = [target + (x - target) * keep for x in samples]
             samples.clear()
             samples.extend(decayed)
             self._refresh(klass)
@@ -520,7 +528,7 @@ class Batcher(Generic[P, R]):
         return self.admission_state().wait_s
 
     def _wake(self) -> None:
-        """Leaving idleness: what was measured under load decays toward warm-up for the time spent idle."""
+        """Leaving idleness: what the last burst measured decays toward the long run for the time spent idle."""
         if self._idle_since is not None:
             self.service_time.decay(self._clock() - self._idle_since)
             self._idle_since = None

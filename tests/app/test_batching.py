@@ -344,15 +344,31 @@ def test_estimates_are_per_unit_and_by_batch_size() -> None:
     assert ServiceTime().per_unit(1) is None and not ServiceTime().known
 
 
-def test_an_estimate_decays_toward_warm_up_while_the_model_is_idle() -> None:
+def test_an_estimate_decays_toward_its_long_run_figure_while_the_model_is_idle() -> None:
+    """A burst slowed by something else (1 s a unit, nine batches) stops counting while the model is idle: the
+    estimate goes back toward the long run (20 ms: the median of the last 64 per-unit times), not further."""
     service = ServiceTime({1: 0.010}, half_life_s=30.0)
+    for _ in range(60):
+        service.observe(1, 0.020)
     for _ in range(9):
         service.observe(1, 1.0)
     assert service.per_unit(1) == pytest.approx(1.0)
     service.decay(30.0)  # one half-life: half of the gap is gone
-    assert service.per_unit(1) == pytest.approx(0.010 + 0.99 / 2)
+    assert service.per_unit(1) == pytest.approx(0.020 + 0.98 / 2)
     service.decay(600.0)
-    assert service.per_unit(1) == pytest.approx(0.010, rel=1e-3)
+    assert service.per_unit(1) == pytest.approx(0.020, rel=1e-3)
+
+
+def test_a_warm_up_figure_taken_on_a_busy_machine_does_not_come_back_after_an_idle_spell() -> None:
+    """Warm-up timed 1 s a unit while other work held the cores; the model then runs at 0.4 s. Four batches
+    overrule the warm-up seeds, and an idle spell leaves the estimate at 0.4 s: it decayed back to 1 s, so after
+    every quiet minute the server refused as if the machine were still as busy as at its start."""
+    service = ServiceTime({1: 1.0}, half_life_s=30.0)
+    for _ in range(4):
+        service.observe(1, 0.4)
+    assert service.per_unit(1) == pytest.approx(0.4)
+    service.decay(600.0)
+    assert service.per_unit(1) == pytest.approx(0.4)
 
 
 @async_test
@@ -433,7 +449,7 @@ def test_passes_leave_out_the_units_of_requests_that_have_ended() -> None:
 
 def test_decay_moves_every_sample_of_a_class_that_is_not_full() -> None:
     service = ServiceTime({1: 0.010}, half_life_s=30.0)  # three warm-up seeds of a window of nine
-    for _ in range(4):
-        service.observe(1, 1.0)  # seven samples: the median is 1 s
+    for _ in range(2):
+        service.observe(1, 1.0)  # five samples: the median, and the long run's, is 10 ms
     service.decay(600.0)
     assert max(service.samples[1]) == pytest.approx(0.010, rel=1e-3)  # none of the slow samples stays as it was
