@@ -570,16 +570,21 @@ class Batcher(Generic[P, R]):
                         self._maybe_idle()
                         continue
             oldest = self._queue[0]
-            # Wait for company until the batch is full or the oldest request's delay bound is reached.
-            while not self._full(oldest.bucket):
-                remaining = oldest.enqueued_at + self.max_delay_s - self._clock()
-                if remaining <= 0 or oldest.cancelled:
-                    break
-                self._arrival.clear()
-                # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation (stop()).
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(remaining):
-                        await self._arrival.wait()
+            try:
+                # Wait for company until the batch is full or the oldest request's delay bound is reached.
+                while not self._full(oldest.bucket):
+                    remaining = oldest.enqueued_at + self.max_delay_s - self._clock()
+                    if remaining <= 0 or oldest.cancelled:
+                        break
+                    self._arrival.clear()
+                    # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation (stop()).
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(remaining):
+                            await self._arrival.wait()
+            except asyncio.CancelledError:  # stopped while it held a shared lane: the other models' lane still
+                if self._lanes is not None and lane is not None:
+                    self._lanes.release(lane)
+                raise
             batch = self._take(oldest.bucket)
             self._report_depth()
             if self._lanes is not None and lane is not None:

@@ -12,7 +12,7 @@ import httpx
 import pytest
 import torch
 
-from app.batching import EVERY, Batch, Batcher, Lanes, QueueFull, ServiceTime
+from app.batching import EVERY, Batch, Batcher, Cancelled, Lanes, QueueFull, ServiceTime
 from app.cores import CoreShare
 
 from .asyncutil import async_test
@@ -86,6 +86,27 @@ async def test_a_model_waits_for_a_free_lane_when_others_hold_them_all() -> None
         (_, t0), (_, t1) = started
         assert t1 - t0 >= 0.19  # one lane: the second model's batch started after the first ended
         await a.stop()
+        await b.stop()
+    finally:
+        lanes.shutdown()
+
+
+@async_test
+async def test_a_model_stopped_while_it_waits_for_company_on_a_lane_gives_the_lane_back() -> None:
+    """One lane; model a holds it while its batch waits for company (a 60 s delay bound), then is stopped alone
+    (its requests get Cancelled): model b's request runs on the lane. It waited for ever."""
+    lanes = Lanes(1, prefix="lane")
+    try:
+        a = Batcher(lambda p, batch=EVERY: list(p), lanes, max_batch_size=4, max_delay_s=60.0, max_queue=10)
+        b = Batcher(lambda p, batch=EVERY: list(p), lanes, max_batch_size=1, max_delay_s=0.0, max_queue=10)
+        a.start(), b.start()
+        waiting = a.submit("a")
+        while lanes.running < 1:  # a took the lane and waits for company
+            await asyncio.sleep(0.001)
+        await a.stop()
+        assert isinstance(waiting.future.exception(), Cancelled)
+        async with asyncio.timeout(30):  # guards against a hang; bounds nothing asserted
+            assert await b.submit("b").future == "b"
         await b.stop()
     finally:
         lanes.shutdown()
