@@ -208,8 +208,13 @@ class ModelList(BaseModel):
 
 @router.get("/models", response_model=ModelList, summary="The served models' names", responses=_errors(401))
 async def list_models(request: Request) -> ModelList:
-    """As KServe's model server lists them; /v2/repository/index gives their state too."""
-    return ModelList(models=[v2_name(e) for e in served_models(runtime_of(request))])
+    """As KServe's model server lists them (while loading, the configured ones, by name); /v2/repository/index
+    gives their state too."""
+    runtime = runtime_of(request)
+    engines = served_models(runtime)
+    if not engines and not runtime.ready:
+        return ModelList(models=configured_names(runtime))
+    return ModelList(models=[v2_name(e) for e in engines])
 
 
 @router.get(
