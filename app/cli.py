@@ -117,6 +117,7 @@ def uvicorn_config(app: FastAPI, settings: Settings) -> Any:
         host=settings.host,
         port=settings.port,
         http=BoundedHttpToolsProtocol,
+        ws="none",  # no WebSocket route: an Upgrade request is an ordinary one (it was a bare 403, logged nowhere)
         log_config=None,
         access_log=False,
         lifespan="on",

@@ -133,6 +133,10 @@ class InferenceFailed(ServiceError):
     status, type, reason = 500, "inference_failed", None
 
 
+class TransferCodingNotImplemented(ServiceError):
+    status, type, reason = 501, "not_implemented", "not_implemented"
+
+
 class NotReady(ServiceError):
     status, type, reason = 503, "not_ready", "not_ready"
 

@@ -5,25 +5,42 @@ Without them a client sending a header line every half second held its connectio
 lines that never ended grew the process by 615 MiB (httptools buffers an unfinished header whole), 100,000
 headers were served, and a 64 KB query string got a plain-text 400. httptools stays (h11, which has a size
 bound, parses in Python: every request would pay for it); the bounds are checked where httptools hands over.
+
+The same bounds hold for a chunked body's trailer section, whose fields are read and dropped (never taken as
+headers): a trailer line that never ended stalled the event loop (httptools grows an unfinished value by
+concatenation, quadratic) and was never timed out on a route that does not read its body. An answer sent
+before its request's body was read whole closes the connection (lingering), and a client that reads none of
+its answers for ``WRITE_TIMEOUT_S`` is cut off: either held its connection, and a file descriptor, for ever.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from typing import Any
 
 import httptools
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from . import errors
-from .errors import BadRequest, HeadersTooLarge, RequestTimeout, ServiceError, UriTooLong
+from .errors import (
+    BadRequest,
+    HeadersTooLarge,
+    RequestTimeout,
+    ServiceError,
+    TransferCodingNotImplemented,
+    UriTooLong,
+)
+
+log = logging.getLogger("perceiver.server")
 
 HEADER_TIMEOUT_S = 10.0  # from the connection (or the request's first byte) to the end of its headers
 MAX_URL_BYTES = 8 * 1024  # nginx's and most proxies' limit for a request line
 MAX_HEADER_BYTES = 64 * 1024  # the request line and every header, together
 MAX_HEADERS = 100
 LINGER_S = 2.0  # after a refusal, how long the rest of the request is read and dropped before closing
+WRITE_TIMEOUT_S = 30.0  # how long an answer may wait, unread by its client, with the send buffer full
 
 
 class _Refused(Exception):
@@ -36,11 +53,17 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._in_headers = True
-        self._header_bytes = self._header_count = 0
+        self._header_bytes = self._header_count = 0  # of the request line and headers parsed whole
+        self._unfinished_bytes = 0  # of reads that were wholly inside the request's headers
+        self._begun = False  # a request began in the read being parsed
+        self._last_chunk = False  # a chunk's size line parsed and none of its data yet: the trailer section
+        self._trailer_bytes = 0
         self._header_timer: asyncio.TimerHandle | None = None
+        self._write_timer: asyncio.TimerHandle | None = None
         self._refusal: ServiceError | None = None
         self._discarding = False  # refused: what the client still sends is dropped until the connection closes
         self._deferred: ServiceError | None = None  # a refusal waiting for the answers of the requests before it
+        self._cycles: list[Any] = []  # every request not yet answered, the pipelined ones too
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -48,7 +71,34 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._stop_header_timer()
+        self._stop_write_timer()
+        for cycle in self._cycles:  # uvicorn marks only the last request parsed: the one being answered wrote on
+            if not cycle.response_complete:  # a closed transport (an ERROR and a traceback each)
+                cycle.disconnected = True
+                cycle.message_event.set()
         super().connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        """The send buffer is full: the client reads none of what it was sent. Cut off after WRITE_TIMEOUT_S
+        (uvicorn has no write timeout: clients that pipelined requests and never read held their connections)."""
+        super().pause_writing()
+        if self._write_timer is None:
+            self._write_timer = self.loop.call_later(WRITE_TIMEOUT_S, self._not_reading)
+
+    def resume_writing(self) -> None:
+        self._stop_write_timer()
+        super().resume_writing()
+
+    def _stop_write_timer(self) -> None:
+        if self._write_timer is not None:
+            self._write_timer.cancel()
+            self._write_timer = None
+
+    def _not_reading(self) -> None:
+        self._write_timer = None
+        if not self.transport.is_closing():
+            log.info("a client read none of its answer for %g s; its connection is closed", WRITE_TIMEOUT_S)
+            self.transport.abort()
 
     def _start_header_timer(self) -> None:
         if self._header_timer is None:
@@ -68,6 +118,8 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         if self._discarding:
             return
         self._unset_keepalive_if_required()
+        self._begun = False
+        in_trailers = self._last_chunk
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserCallbackError:
@@ -75,43 +127,94 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
                 raise
             self._refuse(self._refusal)
             return
-        except httptools.HttpParserUpgrade:
-            if self._should_upgrade():
-                self.handle_websocket_upgrade()
-            else:
-                self._unsupported_upgrade_warning()
+        except httptools.HttpParserUpgrade:  # no WebSocket here (uvicorn's ws="none"): an ordinary request
             return
         except httptools.HttpParserError as exc:
             self._refuse(BadRequest(f"not a valid HTTP/1.1 request ({exc}); check the request line and headers"))
             return
-        if self._in_headers:  # every byte of this chunk was the request line or headers
-            self._header_bytes += len(data)
-            if self._header_bytes > MAX_HEADER_BYTES:
+        if self._in_headers and not self._begun:  # every byte of this read was the request line or headers
+            self._unfinished_bytes += len(data)
+            if self._unfinished_bytes > MAX_HEADER_BYTES:
                 self._refuse(HeadersTooLarge(f"the request's headers exceed {MAX_HEADER_BYTES} bytes"))
+        elif in_trailers and self._last_chunk:  # every byte of this read was the trailer section
+            self._trailer_bytes += len(data)
+            if self._trailer_bytes > MAX_HEADER_BYTES:
+                self._refuse(HeadersTooLarge(f"the request's trailer fields exceed {MAX_HEADER_BYTES} bytes"))
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
-        self._in_headers = True
-        self._header_bytes = self._header_count = 0
+        self._in_headers, self._begun, self._last_chunk = True, True, False
+        self._header_bytes = self._header_count = self._unfinished_bytes = self._trailer_bytes = 0
         self._start_header_timer()
 
     def on_url(self, url: bytes) -> None:
         super().on_url(url)
+        self._header_bytes += len(url)
         if len(self.url) > MAX_URL_BYTES:
             self._refusal = UriTooLong(f"the URL exceeds {MAX_URL_BYTES} bytes; send long inputs in the body")
             raise _Refused
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if not self._in_headers:  # a trailer field: read, bounded with the section, and dropped (RFC 9110 6.5.1)
+            return
         self._header_count += 1
+        self._header_bytes += len(name) + len(value) + 4
         if self._header_count > MAX_HEADERS:
             self._refusal = HeadersTooLarge(f"the request has more than {MAX_HEADERS} headers")
+            raise _Refused
+        if self._header_bytes > MAX_HEADER_BYTES:  # whole in one read: the reads' count never saw them
+            self._refusal = HeadersTooLarge(f"the request's headers exceed {MAX_HEADER_BYTES} bytes")
             raise _Refused
         super().on_header(name, value)
 
     def on_headers_complete(self) -> None:
         self._in_headers = False
         self._stop_header_timer()
-        super().on_headers_complete()
+        codings = [c.strip().lower() for n, v in self.headers if n == b"transfer-encoding" for c in v.split(b",")]
+        unknown = [c for c in codings if c != b"chunked"]
+        if unknown:  # llhttp reads only the last coding: the body would be taken as if it had none
+            coding = unknown[0].decode("latin-1")
+            self._refusal = TransferCodingNotImplemented(
+                f"Transfer-Encoding {errors.shown(coding)} is not supported; send the body uncompressed (chunked or "
+                "with a Content-Length)"
+            )
+            raise _Refused
+        previous = getattr(self, "cycle", None)
+        try:
+            super().on_headers_complete()
+        except httptools.HttpParserInvalidURLError:  # a target httptools' own URL parser refuses (CONNECT a:443)
+            self._refusal = BadRequest("the request target is not a valid URL path; send an origin-form path")
+            raise _Refused from None
+        cycle = getattr(self, "cycle", None)
+        if cycle is not None and cycle is not previous:
+            self._cycles = [c for c in self._cycles if not c.response_complete] + [cycle]
+            self._close_if_answered_early(cycle)
+
+    def on_chunk_header(self) -> None:
+        self._last_chunk = True  # until its data comes: a chunk of size 0, the last, has none
+
+    def on_chunk_complete(self) -> None:
+        self._last_chunk = False
+
+    def on_body(self, body: bytes) -> None:
+        self._last_chunk = False
+        super().on_body(body)
+
+    def _close_if_answered_early(self, cycle: Any) -> None:
+        """An answer that starts before its request's body was read whole (a refusal from the headers: 401, 404,
+        413, 415; a GET route that reads no body) says ``connection: close``, and the connection closes once it
+        is sent, lingering: the rest of the body is dropped, not parsed as the next request. Kept open, it was
+        read for as long as the client sent (a trailer without end, a byte every 2 s)."""
+        send = cycle.send
+
+        async def close_if_unread(message: Any) -> None:
+            if message["type"] == "http.response.start" and cycle.more_body and not cycle.response_started:
+                headers = [*message.get("headers", ()), (b"connection", b"close")]
+                message = {**message, "headers": headers}
+                cycle.transport = _Lingering(cycle.transport, self._linger)
+            await send(message)
+
+        cycle.send = close_if_unread
 
     def _refuse(self, error: ServiceError) -> None:
         """The error as JSON (the protocol's own shape on /v2), then close: the rest of the request is not parsed.
@@ -145,9 +248,29 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             head.append(name + b": " + value + b"\r\n")
         head.append(b"content-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n\r\n" % len(body))
         self.transport.write(b"".join(head) + body)
-        # A lingering close: had it closed with the client still sending, the kernel would answer its bytes with
-        # a reset, and the client could lose the answer before reading it. So: end our side, read and drop
-        # what still comes, and close after LINGER_S (or when the client closes).
+        self._linger()
+
+    def _linger(self) -> None:
+        """A lingering close: had it closed with the client still sending, the kernel would answer its bytes with
+        a reset, and the client could lose the answer before reading it. So: end our side, read and drop what
+        still comes, and close after LINGER_S (or when the client closes)."""
+        self._discarding = True
+        if self.transport.is_closing():
+            return
         if self.transport.can_write_eof():
             self.transport.write_eof()
         self.loop.call_later(LINGER_S, self.transport.close)
+
+
+class _Lingering:
+    """The transport as a cycle that answered before its request's body was read sees it: its ``close`` is the
+    protocol's lingering close."""
+
+    def __init__(self, transport: Any, linger: Any) -> None:
+        self._transport, self._linger = transport, linger
+
+    def close(self) -> None:
+        self._linger()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)

@@ -21,7 +21,7 @@ from PIL import Image
 
 from app import httpserver
 
-from .conftest import LiveServer
+from .conftest import LiveServer, until
 
 MAX_ERROR_BODY = 4096
 TEXT_V2 = "/v2/models/classify-text/infer"
@@ -411,3 +411,123 @@ def test_headers_that_never_end_get_a_408(server: LiveServer, monkeypatch: pytes
     with server.client() as c:  # a connection that sends nothing at all is closed the same way
         assert c.get("/healthz").status_code == 200
     assert status_and_json(raw_exchange(server, b""))[0] == 408
+
+
+def test_a_trailer_section_is_bounded_and_never_taken_as_headers(server: LiveServer) -> None:
+    """A chunked body's trailer fields are read and dropped: an x-request-id or a zero request timeout sent as a
+    trailer changed the request (RFC 9110 6.5.1 forbids merging them). A trailer section over the header bound is
+    a 431 at once: one that never ended stalled the event loop (httptools grows an unfinished value by
+    concatenation) until the body timeout, 30 s on."""
+    head = b"POST /v1/classify-text HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    head += b"Transfer-Encoding: chunked\r\n"
+    body = b'\r\nd\r\n{"text":"hi"}\r\n0\r\n'
+    trailers = b"X-Request-Id: FROM-TRAILER\r\nx-request-timeout-ms: 0\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", server.settings.port), timeout=20) as sock:
+        sock.sendall(head + body + trailers)
+        status, headers, answer = _read_response(sock)
+    assert status == 200 and headers["x-request-id"] != "FROM-TRAILER", (status, answer[:200])
+    endless = [b"X-Endless: "] + [b"a" * 32768] * 8  # never finished, 256 KB
+    got, error = status_and_json(raw_exchange(server, head + body, dribble=endless))
+    assert got == 431 and "trailer fields exceed" in json.dumps(error)
+
+
+def test_a_get_whose_body_never_ends_is_answered_and_its_connection_closed(server: LiveServer) -> None:
+    """A route that reads no body answers at once; the connection then closes (lingering): the rest of the body is
+    dropped, never parsed. It was read for as long as the client sent: a trailer line without end held the
+    connection and stalled the event loop."""
+    request = b"GET /healthz HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n0\r\nX-Trailer: "
+    raw = raw_exchange(server, request, dribble=[b"a" * 1024] * 40, every_s=0.1)  # ends when the server closes
+    head, _, answer = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200") and b"connection: close" in head.lower(), raw[:300]
+    assert json.loads(answer) == {"status": "ok"}
+
+
+@pytest.mark.parametrize(
+    ("path", "headers", "status"),
+    [
+        ("/v1/no-such-task", "Content-Length: 100000\r\nContent-Type: application/json\r\n", 404),
+        ("/v1/classify-text", "Content-Length: 999999999999\r\nContent-Type: application/json\r\n", 413),
+        ("/v1/classify-text", "Content-Length: 100000\r\nContent-Encoding: gzip\r\n", 415),
+    ],
+    ids=["404", "413", "415"],
+)
+def test_an_answer_sent_before_the_body_was_read_closes_the_connection(
+    server: LiveServer, path: str, headers: str, status: int
+) -> None:
+    """A byte every 0.2 s after the early answer: the server closes within its linger (it kept such connections,
+    and their file descriptors, for as long as the client trickled)."""
+    request = f"POST {path} HTTP/1.1\r\nHost: x\r\n{headers}\r\n".encode()
+    started = time.monotonic()
+    raw = raw_exchange(server, request, dribble=[b"{"] * 100, every_s=0.2)  # 20 s of trickle, were it kept open
+    got, _ = status_and_json(raw)
+    assert got == status and b"connection: close" in raw.partition(b"\r\n\r\n")[0].lower()
+    assert time.monotonic() - started < 15  # closed by the server, long before the trickle would have ended
+
+
+def test_a_client_that_reads_none_of_its_answers_is_cut_off(
+    server: LiveServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Pipelined requests whose answers are never read fill the send buffer; past the write timeout (shortened to
+    0.5 s here) the connection is closed, silently in the log (uvicorn had no write timeout: it stayed open)."""
+    monkeypatch.setattr(httpserver, "WRITE_TIMEOUT_S", 0.5)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", server.settings.port))
+    try:
+        sock.sendall(b"GET /openapi.json HTTP/1.1\r\nHost: x\r\n\r\n" * 50)
+        protocols = server.server.server_state.connections
+        until(
+            lambda: not any(p.transport.get_extra_info("peername") == sock.getsockname() for p in protocols), "closed"
+        )
+    finally:
+        sock.close()
+
+
+@pytest.mark.parametrize(
+    "target",
+    [b"CONNECT example.com:443", b"GET http://", b"GET http://a:99999/healthz", b"GET http://[::1"],
+)
+def test_a_target_the_url_parser_refuses_is_a_json_400_after_the_answers_before_it(
+    server: LiveServer, target: bytes
+) -> None:
+    """These passed the request-line parser and failed httptools' URL parser: no answer, an ERROR with a traceback
+    in the log, and a pipelined request before it lost its answer."""
+    ask = b"POST /v1/classify-text HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 13\r\n\r\n"
+    received = raw_exchange(server, ask + b'{"text":"hi"}' + target + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert re.findall(rb"HTTP/1\.1 (\d{3}) ", received) == [b"200", b"400"], received[:600]
+    _, body = status_and_json(received[received.rindex(b"HTTP/1.1 400") :])
+    assert "not a valid URL path" in json.dumps(body)
+
+
+def test_the_header_bound_counts_headers_not_reads(server: LiveServer) -> None:
+    """3,000 pipelined requests in one write (102 KB) are all served: the bound counted every read that ended in a
+    request's headers whole, pipelined requests included (a false 431 after 4,726 of 20,000). A 100 KB header
+    that arrives in one read is a 431: it was served, as the reads' count only began with the next read."""
+    ping = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", server.settings.port), timeout=60) as sock:
+        sock.sendall(ping * 2999 + b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        received = b""
+        while chunk := sock.recv(1 << 20):
+            received += chunk
+    assert received.count(b"HTTP/1.1 200 ") == 3000 and b"HTTP/1.1 431" not in received
+    one_read = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"v" * 100_000 + b"\r\n\r\n"
+    assert status_and_json(raw_exchange(server, one_read))[0] == 431
+
+
+def test_a_transfer_coding_other_than_chunked_is_a_501(server: LiveServer) -> None:
+    """llhttp reads only the last coding: a gzip transfer-coded body was parsed as if it had none (a misleading
+    422 about its JSON)."""
+    request = b"POST /v1/classify-text HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    got, body = status_and_json(
+        raw_exchange(server, request + b"Transfer-Encoding: gzip, chunked\r\n\r\n5\r\nxxxxx\r\n")
+    )
+    assert got == 501 and "Transfer-Encoding 'gzip' is not supported" in body["error"]["message"]  # type: ignore[index]
+
+
+def test_an_upgrade_request_is_an_ordinary_one(server: LiveServer) -> None:
+    """No WebSocket route: an Upgrade: websocket request is answered as HTTP (it was a bare 403 with an empty
+    text/plain body, logged nowhere)."""
+    upgrade = {"upgrade": "websocket", "connection": "Upgrade", "sec-websocket-key": "dGhlIHNhbXBsZSBub25jZQ=="}
+    with server.client() as c:
+        assert c.get("/healthz", headers={**upgrade, "sec-websocket-version": "13"}).json() == {"status": "ok"}
+        assert_json_error(c.get("/ws", headers={**upgrade, "sec-websocket-version": "13"}), {404})
