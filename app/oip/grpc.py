@@ -42,6 +42,7 @@ from ..routes.v2 import (
     SERVER_NAME,
     VERSION,
     Call,
+    check_declared,
     metadata,
     outputs_of,
     prepare,
@@ -247,7 +248,7 @@ class InferenceService:
 
         def parse_and_prepare() -> Call:
             parsed = infer_request(request)
-            ADAPTERS[engine.task.name].check(parsed.inputs)  # names, datatypes and shapes before any data
+            check_declared(parsed, engine, runtime.settings.max_files_per_request)  # before any data is decoded
             return prepare(parsed, tensors_of(request, parsed), engine, runtime.settings.max_files_per_request)
 
         runtime.inflight += 1  # counted as HTTP's task requests are: the drain waits for them, the HPA scales on them

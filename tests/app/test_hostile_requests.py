@@ -531,3 +531,18 @@ def test_an_upgrade_request_is_an_ordinary_one(server: LiveServer) -> None:
     with server.client() as c:
         assert c.get("/healthz", headers={**upgrade, "sec-websocket-version": "13"}).json() == {"status": "ok"}
         assert_json_error(c.get("/ws", headers={**upgrade, "sec-websocket-version": "13"}), {404})
+
+
+def test_the_rows_a_binary_bytes_tensor_declares_are_counted_before_it_is_decoded(server: LiveServer) -> None:
+    """A million empty BYTES elements as binary data: its rows are refused from the shape. They were counted once
+    every element was decoded, a Python loop of seconds in a decode thread (8 million: 4-10 s each, and four at
+    once held every decode thread)."""
+    n = 1_000_000
+    header = json.dumps(
+        {"inputs": [{"name": "TEXT", "shape": [n], "datatype": "BYTES", "parameters": {"binary_data_size": 4 * n}}]}
+    ).encode()
+    with server.client() as c:
+        r = c.post(
+            TEXT_V2, content=header + b"\0" * (4 * n), headers={"inference-header-content-length": str(len(header))}
+        )
+    assert r.status_code == 400 and "TEXT: shape [1000000]" in r.json()["error"], r.text[:300]
