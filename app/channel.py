@@ -352,13 +352,16 @@ def receive_hello(sock: socket.socket, count: int = 1) -> tuple[dict[str, Any], 
 RECORD = struct.Struct("<QdddddII")
 CHECK = struct.Struct("<I")
 RECORD_SIZE = 64
+# After the engines' records: the model process's heartbeat, when its event loop last ran (monotonic, a double:
+# one aligned 8-byte store, whole to every reader).
+HEARTBEAT = struct.Struct("<d")
 
 
 class StateTable:
-    """The model process's side: one record per engine, rewritten after every change (seqlock)."""
+    """The model process's side: one record per engine, rewritten after every change (seqlock), and its heartbeat."""
 
     def __init__(self, engines: int) -> None:
-        self.size = max(RECORD_SIZE, engines * RECORD_SIZE)
+        self.size = (engines + 1) * RECORD_SIZE
         self.fd = os.memfd_create("perceiver-admission", os.MFD_CLOEXEC)
         os.ftruncate(self.fd, self.size)
         self.map = mmap.mmap(self.fd, self.size)
@@ -377,6 +380,9 @@ class StateTable:
         self.sequence[index] = sequence + 1
         struct.pack_into("<Q", self.map, at, sequence + 1)
 
+    def beat(self, now: float) -> None:
+        HEARTBEAT.pack_into(self.map, self.size - RECORD_SIZE, now)
+
 
 class StateView:
     """A front end's side: reads an engine's record as the model process last wrote it.
@@ -390,7 +396,12 @@ class StateView:
     def __init__(self, fd: int, size: int) -> None:
         self.map = mmap.mmap(fd, size, prot=mmap.PROT_READ)
         os.close(fd)
+        self.size = size
         self.last: dict[int, tuple[float, AdmissionState]] = {}
+
+    def heartbeat(self) -> float:
+        """When the model process's event loop last ran (monotonic; 0.0 before its first beat)."""
+        return float(HEARTBEAT.unpack_from(self.map, self.size - RECORD_SIZE)[0])
 
     def read(self, index: int) -> tuple[float, AdmissionState]:
         at = index * RECORD_SIZE

@@ -33,6 +33,7 @@ from .settings import Settings
 # drain timeout (a JSON 503 each, within uvicorn's last second) and then close; stopping first turned the answers
 # they still waited for into 499s.
 FRONT_ENDS_LAST_S = 3.0
+HEARTBEAT_S = 1.0  # how often the event loop notes in the admission table that it runs (front ends watch it)
 
 log = logging.getLogger("perceiver.model")
 HELLO_TIMEOUT_S = 30.0
@@ -89,6 +90,13 @@ class ModelServer:
         for engine in self.engines:
             engine.batcher.on_change = self.publish
         self.publish()
+
+    async def beat(self) -> None:
+        """The heartbeat the front ends' liveness reads: a model process whose event loop is stuck (a deadlock, a
+        SIGSTOP) stops it, and they report it (one process, the same hang stopped /healthz itself)."""
+        while True:
+            self.table.beat(time.monotonic())
+            await asyncio.sleep(HEARTBEAT_S)
 
     def publish(self) -> None:
         """Every engine's record: a change of one batcher can change another's (CPU models share the lanes)."""
@@ -268,6 +276,7 @@ async def serve(settings: Settings, path: str) -> int:
         return 1
     server = ModelServer(runtime)
     acceptor = asyncio.create_task(server.accept(listener))
+    beating = asyncio.create_task(server.beat())
     keeper = asyncio.create_task(keep_memory(runtime, memory.MemoryKeeper()))
     log.info("model process %d ready: %d models on %s", os.getpid(), len(server.engines), path)
     await stop.wait()
@@ -282,7 +291,7 @@ async def serve(settings: Settings, path: str) -> int:
         await asyncio.sleep(0.02)
     acceptor.cancel()
     keeper.cancel()
-    for job in [acceptor, keeper, *server.connections]:
+    for job in [acceptor, keeper, beating, *server.connections]:
         job.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await job

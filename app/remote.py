@@ -37,6 +37,9 @@ log = logging.getLogger("perceiver.frontend")
 CONNECT_RETRY_S = 0.05
 CONNECT_REFUSED_S = 5.0  # a socket that refuses this long has no model process behind it
 OVERFLOW_WARNING_S = 60.0  # at most one "slab full" warning a minute per front end
+# A model process whose heartbeat is older than this is stuck: liveness and readiness fail, requests get 503, and
+# a question to it (statistics, a description) gives up. The heartbeat comes every second (model_process.py).
+MODEL_STALL_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -135,7 +138,14 @@ class ModelClient:
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self.queries[qid] = future
         self.send({"k": "q", "i": qid, "m": index, "w": what})
-        answer = await future
+        try:
+            async with asyncio.timeout(MODEL_STALL_S):
+                answer = await future
+        except TimeoutError:
+            self.queries.pop(qid, None)
+            raise NotReady(
+                f"the model process did not answer within {MODEL_STALL_S:g} s; retry shortly", {"Retry-After": "1"}
+            ) from None
         if isinstance(answer.get("e"), ServiceError):
             raise answer["e"]
         return answer["r"]
@@ -155,6 +165,14 @@ class ModelClient:
             log.exception("the model process sent a broken frame; closing the connection")
         finally:
             self.close("the model process has exited")
+
+    def unresponsive(self) -> str | None:
+        """Why the model process looks stuck (its heartbeat is older than MODEL_STALL_S), else None."""
+        beat = self.table.heartbeat()
+        age = time.monotonic() - beat
+        if self.closed or not beat or age <= MODEL_STALL_S:
+            return None
+        return f"the model process has not run for {age:.0f} s"
 
     def answer(self, head: dict[str, Any], tail: bytes) -> None:
         if head.get("k") == "q":
@@ -351,6 +369,7 @@ async def connect(runtime: Runtime, path: str) -> None:
     decoding = channel.Decoding(len(engines), int(hello["decoding"]["slots"]), decoding_fd)
     table = channel.StateView(table_fd, int(hello["table"]))
     client = ModelClient(runtime, slab, table, writer, decoding, hello["decoding"]["slot"])
+    runtime.unresponsive = client.unresponsive
     decoder = channel.Decoder([])
     for index, spec in enumerate(engines):
         task = TASKS[spec["task"]]

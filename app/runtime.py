@@ -40,6 +40,9 @@ class Runtime:
     drain_started: float | None = None
     load_error: str | None = None
     created: float = field(default_factory=time.monotonic)
+    # Why the process that runs the models looks stuck, or None: a front end's watch on the model process's
+    # heartbeat (app/remote.py); one process has nothing to watch (a stuck event loop answers nothing at all).
+    unresponsive: Callable[[], str | None] = field(default=lambda: None)
 
     def __post_init__(self) -> None:
         self.limits = self.settings.limits()
@@ -94,6 +97,8 @@ class Runtime:
         """503 (NotReady) while the models load; ``probe`` names the readiness path the client should watch."""
         if not self.ready:
             raise NotReady(f"models are still loading; retry when {probe} answers 200", {"Retry-After": "1"})
+        if (why := self.unresponsive()) is not None:
+            raise NotReady(f"{why}; retry on another replica", {"Retry-After": "1"})
 
     def engine_for(self, task: str, variant: str | None = None) -> Engine:
         variants = self.models.get(task)

@@ -180,7 +180,7 @@ class InferenceService:
     # ------------------------------------------------------------------------------------------ server
 
     async def ServerLive(self, request: pb.ServerLiveRequest, context: aio.ServicerContext) -> pb.ServerLiveResponse:
-        return pb.ServerLiveResponse(live=True)
+        return pb.ServerLiveResponse(live=self.runtime.unresponsive() is None)
 
     async def ServerReady(self, request: pb.ServerReadyRequest, context: aio.ServicerContext) -> pb.ServerReadyResponse:
         return pb.ServerReadyResponse(ready=serving(self.runtime))
@@ -286,7 +286,7 @@ class InferenceService:
 
 
 def serving(runtime: Runtime) -> bool:
-    return runtime.ready and not runtime.draining and runtime.load_error is None
+    return runtime.ready and not runtime.draining and runtime.load_error is None and runtime.unresponsive() is None
 
 
 def _metadata(context: aio.ServicerContext) -> dict[str, str]:

@@ -18,7 +18,8 @@ UNAUTHORIZED: dict[int | str, dict[str, Any]] = {
 
 
 class Health(BaseModel):
-    status: Literal["ok"]
+    status: Literal["ok", "unresponsive"]
+    error: str | None = None  # why not live: the model process has stopped running (front-end processes)
 
 
 class Readiness(BaseModel):
@@ -76,9 +77,19 @@ class ModelsResponse(BaseModel):
     models: list[ModelInfo]
 
 
-@router.get("/healthz", response_model=Health, tags=["operations"], summary="Liveness: the process serves HTTP")
-async def healthz() -> dict[str, str]:
-    return {"status": "ok"}
+@router.get(
+    "/healthz",
+    response_model=Health,
+    response_model_exclude_none=True,
+    tags=["operations"],
+    summary="Liveness: the process serves HTTP (and, with front-end processes, the model process runs)",
+    responses={503: {"model": Health, "description": "The model process has stopped running: restart the pod"}},
+)
+async def healthz(request: Request) -> JSONResponse:
+    why = runtime_of(request).unresponsive()
+    if why is not None:
+        return JSONResponse({"status": "unresponsive", "error": why}, status_code=503)
+    return JSONResponse({"status": "ok"})
 
 
 @router.get(
@@ -97,6 +108,8 @@ async def readyz(request: Request) -> JSONResponse:
         return JSONResponse({"status": "draining"}, status_code=503)
     if not runtime.ready:
         return JSONResponse({"status": "loading"}, status_code=503)
+    if (why := runtime.unresponsive()) is not None:
+        return JSONResponse({"status": "failed", "error": why}, status_code=503)
     return JSONResponse({"status": "ready"})
 
 

@@ -188,7 +188,7 @@ def metadata(runtime: Runtime, engine: Engine) -> ModelMetadata:
 
 def model_ready(runtime: Runtime) -> bool:
     """A served model is ready when the server is: every engine is built before readiness."""
-    return runtime.ready and not runtime.draining
+    return runtime.ready and not runtime.draining and runtime.unresponsive() is None
 
 
 # ---------------------------------------------------------------------------------------------- server
@@ -229,9 +229,15 @@ async def all_statistics(request: Request) -> dict[str, Any]:
     return {"model_stats": [await triton.model_statistics(e, v2_name(e)) for e in served_models(runtime)]}
 
 
-@router.get("/health/live", response_model=Live, summary="Liveness: the process serves HTTP")
-async def live() -> Live:
-    return Live(live=True)
+@router.get(
+    "/health/live",
+    response_model=Live,
+    summary="Liveness: the process serves HTTP (and, with front-end processes, the model process runs)",
+    responses={503: {"model": Live, "description": "The model process has stopped running: restart the pod"}},
+)
+async def live(request: Request) -> JSONResponse:
+    ok = runtime_of(request).unresponsive() is None
+    return JSONResponse({"live": ok}, status_code=200 if ok else 503)
 
 
 @router.get(
@@ -242,7 +248,7 @@ async def live() -> Live:
 )
 async def ready(request: Request) -> JSONResponse:
     runtime = runtime_of(request)
-    ok = runtime.ready and not runtime.draining and runtime.load_error is None
+    ok = model_ready(runtime) and runtime.load_error is None
     return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
 
 

@@ -311,6 +311,31 @@ def test_when_the_model_process_dies_requests_get_503_and_the_group_stops(slow: 
     assert slow.proc.wait(timeout=120) == 1
 
 
+def test_a_stuck_model_process_fails_liveness_and_readiness_and_requests_get_503(slow: Server) -> None:
+    """A model process whose event loop stops (SIGSTOP here; a deadlock alike): the front ends stop seeing its
+    heartbeat and, past MODEL_STALL_S, say so. /healthz and /v2/health/live fail (the pod is restarted), readiness
+    fails, a task request is a 503 at once, and /v1/models gives up. Each answered 200 for ever: the front ends
+    answered the probes themselves, admitted every request into a 504 at its deadline, and /v1/models hung."""
+    found = re.search(r"model process (\d+) ready", slow.log.read_text())
+    assert found is not None
+    model = int(found[1])
+    os.kill(model, signal.SIGSTOP)
+    try:
+        until(lambda: httpx.get(slow.url + "/healthz", timeout=30).status_code == 503, "liveness fails")
+        health = httpx.get(slow.url + "/healthz", timeout=30).json()
+        assert health["status"] == "unresponsive" and "the model process has not run for" in health["error"]
+        assert httpx.get(slow.url + "/v2/health/live", timeout=30).json() == {"live": False}
+        assert httpx.get(slow.url + "/readyz", timeout=30).json()["status"] == "failed"
+        refused = flow(slow, client_timeout=30)
+        assert refused.status_code == 503 and refused.json()["error"]["type"] == "not_ready", refused.text
+        models = httpx.get(slow.url + "/v1/models", timeout=60)
+        assert models.status_code == 503 and "did not answer within" in models.json()["error"]["message"]
+    finally:
+        os.kill(model, signal.SIGCONT)
+    until(lambda: httpx.get(slow.url + "/healthz", timeout=30).status_code == 200, "live again")
+    assert flow(slow).status_code == 200
+
+
 def test_auto_starts_front_ends_on_gpu_hosts_only() -> None:
     """auto follows the measurements: none on CPU hosts (docs/performance.md); with a GPU, CPUs less two, at most
     four; an explicit count wins; workers > 1 and front ends do not combine."""
