@@ -133,6 +133,10 @@ def _serve(settings: Settings, sockets: list[socket.socket] | None = None, model
             sockets = _listen(settings)
         except OSError as exc:
             return _cannot_listen(settings, exc)
+        if not _grpc_port_free(settings):
+            for sock in sockets:
+                sock.close()
+            return 3
         log.info("listening on %s:%d", settings.host, settings.port)
     server = _server_class()(uvicorn_config(app, settings), app.state.runtime)
     server.run(sockets=sockets)
@@ -216,6 +220,22 @@ def _unspecified(host: str) -> bool:
         return False
 
 
+def _grpc_port_free(settings: Settings) -> bool:
+    """Whether the gRPC port is free, checked by binding it (without SO_REUSEPORT) before anything loads; if not,
+    one line. Several processes share it with SO_REUSEPORT, which any other program may have set as well (gRPC's
+    servers do by default): with front ends, a second server on the same port started, and took part of its
+    calls."""
+    if not settings.grpc_port:
+        return True
+    try:
+        for probe in _listen(settings.model_copy(update={"port": settings.grpc_port})):
+            probe.close()
+    except OSError as exc:
+        log.error("gRPC cannot listen on %s:%d: %s", settings.host, settings.grpc_port, exc.strerror or exc)
+        return False
+    return True
+
+
 def _cannot_listen(settings: Settings, exc: OSError) -> int:
     """One line and exit 3, however many processes would have served (uvicorn's traceback and exit 1 before)."""
     log.error("cannot listen on %s:%d: %s", settings.host, settings.port, exc.strerror or exc)
@@ -238,6 +258,10 @@ def _supervise(settings: Settings) -> int:
         sockets = _listen(settings)
     except OSError as exc:
         return _cannot_listen(settings, exc)
+    if not _grpc_port_free(settings):
+        for sock in sockets:
+            sock.close()
+        return 3
     for sock in sockets:
         sock.set_inheritable(True)
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="perceiver-metrics-")

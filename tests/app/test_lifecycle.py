@@ -245,6 +245,23 @@ def test_the_port_in_use_is_one_line_and_exit_3_with_one_process_or_several(tmp_
     assert [e["msg"] for e in errors] == [f"cannot listen on 127.0.0.1:{port}: Address already in use"]
 
 
+@pytest.mark.parametrize("processes", ["0", "2"])
+def test_a_grpc_port_another_program_shares_is_one_line_and_exit_3(tmp_path: Path, processes: str) -> None:
+    """Another program listens on the gRPC port with SO_REUSEPORT, as gRPC's servers do by default. With front
+    ends (which share the port with SO_REUSEPORT among themselves) the server started and that program took part
+    of its calls; one process failed only once its models were loaded, with a traceback."""
+    with socket.socket() as other:
+        other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        env = {"PERCEIVER_DEMO_TASKS": '["classify-text"]', "PERCEIVER_API_PROCESSES": processes}
+        server = Server(tmp_path / "log.jsonl", {**env, "PERCEIVER_GRPC_PORT": str(port)})
+        assert server.proc.wait(timeout=120) == 3
+    errors = [json.loads(line) for line in server.log.read_text().splitlines() if '"ERROR"' in line]
+    assert [e["msg"] for e in errors] == [f"gRPC cannot listen on 127.0.0.1:{port}: Address already in use"]
+
+
 def test_the_host_is_every_address_it_names() -> None:
     """As asyncio reads a host: "" is every interface of both stacks, "::" alone both stacks on one socket,
     an address itself; the sockets bound are those (an empty host was an error, a host name one of its addresses)."""
