@@ -319,6 +319,9 @@ def _supervise(settings: Settings) -> int:
             if not stopping:  # a process died on its own: take the rest down, let the orchestrator restart us
                 log.error("%s exited with %s; stopping", proc.name, proc.exitcode)
                 forward(signal.SIGTERM, None)
+        if stopping and all(proc.pid in codes for proc in procs):  # nothing serves the port any more: refuse, do
+            for sock in sockets:  # not queue (the model process may still be stopping; connections hung in
+                sock.close()  # the backlog until it had)
         time.sleep(0.2)
     for sock in sockets:
         sock.close()

@@ -270,7 +270,20 @@ async def serve(settings: Settings, path: str) -> int:
         loop.add_signal_handler(sig, stop.set)
     from .main import _load, keep_memory
 
-    await _load(runtime, build_models)
+    loading = asyncio.create_task(_load(runtime, build_models))
+    stopping = asyncio.create_task(stop.wait())
+    await asyncio.wait({loading, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    if not loading.done():  # stopped while loading, as one process is: between two steps, not after them all
+        loading.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await loading
+        listener.close()
+        for engine in runtime.engines():
+            await engine.stop()
+        runtime.shutdown_executors()
+        log.info("model process stopped while loading")
+        return 0
+    stopping.cancel()
     if runtime.load_error is not None:
         listener.close()
         return 1

@@ -360,6 +360,9 @@ async def connect(runtime: Runtime, path: str) -> None:
         slab = channel.Slab(settings.api_slab_mb * 2**20)
         sock, hello, (table_fd, decoding_fd) = await _in_daemon_thread(_handshake, path, slab)
     except Exception as exc:
+        if runtime.draining:  # stopped before the model process was ready: it stops too, and closed on us
+            log.info("stopped before the model process was ready (%s)", type(exc).__name__)
+            return
         runtime.load_error = f"could not join the model process: {type(exc).__name__}: {exc}"
         log.error("%s", runtime.load_error)
         return

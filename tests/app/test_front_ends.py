@@ -336,6 +336,22 @@ def test_a_stuck_model_process_fails_liveness_and_readiness_and_requests_get_503
     assert flow(slow).status_code == 200
 
 
+def test_sigterm_while_the_models_load_stops_the_group_between_two_steps(tmp_path: Path) -> None:
+    """As one process does: the model process stops loading at its next step, and nothing is logged as an error
+    (it finished loading and warming every model first, 11-13 s of the demo here and minutes of real checkpoints,
+    and the front ends logged that they could not join it)."""
+    env = {"PERCEIVER_API_PROCESSES": "2", "PERCEIVER_WARMUP": "true", "PERCEIVER_GRPC_PORT": "0"}
+    server = Server(tmp_path / "log.jsonl", env)
+    try:
+        until(lambda: "max_batch_size=auto chose" in server.log.read_text(), "the first model loaded")
+        server.proc.send_signal(signal.SIGTERM)
+        assert server.proc.wait(timeout=120) == 0
+    finally:
+        stop(server)
+    log = server.log.read_text()
+    assert "model process stopped while loading" in log and '"ERROR"' not in log, log[-2000:]
+
+
 def test_auto_starts_front_ends_on_gpu_hosts_only() -> None:
     """auto follows the measurements: none on CPU hosts (docs/performance.md); with a GPU, CPUs less two, at most
     four; an explicit count wins; workers > 1 and front ends do not combine."""
