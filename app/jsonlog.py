@@ -35,3 +35,15 @@ def configure(level: str) -> None:
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
         logging.getLogger(name).handlers[:] = []
         logging.getLogger(name).propagate = name != "uvicorn.access"  # our middleware logs each request
+    if not any(isinstance(f, CancelledLifespan) for f in logging.getLogger("uvicorn.error").filters):
+        logging.getLogger("uvicorn.error").addFilter(CancelledLifespan())
+
+
+class CancelledLifespan(logging.Filter):
+    """A second signal stops at once: uvicorn skips the app's shutdown and cancels its lifespan task, which
+    Starlette reports as a failed shutdown, the CancelledError's traceback as an ERROR. That stop is the one asked
+    for, said already by a WARNING line: the traceback is left out."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not (message.startswith("Traceback") and message.rstrip().endswith("asyncio.exceptions.CancelledError"))
