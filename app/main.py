@@ -30,7 +30,7 @@ from .admission import AdmissionMiddleware
 from .errors import InternalError, InvalidInput, ServiceError, for_status, join_problems
 from .loading import LoadedModel, build_models, start_engine
 from .metrics import Metrics
-from .middleware import ObservabilityMiddleware, reject
+from .middleware import HeadAsGet, ObservabilityMiddleware, reject
 from .oip import grpc as oip_grpc
 from .routes.docs import DOCS_ASSETS
 from .routes.docs import router as docs_router
@@ -226,7 +226,9 @@ def create_app(
     app.include_router(playground_router)
     app.include_router(docs_router)
     # Added last runs first: CORS (preflights answered without a key), observability (401s are logged and
-    # counted like every response), the key check, then admission (429s before routing, to keys' holders).
+    # counted like every response), the key check, admission (429s before routing, to keys' holders), then
+    # HEAD answered as GET.
+    app.add_middleware(HeadAsGet)
     app.add_middleware(AdmissionMiddleware, runtime=runtime)
     digests = key_digests(settings)
     if digests:

@@ -81,6 +81,20 @@ class LogThrottle:
         return skipped
 
 
+class HeadAsGet:
+    """HEAD is GET without the body (RFC 9110 9.3.2) on every route that answers GET: the app answers the GET, and
+    uvicorn, whose own scope still says HEAD, sends the head alone (Content-Length as GET's). FastAPI's routes
+    take HEAD only where it is named: the pages, /metrics, /v1/models and most of /v2 were a 405."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "HEAD":
+            scope = {**scope, "method": "GET"}
+        await self.app(scope, receive, send)
+
+
 class ObservabilityMiddleware:
     """Request ids, body-size limit, drain gate, timing headers, metrics and one JSON log line per request
     (per second for refusals: ``LogThrottle``)."""

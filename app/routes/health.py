@@ -113,11 +113,6 @@ async def readyz(request: Request) -> JSONResponse:
     return JSONResponse({"status": "ready"})
 
 
-# HEAD for the probes too (load balancers and uptime checkers send it); same answer, no body.
-router.add_api_route("/healthz", healthz, methods=["HEAD"], include_in_schema=False)
-router.add_api_route("/readyz", readyz, methods=["HEAD"], include_in_schema=False)
-
-
 @router.get(
     "/metrics",
     tags=["operations"],

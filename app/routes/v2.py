@@ -252,11 +252,6 @@ async def ready(request: Request) -> JSONResponse:
     return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
 
 
-# HEAD too, for load balancers and uptime checkers (same answer, no body).
-router.add_api_route("/health/live", live, methods=["HEAD"], include_in_schema=False)
-router.add_api_route("/health/ready", ready, methods=["HEAD"], include_in_schema=False)
-
-
 @router.post(
     "/repository/index",
     response_model=list[RepositoryModel],
@@ -655,8 +650,6 @@ def _model_routes() -> None:
                 **_errors(400, 401, 404),
             },
         )
-        # HEAD as the health routes take it (uptime checkers and load balancers send it): same status, no body
-        router.add_api_route(prefix + "/ready", _route(get_ready, versioned), methods=["HEAD"], include_in_schema=False)
         for path, endpoint, summary in (
             ("/config", get_config, "Model configuration, in Triton's form (its model_configuration extension)"),
             ("/stats", get_statistics, "Model statistics since start-up (Triton's statistics extension)"),

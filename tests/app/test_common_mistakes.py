@@ -154,11 +154,36 @@ def test_a_trailing_slash_is_a_404_that_names_the_right_path(client: httpx.Clien
 
 @pytest.mark.parametrize(
     "path",
-    ["/healthz", "/readyz", "/v2/health/ready", "/v2/models/fill-mask/ready", "/v2/models/fill-mask/versions/1/ready"],
+    [
+        "/healthz",
+        "/readyz",
+        "/v2/health/ready",
+        "/v2/models/fill-mask/ready",
+        "/v2/models/fill-mask/versions/1/ready",
+        "/",
+        "/docs",
+        "/metrics",
+        "/v1/models",
+        "/v2",
+        "/v2/models",
+        "/v2/models/fill-mask",
+        "/v2/models/fill-mask/config",
+        "/v2/models/fill-mask/stats",
+        "/static/playground/playground.js",
+    ],
 )
-def test_head_requests_to_the_probes_answer_200_without_a_body(client: httpx.Client, path: str) -> None:
+def test_head_answers_as_get_without_a_body_on_every_get_route(client: httpx.Client, path: str) -> None:
+    """RFC 9110 9.1: HEAD wherever GET is. FastAPI takes HEAD only where a route names it: the pages, /metrics,
+    /v1/models and most of /v2 were a 405."""
+    got = client.get(path)
     r = client.head(path)
-    assert r.status_code == 200 and r.content == b""
+    assert r.status_code == got.status_code == 200 and r.content == b"", (path, r.status_code)
+    assert r.headers["content-type"] == got.headers["content-type"]
+
+
+def test_head_on_a_post_route_is_a_405_that_names_post(client: httpx.Client) -> None:
+    r = client.head("/v1/classify-text")
+    assert r.status_code == 405 and "POST" in r.headers["allow"]
 
 
 def test_docs_load_every_asset_from_this_server(client: httpx.Client) -> None:
