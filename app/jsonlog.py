@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from contextvars import ContextVar
 from typing import Any
 
@@ -29,6 +30,7 @@ class JsonFormatter(logging.Formatter):
 def configure(level: str) -> None:
     handler = logging.StreamHandler()
     handler.setFormatter(JsonFormatter())
+    handler.addFilter(LibraryWarnings())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
@@ -47,3 +49,31 @@ class CancelledLifespan(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
         return not (message.startswith("Traceback") and message.rstrip().endswith("asyncio.exceptions.CancelledError"))
+
+
+class LibraryWarnings(logging.Filter):
+    """A library's warning about a client's input (OpenTelemetry's, about a ``tracestate`` of more than 32 entries
+    or a ``traceparent`` over 512 characters) at most once a minute each, the next saying how many it left out: a
+    client could write one line per request."""
+
+    INTERVAL_S = 60.0
+    PREFIXES = ("opentelemetry",)
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__()
+        self.clock = clock
+        self.seen: dict[tuple[str, str], tuple[float, int]] = {}  # (logger, message template) → (written, left out)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR or not record.name.startswith(self.PREFIXES):
+            return True
+        key = (record.name, str(record.msg))
+        now = self.clock()
+        written, left_out = self.seen.get(key, (now - self.INTERVAL_S, 0))
+        if now - written < self.INTERVAL_S:
+            self.seen[key] = (written, left_out + 1)
+            return False
+        self.seen[key] = (now, 0)
+        if left_out:
+            record.fields = {**getattr(record, "fields", {}), "left_out": left_out}
+        return True

@@ -22,7 +22,6 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.middleware.cors import CORSMiddleware
 
 from . import jsonlog, memory, remote
 from .access import ApiKeyMiddleware, cors_origins, key_digests
@@ -30,7 +29,7 @@ from .admission import AdmissionMiddleware
 from .errors import InternalError, InvalidInput, ServiceError, for_status, join_problems
 from .loading import LoadedModel, build_models, start_engine
 from .metrics import Metrics
-from .middleware import HeadAsGet, ObservabilityMiddleware, reject
+from .middleware import HeadAsGet, JsonCors, ObservabilityMiddleware, reject
 from .oip import grpc as oip_grpc
 from .routes.docs import DOCS_ASSETS
 from .routes.docs import router as docs_router
@@ -240,7 +239,7 @@ def create_app(
     origins = cors_origins(settings)
     if origins:
         app.add_middleware(
-            CORSMiddleware,
+            JsonCors,
             allow_origins=origins,
             allow_methods=["GET", "POST"],
             allow_headers=[

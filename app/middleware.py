@@ -13,11 +13,13 @@ import time
 import uuid
 from typing import Any
 
-from starlette.responses import JSONResponse
+from starlette.datastructures import Headers
+from starlette.middleware.cors import CORSMiddleware
+from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import errors, jsonlog
-from .errors import DeadlineExceeded, Draining, PayloadTooLarge, RequestTimeout, ServiceError
+from .errors import BadRequest, DeadlineExceeded, Draining, PayloadTooLarge, RequestTimeout, ServiceError
 from .runtime import Runtime, release
 from .tasks import TASKS
 
@@ -79,6 +81,22 @@ class LogThrottle:
             return None
         skipped, self.skipped, self.next_at = self.skipped, 0, now + self.interval_s
         return skipped
+
+
+class JsonCors(CORSMiddleware):
+    """Starlette's CORS, with a refused preflight as this server's JSON error (it was a plain-text 400)."""
+
+    def preflight_response(self, request_headers: Headers) -> Response:
+        response = super().preflight_response(request_headers)
+        if response.status_code != 400:
+            return response
+        refused = bytes(response.body).decode().removeprefix("Disallowed CORS ")
+        error = BadRequest(
+            f"CORS preflight refused: its {refused} not allowed (PERCEIVER_CORS_ORIGINS names the allowed origins; "
+            f"methods: {', '.join(sorted(self.allow_methods))}; headers: {', '.join(sorted(self.allow_headers))})"
+        )
+        headers = {k: v for k, v in response.headers.items() if k.lower() not in ("content-type", "content-length")}
+        return JSONResponse(errors.body(error), status_code=400, headers=headers)
 
 
 class HeadAsGet:

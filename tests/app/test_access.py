@@ -104,6 +104,8 @@ def test_a_browser_on_an_allowed_origin_may_call_and_others_may_not(locked: Live
     assert allowed.headers["access-control-allow-origin"] == ORIGIN
     assert "x-api-key" in allowed.headers["access-control-allow-headers"].lower()
     assert refused.status_code == 400 and "access-control-allow-origin" not in refused.headers
+    message = refused.json()["error"]["message"]  # JSON, as every error (it was plain text)
+    assert "CORS preflight refused: its origin not allowed" in message and "PERCEIVER_CORS_ORIGINS" in message
     assert call.status_code == 200 and call.headers["access-control-allow-origin"] == ORIGIN
     assert "x-request-id" in call.headers["access-control-expose-headers"].lower()
 

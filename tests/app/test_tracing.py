@@ -180,3 +180,33 @@ def test_the_clock_offset_is_read_where_no_preemption_split_the_readings() -> No
 
     offset = wall_minus_monotonic_ns(3, monotonic_ns, wall_ns)
     assert abs(offset - true_offset) <= 100  # from the second try's 200 ns window, not the first's 5 ms
+
+
+def test_a_librarys_warnings_about_client_input_are_written_once_a_minute() -> None:
+    """A tracestate of 40 entries makes OpenTelemetry warn on every request; through the server's log handler the
+    first is written, the next 19 within the minute are left out, and the first after it says how many."""
+    import io
+    import json as json_module
+    import logging
+
+    from opentelemetry.trace.span import TraceState
+
+    from app.jsonlog import JsonFormatter, LibraryWarnings
+
+    out = io.StringIO()
+    clock = [1000.0]
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(JsonFormatter())
+    handler.addFilter(LibraryWarnings(clock=lambda: clock[0]))
+    logger = logging.getLogger("opentelemetry.trace.span")
+    logger.addHandler(handler)
+    try:
+        for second in range(20):
+            clock[0] = 1000.0 + second
+            TraceState.from_header([",".join(f"k{i}=v" for i in range(40))])
+        clock[0] = 1061.0
+        TraceState.from_header([",".join(f"k{i}=v" for i in range(40))])
+    finally:
+        logger.removeHandler(handler)
+    lines = [json_module.loads(line) for line in out.getvalue().splitlines()]
+    assert [line.get("left_out") for line in lines] == [None, 19], lines
