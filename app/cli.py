@@ -254,6 +254,8 @@ def _supervise(settings: Settings) -> int:
 
     from prometheus_client import multiprocess
 
+    from .model_process import load_error
+
     try:
         sockets = _listen(settings)
     except OSError as exc:
@@ -272,6 +274,7 @@ def _supervise(settings: Settings) -> int:
     payload = settings.model_dump_json()
     me = os.getpid()
     last: list[Any] = []  # stopped after every other process has exited
+    path = ""  # the model process's socket, with front ends
     if fronts:
         path = os.path.join(tempfile.mkdtemp(prefix="perceiver-model-"), "model.sock")
         last = [context.Process(target=_model_process, args=(payload, path, me), name="model")]
@@ -317,7 +320,11 @@ def _supervise(settings: Settings) -> int:
             codes[proc.pid] = proc.exitcode
             multiprocess.mark_process_dead(proc.pid)  # type: ignore[no-untyped-call]
             if not stopping:  # a process died on its own: take the rest down, let the orchestrator restart us
-                log.error("%s exited with %s; stopping", proc.name, proc.exitcode)
+                failed = load_error(path) if fronts else None
+                if failed is not None:  # the front ends exit first, as the model process closes on them
+                    log.error("the model process could not load the models (%s); stopping", failed)
+                else:
+                    log.error("%s exited with %s; stopping", proc.name, proc.exitcode)
                 forward(signal.SIGTERM, None)
         if stopping and all(proc.pid in codes for proc in procs):  # nothing serves the port any more: refuse, do
             for sock in sockets:  # not queue (the model process may still be stopping; connections hung in

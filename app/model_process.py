@@ -256,6 +256,20 @@ class ModelServer:
             link.writer.write(frame)
 
 
+def load_error_path(path: str) -> str:
+    """Where a model process that could not load its models leaves why, beside its socket ``path``."""
+    return path + ".load-error"
+
+
+def load_error(path: str) -> str | None:
+    """What the model process at ``path`` left there when its models failed to load, if it did."""
+    try:
+        with open(load_error_path(path)) as found:
+            return found.read()
+    except OSError:
+        return None
+
+
 async def serve(settings: Settings, path: str) -> int:
     """Load the models, then serve front ends on the Unix socket ``path`` until SIGTERM; the exit code."""
     runtime = Runtime(settings, Metrics())
@@ -285,6 +299,8 @@ async def serve(settings: Settings, path: str) -> int:
         return 0
     stopping.cancel()
     if runtime.load_error is not None:
+        with contextlib.suppress(OSError), open(load_error_path(path), "w") as out:  # for the front ends (their
+            out.write(runtime.load_error)  # /readyz) and the supervisor to say
         listener.close()
         return 1
     server = ModelServer(runtime)

@@ -363,7 +363,13 @@ async def connect(runtime: Runtime, path: str) -> None:
         if runtime.draining:  # stopped before the model process was ready: it stops too, and closed on us
             log.info("stopped before the model process was ready (%s)", type(exc).__name__)
             return
-        runtime.load_error = f"could not join the model process: {type(exc).__name__}: {exc}"
+        from .model_process import load_error
+
+        failed = load_error(path)
+        if failed is not None:  # it closed on us because its models failed to load: say that, not the reset
+            runtime.load_error = f"the model process could not load the models: {failed}"
+        else:
+            runtime.load_error = f"could not join the model process: {type(exc).__name__}: {exc}"
         log.error("%s", runtime.load_error)
         return
     sock.setblocking(False)

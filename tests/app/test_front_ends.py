@@ -352,6 +352,21 @@ def test_sigterm_while_the_models_load_stops_the_group_between_two_steps(tmp_pat
     assert "model process stopped while loading" in log and '"ERROR"' not in log, log[-2000:]
 
 
+def test_a_model_that_fails_to_load_is_what_the_front_ends_and_the_supervisor_report(tmp_path: Path) -> None:
+    """The model process closes on the front ends waiting for it: they said "could not join the model process:
+    ConnectionResetError", and the supervisor blamed the first front end to exit."""
+    models = json.dumps([{"task": "classify-text", "source": str(tmp_path)}])  # a directory without weights
+    env = {"PERCEIVER_API_PROCESSES": "2", "PERCEIVER_MODELS": models, "PERCEIVER_GRPC_PORT": "0"}
+    server = Server(tmp_path / "log.jsonl", env)
+    try:
+        assert server.proc.wait(timeout=120) == 1
+    finally:
+        stop(server)
+    errors = [json.loads(line)["msg"] for line in server.log.read_text().splitlines() if '"ERROR"' in line]
+    assert not any("could not join" in e or "front-end" in e for e in errors), errors
+    assert any(e.startswith("the model process could not load the models (") for e in errors), errors
+
+
 def test_auto_starts_front_ends_on_gpu_hosts_only() -> None:
     """auto follows the measurements: none on CPU hosts (docs/performance.md); with a GPU, CPUs less two, at most
     four; an explicit count wins; workers > 1 and front ends do not combine."""
