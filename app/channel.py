@@ -469,8 +469,10 @@ class Decoding:
         self.counts[engine * self.slots + slot] += units
 
     def total(self, engine: int) -> int:
+        """The engine's units decoding in every front end (never below 0: a release after its slot was cleared, by
+        a model process that closed on a front end still running, subtracts from nothing)."""
         at = engine * self.slots
-        return sum(self.counts[at : at + self.slots])
+        return max(0, sum(self.counts[at : at + self.slots]))
 
     def clear(self, slot: int) -> None:
         """A front end has gone: what it was decoding will never be queued."""

@@ -39,8 +39,12 @@ HEADER_TIMEOUT_S = 10.0  # from the connection (or the request's first byte) to 
 MAX_URL_BYTES = 8 * 1024  # nginx's and most proxies' limit for a request line
 MAX_HEADER_BYTES = 64 * 1024  # the request line and every header, together
 MAX_HEADERS = 100
-LINGER_S = 2.0  # after a refusal, how long the rest of the request is read and dropped before closing
-WRITE_TIMEOUT_S = 30.0  # how long an answer may wait, unread by its client, with the send buffer full
+# After an answer that leaves the request's body unread (a refusal, an early 4xx), the rest is read and dropped
+# before closing (a lingering close, as nginx's): until the client has sent nothing for LINGER_IDLE_S, and at most
+# LINGER_MAX_S in all (a client trickling a byte at a time held the connection for ever).
+LINGER_IDLE_S = 2.0
+LINGER_MAX_S = 30.0
+WRITE_TIMEOUT_S = 30.0  # how long the send buffer may make no progress, unread by the client, before a cut
 
 
 class _Refused(Exception):
@@ -60,13 +64,16 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._trailer_bytes = 0
         self._header_timer: asyncio.TimerHandle | None = None
         self._write_timer: asyncio.TimerHandle | None = None
+        self._write_sent = 0  # bytes sent at the write watch's last look
+        self._linger_started: float | None = None  # when the lingering close began (our side ended)
+        self._last_received = 0.0
         self._refusal: ServiceError | None = None
         self._discarding = False  # refused: what the client still sends is dropped until the connection closes
         self._deferred: ServiceError | None = None  # a refusal waiting for the answers of the requests before it
         self._cycles: list[Any] = []  # every request not yet answered, the pipelined ones too
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
+        super().connection_made(_Watched(transport, self._watch_writes))  # type: ignore[arg-type]
         self._start_header_timer()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -79,26 +86,35 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         super().connection_lost(exc)
 
     def pause_writing(self) -> None:
-        """The send buffer is full: the client reads none of what it was sent. Cut off after WRITE_TIMEOUT_S
-        (uvicorn has no write timeout: clients that pipelined requests and never read held their connections)."""
         super().pause_writing()
-        if self._write_timer is None:
-            self._write_timer = self.loop.call_later(WRITE_TIMEOUT_S, self._not_reading)
+        self._watch_writes()
 
-    def resume_writing(self) -> None:
-        self._stop_write_timer()
-        super().resume_writing()
+    def _watch_writes(self) -> None:
+        """The send buffer is full, or the connection closes with answers still in it: from now on, every
+        WRITE_TIMEOUT_S, the buffer must have shrunk or the connection is cut (uvicorn has no write timeout, and a
+        close waits for the buffer to drain: clients that never read held their connections for ever)."""
+        if self._write_timer is None:
+            self._write_sent = self._sent()
+            self._write_timer = self.loop.call_later(WRITE_TIMEOUT_S, self._check_writes)
+
+    def _sent(self) -> int:
+        """Bytes the kernel has taken from this connection's send buffer so far."""
+        return int(getattr(self.transport, "written", 0)) - int(self.transport.get_write_buffer_size())
 
     def _stop_write_timer(self) -> None:
         if self._write_timer is not None:
             self._write_timer.cancel()
             self._write_timer = None
 
-    def _not_reading(self) -> None:
+    def _check_writes(self) -> None:
         self._write_timer = None
-        if not self.transport.is_closing():
-            log.info("a client read none of its answer for %g s; its connection is closed", WRITE_TIMEOUT_S)
+        if not self.transport.get_write_buffer_size():
+            return  # all sent: watched again when it fills, or at the next close
+        if self._sent() <= self._write_sent:
+            log.info("a client read none of its answer for %g s; its connection is cut", WRITE_TIMEOUT_S)
             self.transport.abort()
+            return
+        self._watch_writes()  # it reads, slowly: look again
 
     def _start_header_timer(self) -> None:
         if self._header_timer is None:
@@ -116,6 +132,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 
     def data_received(self, data: bytes) -> None:
         if self._discarding:
+            self._last_received = self.loop.time()
             return
         self._unset_keepalive_if_required()
         self._begun = False
@@ -127,7 +144,18 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
                 raise
             self._refuse(self._refusal)
             return
-        except httptools.HttpParserUpgrade:  # no WebSocket here (uvicorn's ws="none"): an ordinary request
+        except httptools.HttpParserUpgrade:
+            # No WebSocket here (ws="none"): the request is answered as HTTP, and the connection ends with it. llhttp
+            # skips an upgrading request's body and stops parsing: what follows (that body, or the new protocol's
+            # bytes) is dropped, never parsed as another request (read as one, a body smuggled a request past a
+            # proxy's rules).
+            self._discarding = True
+            cycle = getattr(self, "cycle", None)
+            if cycle is not None and not cycle.response_complete:
+                cycle.keep_alive = False
+                cycle.transport = _Lingering(cycle.transport, self._linger)
+            else:
+                self._linger()
             return
         except httptools.HttpParserError as exc:
             self._refuse(BadRequest(f"not a valid HTTP/1.1 request ({exc}); check the request line and headers"))
@@ -209,8 +237,9 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 
         async def close_if_unread(message: Any) -> None:
             if message["type"] == "http.response.start" and cycle.more_body and not cycle.response_started:
-                headers = [*message.get("headers", ()), (b"connection", b"close")]
-                message = {**message, "headers": headers}
+                headers = list(message.get("headers", ()))
+                if not any(k.lower() == b"connection" and b"close" in v.lower() for k, v in headers):
+                    message = {**message, "headers": [*headers, (b"connection", b"close")]}
                 cycle.transport = _Lingering(cycle.transport, self._linger)
             await send(message)
 
@@ -234,6 +263,8 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         return bool(self.pipeline) or (cycle is not None and not cycle.response_complete and not cycle.more_body)
 
     def on_response_complete(self) -> None:
+        if self._linger_started is not None:  # our side has ended: nothing more is answered on this connection
+            self._drop_pipeline()
         super().on_response_complete()  # starts the next pipelined request, if any
         if self._deferred is not None and not self._answering() and not self.transport.is_closing():
             error, self._deferred = self._deferred, None
@@ -242,7 +273,12 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
     def _send_refusal(self, error: ServiceError) -> None:
         v2 = self.url.startswith(b"/v2/") if isinstance(getattr(self, "url", None), bytes) else False
         body = json.dumps({"error": error.message} if v2 else errors.body(error)).encode()
-        reason = {408: b"Request Timeout", 414: b"URI Too Long", 431: b"Request Header Fields Too Large"}
+        reason = {
+            408: b"Request Timeout",
+            414: b"URI Too Long",
+            431: b"Request Header Fields Too Large",
+            501: b"Not Implemented",
+        }
         head = [b"HTTP/1.1 %d %s\r\n" % (error.status, reason.get(error.status, b"Bad Request"))]
         for name, value in self.server_state.default_headers:
             head.append(name + b": " + value + b"\r\n")
@@ -253,13 +289,53 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
     def _linger(self) -> None:
         """A lingering close: had it closed with the client still sending, the kernel would answer its bytes with
         a reset, and the client could lose the answer before reading it. So: end our side, read and drop what
-        still comes, and close after LINGER_S (or when the client closes)."""
+        still comes, and close once the client has sent nothing for LINGER_IDLE_S (or closes), LINGER_MAX_S at
+        most. Nothing more is answered: requests pipelined behind are dropped (a write after the end raised)."""
         self._discarding = True
-        if self.transport.is_closing():
+        self._drop_pipeline()
+        if self.transport.is_closing() or self._linger_started is not None:
             return
+        self._linger_started = self._last_received = self.loop.time()
         if self.transport.can_write_eof():
             self.transport.write_eof()
-        self.loop.call_later(LINGER_S, self.transport.close)
+        self.loop.call_later(LINGER_IDLE_S, self._linger_ends)
+
+    def _linger_ends(self) -> None:
+        now = self.loop.time()
+        assert self._linger_started is not None
+        quiet, whole = now - self._last_received, now - self._linger_started
+        if quiet >= LINGER_IDLE_S or whole >= LINGER_MAX_S:
+            self.transport.close()
+            return
+        self.loop.call_later(min(LINGER_IDLE_S - quiet, LINGER_MAX_S - whole), self._linger_ends)
+
+    def _drop_pipeline(self) -> None:
+        self._deferred = None
+        while self.pipeline:
+            cycle, _ = self.pipeline.pop()
+            cycle.disconnected = True
+            cycle.message_event.set()
+
+
+class _Watched:
+    """The connection's transport as uvicorn uses it: a close with answers still in the send buffer (the keep-alive
+    timeout, ``connection: close``) starts the write watch, as a full buffer does."""
+
+    def __init__(self, transport: Any, watch: Any) -> None:
+        self._transport, self._watch = transport, watch
+        self.written = 0  # bytes handed to the transport, sent or still buffered
+
+    def write(self, data: bytes) -> None:
+        self.written += len(data)
+        self._transport.write(data)
+
+    def close(self) -> None:
+        self._transport.close()
+        if self._transport.get_write_buffer_size():
+            self._watch()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
 
 
 class _Lingering:

@@ -452,10 +452,11 @@ def test_a_get_whose_body_never_ends_is_answered_and_its_connection_closed(serve
     ids=["404", "413", "415"],
 )
 def test_an_answer_sent_before_the_body_was_read_closes_the_connection(
-    server: LiveServer, path: str, headers: str, status: int
+    server: LiveServer, path: str, headers: str, status: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A byte every 0.2 s after the early answer: the server closes within its linger (it kept such connections,
-    and their file descriptors, for as long as the client trickled)."""
+    """A byte every 0.2 s after the early answer: the server closes once its linger's whole time is up (shortened
+    to 1 s here; it kept such connections, and their file descriptors, for as long as the client trickled)."""
+    monkeypatch.setattr(httpserver, "LINGER_MAX_S", 1.0)
     request = f"POST {path} HTTP/1.1\r\nHost: x\r\n{headers}\r\n".encode()
     started = time.monotonic()
     raw = raw_exchange(server, request, dribble=[b"{"] * 100, every_s=0.2)  # 20 s of trickle, were it kept open
@@ -546,3 +547,128 @@ def test_the_rows_a_binary_bytes_tensor_declares_are_counted_before_it_is_decode
             TEXT_V2, content=header + b"\0" * (4 * n), headers={"inference-header-content-length": str(len(header))}
         )
     assert r.status_code == 400 and "TEXT: shape [1000000]" in r.json()["error"], r.text[:300]
+
+
+def test_an_upgrade_request_ends_its_connection_and_its_body_is_never_a_request(server: LiveServer) -> None:
+    """llhttp skips an upgrading request's body and stops parsing: read on as HTTP, that body was parsed as a
+    request of its own and answered (a request smuggled past a proxy's rules). Now the upgrade request is answered,
+    its connection closes, and what followed it is dropped."""
+    smuggled = b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n"
+    upgrade = b"GET /healthz HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    head = upgrade + b"Content-Length: %d\r\n\r\n" % len(smuggled)
+    received = raw_exchange(server, head, dribble=[smuggled], every_s=0.3)  # the body in a read of its own
+    assert re.findall(rb"HTTP/1\.1 (\d{3}) ", received) == [b"200"], received[:600]
+    assert b'{"status":"ok"}' in received and b"models" not in received
+
+
+class StuckTransport:
+    """A transport whose client reads nothing: every byte written stays in the send buffer. The real thing (a
+    socket whose peer never reads) needs more than the kernel's buffers, which loopback's autotuning sizes."""
+
+    def __init__(self) -> None:
+        self.buffered, self.closing, self.aborted, self.eof = 0, False, False, False
+
+    def write(self, data: bytes) -> None:
+        assert not self.eof, "a write after write_eof()"
+        self.buffered += len(data)
+
+    def get_write_buffer_size(self) -> int:
+        return self.buffered
+
+    def write_eof(self) -> None:
+        self.eof = True
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        self.closing = True  # asyncio's and uvloop's close wait for the buffer to drain: for ever, here
+
+    def abort(self) -> None:
+        self.aborted = self.closing = True
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def get_extra_info(self, name: str, default: object = None) -> object:
+        return {"peername": ("127.0.0.1", 5), "sockname": ("127.0.0.1", 80)}.get(name, default)
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+
+def stuck_connection(app: object) -> tuple[httpserver.BoundedHttpToolsProtocol, StuckTransport]:
+    """The server's protocol for ``app`` (uvicorn's settings as perceiver-serve's), on a StuckTransport."""
+    from uvicorn.config import Config
+    from uvicorn.server import ServerState
+
+    config = Config(app=app, ws="none", log_config=None, lifespan="off")  # type: ignore[arg-type]
+    config.load()
+    protocol = httpserver.BoundedHttpToolsProtocol(config=config, server_state=ServerState(), app_state={})
+    transport = StuckTransport()
+    protocol.connection_made(transport)  # type: ignore[arg-type]
+    return protocol, transport
+
+
+def test_a_connection_closed_with_its_answer_unread_is_cut_after_the_write_timeout(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``Connection: close``, an answer the client never reads: uvicorn closes, and a close waits for the send
+    buffer to drain. The write watch now cuts it (it looked only while writing was paused, and gave up on a
+    connection already closing: the file descriptor was held for as long as the client kept its window shut)."""
+    import asyncio
+
+    monkeypatch.setattr(httpserver, "WRITE_TIMEOUT_S", 0.05)
+
+    async def app(scope: dict[str, object], receive: object, send: object) -> None:
+        body = b"x" * 1000
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"1000")]})  # type: ignore[operator]
+        await send({"type": "http.response.body", "body": body})  # type: ignore[operator]
+
+    async def run() -> StuckTransport:
+        protocol, transport = stuck_connection(app)
+        protocol.data_received(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        async with asyncio.timeout(30):  # guards against a hang; bounds nothing asserted
+            while not transport.aborted:
+                await asyncio.sleep(0.01)
+        protocol.connection_lost(None)
+        return transport
+
+    transport = asyncio.run(run())
+    assert transport.aborted and transport.buffered > 1000
+
+
+def test_a_request_pipelined_behind_an_early_answer_is_dropped_not_answered_after_the_end() -> None:
+    """The answer to a request whose body is unread starts; the rest of that body and another request arrive
+    before it ends. Once it ends the connection's write side is closed (lingering): the request behind it is
+    dropped. It was started, and its answer was written after write_eof (a RuntimeError and a traceback)."""
+    import asyncio
+
+    gate = asyncio.Event()
+    seen: list[str] = []
+
+    async def app(scope: dict[str, object], receive: object, send: object) -> None:
+        seen.append(str(scope["path"]))
+        await send({"type": "http.response.start", "status": 401, "headers": [(b"content-length", b"2")]})  # type: ignore[operator]
+        await gate.wait()
+        await send({"type": "http.response.body", "body": b"no"})  # type: ignore[operator]
+
+    async def run() -> StuckTransport:
+        protocol, transport = stuck_connection(app)
+        protocol.data_received(b"POST /first HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n\r\nab")
+        for _ in range(20):
+            await asyncio.sleep(0)
+        protocol.data_received(b"cd" + b"GET /second HTTP/1.1\r\nHost: x\r\n\r\n")
+        gate.set()
+        for _ in range(50):
+            await asyncio.sleep(0)
+        for task in protocol.tasks:
+            assert not task.done() or task.exception() is None
+        protocol.connection_lost(None)
+        return transport
+
+    transport = asyncio.run(run())
+    assert seen == ["/first"] and transport.eof
