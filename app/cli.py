@@ -389,8 +389,27 @@ def main(argv: list[str] | None = None) -> None:
         log.error("invalid settings: %s", describe_settings_error(exc, args.config))
         sys.exit(2)
     jsonlog.configure(settings.log_level)
+    raise_open_files_limit()
     several = settings.workers > 1 or settings.front_end_processes() > 0
     sys.exit(_supervise(settings) if several else _serve(settings))
+
+
+def raise_open_files_limit() -> None:
+    """Every connection is a file descriptor, and containers often start with a soft limit of 1,024: about 1,100
+    idle or slow connections (no key needed) locked every client out. The soft limit is raised to the hard one
+    (children inherit it), as nginx's worker_rlimit_nofile does."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else 1 << 20  # Linux's default nr_open, for "unlimited"
+    if soft == resource.RLIM_INFINITY or soft >= target:
+        return
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ValueError, OSError) as exc:
+        log.warning("open files limit stays %d (could not raise it to %d: %s)", soft, target, exc)
+        return
+    log.info("open files limit raised from %d to %d (one per connection)", soft, target)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -262,6 +263,22 @@ def test_a_grpc_port_another_program_shares_is_one_line_and_exit_3(tmp_path: Pat
         assert server.proc.wait(timeout=120) == 3
     errors = [json.loads(line) for line in server.log.read_text().splitlines() if '"ERROR"' in line]
     assert [e["msg"] for e in errors] == [f"gRPC cannot listen on 127.0.0.1:{port}: Address already in use"]
+
+
+def test_the_open_files_limit_is_raised_to_the_hard_limit() -> None:
+    """A container's soft limit of 1,024 let about 1,100 idle connections lock every client out (audit); the
+    server raises it to the hard limit at start, before any process is spawned (they inherit it)."""
+    script = (
+        "import resource\n"
+        "soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)\n"
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (min(1024, hard), hard))\n"
+        "from app.cli import raise_open_files_limit\n"
+        "raise_open_files_limit()\n"
+        "print(*resource.getrlimit(resource.RLIMIT_NOFILE))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=120)
+    soft, hard = map(int, done.stdout.split())
+    assert soft == hard or (hard == resource.RLIM_INFINITY and soft == 1 << 20), done.stdout
 
 
 def test_the_host_is_every_address_it_names() -> None:
