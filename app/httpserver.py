@@ -263,9 +263,12 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         return bool(self.pipeline) or (cycle is not None and not cycle.response_complete and not cycle.more_body)
 
     def on_response_complete(self) -> None:
-        if self._linger_started is not None:  # our side has ended: nothing more is answered on this connection
+        lingering = self._linger_started is not None
+        if lingering:  # our side has ended: nothing more is answered on this connection
             self._drop_pipeline()
         super().on_response_complete()  # starts the next pipelined request, if any
+        if lingering:  # the linger closes it, not uvicorn's keep-alive timer (5 s, however much is still coming)
+            self._unset_keepalive_if_required()
         if self._deferred is not None and not self._answering() and not self.transport.is_closing():
             error, self._deferred = self._deferred, None
             self._send_refusal(error)

@@ -465,6 +465,27 @@ def test_an_answer_sent_before_the_body_was_read_closes_the_connection(
     assert time.monotonic() - started < 15  # closed by the server, long before the trickle would have ended
 
 
+def test_a_slow_upload_answered_early_may_send_on_past_the_keep_alive_timeout(
+    server: LiveServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 404 before the body: the client goes on sending, a chunk every 0.5 s for 7 s, then reads. The lingering
+    close reads and drops all of it (quiet for LINGER_IDLE_S, lengthened to 5 s here, closes it), so every send
+    succeeds and the client reads its answer; uvicorn's keep-alive timer closed it at 5 s, and the client's next
+    bytes got a reset."""
+    monkeypatch.setattr(httpserver, "LINGER_IDLE_S", 5.0)
+    head = b"POST /v1/no-such-task HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", server.settings.port), timeout=30) as sock:
+        sock.sendall(head)
+        for _ in range(14):
+            time.sleep(0.5)
+            sock.sendall(b"x" * 100)
+        received = b""
+        while chunk := sock.recv(65536):
+            received += chunk
+    status, body = status_and_json(received)
+    assert status == 404, body
+
+
 def test_a_client_that_reads_none_of_its_answers_is_cut_off(
     server: LiveServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
