@@ -319,6 +319,9 @@ def test_a_stuck_model_process_fails_liveness_and_readiness_and_requests_get_503
     found = re.search(r"model process (\d+) ready", slow.log.read_text())
     assert found is not None
     model = int(found[1])
+    # both front ends joined (ready answers from one of them; the other, still waiting for its hand-shake, would
+    # say "loading" throughout)
+    until(lambda: slow.log.read_text().count("joined the model process") == 2, "both front ends joined")
     os.kill(model, signal.SIGSTOP)
     try:
         until(lambda: httpx.get(slow.url + "/healthz", timeout=30).status_code == 503, "liveness fails")
