@@ -131,6 +131,7 @@ class Task(ABC, Generic[RequestT, PayloadT, ResultT]):
     # Capabilities.
     decode_offloaded: ClassVar[bool] = True  # False: decode is cheap enough for the event loop
     encode_offloaded: ClassVar[bool] = False  # True: encode is heavy (blending, video encoding)
+    json_results: ClassVar[bool] = False  # True: ``predict``'s results are plain JSON (the channel skips walking them)
     cuda_graphs: ClassVar[bool] = False  # fixed input shapes: CUDA-graph replay may serve it
     prepares: ClassVar[bool] = False  # has a ``prepare`` stage worth running ahead of the forward pass (on CUDA)
     max_batch_size_cap: ClassVar[int | None] = None  # one request is already a large forward pass

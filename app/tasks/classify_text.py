@@ -78,6 +78,7 @@ class ClassifyText(Task[ClassifyTextRequest, TextPayload, list[dict[str, Any]]])
     request_model = ClassifyTextRequest
     response_model = ClassifyResponse
     decode_offloaded = False  # a UTF-8 encode: cheaper than a hop to the decode pool
+    json_results = True
 
     def expand(self, request: Any) -> Any:
         return expand_texts(request)

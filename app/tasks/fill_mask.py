@@ -123,6 +123,7 @@ class FillMask(Task[FillMaskRequest, MaskedText, dict[str, Any]]):
     request_model = FillMaskRequest
     response_model = FillMaskResponse
     decode_offloaded = False  # a UTF-8 encode: cheaper than a hop to the decode pool
+    json_results = True
 
     def expand(self, request: Any) -> Any:
         return expand_texts(request)

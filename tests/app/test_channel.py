@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import perceiver_core
-from app import channel, remote
+from app import channel, model_process, remote
 from app.batching import EVERY, AdmissionState, Batcher, QueueFull, ServiceTime
 from app.engine import Duration, Statistics
 from app.errors import DeadlineExceeded, Overloaded
@@ -54,7 +54,8 @@ def test_every_tasks_payloads_and_answers_cross_unchanged(task: object) -> None:
         with torch.inference_mode():
             here = task.predict(model, payloads, EVERY)  # type: ignore[attr-defined]
             there = task.predict(model, arrived, EVERY)  # type: ignore[attr-defined]
-        back = roundtrip({"r": there}, known=list(arrived))  # type: ignore[arg-type]
+        wired = model_process.wire_results(task, there)  # type: ignore[arg-type]
+        back = roundtrip({"r": wired}, known=list(arrived))  # type: ignore[arg-type]
         assert repr(back["r"]) == repr(here)  # type: ignore[index]
         for result in back["r"]:  # type: ignore[index]
             if hasattr(result, "payload"):  # optical flow's answer holds its payload: the front end's own
@@ -82,6 +83,13 @@ def test_values_keep_their_types() -> None:
     assert back["empty"].shape == (0, 4) and back["scalar"].item() == 3.5
     assert np.array_equal(back["array"], values["array"]) and back["bytes"] == values["bytes"]
     assert np.isnan(back["nan"]) and back["stats"] == values["stats"]
+
+
+def test_a_plain_json_value_crosses_whole_and_uninterpreted() -> None:
+    """Handed to json whole: a key the walk would read as a tensor or a payload reference is only a key."""
+    value = {"masks": [{"$T": 0, "d": "float32", "s": [2]}, {"$P": 0}], "score": 0.5, "char": None}
+    back = roundtrip([channel.PlainJson(value), torch.ones(2)])
+    assert isinstance(back, list) and back[0] == value and torch.equal(back[1], torch.ones(2))
 
 
 def test_error_kinds_cross_with_their_status_headers_and_reason() -> None:
