@@ -18,6 +18,7 @@ import os
 import signal
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -279,6 +280,16 @@ def load_error(path: str) -> str | None:
         return None
 
 
+async def _close(runtime: Runtime, listener: socket.socket, unwatch_gc: Callable[[], None]) -> None:
+    """The model process's last steps, whenever it stops: no more front ends, every batcher stopped, the
+    executors' threads ended, the collector's watch removed."""
+    listener.close()
+    for engine in runtime.engines():
+        await engine.stop()
+    unwatch_gc()
+    runtime.shutdown_executors()
+
+
 async def serve(settings: Settings, path: str) -> int:
     """Load the models, then serve front ends on the Unix socket ``path`` until SIGTERM; the exit code."""
     runtime = Runtime(settings, Metrics())
@@ -300,17 +311,14 @@ async def serve(settings: Settings, path: str) -> int:
         loading.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await loading
-        listener.close()
-        for engine in runtime.engines():
-            await engine.stop()
-        runtime.shutdown_executors()
+        await _close(runtime, listener, unwatch_gc)
         log.info("model process stopped while loading")
         return 0
     stopping.cancel()
     if runtime.load_error is not None:
         with contextlib.suppress(OSError), open(load_error_path(path), "w") as out:  # for the front ends (their
             out.write(runtime.load_error)  # /readyz) and the supervisor to say
-        listener.close()
+        await _close(runtime, listener, unwatch_gc)
         return 1
     server = ModelServer(runtime)
     acceptor = asyncio.create_task(server.accept(listener))
@@ -333,10 +341,6 @@ async def serve(settings: Settings, path: str) -> int:
         job.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await job
-    listener.close()
-    for engine in runtime.engines():
-        await engine.stop()
-    unwatch_gc()
-    runtime.shutdown_executors()
+    await _close(runtime, listener, unwatch_gc)
     log.info("model process drained in %.2fs; exiting", time.monotonic() - started)
     return 0
