@@ -9,6 +9,10 @@ capacity), how the excess was refused (429 latency and Retry-After), 504s, other
 server's RSS over the run (the supervisor's alone with front ends). Every request gets an answer or counts
 as lost.
 
+    # clients with deadlines of their own: 1 s each (a 504 is a request admitted and not finished in time),
+    # on a machine that is busy now and then: two busy loops, 3 s on and 3 s off, over the whole run
+    python benchmarks/overload.py --deadline-ms 1000 --factors 30 --duration 20 --busy 2:3:3
+
     # front ends' decodes at the door (docs/front-ends.md): the example clip, 2 front ends, against a commit
     python benchmarks/overload.py --task autoencode --env PERCEIVER_API_PROCESSES=2 --factors 1,30 \
         --duration 15 --root /path/to/other/checkout
@@ -24,6 +28,7 @@ import os
 import random
 import signal
 import statistics
+import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -38,6 +43,7 @@ from benchmarks.serve_load import Connection, spawn  # noqa: E402
 TIMEOUT_S = 10.0
 
 
+DEADLINE_MS: int | None = None  # --deadline-ms: each request's own x-request-timeout-ms (the server's is TIMEOUT_S)
 TASK = "classify"  # --task: classify (320x240 JPEG) or autoencode (examples/clip.mp4)
 
 
@@ -61,8 +67,9 @@ def upload_request(host: str) -> bytes:
         + data
         + f"\r\n--{boundary}--\r\n".encode()
     )
+    deadline = f"x-request-timeout-ms: {DEADLINE_MS}\r\n" if DEADLINE_MS is not None else ""
     head = (
-        f"POST /v1/{TASK} HTTP/1.1\r\nHost: {host}\r\n"
+        f"POST /v1/{TASK} HTTP/1.1\r\nHost: {host}\r\n{deadline}"
         f"Content-Type: multipart/form-data; boundary={boundary}\r\nContent-Length: {len(body)}\r\n\r\n"
     )
     return head.encode() + body
@@ -84,6 +91,10 @@ class Outcome:
     retry_after: dict[int, int] = field(default_factory=dict)  # Retry-After seconds → how many 429s said so
     p50_ok_s: float = 0.0
     p99_ok_s: float = 0.0
+    # the 200s' own figures (x-queue-time-ms, x-inference-time-ms, x-batch-size): where their time went
+    queue_ms: list[float] = field(default_factory=list)
+    inference_ms: list[float] = field(default_factory=list)
+    batch_sizes: dict[int, int] = field(default_factory=dict)
 
     @property
     def goodput(self) -> float:
@@ -123,6 +134,7 @@ async def open_loop(url: str, rate: float, seconds: float, label: str) -> Outcom
     host, port = parts.hostname or "127.0.0.1", parts.port or 80
     request = upload_request(host)
     out = Outcome(label, rate, seconds)
+    deadline_s = TIMEOUT_S if DEADLINE_MS is None else DEADLINE_MS / 1000
     ok_latencies: list[float] = []
     idle: list[Connection] = []
     rng = random.Random(1)
@@ -140,7 +152,11 @@ async def open_loop(url: str, rate: float, seconds: float, label: str) -> Outcom
         if status:
             idle.append(conn)
         if status == 200:
-            if elapsed <= TIMEOUT_S:
+            out.queue_ms.append(float(headers.get("x-queue-time-ms", "nan")))
+            out.inference_ms.append(float(headers.get("x-inference-time-ms", "nan")))
+            size = int(headers.get("x-batch-size", "0"))
+            out.batch_sizes[size] = out.batch_sizes.get(size, 0) + 1
+            if elapsed <= deadline_s:
                 out.ok_in_deadline += 1
                 out.ok_in_window += t0 + elapsed <= window_end
                 ok_latencies.append(elapsed)
@@ -265,6 +281,24 @@ async def measure(
     return {"capacity_rps": capacity, "outcomes": outcomes, "retrying": retries, "rss": rss}
 
 
+BUSY_LOOP = """
+import sys, time
+on, off = float(sys.argv[1]), float(sys.argv[2])
+while True:
+    end = time.monotonic() + on
+    while time.monotonic() < end:
+        pass
+    time.sleep(off)
+"""
+
+
+def start_busy(spec: str) -> list[subprocess.Popen[bytes]]:
+    """``LOOPS:ON:OFF``: that many busy loops, each ON seconds spinning and OFF seconds asleep (another process on
+    the machine that takes a core now and then)."""
+    loops, on, off = spec.split(":")
+    return [subprocess.Popen([sys.executable, "-c", BUSY_LOOP, on, off]) for _ in range(int(loops))]
+
+
 def start_server(extra: dict[str, str] | None = None, root: Path = ROOT) -> tuple[object, str]:
     env = {
         "PERCEIVER_DEMO_TASKS": f'["{TASK}"]',
@@ -291,6 +325,14 @@ def report(result: dict[str, object]) -> str:
             f"| {o.refused_429} | {o.max_429_s:.2f} | {ra} | {o.deadline_504} | {o.ok_late} | {o.other or 0} "
             f"| {o.p50_ok_s:.2f} / {o.p99_ok_s:.2f} |"
         )
+    for o in result["outcomes"]:  # type: ignore[attr-defined]
+        if len(o.queue_ms) > 1:
+            queue, infer = statistics.quantiles(o.queue_ms, n=100), statistics.quantiles(o.inference_ms, n=100)
+            sizes = ", ".join(f"{k}: {v}" for k, v in sorted(o.batch_sizes.items()))
+            rows.append(
+                f"\n{o.label}: the 200s' queue time p50 / p99 {queue[49]:.0f} / {queue[98]:.0f} ms, forward pass "
+                f"{infer[49]:.0f} / {infer[98]:.0f} ms; batch sizes {sizes}"
+            )
     retries: list[Retrying] = result.get("retrying", [])  # type: ignore[assignment]
     if retries:
         rows += [
@@ -329,7 +371,7 @@ def rss_growth(rss: list[int]) -> float | None:
 
 
 def main() -> None:
-    global TASK
+    global TASK, DEADLINE_MS
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--factors", type=lambda s: [float(x) for x in s.split(",")], default=[3.0, 30.0])
     parser.add_argument("--duration", type=float, default=60.0, help="seconds per overload factor")
@@ -354,16 +396,27 @@ def main() -> None:
     )
     parser.add_argument("--root", type=Path, default=ROOT, help="serve the tree at this path (another commit)")
     parser.add_argument("--task", choices=["classify", "autoencode"], default=TASK, help="the demo task loaded")
+    parser.add_argument(
+        "--deadline-ms",
+        type=int,
+        help="each request's own deadline (x-request-timeout-ms); a 200 later than it is counted late",
+    )
+    parser.add_argument(
+        "--busy", metavar="LOOPS:ON:OFF", help="busy loops over the whole run, e.g. 2:3:3 (two, 3 s on, 3 s off)"
+    )
     args = parser.parse_args()
-    TASK = args.task
+    TASK, DEADLINE_MS = args.task, args.deadline_ms
     retry_clients = [(int(n), mode == "honour") for n, _, mode in (r.partition(":") for r in args.retrying)]
     proc, url = start_server(dict(pair.split("=", 1) for pair in args.env), args.root.resolve())
     os.nice(args.client_nice)
+    busy = start_busy(args.busy) if args.busy else []
     try:
         result = asyncio.run(
             measure(url, proc.pid, args.factors, args.duration, args.capacity_seconds, retry_clients)  # type: ignore[attr-defined]
         )
     finally:
+        for loop in busy:
+            loop.kill()
         proc.send_signal(signal.SIGTERM)  # type: ignore[attr-defined]
         proc.wait(timeout=60)  # type: ignore[attr-defined]
     text = report(result)
@@ -374,7 +427,7 @@ def main() -> None:
         args.json.write_text(json.dumps({**result, "outcomes": outcomes, "retrying": retries}, indent=1, default=str))
     if args.markdown:
         args.markdown.write_text(text + "\n")
-    os.sys.stdout.flush()
+    sys.stdout.flush()
 
 
 if __name__ == "__main__":
