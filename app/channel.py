@@ -362,10 +362,11 @@ def receive_hello(sock: socket.socket, count: int = 1) -> tuple[dict[str, Any], 
 # ---------------------------------------------------------------------------------------------- admission table
 
 # Per engine: sequence, written-at (monotonic), rest of the running batch, queued work, one item's batch, one
-# more queued unit's share, queue length, flags (1: idle admits, 2: estimates known); then the CRC-32 of those.
-RECORD = struct.Struct("<QdddddII")
+# more queued unit's share, queue length, flags (1: idle admits, 2: estimates known), admission's margin; then the
+# CRC-32 of those.
+RECORD = struct.Struct("<QdddddIId")
 CHECK = struct.Struct("<I")
-RECORD_SIZE = 64
+RECORD_SIZE = 72
 # After the engines' records: the model process's heartbeat, when its event loop last ran (monotonic, a double:
 # one aligned 8-byte store, whole to every reader).
 HEARTBEAT = struct.Struct("<d")
@@ -387,7 +388,15 @@ class StateTable:
         struct.pack_into("<Q", self.map, at, sequence)  # odd: being written
         flags = (1 if state.idle else 0) | (2 if state.known else 0)
         record = RECORD.pack(
-            sequence + 1, now, state.rest_s, state.queued_s, state.batch_s, state.unit_s, state.queue_len, flags
+            sequence + 1,
+            now,
+            state.rest_s,
+            state.queued_s,
+            state.batch_s,
+            state.unit_s,
+            state.queue_len,
+            flags,
+            state.margin,
         )  # as it will read once whole: its checksum covers the even sequence
         self.map[at + 8 : at + RECORD.size] = record[8:]
         CHECK.pack_into(self.map, at + RECORD.size, zlib.crc32(record))
@@ -421,14 +430,14 @@ class StateView:
         at = index * RECORD_SIZE
         for _ in range(self.TRIES):
             copied = self.map[at : at + RECORD.size + CHECK.size]  # one copy: the checks below are on it alone
-            sequence, written, rest, queued, batch, unit, queue_len, flags = RECORD.unpack_from(copied)
+            sequence, written, rest, queued, batch, unit, queue_len, flags, margin = RECORD.unpack_from(copied)
             if sequence == 0:  # nothing written yet
                 break
             if sequence & 1:  # a writer in the middle of it
                 continue
             if CHECK.unpack_from(copied, RECORD.size)[0] != zlib.crc32(copied[: RECORD.size]):
                 continue  # stores of two writes, or half of one: torn
-            state = AdmissionState(bool(flags & 1), queue_len, bool(flags & 2), rest, queued, batch, unit)
+            state = AdmissionState(bool(flags & 1), queue_len, bool(flags & 2), rest, queued, batch, unit, margin)
             self.last[index] = (written, state)
             return written, state
         return self.last.get(index, (0.0, IDLE))

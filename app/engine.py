@@ -251,6 +251,7 @@ class Engine:
                 "max_batch_size_source": policy.source,
                 "per_item_ms": {str(k): v for k, v in policy.per_item_ms.items()},
                 "admission_per_item_ms": self.batcher.service_time.summary(),
+                "admission_margin": round(self.batcher.lateness.margin, 3),
                 "max_delay_ms": policy.max_delay_ms,
                 "max_batch_cost": policy.max_batch_cost,
                 "queue_depth": self.batcher.depth,

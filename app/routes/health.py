@@ -41,6 +41,11 @@ class Batching(BaseModel):
         description="What admission estimates now, per unit of work by batch size class: the median of recent "
         "batches, started from warm-up's timings",
     )
+    admission_margin: float = Field(
+        1.2,
+        description="What admission multiplies its estimates by: how much longer than estimated the requests it "
+        "admitted close to their deadlines took (a high quantile of recent ones), 1.2 at least",
+    )
     max_delay_ms: float
     max_batch_cost: int | None
     queue_depth: int

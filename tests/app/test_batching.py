@@ -275,6 +275,88 @@ async def test_admission_is_by_time_once_the_service_time_is_known() -> None:
     await batcher.stop()
 
 
+class Paced:
+    """A forward pass that moves the batcher's clock by ``seconds``, once ``gate`` (when set) lets it run."""
+
+    def __init__(self, clock: Clock) -> None:
+        self.clock, self.seconds = clock, 0.2
+        self.gate: threading.Event | None = None
+
+    def __call__(self, payloads: Sequence[object], batch: Batch = EVERY) -> list[object]:
+        if self.gate is not None:
+            self.gate.wait(10)
+        self.clock.now += self.seconds
+        return [f"result:{p}" for p in payloads]
+
+
+@async_test
+async def test_admission_learns_how_late_what_it_admitted_ran_and_refuses_with_that_margin() -> None:
+    """Passes of 0.2 s but one in four of 0.5 s (another process took the core): the median stays 0.2 s, and a
+    fixed 20% margin admitted requests that then ran 2.5x their estimate and expired. The margin is the high
+    quantile of how late admitted requests ran: a request that 1.2x admits is refused, and an idle spell brings
+    the margin back toward 1 with the estimates. Requests with time to spare teach it nothing."""
+    clock = Clock()
+    run = Paced(clock)
+    service = ServiceTime({1: 0.2})
+    batcher = make(run, max_batch_size=1, max_delay_s=0.0, service_time=service, clock=clock)  # type: ignore[arg-type]
+    batcher.start()
+
+    async def alone(budget_s: float) -> None:  # one at a time, the model idle at each
+        for seconds in [0.2, 0.2, 0.2, 0.5] * 4:
+            run.seconds = seconds
+            await batcher.submit("x", deadline=clock.now + budget_s).future
+
+    await alone(budget_s=10.0)  # estimated 2% of their budget: not at risk
+    assert batcher.admission_state().margin == ADMISSION_MARGIN
+    await alone(budget_s=0.6)  # estimated 0.2 s of 0.6 s: at risk
+    assert service.per_unit(1) == pytest.approx(0.2)  # the median did not move
+    assert batcher.admission_state().margin == pytest.approx(2.5)
+
+    run.seconds, run.gate = 0.2, threading.Event()
+    first = batcher.submit("running", deadline=clock.now + 30)
+    while not batcher.running:
+        await asyncio.sleep(0)
+    queued = batcher.submit("queued", deadline=clock.now + 30)
+    # 0.2 s left of the running pass, 0.2 s queued, 0.2 s its own: 0.6 s; x1.2 = 0.72 s fits 1.0 s, x2.5 does not
+    with pytest.raises(QueueFull) as refused:
+        batcher.submit("hurried", deadline=clock.now + 1.0)
+    assert "estimated wait 1.50 s exceeds the request's remaining deadline 1.00 s" in str(refused.value)
+    run.gate.set()
+    assert await asyncio.gather(first.future, queued.future) == ["result:running", "result:queued"]
+    while batcher.running:
+        await asyncio.sleep(0)
+    clock.now += service.half_life_s  # idle for one half-life: 2.5 keeps half its distance from 1
+    await batcher.submit("after a pause", deadline=clock.now + 30).future
+    assert batcher.admission_state().margin == pytest.approx(1.75)
+    await batcher.stop()
+
+
+@async_test
+async def test_a_request_that_expired_in_the_queue_counts_as_late_as_it_was_dropped() -> None:
+    """The requests admission most needs to hear of never get an answer: one dropped past its deadline (or
+    cancelled by its request's own timeout) counts, as late as when it was dropped."""
+    clock = Clock()
+    run = Paced(clock)
+    run.gate = threading.Event()
+    batcher = make(run, max_batch_size=1, max_delay_s=0.0, service_time=ServiceTime({1: 0.2}), clock=clock)  # type: ignore[arg-type]
+    batcher.start()
+    first = batcher.submit("running", deadline=clock.now + 30)
+    while not batcher.running:
+        await asyncio.sleep(0)
+    late = batcher.submit("late", deadline=clock.now + 0.5)  # estimated 0.2 + 0.2 = 0.4 s (x1.2 fits 0.5 s)
+    cancelled = batcher.submit("cancelled", deadline=clock.now + 0.75)  # 0.6 s estimated; its request times out
+    clock.now += 0.6  # the running pass is slow (and ends 0.2 s later): both deadlines pass while they wait
+    cancelled.cancel()
+    run.gate.set()
+    assert await first.future == "result:running"
+    with pytest.raises(Expired):
+        await late.future
+    with pytest.raises(Cancelled):
+        await cancelled.future
+    assert sorted(batcher.lateness.ratios) == pytest.approx([0.8 / 0.6, 0.8 / 0.4])
+    await batcher.stop()
+
+
 @async_test
 async def test_a_request_that_can_no_longer_finish_in_time_never_reaches_the_model() -> None:
     clock = Clock()

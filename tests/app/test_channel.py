@@ -304,7 +304,7 @@ def test_a_reader_never_sees_half_a_record() -> None:
     table = channel.StateTable(2)
     view = channel.StateView(os.dup(table.fd), table.size)
     for i in range(200):
-        state = AdmissionState(i % 2 == 0, i, True, float(i), float(i), float(i))
+        state = AdmissionState(i % 2 == 0, i, True, float(i), float(i), float(i), margin=1.2 + i / 100)
         table.write(1, state, float(i))
         written, seen = view.read(1)
         assert seen == state and written == float(i)
