@@ -855,6 +855,8 @@ class Batcher(Generic[P, R]):
             ticket.batch_size = len(ran)
             if ticket.cancelled:  # its request ended during the pass, which then skipped it: a partial result
                 self._drop(ticket, Cancelled("request cancelled during inference"))
+            elif ticket.deadline is not None and ended >= ticket.deadline:  # the same, had its timeout not yet
+                self._drop(ticket, Expired("the request's deadline passed during inference"))  # come round
             elif not ticket.future.done():
                 ticket.future.set_result(result)
                 self.lateness.observe(ticket.estimated_s, ticket.budget_s, ended - ticket.enqueued_at)
