@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import zlib
 from collections.abc import Mapping
 from typing import Any, BinaryIO, cast
 
@@ -14,7 +15,15 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import ClientDisconnect, Request
 
 from ..admission import prologue
-from ..errors import BadRequest, ClientClosedRequest, InvalidInput, UnsupportedMedia, join_problems, shown
+from ..errors import (
+    BadRequest,
+    ClientClosedRequest,
+    InvalidInput,
+    PayloadTooLarge,
+    UnsupportedMedia,
+    join_problems,
+    shown,
+)
 from ..jsonbody import LARGE_BODY, JsonBodyError, parse_json
 from ..tasks.base import Task, TaskRequest, Upload, error_location
 
@@ -180,6 +189,56 @@ def refuse_compressed(request: Request) -> None:
     encoding = request.headers.get("content-encoding", "identity").strip().lower()
     if encoding not in ("", "identity"):
         raise UnsupportedMedia(f"Content-Encoding {shown(encoding)} is not supported; send the request uncompressed")
+
+
+# zlib's window bits for each content coding: gzip's header and trailer, or zlib's (what "deflate" means in HTTP,
+# and what tritonclient's request_compression_algorithm="deflate" sends; a raw deflate stream is read too)
+CODINGS = {"gzip": 31, "x-gzip": 31, "deflate": 15}
+
+
+def content_coding(request: Request) -> str | None:
+    """The body's Content-Encoding when it is one the Open Inference Protocol's clients send (Triton reads gzip
+    and deflate bodies): None for none; anything else is a 415 that names those, before the body is read."""
+    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+    if encoding in ("", "identity"):
+        return None
+    if encoding not in CODINGS:
+        raise UnsupportedMedia(
+            f"Content-Encoding {shown(encoding)} is not supported; send the request as gzip, deflate or uncompressed"
+        )
+    return encoding
+
+
+def inflate(body: bytes, coding: str, limit: int) -> bytes:
+    """``body`` decompressed, every member of it, to at most ``limit`` bytes: past that a 413 at once (32 MB of
+    zeros is a 32 KB gzip body), never the whole output first. A body that is not what its coding says, or that
+    ends early, is a 400."""
+    out: list[bytes] = []
+    size, rest, wbits = 0, body, CODINGS[coding]
+    try:
+        while True:
+            try:
+                inflater = zlib.decompressobj(wbits)
+                chunk = inflater.decompress(rest, limit - size + 1)
+            except zlib.error:
+                if wbits != 15 or out:
+                    raise
+                wbits = -15  # "deflate" sent as a raw stream, as some clients do
+                inflater = zlib.decompressobj(wbits)
+                chunk = inflater.decompress(rest, limit - size + 1)
+            size += len(chunk)
+            if size > limit:
+                raise PayloadTooLarge(f"the request body inflates to more than {limit} bytes (max_body_bytes)")
+            out.append(chunk)
+            if not inflater.eof:
+                raise BadRequest(f"the {coding} body ends before its compressed stream does")
+            rest = inflater.unused_data
+            if not rest.strip(b"\0"):  # every member read (gzip writers may pad with zeros)
+                return b"".join(out)
+            if wbits != 31:
+                raise BadRequest(f"the {coding} body has {len(rest)} bytes after its compressed stream")
+    except zlib.error as exc:
+        raise BadRequest(f"the body is not the {coding} data its Content-Encoding says ({exc})") from None
 
 
 def validate(task: Task[Any, Any, Any], fields: Mapping[str, Any]) -> TaskRequest:

@@ -45,7 +45,7 @@ from ..oip.tensors import (
 )
 from ..runtime import Runtime
 from ..tasks.base import TaskRequest, error_location
-from .requests import refuse_compressed
+from .requests import content_coding, inflate
 from .tasks import AnyTask, caller_of, run_items, runtime_of, which
 
 VERSION = "1"  # one version per served model
@@ -354,8 +354,11 @@ async def infer(request: Request, model_name: str, model_version: str | None) ->
     # Before reading the body: refusing must stay cheap.
     engine, deadline = admit(request.scope, runtime, READY_PROBE, lambda: resolve(runtime, model_name, model_version))
     task, adapter = engine.task, ADAPTERS[engine.task.name]
-    refuse_compressed(request)
+    coding = content_coding(request)
     body = await _read_body(request)
+    if coding is not None:  # off the event loop: 32 KB can inflate to 32 MB (zlib lets go of the GIL meanwhile);
+        # Inference-Header-Content-Length counts the inflated body's JSON, as Triton reads it
+        body = await runtime.offload(deadline, inflate, body, coding, runtime.settings.max_body_bytes)
     header_length = request.headers.get(HEADER_LENGTH)
     max_rows = runtime.settings.max_files_per_request
     if len(body) > LARGE_BODY:

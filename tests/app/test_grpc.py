@@ -143,9 +143,14 @@ def test_config_statistics_and_classification(client: tg.InferenceServerClient) 
     outputs = [tg.InferRequestedOutput(n) for n in ("LABELS", "INDICES")]
     result = client.infer("classify-text", [text], outputs=[*outputs, tg.InferRequestedOutput("SCORES", class_count=2)])
     plain = client.infer("classify-text", [text], outputs=[tg.InferRequestedOutput("SCORES")])
+    for algorithm in ("gzip", "deflate"):  # tritonclient's compression (gRPC's own message compression)
+        packed = client.infer(
+            "classify-text", [text], outputs=[tg.InferRequestedOutput("SCORES")], compression_algorithm=algorithm
+        )
+        assert np.array_equal(packed.as_numpy("SCORES"), plain.as_numpy("SCORES"))
     after = client.get_inference_statistics("classify-text").model_stats[0]
-    assert after.inference_stats.success.count == before.inference_stats.success.count + 2
-    assert after.inference_count == before.inference_count + 4  # rows
+    assert after.inference_stats.success.count == before.inference_stats.success.count + 4
+    assert after.inference_count == before.inference_count + 8  # rows
     assert after.inference_stats.queue.ns > before.inference_stats.queue.ns
     assert after.inference_stats.compute_infer.ns > before.inference_stats.compute_infer.ns
     classes = result.as_numpy("SCORES")  # Triton's "score:index:label", best first

@@ -311,12 +311,57 @@ def test_malformed_requests_are_400s_with_the_protocols_error_body(demo_server: 
             assert r.status_code == 400, (body[:80], r.text)
             assert set(r.json()) == {"error"} and isinstance(r.json()["error"], str), r.text
         # The protocol has one status for a request it cannot take: 400, with the reason in the message.
-        r = c.post(url, content=b"{}", headers={"content-encoding": "gzip"})
-        assert r.status_code == 400 and "uncompressed" in r.json()["error"], r.text
+        r = c.post(url, content=b"{}", headers={"content-encoding": "br"})
+        assert r.status_code == 400 and "gzip, deflate or uncompressed" in r.json()["error"], r.text
         undecodable = {"inputs": [{"name": "IMAGE", "shape": [1], "datatype": "BYTES", "data": ["not an image"]}]}
         r = c.post(url, json=undecodable)
         assert r.status_code == 400 and set(r.json()) == {"error"}, r.text  # the task's own verdict, v2's body
         assert "image" in r.json()["error"].lower(), r.text
+
+
+@pytest.mark.parametrize("algorithm", ["gzip", "deflate"])
+def test_a_compressed_request_gives_the_answer_of_the_uncompressed_one(
+    client: triton.InferenceServerClient, algorithm: str
+) -> None:
+    """tritonclient's request_compression_algorithm, which Triton reads: it was a 400 asking for the request
+    uncompressed. Binary tensors too (the header length counts the inflated JSON, as Triton reads it)."""
+    image = tensor("IMAGE", strings(CAT), "BYTES", binary=True)
+    text = tensor("TEXT", strings(b"What a wonderful day!"), "BYTES", binary=False)
+    for name, inputs in (("classify.learned", [image]), ("classify-text", [text])):
+        meta = client.get_model_metadata(name)
+        outputs = [triton.InferRequestedOutput(o["name"], binary_data=True) for o in meta["outputs"]]
+        plain = client.infer(name, inputs, outputs=outputs)
+        packed = client.infer(name, inputs, outputs=outputs, request_compression_algorithm=algorithm)
+        assert predictions(packed) == predictions(plain)
+
+
+def test_a_compressed_body_is_bounded_as_it_inflates_and_checked(demo_server: LiveServer) -> None:
+    """A gzip bomb (twice max_body_bytes of spaces in a few KB) is a 413 once it passes max_body_bytes, not after
+    inflating it all; a body that is not what its coding says, or ends early, is a 400 that says so."""
+    import gzip
+    import zlib
+
+    url = "/v2/models/classify-text/infer"
+    v2 = json.dumps({"inputs": [{"name": "TEXT", "shape": [1], "datatype": "BYTES", "data": ["hi"]}]}).encode()
+    limit = demo_server.runtime.settings.max_body_bytes
+    bomb = gzip.compress(v2 + b" " * (2 * limit))
+    assert len(bomb) < limit // 100
+    with demo_server.client() as c:
+        r = c.post(url, content=bomb, headers={"content-encoding": "gzip"})
+        assert r.status_code == 413 and f"inflates to more than {limit} bytes" in r.json()["error"], r.text
+        for body, coding, says in (
+            (v2, "gzip", "not the gzip data"),
+            (gzip.compress(v2)[:-12], "gzip", "ends before its compressed stream does"),
+            (zlib.compress(v2) + b"more", "deflate", "bytes after its compressed stream"),
+        ):
+            r = c.post(url, content=body, headers={"content-encoding": coding})
+            assert r.status_code == 400 and says in r.json()["error"], (coding, r.text)
+        raw = zlib.compressobj(wbits=-15)  # "deflate" as a raw stream, which some clients send
+        r = c.post(url, content=raw.compress(v2) + raw.flush(), headers={"content-encoding": "deflate"})
+        two = gzip.compress(v2[:10]) + gzip.compress(v2[10:])  # two gzip members: one body
+        assert (
+            r.status_code == 200 and c.post(url, content=two, headers={"content-encoding": "gzip"}).status_code == 200
+        )
 
 
 def test_keys_guard_inference_but_not_the_health_probes() -> None:
