@@ -189,8 +189,8 @@ class Lateness:
         if len(self.ratios) < self.least:
             self.margin = self.floor
             return
-        ordered = sorted(self.ratios)
-        found = ordered[min(len(ordered) - 1, int(self.quantile * len(ordered)))]
+        ordered = sorted(self.ratios)  # never the largest alone: one outlier (a GC pause) cannot set the margin
+        found = ordered[min(len(ordered) - 2, int(self.quantile * len(ordered)))]
         self.margin = min(self.ceiling, max(self.floor, found))
 
     def decay(self, keep: float) -> None:

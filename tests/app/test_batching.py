@@ -330,6 +330,10 @@ async def test_admission_learns_how_late_what_it_admitted_ran_and_refuses_with_t
 
     await alone(budget_s=10.0)  # estimated 2% of their budget: not at risk
     assert batcher.admission_state().margin == ADMISSION_MARGIN
+    for seconds in [0.2] * 9 + [0.8]:  # at risk, and one outlier among them: it alone does not set the margin
+        run.seconds = seconds
+        await asyncio.gather(batcher.submit("x", deadline=clock.now + 0.6).future, return_exceptions=True)
+    assert batcher.admission_state().margin == ADMISSION_MARGIN
     await alone(budget_s=0.6)  # estimated 0.2 s of 0.6 s: at risk
     assert service.per_unit(1) == pytest.approx(0.2)  # the median did not move
     assert batcher.admission_state().margin == pytest.approx(2.5)
