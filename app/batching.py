@@ -158,10 +158,14 @@ class Lateness:
 
     Only requests whose estimate was at least ``at_risk`` of their remaining budget count: one that had time to
     spare says nothing about the deadlines admission protects (a small estimate missed by a GIL pause is a large
-    ratio of no consequence). The median per-unit time is right on average, and forward passes spread: with two
-    busy loops coming and going on 2 cores, passes took up to 2.5x their median, and at a fixed 20% 15-22% of the
-    requests admitted at 30x overload with 1 s deadlines expired (1.6-2.2% with this margin). While the model is
-    idle the ratios decay toward 1 with the estimates (``decay``): the next burst may find the machine quiet.
+    ratio of no consequence). A ratio counts at most ``ceiling`` and for ``horizon_s``: a high margin admits few
+    requests that could count (none at 4x), so it must not outlive what set it; one that expired is as late as
+    when it was dropped, and tells nothing when that is still within its estimate (admitted by an idle model).
+
+    The median per-unit time is right on average, and forward passes spread: with two busy loops coming and going
+    on 2 cores, passes took up to 2.5x their median, and at a fixed 20% 15-22% of the requests admitted at 30x
+    overload with 1 s deadlines expired (1.6-2.2% with this margin). While the model is idle the ratios decay
+    toward 1 with the estimates (``decay``): the next burst may find the machine quiet.
     """
 
     def __init__(
@@ -173,29 +177,44 @@ class Lateness:
         quantile: float = 0.98,
         least: int = 8,
         at_risk: float = 0.25,
+        horizon_s: float = 60.0,
     ) -> None:
         self.floor, self.ceiling, self.quantile, self.least, self.at_risk = floor, ceiling, quantile, least, at_risk
-        self.ratios: deque[float] = deque(maxlen=window)
+        self.horizon_s = horizon_s
+        self.ratios: deque[tuple[float, float]] = deque(maxlen=window)  # (when, ratio)
         self.margin = floor
 
-    def observe(self, estimated_s: float, budget_s: float | None, took_s: float) -> None:
-        """An admitted request estimated at ``estimated_s`` of its ``budget_s`` (None: no deadline) took ``took_s``."""
+    def observe(
+        self, estimated_s: float, budget_s: float | None, took_s: float, now: float, expired: bool = False
+    ) -> None:
+        """An admitted request estimated at ``estimated_s`` of its ``budget_s`` (None: no deadline) took ``took_s``
+        (``expired``: at least that; it was dropped)."""
         if budget_s is None or estimated_s <= 0 or estimated_s < self.at_risk * budget_s:
             return
-        self.ratios.append(took_s / estimated_s)
+        if expired and took_s <= estimated_s:
+            return
+        self.ratios.append((now, min(self.ceiling, took_s / estimated_s)))
         self._refresh()
+
+    def margin_at(self, now: float) -> float:
+        """The margin, once ratios older than ``horizon_s`` have gone."""
+        if self.ratios and now - self.ratios[0][0] > self.horizon_s:
+            while self.ratios and now - self.ratios[0][0] > self.horizon_s:
+                self.ratios.popleft()
+            self._refresh()
+        return self.margin
 
     def _refresh(self) -> None:
         if len(self.ratios) < self.least:
             self.margin = self.floor
             return
-        ordered = sorted(self.ratios)  # never the largest alone: one outlier (a GC pause) cannot set the margin
+        ordered = sorted(r for _, r in self.ratios)  # never the largest alone: one outlier cannot set the margin
         found = ordered[min(len(ordered) - 2, int(self.quantile * len(ordered)))]
         self.margin = min(self.ceiling, max(self.floor, found))
 
     def decay(self, keep: float) -> None:
         """An idle spell: every ratio keeps ``keep`` of its distance from 1."""
-        self.ratios = deque((1.0 + (r - 1.0) * keep for r in self.ratios), maxlen=self.ratios.maxlen)
+        self.ratios = deque(((t, 1.0 + (r - 1.0) * keep) for t, r in self.ratios), maxlen=self.ratios.maxlen)
         self._refresh()
 
 
@@ -212,6 +231,7 @@ class AdmissionState:
     batch_s: float  # a batch of one item
     unit_s: float = 0.0  # one more queued unit's share of the queued work, at the full batch's per-unit time
     margin: float = ADMISSION_MARGIN  # what estimates are multiplied by (Lateness)
+    free_units: int = 0  # lanes the work ahead leaves free: while any is, a request starts at once (no queue wait)
 
     def with_decoding(self, units: int) -> AdmissionState:
         """As if ``units`` more were admitted and decoding ahead (a front end's door: the decodes of every front
@@ -220,11 +240,17 @@ class AdmissionState:
         per-unit time at every batch size it is exactly what ``Batcher.reserve`` adds in one process."""
         if units <= 0:
             return self
-        return replace(self, idle=False, queue_len=self.queue_len + units, queued_s=self.queued_s + units * self.unit_s)
+        return replace(
+            self,
+            idle=False,
+            queue_len=self.queue_len + units,
+            queued_s=self.queued_s + units * self.unit_s,
+            free_units=max(0, self.free_units - units),  # each holds a free lane
+        )
 
     @property
     def wait_s(self) -> float:
-        return self.rest_s + self.queued_s
+        return self.rest_s + (0.0 if self.free_units else self.queued_s)
 
     def refusal(
         self,
@@ -239,7 +265,7 @@ class AdmissionState:
         ``own_s``, the request's own forward pass once its size is known, replaces one item's ``batch_s``."""
         if self.idle:
             return None
-        wait = (self.rest_s if rest is None else rest) + self.queued_s
+        wait = (self.rest_s if rest is None else rest) + (0.0 if self.free_units else self.queued_s)
         if self.queue_len >= max_queue:
             return f"queue holds {self.queue_len} requests (max_queue_size {max_queue})", max(1.0, wait), "queue_full"
         if not self.known:
@@ -406,6 +432,42 @@ class Lanes:
             executor.shutdown(wait=True, cancel_futures=True)
 
 
+class SharedThread:
+    """The batches of several models that one executor thread runs one after another (the inference thread: GPU
+    models, and CPU models off the lanes), as each model's admission must count them.
+
+    A model sees its own batches only. While another model's long batch held the thread, it looked idle, admitted
+    every request, and its batches then waited behind that one in the executor's queue: with a flow client at one
+    request at a time, 59-85% of fill-mask's requests with 0.3-1 s deadlines expired (audit). Each batch is noted
+    here from when it is handed to the thread (its expected seconds) and from when it starts; the others' work
+    left is ahead of a model's next batch, and a model is idle only while no other model's batch holds the thread.
+    """
+
+    def __init__(self) -> None:
+        self._work: dict[int, list[Any]] = {}  # batch key → [its batcher, expected seconds, started at or None]
+
+    def add(self, key: int, owner: object, expected_s: float) -> None:
+        self._work[key] = [owner, expected_s, None]
+
+    def start(self, key: int, now: float) -> None:
+        """On the thread, as the batch starts (one store: the event loop reads the list as a whole)."""
+        entry = self._work.get(key)
+        if entry is not None:
+            entry[2] = now
+
+    def remove(self, key: int) -> None:
+        self._work.pop(key, None)
+
+    def others(self, owner: object, now: float) -> tuple[bool, float]:
+        """Whether batches of models other than ``owner`` hold or wait for the thread, and their seconds left."""
+        busy, left = False, 0.0
+        for who, expected, started in list(self._work.values()):
+            if who is not owner:
+                busy = True
+                left += expected if started is None else max(0.0, expected - (now - started))
+        return busy, left
+
+
 class Batcher(Generic[P, R]):
     def __init__(
         self,
@@ -425,8 +487,11 @@ class Batcher(Generic[P, R]):
         on_change: Callable[[], None] | None = None,
         prepare: Callable[[Sequence[P]], Sequence[P]] | None = None,
         prepare_executor: Executor | None = None,
+        shared: SharedThread | None = None,
     ) -> None:
         self._run = run
+        # the executor's one thread is other models' too (not with lanes, which count every model's batches)
+        self._shared = shared if not isinstance(executor, Lanes) else None
         # A stage ahead of the forward pass (one executor only, not lanes): each batch's inputs are prepared (a
         # batch's JPEGs decoded on the GPU) on ``prepare_executor`` while the batch before it runs.
         self._prepare = prepare if prepare_executor is not None and not isinstance(executor, Lanes) else None
@@ -470,11 +535,15 @@ class Batcher(Generic[P, R]):
         deadline: float | None = None,
         units: int = 1,
         admit: bool = True,
+        items: Sequence[int] | None = None,
     ) -> Ticket[P, R]:
         """Queue one request (raises QueueFull); await ``ticket.future`` for its result. ``admit=False``: the
-        request was admitted already (the second and later items of one request are not asked again)."""
+        request was admitted already (the second and later items of one request are not asked again); ``items``:
+        the units of each item of the request this one begins, when it has several (its own passes are theirs)."""
         # joining the queue now: the requests still decoding will join it after this one
-        estimated = self.admit(deadline, decoding_ahead=False, units=max(1, units)) if admit else 0.0
+        estimated = 0.0
+        if admit:
+            estimated = self.admit(deadline, decoding_ahead=False, units=items or [max(1, units)])
         self._wake()
         future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
         now = self._clock()
@@ -506,12 +575,12 @@ class Batcher(Generic[P, R]):
 
         return release
 
-    def admit(self, deadline: float | None, decoding_ahead: bool = True, units: int | None = None) -> float:
+    def admit(self, deadline: float | None, decoding_ahead: bool = True, units: Sequence[int] | None = None) -> float:
         """Refuse at the door (QueueFull) a request that the queue cannot hold or could not finish in time; else
         return the estimate it is admitted on (seconds until its answer, before the margin).
         ``decoding_ahead``: the requests still decoding (``reserve``) count as ahead of this one, as they are of
-        one that is yet to decode; not of one that joins the queue now, before them. ``units``: its size, once
-        decoded (its own forward pass is then estimated at that size, not at one item's).
+        one that is yet to decode; not of one that joins the queue now, before them. ``units``: the units of each of
+        its items, once decoded (its own passes are then estimated at that size, not at one item's).
 
         An idle model (nothing queued, and a lane free) admits every request: it would start at once, so
         the worst that can happen is its own 504, and no estimate, however wrong, can refuse it.
@@ -525,7 +594,7 @@ class Batcher(Generic[P, R]):
         snapshot of this state. Its margin is learned (``Lateness``): how much longer than their estimates the
         requests it admitted took.
         """
-        own = None if units is None else self.service_time.batch_s(units)
+        own = None if units is None else self.own_s(units)
         if self._idle_now(decoding_ahead):
             return self.service_time.batch_s(1) if own is None else own
         state = self.admission_state(decoding_ahead)
@@ -534,19 +603,37 @@ class Batcher(Generic[P, R]):
             raise QueueFull(*refusal)
         return state.wait_s + (state.batch_s if own is None else own)
 
+    def own_s(self, items: Sequence[int]) -> float:
+        """The forward passes of a request of ``items`` (each item's units): one item's units run in its batch's
+        passes; several items fill batches of up to max_batch_size, side by side on the lanes. A 32-image request
+        was admitted on one image's pass (0.15 s, against 2 s on two lanes) and expired (audit)."""
+        if len(items) <= 1:
+            return self.service_time.batch_s(sum(items) or 1)
+        batches = -(-len(items) // self.max_batch_size)
+        rounds = -(-batches // self.lanes)
+        return rounds * self.service_time.batch_s(sum(items) / batches)
+
     def admission_state(self, decoding_ahead: bool = True) -> AdmissionState:
         """What admission decides from, now (``decoding_ahead``: as ``admit``'s)."""
         idle = self._idle_now(decoding_ahead)
         pending = self._pending if decoding_ahead else 0
-        rest = 0.0
+        now = self._clock()
+        rest, free = 0.0, self.lanes - self._busy_lanes()
         if self._lanes is not None:  # the lanes are every CPU model's: another's batches hold them too
-            rest = self._lanes.rest(self._clock())
+            rest = self._lanes.rest(now)
         elif self._busy_lanes() >= self.lanes and self._running:
-            now = self._clock()
             rest = max(0.0, min(expected - (now - started) for started, expected in self._running.values()))
+        if self._shared is not None:  # the thread is other models' too: their batches first
+            others_busy, others_left = self._shared.others(self, now)
+            rest += others_left
+            free = 0 if others_busy else free
         # a batch preparing is still work ahead of a new request, and so is one still decoding (``reserve``)
         queued = self._queued_units + self._ahead_units + pending
         per_unit = (self.service_time.per_unit(min(queued, self.max_batch_size)) or 0.0) if queued else 0.0
+        # Lanes the work ahead leaves free (each unit ahead taken to hold one): a request then starts at once,
+        # beside it. Shared out over the lanes instead, one flow request decoding made the next wait half a
+        # window's time (0.7-1.7 s, over the queue-delay target): at an idle server the second of two flow
+        # requests was always refused (audit).
         return AdmissionState(
             idle,
             len(self._queue) + len(self._ahead) + pending,
@@ -555,7 +642,8 @@ class Batcher(Generic[P, R]):
             queued * per_unit / self.lanes,
             self.service_time.batch_s(1),
             (self.service_time.per_unit(self.max_batch_size) or 0.0) / self.lanes,
-            self.lateness.margin,
+            self.lateness.margin_at(now),
+            max(0, free - queued) if self._prepare is None else 0,
         )
 
     @property
@@ -579,7 +667,9 @@ class Batcher(Generic[P, R]):
         """A request queued now would start at once: nothing queued, preparing or (``decoding_ahead``) decoding,
         and a lane free."""
         decoding = self._pending if decoding_ahead else 0
-        return not self._queue and not self._ahead and not decoding and self._busy_lanes() < self.lanes
+        if self._queue or self._ahead or decoding or self._busy_lanes() >= self.lanes:
+            return False
+        return self._shared is None or not self._shared.others(self, self._clock())[0]
 
     def _busy_lanes(self) -> int:
         return self._lanes.running if self._lanes is not None else len(self._running)
@@ -775,7 +865,8 @@ class Batcher(Generic[P, R]):
         counts it, at least as late as now."""
         now = self._clock()
         if ticket.deadline is not None and (isinstance(exc, Expired) or now >= ticket.deadline):
-            self.lateness.observe(ticket.estimated_s, ticket.budget_s, max(now, ticket.deadline) - ticket.enqueued_at)
+            took = max(now, ticket.deadline) - ticket.enqueued_at
+            self.lateness.observe(ticket.estimated_s, ticket.budget_s, took, now, expired=True)
         if not ticket.future.done():
             ticket.future.set_exception(exc)
 
@@ -799,6 +890,8 @@ class Batcher(Generic[P, R]):
             if self.on_change is not None:
                 self.on_change()
         executor = self._lanes.executors[lane] if self._lanes is not None and lane is not None else self._executor
+        if self._shared is not None:
+            self._shared.add(key, self, self._running[key][1])
         prepare_started: float | None = None
         finished: float | None = None  # when the forward pass ended, once it has
         try:
@@ -824,6 +917,8 @@ class Batcher(Generic[P, R]):
             if prepared is not None:  # the next batch's time in the pipeline starts here at the earliest
                 self._pipeline_end = finished if finished is not None else self._clock()
             del self._running[key]
+            if self._shared is not None:
+                self._shared.remove(key)
             if self._lanes is not None and lane is not None:
                 self._lanes.release(lane)
             self._maybe_idle()
@@ -859,7 +954,7 @@ class Batcher(Generic[P, R]):
                 self._drop(ticket, Expired("the request's deadline passed during inference"))  # come round
             elif not ticket.future.done():
                 ticket.future.set_result(result)
-                self.lateness.observe(ticket.estimated_s, ticket.budget_s, ended - ticket.enqueued_at)
+                self.lateness.observe(ticket.estimated_s, ticket.budget_s, ended - ticket.enqueued_at, ended)
         if self._observer is not None:  # after the answers: a failing metric must not keep them waiting
             self._observer.batch(len(ran), sum(t.cost for t in ran), elapsed)
 
@@ -871,6 +966,8 @@ class Batcher(Generic[P, R]):
         ran was still wanted when it ended (its time is then a whole batch's).
         ``payloads``: the batch's payloads as the prepare stage left them (default: the tickets')."""
         started = self._clock()
+        if self._shared is not None:
+            self._shared.start(id(batch), started)
         items = list(zip(batch, payloads if payloads is not None else [t.payload for t in batch], strict=True))
         alive = [(t, p) for t, p in items if not t.cancelled and (t.deadline is None or started < t.deadline)]
         live = [t for t, _ in alive]

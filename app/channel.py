@@ -362,9 +362,9 @@ def receive_hello(sock: socket.socket, count: int = 1) -> tuple[dict[str, Any], 
 # ---------------------------------------------------------------------------------------------- admission table
 
 # Per engine: sequence, written-at (monotonic), rest of the running batch, queued work, one item's batch, one
-# more queued unit's share, queue length, flags (1: idle admits, 2: estimates known), admission's margin; then the
-# CRC-32 of those.
-RECORD = struct.Struct("<QdddddIId")
+# more queued unit's share, queue length, flags (1: idle admits, 2: estimates known), admission's margin, units that
+# would start at once; then the CRC-32 of those.
+RECORD = struct.Struct("<QdddddIIdI")
 CHECK = struct.Struct("<I")
 RECORD_SIZE = 72
 # After the engines' records: the model process's heartbeat, when its event loop last ran (monotonic, a double:
@@ -397,6 +397,7 @@ class StateTable:
             state.queue_len,
             flags,
             state.margin,
+            state.free_units,
         )  # as it will read once whole: its checksum covers the even sequence
         self.map[at + 8 : at + RECORD.size] = record[8:]
         CHECK.pack_into(self.map, at + RECORD.size, zlib.crc32(record))
@@ -430,14 +431,14 @@ class StateView:
         at = index * RECORD_SIZE
         for _ in range(self.TRIES):
             copied = self.map[at : at + RECORD.size + CHECK.size]  # one copy: the checks below are on it alone
-            sequence, written, rest, queued, batch, unit, queue_len, flags, margin = RECORD.unpack_from(copied)
+            sequence, written, rest, queued, batch, unit, queue_len, flags, margin, free = RECORD.unpack_from(copied)
             if sequence == 0:  # nothing written yet
                 break
             if sequence & 1:  # a writer in the middle of it
                 continue
             if CHECK.unpack_from(copied, RECORD.size)[0] != zlib.crc32(copied[: RECORD.size]):
                 continue  # stores of two writes, or half of one: torn
-            state = AdmissionState(bool(flags & 1), queue_len, bool(flags & 2), rest, queued, batch, unit, margin)
+            state = AdmissionState(bool(flags & 1), queue_len, bool(flags & 2), rest, queued, batch, unit, margin, free)
             self.last[index] = (written, state)
             return written, state
         return self.last.get(index, (0.0, IDLE))

@@ -164,22 +164,27 @@ class Engine:
         """Queue the payloads of one request; admitted as one (its first item is asked, the rest come with it)."""
         tickets: list[Ticket[Any, Any]] = []
         task = self.task
+        items = [task.units(p) for p in payloads]
         try:
-            for payload in payloads:
+            for payload, units in zip(payloads, items, strict=True):
                 tickets.append(
                     self.batcher.submit(
                         payload,
                         cost=task.cost(payload),
                         bucket=task.bucket(payload),
                         deadline=deadline,
-                        units=task.units(payload),
+                        units=units,
                         admit=not tickets,
+                        items=items if not tickets else None,
                     )
                 )
         except QueueFull as exc:
             for ticket in tickets:
                 ticket.cancel()
             raise self.overloaded(exc) from exc
+        if len(tickets) > 1:  # the request's estimate is its last item's to check against: it ends last
+            first, last = tickets[0], tickets[-1]
+            last.estimated_s, last.budget_s, first.estimated_s = first.estimated_s, first.budget_s, 0.0
         for ticket in tickets:
             ticket.future.add_done_callback(_retrieve)  # the caller may have left (deadline, disconnect)
         return tickets
@@ -251,7 +256,7 @@ class Engine:
                 "max_batch_size_source": policy.source,
                 "per_item_ms": {str(k): v for k, v in policy.per_item_ms.items()},
                 "admission_per_item_ms": self.batcher.service_time.summary(),
-                "admission_margin": round(self.batcher.lateness.margin, 3),
+                "admission_margin": round(self.batcher.admission_state().margin, 3),
                 "max_delay_ms": policy.max_delay_ms,
                 "max_batch_cost": policy.max_batch_cost,
                 "queue_depth": self.batcher.depth,
@@ -374,6 +379,7 @@ def build_engine(
         service_time=service_time,
         prepare=make_prepare(task, model) if ahead else None,
         prepare_executor=ThreadPoolExecutor(1, thread_name_prefix=f"prepare-{labels['model']}") if ahead else None,
+        shared=None if on_lanes else runtime.inference_thread,
     )
     batcher.start()
     return Engine(

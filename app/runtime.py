@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from .batching import Lanes
+from .batching import Lanes, SharedThread
 from .cores import CoreShare, other_processes_busy_s
 from .engine import BatchPolicy, Engine
 from .errors import DeadlineExceeded, ModelNotFound, NotReady
@@ -49,6 +49,7 @@ class Runtime:
         # Off the event loop: one thread for start-up and GPU models (their forward passes never overlap);
         # CPU models batch on lanes(), up to cpu_lanes passes side by side.
         self.inference_executor = ThreadPoolExecutor(1, thread_name_prefix="inference")
+        self.inference_thread = SharedThread()  # its batches, of every model on it, for their admission
         self._cores = torch.get_num_threads()  # torch's default: the cores this process may use
         self._lanes: Lanes | None = None
         self._core_share: CoreShare | None = None

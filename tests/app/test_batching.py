@@ -357,6 +357,27 @@ async def test_admission_learns_how_late_what_it_admitted_ran_and_refuses_with_t
     await batcher.stop()
 
 
+def test_a_high_margin_does_not_outlive_what_set_it() -> None:
+    """Once 4x, admission let in almost nothing that could count (estimates of 25% of the budget or more, times
+    4): the margin stayed at 4.0 for the 45 s the audit watched after the load ended, and ratios of 500 (a 5 ms
+    estimate that waited 2.5 s) needed minutes of idle decay to come under 4. Ratios count at most 4x and for a
+    minute; an expired request still within its estimate (an idle model admits whatever it estimates) says
+    nothing, where it counted as early."""
+    from app.batching import MAX_MARGIN, Lateness
+
+    lateness = Lateness()
+    for i in range(10):
+        lateness.observe(0.005, 0.01, 2.5, now=100.0 + i)  # a 5 ms estimate that waited 2.5 s
+    assert lateness.margin_at(110.0) == MAX_MARGIN and max(r for _, r in lateness.ratios) == MAX_MARGIN
+    lateness.decay(0.5)  # one idle half-life
+    assert lateness.margin_at(110.0) == pytest.approx(2.5)
+    assert lateness.margin_at(159.5) == pytest.approx(2.5)  # every one of them within a minute
+    assert lateness.margin_at(170.5) == ADMISSION_MARGIN  # a minute on, with nothing at risk since: gone
+    for i in range(10):  # admitted by an idle model at 0.9 s of a 0.5 s budget, dropped at its deadline
+        lateness.observe(0.9, 0.5, 0.5, now=200.0 + i, expired=True)
+    assert not lateness.ratios
+
+
 @async_test
 async def test_a_request_that_expired_in_the_queue_counts_as_late_as_it_was_dropped() -> None:
     """The requests admission most needs to hear of never get an answer: one dropped past its deadline (or
@@ -379,7 +400,7 @@ async def test_a_request_that_expired_in_the_queue_counts_as_late_as_it_was_drop
         await late.future
     with pytest.raises(Cancelled):
         await cancelled.future
-    assert sorted(batcher.lateness.ratios) == pytest.approx([0.8 / 0.6, 0.8 / 0.4])
+    assert sorted(r for _, r in batcher.lateness.ratios) == pytest.approx([0.8 / 0.6, 0.8 / 0.4])
     await batcher.stop()
 
 

@@ -17,7 +17,7 @@ import torch
 
 import perceiver_core
 from app import channel, model_process, remote
-from app.batching import EVERY, AdmissionState, Batcher, QueueFull, ServiceTime
+from app.batching import EVERY, AdmissionState, Batcher, Lanes, QueueFull, ServiceTime
 from app.engine import Duration, Statistics
 from app.errors import DeadlineExceeded, Overloaded
 from app.metrics import Metrics
@@ -249,12 +249,13 @@ def test_hand_shake_passes_the_shared_memory() -> None:
 
 
 def make_batcher(
-    clock: list[float], per_unit: dict[int, float] | None = None, max_queue_delay_s: float = 2.0
+    clock: list[float], per_unit: dict[int, float] | None = None, max_queue_delay_s: float = 2.0, lanes: int = 1
 ) -> Batcher[int, int]:
-    """Batches of up to 4, at most 6 queued; ``per_unit``: seconds a unit by batch size (0.5 alone, 0.25 in 4)."""
+    """Batches of up to 4, at most 6 queued; ``per_unit``: seconds a unit by batch size (0.5 alone, 0.25 in 4);
+    ``lanes``: on one executor thread, or on that many lanes."""
     return Batcher(
         lambda payloads, batch: list(payloads),
-        __import__("concurrent.futures").futures.ThreadPoolExecutor(1),
+        __import__("concurrent.futures").futures.ThreadPoolExecutor(1) if lanes == 1 else Lanes(lanes),
         max_batch_size=4,
         max_delay_s=1.0,
         max_queue=6,
@@ -354,16 +355,17 @@ def test_a_record_whose_stores_arrived_out_of_order_is_not_read() -> None:
     assert view.read(0) == (2.0, second)
 
 
-def test_the_door_counts_every_front_ends_decodes_as_the_batcher_counts_its_own() -> None:
+@pytest.mark.parametrize("lanes", [1, 2])
+def test_the_door_counts_every_front_ends_decodes_as_the_batcher_counts_its_own(lanes: int) -> None:
     """Uploads admitted and still decoding are work ahead of a new request: in one process ``Batcher.reserve``
     counts them; with front ends each counts its own in the shared decode counts, and every door adds their sum
     to the model process's record. With the same per-unit time at every batch size (1 s a unit here) the door
     refuses exactly what the batcher refuses, with the same reason and Retry-After, the decodes split between
-    two front ends' slots."""
+    two front ends' slots. On two lanes, the decodes that leave a lane free cost no wait at either."""
 
     async def check() -> None:
         clock = [100.0]
-        batcher = make_batcher(clock, per_unit={1: 1.0, 4: 1.0}, max_queue_delay_s=5.0)
+        batcher = make_batcher(clock, per_unit={1: 1.0, 4: 1.0}, max_queue_delay_s=5.0, lanes=lanes)
         table = channel.StateTable(1)
         view = channel.StateView(os.dup(table.fd), table.size)
         counts = channel.Decoding(1, 4)

@@ -7,6 +7,7 @@ import asyncio
 import threading
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import httpx
 import pytest
@@ -43,6 +44,12 @@ class Meeting:
         self.threads.append(threading.current_thread().name)
         self.barrier.wait()
         return [f"result:{p}" for p in payloads]
+
+
+def single(run: Any, executor: Any, per_unit_s: float, clock: Clock, **options: Any) -> Batcher[object, object]:
+    """A model that batches one request at a time at ``per_unit_s`` a pass, as its estimates start."""
+    service = ServiceTime({1: per_unit_s})
+    return Batcher(run, executor, max_batch_size=1, max_delay_s=0.0, service_time=service, clock=clock, **options)
 
 
 @async_test
@@ -154,15 +161,7 @@ async def test_a_models_admission_counts_the_lanes_another_models_batches_hold()
 
         clock = Clock()  # still: the flow batch's rest is all of its 5 s whenever admission asks
         flow = Batcher(held, lanes, max_batch_size=1, max_delay_s=0.0, service_time=ServiceTime({1: 5.0}), clock=clock)
-        images = Batcher(
-            held,
-            lanes,
-            max_batch_size=1,
-            max_delay_s=0.0,
-            max_queue_delay_s=0.5,
-            service_time=ServiceTime({1: 0.1}),
-            clock=clock,
-        )
+        images = single(held, lanes, 0.1, clock, max_queue_delay_s=0.5)
         flow.start(), images.start()
         running = flow.submit("pair")
         until = time.monotonic() + 10
@@ -180,6 +179,101 @@ async def test_a_models_admission_counts_the_lanes_another_models_batches_hold()
         await images.stop()
     finally:
         gate.set()
+        lanes.shutdown()
+
+
+@async_test
+async def test_models_on_the_one_inference_thread_count_each_others_batches() -> None:
+    """The same on the inference thread (GPU models; CPU models off the lanes), one executor thread: a model looked
+    idle while another's long batch held it, admitted everything, and its batches waited behind that one until
+    they expired (59-85% of fill-mask's requests with 0.3-1 s deadlines, beside one flow client: audit)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from app.batching import SharedThread
+
+    thread, shared = ThreadPoolExecutor(1), SharedThread()
+    gate = threading.Event()
+
+    def held(payloads: Sequence[object], batch: Batch = EVERY) -> list[object]:
+        gate.wait(30)
+        return list(payloads)
+
+    clock = Clock()
+    flow = Batcher(
+        held, thread, max_batch_size=1, max_delay_s=0.0, service_time=ServiceTime({1: 5.0}), clock=clock, shared=shared
+    )
+    text = Batcher(
+        held,
+        thread,
+        max_batch_size=8,
+        max_delay_s=0.0,
+        service_time=ServiceTime({1: 0.01}),
+        clock=clock,
+        shared=shared,
+    )
+    try:
+        flow.start(), text.start()
+        running = flow.submit("pair")
+        until = time.monotonic() + 10
+        while not flow.running:
+            assert time.monotonic() < until
+            await asyncio.sleep(0.01)
+        assert not text.admission_state().idle and text.admission_state().rest_s == 5.0
+        with pytest.raises(QueueFull) as refused:
+            text.admit(clock.now + 1.0)
+        assert refused.value.reason == "deadline" and "estimated wait 6.01 s" in str(refused.value)  # (5 + 0.01) x 1.2
+        gate.set()
+        assert await running.future == "pair"
+        assert text.admission_state().idle  # the thread is free again: admitted
+        text.admit(clock.now + 1.0)
+    finally:
+        gate.set()
+        await flow.stop()
+        await text.stop()
+        thread.shutdown()
+
+
+@async_test
+async def test_a_request_ahead_that_leaves_a_lane_free_costs_no_wait() -> None:
+    """Two lanes, flow at 1.4 s a window, a 0.5 s queue-delay target: while one request decodes (or is queued), a
+    second starts at once on the other lane. Shared out over the lanes, the first made the second wait 0.7 s, and
+    at an idle server the second of two concurrent flow requests was always refused (audit). A third would wait."""
+    lanes = Lanes(2, prefix="lane")
+    clock = Clock()
+    flow = single(Meeting(1), lanes, 1.4, clock, max_queue_delay_s=0.5)
+    try:
+        first = flow.reserve()  # decoding
+        flow.admit(clock.now + 30)  # admitted: a lane is free for it
+        assert flow.admission_state().wait_s == 0.0
+        second = flow.reserve()
+        with pytest.raises(QueueFull):  # both lanes will be taken: 2 x 1.4 s over 2 lanes
+            flow.admit(clock.now + 30)
+        first(), second()
+    finally:
+        await flow.stop()
+        lanes.shutdown()
+
+
+@async_test
+async def test_a_request_of_many_items_is_admitted_on_all_of_their_passes() -> None:
+    """A 32-image request (0.125 s an image, two lanes, two images queued ahead) with a 1.5 s deadline: its own
+    passes are 16 rounds of two, 2 s, so it is refused at once. It was admitted on one image's pass, held both
+    lanes for 1.4 s and expired (audit). Four images (two rounds) fit."""
+    lanes = Lanes(2, prefix="lane")
+    clock = Clock()
+    images = Batcher(
+        Meeting(1), lanes, max_batch_size=1, max_delay_s=0.0, service_time=ServiceTime({1: 0.125}), clock=clock
+    )
+    try:
+        for i in range(2):
+            images.submit(f"ahead {i}", admit=False)
+        assert images.own_s([1] * 32) == 2.0 and images.own_s([1] * 4) == 0.25
+        with pytest.raises(QueueFull) as refused:
+            images.submit("many", deadline=clock.now + 1.5, items=[1] * 32)
+        assert "estimated wait 2.55 s" in str(refused.value)  # (0.125 queued + 2.0) x 1.2
+        images.submit("few", deadline=clock.now + 1.5, items=[1] * 4)
+    finally:
+        await images.stop()
         lanes.shutdown()
 
 
