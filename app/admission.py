@@ -164,15 +164,17 @@ class AdmissionMiddleware:
         if not refusals:
             return None
         state = scope.setdefault("state", {})
-        if len(refusals) == len(variants):  # counted under the task's default model
-            state["model"] = next(iter(variants.values())).name
-            return min(refusals.values(), key=lambda e: int(e.headers["Retry-After"]))
         query = scope.get("query_string", b"")
         named = QueryParams(query).get("model") if query else None
         try:
             engine = runtime.engine_for(task, named)
         except ModelNotFound:
             return None  # the route says so, once the rest of the request is checked
+        if len(refusals) == len(variants):  # whichever the body names: counted under the one the query names,
+            state["model"] = engine.name  # else the task's default, with the soonest Retry-After of them all
+            if named is not None:
+                return refusals[engine.name]
+            return min(refusals.values(), key=lambda e: int(e.headers["Retry-After"]))
         if engine.name not in refusals:
             return None
         if named is None:

@@ -37,6 +37,26 @@ def test_a_request_for_the_busy_default_is_refused_before_its_upload_is_parsed(b
         assert complete.status_code == 429
 
 
+def test_when_every_variant_refuses_the_one_the_query_names_is_the_one_refused() -> None:
+    """Every classify variant busy: a request whose query names conv was refused under the task's default model
+    (its metrics, its message), as if it had asked for that one; one naming no model known to the task is its
+    404, as when they are idle."""
+    server = LiveServer(demo_tasks=["classify"]).start()
+    try:
+        for variant in ("learned", "fourier", "conv"):
+            occupy(server.runtime.engine_for("classify", variant), 100.0)
+        labels = {"task": "classify", "model": "classify/conv", "reason": "queue_full"}
+        with server.client() as client:
+            before = server.metric("perceiver_rejections_total", **labels)
+            r = client.post("/v1/classify", files={"image": ("c.jpg", CAT)}, params={"model": "conv"})
+            assert r.status_code == 429 and "classify/conv" in r.json()["error"]["message"], r.text
+            assert server.metric("perceiver_rejections_total", **labels) == before + 1
+            r = client.post("/v1/classify", files={"image": ("c.jpg", CAT)}, params={"model": "nonesuch"})
+            assert r.status_code == 404, r.text
+    finally:
+        server.stop()
+
+
 def test_a_body_that_may_name_another_model_is_parsed_and_served(busy: LiveServer) -> None:
     with busy.client() as client:
         r = client.post("/v1/classify", files={"image": ("c.jpg", CAT)}, data={"model": "conv"})
