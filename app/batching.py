@@ -164,7 +164,7 @@ class Lateness:
 
     The median per-unit time is right on average, and forward passes spread: with two busy loops coming and going
     on 2 cores, passes took up to 2.5x their median, and at a fixed 20% 15-22% of the requests admitted at 30x
-    overload with 1 s deadlines expired (1.6-2.2% with this margin). While the model is idle the ratios decay
+    overload with 1 s deadlines expired (1.6-3.3% with this margin). While the model is idle the ratios decay
     toward 1 with the estimates (``decay``): the next burst may find the machine quiet.
     """
 
@@ -249,8 +249,13 @@ class AdmissionState:
         )
 
     @property
+    def queue_wait_s(self) -> float:
+        """The queued work's share of the wait: none while the work ahead leaves a lane free."""
+        return 0.0 if self.free_units else self.queued_s
+
+    @property
     def wait_s(self) -> float:
-        return self.rest_s + (0.0 if self.free_units else self.queued_s)
+        return self.rest_s + self.queue_wait_s
 
     def refusal(
         self,
@@ -265,7 +270,7 @@ class AdmissionState:
         ``own_s``, the request's own forward pass once its size is known, replaces one item's ``batch_s``."""
         if self.idle:
             return None
-        wait = (self.rest_s if rest is None else rest) + (0.0 if self.free_units else self.queued_s)
+        wait = (self.rest_s if rest is None else rest) + self.queue_wait_s
         if self.queue_len >= max_queue:
             return f"queue holds {self.queue_len} requests (max_queue_size {max_queue})", max(1.0, wait), "queue_full"
         if not self.known:

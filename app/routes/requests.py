@@ -217,15 +217,14 @@ def inflate(body: bytes, coding: str, limit: int) -> bytes:
     size, rest, wbits = 0, body, CODINGS[coding]
     try:
         while True:
+            inflater = zlib.decompressobj(wbits)
             try:
-                inflater = zlib.decompressobj(wbits)
                 chunk = inflater.decompress(rest, limit - size + 1)
             except zlib.error:
                 if wbits != 15 or out:
                     raise
-                wbits = -15  # "deflate" sent as a raw stream, as some clients do
-                inflater = zlib.decompressobj(wbits)
-                chunk = inflater.decompress(rest, limit - size + 1)
+                wbits = -15  # "deflate" sent as a raw stream, as some clients do: read it as one
+                continue
             size += len(chunk)
             if size > limit:
                 raise PayloadTooLarge(f"the request body inflates to more than {limit} bytes (max_body_bytes)")
