@@ -832,8 +832,11 @@ class Batcher(Generic[P, R]):
             raise
         finally:
             self._ahead, self._ahead_units = [], 0
-        # running from now on, for admission too (``_execute`` starts on the loop's next turn)
+        # running from now on, for admission too (``_execute`` starts on the loop's next turn), this model's and
+        # the others' on its thread, before the front ends' records are written from them
         self._running[id(batch)] = (self._clock(), self.service_time.batch_s(units))
+        if self._shared is not None:
+            self._shared.add(id(batch), self, self._running[id(batch)][1])
         if self.on_change is not None:
             self.on_change()
         running = loop.create_task(self._execute(batch, prepared=prepared))
@@ -889,14 +892,14 @@ class Batcher(Generic[P, R]):
         before_ended = self._pipeline_end  # prepared ahead: when the batch before this one ended
         if key not in self._running:  # prepared ahead, _pipeline registered it already
             self._running[key] = (self._clock(), self.service_time.batch_s(sum(t.units for t in batch)))
+            if self._shared is not None:  # before on_change: the other models' records count it
+                self._shared.add(key, self, self._running[key][1])
             if self._lanes is not None and lane is not None:
                 started, expected = self._running[key]
                 self._lanes.running_until(lane, started + expected)
             if self.on_change is not None:
                 self.on_change()
         executor = self._lanes.executors[lane] if self._lanes is not None and lane is not None else self._executor
-        if self._shared is not None:
-            self._shared.add(key, self, self._running[key][1])
         prepare_started: float | None = None
         finished: float | None = None  # when the forward pass ended, once it has
         try:

@@ -13,7 +13,7 @@ import httpx
 import pytest
 import torch
 
-from app.batching import EVERY, Batch, Batcher, Cancelled, Lanes, QueueFull, ServiceTime
+from app.batching import EVERY, AdmissionState, Batch, Batcher, Cancelled, Lanes, QueueFull, ServiceTime
 from app.cores import CoreShare
 
 from .asyncutil import async_test
@@ -211,6 +211,10 @@ async def test_models_on_the_one_inference_thread_count_each_others_batches() ->
         clock=clock,
         shared=shared,
     )
+    # What the front ends' doors read: every model's record, written on each change of any (ModelServer.publish).
+    # They were written before flow's batch was counted on the thread, and showed text idle while it ran.
+    published: list[AdmissionState] = []
+    flow.on_change = lambda: published.append(text.admission_state())
     try:
         flow.start(), text.start()
         running = flow.submit("pair")
@@ -219,6 +223,7 @@ async def test_models_on_the_one_inference_thread_count_each_others_batches() ->
             assert time.monotonic() < until
             await asyncio.sleep(0.01)
         assert not text.admission_state().idle and text.admission_state().rest_s == 5.0
+        assert not published[-1].idle and published[-1].rest_s == 5.0
         with pytest.raises(QueueFull) as refused:
             text.admit(clock.now + 1.0)
         assert refused.value.reason == "deadline" and "estimated wait 6.01 s" in str(refused.value)  # (5 + 0.01) x 1.2
