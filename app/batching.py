@@ -33,6 +33,7 @@ R = TypeVar("R")
 log = logging.getLogger("perceiver.batching")
 ADMISSION_MARGIN = 1.2  # forward times vary: admit only what the estimate finishes with 20% to spare, at least
 MAX_MARGIN = 4.0  # however late admitted requests ran, an estimate is not multiplied by more (Lateness)
+IDLE_DECAY_STEP_S = 0.5  # while idle, the estimates and the margin decay in steps of at least this (Batcher)
 Clock = Callable[[], float]
 
 
@@ -599,6 +600,7 @@ class Batcher(Generic[P, R]):
         snapshot of this state. Its margin is learned (``Lateness``): how much longer than their estimates the
         requests it admitted took.
         """
+        self._decay_idle()
         own = None if units is None else self.own_s(units)
         if self._idle_now(decoding_ahead):
             return self.service_time.batch_s(1) if own is None else own
@@ -620,6 +622,7 @@ class Batcher(Generic[P, R]):
 
     def admission_state(self, decoding_ahead: bool = True) -> AdmissionState:
         """What admission decides from, now (``decoding_ahead``: as ``admit``'s)."""
+        self._decay_idle()
         idle = self._idle_now(decoding_ahead)
         pending = self._pending if decoding_ahead else 0
         now = self._clock()
@@ -687,11 +690,21 @@ class Batcher(Generic[P, R]):
 
     def _wake(self) -> None:
         """Leaving idleness: what the last burst measured decays toward the long run for the time spent idle."""
+        self._decay_idle(0.0)
+        self._idle_since = None
+
+    def _decay_idle(self, least_s: float = IDLE_DECAY_STEP_S) -> None:
+        """While idle: the decay for the time idle so far, once it is ``least_s`` or more (decays compose: 10 s
+        then 20 s is 30 s). Admission reads the estimates and the margin before the request that ends the idle
+        spell is queued, at the front ends' doors too: decayed only then, the first request after a quiet minute
+        was refused on the margin of the burst before it (2.5, against 1.75 decayed; review)."""
         if self._idle_since is not None:
-            idle_s = self._clock() - self._idle_since
-            self.service_time.decay(idle_s)
-            self.lateness.decay(0.5 ** (max(0.0, idle_s) / self.service_time.half_life_s))
-            self._idle_since = None
+            now = self._clock()
+            idle_s = now - self._idle_since
+            if idle_s >= least_s:
+                self.service_time.decay(idle_s)
+                self.lateness.decay(0.5 ** (max(0.0, idle_s) / self.service_time.half_life_s))
+                self._idle_since = now
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:

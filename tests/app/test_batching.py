@@ -357,6 +357,24 @@ async def test_admission_learns_how_late_what_it_admitted_ran_and_refuses_with_t
     await batcher.stop()
 
 
+def test_the_first_request_after_an_idle_spell_is_admitted_on_the_decayed_estimates() -> None:
+    """Estimates and the margin decayed when the request that ended the idle spell was queued, after admission
+    had read them: with an upload decoding (or another model's batch on the thread), the first request after a
+    quiet half-minute was refused on the margin of the burst before it (review). It is decided on the decayed
+    figures, at the front ends' doors too (``admission_state``)."""
+    clock = Clock()
+    batcher = make(Recorder(), max_batch_size=1, max_delay_s=0.0, service_time=ServiceTime({1: 0.2}), clock=clock)
+    for _ in range(10):  # the burst before: requests took 2.5x their estimates
+        batcher.lateness.observe(0.2, 0.4, 0.5, now=clock.now)
+    assert batcher.lateness.margin == pytest.approx(2.5)
+    clock.now += 30.0  # idle for one half-life: the margin decays to 1.75
+    release = batcher.reserve(1)  # one upload decoding: not idle
+    assert batcher.admission_state().margin == pytest.approx(1.75)
+    # wait 0.2 s (the upload ahead) + its own 0.2 s: x 1.75 = 0.7 s fits 0.8 s; x 2.5 = 1.0 s did not
+    assert batcher.admit(clock.now + 0.8) == pytest.approx(0.4)
+    release()
+
+
 def test_a_high_margin_does_not_outlive_what_set_it() -> None:
     """Once 4x, admission let in almost nothing that could count (estimates of 25% of the budget or more, times
     4): the margin stayed at 4.0 for the 45 s the audit watched after the load ended, and ratios of 500 (a 5 ms
