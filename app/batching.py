@@ -155,7 +155,9 @@ class ServiceTime:
 class Lateness:
     """How much longer admitted requests took than admission estimated, and so the margin it multiplies its
     estimates by: the ``quantile`` of the last ``window`` ratios (the time from queueing to the answer, or to the
-    drop of one that expired, over the estimate it was admitted on), never under ``floor`` nor over ``ceiling``.
+    drop of one that expired, over the estimate it was admitted on), never under ``floor`` nor over ``ceiling``,
+    and never the largest alone: up to 100 ratios that is the second largest (the 98th percentile of a full
+    window of 64).
 
     Only requests whose estimate was at least ``at_risk`` of their remaining budget count: one that had time to
     spare says nothing about the deadlines admission protects (a small estimate missed by a GIL pause is a large
