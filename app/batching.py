@@ -20,6 +20,7 @@ import asyncio
 import collections
 import contextlib
 import logging
+import math
 import statistics
 import time
 from collections import deque
@@ -62,7 +63,8 @@ class ServiceTime:
     class decays toward its long-run figure, the median of its last ``history`` per-unit times (warm-up's seeds
     among them until real batches replace them), half of the gap per ``half_life_s``: what the last burst
     taught says less and less about the next request, and the long run more. Not toward the warm-up figure
-    itself: timed on a busy machine it was 2x the model's speed, and every idle spell brought it back.
+    itself: timed on a busy machine it was 2x the model's speed, and every idle spell brought it back. A class
+    that no batch has reached yet is bounded by those that have (``_bound_unseen``).
     """
 
     def __init__(
@@ -75,10 +77,12 @@ class ServiceTime:
         history: int = 64,
     ) -> None:
         seeds = {size_class(k): v for k, v in (warm or {}).items()}
-        self.window, self.half_life_s = window, half_life_s
+        self.window, self.half_life_s, self.seed_weight = window, half_life_s, seed_weight
         self.samples: dict[int, deque[float]] = {k: deque([v] * seed_weight, maxlen=window) for k, v in seeds.items()}
         self.history: dict[int, deque[float]] = {k: deque([v] * seed_weight, maxlen=history) for k, v in seeds.items()}
         self._history_len = history
+        self.seeds = seeds
+        self._unseen = set(seeds)  # classes no batch has reached yet: the reached ones bound their seeds
         # Each class's median and fastest sample, kept up to date as samples come: admission asks on every
         # request (three times: the door, the route, the queue), and a median per ask cost the event loop.
         self._median: dict[int, float] = {}
@@ -103,6 +107,24 @@ class ServiceTime:
         self.samples.setdefault(klass, deque(maxlen=self.window)).append(seconds / units)
         self.history.setdefault(klass, deque(maxlen=self._history_len)).append(seconds / units)
         self._refresh(klass)
+        if self._unseen:
+            self._unseen.discard(klass)
+            self._bound_unseen()
+
+    def _bound_unseen(self) -> None:
+        """A class no batch has reached yet is estimated at most as the reached ones allow: per-unit times fall as
+        batches grow, and doubling a batch does not make its pass shorter. So its per-unit time is at most a
+        smaller reached class's, and at most a larger one's times the ratio of their sizes. Its seed stood before:
+        warm-up on a busy machine timed fill-mask's batches of 2 at 145 ms an item, 100x their passes, and real
+        traffic seldom makes one."""
+        seen = [k for k in self._median if k not in self._unseen]
+        for klass in self._unseen:
+            bound = min((self._median[k] * (1.0 if k < klass else k / klass) for k in seen), default=math.inf)
+            figure = min(self.seeds[klass], bound)
+            if figure != self._median[klass]:
+                self.samples[klass] = deque([figure] * self.seed_weight, maxlen=self.window)
+                self.history[klass] = deque([figure] * self.seed_weight, maxlen=self._history_len)
+                self._refresh(klass)
 
     def long_run(self, klass: int) -> float:
         """The class's long-run per-unit time: the median of its last ``history`` samples and seeds."""

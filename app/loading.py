@@ -23,6 +23,7 @@ from perceiver_core.graphs import enable_cuda_graphs
 
 from . import memory
 from .batching import ServiceTime
+from .cores import CoreShare
 from .engine import BatchPolicy, Engine, build_engine, make_runner, served_name
 from .settings import Settings
 from .tasks import TASKS, Task
@@ -53,6 +54,10 @@ AUTO_TIMING_BUDGET_S = 0.3
 # passes would add as much again to start-up for a few percent of accuracy (an overestimate, so admission
 # errs on the safe side until the batcher has timed real batches, and a larger batch must win by more).
 AUTO_SLOW_FIRST_RUN_S = 0.25
+# Warm-up times each size on a warmed pass for admission's first estimates (``warm_up``), except a pass this
+# long: its first pass or the search's reading stands (the demo's optical flow: 3 s on one thread), rather than
+# seconds more start-up.
+SEED_TIMING_LIMIT_S = 1.0
 # Plausibility: doubling a batch cannot make its pass faster (beyond this share), nor cost more than twice as
 # much (beyond this factor). A pair that breaks either is measured again, up to AUTO_REMEASURES times; if it
 # still does, the measurements cannot decide and the choice falls back to AUTO_UNMEASURED_BATCH_SIZE.
@@ -364,30 +369,45 @@ class WarmUp:
     faulted_bytes: int = 0  # fresh memory one more pass of the first bucket faulted in (CPU; app/memory.py)
 
 
-def warm_up(loaded: LoadedModel, policy: BatchPolicy) -> WarmUp:
-    """Every shape bucket at every power-of-two batch size up to the maximum (inference thread).
+def warm_up(
+    loaded: LoadedModel,
+    policy: BatchPolicy,
+    cores: CoreShare | None = None,
+    clock: Callable[[], float] = time.perf_counter,
+) -> WarmUp:
+    """Every shape bucket at every power-of-two batch size up to the maximum (inference thread), and the first
+    bucket's per-item wall times on every core, admission's first estimates (``warm_service_time``).
 
-    The first bucket's sizes that max_batch_size=auto already ran are not run again, except on CUDA, where
-    CUDA graphs (enabled after the search) capture on their first run.
+    A size's first pass at a shape is not its time: it allocates and chooses kernels (and on CUDA captures its
+    graph); on 2 cores the demo's Fourier image classifier's first pass took 2.3x its second. So a size is timed
+    on a later pass: the search's sizes (run already on the CPU) once, others on their second. Except a pass over
+    ``SEED_TIMING_LIMIT_S``: its first pass, or the search's reading, stands (an overestimate of a few tenths,
+    where timing it again would add seconds to start-up).
+
+    On the CPU the passes run as serving runs them, on the threads ``cores`` (the runtime's CoreShare) gives a
+    pass now: on every core regardless, with two busy loops on 2 cores, passes stalled at every barrier, and
+    warm-up timed classify-text's at 420 ms an item, 200x its passes. A machine busy at start-up still makes
+    the figures slower than a quiet one would (2x with two busy loops): the batcher's own batches replace them.
     """
     started = time.monotonic()
     task, model = loaded.task, loaded.model
-    run = make_runner(task, model)
+    run = make_runner(task, model, cores)
     device = model.device
     warm = WarmUp()
     already_run = set(policy.per_item_ms) if device.type == "cpu" else set()
     for i, payload in enumerate(task.warmup_payloads(model.config)):
         for size in _batch_sizes(policy.max_batch_size):
-            if i == 0 and size in already_run:
-                continue
-            if i == 0:  # admission's first estimates, until real batches correct them (wall time, every core)
-                before = time.perf_counter()
-                run([payload] * size)
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                warm.per_item_s[size] = (time.perf_counter() - before) / size
+            batch = [payload] * size
+            if i > 0:
+                run(batch)
+            elif size in already_run:
+                if policy.per_item_ms[size] * size / 1000 < SEED_TIMING_LIMIT_S:
+                    warm.per_item_s[size] = _wall(run, batch, device, clock) / size
             else:
-                run([payload] * size)
+                seconds = _wall(run, batch, device, clock)
+                if seconds < SEED_TIMING_LIMIT_S:
+                    seconds = _wall(run, batch, device, clock)
+                warm.per_item_s[size] = seconds / size
         if i == 0 and device.type == "cpu":
             warm.faulted_bytes = memory.faulted_bytes(functools.partial(run, [payload]))
     if device.type == "cuda":
@@ -397,10 +417,23 @@ def warm_up(loaded: LoadedModel, policy: BatchPolicy) -> WarmUp:
     return warm
 
 
+def _wall(run: Any, payloads: list[Any], device: torch.device, clock: Callable[[], float]) -> float:
+    """Seconds ``run(payloads)`` takes on the clock, as the batcher times its batches: on the threads the pass
+    was given, with whatever else ran on the cores."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    started = clock()
+    run(payloads)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return clock() - started
+
+
 def warm_service_time(policy: BatchPolicy, warm: WarmUp) -> ServiceTime:
-    """Admission's estimates, seeded with the per-item times warm-up measured (max_batch_size=auto's search
-    where it ran a size, one thread's CPU time: an overestimate; warm-up's own run otherwise). Without
-    warm-up nothing is known until the batcher has timed a batch of its own."""
+    """Admission's estimates, seeded per batch size with warm-up's wall time where it timed the size (what the
+    batcher measures of its own batches, on a warmed shape), else max_batch_size=auto's reading (one thread's CPU
+    time, a pass on one thread where serving gives it the free cores: on 2 quiet cores the demo's learned image
+    classifier read 2.6x its passes). Without warm-up nothing is known until the batcher has timed a batch."""
     seed = {size: ms / 1000 for size, ms in policy.per_item_ms.items() if size <= policy.max_batch_size}
     seed.update(warm.per_item_s)
     return ServiceTime(seed)
@@ -469,7 +502,7 @@ async def start_engine(runtime: Runtime, loaded: LoadedModel) -> Engine:
     maybe_enable_graphs(settings, loaded, policy)
     warm = WarmUp()
     if settings.warmup:
-        warm = await loop.run_in_executor(runtime.inference_executor, warm_up, loaded, policy)
+        warm = await loop.run_in_executor(runtime.inference_executor, warm_up, loaded, policy, runtime.core_share())
     if warm.faulted_bytes > memory.FAULTED_BYTES_TO_KEEP and memory.keep_freed_memory():
         log.info(
             "a pass of %s faulted in %.0f MiB of fresh memory: freed memory is kept for the next pass "

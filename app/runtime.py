@@ -52,7 +52,11 @@ class Runtime:
         self.inference_thread = SharedThread()  # its batches, of every model on it, for their admission
         self._cores = torch.get_num_threads()  # torch's default: the cores this process may use
         self._lanes: Lanes | None = None
+        # Made now, so that the first pass (warm-up's) reads how busy the machine was while the models loaded: made
+        # at the first pass, it had read nothing and gave that pass every core, which two busy loops then stalled.
         self._core_share: CoreShare | None = None
+        if self._cores > 1:
+            self._core_share = CoreShare(self._cores, lambda: self.decode_busy_s, others_busy_s=other_processes_busy_s)
         self.offload_executor = ThreadPoolExecutor(self.settings.decode_workers, thread_name_prefix="decode")
         self.decode_executor: Executor = self.offload_executor
         if self.settings.decode_processes > 0:  # uploads decoded outside this process's GIL
@@ -87,8 +91,6 @@ class Runtime:
     def core_share(self) -> CoreShare | None:
         """One for the whole process: the cores, less the recent load of decoding and of other processes, shared
         by the batches running."""
-        if self._core_share is None and self._cores > 1:
-            self._core_share = CoreShare(self._cores, lambda: self.decode_busy_s, others_busy_s=other_processes_busy_s)
         return self._core_share
 
     def add(self, engine: Engine) -> None:

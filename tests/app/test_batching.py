@@ -518,6 +518,27 @@ def test_a_warm_up_figure_taken_on_a_busy_machine_does_not_come_back_after_an_id
     assert service.per_unit(1) == pytest.approx(0.4)
 
 
+def test_a_size_class_no_batch_has_reached_is_bounded_by_those_that_have() -> None:
+    """Warm-up on a busy machine timed fill-mask's batches of 2 at 145 ms an item and of 4 at 123 ms, 100x their
+    passes; real traffic made batches of 1 and 8 only, and the seeds of 2 and 4 stood. Per-unit times fall as
+    batches grow, and doubling a batch does not make its pass shorter: the classes reached bound the others."""
+    service = ServiceTime({1: 0.003, 2: 0.145, 4: 0.123, 8: 0.0008, 16: 0.0009})
+    for _ in range(4):
+        service.observe(1, 0.003)
+    assert service.per_unit(2) == pytest.approx(0.003) and service.per_unit(4) == pytest.approx(0.003)
+    for _ in range(4):
+        service.observe(8, 8 * 0.001)
+    # A batch of 4 takes at most a batch of 8's pass: 4 ms in all. A seed within the bounds stands (16).
+    assert service.per_unit(4) == pytest.approx(0.002) and service.per_unit(2) == pytest.approx(0.003)
+    assert service.per_unit(16) == pytest.approx(0.0009)
+    service.decay(600.0)  # an idle spell leaves a bounded class at its bound
+    assert service.per_unit(4) == pytest.approx(0.002)
+    # A seed is only ever lowered, never raised: a class reached later than the others goes its own way.
+    for _ in range(9):
+        service.observe(4, 4 * 0.0015)
+    assert service.per_unit(4) == pytest.approx(0.0015)
+
+
 @async_test
 async def test_an_idle_model_admits_whatever_its_estimates_say() -> None:
     """The flow lockout: warm-up on a busy machine measured more than a whole deadline per item. An idle model
