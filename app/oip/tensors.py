@@ -249,6 +249,11 @@ def from_binary(tensor: RequestInput, chunk: bytes) -> np.ndarray:
     values: list[bytes] = []
     offset = 0
     while offset < len(chunk):
+        if len(values) == count:  # more elements than the shape holds: said now, not after splitting 8M of them
+            raise BadRequest(
+                f"{tensor.name}: shape {tensor.shape} holds {count} elements; the data has more "
+                f"({len(chunk) - offset} bytes after element {count})"
+            )
         if offset + 4 > len(chunk):
             raise BadRequest(f"{tensor.name}: BYTES data ends inside an element's 4-byte length")
         (length,) = struct.unpack_from("<I", chunk, offset)
