@@ -183,12 +183,22 @@ async def read_task_request(
     return validate(task, fields), files
 
 
+def _codings(request: Request) -> list[str]:
+    """The body's content codings, in the order applied, over every Content-Encoding line (RFC 9110 reads several
+    lines as one list: the first alone let ``identity`` then ``gzip`` through as if uncompressed), identity left
+    out."""
+    parts = (part.strip().lower() for line in request.headers.getlist("content-encoding") for part in line.split(","))
+    return [coding for coding in parts if coding not in ("", "identity")]
+
+
 def refuse_compressed(request: Request) -> None:
     """Bodies are read as sent: a Content-Encoding (gzip, ...) is a 415 that says so, before the body is read. A
     gzipped body read as JSON, an image or multipart was refused for what its bytes looked like instead."""
-    encoding = request.headers.get("content-encoding", "identity").strip().lower()
-    if encoding not in ("", "identity"):
-        raise UnsupportedMedia(f"Content-Encoding {shown(encoding)} is not supported; send the request uncompressed")
+    codings = _codings(request)
+    if codings:
+        raise UnsupportedMedia(
+            f"Content-Encoding {shown(', '.join(codings))} is not supported; send the request uncompressed"
+        )
 
 
 # zlib's window bits for each content coding: gzip's header and trailer, or zlib's (what "deflate" means in HTTP,
@@ -199,14 +209,15 @@ CODINGS = {"gzip": 31, "x-gzip": 31, "deflate": 15}
 def content_coding(request: Request) -> str | None:
     """The body's Content-Encoding when it is one the Open Inference Protocol's clients send (Triton reads gzip
     and deflate bodies): None for none; anything else is a 415 that names those, before the body is read."""
-    encoding = request.headers.get("content-encoding", "identity").strip().lower()
-    if encoding in ("", "identity"):
+    codings = _codings(request)
+    if not codings:
         return None
-    if encoding not in CODINGS:
+    if len(codings) > 1 or codings[0] not in CODINGS:
         raise UnsupportedMedia(
-            f"Content-Encoding {shown(encoding)} is not supported; send the request as gzip, deflate or uncompressed"
+            f"Content-Encoding {shown(', '.join(codings))} is not supported; send the request as gzip, deflate or "
+            "uncompressed (one coding)"
         )
-    return encoding
+    return codings[0]
 
 
 # Compressed input is fed to zlib this much at a time: what it leaves after a member's end (``unused_data``) is a

@@ -10,6 +10,7 @@ protocol's ``{"error": "..."}`` (``reject`` in app/middleware.py writes them for
 from __future__ import annotations
 
 import difflib
+import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
@@ -266,7 +267,10 @@ async def ready(request: Request) -> JSONResponse:
 )
 async def repository_index(request: Request) -> list[RepositoryModel]:
     runtime = runtime_of(request)
+    coding = content_coding(request)  # as infer's: a gzip body was read as JSON, and "br" passed unread (audit)
     body = await _read_body(request)
+    if coding is not None:
+        body = await runtime.offload(math.inf, inflate, body, coding, runtime.settings.max_body_bytes)
     try:
         options = RepositoryIndexRequest.model_validate_json(body) if body.strip() else RepositoryIndexRequest()
     except ValidationError as exc:

@@ -188,6 +188,11 @@ def test_a_compressed_body_is_a_415_that_says_to_send_it_uncompressed(client: ht
     ):
         assert r.status_code == 415 and "send the request uncompressed" in r.json()["error"]["message"], r.text
     assert client.post("/v1/classify-text", json={"text": "hi"}, headers={"content-encoding": "identity"}).is_success
+    # Several Content-Encoding lines are one list (RFC 9110): only the first was read, and identity then gzip was
+    # taken as uncompressed, a 422 "not UTF-8 encoded JSON" (audit).
+    lines = [("content-type", "application/json"), ("content-encoding", "identity"), ("content-encoding", "gzip")]
+    r = client.post("/v1/classify-text", content=gzip.compress(b'{"text": "hi"}'), headers=lines)
+    assert r.status_code == 415 and "Content-Encoding 'gzip' is not supported" in r.json()["error"]["message"], r.text
 
 
 def test_rejections_are_counted_by_reason(client: httpx.Client) -> None:

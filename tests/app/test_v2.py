@@ -5,6 +5,7 @@ binary tensors (the client's default), protocol errors, and the same answer as t
 from __future__ import annotations
 
 import base64
+import gzip
 import io
 import json
 import threading
@@ -23,6 +24,8 @@ from app.errors import BadRequest
 from app.routes.requests import INFLATE_SLICE, MAX_MEMBERS, inflate
 
 from .conftest import MEDIA, LiveServer, until
+
+GZIP = {"content-type": "application/json", "content-encoding": "gzip"}
 
 ROOT = MEDIA.parents[1]
 CAT = (MEDIA / "cat.jpg").read_bytes()
@@ -341,7 +344,6 @@ def test_a_compressed_request_gives_the_answer_of_the_uncompressed_one(
 def test_a_compressed_body_is_bounded_as_it_inflates_and_checked(demo_server: LiveServer) -> None:
     """A gzip bomb (twice max_body_bytes of spaces in a few KB) is a 413 once it passes max_body_bytes, not after
     inflating it all; a body that is not what its coding says, or ends early, is a 400 that says so."""
-    import gzip
     import zlib
 
     url = "/v2/models/classify-text/infer"
@@ -361,6 +363,10 @@ def test_a_compressed_body_is_bounded_as_it_inflates_and_checked(demo_server: Li
             assert r.status_code == 400 and says in r.json()["error"], (coding, r.text)
         raw = zlib.compressobj(wbits=-15)  # "deflate" as a raw stream, which some clients send
         r = c.post(url, content=raw.compress(v2) + raw.flush(), headers={"content-encoding": "deflate"})
+        # Codings over several lines are one list: gzip twice was inflated once, then read as JSON (audit).
+        twice = [("content-encoding", "gzip"), ("content-encoding", "gzip")]
+        nested = c.post(url, content=gzip.compress(gzip.compress(v2)), headers=twice)
+        assert nested.status_code == 400 and "'gzip, gzip' is not supported" in nested.json()["error"], nested.text
         two = gzip.compress(v2[:10]) + gzip.compress(v2[10:])  # two gzip members: one body
         assert (
             r.status_code == 200 and c.post(url, content=two, headers={"content-encoding": "gzip"}).status_code == 200
@@ -371,8 +377,6 @@ def test_a_body_of_many_gzip_members_is_refused_and_read_in_one_pass() -> None:
     """Every gzip member's end left zlib a copy of the rest of the body: 20-byte empty members made the work grow
     with the square of the body (6.4 MB: 50 s of a decode thread). Input now goes in bounded slices, and a body of
     more than MAX_MEMBERS members is a 400; up to that it is read, zero padding after it too."""
-    import gzip
-
     empty = gzip.compress(b"", mtime=0)
     with pytest.raises(BadRequest, match=f"more than {MAX_MEMBERS} members"):
         inflate(empty * 20_000, "gzip", 32 << 20)
@@ -465,6 +469,11 @@ def test_draining_turns_v2_readiness_off_and_refuses_inference_in_the_protocols_
             (entry,) = c.post("/v2/repository/index").json()
             assert (entry["state"], entry["reason"]) == ("UNAVAILABLE", "draining")
             assert c.post("/v2/repository/index", json={"ready": True}).json() == []
+            # Its body's coding is read as infer's is: gzip was read as JSON ("Invalid JSON"), br passed (audit).
+            packed = c.post("/v2/repository/index", content=gzip.compress(b'{"ready": true}'), headers=GZIP)
+            assert packed.status_code == 200 and packed.json() == [], packed.text
+            r = c.post("/v2/repository/index", content=b"{}", headers={"content-encoding": "br"})
+            assert r.status_code == 400 and "'br' is not supported" in r.json()["error"], r.text
             r = c.post("/v2/models/classify-text/infer", json=v2)
             assert r.status_code == 503 and set(r.json()) == {"error"}, r.text
         labels = {"task": "classify-text", "model": "", "reason": "draining"}
