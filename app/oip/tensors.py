@@ -195,9 +195,14 @@ def from_json(tensor: RequestInput) -> np.ndarray:
     except (ValueError, OverflowError):
         raise BadRequest(f"{tensor.name}: data is not a rectangular array of {tensor.datatype} values") from None
     _check_count(tensor, array.size, count)
-    if array.size and array.dtype.kind not in JSON_KINDS[tensor.datatype]:
-        raise BadRequest(f"{tensor.name}: data holds {_kind_name(array)}, not {tensor.datatype} values")
     dtype = NUMPY[tensor.datatype]
+    if array.size and array.dtype.kind not in JSON_KINDS[tensor.datatype]:
+        if dtype.kind in "iu" and array.dtype.kind in "fO":  # integers past int64 or mixed in sign: numpy made them
+            given = list(_leaves(tensor.name, tensor.data or []))  # floats or objects, "numbers with fractions"
+            if all(isinstance(v, int) and not isinstance(v, bool) for v in given):
+                low, high = min(given), max(given)
+                raise BadRequest(f"{tensor.name}: values from {low} to {high} do not fit {tensor.datatype}")
+        raise BadRequest(f"{tensor.name}: data holds {_kind_name(array)}, not {tensor.datatype} values")
     if array.size and dtype.kind in "iu":
         info = np.iinfo(dtype)
         low, high = array.min(), array.max()

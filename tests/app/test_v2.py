@@ -319,6 +319,10 @@ def test_malformed_requests_are_400s_with_the_protocols_error_body(demo_server: 
         # The protocol has one status for a request it cannot take: 400, with the reason in the message.
         r = c.post(url, content=b"{}", headers={"content-encoding": "br"})
         assert r.status_code == 400 and "gzip, deflate or uncompressed" in r.json()["error"], r.text
+        # Integers past int64 were read by numpy as floats or objects: "numbers with fractions" (audit).
+        for data in ([-1, 2**64 - 1, 1], [2**64, 1, 1]):
+            r = c.post(url, json={"inputs": [{"name": "IMAGE", "shape": [1, 1, 3], "datatype": "UINT8", "data": data}]})
+            assert r.status_code == 400 and f"values from {min(data)} to {max(data)} do not fit UINT8" in r.text
         undecodable = {"inputs": [{"name": "IMAGE", "shape": [1], "datatype": "BYTES", "data": ["not an image"]}]}
         r = c.post(url, json=undecodable)
         assert r.status_code == 400 and set(r.json()) == {"error"}, r.text  # the task's own verdict, v2's body
