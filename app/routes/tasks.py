@@ -83,6 +83,8 @@ def _handler(task: AnyTask) -> Callable[[Request], Awaitable[Response]]:
     async def handle(request: Request) -> Response:
         runtime = runtime_of(request)
         begin(request.scope, runtime, READY_PROBE)
+        # A task no model serves is a 404 before its body is read: it asked for a valid body first (audit).
+        runtime.engine_for(task.name)
         options, files = await read_task_request(request, task, runtime.settings.max_files_per_request)
         # The variant is known once the body is read: admitted before decoding what it could not serve in time.
         engine, deadline = admit(

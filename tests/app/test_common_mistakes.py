@@ -245,3 +245,17 @@ def test_start_up_reports_each_models_load_and_warm_up_time(caplog: pytest.LogCa
     for model in models:
         assert model["load_s"] >= 0 and model["warmup_s"] > 0, model
         assert re.search(rf"{model['name']} \d+\.\d\+\d+\.\ds", ready[0]), ready[0]
+
+
+def test_a_task_no_model_serves_is_a_404_before_its_body_is_read() -> None:
+    """It asked for a valid body first: JSON to /v1/autoencode was a 422 "video: file required", and the 404 came
+    only once a whole valid upload had been read (audit)."""
+    server = LiveServer(demo_tasks=["classify-text"]).start()
+    try:
+        with server.client() as client:
+            for path in ("/v1/autoencode", "/v1/optical-flow?model=x"):
+                r = client.post(path, json={"text": "hi"})
+                assert r.status_code == 404, r.text
+                assert "no model is configured for task" in message(r), r.text
+    finally:
+        server.stop()
