@@ -256,7 +256,8 @@ def inflate(body: bytes, coding: str, limit: int) -> bytes:
             if not inflater.eof:
                 raise BadRequest(f"the {coding} body ends before its compressed stream does")
             pos -= len(inflater.unused_data)  # within the last slice
-            if len(body.rstrip(b"\0")) <= pos:  # every member read (gzip writers may pad with zeros)
+            # Every member read, or zero padding after them (gzip writers may pad; no member starts with a zero).
+            if pos == len(body) or (body[pos] == 0 and body.count(0, pos) == len(body) - pos):
                 return b"".join(out)
             if wbits != 31:
                 raise BadRequest(f"the {coding} body has {len(body) - pos} bytes after its compressed stream")
