@@ -408,8 +408,8 @@ def main() -> None:
     TASK, DEADLINE_MS = args.task, args.deadline_ms
     retry_clients = [(int(n), mode == "honour") for n, _, mode in (r.partition(":") for r in args.retrying)]
     proc, url = start_server(dict(pair.split("=", 1) for pair in args.env), args.root.resolve())
+    busy = start_busy(args.busy) if args.busy else []  # before the niceness: other work is not this process's
     os.nice(args.client_nice)
-    busy = start_busy(args.busy) if args.busy else []
     try:
         result = asyncio.run(
             measure(url, proc.pid, args.factors, args.duration, args.capacity_seconds, retry_clients)  # type: ignore[attr-defined]
