@@ -158,6 +158,8 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
                 self._linger()
             return
         except httptools.HttpParserError as exc:
+            if not getattr(self, "url", b""):  # the request line itself: the path it was to read says the shape
+                self._v2_line = b" /v2/" in data.split(b"\r\n", 1)[0][:16]
             self._refuse(BadRequest(f"not a valid HTTP/1.1 request ({exc}); check the request line and headers"))
             return
         if self._in_headers and not self._begun:  # every byte of this read was the request line or headers
@@ -274,7 +276,8 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             self._send_refusal(error)
 
     def _send_refusal(self, error: ServiceError) -> None:
-        v2 = self.url.startswith(b"/v2/") if isinstance(getattr(self, "url", None), bytes) else False
+        url = getattr(self, "url", None)
+        v2 = url.startswith(b"/v2/") if isinstance(url, bytes) and url else getattr(self, "_v2_line", False)
         body = json.dumps({"error": error.message} if v2 else errors.body(error)).encode()
         reason = {
             408: b"Request Timeout",

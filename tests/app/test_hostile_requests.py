@@ -365,8 +365,18 @@ def status_and_json(raw: bytes) -> tuple[int, dict[str, object]]:
         (b"GET /v1/models?q=" + b"a" * (64 * 1024) + b" HTTP/1.1\r\nHost: x\r\n\r\n", 414),
         (b"GET /v2/models?q=" + b"a" * (64 * 1024) + b" HTTP/1.1\r\nHost: x\r\n\r\n", 414),
         (b"NOT HTTP AT ALL\r\n\r\n", 400),
+        # a request line the parser refuses (a raw non-ASCII byte in the path): v2's shape on /v2 too (audit)
+        ("GET /v2/models/clässify-text HTTP/1.1\r\nHost: x\r\n\r\n".encode(), 400),
     ],
-    ids=["100k-headers", "1mb-header", "unfinished-4mb-header", "64kb-query", "64kb-query-v2", "garbage"],
+    ids=[
+        "100k-headers",
+        "1mb-header",
+        "unfinished-4mb-header",
+        "64kb-query",
+        "64kb-query-v2",
+        "garbage",
+        "v2-bad-path",
+    ],
 )
 def test_headers_and_urls_are_bounded_with_a_json_answer(server: LiveServer, request_bytes: bytes, status: int) -> None:
     got, body = status_and_json(raw_exchange(server, request_bytes))
