@@ -201,9 +201,10 @@ def test_every_port_is_served_probed_routed_and_allowed(overlay: str) -> None:
     assert int(env.get("PERCEIVER_PORT", ports["http"])) == ports["http"]
     assert int(env.get("PERCEIVER_GRPC_PORT", ports["grpc"])) == ports["grpc"]
     # Readiness: grpc.health.v1 for the whole server (no service name), on the number (the probe takes no port
-    # names). Start-up and liveness: /healthz over HTTP, which answers while models load.
+    # names). Start-up: /readyz, so that a load that never ends restarts the pod. Liveness: /healthz over HTTP,
+    # which answers while models load.
     assert container["readinessProbe"]["grpc"] == {"port": ports["grpc"]}
-    assert container["startupProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
+    assert container["startupProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
     assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
 
     service = of_kind(docs, "Service")["spec"]["ports"]

@@ -243,9 +243,9 @@ def test_it_runs_the_released_image_speaking_v2_on_a_gpu() -> None:
     env = {e["name"]: e["value"] for e in server["env"]}
     assert env["PROTOCOL"] == "v2"
     port = server["ports"][0]["containerPort"]
-    for probe in ("startupProbe", "livenessProbe"):  # both answer while models load
-        assert server[probe]["httpGet"] == {"path": "/v2/health/live", "port": port}
-    assert "/v2/health/live".startswith(OPEN_PATHS)  # keys or not
+    assert server["livenessProbe"]["httpGet"] == {"path": "/v2/health/live", "port": port}  # answers while loading
+    assert server["startupProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": port}  # a hung load restarts
+    assert "/v2/health/live".startswith(OPEN_PATHS) and "/v2/health/ready".startswith(OPEN_PATHS)  # keys or not
     assert server["resources"]["limits"]["nvidia.com/gpu"] == "1"
     assert doc["metadata"]["annotations"]["prometheus.kserve.io/port"] == str(port)
 
