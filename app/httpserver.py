@@ -63,6 +63,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._last_chunk = False  # a chunk's size line parsed and none of its data yet: the trailer section
         self._trailer_bytes = 0
         self._header_timer: asyncio.TimerHandle | None = None
+        self._message_began: float | None = None  # when the request being read began (for a refusal's log line)
         self._write_timer: asyncio.TimerHandle | None = None
         self._write_sent = 0  # bytes sent at the write watch's last look
         self._linger_started: float | None = None  # when the lingering close began (our side ended)
@@ -173,6 +174,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
+        self._message_began = self.loop.time()
         self._in_headers, self._begun, self._last_chunk = True, True, False
         self._header_bytes = self._header_count = self._unfinished_bytes = self._trailer_bytes = 0
         self._start_header_timer()
@@ -278,6 +280,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
     def _send_refusal(self, error: ServiceError) -> None:
         url = getattr(self, "url", None)
         v2 = url.startswith(b"/v2/") if isinstance(url, bytes) and url else getattr(self, "_v2_line", False)
+        self._record(error, url if isinstance(url, bytes) else b"")
         body = json.dumps({"error": error.message} if v2 else errors.body(error)).encode()
         reason = {
             408: b"Request Timeout",
@@ -291,6 +294,24 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         head.append(b"content-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n\r\n" % len(body))
         self.transport.write(b"".join(head) + body)
         self._linger()
+
+    def _record(self, error: ServiceError, url: bytes) -> None:
+        """The refusal in the metrics and the access log, as the app counts and logs its own (app/accesslog.py):
+        written here, before there was a request for the app, they were counted and logged nowhere (audit)."""
+        runtime = getattr(getattr(getattr(self.config, "app", None), "state", None), "runtime", None)
+        if runtime is None:
+            return
+        from .middleware import task_of
+
+        path = url.split(b"?", 1)[0].decode("latin-1")
+        try:
+            method = self.parser.get_method().decode("latin-1")
+        except Exception:  # the request line itself was refused: no method was parsed
+            method = ""
+        task = task_of(path) or "none"
+        elapsed = self.loop.time() - self._message_began if self._message_began is not None else 0.0
+        runtime.access.refused(task, "", error.reason)
+        runtime.access.record(method, path, error.status, elapsed, task=task, reason=error.reason)
 
     def _linger(self) -> None:
         """A lingering close: had it closed with the client still sending, the kernel would answer its bytes with

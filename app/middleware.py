@@ -23,7 +23,6 @@ from .errors import BadRequest, DeadlineExceeded, Draining, PayloadTooLarge, Req
 from .runtime import Runtime, release
 from .tasks import TASKS
 
-QUIET_PATHS = ("/healthz", "/readyz", "/v2/health/", "/metrics")  # prefixes logged at DEBUG
 # A body cut off unread: the connection closes after the answer. Kept alive, uvicorn reads and drops the rest of
 # the body, and each byte that comes restarts its keep-alive timer: a client trickling bytes held it for ever.
 CLOSE = {"Connection": "close"}
@@ -49,9 +48,7 @@ def task_of(path: str) -> str | None:
 def reject(runtime: Runtime, error: ServiceError, path: str, model: str) -> JSONResponse:
     """The JSON error response for ``error``, its rejection counted once under its reason. Errors are
     ``{"error": {"type", "message"}}``, but ``{"error": message}`` on the protocol's /v2 routes."""
-    if error.reason is not None:
-        task = task_of(path) or "none"
-        runtime.metrics.rejections.labels(task=task, model=model, reason=error.reason).inc()
+    runtime.access.refused(task_of(path) or "none", model, error.reason)
     status = error.status
     if path.startswith(V2_PREFIX):
         content: dict[str, Any] = {"error": error.message}
@@ -61,26 +58,6 @@ def reject(runtime: Runtime, error: ServiceError, path: str, model: str) -> JSON
     else:
         content = errors.body(error)
     return JSONResponse(content, status_code=status, headers=error.headers or None)
-
-
-class LogThrottle:
-    """At most one log line per ``interval_s``; each line that is written says how many were left out.
-
-    For refusals (429): under overload they come by the hundred a second, and a line for each would flood
-    the log and take the CPU the model needs. /metrics counts every one."""
-
-    def __init__(self, interval_s: float = 1.0) -> None:
-        self.interval_s = interval_s
-        self.next_at = 0.0
-        self.skipped = 0
-
-    def admit(self, now: float) -> int | None:
-        """None: leave this line out; else write it, with the number left out since the last one."""
-        if now < self.next_at:
-            self.skipped += 1
-            return None
-        skipped, self.skipped, self.next_at = self.skipped, 0, now + self.interval_s
-        return skipped
 
 
 class JsonCors(CORSMiddleware):
@@ -120,7 +97,6 @@ class ObservabilityMiddleware:
     def __init__(self, app: ASGIApp, runtime: Runtime) -> None:
         self.app = app
         self.runtime = runtime
-        self.refusals = LogThrottle()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -147,23 +123,15 @@ class ObservabilityMiddleware:
             if recorded:
                 return
             recorded = True
-            elapsed = time.monotonic() - started
-            model = state.get("model", "")
-            label_task = task or "none"
-            metrics.request_duration.labels(task=label_task, model=model).observe(elapsed)
-            metrics.requests.labels(task=label_task, model=model, status=str(status)).inc()
-            skipped = self.refusals.admit(self.runtime.log_clock()) if status == 429 else 0
-            if skipped is not None:
-                fields = {"method": scope.get("method"), "path": path, "status": status, "ms": round(elapsed * 1000, 2)}
-                if model:
-                    fields["model"] = model
-                if state.get("reason"):
-                    fields["reason"] = state["reason"]
-                if skipped:
-                    fields["refusals_not_logged"] = skipped
-                # Probes and scrapes come every few seconds from every kubelet and Prometheus: DEBUG, not INFO.
-                level = logging.DEBUG if path.startswith(QUIET_PATHS) and status < 400 else logging.INFO
-                log.log(level, "request", extra={"fields": fields})
+            runtime.access.record(
+                scope.get("method", ""),
+                path,
+                status,
+                time.monotonic() - started,
+                task=task or "none",
+                model=state.get("model", ""),
+                reason=state.get("reason"),
+            )
 
         async def send_wrapper(message: Message) -> None:
             nonlocal status, started_response

@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 
 import torch
 
+from .accesslog import AccessLog
 from .batching import Lanes, SharedThread
 from .cores import CoreShare, other_processes_busy_s
 from .engine import BatchPolicy, Engine
@@ -46,6 +47,7 @@ class Runtime:
 
     def __post_init__(self) -> None:
         self.limits = self.settings.limits()
+        self.access = AccessLog(self.metrics, lambda: self.log_clock())  # every request's metrics and log line
         # Off the event loop: one thread for start-up and GPU models (their forward passes never overlap);
         # CPU models batch on lanes(), up to cpu_lanes passes side by side.
         self.inference_executor = ThreadPoolExecutor(1, thread_name_prefix="inference")

@@ -3,6 +3,7 @@ the upload of every refused request was a tenth of the event loop's work at 30x 
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Iterator
 
@@ -87,7 +88,6 @@ def test_refusals_are_logged_once_a_second_with_the_count_left_out(
 ) -> None:
     """A flood of 429s writes one log line a second, the next saying how many it left out; /metrics
     still counts every refusal."""
-    import logging
     import time
 
     def refusal_lines() -> list[dict[str, object]]:
@@ -121,7 +121,7 @@ def test_refusals_are_logged_once_a_second_with_the_count_left_out(
 
 
 def test_the_log_throttle_writes_one_line_per_interval_and_counts_the_rest() -> None:
-    from app.middleware import LogThrottle
+    from app.accesslog import LogThrottle
 
     throttle = LogThrottle(interval_s=1.0)
     assert throttle.admit(100.0) == 0
@@ -129,6 +129,22 @@ def test_the_log_throttle_writes_one_line_per_interval_and_counts_the_rest() -> 
     assert throttle.admit(101.0) == 9  # the interval has passed: written, with the 9 left out
     assert throttle.admit(101.5) is None
     assert throttle.admit(250.0) == 1
+
+
+def test_the_refusals_the_log_left_out_are_written_at_shutdown(caplog: pytest.LogCaptureFixture) -> None:
+    """A burst of refusals that ended the run: the throttle's one line a second left 26 of 27 out, and they were
+    never written (audit). The server writes what it left out as it stops (``AccessLog.flush``)."""
+    from app.accesslog import AccessLog
+    from app.metrics import Metrics
+
+    access = AccessLog(Metrics(), clock=lambda: 100.0)
+    with caplog.at_level(logging.INFO, logger="perceiver.server"):
+        for _ in range(27):
+            access.record("POST", "/v1/classify", 429, 0.001, task="classify", model="classify/learned")
+        access.flush()
+        access.flush()  # nothing more to say
+    fields = [r.fields for r in caplog.records if r.name == "perceiver.server"]  # type: ignore[attr-defined]
+    assert [f.get("refusals_not_logged", 0) for f in fields] == [0, 26], fields
 
 
 def test_refusals_past_the_pace_wait_before_they_are_sent() -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import re
 import socket
 import struct
@@ -383,6 +384,53 @@ def test_headers_and_urls_are_bounded_with_a_json_answer(server: LiveServer, req
     assert got == status, body
     error = body["error"]
     assert isinstance(error, str if b" /v2/" in request_bytes[:8] else dict), error
+
+
+def test_what_the_parser_refuses_is_counted_and_logged_as_the_apps_own_refusals(
+    server: LiveServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A URL or headers too large, bytes that are not HTTP, a transfer coding we do not read: answered before there
+    is a request for the app, they were in neither /metrics nor the log, and thousands of 431s left no trace
+    (audit). Each is a request of its status and a rejection of its reason, with its log line."""
+    cases = [
+        (
+            b"GET /v1/models?q=" + b"a" * (64 * 1024) + b" HTTP/1.1\r\nHost: x\r\n\r\n",
+            414,
+            "uri_too_long",
+            "/v1/models",
+        ),
+        (
+            b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"v" * (1 << 20) + b"\r\n\r\n",
+            431,
+            "headers_too_large",
+            "/healthz",
+        ),
+        (b"NOT HTTP AT ALL\r\n\r\n", 400, "bad_request", ""),
+        (
+            b"POST /v1/classify-text HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n\r\n5\r\nxxxxx\r\n",
+            501,
+            "not_implemented",
+            "/v1/classify-text",
+        ),
+    ]
+    with caplog.at_level(logging.INFO, logger="perceiver.server"):
+        for request, status, reason, path in cases:
+            task = "classify-text" if path == "/v1/classify-text" else "none"
+            labels = {"task": task, "model": ""}
+            before = (
+                server.metric("perceiver_requests_total", **labels, status=str(status)),
+                server.metric("perceiver_rejections_total", **labels, reason=reason),
+            )
+            caplog.clear()
+            assert status_and_json(raw_exchange(server, request))[0] == status
+            until(lambda: any(r.getMessage() == "request" for r in caplog.records), "the refusal's log line")
+            after = (
+                server.metric("perceiver_requests_total", **labels, status=str(status)),
+                server.metric("perceiver_rejections_total", **labels, reason=reason),
+            )
+            assert after == (before[0] + 1, before[1] + 1), (status, before, after)
+            (line,) = [r.fields for r in caplog.records if r.getMessage() == "request"]  # type: ignore[attr-defined]
+            assert (line["status"], line["reason"], line["path"]) == (status, reason, path), line
 
 
 def test_a_refusal_after_pipelined_requests_waits_for_their_answers(server: LiveServer) -> None:
