@@ -304,6 +304,9 @@ def _metadata(context: aio.ServicerContext) -> dict[str, str]:
 _ID_COUNTER = iter(range(1, 2**63))
 
 
+PROBES = ("ServerLive", "ServerReady", "ModelReady")  # asked every few seconds by load balancers and scripts
+
+
 def _guarded(
     service: InferenceService,
     name: str,
@@ -314,14 +317,13 @@ def _guarded(
     grpc's UNKNOWN naming a protobuf exception), a request id, metrics, and errors as status codes (never a
     traceback)."""
     runtime = service.runtime
-    metrics = runtime.metrics
 
     async def call(raw: bytes, context: aio.ServicerContext) -> Any:
         started = time.monotonic()
         given = _metadata(context)
         jsonlog.request_id.set(given.get("x-request-id", "")[:64] or f"grpc-{next(_ID_COUNTER):012x}")
         task, model = "none", ""
-        status = 200
+        status, reason = 200, None
         try:
             if service.digests and not key_allowed(service.digests, _presented(given)):
                 raise Unauthorized("this server needs an API key: send the authorization metadata, Bearer <key>")
@@ -336,25 +338,27 @@ def _guarded(
             MESSAGE_BYTES.set(len(raw))
             return await method(request, context)
         except ServiceError as exc:
-            status = exc.status
-            if exc.reason is not None:
-                metrics.rejections.labels(task=task, model=model, reason=exc.reason).inc()
+            status, reason = exc.status, exc.reason
+            runtime.access.refused(task, model, reason)
             trailers = tuple((k.lower(), v) for k, v in (exc.headers or {}).items() if k.lower() == "retry-after")
             if trailers:
                 context.set_trailing_metadata(trailers)
             await context.abort(CODES.get(exc.status, grpc.StatusCode.UNKNOWN), exc.message)
-        except asyncio.CancelledError:
-            status = 499
+        except asyncio.CancelledError:  # the client cancelled the call: a rejection, as an HTTP client's leaving
+            status, reason = 499, "cancelled"
+            runtime.access.refused(task, model, reason)
             raise
         except Exception:
             status = 500
             log.exception("unhandled error in %s", name)
             rid = jsonlog.request_id.get()
             await context.abort(grpc.StatusCode.INTERNAL, InternalError(f"internal error; request id {rid}").message)
-        finally:
-            if name == "ModelInfer":
-                metrics.request_duration.labels(task=task, model=model).observe(time.monotonic() - started)
-                metrics.requests.labels(task=task, model=model, status=str(status)).inc()
+        finally:  # counted for inference (as HTTP's task routes); a log line for every call, as HTTP's
+            path, elapsed = f"/{SERVICE}/{name}", time.monotonic() - started
+            counted, quiet = name == "ModelInfer", name in PROBES  # probes at DEBUG, as HTTP's
+            runtime.access.record(
+                "gRPC", path, status, elapsed, task=task, model=model, reason=reason, counted=counted, quiet=quiet
+            )
 
     return call
 

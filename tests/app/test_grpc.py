@@ -416,3 +416,42 @@ def test_binary_bytes_holding_more_elements_than_the_shape_are_refused_at_the_fi
     two_million_empty = bytes(4 * 2_000_000)
     with pytest.raises(BadRequest, match=r"shape \[1\] holds 1 elements; the data has more \(8000000 bytes after"):
         from_binary(text, b"\x02\x00\x00\x00hi" + two_million_empty)
+
+
+def test_every_grpc_call_has_its_log_line_and_a_cancelled_one_is_a_cancelled_rejection(
+    demo_server: LiveServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """No gRPC call wrote the access log's line that every HTTP request writes, and a call its client cancelled
+    counted as a 499 but not as a `cancelled` rejection, as an HTTP client's leaving does (audit)."""
+    import logging
+
+    def lines() -> list[dict[str, object]]:
+        return [r.fields for r in caplog.records if r.getMessage() == "request"]  # type: ignore[attr-defined]
+
+    labels = {"task": "classify-text", "model": "classify-text"}
+    cancelled = demo_server.metric("perceiver_rejections_total", **labels, reason="cancelled")
+    engine = demo_server.runtime.engine_for("classify-text")
+    path = "/inference.GRPCInferenceService/ModelInfer"
+    with caplog.at_level(logging.INFO, logger="perceiver.server"):
+        assert _infer_raw(demo_server.grpc_target, _text_request(), timeout=60).outputs
+        until(lambda: any(line["path"] == path for line in lines()), "the call's log line")
+        (line,) = [line for line in lines() if line["path"] == path]
+        assert (line["method"], line["status"], line["model"]) == ("gRPC", 200, "classify-text"), line
+        caplog.clear()
+        occupy(engine, 0.1)  # admitted, then queued behind a batch that does not end until released
+        try:
+            with grpc.insecure_channel(demo_server.grpc_target) as channel:
+                infer = channel.unary_unary(
+                    path,
+                    request_serializer=pb.ModelInferRequest.SerializeToString,
+                    response_deserializer=pb.ModelInferResponse.FromString,
+                )
+                call = infer.future(_text_request(), timeout=60)
+                until(lambda: engine.batcher.depth == 1, "the call queued")
+                call.cancel()
+                until(lambda: any(line["path"] == path for line in lines()), "the cancelled call's log line")
+        finally:
+            release(engine)
+    (line,) = [line for line in lines() if line["path"] == path]
+    assert (line["status"], line["reason"]) == (499, "cancelled"), line
+    assert demo_server.metric("perceiver_rejections_total", **labels, reason="cancelled") == cancelled + 1
