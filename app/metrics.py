@@ -39,14 +39,14 @@ class Metrics:
         )
         self.queue_duration = Histogram(
             "perceiver_request_queue_duration_seconds",
-            "Time queued before the forward pass.",
+            "Time queued before the forward pass, per request (of several items: the longest).",
             labels,
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
         self.inference_duration = Histogram(
             "perceiver_request_inference_duration_seconds",
-            "Forward pass that served the request.",
+            "Forward pass that served the request (of several items: the longest).",
             labels,
             buckets=_LATENCY_BUCKETS,
             registry=r,

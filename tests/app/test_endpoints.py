@@ -258,11 +258,16 @@ def _classify(client: httpx.Client, photo: str, **kwargs: object) -> dict[str, o
     return body
 
 
-def test_several_images_in_one_request_answer_in_upload_order(client: httpx.Client) -> None:
+def test_several_images_in_one_request_answer_in_upload_order(demo_server: LiveServer, client: httpx.Client) -> None:
     photos = ["cat.jpg", "coffee.jpg", "cat.jpg"]
     files = [("image", (p, (MEDIA / p).read_bytes(), "image/jpeg")) for p in photos]
+    labels = {"task": "classify", "model": "classify/conv"}
+    names = ("perceiver_request_queue_duration_seconds_count", "perceiver_request_inference_duration_seconds_count")
+    before = [demo_server.metric(name, **labels) for name in names]
     r = client.post("/v1/classify", files=files, data={"top_k": "4", "model": "conv"})
     assert r.status_code == 200, r.text
+    # The per-request histograms count it once, as its timing headers give it (they counted each image: audit).
+    assert [demo_server.metric(name, **labels) for name in names] == [b + 1 for b in before]
     body = r.json()
     assert body["model"] == "classify/conv" and body["weights"] == "random-init"
     singles = [_classify(client, p, data={"top_k": "4", "model": "conv"})["predictions"] for p in photos]
