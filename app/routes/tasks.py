@@ -16,7 +16,7 @@ from pydantic import BaseModel, Field, create_model
 from ..admission import admit, begin
 from ..batching import Ticket
 from ..engine import Engine, RequestTiming
-from ..errors import DeadlineExceeded
+from ..errors import DeadlineExceeded, Overloaded
 from ..runtime import Runtime, release
 from ..tasks import TASKS, run_decode
 from ..tasks.base import DecodeContext, Reply, Task, TaskRequest, naming
@@ -140,6 +140,8 @@ async def run_items(
     timing = RequestTiming()
     try:
         encoded = await _run_items(caller, runtime, engine, items, deadline, timing)
+    except Overloaded:  # refused as it was asked again (before decoding, joining the queue): never admitted, as a
+        raise  # refusal at the door is not; counted as a failure, the same 429 was one or not by timing (audit)
     except BaseException:
         engine.account(False, time.monotonic() - caller.started, None)
         raise

@@ -190,3 +190,26 @@ def test_uploads_waiting_for_a_decode_thread_count_as_queued_work() -> None:
     finally:
         gate.set()
         server.stop()
+
+
+def test_a_request_refused_as_it_joins_the_queue_is_not_a_failure_in_the_statistics() -> None:
+    """Twenty images at a busy classifier, 0.5 s to answer: admitted on one image's pass at the door and the route,
+    refused as they join the queue, on all twenty passes (10 rounds on two lanes). A refusal at the door was no
+    failure in Triton's statistics and this one was: the same 429 counted or not by which check refused it (audit)."""
+    server = LiveServer(demo_tasks=["classify"], cpu_lanes=2).start()
+    try:
+        engine = server.runtime.engine_for("classify", "learned")
+        occupy(engine, 0.05)  # both lanes busy for 0.05 s; 0.05 s an image
+        cat = ("image", ("c.jpg", CAT, "image/jpeg"))
+        with server.client() as client:
+            r = client.post("/v1/classify", files=[cat] * 20, headers={"x-request-timeout-ms": "500"})
+        assert r.status_code == 429 and "estimated wait" in r.json()["error"]["message"], r.text
+        assert (engine.statistics.success.count, engine.statistics.fail.count) == (0, 0)
+        assert (
+            server.metric(
+                "perceiver_rejections_total", task="classify", model="classify/learned", reason="would_miss_deadline"
+            )
+            == 1
+        )
+    finally:
+        server.stop()
