@@ -44,6 +44,7 @@ MAX_HEADERS = 100
 # LINGER_MAX_S in all (a client trickling a byte at a time held the connection for ever).
 LINGER_IDLE_S = 2.0
 LINGER_MAX_S = 30.0
+MAX_LOGGED_PATH = 256  # a refused URL's path in the log line: a 414's was the whole 64 KB
 WRITE_TIMEOUT_S = 30.0  # how long the send buffer may make no progress, unread by the client, before a cut
 
 
@@ -267,6 +268,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         return bool(self.pipeline) or (cycle is not None and not cycle.response_complete and not cycle.more_body)
 
     def on_response_complete(self) -> None:
+        self._message_began = None  # until the next request's first byte
         lingering = self._linger_started is not None
         if lingering:  # our side has ended: nothing more is answered on this connection
             self._drop_pipeline()
@@ -297,21 +299,28 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 
     def _record(self, error: ServiceError, url: bytes) -> None:
         """The refusal in the metrics and the access log, as the app counts and logs its own (app/accesslog.py):
-        written here, before there was a request for the app, they were counted and logged nowhere (audit)."""
+        written here, before there was a request for the app, they were counted and logged nowhere (audit).
+
+        A request the app already has (refused in its body: a broken chunk, a trailer too large) is the app's to
+        count, once, as this refusal: its handler sees the connection end and would call it the client's leaving.
+        A connection on which no request began (idle past the header timeout) is no request."""
         runtime = getattr(getattr(getattr(self.config, "app", None), "state", None), "runtime", None)
-        if runtime is None:
+        cycle = getattr(self, "cycle", None)
+        if not self._in_headers and cycle is not None and cycle.more_body and not cycle.response_complete:
+            cycle.scope.setdefault("state", {})["refused"] = error
+            return
+        if runtime is None or self._message_began is None:
             return
         from .middleware import task_of
 
         path = url.split(b"?", 1)[0].decode("latin-1")
-        try:
-            method = self.parser.get_method().decode("latin-1")
-        except Exception:  # the request line itself was refused: no method was parsed
-            method = ""
+        method = self.parser.get_method().decode("latin-1") if url else ""  # else the last request's, or none
         task = task_of(path) or "none"
-        elapsed = self.loop.time() - self._message_began if self._message_began is not None else 0.0
+        shown = path if len(path) <= MAX_LOGGED_PATH else path[:MAX_LOGGED_PATH] + "..."
         runtime.access.refused(task, "", error.reason)
-        runtime.access.record(method, path, error.status, elapsed, task=task, reason=error.reason)
+        runtime.access.record(
+            method, shown, error.status, self.loop.time() - self._message_began, task=task, reason=error.reason
+        )
 
     def _linger(self) -> None:
         """A lingering close: had it closed with the client still sending, the kernel would answer its bytes with

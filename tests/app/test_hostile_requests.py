@@ -450,8 +450,23 @@ def test_a_body_that_breaks_its_own_chunking_is_refused_at_once_with_one_answer(
     at once, alone (deferring it as if it followed a pipelined request left the handler waiting for the rest of the
     body until its timeout, and then answered twice)."""
     head = b"POST /v1/classify-text HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    labels = {"task": "classify-text", "model": ""}
+    counts = ("400", "bad_request"), ("499", "cancelled")
+
+    def counted() -> list[float]:
+        return [
+            server.metric("perceiver_requests_total", **labels, status=status)
+            + server.metric("perceiver_rejections_total", **labels, reason=reason)
+            for status, reason in counts
+        ]
+
+    before = counted()
     received = raw_exchange(server, head + b'Transfer-Encoding: chunked\r\n\r\n3\r\n{"t\r\nZZ\r\n')
     assert re.findall(rb"HTTP/1\.1 (\d{3}) ", received) == [b"400"], received[:600]
+    # Counted once, as the 400 it was: the parser counted its 400, and the app, which had the request, a 499 and a
+    # cancelled rejection when the connection ended (review).
+    until(lambda: counted() != before and server.runtime.inflight == 0, "the app's request ended")
+    assert counted() == [before[0] + 2, before[1]]
 
 
 def test_a_request_with_many_ordinary_headers_is_served(server: LiveServer) -> None:
@@ -468,7 +483,10 @@ def test_headers_that_never_end_get_a_408(server: LiveServer, monkeypatch: pytes
     assert got == 408 and "headers" in json.dumps(body)
     with server.client() as c:  # a connection that sends nothing at all is closed the same way
         assert c.get("/healthz").status_code == 200
+    idle = {"task": "none", "model": "", "status": "408"}
+    before = server.metric("perceiver_requests_total", **idle)
     assert status_and_json(raw_exchange(server, b""))[0] == 408
+    assert server.metric("perceiver_requests_total", **idle) == before  # no request: nothing counted (review)
 
 
 def test_a_trailer_section_is_bounded_and_never_taken_as_headers(server: LiveServer) -> None:
