@@ -98,6 +98,9 @@ class ModelServer:
         SIGSTOP) stops it, and they report it (one process, the same hang stopped /healthz itself)."""
         while True:
             self.table.beat(time.monotonic())
+            # The records too: written only as batches start and end, they kept an idle model's estimates and
+            # margin as the last burst left them, and the doors refused on a margin one process had decayed (review).
+            self.publish()
             await asyncio.sleep(HEARTBEAT_S)
 
     def publish(self) -> None:

@@ -402,6 +402,40 @@ def test_the_door_counts_every_front_ends_decodes_as_the_batcher_counts_its_own(
     asyncio.run(check())
 
 
+def test_an_idle_models_record_decays_with_the_heartbeat() -> None:
+    """The records were written only as batches started and ended: an idle model's margin stayed as the last burst
+    left it (2.5), and the front ends' doors refused on it where one process, decaying it, admitted on 1.75 after
+    half a minute (review). The model process's heartbeat writes them again every second."""
+    from app.loading import build_models
+    from app.main import _load
+
+    async def check() -> None:
+        settings = Settings(demo_tasks=["classify-text"], warmup=False, api_processes=2)
+        model_side = Runtime(settings, Metrics())
+        await _load(model_side, build_models)
+        server = model_process.ModelServer(model_side)
+        view = channel.StateView(os.dup(server.table.fd), server.table.size)
+        batcher = model_side.engine_for("classify-text").batcher
+        try:
+            for _ in range(10):  # the burst before: requests took 2.5x their estimates
+                batcher.lateness.observe(0.2, 0.4, 0.5, now=time.monotonic())
+            server.publish()
+            assert view.read(0)[1].margin == pytest.approx(2.5)
+            batcher._idle_since = time.monotonic() - 30.0  # idle for one half-life since
+            beat = asyncio.create_task(server.beat())
+            async with asyncio.timeout(60):  # guards against a hang; bounds nothing asserted
+                while view.read(0)[1].margin == pytest.approx(2.5):
+                    await asyncio.sleep(0.01)
+            beat.cancel()
+            assert view.read(0)[1].margin == pytest.approx(1.75, abs=0.01)
+        finally:
+            for engine in model_side.engines():
+                await engine.stop()
+            model_side.shutdown_executors()
+
+    asyncio.run(check())
+
+
 def test_a_front_ends_decodes_count_at_the_other_front_ends_door_until_released_or_gone(tmp_path: Any) -> None:
     """One model process and two front ends joined through the real hand-shake (in this process, over a Unix
     socket): uploads the first front end is decoding fill the model's queue at the second's door; a reservation
