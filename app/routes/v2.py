@@ -269,7 +269,7 @@ async def repository_index(request: Request) -> list[RepositoryModel]:
     runtime = runtime_of(request)
     coding = content_coding(request)  # as infer's: a gzip body was read as JSON, and "br" passed unread (audit)
     body = await _read_body(request)
-    if coding is not None:
+    if coding is not None and body:  # no body is none, however it says it is coded
         body = await runtime.offload(math.inf, inflate, body, coding, runtime.settings.max_body_bytes)
     try:
         options = RepositoryIndexRequest.model_validate_json(body) if body.strip() else RepositoryIndexRequest()

@@ -476,6 +476,7 @@ def test_draining_turns_v2_readiness_off_and_refuses_inference_in_the_protocols_
             # Its body's coding is read as infer's is: gzip was read as JSON ("Invalid JSON"), br passed (audit).
             packed = c.post("/v2/repository/index", content=gzip.compress(b'{"ready": true}'), headers=GZIP)
             assert packed.status_code == 200 and packed.json() == [], packed.text
+            assert c.post("/v2/repository/index", content=b"", headers=GZIP).status_code == 200  # no body, no coding
             r = c.post("/v2/repository/index", content=b"{}", headers={"content-encoding": "br"})
             assert r.status_code == 400 and "'br' is not supported" in r.json()["error"], r.text
             r = c.post("/v2/models/classify-text/infer", json=v2)
