@@ -344,8 +344,11 @@ def _guarded(
             if trailers:
                 context.set_trailing_metadata(trailers)
             await context.abort(CODES.get(exc.status, grpc.StatusCode.UNKNOWN), exc.message)
-        except asyncio.CancelledError:  # the client cancelled the call: a rejection, as an HTTP client's leaving
-            status, reason = 499, "cancelled"
+        except asyncio.CancelledError:  # the client cancelled the call: a rejection, as an HTTP client's leaving;
+            # or its deadline passed as the server's own was about to (gRPC cancels the call then): a 504 (audit)
+            remaining = context.time_remaining()
+            expired = remaining is not None and remaining <= 0
+            status, reason = (504, "deadline") if expired else (499, "cancelled")
             runtime.access.refused(task, model, reason)
             raise
         except Exception:

@@ -455,3 +455,33 @@ def test_every_grpc_call_has_its_log_line_and_a_cancelled_one_is_a_cancelled_rej
     (line,) = [line for line in lines() if line["path"] == path]
     assert (line["status"], line["reason"]) == (499, "cancelled"), line
     assert demo_server.metric("perceiver_rejections_total", **labels, reason="cancelled") == cancelled + 1
+
+
+@pytest.mark.parametrize(("remaining", "status", "reason"), [(0.0, "504", "deadline"), (5.0, "499", "cancelled")])
+def test_a_call_cancelled_as_its_deadline_passes_is_a_504_and_one_its_client_cancelled_a_499(
+    remaining: float, status: str, reason: str
+) -> None:
+    """gRPC cancels a call whose deadline has passed; the server's own deadline, the same instant, may not have
+    fired first, and the call was counted as the client's cancel, a 499 (1 of 26 in the audit). A cancel with its
+    deadline past is a 504, as the HTTP twin of the call is; one with time left is the client's, a 499."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from app.metrics import Metrics
+    from app.oip.grpc import _guarded
+    from app.runtime import Runtime
+    from app.settings import Settings
+
+    runtime = Runtime(Settings(demo_tasks=["classify-text"]), Metrics())
+    context = SimpleNamespace(invocation_metadata=lambda: (), time_remaining=lambda: remaining)
+
+    async def cancelled(request: object, context: object) -> None:
+        raise asyncio.CancelledError
+
+    call = _guarded(SimpleNamespace(runtime=runtime, digests=[]), "ModelInfer", pb.ModelInferRequest, cancelled)  # type: ignore[arg-type]
+    with pytest.raises(asyncio.CancelledError):
+        asyncio.run(call(pb.ModelInferRequest(model_name="nope").SerializeToString(), context))  # type: ignore[arg-type]
+    labels = {"task": "none", "model": ""}
+    assert runtime.metrics.registry.get_sample_value("perceiver_requests_total", {**labels, "status": status}) == 1
+    assert runtime.metrics.registry.get_sample_value("perceiver_rejections_total", {**labels, "reason": reason}) == 1
+    runtime.shutdown_executors()
