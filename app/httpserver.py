@@ -65,6 +65,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._trailer_bytes = 0
         self._header_timer: asyncio.TimerHandle | None = None
         self._message_began: float | None = None  # when the request being read began (for a refusal's log line)
+        self._v2_line = False  # a request line the parser refused was for /v2 (its error in v2's shape)
         self._write_timer: asyncio.TimerHandle | None = None
         self._write_sent = 0  # bytes sent at the write watch's last look
         self._linger_started: float | None = None  # when the lingering close began (our side ended)
@@ -281,7 +282,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 
     def _send_refusal(self, error: ServiceError) -> None:
         url = getattr(self, "url", None)
-        v2 = url.startswith(b"/v2/") if isinstance(url, bytes) and url else getattr(self, "_v2_line", False)
+        v2 = url.startswith(b"/v2/") if isinstance(url, bytes) and url else self._v2_line
         self._record(error, url if isinstance(url, bytes) else b"")
         body = json.dumps({"error": error.message} if v2 else errors.body(error)).encode()
         reason = {

@@ -188,18 +188,19 @@ def build_models(settings: Settings) -> list[LoadedModel]:
     return loaded
 
 
-def _timed(run: Any, payloads: list[Any], device: torch.device) -> float:
-    """Seconds ``run(payloads)`` takes. On the CPU: this thread's CPU time (the search runs torch on this
-    thread alone), which another process taking the cores does not inflate; on CUDA: wall time."""
+def _timed(run: Any, payloads: list[Any], device: torch.device, clock: Callable[[], float] = time.thread_time) -> float:
+    """Seconds ``run(payloads)`` takes. On the CPU by ``clock``: by default this thread's CPU time (the search runs
+    torch on this thread alone), which another process taking the cores does not inflate; warm-up passes the wall
+    clock, as the batcher times its batches. On CUDA: wall time."""
     if device.type == "cuda":
         torch.cuda.synchronize()
         started = time.perf_counter()
         run(payloads)
         torch.cuda.synchronize()
         return time.perf_counter() - started
-    started = time.thread_time()
+    started = clock()
     run(payloads)
-    return time.thread_time() - started
+    return clock() - started
 
 
 @dataclass
@@ -402,11 +403,11 @@ def warm_up(
                 run(batch)
             elif size in already_run:
                 if policy.per_item_ms[size] * size / 1000 < SEED_TIMING_LIMIT_S:
-                    warm.per_item_s[size] = _wall(run, batch, device, clock) / size
+                    warm.per_item_s[size] = _timed(run, batch, device, clock) / size
             else:
-                seconds = _wall(run, batch, device, clock)
+                seconds = _timed(run, batch, device, clock)
                 if seconds < SEED_TIMING_LIMIT_S:
-                    seconds = _wall(run, batch, device, clock)
+                    seconds = _timed(run, batch, device, clock)
                 warm.per_item_s[size] = seconds / size
         if i == 0 and device.type == "cpu":
             warm.faulted_bytes = memory.faulted_bytes(functools.partial(run, [payload]))
@@ -415,18 +416,6 @@ def warm_up(
     warm.seconds = time.monotonic() - started
     log.info("warmed %s in %.1fs (every bucket at every batch size)", loaded.name, warm.seconds)
     return warm
-
-
-def _wall(run: Any, payloads: list[Any], device: torch.device, clock: Callable[[], float]) -> float:
-    """Seconds ``run(payloads)`` takes on the clock, as the batcher times its batches: on the threads the pass
-    was given, with whatever else ran on the cores."""
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    started = clock()
-    run(payloads)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return clock() - started
 
 
 def warm_service_time(policy: BatchPolicy, warm: WarmUp) -> ServiceTime:
