@@ -59,12 +59,13 @@ class ServiceTime:
     Each class keeps the per-unit times of its last ``window`` batches and answers their median, so that
     no single outlier (a 10,000-mask request, a pass slowed by another process) can make an estimate stick.
     A class starts from the warm-up figure, counted ``seed_weight`` times: two outliers in a row cannot move
-    the median, and a real change of speed moves it within a few batches. While the model is idle, every
-    class decays toward its long-run figure, the median of its last ``history`` per-unit times (warm-up's seeds
-    among them until real batches replace them), half of the gap per ``half_life_s``: what the last burst
-    taught says less and less about the next request, and the long run more. Not toward the warm-up figure
-    itself: timed on a busy machine it was 2x the model's speed, and every idle spell brought it back. A class
-    that no batch has reached yet is bounded by those that have (``_bound_unseen``).
+    the median, and a real change of speed moves it within a few batches. Its first batch, if faster, replaces
+    that figure outright (a busy start's figure is slow; nothing makes a pass faster than the model). While the
+    model is idle, every class decays toward its long-run figure, the median of its last ``history`` per-unit
+    times (warm-up's seeds among them until real batches replace them), half of the gap per ``half_life_s``:
+    what the last burst taught says less and less about the next request, and the long run more. Not toward
+    the warm-up figure itself: timed on a busy machine it was 2x the model's speed, and every idle spell brought
+    it back. A class that no batch has reached yet is bounded by those that have (``_bound_unseen``).
     """
 
     def __init__(
@@ -77,6 +78,9 @@ class ServiceTime:
         history: int = 64,
     ) -> None:
         seeds = {size_class(k): v for k, v in (warm or {}).items()}
+        # A batch's pass is no longer than a larger batch's: a seed taken on a stalled pass (one in several on a
+        # busy 2-core machine: fill-mask's batches of 2 at 250 ms an item beside 2 ms for 1 and 4) is cut to that.
+        seeds = {k: min([v, *(seeds[m] * m / k for m in seeds if m > k)]) for k, v in seeds.items()}
         self.window, self.half_life_s, self.seed_weight = window, half_life_s, seed_weight
         self.samples: dict[int, deque[float]] = {k: deque([v] * seed_weight, maxlen=window) for k, v in seeds.items()}
         self.history: dict[int, deque[float]] = {k: deque([v] * seed_weight, maxlen=history) for k, v in seeds.items()}
@@ -103,9 +107,16 @@ class ServiceTime:
         """A batch of ``units`` ran in ``seconds``."""
         if units <= 0 or seconds < 0:
             return
-        klass = size_class(units)
-        self.samples.setdefault(klass, deque(maxlen=self.window)).append(seconds / units)
-        self.history.setdefault(klass, deque(maxlen=self._history_len)).append(seconds / units)
+        klass, per_unit = size_class(units), seconds / units
+        if klass in self._unseen and per_unit < self._median[klass]:
+            # The class's first batch, and faster than warm-up's figure: that figure was a busy start's (a pass
+            # slowed by other work; nothing makes a pass faster than the model), so the batch replaces it,
+            # counted as the seeds were. Slower, it joins them: two slow passes in a row still cannot move it.
+            self.samples[klass] = deque([per_unit] * self.seed_weight, maxlen=self.window)
+            self.history[klass] = deque([per_unit] * self.seed_weight, maxlen=self._history_len)
+        else:
+            self.samples.setdefault(klass, deque(maxlen=self.window)).append(per_unit)
+            self.history.setdefault(klass, deque(maxlen=self._history_len)).append(per_unit)
         self._refresh(klass)
         if self._unseen:
             self._unseen.discard(klass)
