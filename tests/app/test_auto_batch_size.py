@@ -203,6 +203,27 @@ def test_admissions_first_estimates_are_not_a_first_pass(monkeypatch: pytest.Mon
     assert seeds == {"1": 2.0, "2": 2.0, "4": 2.0, "8": 2.0}
 
 
+class StallsOnce(FakePasses):
+    """... whose first warmed pass at ``size`` stalls: on a busy 2-core machine one pass in several was given both
+    cores and waited half a second at a barrier."""
+
+    def __init__(self, first_s: float, later_s: float, size: int, stall_s: float) -> None:
+        super().__init__(first_s, later_s)
+        self.size, self.stall_s = size, stall_s
+
+    def run(self, payloads: list[Any], *_: Any) -> list[Any]:
+        if len(payloads) == self.size and self.size in self.seen and self.stall_s:
+            self.now, self.stall_s = self.now + self.stall_s, 0.0
+        return super().run(payloads)
+
+
+def test_one_stalled_pass_does_not_set_admissions_first_estimate(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Timed once, a stalled pass seeded its size at 200x its passes (review: fill-mask's batches of 2 at 250 ms an
+    item, and an idle server refused a burst of five). Short passes are timed three times and the median kept."""
+    seeds = warm_seeds(StallsOnce(first_s=0.004, later_s=0.002, size=8, stall_s=0.5), monkeypatch, {})
+    assert seeds == {"1": 2.0, "2": 2.0, "4": 2.0, "8": 2.0}
+
+
 def test_admissions_first_estimates_are_warm_ups_wall_times_not_the_searchs_one_thread(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -217,5 +238,9 @@ def test_admissions_first_estimates_are_warm_ups_wall_times_not_the_searchs_one_
         "8": 2.0,
     }
     # A pass of a second or more keeps the search's reading: timing it again would add as much to start-up.
-    slow = warm_seeds(FakePasses(first_s=0.020, later_s=0.002), monkeypatch, {1: 1200.0, 2: 400.0})
-    assert slow["1"] == 1200.0 and slow["2"] == 2.0
+    slow = {1: 1200.0, 2: 700.0, 4: 400.0, 8: 300.0}
+    assert warm_seeds(FakePasses(first_s=0.020, later_s=0.002), monkeypatch, slow) == {
+        str(k): v for k, v in slow.items()
+    }
+    # Unless a larger batch's pass was shorter: a batch of one takes no longer than a batch of two (timed: 4 ms).
+    assert warm_seeds(FakePasses(first_s=0.020, later_s=0.002), monkeypatch, {1: 1200.0, 2: 400.0})["1"] == 4.0
