@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 from typing import Any
 
 import httptools
@@ -65,6 +66,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._trailer_bytes = 0
         self._header_timer: asyncio.TimerHandle | None = None
         self._message_began: float | None = None  # when the request being read began (for a refusal's log line)
+        self._unanswered = 0  # requests begun and not yet answered: the last begun is the one being read
         self._v2_line = False  # a request line the parser refused was for /v2 (its error in v2's shape)
         self._write_timer: asyncio.TimerHandle | None = None
         self._write_sent = 0  # bytes sent at the write watch's last look
@@ -162,7 +164,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             return
         except httptools.HttpParserError as exc:
             if not getattr(self, "url", b""):  # the request line itself: the path it was to read says the shape
-                self._v2_line = b" /v2/" in data.split(b"\r\n", 1)[0][:16]
+                self._v2_line = _refused_line_is_v2(data)
             self._refuse(BadRequest(f"not a valid HTTP/1.1 request ({exc}); check the request line and headers"))
             return
         if self._in_headers and not self._begun:  # every byte of this read was the request line or headers
@@ -177,6 +179,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._message_began = self.loop.time()
+        self._unanswered += 1
         self._in_headers, self._begun, self._last_chunk = True, True, False
         self._header_bytes = self._header_count = self._unfinished_bytes = self._trailer_bytes = 0
         self._start_header_timer()
@@ -269,7 +272,9 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         return bool(self.pipeline) or (cycle is not None and not cycle.response_complete and not cycle.more_body)
 
     def on_response_complete(self) -> None:
-        self._message_began = None  # until the next request's first byte
+        self._unanswered = max(0, self._unanswered - 1)
+        if not self._unanswered:  # until the next request's first byte; not if it came already (pipelined, and
+            self._message_began = None  # refused: it was counted and logged nowhere; review)
         lingering = self._linger_started is not None
         if lingering:  # our side has ended: nothing more is answered on this connection
             self._drop_pipeline()
@@ -373,6 +378,17 @@ class _Watched:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._transport, name)
+
+
+_REQUEST_LINE = re.compile(rb"^[A-Za-z]+ (\S*)", re.MULTILINE)
+
+
+def _refused_line_is_v2(data: bytes) -> bool:
+    """Whether the request line the parser refused in ``data`` was for /v2: the last line of the read that starts
+    as a request line does (not the read's first: a request pipelined before it, or an empty line, came first and
+    its refusal had v1's shape; review)."""
+    lines = _REQUEST_LINE.findall(data)
+    return bool(lines) and lines[-1].startswith(b"/v2/")
 
 
 class _Lingering:

@@ -445,6 +445,81 @@ def test_a_refusal_after_pipelined_requests_waits_for_their_answers(server: Live
     assert status == 400 and "not a valid HTTP/1.1 request" in json.dumps(body)
 
 
+@pytest.mark.parametrize(
+    ("tail", "status", "reason"),
+    [
+        (b"GARBAGE\x01 / HTTP/1.1\r\n\r\n", 400, "bad_request"),
+        (b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"v" * (1 << 20) + b"\r\n\r\n", 431, "headers_too_large"),
+    ],
+    ids=["garbage", "431"],
+)
+def test_a_refusal_behind_a_pipelined_request_is_counted_and_logged(
+    server: LiveServer, caplog: pytest.LogCaptureFixture, tail: bytes, status: int, reason: str
+) -> None:
+    """The answer before it completed, and took the refused request's start with it: its 400 or 431 was in
+    neither /metrics nor the log (review). It is written once the answer before it is, so it has been counted
+    by the time the client reads it."""
+    ask = b"POST /v1/classify-text HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 13\r\n\r\n"
+    labels = {"task": "none", "model": ""}
+
+    def counts() -> tuple[float, float]:
+        return (
+            server.metric("perceiver_requests_total", **labels, status=str(status)),
+            server.metric("perceiver_rejections_total", **labels, reason=reason),
+        )
+
+    before = counts()
+    with caplog.at_level(logging.INFO, logger="perceiver.server"):
+        caplog.clear()
+        received = raw_exchange(server, ask + b'{"text":"hi"}' + tail)
+        assert re.findall(rb"HTTP/1\.1 (\d{3}) ", received) == [b"200", str(status).encode()], received[:300]
+        assert counts() == (before[0] + 1, before[1] + 1)
+        lines = [r.fields for r in caplog.records if r.getMessage() == "request"]  # type: ignore[attr-defined]
+        assert (status, reason) in [(line["status"], line.get("reason")) for line in lines], lines
+
+
+@pytest.mark.parametrize(
+    "head",
+    [b"GET /healthz HTTP/1.1\r\n", b"POST /v1/nowhere HTTP/1.1\r\n", b"POST /v2/models/nope/infer HTTP/1.1\r\n"],
+    ids=["probe", "no-route", "v2-unknown-model"],
+)
+def test_a_body_refused_on_a_route_that_reads_none_is_counted_as_the_400_the_client_got(
+    server: LiveServer, caplog: pytest.LogCaptureFixture, head: bytes
+) -> None:
+    """A broken chunk: the parser answers 400 and closes. A route that reads no body (a probe, a 404) answered
+    after that, on a closed connection, and the request was counted and logged as its 200 or 404 (review)."""
+    path = head.split()[1].decode()
+    labels = {"task": "none", "model": ""}
+
+    def counts() -> list[float]:
+        return [server.metric("perceiver_requests_total", **labels, status=s) for s in ("400", "200", "404")]
+
+    before = counts()
+    with caplog.at_level(logging.DEBUG, logger="perceiver.server"):
+        caplog.clear()
+        received = raw_exchange(server, head + b'Host: x\r\nTransfer-Encoding: chunked\r\n\r\n3\r\n{"t\r\nZZ\r\n')
+        assert re.findall(rb"HTTP/1\.1 (\d{3}) ", received) == [b"400"], received[:300]
+
+        def line() -> dict[str, object] | None:  # the app's own record of the request, once its route has answered
+            found = [r.fields for r in caplog.records if r.getMessage() == "request"]  # type: ignore[attr-defined]
+            return next((f for f in found if f["path"] == path), None)
+
+        until(lambda: line() is not None, "the route's answer")
+    assert (line() or {}).get("status") == 400 and (line() or {}).get("reason") == "bad_request", line()
+    assert counts() == [before[0] + 1, before[1], before[2]]
+
+
+@pytest.mark.parametrize(
+    "before", [b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n", b"\r\n"], ids=["pipelined-request", "empty-line"]
+)
+def test_a_v2_request_line_refused_after_other_bytes_gets_v2s_shape(server: LiveServer, before: bytes) -> None:
+    """The shape was read from the read's first line: behind a pipelined request or an empty line (which HTTP
+    allows before a request), a refused /v2 request line got v1's error body (review)."""
+    received = raw_exchange(server, before + "GET /v2/models/clässify-text HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    status, body = status_and_json(received[received.rindex(b"HTTP/1.1 400") :])
+    assert status == 400 and isinstance(body["error"], str), body
+
+
 def test_a_body_that_breaks_its_own_chunking_is_refused_at_once_with_one_answer(server: LiveServer) -> None:
     """Bytes that break the request being read (a chunk size that is not hex) are that request's: its 400 goes out
     at once, alone (deferring it as if it followed a pipelined request left the handler waiting for the rest of the
