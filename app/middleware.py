@@ -123,14 +123,21 @@ class ObservabilityMiddleware:
             if recorded:
                 return
             recorded = True
+            shown, reason = status, state.get("reason")
+            refused: ServiceError | None = state.get("refused")  # the HTTP parser's refusal, in this body
+            if refused is not None and status != refused.status:
+                # What the client got: a route that reads no body (a probe, a 404) answered after the parser had
+                # answered the 400 and closed, and was counted and logged as its own 200 or 404 (review).
+                shown, reason = refused.status, refused.reason
+                runtime.access.refused(task or "none", state.get("model", ""), refused.reason)
             runtime.access.record(
                 scope.get("method", ""),
                 path,
-                status,
+                shown,
                 time.monotonic() - started,
                 task=task or "none",
                 model=state.get("model", ""),
-                reason=state.get("reason"),
+                reason=reason,
             )
 
         async def send_wrapper(message: Message) -> None:
