@@ -416,12 +416,14 @@ def test_an_idle_models_record_decays_with_the_heartbeat() -> None:
         server = model_process.ModelServer(model_side)
         view = channel.StateView(os.dup(server.table.fd), server.table.size)
         batcher = model_side.engine_for("classify-text").batcher
+        clock = [time.monotonic()]  # the batcher's clock: no idle time passes but what the test says
+        batcher._clock, batcher._idle_since = lambda: clock[0], clock[0]
         try:
             for _ in range(10):  # the burst before: requests took 2.5x their estimates
-                batcher.lateness.observe(0.2, 0.4, 0.5, now=time.monotonic())
+                batcher.lateness.observe(0.2, 0.4, 0.5, now=clock[0])
             server.publish()
             assert view.read(0)[1].margin == pytest.approx(2.5)
-            batcher._idle_since = time.monotonic() - 30.0  # idle for one half-life since
+            clock[0] += 30.0  # idle for one half-life since
             beat = asyncio.create_task(server.beat())
             async with asyncio.timeout(60):  # guards against a hang; bounds nothing asserted
                 while view.read(0)[1].margin == pytest.approx(2.5):

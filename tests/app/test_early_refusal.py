@@ -133,18 +133,21 @@ def test_the_log_throttle_writes_one_line_per_interval_and_counts_the_rest() -> 
 
 def test_the_refusals_the_log_left_out_are_written_at_shutdown(caplog: pytest.LogCaptureFixture) -> None:
     """A burst of refusals that ended the run: the throttle's one line a second left 26 of 27 out, and they were
-    never written (audit). The server writes what it left out as it stops (``AccessLog.flush``)."""
-    from app.accesslog import AccessLog
-    from app.metrics import Metrics
-
-    access = AccessLog(Metrics(), clock=lambda: 100.0)
+    never written (audit). The server writes what it left out as it stops. The log's clock stands still here, so
+    every refusal after the first is left out, however long the burst takes."""
+    server = LiveServer(demo_tasks=["classify-text"]).start()
     with caplog.at_level(logging.INFO, logger="perceiver.server"):
-        for _ in range(27):
-            access.record("POST", "/v1/classify", 429, 0.001, task="classify", model="classify/learned")
-        access.flush()
-        access.flush()  # nothing more to say
-    fields = [r.fields for r in caplog.records if r.name == "perceiver.server"]  # type: ignore[attr-defined]
-    assert [f.get("refusals_not_logged", 0) for f in fields] == [0, 26], fields
+        try:
+            server.runtime.access.clock = lambda: 100.0
+            occupy(server.runtime.engine_for("classify-text"), 100.0)  # every request refused by time
+            with server.client() as client:
+                for _ in range(5):
+                    timeout = {"x-request-timeout-ms": "1000"}
+                    assert client.post("/v1/classify-text", json={"text": "hi"}, headers=timeout).status_code == 429
+        finally:
+            server.stop()
+    fields = [r.fields for r in caplog.records if r.name == "perceiver.server" and hasattr(r, "fields")]
+    assert [f.get("refusals_not_logged", 0) for f in fields if f.get("status") == 429] == [0, 4], fields
 
 
 def test_refusals_past_the_pace_wait_before_they_are_sent() -> None:
