@@ -12,12 +12,21 @@ speed of the core share it gets.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import threading
 import time
 from collections.abc import Callable, Iterator
 
 _TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+# The load is read over at least this long: /proc/stat counts in ticks (10 ms), and passes a few ms apart read
+# each other process's core as 0 or 2-3 cores busy by turns; with a busy loop on one of 2 cores, a quarter of
+# the passes were given both cores and stalled (a 4 ms pass took up to 0.8 s).
+LOAD_WINDOW_S = 0.2
+# A core that other work keeps busy this share of the time or more is left to it: a pass on a core that another
+# process shares waits at every operator's barrier (p99 0.8 s against 18 ms on one thread), while a pass on one
+# thread that could have had two is at most 2x slower.
+SHARED_CORE_LOAD = 0.25
 
 
 def other_processes_busy_s() -> float:
@@ -42,8 +51,9 @@ def other_processes_busy_s() -> float:
 
 class CoreShare:
     """Intra-op threads for the next forward pass: the cores less those that decoding and other processes kept
-    busy on average since the last pass (smoothed over passes), at least one, shared equally by the batches
-    running then. ``others_busy_s`` is cumulative CPU seconds of other processes (``other_processes_busy_s``)."""
+    busy (``SHARED_CORE_LOAD`` of a core or more: its share, rounded up) on average over the last
+    ``LOAD_WINDOW_S`` or more (smoothed), at least one, shared equally by the batches running then.
+    ``others_busy_s`` is cumulative CPU seconds of other processes (``other_processes_busy_s``)."""
 
     def __init__(
         self,
@@ -64,14 +74,16 @@ class CoreShare:
 
     def threads(self) -> int:
         with self._lock:
-            now, busy = self.clock(), self.unavailable_s()
-            if now > self.at:
+            now = self.clock()
+            if now - self.at >= LOAD_WINDOW_S:
+                busy = self.unavailable_s()
                 # Never below 0: the other processes' time is the machine's busy time less this process's, read
                 # at two moments, and can come out lower the second time; a negative load gave a pass more
                 # threads than there are cores (3 on 2).
                 self.load = 0.5 * self.load + 0.5 * max(0.0, busy - self.busy) / (now - self.at)
-            self.at, self.busy = now, busy
-            return max(1, (self.cores - round(self.load)) // max(1, self.running))
+                self.at, self.busy = now, busy
+            kept = max(0, math.ceil(self.load - SHARED_CORE_LOAD))  # cores other work keeps
+            return max(1, (self.cores - kept) // max(1, self.running))
 
     @contextlib.contextmanager
     def lane(self) -> Iterator[int]:

@@ -4,6 +4,7 @@ torch's intra-op threads otherwise spin against the decode threads on the same c
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 
 import pytest
@@ -107,3 +108,23 @@ def test_never_more_threads_than_cores_when_the_busy_time_reads_lower() -> None:
         clock[0] += 1.0
         others[0] -= 1.5
         assert share.threads() == 2
+
+
+def test_a_core_another_process_keeps_busy_is_left_to_it_when_passes_come_milliseconds_apart() -> None:
+    """/proc/stat counts in 10 ms ticks. Read at each pass, a few ms apart, a busy loop on one of 2 cores read as 0
+    or 2-3 cores by turns, and a quarter of the passes were given both cores: each waited at every barrier for
+    the thread the scheduler had parked (a 4 ms pass took up to 0.8 s, p99 0.79 s against 12 ms on one thread).
+    The load is read over 0.2 s or more, and a core busy a quarter of the time is left to the other process."""
+    clock = [0.0]
+    ticks = lambda: math.floor(clock[0] / 0.01 + 1e-9) * 0.01  # noqa: E731 - one core's worth, counted in ticks
+    share = CoreShare(2, lambda: 0.0, lambda: clock[0], others_busy_s=ticks)
+    given = []
+    for _ in range(400):  # passes 3.7 ms apart for 1.5 s
+        clock[0] += 0.0037
+        given.append(share.threads())
+    assert set(given[60:]) == {1}  # from the first reading on (0.2 s), one thread
+    quarter = CoreShare(2, lambda: 0.0, lambda: clock[0], others_busy_s=lambda: clock[0] * 0.3)
+    for _ in range(10):
+        clock[0] += 0.25
+        last = quarter.threads()
+    assert last == 1  # another process on 30% of a core: its core is left to it
