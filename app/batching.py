@@ -34,6 +34,10 @@ R = TypeVar("R")
 log = logging.getLogger("perceiver.batching")
 ADMISSION_MARGIN = 1.2  # forward times vary: admit only what the estimate finishes with 20% to spare, at least
 MAX_MARGIN = 4.0  # however late admitted requests ran, an estimate is not multiplied by more (Lateness)
+# A request whose own passes, at their fastest measured per-unit times, take more than this times its remaining
+# deadline is answered 504 at once (Batcher.admit): twice, so that a slow spell the estimates measured cannot
+# refuse what the model would finish.
+HOPELESS_FACTOR = 2.0
 IDLE_DECAY_STEP_S = 0.5  # while idle, the estimates and the margin decay in steps of at least this (Batcher)
 Clock = Callable[[], float]
 
@@ -146,6 +150,12 @@ class ServiceTime:
         known (per-unit times fall as batches grow: an overestimate), else the nearest larger one."""
         klass = self._class_of(units)
         return None if klass is None else self._median[klass]
+
+    def measured(self, units: float) -> bool:
+        """Whether the class that estimates a batch of ``units`` has timed a batch of its own (not warm-up's
+        figure alone)."""
+        klass = self._class_of(units)
+        return klass is not None and klass not in self._unseen
 
     def floor_s(self, units: float) -> float:
         """The least a batch of ``units`` is likely to take: its class's fastest recent per-unit time."""
@@ -361,6 +371,10 @@ class Batch:
 EVERY = Batch()  # outside a batcher: every request is wanted
 
 
+class Hopeless(Exception):
+    """The request could not finish within its deadline even at the model's fastest measured speed."""
+
+
 class Expired(Exception):
     """The request's deadline passed before it reached the model."""
 
@@ -524,6 +538,8 @@ class Batcher(Generic[P, R]):
         on_oom: Callable[[], None] | None = None,
         oom_errors: tuple[type[BaseException], ...] = (MemoryError,),
         service_time: ServiceTime | None = None,
+        bucket_times: dict[Hashable, ServiceTime] | None = None,
+        home_bucket: Hashable = None,
         clock: Clock = time.monotonic,
         on_change: Callable[[], None] | None = None,
         prepare: Callable[[Sequence[P]], Sequence[P]] | None = None,
@@ -539,6 +555,7 @@ class Batcher(Generic[P, R]):
         self._prepare_executor = prepare_executor
         self._ahead: list[Ticket[P, R]] = []  # the batch taken and preparing while the one before it runs
         self._ahead_units = 0
+        self._ahead_bucket: Hashable = None
         self._current: asyncio.Task[None] | None = None  # the batch running (or waiting for its preparation)
         self._pipeline_end: float | None = None  # when the last batch prepared ahead ended its forward pass
         self.on_change = on_change  # after every change of what admission decides from (app/channel.py)
@@ -558,10 +575,18 @@ class Batcher(Generic[P, R]):
         self._clock = clock
         self._queue: deque[Ticket[P, R]] = deque()
         self._queued_units = 0
+        self._queued_by_bucket: dict[Hashable, int] = {}  # the queued units of each shape bucket
         self._arrival = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._lane_tasks: set[asyncio.Task[None]] = set()
-        self.service_time = service_time or ServiceTime()  # for admission by time
+        # Admission by time: the estimates of the shape bucket warm-up timed first (``home_bucket``: the shortest
+        # texts), and each other bucket's (``bucket_times``: longer texts, autoencode's reconstructions), seeded by
+        # warm-up and learned from its batches. One table for all costed a 2,048-byte text window as a 64-byte
+        # one: a request of 4,000 such windows was estimated at 2.2 s and ran 12 s (audit).
+        self.service_time = service_time or ServiceTime()
+        self.bucket_times: dict[Hashable, ServiceTime] = dict(bucket_times or {})
+        self.home_bucket = home_bucket
+        self._hopeless_probe = -math.inf  # when an idle model last ran a request its estimates called hopeless
         self.lateness = Lateness()  # how late what it admitted ran: admission's margin
         self._running: dict[int, tuple[float, float]] = {}  # batches running: id → (start, expected seconds)
         self._idle_since: float | None = clock()
@@ -577,14 +602,21 @@ class Batcher(Generic[P, R]):
         units: int = 1,
         admit: bool = True,
         items: Sequence[int] | None = None,
+        item_buckets: Sequence[Hashable] | None = None,
     ) -> Ticket[P, R]:
         """Queue one request (raises QueueFull); await ``ticket.future`` for its result. ``admit=False``: the
         request was admitted already (the second and later items of one request are not asked again); ``items``:
-        the units of each item of the request this one begins, when it has several (its own passes are theirs)."""
+        the units of each item of the request this one begins, when it has several (its own passes are theirs),
+        and ``item_buckets`` their shape buckets."""
         # joining the queue now: the requests still decoding will join it after this one
         estimated = 0.0
         if admit:
-            estimated = self.admit(deadline, decoding_ahead=False, units=items or [max(1, units)])
+            estimated = self.admit(
+                deadline,
+                decoding_ahead=False,
+                units=items or [max(1, units)],
+                buckets=item_buckets or [bucket] * len(items or [units]),
+            )
         self._wake()
         future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
         now = self._clock()
@@ -592,6 +624,7 @@ class Batcher(Generic[P, R]):
         ticket.estimated_s, ticket.budget_s = estimated, None if deadline is None else deadline - now
         self._queue.append(ticket)
         self._queued_units += ticket.units
+        self._queued_by_bucket[bucket] = self._queued_by_bucket.get(bucket, 0) + ticket.units
         self._arrival.set()
         self._report_depth()
         return ticket
@@ -616,12 +649,26 @@ class Batcher(Generic[P, R]):
 
         return release
 
-    def admit(self, deadline: float | None, decoding_ahead: bool = True, units: Sequence[int] | None = None) -> float:
+    def admit(
+        self,
+        deadline: float | None,
+        decoding_ahead: bool = True,
+        units: Sequence[int] | None = None,
+        buckets: Sequence[Hashable] | None = None,
+    ) -> float:
         """Refuse at the door (QueueFull) a request that the queue cannot hold or could not finish in time; else
         return the estimate it is admitted on (seconds until its answer, before the margin).
         ``decoding_ahead``: the requests still decoding (``reserve``) count as ahead of this one, as they are of
         one that is yet to decode; not of one that joins the queue now, before them. ``units``: the units of each of
-        its items, once decoded (its own passes are then estimated at that size, not at one item's).
+        its items, once decoded (its own passes are then estimated at that size, not at one item's), and
+        ``buckets`` their shape buckets (a long text's windows at the long texts' per-unit time).
+
+        A request whose own passes, at the fastest per-unit times its size classes have measured, would take more
+        than ``HOPELESS_FACTOR`` times its remaining deadline is answered 504 at once (``Hopeless``), idle model or
+        not: run, it held the model until its deadline for a 504 all the same, while every other request was
+        refused (audit: a client looping 4,000-window requests with 5 s deadlines, 0 answered, 68% of the
+        others refused). Measured only: warm-up's figures alone never refuse a request at an idle model, and an
+        idle model runs one such request every half-life all the same (the measurements could be stale).
 
         An idle model (nothing queued, and a lane free) admits every request: it would start at once, so
         the worst that can happen is its own 504, and no estimate, however wrong, can refuse it.
@@ -636,7 +683,22 @@ class Batcher(Generic[P, R]):
         requests it admitted took.
         """
         self._decay_idle()
-        own = None if units is None else self.own_s(units)
+        own = None if units is None else self.own_s(units, buckets)
+        if units is not None and deadline is not None:
+            least = self.least_s(units, buckets)
+            now = self._clock()
+            budget = deadline - now
+            # An idle model still runs one such request a half-life: measured on a busy machine, the fastest
+            # times could be several times the model's, and with nothing run nothing would correct them.
+            probe = self._idle_now(decoding_ahead) and now - self._hopeless_probe >= self.service_time.half_life_s
+            if least is not None and least > HOPELESS_FACTOR * budget and probe:
+                self._hopeless_probe = now
+            elif least is not None and least > HOPELESS_FACTOR * budget:
+                raise Hopeless(
+                    f"this request needs at least {least:.1f} s of the model ({sum(units)} forward-pass items), "
+                    f"more than twice its remaining deadline ({max(budget, 0.0):.1f} s); send it with a longer "
+                    "deadline (x-request-timeout-ms, up to the server's request timeout) or in smaller requests"
+                )
         if self._idle_now(decoding_ahead):
             return self.service_time.batch_s(1) if own is None else own
         state = self.admission_state(decoding_ahead)
@@ -645,15 +707,57 @@ class Batcher(Generic[P, R]):
             raise QueueFull(*refusal)
         return state.wait_s + (state.batch_s if own is None else own)
 
-    def own_s(self, items: Sequence[int]) -> float:
-        """The forward passes of a request of ``items`` (each item's units): one item's units run in its batch's
-        passes; several items fill batches of up to max_batch_size, side by side on the lanes. A 32-image request
-        was admitted on one image's pass (0.15 s, against 2 s on two lanes) and expired (audit)."""
-        if len(items) <= 1:
-            return self.service_time.batch_s(sum(items) or 1)
-        batches = -(-len(items) // self.max_batch_size)
-        rounds = -(-batches // self.lanes)
-        return rounds * self.service_time.batch_s(sum(items) / batches)
+    def own_s(self, items: Sequence[int], buckets: Sequence[Hashable] | None = None) -> float:
+        """The forward passes of a request of ``items`` (each item's units; ``buckets``, their shape buckets): one
+        item's units run in its batch's passes; several items fill batches of up to max_batch_size, side by side on
+        the lanes, a batch for each bucket. A 32-image request was admitted on one image's pass (0.15 s, against
+        2 s on two lanes) and expired (audit)."""
+        own = self._own(items, buckets, floor=False)
+        assert own is not None
+        return own
+
+    def least_s(self, items: Sequence[int], buckets: Sequence[Hashable] | None = None) -> float | None:
+        """``own_s`` at the fastest per-unit times recently measured; None where a size class it needs has only
+        warm-up's figure."""
+        return self._own(items, buckets, floor=True)
+
+    def _own(self, items: Sequence[int], buckets: Sequence[Hashable] | None, *, floor: bool) -> float | None:
+        groups: dict[Hashable, list[int]] = {}
+        for item, bucket in zip(items, buckets or [self.home_bucket] * len(items), strict=True):
+            groups.setdefault(bucket, []).append(item)
+        total = 0.0
+        for bucket, group in groups.items():
+            table = self.times(bucket)
+            batches = -(-len(group) // self.max_batch_size)
+            rounds = -(-batches // self.lanes)
+            per_batch = (sum(group) or 1) / batches
+            if floor:
+                if not table.measured(per_batch):
+                    return None
+                total += rounds * table.floor_s(per_batch)
+            else:
+                total += rounds * table.batch_s(per_batch)
+        return total
+
+    def times(self, bucket: Hashable) -> ServiceTime:
+        """The estimates for batches of ``bucket``: its own once it has any, else the home bucket's."""
+        table = self.bucket_times.get(bucket) if bucket != self.home_bucket else None
+        return self.service_time if table is None or not table.known else table
+
+    def _learner(self, bucket: Hashable) -> ServiceTime:
+        """The table a batch of ``bucket`` teaches: its own (made at its first batch), the home bucket's for it."""
+        if bucket == self.home_bucket:
+            return self.service_time
+        table = self.bucket_times.get(bucket)
+        if table is None:
+            home = self.service_time
+            table = self.bucket_times[bucket] = ServiceTime(
+                window=home.window, seed_weight=home.seed_weight, half_life_s=home.half_life_s
+            )
+        return table
+
+    def _tables(self) -> list[ServiceTime]:
+        return [self.service_time, *self.bucket_times.values()]
 
     def admission_state(self, decoding_ahead: bool = True) -> AdmissionState:
         """What admission decides from, now (``decoding_ahead``: as ``admit``'s)."""
@@ -670,9 +774,17 @@ class Batcher(Generic[P, R]):
             others_busy, others_left = self._shared.others(self, now)
             rest += others_left
             free = 0 if others_busy else free
-        # a batch preparing is still work ahead of a new request, and so is one still decoding (``reserve``)
+        # a batch preparing is still work ahead of a new request, and so is one still decoding (``reserve``), each
+        # bucket's units at its own per-unit time
         queued = self._queued_units + self._ahead_units + pending
-        per_unit = (self.service_time.per_unit(min(queued, self.max_batch_size)) or 0.0) if queued else 0.0
+        queued_s = 0.0
+        if queued:
+            work = dict(self._queued_by_bucket)
+            work[self._ahead_bucket] = work.get(self._ahead_bucket, 0) + self._ahead_units
+            work[self.home_bucket] = work.get(self.home_bucket, 0) + pending
+            for bucket, units in work.items():
+                if units > 0:
+                    queued_s += units * (self.times(bucket).per_unit(min(units, self.max_batch_size)) or 0.0)
         # Lanes the work ahead leaves free (each unit ahead taken to hold one): a request then starts at once,
         # beside it. Shared out over the lanes instead, one flow request decoding made the next wait half a
         # window's time (0.7-1.7 s, over the queue-delay target): at an idle server the second of two flow
@@ -682,7 +794,7 @@ class Batcher(Generic[P, R]):
             len(self._queue) + len(self._ahead) + pending,
             self.service_time.known,
             rest,
-            queued * per_unit / self.lanes,
+            queued_s / self.lanes,
             self.service_time.batch_s(1),
             (self.service_time.per_unit(self.max_batch_size) or 0.0) / self.lanes,
             self.lateness.margin_at(now),
@@ -737,7 +849,8 @@ class Batcher(Generic[P, R]):
             now = self._clock()
             idle_s = now - self._idle_since
             if idle_s >= least_s:
-                self.service_time.decay(idle_s)
+                for table in self._tables():
+                    table.decay(idle_s)
                 self.lateness.decay(0.5 ** (max(0.0, idle_s) / self.service_time.half_life_s))
                 self._idle_since = now
 
@@ -758,6 +871,7 @@ class Batcher(Generic[P, R]):
                 ticket.future.set_exception(Cancelled("server shutting down"))
         self._queue.clear()
         self._ahead, self._queued_units, self._ahead_units = [], 0, 0
+        self._queued_by_bucket.clear()
         if self._prepare_executor is not None:
             self._prepare_executor.shutdown(wait=False, cancel_futures=True)
 
@@ -846,7 +960,8 @@ class Batcher(Generic[P, R]):
         contended = len(self._queue) > self.max_batch_size  # more than one batch of work: others wait for the slot
         while self._queue:
             ticket = self._queue.popleft()
-            hopeless = ticket.deadline is not None and now + self.service_time.floor_s(ticket.units) >= ticket.deadline
+            least = self.times(ticket.bucket).floor_s(ticket.units)
+            hopeless = ticket.deadline is not None and now + least >= ticket.deadline
             if contended and hopeless:
                 self._drop(ticket, Expired("the request could not finish before its deadline"))
                 continue
@@ -860,6 +975,9 @@ class Batcher(Generic[P, R]):
                 keep.append(ticket)
         self._queue = keep
         self._queued_units = sum(t.units for t in keep)
+        self._queued_by_bucket = {}
+        for ticket in keep:
+            self._queued_by_bucket[ticket.bucket] = self._queued_by_bucket.get(ticket.bucket, 0) + ticket.units
         return batch
 
     async def _pipeline(self, batch: list[Ticket[P, R]]) -> None:
@@ -869,7 +987,7 @@ class Batcher(Generic[P, R]):
         prepared = loop.run_in_executor(self._prepare_executor, self._prepare_live, batch)
         prepared.add_done_callback(_retrieve_exception)  # read by _execute, unless stop() came first
         units = sum(t.units for t in batch)
-        self._ahead, self._ahead_units = batch, units
+        self._ahead, self._ahead_units, self._ahead_bucket = batch, units, batch[0].bucket
         if self.on_change is not None:
             self.on_change()  # the front ends' door sees the batch ahead
         try:
@@ -882,7 +1000,7 @@ class Batcher(Generic[P, R]):
             self._ahead, self._ahead_units = [], 0
         # running from now on, for admission too (``_execute`` starts on the loop's next turn), this model's and
         # the others' on its thread, before the front ends' records are written from them
-        self._running[id(batch)] = (self._clock(), self.service_time.batch_s(units))
+        self._running[id(batch)] = (self._clock(), self.times(batch[0].bucket).batch_s(units))
         if self._shared is not None:
             self._shared.add(id(batch), self, self._running[id(batch)][1])
         if self.on_change is not None:
@@ -939,7 +1057,7 @@ class Batcher(Generic[P, R]):
         key = id(batch)
         before_ended = self._pipeline_end  # prepared ahead: when the batch before this one ended
         if key not in self._running:  # prepared ahead, _pipeline registered it already
-            self._running[key] = (self._clock(), self.service_time.batch_s(sum(t.units for t in batch)))
+            self._running[key] = (self._clock(), self.times(batch[0].bucket).batch_s(sum(t.units for t in batch)))
             if self._shared is not None:  # before on_change: the other models' records count it
                 self._shared.add(key, self, self._running[key][1])
             if self._lanes is not None and lane is not None:
@@ -989,7 +1107,7 @@ class Batcher(Generic[P, R]):
                 # preparation's kernels queue behind the forward pass before it, so a small batch's preparation
                 # lasts about a whole large forward pass, and its per-unit time would be several times its share.
                 held = ended - (prepare_started if before_ended is None else max(prepare_started, before_ended))
-            self.service_time.observe(sum(t.units for t in ran), held)
+            self._learner(batch[0].bucket).observe(sum(t.units for t in ran), held)
             if self.on_change is not None:
                 self.on_change()
         ran_ids = {id(t) for t in ran}

@@ -12,7 +12,7 @@ import contextlib
 import functools
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -22,7 +22,7 @@ import torch
 from perceiver_core import PerceiverHead
 from perceiver_core.compiled import compiled
 
-from .batching import EVERY, Batch, Batcher, BatchError, Cancelled, Expired, QueueFull, ServiceTime, Ticket
+from .batching import EVERY, Batch, Batcher, BatchError, Cancelled, Expired, Hopeless, QueueFull, ServiceTime, Ticket
 from .cores import CoreShare
 from .errors import ClientClosedRequest, DeadlineExceeded, InferenceFailed, Overloaded
 from .metrics import Metrics
@@ -165,23 +165,27 @@ class Engine:
         tickets: list[Ticket[Any, Any]] = []
         task = self.task
         items = [task.units(p) for p in payloads]
+        buckets = [task.bucket(p) for p in payloads]
         try:
-            for payload, units in zip(payloads, items, strict=True):
+            for payload, units, bucket in zip(payloads, items, buckets, strict=True):
                 tickets.append(
                     self.batcher.submit(
                         payload,
                         cost=task.cost(payload),
-                        bucket=task.bucket(payload),
+                        bucket=bucket,
                         deadline=deadline,
                         units=units,
                         admit=not tickets,
                         items=items if not tickets else None,
+                        item_buckets=buckets if not tickets else None,
                     )
                 )
         except QueueFull as exc:
             for ticket in tickets:
                 ticket.cancel()
             raise self.overloaded(exc) from exc
+        except Hopeless as exc:  # asked first: nothing was queued
+            raise DeadlineExceeded(str(exc)) from exc
         if len(tickets) > 1:  # the request's estimate is its last item's to check against: it ends last
             first, last = tickets[0], tickets[-1]
             last.estimated_s, last.budget_s, first.estimated_s = first.estimated_s, first.budget_s, 0.0
@@ -258,6 +262,9 @@ class Engine:
                 "max_batch_size_source": policy.source,
                 "per_item_ms": {str(k): v for k, v in policy.per_item_ms.items()},
                 "admission_per_item_ms": self.batcher.service_time.summary(),
+                "admission_per_item_ms_by_bucket": {
+                    str(bucket): table.summary() for bucket, table in self.batcher.bucket_times.items() if table.known
+                },
                 "admission_margin": round(self.batcher.admission_state().margin, 3),
                 "max_delay_ms": policy.max_delay_ms,
                 "max_batch_cost": policy.max_batch_cost,
@@ -347,6 +354,8 @@ def build_engine(
     service_time: ServiceTime,
     load_s: float,
     warmup_s: float,
+    bucket_times: dict[Hashable, ServiceTime] | None = None,
+    home_bucket: Hashable = None,
 ) -> Engine:
     """The engine of one loaded model, its batcher started (on the event loop's thread)."""
     labels = {"task": task.name, "model": task.name if variant == "default" else f"{task.name}/{variant}"}
@@ -379,6 +388,8 @@ def build_engine(
         on_oom=torch.cuda.empty_cache if model.device.type == "cuda" else None,
         oom_errors=(MemoryError, torch.OutOfMemoryError),
         service_time=service_time,
+        bucket_times=bucket_times,
+        home_bucket=home_bucket,
         prepare=make_prepare(task, model) if ahead else None,
         prepare_executor=ThreadPoolExecutor(1, thread_name_prefix=f"prepare-{labels['model']}") if ahead else None,
         shared=None if on_lanes else runtime.inference_thread,

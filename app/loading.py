@@ -10,7 +10,7 @@ import itertools
 import logging
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -384,6 +384,7 @@ def _warmed_pass_s(
 @dataclass
 class WarmUp:
     per_item_s: dict[int, float] = field(default_factory=dict)  # the first bucket's, by batch size (wall time)
+    bucket_per_item_s: dict[Hashable, dict[int, float]] = field(default_factory=dict)  # every other bucket's
     seconds: float = 0.0
     faulted_bytes: int = 0  # fresh memory one more pass of the first bucket faulted in (CPU; app/memory.py)
 
@@ -417,8 +418,11 @@ def warm_up(
     for i, payload in enumerate(task.warmup_payloads(model.config)):
         for size in _batch_sizes(policy.max_batch_size):
             batch = [payload] * size
-            if i > 0:
-                run(batch)
+            if i > 0:  # a longer text's bucket: its own estimates, from the faster of its first two passes
+                seconds = _timed(run, batch, device, clock)
+                if seconds < SEED_RETIME_BUDGET_S:
+                    seconds = min(seconds, _timed(run, batch, device, clock))
+                warm.bucket_per_item_s.setdefault(task.bucket(payload), {})[size] = seconds / size
             elif size in already_run:
                 searched_s = policy.per_item_ms[size] * size / 1000
                 if searched_s < SEED_TIMING_LIMIT_S:
@@ -435,6 +439,18 @@ def warm_up(
     warm.seconds = time.monotonic() - started
     log.info("warmed %s in %.1fs (every bucket at every batch size)", loaded.name, warm.seconds)
     return warm
+
+
+def warm_bucket_times(warm: WarmUp) -> dict[Hashable, ServiceTime]:
+    """Admission's first estimates for the buckets after the first (longer texts: a 2,048-byte window took 5x a
+    64-byte one in batches of 8 on the demo models), from warm-up's wall times."""
+    return {bucket: ServiceTime(seed) for bucket, seed in warm.bucket_per_item_s.items()}
+
+
+def home_bucket(task: AnyTask, config: Any) -> Hashable:
+    """The bucket of the task's first warm-up payload: the one ``warm_service_time`` estimates."""
+    payloads = task.warmup_payloads(config)
+    return task.bucket(payloads[0]) if payloads else None
 
 
 def warm_service_time(policy: BatchPolicy, warm: WarmUp) -> ServiceTime:
@@ -529,6 +545,8 @@ async def start_engine(runtime: Runtime, loaded: LoadedModel) -> Engine:
         dtype=loaded.dtype,
         policy=policy,
         service_time=warm_service_time(policy, warm),
+        bucket_times=warm_bucket_times(warm),
+        home_bucket=home_bucket(loaded.task, loaded.model.config),
         load_s=loaded.load_s,
         warmup_s=compile_s + deciding_s + warm.seconds,
     )

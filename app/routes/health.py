@@ -41,6 +41,11 @@ class Batching(BaseModel):
         description="What admission estimates now, per unit of work by batch size class: the median of recent "
         "batches, started from warm-up's timings",
     )
+    admission_per_item_ms_by_bucket: dict[str, dict[str, float]] = Field(
+        default_factory=dict,
+        description="The same for each shape bucket other than the one warm-up timed first (text: by padded "
+        "length in bytes, as longer windows take longer), once warm-up or a batch has timed it",
+    )
     admission_margin: float = Field(
         1.2,
         description="What admission multiplies its estimates by: how much longer than estimated the requests it "

@@ -10,7 +10,18 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from app.batching import ADMISSION_MARGIN, EVERY, Batch, Batcher, BatchError, Cancelled, Expired, QueueFull, ServiceTime
+from app.batching import (
+    ADMISSION_MARGIN,
+    EVERY,
+    Batch,
+    Batcher,
+    BatchError,
+    Cancelled,
+    Expired,
+    Hopeless,
+    QueueFull,
+    ServiceTime,
+)
 
 from .asyncutil import async_test
 
@@ -566,6 +577,60 @@ def test_a_seed_is_at_most_what_a_larger_batchs_seed_allows() -> None:
     assert service.per_unit(4) == pytest.approx(0.00146)  # 5.8 ms by 4: below its own reading
     # Within the bounds a seed stands, the smaller sizes' slower per-item times included (1, 8, 16).
     assert [service.per_unit(k) for k in (1, 8, 16)] == pytest.approx([0.00226, 0.00073, 0.00061])
+
+
+@async_test
+async def test_each_shape_bucket_is_estimated_and_taught_at_its_own_per_unit_time() -> None:
+    """One table for every bucket costed a 2,048-byte text window as a 64-byte one (warm-up's first bucket): a
+    request of 4,000 long windows was estimated at 2.2 s and ran 12 s, and its Retry-After sent the clients back
+    five times too early (audit). Each bucket has its own estimates; one with none yet borrows the home bucket's
+    until its first batch."""
+    clock = Clock()
+    short, long = ServiceTime({1: 0.001, 4: 0.0005}), ServiceTime({1: 0.004, 4: 0.003})
+    run = Recorder()
+    batcher = make(
+        run, max_batch_size=4, max_delay_s=0.0, service_time=short, bucket_times={2048: long}, home_bucket=64
+    )
+    batcher._clock = clock
+    tickets = [batcher.submit("s", bucket=64, units=1)]
+    tickets += [batcher.submit("l", bucket=2048, units=63) for _ in range(3)]
+    # 1 short unit at class 1 (1 ms) and 189 long ones at class 4 (3 ms each), one lane: the home table alone
+    # said 190 x 0.5 ms = 95 ms
+    assert batcher.estimated_wait_s() == pytest.approx(0.001 + 189 * 0.003)
+    assert batcher.own_s([63, 63], [2048, 2048]) == pytest.approx(126 * 0.003)
+    assert batcher.own_s([63, 1], [2048, 64]) == pytest.approx(63 * 0.003 + 0.001)  # a batch for each bucket
+    assert batcher.own_s([1], [512]) == pytest.approx(0.001)  # no table for 512 yet: the home bucket's
+    batcher.start()
+    await asyncio.gather(*(t.future for t in tickets))
+    await gather(batcher, ["m"], bucket=512, units=2)
+    # each bucket's batches taught its own table, the 512 bucket's a new one
+    assert short.measured(1) and long.measured(189) and batcher.bucket_times[512].measured(2)  # one batch of 189
+    assert not short.measured(63)  # no short batch of 63
+    await batcher.stop()
+
+
+@async_test
+async def test_a_request_that_could_not_finish_in_twice_its_deadline_is_answered_at_once() -> None:
+    """A client looping requests of 4,000 long text windows with 5 s deadlines: each was admitted at the idle
+    model, held it for 5 s and got its 504 all the same, while 68% of the other requests were refused (audit).
+    Answered at once when its own passes, at the fastest per-unit time measured, take more than twice its deadline;
+    never on warm-up's figures alone (an idle model admits whatever they say), nor within twice its deadline; and
+    an idle model runs one a half-life all the same, so that measurements taken on a busy machine are corrected."""
+    clock = Clock()
+    service = ServiceTime({1: 0.5})  # warm-up: 0.5 s a unit
+    batcher = make(Recorder(), max_batch_size=1, max_delay_s=0.0, service_time=service, clock=clock)
+    assert batcher.admit(clock.now + 1.0, units=[10]) == pytest.approx(5.0)  # warm-up's figure only: admitted
+    service.observe(1, 0.6)
+    service.observe(1, 0.5)  # measured: 0.5 s a unit at its fastest
+    for _ in range(2):
+        assert batcher.admit(clock.now + 2.4, units=[10]) > 0  # the half-life's one run
+        for _ in range(3):
+            with pytest.raises(Hopeless, match="longer deadline"):
+                batcher.admit(clock.now + 2.4, units=[10])  # 5 s of passes, twice 2.4 s is less
+        clock.now += service.half_life_s
+    assert batcher.admit(clock.now + 2.6, units=[10]) > 0  # within twice its deadline: admitted, idle
+    batcher.admit(clock.now + 1.0)  # its size unknown (a door before the body): nothing to judge by
+    await batcher.stop()
 
 
 @async_test

@@ -3,6 +3,8 @@ limits. Each test forces the high estimate itself (no dependence on how busy the
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from app.batching import ServiceTime
@@ -90,5 +92,34 @@ def test_the_items_of_one_request_are_admitted_together() -> None:
             )
         assert r.status_code == 200, r.text
         assert len(r.json()["results"]) == 3
+    finally:
+        server.stop()
+
+
+def test_a_request_that_could_not_finish_in_twice_its_deadline_is_a_504_at_once_and_others_still_run() -> None:
+    """Long texts have their own estimates (a 2,048-byte window took 3-5x a 64-byte one on the demo models), and a
+    request whose windows, at the fastest time measured, need more than twice its deadline is answered 504 at once:
+    run, it held the model until its deadline for the same 504 while every other request was refused (audit:
+    a client looping such requests with 5 s deadlines got no 200, and 68% of the others were refused). Its
+    deadline and size are known only once its body is read: short texts at the same time are served."""
+    server = LiveServer(demo_tasks=["classify-text"]).start()
+    try:
+        engine = server.runtime.engine_for("classify-text")
+        long = engine.batcher.bucket_times[2048] = ServiceTime()  # the long windows' bucket (no warm-up here)
+        long.observe(1, 2.0)  # measured: 2 s for a long window (this machine's are milliseconds; the test says)
+        engine.batcher._hopeless_probe = time.monotonic()  # and this half-life's one run of such a request is done
+        batches = server.metric("perceiver_batches_total", task="classify-text", model="classify-text")
+        with server.client() as client:
+            text = "a long review " * 300  # 4,200 bytes: four windows (they overlap), each in the 2,048 bucket
+            timeout = {"x-request-timeout-ms": "2000"}
+            body = {"text": text, "long_text": "windows"}
+            r = client.post("/v1/classify-text", json=body, headers=timeout)
+            assert r.status_code == 504, r.text
+            assert "longer deadline" in r.json()["error"]["message"], r.text
+            assert server.metric("perceiver_batches_total", task="classify-text", model="classify-text") == batches
+            r = client.post("/v1/classify-text", json={"text": "short"}, headers=timeout)
+            assert r.status_code == 200, r.text
+            r = client.post("/v1/classify-text", json=body, headers={"x-request-timeout-ms": "5000"})
+            assert r.status_code == 200, r.text  # 8 s within twice 5 s: it runs (and takes milliseconds)
     finally:
         server.stop()

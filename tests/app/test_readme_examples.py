@@ -49,6 +49,7 @@ NOT_COMPARED = {
     "warmup_s",
     "per_item_ms",
     "admission_per_item_ms",
+    "admission_per_item_ms_by_bucket",
     "max_batch_size",
     "max_batch_size_source",
     "placement",
