@@ -407,6 +407,7 @@ class Ticket(Generic[P, R]):
     cancelled: bool = False
     estimated_s: float = 0.0  # admission's estimate of its time to the answer (0: not the item admission asked)
     budget_s: float | None = None  # the time left before its deadline when it was queued
+    timing: bool = False  # the batcher's own pass (``reseed``), no request's: in no metric
 
     def cancel(self) -> None:
         """Drop the request if it has not reached the model yet."""
@@ -587,6 +588,7 @@ class Batcher(Generic[P, R]):
         self.bucket_times: dict[Hashable, ServiceTime] = dict(bucket_times or {})
         self.home_bucket = home_bucket
         self._hopeless_probe = -math.inf  # when an idle model last ran a request its estimates called hopeless
+        self._reseed_task: asyncio.Task[None] | None = None
         self.lateness = Lateness()  # how late what it admitted ran: admission's margin
         self._running: dict[int, tuple[float, float]] = {}  # batches running: id → (start, expected seconds)
         self._idle_since: float | None = clock()
@@ -859,7 +861,34 @@ class Batcher(Generic[P, R]):
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._loop())
 
+    def reseed(self, payload: P, quiet: Callable[[], bool], every_s: float = 1.0) -> None:
+        """Warm-up ran on a busy machine: its figures are what passes took then (the learned classifier at 2-5x
+        its quiet passes), and an idle server refused bursts on them for as long as no traffic came (audit: 3 of
+        5 after 90 s idle). Once the model is idle and ``quiet()`` says the machine is, one batch of ``payload``
+        runs as any batch, and a batch of one replaces the figure if faster (``ServiceTime.observe``); until
+        then, every ``every_s``."""
+
+        async def retime() -> None:
+            while not self.service_time.measured(1):
+                await asyncio.sleep(every_s)
+                if not self.idle or not quiet():
+                    continue
+                future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
+                ticket: Ticket[P, R] = Ticket(payload, 1, self.home_bucket, None, future, self._clock(), timing=True)
+                self._queue.append(ticket)
+                self._queued_units += 1
+                self._queued_by_bucket[ticket.bucket] = self._queued_by_bucket.get(ticket.bucket, 0) + 1
+                self._arrival.set()
+                with contextlib.suppress(Exception):
+                    await future
+
+        self._reseed_task = asyncio.get_running_loop().create_task(retime())
+
     async def stop(self) -> None:
+        if self._reseed_task is not None:
+            self._reseed_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reseed_task
         for task in [self._task, *self._lane_tasks]:
             if task is not None:
                 task.cancel()
@@ -1129,8 +1158,9 @@ class Batcher(Generic[P, R]):
             elif not ticket.future.done():
                 ticket.future.set_result(result)
                 self.lateness.observe(ticket.estimated_s, ticket.budget_s, ended - ticket.enqueued_at, ended)
-        if self._observer is not None:  # after the answers: a failing metric must not keep them waiting
-            self._observer.batch(len(ran), sum(t.cost for t in ran), elapsed)
+        counted = [t for t in ran if not t.timing]
+        if self._observer is not None and counted:  # after the answers: a failing metric must not keep them waiting
+            self._observer.batch(len(counted), sum(t.cost for t in counted), elapsed)
 
     def _run_live(
         self, batch: list[Ticket[P, R]], payloads: Sequence[P] | None = None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 from types import SimpleNamespace
 from typing import Any
@@ -244,3 +245,29 @@ def test_admissions_first_estimates_are_warm_ups_wall_times_not_the_searchs_one_
     }
     # Unless a larger batch's pass was shorter: a batch of one takes no longer than a batch of two (timed: 4 ms).
     assert warm_seeds(FakePasses(first_s=0.020, later_s=0.002), monkeypatch, {1: 1200.0, 2: 400.0})["1"] == 4.0
+
+
+def test_warm_up_says_when_other_work_kept_a_core_busy(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its figures are then a busy machine's, and the batcher times a pass again once the machine is quiet
+    (``Batcher.reseed``); a quiet warm-up's stand."""
+    from app.cores import CoreShare
+
+    task = TASKS["classify-text"]
+    config = next(iter(task.demo_configs.values()))
+    model = SimpleNamespace(device=torch.device("cpu"), config=config)
+    loaded = LoadedModel(task, "default", model, "demo", "random-init", "float32", 8, 0.0)  # type: ignore[arg-type]
+    policy = BatchPolicy(8, "configured", 0.0, None, {})
+    for others_per_s, busy in ((1.0, True), (0.0, False)):  # another process on one core of two, or none
+        passes = FakePasses(first_s=0.020, later_s=0.002)
+        others = functools.partial(lambda p, r: p.now * r, passes, others_per_s)  # CPU seconds so far
+        share = CoreShare(2, lambda: 0.0, passes.clock, others_busy_s=others)
+
+        def runner(*_: Any, share: CoreShare = share, passes: FakePasses = passes) -> Any:
+            def run(payloads: list[Any], *rest: Any) -> list[Any]:
+                share.threads()  # as the real runner asks before each pass
+                return passes.run(payloads, *rest)
+
+            return run
+
+        monkeypatch.setattr(loading, "make_runner", runner)
+        assert warm_up(loaded, policy, share, clock=passes.clock).busy is busy

@@ -634,6 +634,38 @@ async def test_a_request_that_could_not_finish_in_twice_its_deadline_is_answered
 
 
 @async_test
+async def test_a_busy_starts_figure_is_timed_again_once_the_machine_is_quiet_and_the_model_idle() -> None:
+    """Warm-up on a busy machine seeded the learned classifier at 430-770 ms (its quiet passes 140-150 ms), and an
+    idle server refused 3 of 5 requests of a burst on it 90 s after the machine had gone quiet (audit): nothing
+    had run to correct it. The batcher runs one pass of its own once the machine is quiet, counted in no metric."""
+    run = Recorder()
+    batches: list[int] = []
+
+    class Counting:
+        def batch(self, size: int, cost: int, inference_s: float) -> None:
+            batches.append(size)
+
+        def depth(self, depth: int) -> None:
+            pass
+
+    service = ServiceTime({1: 0.5})  # the busy start's figure; this test's passes take microseconds
+    batcher = make(run, max_batch_size=1, max_delay_s=0.0, service_time=service, observer=Counting())
+    batcher.start()
+    quiet = False
+    batcher.reseed("warm-up payload", lambda: quiet, every_s=0.01)
+    await asyncio.sleep(0.1)  # ten looks at a busy machine
+    assert run.batches == [] and service.per_unit(1) == pytest.approx(0.5)
+    quiet = True
+    async with asyncio.timeout(30):  # guards against a hang; bounds nothing asserted
+        while not service.measured(1):
+            await asyncio.sleep(0.01)
+    assert run.batches == [["warm-up payload"]] and service.per_unit(1) < 0.01
+    assert await gather(batcher, ["a request"]) == ["result:a request"]
+    assert batches == [1]  # the request's batch only
+    await batcher.stop()
+
+
+@async_test
 async def test_an_idle_model_admits_whatever_its_estimates_say() -> None:
     """The flow lockout: warm-up on a busy machine measured more than a whole deadline per item. An idle model
     still admits: the request starts at once, and its own 504 is the worst that can happen."""
