@@ -67,6 +67,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._header_timer: asyncio.TimerHandle | None = None
         self._message_began: float | None = None  # when the request being read began (for a refusal's log line)
         self._unanswered = 0  # requests begun and not yet answered: the last begun is the one being read
+        self._begun_in_read = 0  # requests begun in the bytes being parsed now
         self._v2_line = False  # a request line the parser refused was for /v2 (its error in v2's shape)
         self._write_timer: asyncio.TimerHandle | None = None
         self._write_sent = 0  # bytes sent at the write watch's last look
@@ -141,6 +142,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             return
         self._unset_keepalive_if_required()
         self._begun = False
+        self._begun_in_read = 0
         in_trailers = self._last_chunk
         try:
             self.parser.feed_data(data)
@@ -164,7 +166,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             return
         except httptools.HttpParserError as exc:
             if not getattr(self, "url", b""):  # the request line itself: the path it was to read says the shape
-                self._v2_line = _refused_line_is_v2(data)
+                self._v2_line = _refused_line_is_v2(data, self._begun_in_read)
             self._refuse(BadRequest(f"not a valid HTTP/1.1 request ({exc}); check the request line and headers"))
             return
         if self._in_headers and not self._begun:  # every byte of this read was the request line or headers
@@ -180,6 +182,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         super().on_message_begin()
         self._message_began = self.loop.time()
         self._unanswered += 1
+        self._begun_in_read += 1
         self._in_headers, self._begun, self._last_chunk = True, True, False
         self._header_bytes = self._header_count = self._unfinished_bytes = self._trailer_bytes = 0
         self._start_header_timer()
@@ -314,6 +317,9 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         cycle = getattr(self, "cycle", None)
         if not self._in_headers and cycle is not None and cycle.more_body and not cycle.response_complete:
             cycle.scope.setdefault("state", {})["refused"] = error
+            # Answered: the app's own answer, to a route that reads no body (a probe, a 404), is dropped, not
+            # written after the end of our side (an ERROR with a traceback, two per request, at a client's will).
+            cycle.disconnected = True
             return
         if runtime is None or self._message_began is None:
             return
@@ -383,12 +389,13 @@ class _Watched:
 _REQUEST_LINE = re.compile(rb"^[A-Za-z]+ (\S*)", re.MULTILINE)
 
 
-def _refused_line_is_v2(data: bytes) -> bool:
-    """Whether the request line the parser refused in ``data`` was for /v2: the last line of the read that starts
-    as a request line does (not the read's first: a request pipelined before it, or an empty line, came first and
-    its refusal had v1's shape; review)."""
+def _refused_line_is_v2(data: bytes, begun: int) -> bool:
+    """Whether the request line the parser refused in ``data`` was for /v2: the ``begun``-th line of the read that
+    starts as a request line (the parser began ``begun`` requests in it, the refused one last), not the read's
+    first (a request pipelined before it, or an empty line, came first, and its refusal had v1's shape) nor its
+    last (one pipelined after it is never read; review)."""
     lines = _REQUEST_LINE.findall(data)
-    return bool(lines) and lines[-1].startswith(b"/v2/")
+    return 0 < begun <= len(lines) and lines[begun - 1].startswith(b"/v2/")
 
 
 class _Lingering:

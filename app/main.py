@@ -26,7 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from . import jsonlog, memory, remote
 from .access import ApiKeyMiddleware, cors_origins, key_digests
 from .admission import AdmissionMiddleware
-from .errors import ClientClosedRequest, InternalError, InvalidInput, ServiceError, for_status, join_problems
+from .errors import InternalError, InvalidInput, ServiceError, for_status, join_problems
 from .loading import LoadedModel, build_models, start_engine
 from .metrics import Metrics
 from .middleware import HeadAsGet, JsonCors, ObservabilityMiddleware, reject
@@ -190,8 +190,8 @@ def create_app(
 
     def respond(request: Request, error: ServiceError) -> JSONResponse:
         refused = request.scope.get("state", {}).get("refused")  # what the HTTP parser refused in its body
-        if refused is not None and isinstance(error, ClientClosedRequest):
-            error = refused  # the connection ended because of that refusal, not because the client left
+        if refused is not None:  # what the client got, and counted once: the route's own error (the connection
+            error = refused  # ended, a 404 for a path that reads no body) went nowhere (review)
         if error.reason is not None:
             request.state.reason = error.reason  # the request's log line says why it was refused
         return reject(runtime, error, request.url.path, getattr(request.state, "model", ""))

@@ -487,12 +487,16 @@ def test_a_body_refused_on_a_route_that_reads_none_is_counted_as_the_400_the_cli
     server: LiveServer, caplog: pytest.LogCaptureFixture, head: bytes
 ) -> None:
     """A broken chunk: the parser answers 400 and closes. A route that reads no body (a probe, a 404) answered
-    after that, on a closed connection, and the request was counted and logged as its 200 or 404 (review)."""
+    after that, on a closed connection: the request was counted and logged as its 200 or 404, a 404's rejection
+    counted as well as the 400's, and the write after the end logged as an unhandled error with its traceback
+    (reviews)."""
     path = head.split()[1].decode()
     labels = {"task": "none", "model": ""}
 
     def counts() -> list[float]:
-        return [server.metric("perceiver_requests_total", **labels, status=s) for s in ("400", "200", "404")]
+        statuses = [server.metric("perceiver_requests_total", **labels, status=s) for s in ("400", "200", "404")]
+        reasons = ("bad_request", "not_found", "model_not_found")
+        return statuses + [server.metric("perceiver_rejections_total", **labels, reason=r) for r in reasons]
 
     before = counts()
     with caplog.at_level(logging.DEBUG, logger="perceiver.server"):
@@ -506,18 +510,29 @@ def test_a_body_refused_on_a_route_that_reads_none_is_counted_as_the_400_the_cli
 
         until(lambda: line() is not None, "the route's answer")
     assert (line() or {}).get("status") == 400 and (line() or {}).get("reason") == "bad_request", line()
-    assert counts() == [before[0] + 1, before[1], before[2]]
+    assert counts() == [before[0] + 1, *before[1:3], before[3] + 1, *before[4:]]
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.records
 
 
 @pytest.mark.parametrize(
-    "before", [b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n", b"\r\n"], ids=["pipelined-request", "empty-line"]
+    ("before", "path", "after", "v2"),
+    [
+        (b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n", "/v2/models/clässify-text", b"", True),
+        (b"\r\n", "/v2/models/clässify-text", b"", True),
+        (b"", "/v1/clässify-text", b"GET /v2/models HTTP/1.1\r\nHost: x\r\n\r\n", False),
+    ],
+    ids=["v2-behind-a-pipelined-request", "v2-behind-an-empty-line", "v1-before-a-pipelined-v2"],
 )
-def test_a_v2_request_line_refused_after_other_bytes_gets_v2s_shape(server: LiveServer, before: bytes) -> None:
+def test_a_request_line_refused_beside_other_bytes_gets_its_own_paths_shape(
+    server: LiveServer, before: bytes, path: str, after: bytes, v2: bool
+) -> None:
     """The shape was read from the read's first line: behind a pipelined request or an empty line (which HTTP
-    allows before a request), a refused /v2 request line got v1's error body (review)."""
-    received = raw_exchange(server, before + "GET /v2/models/clässify-text HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    allows before a request), a refused /v2 request line got v1's error body; read from its last, a refused /v1
+    line got v2's when a /v2 request was pipelined after it (reviews)."""
+    refused = f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+    received = raw_exchange(server, before + refused + after)
     status, body = status_and_json(received[received.rindex(b"HTTP/1.1 400") :])
-    assert status == 400 and isinstance(body["error"], str), body
+    assert status == 400 and isinstance(body["error"], str if v2 else dict), body
 
 
 def test_a_body_that_breaks_its_own_chunking_is_refused_at_once_with_one_answer(server: LiveServer) -> None:
