@@ -421,7 +421,7 @@ def warm_up(
             batch = [payload] * size
             if i > 0:  # a longer text's bucket: its own estimates, from the faster of its first two passes
                 seconds = _timed(run, batch, device, clock)
-                if seconds < SEED_RETIME_BUDGET_S:
+                if seconds < SEED_TIMING_LIMIT_S:
                     seconds = min(seconds, _timed(run, batch, device, clock))
                 warm.bucket_per_item_s.setdefault(task.bucket(payload), {})[size] = seconds / size
             elif size in already_run:

@@ -630,6 +630,12 @@ async def test_a_request_that_could_not_finish_in_twice_its_deadline_is_answered
         clock.now += service.half_life_s
     assert batcher.admit(clock.now + 2.6, units=[10]) > 0  # within twice its deadline: admitted, idle
     batcher.admit(clock.now + 1.0)  # its size unknown (a door before the body): nothing to judge by
+    batcher.max_batch_size = 16  # a batch of 10 now: one item's time is no bound (per-unit times fall as batches
+    assert batcher.admit(clock.now + 1.0, units=[10]) > 0  # grow), and no batch of 8 or more has been timed
+    service.observe(16, 16 * 0.5)  # now one has: 0.5 s a unit in a batch of 16
+    assert batcher.admit(clock.now + 1.0, units=[10]) > 0  # this half-life's one run
+    with pytest.raises(Hopeless):
+        batcher.admit(clock.now + 1.0, units=[10])
     await batcher.stop()
 
 
@@ -656,6 +662,10 @@ async def test_a_busy_starts_figure_is_timed_again_once_the_machine_is_quiet_and
     await asyncio.sleep(0.1)  # ten looks at a busy machine
     assert run.batches == [] and service.per_unit(1) == pytest.approx(0.5)
     quiet = True
+    decoded = batcher.reserve()  # a request still decoding: the pass would go ahead of it
+    await asyncio.sleep(0.1)
+    assert run.batches == []
+    decoded()
     async with asyncio.timeout(30):  # guards against a hang; bounds nothing asserted
         while not service.measured(1):
             await asyncio.sleep(0.01)
