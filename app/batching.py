@@ -708,7 +708,8 @@ class Batcher(Generic[P, R]):
                 raise Hopeless(
                     f"this request needs at least {least:.1f} s of the model ({sum(units)} forward-pass items), "
                     f"more than twice its remaining deadline ({max(budget, 0.0):.1f} s); send it with a longer "
-                    "deadline (x-request-timeout-ms, up to the server's request timeout) or in smaller requests"
+                    "deadline (x-request-timeout-ms, or the gRPC call's; up to the server's request timeout) or in "
+                    "smaller requests"
                 )
         if self._idle_now(decoding_ahead):
             return self.service_time.batch_s(1) if own is None else own
