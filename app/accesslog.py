@@ -44,6 +44,10 @@ class AccessLog:
     def __init__(self, metrics: Metrics, clock: Callable[[], float]) -> None:
         self.metrics, self.clock = metrics, clock
         self.refusals = LogThrottle()
+        # What the HTTP parser refuses (bytes that are not HTTP, headers too large): a line a second as well, on a
+        # throttle of its own: one line each, a client opening connections to send garbage wrote the log as fast
+        # as it connected (review).
+        self.malformed = LogThrottle()
 
     def refused(self, task: str, model: str, reason: str | None) -> None:
         """A rejection, under its reason (none for an internal error)."""
@@ -62,13 +66,16 @@ class AccessLog:
         reason: str | None = None,
         counted: bool = True,
         quiet: bool = False,
+        malformed: bool = False,
     ) -> None:
         """The request's duration and status in the metrics (unless not ``counted``) and its log line: DEBUG for a
-        probe or scrape that succeeded (``quiet``, or a path in QUIET_PATHS), INFO otherwise."""
+        probe or scrape that succeeded (``quiet``, or a path in QUIET_PATHS), INFO otherwise; a 429, or a request
+        the HTTP parser refused (``malformed``), at most one line a second, which says how many it left out."""
         if counted:
             self.metrics.request_duration.labels(task=task, model=model).observe(elapsed_s)
             self.metrics.requests.labels(task=task, model=model, status=str(status)).inc()
-        skipped = self.refusals.admit(self.clock()) if status == 429 else 0
+        throttle = self.refusals if status == 429 else self.malformed if malformed else None
+        skipped = throttle.admit(self.clock()) if throttle is not None else 0
         if skipped is None:
             return
         fields: dict[str, Any] = {"method": method, "path": path, "status": status, "ms": round(elapsed_s * 1000, 2)}
@@ -88,3 +95,6 @@ class AccessLog:
         if self.refusals.skipped:
             skipped, self.refusals.skipped = self.refusals.skipped, 0
             log.info("refusals not logged", extra={"fields": {"status": 429, "refusals_not_logged": skipped}})
+        if self.malformed.skipped:
+            skipped, self.malformed.skipped = self.malformed.skipped, 0
+            log.info("refusals not logged", extra={"fields": {"malformed": True, "refusals_not_logged": skipped}})

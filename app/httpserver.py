@@ -330,9 +330,8 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         task = task_of(path) or "none"
         shown = path if len(path) <= MAX_LOGGED_PATH else path[:MAX_LOGGED_PATH] + "..."
         runtime.access.refused(task, "", error.reason)
-        runtime.access.record(
-            method, shown, error.status, self.loop.time() - self._message_began, task=task, reason=error.reason
-        )
+        elapsed = self.loop.time() - self._message_began
+        runtime.access.record(method, shown, error.status, elapsed, task=task, reason=error.reason, malformed=True)
 
     def _linger(self) -> None:
         """A lingering close: had it closed with the client still sending, the kernel would answer its bytes with

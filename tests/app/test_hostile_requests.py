@@ -5,6 +5,7 @@ the request id, its error body under 4 KB, and the connection stays usable."""
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import logging
 import re
@@ -37,7 +38,9 @@ def server() -> Iterator[LiveServer]:
         raise RuntimeError("a bug of ours, not the client's")
 
     live.app.add_api_route("/v1/boom", boom, methods=["GET"])  # stands for any bug the handlers miss
-    yield live.start()
+    live.start()
+    live.runtime.access.clock = itertools.count(0.0, 10.0).__next__  # the log's clock: no line here is throttled
+    yield live
     live.stop()
 
 
@@ -859,3 +862,24 @@ def test_a_request_pipelined_behind_an_early_answer_is_dropped_not_answered_afte
 
     transport = asyncio.run(run())
     assert seen == ["/first"] and transport.eof
+
+
+def test_what_the_parser_refuses_is_logged_a_line_a_second_and_the_rest_at_shutdown(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """One line each: a client opening connections to send garbage wrote the log as fast as it connected (review).
+    Every refusal is counted; the log writes one a second, as for 429s, and what it left out at the next line or
+    at shutdown. The log's clock stands still here: every refusal after the first is left out."""
+    live = LiveServer(demo_tasks=["classify-text"]).start()
+    labels = {"task": "none", "model": "", "status": "400"}
+    with caplog.at_level(logging.INFO, logger="perceiver.server"):
+        try:
+            live.runtime.access.clock = lambda: 100.0
+            for _ in range(5):
+                assert status_and_json(raw_exchange(live, b"NOT HTTP AT ALL\r\n\r\n"))[0] == 400
+            assert live.metric("perceiver_requests_total", **labels) == 5
+        finally:
+            live.stop()
+    fields = [r.fields for r in caplog.records if r.name == "perceiver.server" and hasattr(r, "fields")]
+    written = [(f.get("status"), f.get("refusals_not_logged", 0)) for f in fields if f.get("status", 400) == 400]
+    assert written == [(400, 0), (None, 4)], fields  # the first, then the four left out, at shutdown
