@@ -60,8 +60,17 @@ def occupy(engine: Engine, seconds: float) -> None:
     batcher.service_time = ServiceTime({1: seconds})
     batcher._running[BUSY] = (JustStarted(), seconds)
     if batcher._lanes is not None:  # every lane, each ending ``seconds`` from whenever admission asks
-        while (lane := batcher._lanes.acquire()) is not None:
-            batcher._lanes.running_until(lane, AlwaysAhead(seconds))
+        lanes = batcher._lanes
+        taken = 0
+
+        def take() -> bool:  # one that another test's batch still holds (the server is shared) once it ends
+            nonlocal taken
+            while (lane := lanes.acquire()) is not None:
+                lanes.running_until(lane, AlwaysAhead(seconds))
+                taken += 1
+            return taken == len(lanes)
+
+        until(take, "every lane taken")
 
 
 def release(engine: Engine) -> None:
