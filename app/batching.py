@@ -584,7 +584,6 @@ class Batcher(Generic[P, R]):
         self._oom_errors = oom_errors  # by type: an error that merely mentions memory is not an OOM
         self._clock = clock
         self._queue: deque[Ticket[P, R]] = deque()
-        self._queued_units = 0
         self._queued_by_bucket: dict[Hashable, int] = {}  # the queued units of each shape bucket
         self._arrival = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -633,12 +632,14 @@ class Batcher(Generic[P, R]):
         now = self._clock()
         ticket: Ticket[P, R] = Ticket(payload, cost, bucket, deadline, future, now, max(1, units))
         ticket.estimated_s, ticket.budget_s = estimated, None if deadline is None else deadline - now
-        self._queue.append(ticket)
-        self._queued_units += ticket.units
-        self._queued_by_bucket[bucket] = self._queued_by_bucket.get(bucket, 0) + ticket.units
-        self._arrival.set()
+        self._enqueue(ticket)
         self._report_depth()
         return ticket
+
+    def _enqueue(self, ticket: Ticket[P, R]) -> None:
+        self._queue.append(ticket)
+        self._queued_by_bucket[ticket.bucket] = self._queued_by_bucket.get(ticket.bucket, 0) + ticket.units
+        self._arrival.set()
 
     def reserve(self, units: int = 1) -> Callable[[], None]:
         """An admitted request whose inputs wait for a decode thread or decode: it counts as ``units`` of queued
@@ -699,18 +700,18 @@ class Batcher(Generic[P, R]):
             least = self.least_s(units, buckets)
             now = self._clock()
             budget = deadline - now
-            # An idle model still runs one such request a half-life: measured on a busy machine, the fastest
-            # times could be several times the model's, and with nothing run nothing would correct them.
-            probe = self._idle_now(decoding_ahead) and now - self._hopeless_probe >= self.service_time.half_life_s
-            if least is not None and least > HOPELESS_FACTOR * budget and probe:
-                self._hopeless_probe = now
-            elif least is not None and least > HOPELESS_FACTOR * budget:
-                raise Hopeless(
-                    f"this request needs at least {least:.1f} s of the model ({sum(units)} forward-pass items), "
-                    f"more than twice its remaining deadline ({max(budget, 0.0):.1f} s); send it with a longer "
-                    "deadline (x-request-timeout-ms, or the gRPC call's; up to the server's request timeout) or in "
-                    "smaller requests"
-                )
+            if least is not None and least > HOPELESS_FACTOR * budget:
+                # An idle model still runs one such request a half-life: measured on a busy machine, the fastest
+                # times could be several times the model's, and with nothing run nothing would correct them.
+                if self._idle_now(decoding_ahead) and now - self._hopeless_probe >= self.service_time.half_life_s:
+                    self._hopeless_probe = now
+                else:
+                    raise Hopeless(
+                        f"this request needs at least {least:.1f} s of the model ({sum(units)} forward-pass items), "
+                        f"more than twice its remaining deadline ({max(budget, 0.0):.1f} s); send it with a longer "
+                        "deadline (x-request-timeout-ms, or the gRPC call's; up to the server's request timeout) or in "
+                        "smaller requests"
+                    )
         if self._idle_now(decoding_ahead):
             return self.service_time.batch_s(1) if own is None else own
         state = self.admission_state(decoding_ahead)
@@ -789,7 +790,7 @@ class Batcher(Generic[P, R]):
             free = 0 if others_busy else free
         # a batch preparing is still work ahead of a new request, and so is one still decoding (``reserve``), each
         # bucket's units at its own per-unit time
-        queued = self._queued_units + self._ahead_units + pending
+        queued = sum(self._queued_by_bucket.values()) + self._ahead_units + pending
         queued_s = 0.0
         if queued:
             work = dict(self._queued_by_bucket)
@@ -885,11 +886,7 @@ class Batcher(Generic[P, R]):
                 if not self._idle_now() or not quiet():  # not ahead of a request still decoding
                     continue
                 future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
-                ticket: Ticket[P, R] = Ticket(payload, 1, self.home_bucket, None, future, self._clock(), timing=True)
-                self._queue.append(ticket)
-                self._queued_units += 1
-                self._queued_by_bucket[ticket.bucket] = self._queued_by_bucket.get(ticket.bucket, 0) + 1
-                self._arrival.set()
+                self._enqueue(Ticket(payload, 1, self.home_bucket, None, future, self._clock(), timing=True))
                 with contextlib.suppress(Exception):
                     await future
 
@@ -910,7 +907,7 @@ class Batcher(Generic[P, R]):
             if not ticket.future.done():
                 ticket.future.set_exception(Cancelled("server shutting down"))
         self._queue.clear()
-        self._ahead, self._queued_units, self._ahead_units = [], 0, 0
+        self._ahead, self._ahead_units = [], 0
         self._queued_by_bucket.clear()
         if self._prepare_executor is not None:
             self._prepare_executor.shutdown(wait=False, cancel_futures=True)
@@ -1014,7 +1011,6 @@ class Batcher(Generic[P, R]):
             else:
                 keep.append(ticket)
         self._queue = keep
-        self._queued_units = sum(t.units for t in keep)
         self._queued_by_bucket = {}
         for ticket in keep:
             self._queued_by_bucket[ticket.bucket] = self._queued_by_bucket.get(ticket.bucket, 0) + ticket.units

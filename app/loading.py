@@ -450,12 +450,6 @@ def warm_bucket_times(warm: WarmUp) -> dict[Hashable, ServiceTime]:
     return {bucket: ServiceTime(seed) for bucket, seed in warm.bucket_per_item_s.items()}
 
 
-def home_bucket(task: AnyTask, config: Any) -> Hashable:
-    """The bucket of the task's first warm-up payload: the one ``warm_service_time`` estimates."""
-    payloads = task.warmup_payloads(config)
-    return task.bucket(payloads[0]) if payloads else None
-
-
 def warm_service_time(policy: BatchPolicy, warm: WarmUp) -> ServiceTime:
     """Admission's estimates, seeded per batch size with warm-up's wall time where it timed the size (what the
     batcher measures of its own batches, on a warmed shape), else max_batch_size=auto's reading (one thread's CPU
@@ -538,6 +532,8 @@ async def start_engine(runtime: Runtime, loaded: LoadedModel) -> Engine:
             warm.faulted_bytes / 2**20,
             memory.keep_bytes() / 2**20,
         )
+    # The first warm-up payload's bucket is the one ``warm_service_time`` estimates (warm-up or not).
+    first = next(iter(loaded.task.warmup_payloads(loaded.model.config)), None)
     engine = build_engine(
         runtime,
         loaded.task,
@@ -549,18 +545,23 @@ async def start_engine(runtime: Runtime, loaded: LoadedModel) -> Engine:
         policy=policy,
         service_time=warm_service_time(policy, warm),
         bucket_times=warm_bucket_times(warm),
-        home_bucket=home_bucket(loaded.task, loaded.model.config),
+        home_bucket=None if first is None else loaded.task.bucket(first),
         load_s=loaded.load_s,
         warmup_s=compile_s + deciding_s + warm.seconds,
     )
     # Its first estimates are a busy machine's: timed again once the machine is quiet and the model idle (a pass
     # of a second or more would hold a request that came meanwhile: not those).
     share = runtime.core_share()
-    if warm.busy and share is not None and engine.batcher.service_time.batch_s(1) < SEED_TIMING_LIMIT_S:
+    if (
+        warm.busy
+        and first is not None
+        and share is not None
+        and engine.batcher.service_time.batch_s(1) < SEED_TIMING_LIMIT_S
+    ):
 
         def quiet() -> bool:
             share.threads()  # reads the load, when its window has passed
             return share.load < SHARED_CORE_LOAD
 
-        engine.batcher.reseed(loaded.task.warmup_payloads(loaded.model.config)[0], quiet)
+        engine.batcher.reseed(first, quiet)
     return engine
