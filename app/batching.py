@@ -5,7 +5,8 @@ when the oldest queued request has waited ``max_delay_s``. Only requests of the 
 (same shape class) join its batch; other buckets wait their turn, oldest first. Batches run on the
 executor given, off the event loop: one at a time, or up to ``lanes`` side by side (CPU models, whose
 forward passes scale better side by side on a core each than one at a time on all cores; a GPU takes one
-at a time). Cancelled or expired requests are dropped
+at a time). Requests of one batch or less are served first in, first out; a request of more takes turns with
+them and with the other such requests, a batch a turn (``_take``). Cancelled or expired requests are dropped
 when a batch is formed, before they reach the model. A batch that runs out of memory is split in halves
 and retried; any other exception fails that batch's requests only.
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import itertools
 import logging
 import math
 import statistics
@@ -287,6 +289,7 @@ class AdmissionState:
     unit_s: float = 0.0  # one more queued unit's share of the queued work, at the full batch's per-unit time
     margin: float = ADMISSION_MARGIN  # what estimates are multiplied by (Lateness)
     free_units: int = 0  # lanes the work ahead leaves free: while any is, a request starts at once (no queue wait)
+    beside_s: float = 0.0  # a request of several batches: the other requests' batches between its first and last
 
     def with_decoding(self, units: int) -> AdmissionState:
         """As if ``units`` more were admitted and decoding ahead (a front end's door: the decodes of every front
@@ -338,7 +341,7 @@ class AdmissionState:
             )
         if deadline is None:
             return None
-        finish = (wait + (self.batch_s if own_s is None else own_s)) * self.margin
+        finish = (wait + self.beside_s + (self.batch_s if own_s is None else own_s)) * self.margin
         budget = deadline - now
         if finish > budget:
             return (
@@ -417,6 +420,7 @@ class Ticket(Generic[P, R]):
     estimated_s: float = 0.0  # admission's estimate of its time to the answer (0: not the item admission asked)
     budget_s: float | None = None  # the time left before its deadline when it was queued
     timing: bool = False  # the batcher's own pass (``reseed``), no request's: in no metric
+    flow: int = 0  # whose turn it runs in: 0, the requests of one batch or less (first in, first out); else its own
 
     def cancel(self) -> None:
         """Drop the request if it has not reached the model yet."""
@@ -585,6 +589,12 @@ class Batcher(Generic[P, R]):
         self._clock = clock
         self._queue: deque[Ticket[P, R]] = deque()
         self._queued_by_bucket: dict[Hashable, int] = {}  # the queued units of each shape bucket
+        # Turns: batches form in turn for the requests of one batch or less (flow 0, first in, first out) and for
+        # each request of more (a flow of its own), a batch each (``flow``).
+        self._turns: deque[int] = deque()  # the flows with queued tickets, the next batch's first
+        self._flow_tickets: dict[int, int] = {}  # queued tickets of each flow
+        self._flow_ids = itertools.count(1)
+        self._last_turn: int | None = None  # the flow whose batch formed last
         self._arrival = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._lane_tasks: set[asyncio.Task[None]] = set()
@@ -613,24 +623,28 @@ class Batcher(Generic[P, R]):
         admit: bool = True,
         items: Sequence[int] | None = None,
         item_buckets: Sequence[Hashable] | None = None,
+        item_costs: Sequence[int] | None = None,
+        flow: int | None = None,
     ) -> Ticket[P, R]:
         """Queue one request (raises QueueFull); await ``ticket.future`` for its result. ``admit=False``: the
         request was admitted already (the second and later items of one request are not asked again); ``items``:
         the units of each item of the request this one begins, when it has several (its own passes are theirs),
-        and ``item_buckets`` their shape buckets."""
+        and ``item_buckets`` and ``item_costs`` their shape buckets and costs. ``flow``: the first item's (the
+        later items of a request run in its turns); None: the request this one begins takes turns of its own if it
+        needs more than one batch (``_take``)."""
+        units_ = items or [max(1, units)]
+        buckets = item_buckets or [bucket] * len(units_)
+        batches = self.batches(item_costs or [cost] * len(units_), buckets)
         # joining the queue now: the requests still decoding will join it after this one
         estimated = 0.0
         if admit:
-            estimated = self.admit(
-                deadline,
-                decoding_ahead=False,
-                units=items or [max(1, units)],
-                buckets=item_buckets or [bucket] * len(items or [units]),
-            )
+            estimated = self.admit(deadline, decoding_ahead=False, units=units_, buckets=buckets, batches=batches)
+        if flow is None:
+            flow = next(self._flow_ids) if batches > 1 else 0
         self._wake()
         future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
         now = self._clock()
-        ticket: Ticket[P, R] = Ticket(payload, cost, bucket, deadline, future, now, max(1, units))
+        ticket: Ticket[P, R] = Ticket(payload, cost, bucket, deadline, future, now, max(1, units), flow=flow)
         ticket.estimated_s, ticket.budget_s = estimated, None if deadline is None else deadline - now
         self._enqueue(ticket)
         self._report_depth()
@@ -639,6 +653,10 @@ class Batcher(Generic[P, R]):
     def _enqueue(self, ticket: Ticket[P, R]) -> None:
         self._queue.append(ticket)
         self._queued_by_bucket[ticket.bucket] = self._queued_by_bucket.get(ticket.bucket, 0) + ticket.units
+        if not self._flow_tickets.get(ticket.flow):  # its turn comes before that of the flow whose batch ran last
+            last = len(self._turns) - 1 if self._turns and self._turns[-1] == self._last_turn else len(self._turns)
+            self._turns.insert(last, ticket.flow)
+        self._flow_tickets[ticket.flow] = self._flow_tickets.get(ticket.flow, 0) + 1
         self._arrival.set()
 
     def reserve(self, units: int = 1) -> Callable[[], None]:
@@ -667,13 +685,15 @@ class Batcher(Generic[P, R]):
         decoding_ahead: bool = True,
         units: Sequence[int] | None = None,
         buckets: Sequence[Hashable] | None = None,
+        batches: int = 1,
     ) -> float:
         """Refuse at the door (QueueFull) a request that the queue cannot hold or could not finish in time; else
         return the estimate it is admitted on (seconds until its answer, before the margin).
         ``decoding_ahead``: the requests still decoding (``reserve``) count as ahead of this one, as they are of
         one that is yet to decode; not of one that joins the queue now, before them. ``units``: the units of each of
-        its items, once decoded (its own passes are then estimated at that size, not at one item's), and
-        ``buckets`` their shape buckets (a long text's windows at the long texts' per-unit time).
+        its items, once decoded (its own passes are then estimated at that size, not at one item's),
+        ``buckets`` their shape buckets (a long text's windows at the long texts' per-unit time), and ``batches``
+        how many batches they make (more than one: it takes turns with the others, ``_ahead_s``).
 
         A request whose own passes, at the fastest per-unit times its size classes have measured, would take more
         than ``HOPELESS_FACTOR`` times its remaining deadline is answered 504 at once (``Hopeless``), idle model or
@@ -714,11 +734,11 @@ class Batcher(Generic[P, R]):
                     )
         if self._idle_now(decoding_ahead):
             return self.service_time.batch_s(1) if own is None else own
-        state = self.admission_state(decoding_ahead)
+        state = self.admission_state(decoding_ahead, len(units or [1]), batches)
         refusal = state.refusal(deadline, self._clock(), self.max_queue, self.max_queue_delay_s, own_s=own)
         if refusal is not None:
             raise QueueFull(*refusal)
-        return state.wait_s + (state.batch_s if own is None else own)
+        return state.wait_s + state.beside_s + (state.batch_s if own is None else own)
 
     def own_s(self, items: Sequence[int], buckets: Sequence[Hashable] | None = None) -> float:
         """The forward passes of a request of ``items`` (each item's units; ``buckets``, their shape buckets): one
@@ -773,8 +793,9 @@ class Batcher(Generic[P, R]):
     def _tables(self) -> list[ServiceTime]:
         return [self.service_time, *self.bucket_times.values()]
 
-    def admission_state(self, decoding_ahead: bool = True) -> AdmissionState:
-        """What admission decides from, now (``decoding_ahead``: as ``admit``'s)."""
+    def admission_state(self, decoding_ahead: bool = True, tickets: int = 1, batches: int = 1) -> AdmissionState:
+        """What admission decides from, now (``decoding_ahead``: as ``admit``'s), for a request of ``tickets`` items
+        in ``batches`` batches (by default, of one item: the door's view)."""
         self._decay_idle()
         idle = self._idle_now(decoding_ahead)
         pending = self._pending if decoding_ahead else 0
@@ -789,16 +810,11 @@ class Batcher(Generic[P, R]):
             rest += others_left
             free = 0 if others_busy else free
         # a batch preparing is still work ahead of a new request, and so is one still decoding (``reserve``), each
-        # bucket's units at its own per-unit time
+        # bucket's units at its own per-unit time; the queue's as the turns will run it (``_ahead_s``)
         queued = sum(self._queued_by_bucket.values()) + self._ahead_units + pending
-        queued_s = 0.0
+        queued_s = beside_s = 0.0
         if queued:
-            work = dict(self._queued_by_bucket)
-            work[self._ahead_bucket] = work.get(self._ahead_bucket, 0) + self._ahead_units
-            work[self.home_bucket] = work.get(self.home_bucket, 0) + pending
-            for bucket, units in work.items():
-                if units > 0:
-                    queued_s += units * (self.times(bucket).per_unit(min(units, self.max_batch_size)) or 0.0)
+            queued_s, beside_s = self._ahead_s(pending, tickets, batches)
         # Lanes the work ahead leaves free (each unit ahead taken to hold one): a request then starts at once,
         # beside it. Shared out over the lanes instead, one flow request decoding made the next wait half a
         # window's time (0.7-1.7 s, over the queue-delay target): at an idle server the second of two flow
@@ -813,7 +829,52 @@ class Batcher(Generic[P, R]):
             (self.service_time.per_unit(self.max_batch_size) or 0.0) / self.lanes,
             self.lateness.margin_at(now),
             max(0, free - queued) if self._prepare is None else 0,
+            beside_s / self.lanes,
         )
+
+    def _work_s(self, work: dict[Hashable, int]) -> float:
+        """Seconds of queued work: each bucket's units in batches of up to max_batch_size, at their per-unit time."""
+        return sum(
+            units * (self.times(bucket).per_unit(min(units, self.max_batch_size)) or 0.0)
+            for bucket, units in work.items()
+            if units > 0
+        )
+
+    def _ahead_s(self, pending: int, tickets: int, batches: int) -> tuple[float, float]:
+        """The work ahead of a new request of ``tickets`` items that runs in ``batches`` batches, in the turns
+        ``_take`` gives: (before its first batch, between its first batch and its last). Requests of one batch
+        take their turns together, first in, first out: a new one waits for them all, and for a batch of each
+        larger request per batch of theirs. A larger request runs in turns of its own, a batch a turn: it waits
+        for a batch of each other flow before each of its own."""
+        ahead = {self._ahead_bucket: self._ahead_units} if self._ahead_units else {}
+        if batches <= 1 and not any(n for f, n in self._flow_tickets.items() if f != 0):  # first in, first out
+            work = dict(self._queued_by_bucket)
+            for bucket, units in [*ahead.items(), (self.home_bucket, pending)]:
+                work[bucket] = work.get(bucket, 0) + units
+            return self._work_s(work), 0.0
+        flows: dict[int, dict[Hashable, int]] = {0: {self.home_bucket: pending}}
+        first: dict[int, list[Any]] = {}  # each flow's next batch: [bucket, tickets, cost, units]
+        for ticket in self._queue:
+            if ticket.future.done():
+                continue
+            work = flows.setdefault(ticket.flow, {})
+            work[ticket.bucket] = work.get(ticket.bucket, 0) + ticket.units
+            batch = first.setdefault(ticket.flow, [ticket.bucket, 0, 0, 0])
+            if ticket.bucket == batch[0] and self._fits(batch[1], batch[2], ticket.cost):
+                batch[1], batch[2], batch[3] = batch[1] + 1, batch[2] + ticket.cost, batch[3] + ticket.units
+        shares: list[tuple[float, float]] = []  # each flow's (queued work, next batch)
+        for flow, work in flows.items():
+            bucket, _, _, units = first.get(flow, [self.home_bucket, 0, 0, min(pending, self.max_batch_size)])
+            shares.append((self._work_s(work), self.times(bucket).batch_s(units) if units else 0.0))
+        short_s, short_batch_s = shares[0]
+        longs = shares[1:]
+        before = self._work_s(ahead)
+        if batches <= 1:  # behind every request of one batch, and a batch of each larger request per batch of those
+            rounds = -(-(self._flow_tickets.get(0, 0) + pending + tickets) // self.max_batch_size)
+            return before + short_s + sum(min(w, rounds * b) for w, b in longs), 0.0
+        one = min(short_s, short_batch_s) + sum(min(w, b) for w, b in longs)
+        every = min(short_s, batches * short_batch_s) + sum(min(w, batches * b) for w, b in longs)
+        return before + one, every - one
 
     @property
     def prepares_ahead(self) -> bool:
@@ -909,6 +970,8 @@ class Batcher(Generic[P, R]):
         self._queue.clear()
         self._ahead, self._ahead_units = [], 0
         self._queued_by_bucket.clear()
+        self._turns.clear()
+        self._flow_tickets.clear()
         if self._prepare_executor is not None:
             self._prepare_executor.shutdown(wait=False, cancel_futures=True)
 
@@ -928,12 +991,13 @@ class Batcher(Generic[P, R]):
                         self._lanes.release(lane)
                         self._maybe_idle()
                         continue
-            oldest = self._queue[0]
+            head = self._head()
             try:
-                # Wait for company until the batch is full or the oldest request's delay bound is reached.
-                while not self._full(oldest.bucket):
-                    remaining = oldest.enqueued_at + self.max_delay_s - self._clock()
-                    if remaining <= 0 or oldest.cancelled:
+                # Wait for company until the batch is full or its first request's delay bound is reached (a
+                # request of several batches brought all its company with it).
+                while head.flow == 0 and not self._full(head.bucket):
+                    remaining = head.enqueued_at + self.max_delay_s - self._clock()
+                    if remaining <= 0 or head.cancelled:
                         break
                     self._arrival.clear()
                     # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation (stop()).
@@ -944,7 +1008,7 @@ class Batcher(Generic[P, R]):
                 if self._lanes is not None and lane is not None:
                     self._lanes.release(lane)
                 raise
-            batch = self._take(oldest.bucket)
+            batch = self._take(head.bucket, head.flow)
             self._report_depth()
             if self._lanes is not None and lane is not None:
                 if not batch:
@@ -961,10 +1025,21 @@ class Batcher(Generic[P, R]):
             else:
                 self._maybe_idle()
 
+    def _head(self) -> Ticket[P, R]:
+        """The first queued ticket of the flow whose turn it is: the next batch is its bucket's, and its flow's."""
+        while self._turns and not self._flow_tickets.get(self._turns[0]):
+            self._turns.popleft()
+        if self._turns:
+            flow = self._turns[0]
+            for ticket in self._queue:
+                if ticket.flow == flow:
+                    return ticket
+        return self._queue[0]
+
     def _full(self, bucket: Hashable) -> bool:
         size = cost = 0
         for ticket in self._queue:
-            if ticket.bucket != bucket:
+            if ticket.bucket != bucket or ticket.flow != 0:
                 continue
             size += 1
             cost += ticket.cost
@@ -972,17 +1047,40 @@ class Batcher(Generic[P, R]):
                 return True
         return False
 
-    def _take(self, bucket: Hashable) -> list[Ticket[P, R]]:
-        """FIFO tickets of ``bucket`` that fit the size and cost caps; drops dead ones on the way.
+    def batches(self, costs: Sequence[int], buckets: Sequence[Hashable]) -> int:
+        """How many batches a request of items of these costs and shape buckets runs in, by itself."""
+        count, filling = 0, dict[Hashable, tuple[int, int]]()
+        for cost, bucket in zip(costs, buckets, strict=True):
+            size, total = filling.get(bucket, (0, 0))
+            if not size or not self._fits(size, total, cost):
+                count, size, total = count + 1, 0, 0
+            filling[bucket] = (size + 1, total + cost)
+        return count
+
+    def _fits(self, size: int, cost: int, more: int) -> bool:
+        """Whether a ticket costing ``more`` joins a batch of ``size`` tickets costing ``cost`` (the first always
+        does)."""
+        return not size or (
+            size < self.max_batch_size and (self.max_batch_cost is None or cost + more <= self.max_batch_cost)
+        )
+
+    def _take(self, bucket: Hashable, flow: int = 0) -> list[Ticket[P, R]]:
+        """FIFO tickets of ``bucket`` and ``flow`` that fit the size and cost caps; drops dead ones on the way.
 
         A request that can no longer finish before its deadline, even at the fastest per-unit time recently
         measured, is dropped here while more than a batch of work waits for the slot: its answer would only
         be thrown away. When the queue fits in one batch it runs: it costs no one anything, and an estimate,
         however wrong, never keeps an idle model from running (and so from measuring itself again).
 
-        First in, first out, also under overload. Admission by time (``admit``) keeps only the work that
-        can finish within its deadline in the queue, so FIFO serves every admitted request in time.
+        First in, first out within a flow, also under overload. Admission by time (``admit``) keeps only the
+        work that can finish within its deadline in the queue, so FIFO serves every admitted request in time.
         Serving newest first (adaptive LIFO) was measured here and starved admitted requests into 504s.
+
+        Between flows, turns: the requests of one batch or less (flow 0) and each request of more (a flow of
+        its own) take a batch each in turn, and the flow that ran goes to the back, behind any that starts
+        queueing. Run first in, first out, a request of 4,000 long text windows held the model for its dozens of
+        passes back to back while every other request waited for all of them or was refused: two clients
+        looping such requests left 5 of 147 ordinary ones served (audit).
         """
         now = self._clock()
         batch: list[Ticket[P, R]] = []
@@ -1002,18 +1100,21 @@ class Batcher(Generic[P, R]):
             if contended and hopeless:
                 self._drop(ticket, Expired("the request could not finish before its deadline"))
                 continue
-            fits = len(batch) < self.max_batch_size and (
-                not batch or self.max_batch_cost is None or cost + ticket.cost <= self.max_batch_cost
-            )
-            if ticket.bucket == bucket and fits:
+            if ticket.bucket == bucket and ticket.flow == flow and self._fits(len(batch), cost, ticket.cost):
                 batch.append(ticket)
                 cost += ticket.cost
             else:
                 keep.append(ticket)
         self._queue = keep
-        self._queued_by_bucket = {}
+        self._queued_by_bucket, self._flow_tickets = {}, {}
         for ticket in keep:
             self._queued_by_bucket[ticket.bucket] = self._queued_by_bucket.get(ticket.bucket, 0) + ticket.units
+            self._flow_tickets[ticket.flow] = self._flow_tickets.get(ticket.flow, 0) + 1
+        # the flow that ran goes to the back of the turns; a flow that starts queueing joins ahead of it
+        turns = [f for f in self._turns if f != flow and self._flow_tickets.get(f)]
+        turns += [f for f in self._flow_tickets if f not in turns and f != flow]
+        self._turns = deque([*turns, flow] if self._flow_tickets.get(flow) else turns)
+        self._last_turn = flow
         return batch
 
     async def _pipeline(self, batch: list[Ticket[P, R]]) -> None:

@@ -166,18 +166,21 @@ class Engine:
         task = self.task
         items = [task.units(p) for p in payloads]
         buckets = [task.bucket(p) for p in payloads]
+        costs = [task.cost(p) for p in payloads]
         try:
-            for payload, units, bucket in zip(payloads, items, buckets, strict=True):
+            for payload, units, bucket, cost in zip(payloads, items, buckets, costs, strict=True):
                 tickets.append(
                     self.batcher.submit(
                         payload,
-                        cost=task.cost(payload),
+                        cost=cost,
                         bucket=bucket,
                         deadline=deadline,
                         units=units,
                         admit=not tickets,
                         items=items if not tickets else None,
                         item_buckets=buckets if not tickets else None,
+                        item_costs=costs if not tickets else None,
+                        flow=tickets[0].flow if tickets else None,
                     )
                 )
         except QueueFull as exc:

@@ -758,3 +758,71 @@ def test_decay_moves_every_sample_of_a_class_that_is_not_full() -> None:
         service.observe(1, 1.0)  # five samples: the median, and the long run's, is 10 ms
     service.decay(600.0)
     assert max(service.samples[1]) == pytest.approx(0.010, rel=1e-3)  # none of the slow samples stays as it was
+
+
+class Gated(Recorder):
+    """Its first batch waits for ``go``; ``started`` is set when it begins."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.started, self.go = threading.Event(), threading.Event()
+
+    def __call__(self, payloads: Sequence[object], batch: Batch = EVERY) -> list[object]:
+        if not self.batches:
+            self.started.set()
+            self.go.wait(10)
+        return super().__call__(payloads, batch)
+
+
+def request(batcher: Batcher[object, object], payloads: list[object], **kw: object) -> list[object]:
+    """Queue one request of several items as the engine does: admitted once, its items in its first's turns."""
+    count = len(payloads)
+    first = batcher.submit(payloads[0], items=[1] * count, item_buckets=[None] * count, item_costs=[1] * count, **kw)  # type: ignore[arg-type]
+    rest = [batcher.submit(p, admit=False, flow=first.flow, **kw) for p in payloads[1:]]  # type: ignore[arg-type]
+    return [first, *rest]
+
+
+@async_test
+async def test_a_request_of_many_batches_takes_turns_with_the_others() -> None:
+    """A request of 4,000 long text windows ran its passes back to back, first in, first out, and the model's
+    other requests waited for all of them or were refused: two clients looping such requests left 5 of 147
+    ordinary ones served (audit). A request of more than one batch now takes turns with the others, a batch a
+    turn; requests of one batch take theirs together, first in, first out, and one that starts queueing goes
+    before the flow whose batch just ran."""
+    run = Gated()
+    batcher = make(run, max_batch_size=2, max_delay_s=0.0)
+    batcher.start()
+    long = request(batcher, [f"a{i}" for i in range(6)])  # 3 batches of 2
+    await asyncio.get_running_loop().run_in_executor(None, run.started.wait, 10)  # a0, a1 running
+    short = [batcher.submit("b"), batcher.submit("c")]
+    other = request(batcher, ["x0", "x1", "x2"])  # another request of 2 batches
+    run.go.set()
+    await asyncio.gather(*(t.future for t in [*long, *short, *other]))
+    assert run.batches == [["a0", "a1"], ["b", "c"], ["x0", "x1"], ["a2", "a3"], ["x2"], ["a4", "a5"]]
+    assert len({t.flow for t in long} | {t.flow for t in other}) == 2 and {t.flow for t in short} == {0}
+    await batcher.stop()
+
+
+@async_test
+async def test_a_request_behind_one_of_many_batches_waits_for_one_of_its_batches() -> None:
+    """Admission counted all of a large request's queued work ahead of every new request (2 s here), and refused
+    a request with a 1 s deadline that would run after one of its batches (0.2 s); a second large request waits
+    for a batch of the first before each of its own."""
+    clock = Clock()
+    service = ServiceTime({1: 0.1, 2: 0.1})  # 0.1 s a unit at every size
+    batcher = make(Recorder(), max_batch_size=2, max_delay_s=0.0, service_time=service, clock=clock)
+    batcher.max_queue_delay_s = 0.5
+    request(batcher, [f"a{i}" for i in range(20)], deadline=clock.now + 30)  # 10 batches: 2 s, not started
+    assert batcher.estimated_wait_s() == pytest.approx(0.2)  # a new request of one batch: after one of its batches
+    assert batcher.admit(clock.now + 1.0) == pytest.approx(0.2 + 0.1)  # one batch of it, then its own pass
+    # another of 10 batches: one of the first's before its first, and nine between its first and its last
+    assert batcher.admit(clock.now + 30, units=[1] * 20, batches=10) == pytest.approx(0.2 + 1.8 + 2.0)
+    for payload in "bc":
+        batcher.submit(payload, deadline=clock.now + 1.0)  # two of one batch each: a batch, 0.2 s
+    # a third would run in their second batch: theirs, and a batch of the large one before each of their batches
+    assert batcher.estimated_wait_s() == pytest.approx(0.2 + 2 * 0.2)
+    with pytest.raises(QueueFull, match=r"queue wait 0\.60 s"):
+        batcher.admit(clock.now + 1.0)
+    # the large request: their batch and one of the first's before its first; then the first's, its nine
+    assert batcher.admit(clock.now + 30, units=[1] * 20, batches=10) == pytest.approx(0.2 + 0.2 + 1.8 + 2.0)
+    await batcher.stop()

@@ -3,14 +3,17 @@ limits. Each test forces the high estimate itself (no dependence on how busy the
 
 from __future__ import annotations
 
+import threading
 import time
+from collections.abc import Sequence
+from typing import Any
 
 import pytest
 
-from app.batching import ServiceTime
+from app.batching import Batch, ServiceTime
 from app.engine import Engine
 
-from .conftest import MEDIA, LiveServer, occupy, release, shifted_pair
+from .conftest import MEDIA, LiveServer, occupy, release, shifted_pair, until
 from .test_endpoints import CountingFlow
 
 pytestmark = pytest.mark.timeout(300)
@@ -121,5 +124,44 @@ def test_a_request_that_could_not_finish_in_twice_its_deadline_is_a_504_at_once_
             assert r.status_code == 200, r.text
             r = client.post("/v1/classify-text", json=body, headers={"x-request-timeout-ms": "5000"})
             assert r.status_code == 200, r.text  # 8 s within twice 5 s: it runs (and takes milliseconds)
+    finally:
+        server.stop()
+
+
+def test_a_request_of_many_batches_does_not_hold_the_model_from_the_others() -> None:
+    """Two clients looping fill-mask requests of 4,000 long windows left 5 of 147 ordinary requests served: their
+    passes ran back to back, first in, first out, and every other request waited for all of them or was refused
+    (audit). A request of more than one batch takes turns with the others, a batch a turn: a short request sent
+    while one is queued is answered before it ends."""
+    server = LiveServer(demo_tasks=["fill-mask"], max_batch_size=4).start()
+    try:
+        fill = server.runtime.engine_for("fill-mask")
+        done: dict[str, int] = {}
+        sizes: list[int] = []  # of each batch, as the model ran them
+        run = fill.batcher._run
+
+        def recorded(payloads: Sequence[Any], batch: Batch) -> Sequence[Any]:
+            sizes.append(len(payloads))
+            return run(payloads, batch)
+
+        fill.batcher._run = recorded
+
+        def post(name: str, body: dict[str, object]) -> None:
+            with server.client() as client:
+                done[name] = client.post("/v1/fill-mask", json=body).status_code
+
+        gate = server.hold_inference()  # every forward-pass thread busy: what is sent now queues
+        long = threading.Thread(target=post, args=("long", {"text": [f"text {i} is [MASK]." for i in range(32)]}))
+        long.start()  # 32 texts: 8 batches of 4
+        until(lambda: fill.batcher.depth > 0 and fill.batcher.depth + 4 * fill.batcher.lanes >= 32, "queued")
+        queued = fill.batcher.depth
+        short = threading.Thread(target=post, args=("short", {"text": "The sky is [MASK]."}))
+        short.start()
+        until(lambda: fill.batcher.depth == queued + 1, "the short request queued")
+        gate.set()
+        long.join(60)
+        short.join(60)
+        assert done == {"long": 200, "short": 200}
+        assert sum(sizes) == 33 and sizes.index(1) < len(sizes) - 4  # first in, first out: after all eight
     finally:
         server.stop()
