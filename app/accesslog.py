@@ -92,9 +92,11 @@ class AccessLog:
     def flush(self) -> None:
         """At shutdown: the refusals left out since the last line written (they were lost: 26 of 27 after a burst
         that ended the run; audit)."""
-        if self.refusals.skipped:
-            skipped, self.refusals.skipped = self.refusals.skipped, 0
-            log.info("refusals not logged", extra={"fields": {"status": 429, "refusals_not_logged": skipped}})
-        if self.malformed.skipped:
-            skipped, self.malformed.skipped = self.malformed.skipped, 0
-            log.info("refusals not logged", extra={"fields": {"malformed": True, "refusals_not_logged": skipped}})
+        kinds: list[tuple[LogThrottle, dict[str, Any]]] = [
+            (self.refusals, {"status": 429}),
+            (self.malformed, {"malformed": True}),
+        ]
+        for throttle, fields in kinds:
+            if throttle.skipped:
+                skipped, throttle.skipped = throttle.skipped, 0
+                log.info("refusals not logged", extra={"fields": {**fields, "refusals_not_logged": skipped}})
