@@ -5,8 +5,8 @@ when the oldest queued request has waited ``max_delay_s``. Only requests of the 
 (same shape class) join its batch; other buckets wait their turn, oldest first. Batches run on the
 executor given, off the event loop: one at a time, or up to ``lanes`` side by side (CPU models, whose
 forward passes scale better side by side on a core each than one at a time on all cores; a GPU takes one
-at a time). Requests of one batch or less are served first in, first out; a request of more takes turns with
-them and with the other such requests, a batch a turn (``_take``). Cancelled or expired requests are dropped
+at a time). Requests are served first in, first out, but for a large one (``takes_turns``), which takes turns
+with the others, a batch a turn (``_take``). Cancelled or expired requests are dropped
 when a batch is formed, before they reach the model. A batch that runs out of memory is split in halves
 and retried; any other exception fails that batch's requests only.
 
@@ -28,7 +28,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Generic, Protocol, TypeVar
 
 P = TypeVar("P")
@@ -41,6 +41,8 @@ MAX_MARGIN = 4.0  # however late admitted requests ran, an estimate is not multi
 # refuse what the model would finish.
 HOPELESS_FACTOR = 2.0
 IDLE_DECAY_STEP_S = 0.5  # while idle, the estimates and the margin decay in steps of at least this (Batcher)
+# Own passes past which a request of several batches takes turns with the others, with no queue-delay target
+LONG_REQUEST_S = 0.5
 Clock = Callable[[], float]
 
 
@@ -352,6 +354,18 @@ class AdmissionState:
         return None
 
 
+@dataclass
+class Flows:
+    """The queue by flow, as admission reads it (``Batcher._flows``)."""
+
+    costs: list[int]  # the short requests' tickets' costs, a new one-item request's last
+    buckets: list[Hashable]  # and their shape buckets
+    short_s: float = 0.0  # the short requests' queued work
+    short_batch_s: float = 0.0  # their next batch
+    large: dict[int, tuple[float, float, float | None]] = field(default_factory=dict)  # work, next batch, deadline
+    rounds: int = 0  # the short requests' batches, a new one-item request's the last
+
+
 class Batch:
     """A batch as its forward pass sees it while it runs: which of its requests still wait for an answer.
 
@@ -420,7 +434,8 @@ class Ticket(Generic[P, R]):
     estimated_s: float = 0.0  # admission's estimate of its time to the answer (0: not the item admission asked)
     budget_s: float | None = None  # the time left before its deadline when it was queued
     timing: bool = False  # the batcher's own pass (``reseed``), no request's: in no metric
-    flow: int = 0  # whose turn it runs in: 0, the requests of one batch or less (first in, first out); else its own
+    flow: int = 0  # whose turns it runs in: 0, every request but the large ones (first in, first out); else its own
+    seq: int = 0  # its place in the order tickets were queued
 
     def cancel(self) -> None:
         """Drop the request if it has not reached the model yet."""
@@ -595,6 +610,10 @@ class Batcher(Generic[P, R]):
         self._flow_tickets: dict[int, int] = {}  # queued tickets of each flow
         self._flow_ids = itertools.count(1)
         self._last_turn: int | None = None  # the flow whose batch formed last
+        self._seq = itertools.count()
+        self._flow_since: dict[int, int] = {}  # each large request's first ticket's ``seq``
+        self._version = 0  # moves with the queue and the estimates: ``_flows`` is read again only then
+        self._view: tuple[tuple[int, int], Flows] | None = None
         self._arrival = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._lane_tasks: set[asyncio.Task[None]] = set()
@@ -631,16 +650,16 @@ class Batcher(Generic[P, R]):
         the units of each item of the request this one begins, when it has several (its own passes are theirs),
         and ``item_buckets`` and ``item_costs`` their shape buckets and costs. ``flow``: the first item's (the
         later items of a request run in its turns); None: the request this one begins takes turns of its own if it
-        needs more than one batch (``_take``)."""
+        is a large one (``takes_turns``)."""
         units_ = items or [max(1, units)]
         buckets = item_buckets or [bucket] * len(units_)
-        batches = self.batches(item_costs or [cost] * len(units_), buckets)
+        costs = item_costs or [cost] * len(units_)
         # joining the queue now: the requests still decoding will join it after this one
         estimated = 0.0
         if admit:
-            estimated = self.admit(deadline, decoding_ahead=False, units=units_, buckets=buckets, batches=batches)
+            estimated = self.admit(deadline, decoding_ahead=False, units=units_, buckets=buckets, costs=costs)
         if flow is None:
-            flow = next(self._flow_ids) if batches > 1 else 0
+            flow = next(self._flow_ids) if self.takes_turns(units_, buckets, costs) else 0
         self._wake()
         future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
         now = self._clock()
@@ -651,11 +670,17 @@ class Batcher(Generic[P, R]):
         return ticket
 
     def _enqueue(self, ticket: Ticket[P, R]) -> None:
+        ticket.seq = next(self._seq)
+        self._version += 1
         self._queue.append(ticket)
         self._queued_by_bucket[ticket.bucket] = self._queued_by_bucket.get(ticket.bucket, 0) + ticket.units
-        if not self._flow_tickets.get(ticket.flow):  # its turn comes before that of the flow whose batch ran last
-            last = len(self._turns) - 1 if self._turns and self._turns[-1] == self._last_turn else len(self._turns)
-            self._turns.insert(last, ticket.flow)
+        if not self._flow_tickets.get(ticket.flow):
+            if ticket.flow:  # a large request: behind every flow, and after the requests queued before it
+                self._flow_since[ticket.flow] = ticket.seq
+                self._turns.append(ticket.flow)
+            else:  # the requests of one batch: before the flow whose batch ran last
+                last = len(self._turns) - 1 if self._turns and self._turns[-1] == self._last_turn else len(self._turns)
+                self._turns.insert(last, 0)
         self._flow_tickets[ticket.flow] = self._flow_tickets.get(ticket.flow, 0) + 1
         self._arrival.set()
 
@@ -685,15 +710,15 @@ class Batcher(Generic[P, R]):
         decoding_ahead: bool = True,
         units: Sequence[int] | None = None,
         buckets: Sequence[Hashable] | None = None,
-        batches: int = 1,
+        costs: Sequence[int] | None = None,
     ) -> float:
         """Refuse at the door (QueueFull) a request that the queue cannot hold or could not finish in time; else
         return the estimate it is admitted on (seconds until its answer, before the margin).
         ``decoding_ahead``: the requests still decoding (``reserve``) count as ahead of this one, as they are of
         one that is yet to decode; not of one that joins the queue now, before them. ``units``: the units of each of
         its items, once decoded (its own passes are then estimated at that size, not at one item's),
-        ``buckets`` their shape buckets (a long text's windows at the long texts' per-unit time), and ``batches``
-        how many batches they make (more than one: it takes turns with the others, ``_ahead_s``).
+        ``buckets`` their shape buckets (a long text's windows at the long texts' per-unit time), and ``costs``
+        their costs (a large request takes turns with the others, ``takes_turns``, and waits as they make it).
 
         A request whose own passes, at the fastest per-unit times its size classes have measured, would take more
         than ``HOPELESS_FACTOR`` times its remaining deadline is answered 504 at once (``Hopeless``), idle model or
@@ -732,12 +757,18 @@ class Batcher(Generic[P, R]):
                         "deadline (x-request-timeout-ms, or the gRPC call's; up to the server's request timeout) or in "
                         "smaller requests"
                     )
+        turns = 0
+        if own is not None and units is not None and costs is not None and self.takes_turns(units, buckets, costs):
+            turns = sum(self._batch_counts(costs, buckets or [self.home_bucket] * len(costs)).values())
         if self._idle_now(decoding_ahead):
             return self.service_time.batch_s(1) if own is None else own
-        state = self.admission_state(decoding_ahead, len(units or [1]), batches)
+        state = self.admission_state(decoding_ahead, turns)
         refusal = state.refusal(deadline, self._clock(), self.max_queue, self.max_queue_delay_s, own_s=own)
         if refusal is not None:
             raise QueueFull(*refusal)
+        endangered = self._endangers(state.batch_s if own is None else own, turns)
+        if endangered is not None:
+            raise QueueFull(*endangered, "deadline")
         return state.wait_s + state.beside_s + (state.batch_s if own is None else own)
 
     def own_s(self, items: Sequence[int], buckets: Sequence[Hashable] | None = None) -> float:
@@ -793,9 +824,11 @@ class Batcher(Generic[P, R]):
     def _tables(self) -> list[ServiceTime]:
         return [self.service_time, *self.bucket_times.values()]
 
-    def admission_state(self, decoding_ahead: bool = True, tickets: int = 1, batches: int = 1) -> AdmissionState:
-        """What admission decides from, now (``decoding_ahead``: as ``admit``'s), for a request of ``tickets`` items
-        in ``batches`` batches (by default, of one item: the door's view)."""
+    def admission_state(self, decoding_ahead: bool = True, turns: int = 0) -> AdmissionState:
+        """What admission decides from, now (``decoding_ahead``: as ``admit``'s). ``turns``: for a large request
+        (``takes_turns``) of that many batches, what the others' queued turns add between its first batch and its
+        last (``beside_s``); the rest is every request's (the door's view). The short requests still to come cannot
+        make it late: they are refused once they would (``_endangers``)."""
         self._decay_idle()
         idle = self._idle_now(decoding_ahead)
         pending = self._pending if decoding_ahead else 0
@@ -814,7 +847,7 @@ class Batcher(Generic[P, R]):
         queued = sum(self._queued_by_bucket.values()) + self._ahead_units + pending
         queued_s = beside_s = 0.0
         if queued:
-            queued_s, beside_s = self._ahead_s(pending, tickets, batches)
+            queued_s, beside_s = self._ahead_s(pending, turns)
         # Lanes the work ahead leaves free (each unit ahead taken to hold one): a request then starts at once,
         # beside it. Shared out over the lanes instead, one flow request decoding made the next wait half a
         # window's time (0.7-1.7 s, over the queue-delay target): at an idle server the second of two flow
@@ -840,41 +873,101 @@ class Batcher(Generic[P, R]):
             if units > 0
         )
 
-    def _ahead_s(self, pending: int, tickets: int, batches: int) -> tuple[float, float]:
-        """The work ahead of a new request of ``tickets`` items that runs in ``batches`` batches, in the turns
-        ``_take`` gives: (before its first batch, between its first batch and its last). Requests of one batch
-        take their turns together, first in, first out: a new one waits for them all, and for a batch of each
-        larger request per batch of theirs. A larger request runs in turns of its own, a batch a turn: it waits
-        for a batch of each other flow before each of its own."""
+    def _ahead_s(self, pending: int, turns: int = 0) -> tuple[float, float]:
+        """The work ahead of a new request in the turns ``_take`` gives, and (``turns``: a large request of that
+        many batches) the other flows' batches between its first batch and its last, queued now.
+
+        The requests of one batch take their turns together, first in, first out: a new one waits for them all,
+        and for a batch of each large request per batch of theirs (one fewer for a large request whose turn comes
+        after theirs). A large request's first batch waits for as much (it goes after the requests queued before
+        it), then each of its batches for one of each other large request."""
         ahead = {self._ahead_bucket: self._ahead_units} if self._ahead_units else {}
-        if batches <= 1 and not any(n for f, n in self._flow_tickets.items() if f != 0):  # first in, first out
+        if not turns and not any(n for f, n in self._flow_tickets.items() if f):  # first in, first out
             work = dict(self._queued_by_bucket)
             for bucket, units in [*ahead.items(), (self.home_bucket, pending)]:
                 work[bucket] = work.get(bucket, 0) + units
             return self._work_s(work), 0.0
-        flows: dict[int, dict[Hashable, int]] = {0: {self.home_bucket: pending}}
-        first: dict[int, list[Any]] = {}  # each flow's next batch: [bucket, tickets, cost, units]
+        view = self._flows(pending)
+        rounds = view.rounds  # the short ones' batches, a new one's the last
+        order = [f for f in self._turns if self._flow_tickets.get(f)]
+        if 0 not in order:  # where the short ones' turn would come: before the flow whose batch ran last
+            order.insert(len(order) - 1 if order and order[-1] == self._last_turn else len(order), 0)
+        before = set(order[: order.index(0)])
+        queued = self._work_s(ahead) + view.short_s
+        beside = 0.0
+        for flow, (left, batch_s, _) in view.large.items():
+            ahead_of_it = min(left, (rounds if flow in before else rounds - 1) * batch_s)
+            queued += ahead_of_it
+            beside += min(left, ahead_of_it + max(0, turns - 1) * batch_s) - ahead_of_it
+        return queued, beside if turns else 0.0
+
+    def _flows(self, pending: int) -> Flows:
+        """The queue by flow, for admission: the short requests' work (``pending`` units decoding among them) and
+        their costs and buckets with a new one-item request's last; each large request's work, next batch and
+        deadline. Kept until the queue or the estimates change: under overload most requests are refused, and
+        the queue they were refused on is the next one's (0.2 ms a request with a large one queued, read anew)."""
+        if self._view is not None and self._view[0] == (self._version, pending):
+            return self._view[1]
+        view = Flows([1] * (pending + 1), [self.home_bucket] * (pending + 1))
+        works: dict[int, dict[Hashable, int]] = {0: {self.home_bucket: pending}}
+        first: dict[int, list[Any]] = {}  # each flow's next batch: [bucket, tickets, cost, units, deadline]
         for ticket in self._queue:
             if ticket.future.done():
                 continue
-            work = flows.setdefault(ticket.flow, {})
+            work = works.setdefault(ticket.flow, {})
             work[ticket.bucket] = work.get(ticket.bucket, 0) + ticket.units
-            batch = first.setdefault(ticket.flow, [ticket.bucket, 0, 0, 0])
+            if not ticket.flow:
+                view.costs.append(ticket.cost)
+                view.buckets.append(ticket.bucket)
+            batch = first.setdefault(ticket.flow, [ticket.bucket, 0, 0, 0, ticket.deadline])
             if ticket.bucket == batch[0] and self._fits(batch[1], batch[2], ticket.cost):
                 batch[1], batch[2], batch[3] = batch[1] + 1, batch[2] + ticket.cost, batch[3] + ticket.units
-        shares: list[tuple[float, float]] = []  # each flow's (queued work, next batch)
-        for flow, work in flows.items():
-            bucket, _, _, units = first.get(flow, [self.home_bucket, 0, 0, min(pending, self.max_batch_size)])
-            shares.append((self._work_s(work), self.times(bucket).batch_s(units) if units else 0.0))
-        short_s, short_batch_s = shares[0]
-        longs = shares[1:]
-        before = self._work_s(ahead)
-        if batches <= 1:  # behind every request of one batch, and a batch of each larger request per batch of those
-            rounds = -(-(self._flow_tickets.get(0, 0) + pending + tickets) // self.max_batch_size)
-            return before + short_s + sum(min(w, rounds * b) for w, b in longs), 0.0
-        one = min(short_s, short_batch_s) + sum(min(w, b) for w, b in longs)
-        every = min(short_s, batches * short_batch_s) + sum(min(w, batches * b) for w, b in longs)
-        return before + one, every - one
+        for flow, work in works.items():
+            bucket, _, _, units, deadline = first.get(flow, [self.home_bucket, 0, 0, min(pending, 1), None])
+            batch_s = self.times(bucket).batch_s(units) if units else 0.0
+            if flow:
+                view.large[flow] = (self._work_s(work), batch_s, deadline)
+            else:
+                view.short_s, view.short_batch_s = self._work_s(work), batch_s
+        view.rounds = sum(self._batch_counts(view.costs, view.buckets).values())
+        self._view = ((self._version, pending), view)
+        return view
+
+    def _endangers(self, own: float, turns: int) -> tuple[str, float] | None:
+        """Why a new request would make a large request admitted before it miss its deadline (and when to retry),
+        or None. Admitted, a large request was promised its deadline; first in, first out kept the promise, turns
+        keep it only while it has time to spare: a request that would take the last of it is refused (review: a
+        large request with 4 s of passes and a 6 s deadline, admitted at an idle model, was held past its deadline
+        by the short requests that came after it). ``own``, ``turns``: the new request's passes and, for a large
+        one, its number of batches."""
+        if not any(n for f, n in self._flow_tickets.items() if f):
+            return None
+        now = self._clock()
+        margin = self.lateness.margin_at(now)
+        view = self._flows(self._pending)
+        rest = max((expected - (now - started) for started, expected in self._running.values()), default=0.0)
+        for flow, (left, batch_s, deadline) in view.large.items():
+            if deadline is None or batch_s <= 0:
+                continue
+            batches = max(1, round(left / batch_s))
+            others = min(view.short_s, batches * view.short_batch_s) + sum(
+                min(work, batches * other_s) for f, (work, other_s, _) in view.large.items() if f != flow
+            )
+            if turns:  # a large one: a batch of it per batch of this one
+                added = min(own, batches * own / turns)
+            else:  # a short one: in the short requests' turns, if they reach it before this one ends
+                added = min(view.short_s + own, batches * max(view.short_batch_s, own)) - min(
+                    view.short_s, batches * view.short_batch_s
+                )
+            budget = deadline - now
+            finish = (rest + (left + others) / self.lanes) * margin
+            if finish <= budget < finish + added / self.lanes * margin:
+                return (
+                    f"a large request admitted before it has {budget:.2f} s left for about {finish:.2f} s of work: "
+                    "this one would make it miss its deadline",
+                    max(1.0, finish),
+                )
+        return None
 
     @property
     def prepares_ahead(self) -> bool:
@@ -972,6 +1065,8 @@ class Batcher(Generic[P, R]):
         self._queued_by_bucket.clear()
         self._turns.clear()
         self._flow_tickets.clear()
+        self._flow_since.clear()
+        self._version += 1
         if self._prepare_executor is not None:
             self._prepare_executor.shutdown(wait=False, cancel_futures=True)
 
@@ -1026,14 +1121,21 @@ class Batcher(Generic[P, R]):
                 self._maybe_idle()
 
     def _head(self) -> Ticket[P, R]:
-        """The first queued ticket of the flow whose turn it is: the next batch is its bucket's, and its flow's."""
+        """The first queued ticket of the flow whose turn it is: the next batch is its bucket's, and its flow's. A
+        large request's turns begin once the requests queued before it have been taken: they were admitted on
+        the wait first in, first out gave them (review: a 10-batch request cut ahead of shorter ones queued before
+        it, and one expired)."""
         while self._turns and not self._flow_tickets.get(self._turns[0]):
             self._turns.popleft()
-        if self._turns:
-            flow = self._turns[0]
-            for ticket in self._queue:
-                if ticket.flow == flow:
-                    return ticket
+        if len(self._turns) <= 1:  # one flow: first in, first out
+            return next((t for t in self._queue if not self._turns or t.flow == self._turns[0]), self._queue[0])
+        oldest = next((t.seq for t in self._queue if not t.flow), None)  # the first short request still queued
+        heads: dict[int, Ticket[P, R]] = {}
+        for ticket in self._queue:
+            heads.setdefault(ticket.flow, ticket)
+        for flow in self._turns:
+            if flow in heads and (not flow or oldest is None or self._flow_since.get(flow, -1) < oldest):
+                return heads[flow]
         return self._queue[0]
 
     def _full(self, bucket: Hashable) -> bool:
@@ -1047,15 +1149,27 @@ class Batcher(Generic[P, R]):
                 return True
         return False
 
-    def batches(self, costs: Sequence[int], buckets: Sequence[Hashable]) -> int:
-        """How many batches a request of items of these costs and shape buckets runs in, by itself."""
-        count, filling = 0, dict[Hashable, tuple[int, int]]()
+    def _batch_counts(self, costs: Sequence[int], buckets: Sequence[Hashable]) -> dict[Hashable, int]:
+        """How many batches items of these costs and shape buckets make, by themselves, in each bucket."""
+        counts: dict[Hashable, int] = {}
+        filling: dict[Hashable, tuple[int, int]] = {}
         for cost, bucket in zip(costs, buckets, strict=True):
             size, total = filling.get(bucket, (0, 0))
             if not size or not self._fits(size, total, cost):
-                count, size, total = count + 1, 0, 0
+                counts[bucket], size, total = counts.get(bucket, 0) + 1, 0, 0
             filling[bucket] = (size + 1, total + cost)
-        return count
+        return counts
+
+    def takes_turns(self, units: Sequence[int], buckets: Sequence[Hashable] | None, costs: Sequence[int]) -> bool:
+        """A large request takes turns of its own with the others, a batch a turn (``_take``): more than one batch
+        of a bucket, and its own passes longer than the queue-delay target (``LONG_REQUEST_S`` without one). Run
+        back to back, they would make every request behind them wait longer than the target allows. A request of
+        two images on a model that batches one at a time is no such request (review: with turns of their own,
+        pairs cut ahead of the single images by turns and 6-7 of those expired)."""
+        counts = self._batch_counts(costs, buckets or [self.home_bucket] * len(costs))
+        return max(counts.values(), default=0) > 1 and self.own_s(units, buckets) > (
+            self.max_queue_delay_s or LONG_REQUEST_S
+        )
 
     def _fits(self, size: int, cost: int, more: int) -> bool:
         """Whether a ticket costing ``more`` joins a batch of ``size`` tickets costing ``cost`` (the first always
@@ -1076,11 +1190,13 @@ class Batcher(Generic[P, R]):
         work that can finish within its deadline in the queue, so FIFO serves every admitted request in time.
         Serving newest first (adaptive LIFO) was measured here and starved admitted requests into 504s.
 
-        Between flows, turns: the requests of one batch or less (flow 0) and each request of more (a flow of
-        its own) take a batch each in turn, and the flow that ran goes to the back, behind any that starts
-        queueing. Run first in, first out, a request of 4,000 long text windows held the model for its dozens of
-        passes back to back while every other request waited for all of them or was refused: two clients
-        looping such requests left 5 of 147 ordinary ones served (audit).
+        Between flows, turns: the requests that are not large ones (flow 0) and each large request (a flow of
+        its own, ``takes_turns``) take a batch each in turn, and the flow that ran goes to the back (flow 0,
+        starting to queue again, goes before it; a large request's turns begin after the requests queued before
+        it, ``_head``). A large request's batch with room takes the others' tickets of its bucket. Run first in,
+        first out, a request of 4,000 long text windows held the model for its dozens of passes back to back while
+        every other request waited for all of them or was refused: two clients looping such requests left 5 of 147
+        ordinary ones served (audit).
         """
         now = self._clock()
         batch: list[Ticket[P, R]] = []
@@ -1105,15 +1221,27 @@ class Batcher(Generic[P, R]):
                 cost += ticket.cost
             else:
                 keep.append(ticket)
+        if flow and self._fits(len(batch), cost, 0):  # a large request's batch with room: the others' tickets fill it
+            rest: deque[Ticket[P, R]] = deque()
+            for ticket in keep:
+                if ticket.bucket == bucket and self._fits(len(batch), cost, ticket.cost):
+                    batch.append(ticket)
+                    cost += ticket.cost
+                else:
+                    rest.append(ticket)
+            keep = rest
         self._queue = keep
+        self._version += 1
         self._queued_by_bucket, self._flow_tickets = {}, {}
         for ticket in keep:
             self._queued_by_bucket[ticket.bucket] = self._queued_by_bucket.get(ticket.bucket, 0) + ticket.units
             self._flow_tickets[ticket.flow] = self._flow_tickets.get(ticket.flow, 0) + 1
-        # the flow that ran goes to the back of the turns; a flow that starts queueing joins ahead of it
+        # the flow that ran goes to the back of the turns; a flow that starts queueing joins as _enqueue says
         turns = [f for f in self._turns if f != flow and self._flow_tickets.get(f)]
-        turns += [f for f in self._flow_tickets if f not in turns and f != flow]
+        placed = {*turns, flow}
+        turns += [f for f in self._flow_tickets if f not in placed]
         self._turns = deque([*turns, flow] if self._flow_tickets.get(flow) else turns)
+        self._flow_since = {f: since for f, since in self._flow_since.items() if self._flow_tickets.get(f)}
         self._last_turn = flow
         return batch
 
@@ -1245,6 +1373,7 @@ class Batcher(Generic[P, R]):
                 # lasts about a whole large forward pass, and its per-unit time would be several times its share.
                 held = ended - (prepare_started if before_ended is None else max(prepare_started, before_ended))
             self._learner(batch[0].bucket).observe(sum(t.units for t in ran), held)
+            self._version += 1
             if self.on_change is not None:
                 self.on_change()
         ran_ids = {id(t) for t in ran}
@@ -1265,7 +1394,11 @@ class Batcher(Generic[P, R]):
                 self._drop(ticket, Expired("the request's deadline passed during inference"))  # come round
             elif not ticket.future.done():
                 ticket.future.set_result(result)
-                self.lateness.observe(ticket.estimated_s, ticket.budget_s, ended - ticket.enqueued_at, ended)
+                # A large request is later than its estimate by the turns of the requests that came after it, by
+                # design and within its deadline (``_endangers``): counted, its 1.4-1.6x raised every request's
+                # margin (review).
+                if not ticket.flow:
+                    self.lateness.observe(ticket.estimated_s, ticket.budget_s, ended - ticket.enqueued_at, ended)
         counted = [t for t in ran if not t.timing]
         if self._observer is not None and counted:  # after the answers: a failing metric must not keep them waiting
             self._observer.batch(len(counted), sum(t.cost for t in counted), elapsed)
