@@ -659,13 +659,13 @@ class Batcher(Generic[P, R]):
         is a large one (``takes_turns``)."""
         units_ = items or [max(1, units)]
         buckets = item_buckets or [bucket] * len(units_)
-        costs = item_costs or [cost] * len(units_)
+        turns = self.takes_turns(units_, buckets, item_costs or [cost] * len(units_)) if flow is None else 0
         # joining the queue now: the requests still decoding will join it after this one
         estimated = 0.0
         if admit:
-            estimated = self.admit(deadline, decoding_ahead=False, units=units_, buckets=buckets, costs=costs)
+            estimated = self.admit(deadline, decoding_ahead=False, units=units_, buckets=buckets, turns=turns)
         if flow is None:
-            flow = next(self._flow_ids) if self.takes_turns(units_, buckets, costs) else 0
+            flow = next(self._flow_ids) if turns else 0
         self._wake()
         future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
         now = self._clock()
@@ -720,15 +720,15 @@ class Batcher(Generic[P, R]):
         decoding_ahead: bool = True,
         units: Sequence[int] | None = None,
         buckets: Sequence[Hashable] | None = None,
-        costs: Sequence[int] | None = None,
+        turns: int = 0,
     ) -> float:
         """Refuse at the door (QueueFull) a request that the queue cannot hold or could not finish in time; else
         return the estimate it is admitted on (seconds until its answer, before the margin).
         ``decoding_ahead``: the requests still decoding (``reserve``) count as ahead of this one, as they are of
         one that is yet to decode; not of one that joins the queue now, before them. ``units``: the units of each of
         its items, once decoded (its own passes are then estimated at that size, not at one item's),
-        ``buckets`` their shape buckets (a long text's windows at the long texts' per-unit time), and ``costs``
-        their costs (a large request takes turns with the others, ``takes_turns``, and waits as they make it).
+        ``buckets`` their shape buckets (a long text's windows at the long texts' per-unit time), and ``turns`` the
+        batches of a large request (``takes_turns``: it takes turns with the others, and waits as they make it).
 
         A request whose own passes, at the fastest per-unit times its size classes have measured, would take more
         than ``HOPELESS_FACTOR`` times its remaining deadline is answered 504 at once (``Hopeless``), idle model or
@@ -767,16 +767,15 @@ class Batcher(Generic[P, R]):
                         "deadline (x-request-timeout-ms, or the gRPC call's; up to the server's request timeout) or in "
                         "smaller requests"
                     )
-        turns = 0
-        if own is not None and units is not None and costs is not None and self.takes_turns(units, buckets, costs):
-            turns = sum(self._batch_counts(costs, buckets or [self.home_bucket] * len(costs)).values())
         if self._idle_now(decoding_ahead):
             return self.service_time.batch_s(1) if own is None else own
         state = self.admission_state(decoding_ahead, turns)
         refusal = state.refusal(deadline, self._clock(), self.max_queue, self.max_queue_delay_s, own_s=own)
         if refusal is not None:
             raise QueueFull(*refusal)
-        endangered = self._endangers(state.batch_s if own is None else own, turns)
+        endangered = self._endangers(
+            state.batch_s if own is None else own, turns, self._pending if decoding_ahead else 0
+        )
         if endangered is not None:
             raise QueueFull(*endangered)
         return state.wait_s + state.beside_s + (state.batch_s if own is None else own)
@@ -892,7 +891,7 @@ class Batcher(Generic[P, R]):
         after theirs). A large request's first batch waits for as much (it goes after the requests queued before
         it), then each of its batches for one of each other large request."""
         ahead = {self._ahead_bucket: self._ahead_units} if self._ahead_units else {}
-        if not turns and not any(n for f, n in self._flow_tickets.items() if f):  # first in, first out
+        if not turns and not self._large_queued():  # first in, first out
             work = dict(self._queued_by_bucket)
             for bucket, units in [*ahead.items(), (self.home_bucket, pending)]:
                 work[bucket] = work.get(bucket, 0) + units
@@ -957,18 +956,21 @@ class Batcher(Generic[P, R]):
         self._view = ((self._version, pending), view)
         return view
 
-    def _endangers(self, own: float, turns: int) -> tuple[str, float] | None:
+    def _large_queued(self) -> bool:
+        return any(n for flow, n in self._flow_tickets.items() if flow)
+
+    def _endangers(self, own: float, turns: int, pending: int) -> tuple[str, float] | None:
         """Why a new request would make a large request admitted before it miss its deadline (and when to retry),
         or None. Admitted, a large request was promised its deadline; first in, first out kept the promise, turns
         keep it only while it has time to spare: a request that would take the last of it is refused (review: a
         large request with 4 s of passes and a 6 s deadline, admitted at an idle model, was held past its deadline
         by the short requests that came after it). ``own``, ``turns``: the new request's passes and, for a large
-        one, its number of batches."""
-        if not any(n for f, n in self._flow_tickets.items() if f):
+        one, its number of batches; ``pending``: the units decoding ahead of it (as ``admission_state``'s)."""
+        if not self._large_queued():
             return None
         now = self._clock()
         margin = self.lateness.margin_at(now)
-        view = self._flows(self._pending)
+        view = self._flows(pending)
         rest = max((expected - (now - started) for started, expected in self._running.values()), default=0.0)
         for deadline, work, batches, batch_s in view.promised:
             if turns:  # a large one: a batch of it per batch of this one
@@ -1180,16 +1182,18 @@ class Batcher(Generic[P, R]):
             filling[bucket] = (size + 1, total + cost)
         return counts
 
-    def takes_turns(self, units: Sequence[int], buckets: Sequence[Hashable] | None, costs: Sequence[int]) -> bool:
-        """A large request takes turns of its own with the others, a batch a turn (``_take``): more than one batch
+    def takes_turns(self, units: Sequence[int], buckets: Sequence[Hashable] | None, costs: Sequence[int]) -> int:
+        """How many batches a request of these items' units, shape buckets and costs runs in if it is a large one,
+        else 0. A large request takes turns of its own with the others, a batch a turn (``_take``): more than one batch
         of a bucket, and its own passes longer than the queue-delay target (``LONG_REQUEST_S`` without one). Run
         back to back, they would make every request behind them wait longer than the target allows. A request of
         two images on a model that batches one at a time is no such request (review: with turns of their own,
         pairs cut ahead of the single images by turns and 6-7 of those expired)."""
         counts = self._batch_counts(costs, buckets or [self.home_bucket] * len(costs))
-        return max(counts.values(), default=0) > 1 and self.own_s(units, buckets) > (
+        large = max(counts.values(), default=0) > 1 and self.own_s(units, buckets) > (
             self.max_queue_delay_s or LONG_REQUEST_S
         )
+        return sum(counts.values()) if large else 0
 
     def _fits(self, size: int, cost: int, more: int) -> bool:
         """Whether a ticket costing ``more`` joins a batch of ``size`` tickets costing ``cost`` (the first always

@@ -835,7 +835,7 @@ async def test_a_large_requests_batch_with_room_takes_the_others_and_small_ones_
     room is filled with the others' tickets of its bucket."""
     batcher = make(Recorder(), max_batch_size=8, service_time=ServiceTime({1: 0.1, 8: 0.1}))
     assert not batcher.takes_turns([1, 1], [64, 128], [1, 1])  # one batch in each bucket
-    assert batcher.takes_turns([1] * 9, [64] * 9, [1] * 9)  # two batches of 64, 0.9 s
+    assert batcher.takes_turns([1] * 9, [64] * 9, [1] * 9) == 2  # two batches of 64, 0.9 s
     assert not batcher.takes_turns([1] * 4, [64] * 4, [1] * 4)
     run = Gated()
     batcher = make(run, max_batch_size=8, max_delay_s=0.0, service_time=ServiceTime({1: 0.1, 8: 0.1}))
@@ -862,7 +862,7 @@ async def test_what_the_turns_put_ahead_of_a_request_is_what_admission_counts() 
     request(batcher, [f"a{i}" for i in range(20)], deadline=clock.now + 30)  # 10 batches: 2 s, not started
     assert batcher.estimated_wait_s() == pytest.approx(0.2)  # a new request of one batch: after one of its batches
     assert batcher.admit(clock.now + 1.0) == pytest.approx(0.2 + 0.1)  # one batch of it, then its own pass
-    large = {"units": [1] * 20, "costs": [1] * 20}
+    large = {"units": [1] * 20, "turns": batcher.takes_turns([1] * 20, [None] * 20, [1] * 20)}
     # another large one: one of the first's batches before its first, nine between its first and its last
     assert batcher.admit(clock.now + 30, **large) == pytest.approx(0.2 + 1.8 + 2.0)  # type: ignore[arg-type]
     for payload in "bc":
