@@ -1185,15 +1185,15 @@ class Batcher(Generic[P, R]):
     def takes_turns(self, units: Sequence[int], buckets: Sequence[Hashable] | None, costs: Sequence[int]) -> int:
         """How many batches a request of these items' units, shape buckets and costs runs in if it is a large one,
         else 0. A large request takes turns of its own with the others, a batch a turn (``_take``): more than one batch
-        of a bucket, and its own passes longer than the queue-delay target (``LONG_REQUEST_S`` without one). Run
-        back to back, they would make every request behind them wait longer than the target allows. A request of
-        two images on a model that batches one at a time is no such request (review: with turns of their own,
-        pairs cut ahead of the single images by turns and 6-7 of those expired)."""
-        counts = self._batch_counts(costs, buckets or [self.home_bucket] * len(costs))
-        large = max(counts.values(), default=0) > 1 and self.own_s(units, buckets) > (
-            self.max_queue_delay_s or LONG_REQUEST_S
-        )
-        return sum(counts.values()) if large else 0
+        in all, in one shape bucket or several, and its own passes longer than the queue-delay target
+        (``LONG_REQUEST_S`` without one). Run back to back, they would make every request behind them wait longer
+        than the target allows. A request of two images on a model that batches one at a time is no such request
+        (review: with turns of their own, pairs cut ahead of the single images by turns and 6-7 of those expired).
+        One batch in each of several buckets counts as much as several in one (review: such a request was never
+        large, however long, and its batches ran back to back)."""
+        batches = sum(self._batch_counts(costs, buckets or [self.home_bucket] * len(costs)).values())
+        large = batches > 1 and self.own_s(units, buckets) > (self.max_queue_delay_s or LONG_REQUEST_S)
+        return batches if large else 0
 
     def _fits(self, size: int, cost: int, more: int) -> bool:
         """Whether a ticket costing ``more`` joins a batch of ``size`` tickets costing ``cost`` (the first always

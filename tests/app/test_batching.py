@@ -774,11 +774,19 @@ class Gated(Recorder):
         return super().__call__(payloads, batch)
 
 
-def request(batcher: Batcher[object, object], payloads: list[object], **kw: object) -> list[object]:
+def request(
+    batcher: Batcher[object, object], payloads: list[object], buckets: list[object] | None = None, **kw: object
+) -> list[object]:
     """Queue one request of several items as the engine does: admitted once, its items in its first's turns."""
     count = len(payloads)
-    first = batcher.submit(payloads[0], items=[1] * count, item_buckets=[None] * count, item_costs=[1] * count, **kw)  # type: ignore[arg-type]
-    rest = [batcher.submit(p, admit=False, flow=first.flow, **kw) for p in payloads[1:]]  # type: ignore[arg-type]
+    buckets = buckets or [None] * count
+    first = batcher.submit(
+        payloads[0], items=[1] * count, bucket=buckets[0], item_buckets=buckets, item_costs=[1] * count, **kw
+    )  # type: ignore[arg-type]
+    rest = [
+        batcher.submit(p, admit=False, flow=first.flow, bucket=b, **kw)  # type: ignore[arg-type]
+        for p, b in zip(payloads[1:], buckets[1:], strict=True)
+    ]
     return [first, *rest]
 
 
@@ -810,6 +818,25 @@ async def test_a_large_request_takes_turns_with_the_others() -> None:
 
 
 @async_test
+async def test_a_request_of_one_batch_in_each_of_several_buckets_takes_turns_too() -> None:
+    """A request of one batch in each of several shape buckets (texts of several lengths) was never a large one,
+    however long its passes, and they ran back to back ahead of the requests queued after it (review). It takes
+    turns like a request of several batches of one bucket."""
+    run = Gated()
+    batcher = make(run, max_batch_size=2, max_delay_s=0.0, service_time=ServiceTime({1: 0.1, 2: 0.1}))
+    assert batcher.takes_turns([1] * 6, list("AABBCC"), [1] * 6) == 3  # 0.6 s in three buckets
+    assert not batcher.takes_turns([1] * 4, list("AABB"), [1] * 4)  # 0.4 s: within the queue-delay target
+    batcher.start()
+    long = request(batcher, [f"a{i}" for i in range(6)], buckets=list("AABBCC"))
+    await asyncio.get_running_loop().run_in_executor(None, run.started.wait, 10)  # a0, a1 running
+    short = [batcher.submit("b"), batcher.submit("c")]
+    run.go.set()
+    await asyncio.gather(*(t.future for t in [*long, *short]))  # type: ignore[attr-defined]
+    assert order(run) == ["a0,a1", "b,c", "a2,a3", "a4,a5"]  # first in, first out: a2,a3 and a4,a5 before b,c
+    await batcher.stop()
+
+
+@async_test
 async def test_a_large_request_goes_after_the_requests_queued_before_it() -> None:
     """A large request's turns began at once, ahead of requests queued before it on a first-in-first-out estimate:
     they ran 2.25x their estimates and one expired (review). Its first batch now waits for them."""
@@ -831,10 +858,10 @@ async def test_a_large_request_goes_after_the_requests_queued_before_it() -> Non
 async def test_a_large_requests_batch_with_room_takes_the_others_and_small_ones_stay_first_in_first_out() -> None:
     """With turns of their own, requests whose items fell in two shape buckets ran in batches of one (80 batches
     for 80 items, against 10 of 8), and the ninth item of 9-item requests at a batch size of 8 in a batch of its
-    own (review). A request of one batch per bucket takes no turns of its own, and a large request's batch with
-    room is filled with the others' tickets of its bucket."""
+    own (review). A request of short passes in two buckets takes no turns of its own, and a large request's batch
+    with room is filled with the others' tickets of its bucket."""
     batcher = make(Recorder(), max_batch_size=8, service_time=ServiceTime({1: 0.1, 8: 0.1}))
-    assert not batcher.takes_turns([1, 1], [64, 128], [1, 1])  # one batch in each bucket
+    assert not batcher.takes_turns([1, 1], [64, 128], [1, 1])  # one batch in each bucket, 0.2 s
     assert batcher.takes_turns([1] * 9, [64] * 9, [1] * 9) == 2  # two batches of 64, 0.9 s
     assert not batcher.takes_turns([1] * 4, [64] * 4, [1] * 4)
     run = Gated()
