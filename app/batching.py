@@ -1233,11 +1233,12 @@ class Batcher(Generic[P, R]):
                 self._drop(ticket, Expired("the request's deadline passed while it was queued"))
         self._queue = deque(t for t in self._queue if not t.future.done())
         contended = len(self._queue) > self.max_batch_size  # more than one batch of work: others wait for the slot
+        beyond = self._beyond_reach(now) if contended else set()
         while self._queue:
             ticket = self._queue.popleft()
             least = self.times(ticket.bucket).floor_s(ticket.units)
             hopeless = ticket.deadline is not None and now + least >= ticket.deadline
-            if contended and hopeless:
+            if contended and (hopeless or ticket.flow in beyond):
                 self._drop(ticket, Expired("the request could not finish before its deadline"))
                 continue
             if ticket.bucket == bucket and ticket.flow == flow and self._fits(len(batch), cost, ticket.cost):
@@ -1268,6 +1269,24 @@ class Batcher(Generic[P, R]):
         self._flow_since = {f: since for f, since in self._flow_since.items() if self._flow_tickets.get(f)}
         self._last_turn = flow
         return batch
+
+    def _beyond_reach(self, now: float) -> set[int]:
+        """The large requests whose queued batches cannot all run before their deadline, even at the fastest
+        per-unit times recently measured: each batch of theirs could, so they ran to the end of their time and
+        their 504 (audit: 64 texts of 65,000 bytes with 5 s deadlines, each batch to the last one run for
+        nothing, beside the requests that needed the model)."""
+        left: dict[int, tuple[list[int], list[Hashable], float]] = {}
+        for ticket in self._queue:
+            if ticket.flow and ticket.deadline is not None and not ticket.cancelled:
+                units, buckets, _ = left.setdefault(ticket.flow, ([], [], ticket.deadline))
+                units.append(ticket.units)
+                buckets.append(ticket.bucket)
+        beyond = set()
+        for flow, (units, buckets, deadline) in left.items():
+            least = self.least_s(units, buckets)
+            if least is not None and now + least >= deadline:
+                beyond.add(flow)
+        return beyond
 
     async def _pipeline(self, batch: list[Ticket[P, R]]) -> None:
         """Start preparing ``batch`` now, run it once the batch before it has ended, and return as soon as it

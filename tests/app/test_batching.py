@@ -836,6 +836,38 @@ async def test_a_request_of_one_batch_in_each_of_several_buckets_takes_turns_too
     await batcher.stop()
 
 
+class Ticking(Recorder):
+    """Each batch moves the test's clock on by ``per_unit`` seconds an item, as if its pass took that long."""
+
+    def __init__(self, clock: Clock, per_unit: float) -> None:
+        super().__init__()
+        self.clock, self.per_unit = clock, per_unit
+
+    def __call__(self, payloads: Sequence[object], batch: Batch = EVERY) -> list[object]:
+        self.clock.now += self.per_unit * len(payloads)
+        return super().__call__(payloads, batch)
+
+
+@async_test
+async def test_a_large_request_that_can_no_longer_finish_is_dropped_as_soon_as_it_cannot() -> None:
+    """Each of a large request's batches could still finish before its deadline, so they ran to the last one it
+    allowed and its 504: 64 texts of 65,000 bytes with 5 s deadlines ran to their 504s beside the requests that
+    needed the model (audit). Once its queued batches cannot all run in time, even at the fastest per-unit time
+    measured, the rest of it is dropped at once."""
+    clock = Clock()
+    service = ServiceTime({2: 0.1})
+    service.observe(2, 0.2)  # timed: 0.1 s a unit at its fastest
+    run = Ticking(clock, per_unit=0.2)  # its passes now take twice that (a busy machine)
+    batcher = make(run, max_batch_size=2, max_delay_s=0.0, service_time=service, clock=clock)
+    batcher.start()
+    tickets = request(batcher, [f"a{i}" for i in range(20)], deadline=clock.now + 2.5)  # 10 batches, 2 s
+    results = await asyncio.gather(*(t.future for t in tickets), return_exceptions=True)  # type: ignore[attr-defined]
+    # after three batches (1.2 s), the seven left need at least 1.4 s: dropped at 1.2 s, not at 2.4 s after six
+    assert len(run.batches) == 3
+    assert all(isinstance(r, Expired) and "could not finish" in str(r) for r in results[6:])
+    await batcher.stop()
+
+
 @async_test
 async def test_a_large_request_goes_after_the_requests_queued_before_it() -> None:
     """A large request's turns began at once, ahead of requests queued before it on a first-in-first-out estimate:
