@@ -842,15 +842,8 @@ class Batcher(Generic[P, R]):
         idle = self._idle_now(decoding_ahead)
         pending = self._pending if decoding_ahead else 0
         now = self._clock()
-        rest, free = 0.0, self.lanes - self._busy_lanes()
-        if self._lanes is not None:  # the lanes are every CPU model's: another's batches hold them too
-            rest = self._lanes.rest(now)
-        elif self._busy_lanes() >= self.lanes and self._running:
-            rest = max(0.0, min(expected - (now - started) for started, expected in self._running.values()))
-        if self._shared is not None:  # the thread is other models' too: their batches first
-            others_busy, others_left = self._shared.others(self, now)
-            rest += others_left
-            free = 0 if others_busy else free
+        rest, others_busy = self._rest_s(now)
+        free = 0 if others_busy else self.lanes - self._busy_lanes()
         # a batch preparing is still work ahead of a new request, and so is one still decoding (``reserve``), each
         # bucket's units at its own per-unit time; the queue's as the turns will run it (``_ahead_s``)
         queued = sum(self._queued_by_bucket.values()) + self._ahead_units + pending
@@ -873,6 +866,19 @@ class Batcher(Generic[P, R]):
             max(0, free - queued) if self._prepare is None else 0,
             beside_s / self.lanes,
         )
+
+    def _rest_s(self, now: float) -> tuple[float, bool]:
+        """Seconds before a lane is free for this model's next batch, and whether other models' batches hold or
+        wait for its thread (they go first)."""
+        rest, others_busy = 0.0, False
+        if self._lanes is not None:  # the lanes are every CPU model's: another's batches hold them too
+            rest = self._lanes.rest(now)
+        elif self._busy_lanes() >= self.lanes and self._running:
+            rest = max(0.0, min(expected - (now - started) for started, expected in self._running.values()))
+        if self._shared is not None:  # the thread is other models' too: their batches first
+            others_busy, others_left = self._shared.others(self, now)
+            rest += others_left
+        return rest, others_busy
 
     def _work_s(self, work: dict[Hashable, int]) -> float:
         """Seconds of queued work: each bucket's units in batches of up to max_batch_size, at their per-unit time."""
@@ -971,7 +977,9 @@ class Batcher(Generic[P, R]):
         now = self._clock()
         margin = self.lateness.margin_at(now)
         view = self._flows(pending)
-        rest = max((expected - (now - started) for started, expected in self._running.values()), default=0.0)
+        # before its next batch: the batch running (other models' on a shared thread too) and the one prepared ahead
+        ahead = self._work_s({self._ahead_bucket: self._ahead_units}) if self._ahead_units else 0.0
+        rest = self._rest_s(now)[0] + ahead / self.lanes
         for deadline, work, batches, batch_s in view.promised:
             if turns:  # a large one: a batch of it per batch of this one
                 added = min(own, batches * own / turns)
@@ -980,7 +988,7 @@ class Batcher(Generic[P, R]):
                     view.short_s, batches * view.short_batch_s
                 )
             budget = deadline - now
-            finish = max(0.0, rest) + work / self.lanes
+            finish = rest + work / self.lanes
             # protected while it can still finish, even if not with the margin to spare (review: given up once past
             # its deadline with the margin, a request admitted at an idle model with 1-1.2x its passes left missed it)
             if finish <= budget < (finish + added / self.lanes) * margin:

@@ -21,6 +21,7 @@ from app.batching import (
     Hopeless,
     QueueFull,
     ServiceTime,
+    SharedThread,
 )
 
 from .asyncutil import async_test
@@ -961,6 +962,26 @@ async def test_a_request_that_would_make_an_admitted_large_one_miss_its_deadline
     for ticket in large:
         ticket.cancel()  # type: ignore[attr-defined]
     batcher.submit("s", deadline=clock.now + 30)  # its client gone, nothing to protect
+    await batcher.stop()
+
+
+@async_test
+async def test_the_protection_of_a_large_request_counts_the_other_models_batches_on_its_thread() -> None:
+    """The protection of an admitted large request counted this model's running batch only: another model's 1 s
+    batch on the same inference thread, which goes first, was left out of its finish, and ten short requests were
+    admitted that made it miss its deadline (review, read in the code)."""
+    clock = Clock()
+    shared = SharedThread()
+    batcher = make(
+        Recorder(), max_batch_size=2, max_delay_s=0.0, service_time=ServiceTime({1: 0.1, 2: 0.1}), shared=shared
+    )
+    batcher._clock = clock
+    shared.add(1, object(), 1.0)  # another model's batch, handed to the thread: 1 s
+    request(batcher, [f"a{i}" for i in range(40)], deadline=clock.now + 6.0)  # (1 s + 4 s) x 1.2: none to spare
+    with pytest.raises(QueueFull, match="a large request admitted before it"):
+        batcher.submit("s", deadline=clock.now + 30)
+    shared.remove(1)
+    batcher.submit("s", deadline=clock.now + 30)  # the other model's batch ended: 1 s to spare again
     await batcher.stop()
 
 
