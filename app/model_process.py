@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import mmap
 import os
@@ -77,6 +78,11 @@ class Link:
     jobs: set[asyncio.Task[None]] = field(default_factory=set)
 
 
+def _close_if_cancelled(conn: socket.socket, task: asyncio.Task[None]) -> None:
+    if task.cancelled():
+        conn.close()
+
+
 class ModelServer:
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
@@ -123,6 +129,8 @@ class ModelServer:
             task = asyncio.create_task(self.front_end(conn))
             self.connections.add(task)
             task.add_done_callback(self.connections.discard)
+            # cancelled before its first step, ``front_end`` never ran to close it (it closes it otherwise)
+            task.add_done_callback(functools.partial(_close_if_cancelled, conn))
 
     async def front_end(self, conn: socket.socket) -> None:
         """One front end's connection: hand-shake (its slab for ours), then its messages until it closes."""
@@ -130,6 +138,7 @@ class ModelServer:
         conn.setblocking(True)
         conn.settimeout(HELLO_TIMEOUT_S)  # a peer that never sends its hello does not hold a thread for ever
         slab: mmap.mmap | None = None
+        slot: int | None = None
         try:
             hello, (slab_fd,) = await loop.run_in_executor(None, channel.receive_hello, conn)
             try:
@@ -142,20 +151,19 @@ class ModelServer:
                     "front end %s joined with every decode slot taken: its decodes go uncounted", hello.get("pid")
                 )
             fds = [self.table.fd, self.decoding.fd]
-            try:
-                await loop.run_in_executor(None, channel.send_hello, conn, self.hello(slot), fds)
-            except OSError:
-                self.release_slot(slot)
-                raise
-        except (OSError, ValueError, KeyError) as exc:
-            log.warning("a front end's hand-shake failed: %s", exc)
+            await loop.run_in_executor(None, channel.send_hello, conn, self.hello(slot), fds)
+            conn.settimeout(None)
+            conn.setblocking(False)
+            reader, writer = await asyncio.open_unix_connection(sock=conn)
+        except BaseException as exc:  # failed, or cancelled (the model process stopping): nothing is left open
             if slab is not None:
                 slab.close()
+            self.release_slot(slot)
             conn.close()
+            if not isinstance(exc, OSError | ValueError | KeyError):
+                raise
+            log.warning("a front end's hand-shake failed: %s", exc)
             return
-        conn.settimeout(None)
-        conn.setblocking(False)
-        reader, writer = await asyncio.open_unix_connection(sock=conn)
         log.info("front end %s connected", hello.get("pid"))
         link = Link(slab, writer)
         tickets, jobs = link.tickets, link.jobs

@@ -498,3 +498,23 @@ def test_a_front_ends_decodes_count_at_the_other_front_ends_door_until_released_
             model_side.shutdown_executors()
 
     asyncio.run(check())
+
+
+def test_a_hand_shake_cut_short_by_the_model_process_stopping_leaves_nothing_open() -> None:
+    """The model process, stopping, cancels its connections; one still in its hand-shake left its socket open
+    (a busy CI run caught the unclosed socket of a front end that had just joined)."""
+
+    async def check() -> None:
+        server = model_process.ModelServer(Runtime(Settings(demo_tasks=["classify-text"]), Metrics()))
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        slots = list(server.free_slots)
+        joining = asyncio.create_task(server.front_end(ours))
+        await asyncio.sleep(0)  # its first step: waiting, on a thread, for a hello that never comes
+        joining.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await joining
+        assert ours.fileno() == -1  # closed
+        assert server.free_slots == slots
+        theirs.close()  # the hand-shake's thread, still reading, ends
+
+    asyncio.run(check())
