@@ -618,6 +618,7 @@ class Batcher(Generic[P, R]):
         self._last_turn: int | None = None  # the flow whose batch formed last
         self._seq = itertools.count()
         self._flow_since: dict[int, int] = {}  # each large request's first ticket's ``seq``
+        self._flow_timed: set[int] = set()  # the large requests a whole batch of which has run and been timed
         self._version = 0  # moves with the queue and the estimates: ``_flows`` is read again only then
         self._view: tuple[tuple[int, int], Flows] | None = None
         self._arrival = asyncio.Event()
@@ -1096,6 +1097,7 @@ class Batcher(Generic[P, R]):
         self._turns.clear()
         self._flow_tickets.clear()
         self._flow_since.clear()
+        self._flow_timed.clear()
         self._version += 1
         if self._prepare_executor is not None:
             self._prepare_executor.shutdown(wait=False, cancel_futures=True)
@@ -1241,12 +1243,15 @@ class Batcher(Generic[P, R]):
                 self._drop(ticket, Expired("the request's deadline passed while it was queued"))
         self._queue = deque(t for t in self._queue if not t.future.done())
         contended = len(self._queue) > self.max_batch_size  # more than one batch of work: others wait for the slot
-        beyond = self._beyond_reach(now) if contended else set()
+        beyond = self._beyond_reach(now) if contended else {}
         while self._queue:
             ticket = self._queue.popleft()
+            if ticket.flow in beyond:
+                self._drop(ticket, Expired(beyond[ticket.flow]))
+                continue
             least = self.times(ticket.bucket).floor_s(ticket.units)
             hopeless = ticket.deadline is not None and now + least >= ticket.deadline
-            if contended and (hopeless or ticket.flow in beyond):
+            if contended and hopeless:
                 self._drop(ticket, Expired("the request could not finish before its deadline"))
                 continue
             if ticket.bucket == bucket and ticket.flow == flow and self._fits(len(batch), cost, ticket.cost):
@@ -1275,25 +1280,34 @@ class Batcher(Generic[P, R]):
         turns += [f for f in self._flow_tickets if f not in placed]
         self._turns = deque([*turns, flow] if self._flow_tickets.get(flow) else turns)
         self._flow_since = {f: since for f, since in self._flow_since.items() if self._flow_tickets.get(f)}
+        self._flow_timed.intersection_update(self._flow_since)
         self._last_turn = flow
         return batch
 
-    def _beyond_reach(self, now: float) -> set[int]:
+    def _beyond_reach(self, now: float) -> dict[int, str]:
         """The large requests whose queued batches cannot all run before their deadline, even at the fastest
-        per-unit times recently measured: each batch of theirs could, so they ran to the end of their time and
-        their 504 (audit: 64 texts of 65,000 bytes with 5 s deadlines, each batch to the last one run for
-        nothing, beside the requests that needed the model)."""
+        per-unit times recently measured, and why (their 504's message). Each batch of theirs could, so they ran
+        to the end of their time and their 504 (audit: 64 texts of 65,000 bytes with 5 s deadlines, each batch to
+        the last one run for nothing, beside the requests that needed the model). Only once a batch of theirs has
+        been timed: an idle model admits any request, and runs one that needs up to twice its deadline
+        (``admit``), because the measurements it would be refused on could be stale; its first batch measures the
+        model again."""
         left: dict[int, tuple[list[int], list[Hashable], float]] = {}
         for ticket in self._queue:
-            if ticket.flow and ticket.deadline is not None and not ticket.cancelled:
+            if ticket.flow in self._flow_timed and ticket.deadline is not None and not ticket.cancelled:
                 units, buckets, _ = left.setdefault(ticket.flow, ([], [], ticket.deadline))
                 units.append(ticket.units)
                 buckets.append(ticket.bucket)
-        beyond = set()
+        beyond = {}
         for flow, (units, buckets, deadline) in left.items():
             least = self.least_s(units, buckets)
             if least is not None and now + least >= deadline:
-                beyond.add(flow)
+                beyond[flow] = (
+                    "the request could not finish before its deadline: what was left of it needed at least "
+                    f"{least:.1f} s of the model ({sum(units)} forward-pass items) with "
+                    f"{max(deadline - now, 0.0):.1f} s left; send it with a longer deadline (x-request-timeout-ms, "
+                    "or the gRPC call's; up to the server's request timeout) or in smaller requests"
+                )
         return beyond
 
     async def _pipeline(self, batch: list[Ticket[P, R]]) -> None:
@@ -1424,6 +1438,7 @@ class Batcher(Generic[P, R]):
                 # lasts about a whole large forward pass, and its per-unit time would be several times its share.
                 held = ended - (prepare_started if before_ended is None else max(prepare_started, before_ended))
             self._learner(batch[0].bucket).observe(sum(t.units for t in ran), held)
+            self._flow_timed.update(t.flow for t in ran if t.flow and self._flow_tickets.get(t.flow))
             self._version += 1
             if self.on_change is not None:
                 self.on_change()
