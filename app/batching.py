@@ -43,6 +43,8 @@ HOPELESS_FACTOR = 2.0
 IDLE_DECAY_STEP_S = 0.5  # while idle, the estimates and the margin decay in steps of at least this (Batcher)
 # Own passes past which a request of several batches takes turns with the others, with no queue-delay target
 LONG_REQUEST_S = 0.5
+# A batch past its estimate is taken to run on for this share of the time it has run so far (``left_s``).
+OVERRUN_SHARE = 0.5
 Clock = Callable[[], float]
 
 
@@ -448,6 +450,16 @@ class Ticket(Generic[P, R]):
         self.cancelled = True
 
 
+def left_s(started: float, expected_s: float, now: float) -> float:
+    """The seconds a batch that started at ``started``, estimated at ``expected_s``, has still to run: the rest of
+    its estimate, and at least ``OVERRUN_SHARE`` of the time it has run so far. Past its estimate it is still
+    running, and the longer it has overrun the longer it is likely to run on: read as ending now, a heavy batch
+    2.5-4x over its estimate (two side by side on two cores) let short requests in behind it for seconds, and
+    they expired after admission (audit: 15 and 17 x 504 in 45 s)."""
+    elapsed = max(0.0, now - started)
+    return max(expected_s - elapsed, OVERRUN_SHARE * elapsed)
+
+
 class Lanes:
     """Single-thread executors on which batches (of any model) run side by side, at most one per lane.
 
@@ -465,7 +477,8 @@ class Lanes:
     def __init__(self, count: int, prefix: str = "inference-lane") -> None:
         self.executors = [ThreadPoolExecutor(1, thread_name_prefix=f"{prefix}-{i}") for i in range(count)]
         self._busy = [False] * count
-        self._ends: list[float | None] = [None] * count  # when each lane's batch should end (its batcher's clock)
+        # each lane's batch: when it started and its estimated seconds (its batcher's clock)
+        self._batches: list[tuple[float, float] | None] = [None] * count
         self._waiters: collections.deque[asyncio.Future[int]] = collections.deque()
 
     def __len__(self) -> int:
@@ -483,7 +496,7 @@ class Lanes:
 
     def release(self, lane: int) -> None:
         """Hand the lane to the longest waiter, or free it."""
-        self._ends[lane] = None
+        self._batches[lane] = None
         while self._waiters:
             waiter = self._waiters.popleft()
             if not waiter.done():
@@ -502,16 +515,18 @@ class Lanes:
                 self.release(waiter.result())
             raise
 
-    def running_until(self, lane: int, end: float) -> None:
-        self._ends[lane] = end
+    def note_batch(self, lane: int, started: float, expected_s: float) -> None:
+        self._batches[lane] = (started, expected_s)
 
     def rest(self, now: float) -> float:
         """Until the first lane frees, when every lane is busy: the soonest end among the lanes' batches, of
-        any model (0 when a lane is free, or one holds no batch yet)."""
+        any model (0 when a lane is free, or one holds no batch yet; ``left_s`` past an estimate)."""
         if not all(self._busy):
             return 0.0
-        ends = [end for end in self._ends if end is not None]
-        return max(0.0, min(ends) - now) if len(ends) == len(self._ends) else 0.0
+        batches = [batch for batch in self._batches if batch is not None]
+        if len(batches) < len(self._batches):
+            return 0.0
+        return min(left_s(started, expected, now) for started, expected in batches)
 
     @property
     def running(self) -> int:
@@ -554,7 +569,7 @@ class SharedThread:
         for who, expected, started in list(self._work.values()):
             if who is not owner:
                 busy = True
-                left += expected if started is None else max(0.0, expected - (now - started))
+                left += expected if started is None else left_s(started, expected, now)
         return busy, left
 
 
@@ -875,7 +890,7 @@ class Batcher(Generic[P, R]):
         if self._lanes is not None:  # the lanes are every CPU model's: another's batches hold them too
             rest = self._lanes.rest(now)
         elif self._busy_lanes() >= self.lanes and self._running:
-            rest = max(0.0, min(expected - (now - started) for started, expected in self._running.values()))
+            rest = min(left_s(started, expected, now) for started, expected in self._running.values())
         if self._shared is not None:  # the thread is other models' too: their batches first
             others_busy, others_left = self._shared.others(self, now)
             rest += others_left
@@ -1392,7 +1407,7 @@ class Batcher(Generic[P, R]):
                 self._shared.add(key, self, self._running[key][1])
             if self._lanes is not None and lane is not None:
                 started, expected = self._running[key]
-                self._lanes.running_until(lane, started + expected)
+                self._lanes.note_batch(lane, started, expected)
             if self.on_change is not None:
                 self.on_change()
         executor = self._lanes.executors[lane] if self._lanes is not None and lane is not None else self._executor

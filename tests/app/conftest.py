@@ -42,16 +42,6 @@ class JustStarted(float):
         return 0.0
 
 
-class AlwaysAhead(float):
-    """The end of a stand-in batch on a lane that is always ``rest`` seconds away (``Lanes.rest``: end - now)."""
-
-    def __new__(cls, rest: float) -> AlwaysAhead:
-        return super().__new__(cls, rest)
-
-    def __sub__(self, now: float) -> float:  # type: ignore[override]
-        return float(self)
-
-
 def occupy(engine: Engine, seconds: float) -> None:
     """Make ``engine`` busy, as if a batch that its estimates say takes ``seconds`` had just started (every lane
     of a CPU model's lanes is then taken): admission refuses by time, deterministically, whenever it is asked.
@@ -66,7 +56,7 @@ def occupy(engine: Engine, seconds: float) -> None:
         def take() -> bool:  # one that another test's batch still holds (the server is shared) once it ends
             nonlocal taken
             while (lane := lanes.acquire()) is not None:
-                lanes.running_until(lane, AlwaysAhead(seconds))
+                lanes.note_batch(lane, JustStarted(), seconds)
                 taken += 1
             return taken == len(lanes)
 

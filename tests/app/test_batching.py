@@ -19,6 +19,7 @@ from app.batching import (
     Cancelled,
     Expired,
     Hopeless,
+    Lanes,
     QueueFull,
     ServiceTime,
     SharedThread,
@@ -1014,3 +1015,38 @@ async def test_a_large_requests_turns_do_not_raise_the_margin() -> None:
     await asyncio.gather(*(t.future for t in large))  # type: ignore[attr-defined]
     assert [round(r, 2) for _, r in batcher.lateness.ratios] == [2.5]
     await batcher.stop()
+
+
+@async_test
+async def test_a_batch_past_its_estimate_is_still_running_for_admission() -> None:
+    """A batch past its estimate was read as ending now, on its own executor, on the lanes and on the shared
+    thread: a heavy batch 2.5-4x over its estimate let short requests in behind it for seconds, and they expired
+    after admission (audit: 15 and 17 x 504 in 45 s). It is taken to run on for half the time it has run."""
+    clock = Clock()
+    run = Gated()
+    batcher = make(run, max_batch_size=4, max_delay_s=0.0, service_time=ServiceTime({1: 0.1, 4: 0.25}))
+    batcher._clock = clock
+    batcher.start()
+    tickets = [batcher.submit(p, deadline=clock.now + 30) for p in "abcd"]  # a batch of 4, estimated 1 s
+    await asyncio.get_running_loop().run_in_executor(None, run.started.wait, 10)
+    clock.now += 0.5
+    assert batcher.admission_state().rest_s == pytest.approx(0.5)  # within its estimate: the rest of it
+    clock.now += 1.5  # 2 s: twice its estimate
+    assert batcher.admission_state().rest_s == pytest.approx(1.0)
+    with pytest.raises(QueueFull, match="exceeds the request's remaining deadline"):
+        batcher.admit(clock.now + 1.0)  # 1 s more of it and its own 0.1 s, x1.2: past its 1 s
+    run.go.set()
+    await asyncio.gather(*(t.future for t in tickets))  # type: ignore[attr-defined]
+    await batcher.stop()
+    lanes = Lanes(2)
+    for lane, started in [(lanes.acquire(), 0.0), (lanes.acquire(), 1.0)]:
+        assert lane is not None
+        lanes.note_batch(lane, started, 1.0)
+    assert lanes.rest(0.5) == pytest.approx(0.5)
+    assert lanes.rest(4.0) == pytest.approx(1.5)  # the second, 3 s in: 1.5 s more (the first: 2 s)
+    lanes.shutdown()
+    shared = SharedThread()
+    shared.add(1, object(), 1.0)
+    shared.start(1, 0.0)
+    shared.add(2, object(), 1.0)  # waiting for the thread: all of it
+    assert shared.others(batcher, 3.0) == (True, pytest.approx(1.5 + 1.0))
