@@ -155,7 +155,12 @@ class ObservabilityMiddleware:
                         (b"x-inference-time-ms", f"{inference_s * 1000:.2f}".encode()),
                         (b"x-batch-size", str(batch).encode()),
                     ]
-                message["headers"] = list(message.get("headers", [])) + extra
+                headers_out = list(message.get("headers", []))
+                if runtime.draining and not any(name.lower() == b"connection" for name, _ in headers_out):
+                    # the connection is closed after this answer: a client that sent its next request on it as
+                    # the server stopped got a reset, and could not tell whether that request had run (audit)
+                    extra.append((b"connection", b"close"))
+                message["headers"] = headers_out + extra
             await send(message)
 
         received = 0
