@@ -364,7 +364,8 @@ class Flows:
     buckets: list[Hashable]  # and their shape buckets
     short_s: float = 0.0  # the short requests' queued work
     short_batch_s: float = 0.0  # their next batch
-    large: dict[int, tuple[float, float, float | None]] = field(default_factory=dict)  # work, next batch, deadline
+    # each large request's batches in the order they will run (seconds each), and its deadline
+    large: dict[int, tuple[list[float], float | None]] = field(default_factory=dict)
     rounds: int = 0  # the short requests' batches, a new one-item request's the last
     # each large request with a deadline: (deadline, its work and the others' before its last batch, its batches,
     # its next batch)
@@ -633,7 +634,8 @@ class Batcher(Generic[P, R]):
         self._last_turn: int | None = None  # the flow whose batch formed last
         self._seq = itertools.count()
         self._flow_since: dict[int, int] = {}  # each large request's first ticket's ``seq``
-        self._flow_timed: set[int] = set()  # the large requests a whole batch of which has run and been timed
+        # each large request's shape buckets of which a whole batch of its own has run and been timed
+        self._flow_timed: dict[int, set[Hashable]] = {}
         self._version = 0  # moves with the queue and the estimates: ``_flows`` is read again only then
         self._view: tuple[tuple[int, int], Flows] | None = None
         self._arrival = asyncio.Event()
@@ -926,10 +928,10 @@ class Batcher(Generic[P, R]):
         before = set(order[: order.index(0)])
         queued = self._work_s(ahead) + view.short_s
         beside = 0.0
-        for flow, (left, batch_s, _) in view.large.items():
-            ahead_of_it = min(left, (rounds if flow in before else rounds - 1) * batch_s)
-            queued += ahead_of_it
-            beside += min(left, ahead_of_it + max(0, turns - 1) * batch_s) - ahead_of_it
+        for flow, (times, _) in view.large.items():
+            ahead_of_it = rounds if flow in before else rounds - 1  # its batches before the new request's
+            queued += sum(times[:ahead_of_it])
+            beside += sum(times[ahead_of_it : ahead_of_it + max(0, turns - 1)])
         return queued, beside if turns else 0.0
 
     def _flows(self, pending: int) -> Flows:
@@ -940,43 +942,65 @@ class Batcher(Generic[P, R]):
         if self._view is not None and self._view[0] == (self._version, pending):
             return self._view[1]
         view = Flows([1] * (pending + 1), [self.home_bucket] * (pending + 1))
-        works: dict[int, dict[Hashable, int]] = {0: {self.home_bucket: pending}}
-        first: dict[int, list[Any]] = {}  # each flow's next batch: [bucket, tickets, cost, units, deadline]
+        short: dict[Hashable, int] = {self.home_bucket: pending}
+        first: list[Any] | None = None  # the short requests' next batch: [bucket, tickets, cost, units]
+        tickets: dict[int, list[Ticket[P, R]]] = {}  # each large request's, in queue order
         oldest = None  # the first short request's place in the queue
         for ticket in self._queue:
             if ticket.future.done() or ticket.cancelled:
                 continue
-            if oldest is None and not ticket.flow:
+            if ticket.flow:
+                tickets.setdefault(ticket.flow, []).append(ticket)
+                continue
+            if oldest is None:
                 oldest = ticket.seq
-            work = works.setdefault(ticket.flow, {})
-            work[ticket.bucket] = work.get(ticket.bucket, 0) + ticket.units
-            if not ticket.flow:
-                view.costs.append(ticket.cost)
-                view.buckets.append(ticket.bucket)
-            batch = first.setdefault(ticket.flow, [ticket.bucket, 0, 0, 0, ticket.deadline])
-            if ticket.bucket == batch[0] and self._fits(batch[1], batch[2], ticket.cost):
-                batch[1], batch[2], batch[3] = batch[1] + 1, batch[2] + ticket.cost, batch[3] + ticket.units
-        for flow, work in works.items():
-            bucket, _, _, units, deadline = first.get(flow, [self.home_bucket, 0, 0, min(pending, 1), None])
-            batch_s = self.times(bucket).batch_s(units) if units else 0.0
-            if flow:
-                view.large[flow] = (self._work_s(work), batch_s, deadline)
-            else:
-                view.short_s, view.short_batch_s = self._work_s(work), batch_s
+            short[ticket.bucket] = short.get(ticket.bucket, 0) + ticket.units
+            view.costs.append(ticket.cost)
+            view.buckets.append(ticket.bucket)
+            if first is None:
+                first = [ticket.bucket, 0, 0, 0]
+            if ticket.bucket == first[0] and self._fits(first[1], first[2], ticket.cost):
+                first[1], first[2], first[3] = first[1] + 1, first[2] + ticket.cost, first[3] + ticket.units
+        bucket, _, _, units = first or [self.home_bucket, 0, 0, min(pending, 1)]
+        view.short_s = self._work_s(short)
+        view.short_batch_s = self.times(bucket).batch_s(units) if units else 0.0
+        for flow, queued in tickets.items():
+            view.large[flow] = (self._batch_times(queued), queued[0].deadline)
         view.rounds = sum(self._batch_counts(view.costs, view.buckets).values())
         # each large request's remaining work and the others' before its last batch: all the short requests' while
         # its turns have not begun (they go first, ``_head``), else one of their batches per batch of its own
-        large = view.large
-        for flow, (left, batch_s, deadline) in large.items():
-            if deadline is None or batch_s <= 0:
+        for flow, (times, deadline) in view.large.items():
+            if deadline is None or not times:
                 continue
-            batches = max(1, round(left / batch_s))
+            batches = len(times)
             waiting = oldest is not None and self._flow_since.get(flow, -1) > oldest
             shorts = view.short_s if waiting else min(view.short_s, batches * view.short_batch_s)
-            others = sum(min(work, batches * other_s) for f, (work, other_s, _) in large.items() if f != flow)
-            view.promised.append((deadline, left + shorts + others, batches, batch_s))
+            others = sum(sum(other[:batches]) for f, (other, _) in view.large.items() if f != flow)
+            view.promised.append((deadline, sum(times) + shorts + others, batches, times[0]))
         self._view = ((self._version, pending), view)
         return view
+
+    def _batch_times(self, tickets: Sequence[Ticket[P, R]]) -> list[float]:
+        """The estimated seconds of each batch one flow's tickets make, in the order ``_take`` forms them: the
+        first ticket's bucket, with the tickets of that bucket that fit, then again. Each large request's batches
+        were all taken to cost its next one's: with a 10 ms batch next and a 1 s one after it, a short request was
+        admitted on 0.05 s and expired (review)."""
+        times: list[float] = []
+        left = list(tickets)
+        while left:
+            bucket, size, cost, units = left[0].bucket, 0, 0, 0
+            rest: list[Ticket[P, R]] = []
+            for at, ticket in enumerate(left):
+                if size >= self.max_batch_size:  # full: the others wait for the next batches
+                    rest += left[at:]
+                    break
+                if ticket.bucket == bucket and self._fits(size, cost, ticket.cost):
+                    size, cost, units = size + 1, cost + ticket.cost, units + ticket.units
+                else:
+                    rest.append(ticket)
+            times.append(self.times(bucket).batch_s(units))
+            left = rest
+        return times
 
     def _large_queued(self) -> bool:
         return any(n for flow, n in self._flow_tickets.items() if flow)
@@ -1295,7 +1319,7 @@ class Batcher(Generic[P, R]):
         turns += [f for f in self._flow_tickets if f not in placed]
         self._turns = deque([*turns, flow] if self._flow_tickets.get(flow) else turns)
         self._flow_since = {f: since for f, since in self._flow_since.items() if self._flow_tickets.get(f)}
-        self._flow_timed.intersection_update(self._flow_since)
+        self._flow_timed = {f: timed for f, timed in self._flow_timed.items() if f in self._flow_since}
         self._last_turn = flow
         return batch
 
@@ -1303,25 +1327,37 @@ class Batcher(Generic[P, R]):
         """The large requests whose queued batches cannot all run before their deadline, even at the fastest
         per-unit times recently measured, and why (their 504's message). Each batch of theirs could, so they ran
         to the end of their time and their 504 (audit: 64 texts of 65,000 bytes with 5 s deadlines, each batch to
-        the last one run for nothing, beside the requests that needed the model). Only once a batch of theirs has
-        been timed: an idle model admits any request, and runs one that needs up to twice its deadline
-        (``admit``), because the measurements it would be refused on could be stale; its first batch measures the
-        model again."""
-        left: dict[int, tuple[list[int], list[Hashable], float]] = {}
+        the last one run for nothing, beside the requests that needed the model).
+
+        A request is judged only on the shape buckets a batch of its own has been timed in, and its work there
+        spread over every lane: a lower bound, what it needs at least. An idle model admits any request, and
+        runs one that needs up to twice its deadline (``admit``), because the measurements it would be refused on
+        could be stale; a batch of it measures the model again (review: judged on a bucket its first batch had not
+        measured, a request of short and long texts was dropped on the long ones' stale figure every time, and
+        they never ran to correct it)."""
+        left: dict[int, dict[Hashable, list[int]]] = {}
+        deadlines: dict[int, float] = {}
         for ticket in self._queue:
-            if ticket.flow in self._flow_timed and ticket.deadline is not None and not ticket.cancelled:
-                units, buckets, _ = left.setdefault(ticket.flow, ([], [], ticket.deadline))
-                units.append(ticket.units)
-                buckets.append(ticket.bucket)
+            timed = self._flow_timed.get(ticket.flow)
+            if timed and ticket.bucket in timed and ticket.deadline is not None and not ticket.cancelled:
+                left.setdefault(ticket.flow, {}).setdefault(ticket.bucket, []).append(ticket.units)
+                deadlines[ticket.flow] = ticket.deadline
         beyond = {}
-        for flow, (units, buckets, deadline) in left.items():
-            least = self.least_s(units, buckets)
-            if least is not None and now + least >= deadline:
+        for flow, groups in left.items():
+            least = 0.0
+            for bucket, units in groups.items():
+                batches = -(-len(units) // self.max_batch_size)
+                per_unit = self.times(bucket).least_per_unit(sum(units) / batches, self.max_batch_size)
+                least += (per_unit or 0.0) * sum(units)
+            least /= self.lanes
+            deadline = deadlines[flow]
+            if least > 0 and now + least >= deadline:
+                items = sum(len(units) for units in groups.values())
                 beyond[flow] = (
                     "the request could not finish before its deadline: what was left of it needed at least "
-                    f"{least:.1f} s of the model ({sum(units)} forward-pass items) with "
-                    f"{max(deadline - now, 0.0):.1f} s left; send it with a longer deadline (x-request-timeout-ms, "
-                    "or the gRPC call's; up to the server's request timeout) or in smaller requests"
+                    f"{least:.2f} s of the model ({items} items) with {max(deadline - now, 0.0):.2f} s left; send it "
+                    "with a longer deadline (x-request-timeout-ms, or the gRPC call's; up to the server's request "
+                    "timeout) or in smaller requests"
                 )
         return beyond
 
@@ -1453,7 +1489,8 @@ class Batcher(Generic[P, R]):
                 # lasts about a whole large forward pass, and its per-unit time would be several times its share.
                 held = ended - (prepare_started if before_ended is None else max(prepare_started, before_ended))
             self._learner(batch[0].bucket).observe(sum(t.units for t in ran), held)
-            self._flow_timed.update(t.flow for t in ran if t.flow and self._flow_tickets.get(t.flow))
+            for flow in {t.flow for t in ran if t.flow and self._flow_tickets.get(t.flow)}:
+                self._flow_timed.setdefault(flow, set()).add(batch[0].bucket)
             self._version += 1
             if self.on_change is not None:
                 self.on_change()

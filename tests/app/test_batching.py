@@ -951,7 +951,7 @@ async def test_a_request_that_would_make_an_admitted_large_one_miss_its_deadline
     clock = Clock()
     batcher = make(Recorder(), max_batch_size=2, max_delay_s=0.0, service_time=ServiceTime({1: 0.1, 2: 0.1}))
     batcher._clock = clock
-    request(batcher, [f"a{i}" for i in range(40)], deadline=clock.now + 6.0)  # 4 s, x1.2: 1.2 s to spare
+    request(batcher, [f"a{i}" for i in range(40)], deadline=clock.now + 6.05)  # 4 s, x1.2: 1.25 s to spare
     admitted = 0
     with pytest.raises(QueueFull, match="a large request admitted before it") as refused:
         for _ in range(100):
@@ -1050,3 +1050,101 @@ async def test_a_batch_past_its_estimate_is_still_running_for_admission() -> Non
     shared.start(1, 0.0)
     shared.add(2, object(), 1.0)  # waiting for the thread: all of it
     assert shared.others(batcher, 3.0) == (True, pytest.approx(1.5 + 1.0))
+
+
+class PerBucket(Recorder):
+    """Each batch moves the test's clock on by its bucket's real per-unit time (the payload's first letter)."""
+
+    def __init__(self, clock: Clock, per_unit: dict[str, float]) -> None:
+        super().__init__()
+        self.clock, self.per_unit = clock, per_unit
+
+    def __call__(self, payloads: Sequence[object], batch: Batch = EVERY) -> list[object]:
+        self.clock.now += sum(self.per_unit[str(p)[0]] for p in payloads)
+        return super().__call__(payloads, batch)
+
+
+@async_test
+async def test_a_large_request_is_judged_beyond_reach_only_on_the_buckets_its_own_batches_timed() -> None:
+    """A request of short and long texts was judged on the long bucket's figure once its first batch, of short
+    ones, had been timed: that figure was stale (0.5 s a unit, measured on a busy machine; 0.1 s now), so the
+    request was dropped though it would finish at 0.42 s of its 1.5 s, and every such request after it, as the
+    long bucket never ran to be measured again (review)."""
+    clock = Clock()
+    short, long = ServiceTime({2: 0.01}), ServiceTime({2: 0.5})
+    short.observe(2, 0.02)
+    long.observe(2, 1.0)  # timed, on a busy machine
+    run = PerBucket(clock, {"s": 0.01, "l": 0.1})
+    batcher = make(
+        run,
+        max_batch_size=2,
+        max_delay_s=0.0,
+        clock=clock,
+        home_bucket="S",
+        bucket_times={"L": long},
+        service_time=short,
+    )
+    batcher.start()
+    for _ in range(3):
+        tickets = request(
+            batcher, ["s0", "s1", "l0", "l1", "l2", "l3"], buckets=list("SSLLLL"), deadline=clock.now + 1.5
+        )
+        results = await asyncio.gather(*(t.future for t in tickets), return_exceptions=True)  # type: ignore[attr-defined]
+        assert not any(isinstance(r, Exception) for r in results), (order(run), results)
+        clock.now += 100.0
+    assert order(run)[:3] == ["s0,s1", "l0,l1", "l2,l3"]
+    await batcher.stop()
+
+
+@async_test
+async def test_a_large_request_on_several_lanes_is_judged_on_its_work_spread_over_them() -> None:
+    """With two lanes, the least a request of one batch in each of three buckets needed was taken as each
+    bucket's batches rounded over the lanes and added up (1.5 s for three 0.5 s batches that run two at a time),
+    and a request that would finish with 0.3 s to spare was dropped (review)."""
+    clock = Clock()
+    tables = {}
+    for bucket in "ABCDE":
+        tables[bucket] = ServiceTime({1: 0.5})
+        tables[bucket].observe(1, 0.5)
+    lanes = Lanes(2)
+    home = tables.pop("A")
+    batcher = Batcher(
+        Recorder(), lanes, max_batch_size=1, max_delay_s=0.0, clock=clock, home_bucket="A", bucket_times=tables
+    )
+    batcher.service_time = home
+    tickets = request(batcher, ["a0", "b0", "c0", "d0", "e0"], buckets=list("ABCDE"), deadline=clock.now + 1.8)
+    flow = tickets[0].flow  # type: ignore[attr-defined]
+    assert [t.payload for t in batcher._take("A", flow)] == ["a0"]  # a0 and b0 side by side on the two lanes
+    assert [t.payload for t in batcher._take("B", flow)] == ["b0"]
+    clock.now += 0.5
+    batcher._flow_timed[flow] = {"A", "C", "D", "E"}  # as if each had been timed: 1.5 s of work, 0.75 s on two
+    assert [t.payload for t in batcher._take("C", flow)] == ["c0"]  # 1.3 s left: kept
+    clock.now += 0.85  # 0.45 s left for d0 and e0, 0.5 s at least on two lanes: dropped
+    assert batcher._take("D", flow) == []
+    assert all(isinstance(t.future.exception(), Expired) for t in tickets[3:])  # type: ignore[attr-defined]
+    lanes.shutdown()
+
+
+@async_test
+async def test_admission_counts_a_large_requests_batches_in_the_order_they_run() -> None:
+    """Admission took each of a large request's batches to cost its next one: with a 10 ms batch next and a 1 s
+    one after it, a short request was admitted on an estimate of 0.05 s and waited for the 1 s batch (review).
+    Its batches are estimated in the order they will run."""
+    clock = Clock()
+    tables = {bucket: ServiceTime({1: per, 2: per}) for bucket, per in {"L": 0.5, "M": 0.01, "N": 0.01}.items()}
+    batcher = make(
+        Recorder(),
+        max_batch_size=2,
+        max_delay_s=0.0,
+        clock=clock,
+        home_bucket="S",
+        bucket_times=tables,
+        service_time=ServiceTime({1: 0.01, 2: 0.01}),
+    )
+    large = request(batcher, ["s0", "l0", "l1"], buckets=list("SLL"))  # 10 ms, then 1 s
+    assert large[0].flow  # type: ignore[attr-defined]
+    batcher.submit("n0", bucket="N")  # a short one's turn, then the large one's 1 s batch
+    with pytest.raises(QueueFull, match="exceeds the request's remaining deadline"):
+        batcher.submit("m0", bucket="M", deadline=clock.now + 0.5)
+    batcher.submit("m0", bucket="M", deadline=clock.now + 2.0)
+    await batcher.stop()
