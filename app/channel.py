@@ -345,18 +345,23 @@ def receive_hello(sock: socket.socket, count: int = 1) -> tuple[dict[str, Any], 
         for fd in fds:
             os.close(fd)
         raise ConnectionError("the hand-shake came without its shared memory")
-    while len(data) < HELLO.size:
-        more = sock.recv(65536)
-        if not more:
-            raise ConnectionError("the peer closed during the hand-shake")
-        data += more
-    (size,) = HELLO.unpack(data[: HELLO.size])
-    while len(data) < HELLO.size + size:
-        more = sock.recv(65536)
-        if not more:
-            raise ConnectionError("the peer closed during the hand-shake")
-        data += more
-    return json.loads(data[HELLO.size : HELLO.size + size]), fds
+    try:
+        while len(data) < HELLO.size:
+            more = sock.recv(65536)
+            if not more:
+                raise ConnectionError("the peer closed during the hand-shake")
+            data += more
+        (size,) = HELLO.unpack(data[: HELLO.size])
+        while len(data) < HELLO.size + size:
+            more = sock.recv(65536)
+            if not more:
+                raise ConnectionError("the peer closed during the hand-shake")
+            data += more
+        return json.loads(data[HELLO.size : HELLO.size + size]), fds
+    except BaseException:  # cut short, or not JSON: the descriptors that came with it are nobody's (review)
+        for fd in fds:
+            os.close(fd)
+        raise
 
 
 # ---------------------------------------------------------------------------------------------- admission table
@@ -456,7 +461,9 @@ def door(
     clock: Callable[[], float] = time.monotonic,
     decoding: int = 0,
 ) -> tuple[str, float, str] | None:
-    """Batcher.admit's arithmetic on a snapshot: None (admit), or (message, retry-after seconds, reason).
+    """Batcher.admit's arithmetic on a snapshot: None (admit), or (message, retry-after seconds, reason). The
+    running batch's rest ages as the rest of its estimate: near or past it, the model process takes the batch to
+    run on (``batching.left_s``) and may refuse what this lets in, until the record is rewritten (each heartbeat).
     ``decoding``: the units every front end has admitted and is still decoding (``Decoding.total``), ahead of
     this request as ``Batcher.reserve``'s are in one process."""
     now = clock()

@@ -78,9 +78,11 @@ class Link:
     jobs: set[asyncio.Task[None]] = field(default_factory=set)
 
 
-def _close_if_cancelled(conn: socket.socket, task: asyncio.Task[None]) -> None:
-    if task.cancelled():
-        conn.close()
+def _close_received(received: asyncio.Future[tuple[dict[str, Any], list[int]]]) -> None:
+    """A hello received after its hand-shake was cancelled: the descriptors that came with it are nobody's."""
+    if not received.cancelled() and received.exception() is None:
+        for fd in received.result()[1]:
+            os.close(fd)
 
 
 class ModelServer:
@@ -94,6 +96,7 @@ class ModelServer:
         self.decoding = channel.Decoding(len(self.engines), slots)
         self.free_slots = list(range(slots))
         self.connections: set[asyncio.Task[None]] = set()
+        self._unstarted: set[socket.socket] = set()  # accepted, their ``front_end`` not begun
         self.pending = 0  # requests submitted and not yet answered, over every front end
         for engine in self.engines:
             engine.batcher.on_change = self.publish
@@ -126,21 +129,34 @@ class ModelServer:
         loop = asyncio.get_running_loop()
         while True:
             conn, _ = await loop.sock_accept(listener)
+            self._unstarted.add(conn)
             task = asyncio.create_task(self.front_end(conn))
             self.connections.add(task)
             task.add_done_callback(self.connections.discard)
-            # cancelled before its first step, ``front_end`` never ran to close it (it closes it otherwise)
-            task.add_done_callback(functools.partial(_close_if_cancelled, conn))
+            task.add_done_callback(functools.partial(self._close_unstarted, conn))
+
+    def _close_unstarted(self, conn: socket.socket, task: asyncio.Task[None]) -> None:
+        """A connection whose task was cancelled before its first step: ``front_end`` never ran to close it (it
+        closes it otherwise; a socket it handed to a transport is the transport's to close, review)."""
+        if conn in self._unstarted:
+            self._unstarted.discard(conn)
+            conn.close()
 
     async def front_end(self, conn: socket.socket) -> None:
         """One front end's connection: hand-shake (its slab for ours), then its messages until it closes."""
+        self._unstarted.discard(conn)
         loop = asyncio.get_running_loop()
         conn.setblocking(True)
         conn.settimeout(HELLO_TIMEOUT_S)  # a peer that never sends its hello does not hold a thread for ever
         slab: mmap.mmap | None = None
         slot: int | None = None
         try:
-            hello, (slab_fd,) = await loop.run_in_executor(None, channel.receive_hello, conn)
+            received = loop.run_in_executor(None, channel.receive_hello, conn)
+            try:
+                hello, (slab_fd,) = await asyncio.shield(received)
+            except asyncio.CancelledError:  # the hello may still come, with a descriptor: closed then (review)
+                received.add_done_callback(_close_received)
+                raise
             try:
                 slab = mmap.mmap(slab_fd, int(hello["slab"]), prot=mmap.PROT_READ)
             finally:
@@ -159,6 +175,8 @@ class ModelServer:
             if slab is not None:
                 slab.close()
             self.release_slot(slot)
+            with contextlib.suppress(OSError):  # wakes the thread still reading the hello (close does not; review)
+                conn.shutdown(socket.SHUT_RDWR)
             conn.close()
             if not isinstance(exc, OSError | ValueError | KeyError):
                 raise

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import mmap
 import os
 import socket
+import threading
 import time
 from typing import Any, cast
 
@@ -17,7 +19,7 @@ import torch
 
 import perceiver_core
 from app import channel, model_process, remote
-from app.batching import EVERY, AdmissionState, Batcher, Lanes, QueueFull, ServiceTime
+from app.batching import EVERY, OVERRUN_SHARE, AdmissionState, Batcher, Lanes, QueueFull, ServiceTime
 from app.engine import Duration, Statistics
 from app.errors import DeadlineExceeded, Overloaded
 from app.metrics import Metrics
@@ -268,7 +270,10 @@ def make_batcher(
 def test_the_door_decides_as_the_batcher_does() -> None:
     """For queues of every length, a running batch at every point of its course and deadlines near and far,
     the front end's door on the model process's snapshot refuses exactly what Batcher.admit refuses, with the
-    same reason and Retry-After; the snapshot is read back through the shared table."""
+    same reason and Retry-After; the snapshot is read back through the shared table. Once the batch nears or
+    passes its estimate, the model process takes it to run on (``left_s``) and the snapshot, aged, does not: the
+    door may then admit what the model process refuses (the record is rewritten every heartbeat), never the
+    reverse."""
 
     async def check() -> None:
         clock = [100.0]
@@ -292,7 +297,10 @@ def test_the_door_decides_as_the_batcher_does() -> None:
                     written, state = view.read(0)
                     why = channel.door(state, written, deadline, 6, 2.0, clock=lambda: clock[0])
                     got = None if why is None else (why[2], round(why[1], 6))
-                    assert got == expected, (queued, elapsed, budget)
+                    if elapsed * (1 + OVERRUN_SHARE) <= 1.0:  # the rest of its estimate, on both sides
+                        assert got == expected, (queued, elapsed, budget)
+                    else:
+                        assert got is None or expected is not None, (queued, elapsed, budget)
                     compared += 1
             batcher.submit(queued, deadline=None, admit=False)
         assert compared == 7 * 4 * 5
@@ -500,21 +508,135 @@ def test_a_front_ends_decodes_count_at_the_other_front_ends_door_until_released_
     asyncio.run(check())
 
 
-def test_a_hand_shake_cut_short_by_the_model_process_stopping_leaves_nothing_open() -> None:
-    """The model process, stopping, cancels its connections; one still in its hand-shake left its socket open
-    (a busy CI run caught the unclosed socket of a front end that had just joined)."""
+def _model_server() -> model_process.ModelServer:
+    return model_process.ModelServer(Runtime(Settings(demo_tasks=["classify-text"]), Metrics()))
+
+
+def _open_fds() -> set[int]:
+    return {int(name) for name in os.listdir("/proc/self/fd")}
+
+
+def _slab() -> int:
+    fd = os.memfd_create("test-slab")
+    os.ftruncate(fd, 4096)
+    return fd
+
+
+def test_a_hand_shake_cut_short_by_the_model_process_stopping_leaves_nothing_open(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The model process, stopping, cancels its connections; one in its hand-shake left its socket open (a busy CI
+    run caught it), its decode slot taken, the front end's slab mapped; and the thread reading a hello that never
+    came held the process's exit for the hello's timeout (30 s), as closing a socket does not wake a thread
+    reading it (review)."""
+    sending, go = threading.Event(), threading.Event()
+    real_send = channel.send_hello
+
+    def send(sock: socket.socket, message: dict[str, Any], fds: list[int]) -> None:
+        sending.set()
+        go.wait(10)
+        real_send(sock, message, fds)
+
+    monkeypatch.setattr(channel, "send_hello", send)
 
     async def check() -> None:
-        server = model_process.ModelServer(Runtime(Settings(demo_tasks=["classify-text"]), Metrics()))
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        loop = asyncio.get_running_loop()
+        server = _model_server()
         slots = list(server.free_slots)
+        before = _open_fds()
+        # cancelled as it answers the hello: its slot taken, the slab mapped
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        slab = _slab()
+        real_send(theirs, {"pid": 1, "slab": 4096}, [slab])
+        os.close(slab)
+        joining = asyncio.create_task(server.front_end(ours))
+        await loop.run_in_executor(None, sending.wait, 10)
+        joining.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await joining
+        go.set()
+        assert ours.fileno() == -1 and sorted(server.free_slots) == slots
+        theirs.close()
+        # cancelled while the peer has not sent its hello: the thread reading it ends at once
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         joining = asyncio.create_task(server.front_end(ours))
         await asyncio.sleep(0)  # its first step: waiting, on a thread, for a hello that never comes
         joining.cancel()
         with pytest.raises(asyncio.CancelledError):
             await joining
-        assert ours.fileno() == -1  # closed
-        assert server.free_slots == slots
-        theirs.close()  # the hand-shake's thread, still reading, ends
+        async with asyncio.timeout(5):  # guards against a hang (the hello's timeout is 30 s); bounds nothing
+            await loop.shutdown_default_executor()
+        theirs.close()
+        # cancelled before its first step, as ``accept`` hands it over: closed by the task's callback
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        server._unstarted.add(ours)
+        joining = asyncio.create_task(server.front_end(ours))
+        joining.add_done_callback(functools.partial(server._close_unstarted, ours))
+        joining.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await joining
+        theirs.close()
+        assert ours.fileno() == -1 and not server._unstarted
+        assert _open_fds() <= before
+
+    asyncio.run(check())
+
+
+def test_a_hello_received_as_its_hand_shake_is_cancelled_leaves_no_descriptor_open(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Cancelled after the hello had come on its thread, before the hand-shake resumed: the front end's slab
+    descriptor that came with it was never closed (review)."""
+    received, go = threading.Event(), threading.Event()
+    real_receive = channel.receive_hello
+
+    def receive(sock: socket.socket, count: int = 1) -> tuple[dict[str, Any], list[int]]:
+        hello = real_receive(sock, count)
+        received.set()
+        go.wait(10)
+        return hello
+
+    monkeypatch.setattr(channel, "receive_hello", receive)
+
+    async def check() -> None:
+        loop = asyncio.get_running_loop()
+        server = _model_server()
+        before = _open_fds()
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        slab = _slab()
+        channel.send_hello(theirs, {"pid": 1, "slab": 4096}, [slab])
+        os.close(slab)
+        joining = asyncio.create_task(server.front_end(ours))
+        await loop.run_in_executor(None, received.wait, 10)  # the hello and its descriptor are in
+        joining.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await joining
+        go.set()
+        await loop.shutdown_default_executor()
+        await asyncio.sleep(0)  # the received hello's callback
+        theirs.close()
+        assert _open_fds() <= before
+
+    asyncio.run(check())
+
+
+@pytest.mark.parametrize("tail", ["cut short", "not JSON"])
+def test_a_broken_hello_leaves_no_descriptor_open(tail: str) -> None:
+    """A hello whose header was cut short or whose body was not JSON failed after its descriptor had come, and
+    the descriptor stayed open: one a connection, from any local process that can reach the model socket
+    (review)."""
+
+    async def check() -> None:
+        server = _model_server()
+        before = _open_fds()
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        slab = _slab()
+        body = b"{not json"
+        socket.send_fds(theirs, [channel.HELLO.pack(len(body)) + body if tail == "not JSON" else b"\x00"], [slab])
+        theirs.shutdown(socket.SHUT_WR)
+        os.close(slab)
+        await server.front_end(ours)  # fails, logs the failed hand-shake, returns
+        theirs.close()
+        assert _open_fds() <= before and ours.fileno() == -1
 
     asyncio.run(check())
