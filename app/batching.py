@@ -345,14 +345,17 @@ class AdmissionState:
             )
         if deadline is None:
             return None
-        finish = (wait + self.beside_s + (self.batch_s if own_s is None else own_s)) * self.margin
+        own = self.beside_s + (self.batch_s if own_s is None else own_s)
+        finish = (wait + own) * self.margin
         budget = deadline - now
         if finish > budget:
-            return (
-                f"estimated wait {finish:.2f} s exceeds the request's remaining deadline {max(budget, 0):.2f} s",
-                max(1.0, finish - budget),
-                "deadline",
-            )
+            message = f"estimated wait {finish:.2f} s exceeds the request's remaining deadline {max(budget, 0):.2f} s"
+            if own * self.margin > budget:  # no wait would do: a client retrying it as it is never gets in (audit)
+                message += (
+                    f"; its own forward passes alone take about {own:.2f} s, so send it with a longer deadline "
+                    "(x-request-timeout-ms, or the gRPC call's)"
+                )
+            return message, max(1.0, finish - budget), "deadline"
         return None
 
 
