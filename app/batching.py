@@ -345,8 +345,8 @@ class AdmissionState:
             )
         if deadline is None:
             return None
-        own = self.beside_s + (self.batch_s if own_s is None else own_s)
-        finish = (wait + own) * self.margin
+        own = self.batch_s if own_s is None else own_s
+        finish = (wait + self.beside_s + own) * self.margin
         budget = deadline - now
         if finish > budget:
             message = f"estimated wait {finish:.2f} s exceeds the request's remaining deadline {max(budget, 0):.2f} s"
@@ -1285,7 +1285,7 @@ class Batcher(Generic[P, R]):
                 self._drop(ticket, Expired("the request's deadline passed while it was queued"))
         self._queue = deque(t for t in self._queue if not t.future.done())
         contended = len(self._queue) > self.max_batch_size  # more than one batch of work: others wait for the slot
-        beyond = self._beyond_reach(now) if contended else {}
+        beyond = self._beyond_reach(now) if contended and self._flow_timed else {}
         while self._queue:
             ticket = self._queue.popleft()
             if ticket.flow in beyond:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 import time
 from collections.abc import Sequence
@@ -1162,3 +1163,6 @@ def test_a_deadline_shorter_than_the_requests_own_pass_is_refused_with_what_to_c
     hopeless = state.refusal(1000.001, 1000.0, 100, None)
     assert hopeless is not None and hopeless[2] == "deadline"
     assert "its own forward passes alone take about 0.20 s, so send it with a longer deadline" in hopeless[0]
+    # the others' batches between a large request's own are a wait too: with less load it would fit
+    beside = dataclasses.replace(state, beside_s=1.0).refusal(1000.5, 1000.0, 100, None, own_s=0.3)
+    assert beside is not None and "longer deadline" not in beside[0]
