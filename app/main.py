@@ -29,7 +29,7 @@ from .admission import AdmissionMiddleware
 from .errors import InternalError, InvalidInput, ServiceError, for_status, join_problems
 from .loading import LoadedModel, build_models, start_engine
 from .metrics import Metrics
-from .middleware import HeadAsGet, JsonCors, ObservabilityMiddleware, reject
+from .middleware import CompressAnswers, HeadAsGet, JsonCors, ObservabilityMiddleware, reject
 from .oip import grpc as oip_grpc
 from .routes.docs import DOCS_ASSETS
 from .routes.docs import router as docs_router
@@ -229,8 +229,8 @@ def create_app(
     app.include_router(playground_router)
     app.include_router(docs_router)
     # Added last runs first: CORS (preflights answered without a key), observability (401s are logged and
-    # counted like every response), the key check, admission (429s before routing, to keys' holders), then
-    # HEAD answered as GET.
+    # counted like every response), answers compressed where asked, the key check, admission (429s before
+    # routing, to keys' holders), then HEAD answered as GET.
     app.add_middleware(HeadAsGet)
     app.add_middleware(AdmissionMiddleware, runtime=runtime)
     digests = key_digests(settings)
@@ -239,6 +239,7 @@ def create_app(
         log.info("API keys on: %d key(s); every endpoint but the probes and the pages needs one", len(digests))
     else:
         log.info("API keys off (PERCEIVER_API_KEYS and PERCEIVER_API_KEYS_FILE unset): every endpoint is open")
+    app.add_middleware(CompressAnswers)
     app.add_middleware(ObservabilityMiddleware, runtime=runtime)
     origins = cors_origins(settings)
     if origins:

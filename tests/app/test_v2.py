@@ -21,6 +21,7 @@ from PIL import Image
 from tritonclient.utils import InferenceServerException
 
 from app.errors import BadRequest
+from app.middleware import answer_coding
 from app.routes.requests import INFLATE_SLICE, MAX_MEMBERS, inflate
 
 from .conftest import MEDIA, LiveServer, until
@@ -343,6 +344,72 @@ def test_a_compressed_request_gives_the_answer_of_the_uncompressed_one(
         plain = client.infer(name, inputs, outputs=outputs)
         packed = client.infer(name, inputs, outputs=outputs, request_compression_algorithm=algorithm)
         assert predictions(packed) == predictions(plain)
+
+
+@pytest.mark.parametrize("algorithm", ["gzip", "deflate"])
+def test_an_answer_is_compressed_when_the_client_asks_for_it(
+    client: triton.InferenceServerClient, demo_server: LiveServer, algorithm: str
+) -> None:
+    """tritonclient's response_compression_algorithm (its Accept-Encoding), which Triton honours: answers went
+    uncompressed. The same tensors, binary or JSON; on the wire, the coding asked for (deflate is the zlib format,
+    as tritonclient reads it), with Vary: Accept-Encoding. Not asked for, refused (q=0), a coding we do not
+    write, or an answer under 1 KiB: as it is."""
+    masks = [tensor("TEXT", strings(b"[MASK]" * 40), "BYTES", binary) for binary in (True, False)]
+    names = ("BYTE_OFFSETS", "CANDIDATE_BYTES", "CANDIDATE_SCORES")
+    for binary, inputs in zip((True, False), masks, strict=True):
+        outputs = [triton.InferRequestedOutput(n, binary_data=binary) for n in names]
+        plain = client.infer("fill-mask", [inputs], outputs=outputs, parameters={"top_k": 8})
+        packed = client.infer(
+            "fill-mask", [inputs], outputs=outputs, parameters={"top_k": 8}, response_compression_algorithm=algorithm
+        )
+        for name in names:
+            assert np.allclose(packed.as_numpy(name), plain.as_numpy(name), atol=1e-5), name
+    inflate_it = gzip.decompress if algorithm == "gzip" else __import__("zlib").decompress
+    infer_body = {
+        "inputs": [{"name": "TEXT", "shape": [1], "datatype": "BYTES", "data": ["[MASK]" * 40]}],
+        "parameters": {"top_k": 8},
+    }
+    with demo_server.client() as c:
+        for method, url, body in (
+            ("GET", "/openapi.json", None),
+            ("GET", "/metrics", None),
+            ("POST", "/v2/models/fill-mask/infer", infer_body),
+        ):
+            with c.stream(method, url, json=body, headers={"accept-encoding": algorithm}) as r:
+                raw = b"".join(r.iter_raw())
+            assert r.status_code == 200 and r.headers["content-encoding"] == algorithm, (url, r.headers)
+            assert "Accept-Encoding" in r.headers["vary"] and int(r.headers["content-length"]) == len(raw)
+            whole = inflate_it(raw)
+            assert len(raw) < len(whole) / 2, (url, len(raw), len(whole))
+            if url == "/openapi.json":
+                assert whole == c.get(url, headers={"accept-encoding": "identity"}).content
+            else:
+                assert whole.startswith(b"{" if url.startswith("/v2") else b"#")
+        for accept in ("identity", f"{algorithm};q=0", "br", ""):
+            r = c.get("/openapi.json", headers={"accept-encoding": accept})
+            assert "content-encoding" not in r.headers and r.json()["openapi"], accept
+        r = c.get("/readyz", headers={"accept-encoding": algorithm})
+        assert len(r.content) < 1024 and "content-encoding" not in r.headers
+
+
+@pytest.mark.parametrize(
+    ("accept", "coding"),
+    [
+        ("gzip, deflate, br, zstd", "gzip"),  # httpx's, a browser's
+        ("deflate", "deflate"),
+        ("deflate;q=1, gzip;q=0.5", "deflate"),
+        ("X-GZIP", "gzip"),
+        ("*", "gzip"),
+        ("br;q=1, *;q=0.1", "gzip"),
+        ("gzip;q=0, *", "deflate"),  # * stands for what it does not name
+        ("gzip;q=0", None),
+        ("gzip;q=nonsense", None),
+        ("identity", None),
+        ("br", None),
+    ],
+)
+def test_the_answers_coding_follows_accept_encoding(accept: str, coding: str | None) -> None:
+    assert answer_coding(accept) == coding
 
 
 def test_a_compressed_body_is_bounded_as_it_inflates_and_checked(demo_server: LiveServer) -> None:
