@@ -94,6 +94,8 @@ class HeadAsGet:
 COMPRESS_MIN_BYTES = 1024  # smaller answers go as they are: the coding's own bytes and the time would not pay
 COMPRESS_IN_THREAD_BYTES = 256 * 1024  # larger ones are compressed off the event loop (about 1 ms at this size)
 COMPRESS_LEVEL = 1  # zlib's fastest: 4 ms a MB; level 6 took 3-6x as long for 5-15% fewer bytes on our answers
+# Answers already compressed in their own format go as they are (the flow's png, the mp4s)
+PACKED_TYPES = (b"image/png", b"image/jpeg", b"image/webp", b"image/gif", b"video/", b"audio/", b"application/zip")
 
 
 def answer_coding(accept: str) -> str | None:
@@ -125,8 +127,9 @@ def _compress(body: bytes, coding: str) -> bytes:
 class CompressAnswers:
     """Answers of at least ``COMPRESS_MIN_BYTES`` in gzip or deflate when the request's Accept-Encoding asks for
     it, as Triton does (tritonclient's ``response_compression_algorithm``; browsers and Prometheus ask for gzip).
-    A streamed answer (a body in several parts) goes as it is; a large one is compressed in a thread. A /v2
-    binary answer's Inference-Header-Content-Length stays the JSON header's length once inflated, as Triton's."""
+    A streamed answer (a body in several parts) or one in a compressed format (png, mp4) goes as it is; a large
+    one is compressed in a thread. A /v2 binary answer's Inference-Header-Content-Length stays the JSON header's
+    length once inflated, as Triton's."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -155,7 +158,11 @@ class CompressAnswers:
             headers = [(k, v) for k, v in first.get("headers", []) if k.lower() != b"vary"]
             vary = [v for k, v in first.get("headers", []) if k.lower() == b"vary"]
             headers.append((b"vary", b", ".join([*vary, b"Accept-Encoding"])))
-            coded = any(k.lower() == b"content-encoding" for k, _ in headers)
+            coded = any(
+                k.lower() == b"content-encoding"
+                or (k.lower() == b"content-type" and v.lower().startswith(PACKED_TYPES))
+                for k, v in headers
+            )
             if message.get("more_body", False) or coded or len(body) < COMPRESS_MIN_BYTES:
                 await send({**first, "headers": headers})
                 await send(message)

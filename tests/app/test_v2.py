@@ -12,6 +12,7 @@ import threading
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -410,6 +411,50 @@ def test_an_answer_is_compressed_when_the_client_asks_for_it(
 )
 def test_the_answers_coding_follows_accept_encoding(accept: str, coding: str | None) -> None:
     assert answer_coding(accept) == coding
+
+
+def test_answers_in_a_compressed_format_or_streamed_go_as_they_are() -> None:
+    """A flow's png or an mp4 is compressed already: zlib would spend its time for nothing. A streamed answer
+    (several body parts) goes as it is, and so does one with a coding of its own."""
+    import asyncio
+
+    from app.middleware import CompressAnswers
+
+    text = b'{"x": "' + b"a" * 4000 + b'"}'
+
+    def answer(content_type: bytes, parts: list[bytes], coding: bytes | None = None) -> tuple[dict, bytes]:
+        async def app(scope: dict, receive: object, send: Any) -> None:
+            headers = [(b"content-type", content_type), (b"content-length", str(sum(map(len, parts))).encode())]
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 200,
+                    "headers": headers + ([(b"content-encoding", coding)] if coding else []),
+                }
+            )
+            for i, part in enumerate(parts):
+                await send({"type": "http.response.body", "body": part, "more_body": i < len(parts) - 1})
+
+        sent: list[dict] = []
+
+        async def send(message: dict) -> None:
+            sent.append(message)
+
+        scope = {"type": "http", "headers": [(b"accept-encoding", b"gzip")]}
+        asyncio.run(CompressAnswers(app)(scope, None, send))  # type: ignore[arg-type]
+        return dict(sent[0]["headers"]), b"".join(m.get("body", b"") for m in sent[1:])
+
+    headers, body = answer(b"application/json", [text])
+    assert headers[b"content-encoding"] == b"gzip" and gzip.decompress(body) == text
+    assert headers[b"content-length"] == str(len(body)).encode()
+    for content_type, parts, coding in (
+        (b"image/png", [text], None),
+        (b"video/mp4", [text], None),
+        (b"application/json", [text[:2000], text[2000:]], None),
+        (b"application/json", [gzip.compress(text)], b"gzip"),
+    ):
+        headers, body = answer(content_type, parts, coding)
+        assert headers.get(b"content-encoding") == coding and body == b"".join(parts), content_type
 
 
 def test_a_compressed_body_is_bounded_as_it_inflates_and_checked(demo_server: LiveServer) -> None:
