@@ -288,6 +288,7 @@ def _supervise(settings: Settings) -> int:
             for i in range(settings.workers)
         ]
     stopping = False
+    stop_signal: int = signal.SIGTERM
 
     def signal_all(sig: int, group: list[Any]) -> None:
         for proc in group:
@@ -295,8 +296,8 @@ def _supervise(settings: Settings) -> int:
                 os.kill(proc.pid, sig)
 
     def forward(sig: int, frame: Any) -> None:
-        nonlocal stopping
-        stopping = True
+        nonlocal stopping, stop_signal
+        stopping, stop_signal = True, sig
         # Every process at once, the model process too: it serves the front ends until they have drained and
         # gone, within the same drain_timeout_s (signalled after them, it took a second drain's time)
         signal_all(sig, [*procs, *last])
@@ -305,6 +306,8 @@ def _supervise(settings: Settings) -> int:
         signal.signal(sig, forward)
     for proc in [*last, *procs]:
         proc.start()
+        if stopping:  # the signal came as the processes started: this one may not have had it (audit: it came up,
+            os.kill(proc.pid, stop_signal)  # answered ready and never stopped); twice is once (SAME_SIGNAL_S)
     if fronts:
         log.info("started %d front ends and the model process on %s:%d", fronts, settings.host, settings.port)
     else:
@@ -317,7 +320,9 @@ def _supervise(settings: Settings) -> int:
                 continue
             if proc.pid is None or proc.exitcode is None:  # not started yet
                 continue
-            codes[proc.pid] = proc.exitcode
+            # stopped by the signal before its handlers were in place: it had served nothing, a clean stop
+            clean = stopping and proc.exitcode in (-signal.SIGTERM, -signal.SIGINT)
+            codes[proc.pid] = 0 if clean else proc.exitcode
             multiprocess.mark_process_dead(proc.pid)  # type: ignore[no-untyped-call]
             if not stopping:  # a process died on its own: take the rest down, let the orchestrator restart us
                 failed = load_error(path) if fronts else None

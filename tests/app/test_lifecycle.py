@@ -235,6 +235,20 @@ def test_a_second_signal_stops_at_once_says_so_and_exits_1(tmp_path: Path) -> No
     assert "CancelledError" not in log  # uvicorn cancels the lifespan: Starlette logged it as a failed shutdown
 
 
+@pytest.mark.parametrize("setting", ["PERCEIVER_WORKERS", "PERCEIVER_API_PROCESSES"])
+def test_a_signal_as_the_processes_start_stops_them_all_and_exits_0(tmp_path: Path, setting: str) -> None:
+    """A SIGTERM that came while the supervisor started its processes reached only those already started: the
+    others came up, answered ready, and never stopped (audit: 6 of 6, only SIGKILL ended it). A process the
+    signal stops before its handlers are in place has served nothing: a clean stop. Sent as soon as the
+    supervisor's first process exists (its second child: the resource tracker comes first)."""
+    env = {"PERCEIVER_DEMO_TASKS": '["classify-text"]', "PERCEIVER_WARMUP": "false", setting: "2"}
+    server = Server(tmp_path / "log.jsonl", env)
+    children = Path(f"/proc/{server.proc.pid}/task/{server.proc.pid}/children")
+    until(lambda: len(children.read_text().split()) >= 2, "the first process started", timeout=60)
+    server.proc.send_signal(signal.SIGTERM)
+    assert server.proc.wait(timeout=120) == 0, server.log.read_text()[-2000:]
+
+
 @pytest.mark.parametrize("workers", ["1", "2"])
 def test_the_port_in_use_is_one_line_and_exit_3_with_one_process_or_several(tmp_path: Path, workers: str) -> None:
     with socket.socket() as taken:
