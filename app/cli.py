@@ -19,7 +19,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from fastapi import FastAPI
@@ -41,10 +41,11 @@ def _server_class() -> Any:
     class DrainingServer(uvicorn.Server):
         """uvicorn, but SIGTERM drains first (readiness off, accepted work finishes) and exits 0 if nothing was cut."""
 
-        def __init__(self, config: uvicorn.Config, runtime: Runtime) -> None:
+        def __init__(self, config: uvicorn.Config, runtime: Runtime, beat: Callable[[], None] | None = None) -> None:
             super().__init__(config)
             self.runtime = runtime
             self.exit_code = 0
+            self.beat = beat  # under a supervisor: its watch on this process's event loop (``Heartbeats``)
 
         @contextlib.contextmanager
         def capture_signals(self) -> Iterator[None]:
@@ -73,6 +74,8 @@ def _server_class() -> Any:
 
         async def on_tick(self, counter: int) -> bool:
             runtime = self.runtime
+            if self.beat is not None:
+                self.beat()
             if runtime.load_error is not None:
                 self.exit_code = 1
                 return True
@@ -125,7 +128,12 @@ def uvicorn_config(app: FastAPI, settings: Settings) -> Any:
     )
 
 
-def _serve(settings: Settings, sockets: list[socket.socket] | None = None, model_socket: str | None = None) -> int:
+def _serve(
+    settings: Settings,
+    sockets: list[socket.socket] | None = None,
+    model_socket: str | None = None,
+    beat: Callable[[], None] | None = None,
+) -> int:
     jsonlog.configure(settings.log_level)
     app = create_app(settings, model_socket=model_socket)
     if sockets is None:  # one process: our sockets, as the supervisor's, so that "::" answers IPv4 too
@@ -138,7 +146,7 @@ def _serve(settings: Settings, sockets: list[socket.socket] | None = None, model
                 sock.close()
             return 3
         log.info("listening on %s:%d", settings.host, settings.port)
-    server = _server_class()(uvicorn_config(app, settings), app.state.runtime)
+    server = _server_class()(uvicorn_config(app, settings), app.state.runtime, beat)
     server.run(sockets=sockets)
     return int(server.exit_code)
 
@@ -157,17 +165,49 @@ def die_with_parent(parent: int) -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
-def _worker(settings_json: str, sockets: list[socket.socket], parent: int) -> None:
+class Beat:
+    """A server process's heartbeat (``Heartbeats``): sent to it as it starts, so a plain object, not a closure."""
+
+    def __init__(self, times: Any, index: int) -> None:
+        self.times, self.index = times, index
+
+    def __call__(self) -> None:
+        self.times[self.index] = time.monotonic()  # one aligned double: the supervisor reads it whole
+
+
+class Heartbeats:
+    """When each server process's event loop last ran (monotonic seconds, shared memory the supervisor made):
+    a process writes its own as uvicorn ticks (10 times a second), and the supervisor takes the group down when
+    one is older than ``STALL_S``, so that the orchestrator restarts it. Liveness could not tell: the other
+    processes answer the probes (audit: with one front end stopped, /healthz answered 200 20 times of 20, and
+    9-12 of 20 gRPC health checks, which the kernel gave the stopped one, timed out)."""
+
+    STALL_S = 10.0  # as the front ends' watch on the model process (remote.MODEL_STALL_S)
+
+    def __init__(self, context: Any, count: int) -> None:
+        self.times = context.RawArray("d", count)  # 0: no beat yet (loading the models, or starting)
+
+    def beat(self, index: int) -> Beat:
+        return Beat(self.times, index)
+
+    def stalled(self, now: float) -> list[tuple[int, float]]:
+        """The processes whose event loop has not run for ``STALL_S``, with how long."""
+        return [(i, now - t) for i, t in enumerate(self.times) if t and now - t > self.STALL_S]
+
+
+def _worker(settings_json: str, sockets: list[socket.socket], parent: int, beat: Callable[[], None]) -> None:
     die_with_parent(parent)
-    sys.exit(_serve(Settings.model_validate_json(settings_json), sockets))
+    sys.exit(_serve(Settings.model_validate_json(settings_json), sockets, beat=beat))
 
 
-def _front_end(settings_json: str, sockets: list[socket.socket], model_socket: str, parent: int) -> None:
+def _front_end(
+    settings_json: str, sockets: list[socket.socket], model_socket: str, parent: int, beat: Callable[[], None]
+) -> None:
     import torch
 
     die_with_parent(parent)
     torch.set_num_threads(1)  # a front end decodes in its own threads; the cores' torch threads are the model's
-    sys.exit(_serve(Settings.model_validate_json(settings_json), sockets, model_socket))
+    sys.exit(_serve(Settings.model_validate_json(settings_json), sockets, model_socket, beat))
 
 
 def _model_process(settings_json: str, path: str, parent: int) -> None:
@@ -275,16 +315,17 @@ def _supervise(settings: Settings) -> int:
     me = os.getpid()
     last: list[Any] = []  # stopped after every other process has exited
     path = ""  # the model process's socket, with front ends
+    beats = Heartbeats(context, fronts or settings.workers)
     if fronts:
         path = os.path.join(tempfile.mkdtemp(prefix="perceiver-model-"), "model.sock")
         last = [context.Process(target=_model_process, args=(payload, path, me), name="model")]
         procs = [
-            context.Process(target=_front_end, args=(payload, sockets, path, me), name=f"front-end-{i}")
+            context.Process(target=_front_end, args=(payload, sockets, path, me, beats.beat(i)), name=f"front-end-{i}")
             for i in range(fronts)
         ]
     else:
         procs = [
-            context.Process(target=_worker, args=(payload, sockets, me), name=f"worker-{i}")
+            context.Process(target=_worker, args=(payload, sockets, me, beats.beat(i)), name=f"worker-{i}")
             for i in range(settings.workers)
         ]
     stopping = False
@@ -331,6 +372,13 @@ def _supervise(settings: Settings) -> int:
                 else:
                     log.error("%s exited with %s; stopping", proc.name, proc.exitcode)
                 forward(signal.SIGTERM, None)
+        for index, stalled_s in [] if stopping else beats.stalled(time.monotonic()):
+            # its accepted requests cannot be answered, and it cannot drain: killed, the others drained
+            hung = procs[index]
+            log.error("%s has not run its event loop for %.0f s; stopping", hung.name, stalled_s)
+            forward(signal.SIGTERM, None)
+            if hung.pid is not None:
+                os.kill(hung.pid, signal.SIGKILL)
         if stopping and all(proc.pid in codes for proc in procs):  # nothing serves the port any more: refuse, do
             for sock in sockets:  # not queue (the model process may still be stopping; connections hung in
                 sock.close()  # the backlog until it had)

@@ -340,6 +340,28 @@ def test_a_stuck_model_process_fails_liveness_and_readiness_and_requests_get_503
     assert flow(slow).status_code == 200
 
 
+def test_a_stuck_front_end_takes_the_group_down(slow: Server) -> None:
+    """A front end whose event loop stops (SIGSTOP here; a deadlock alike) while the other answers every probe:
+    /healthz stayed 200 for ever, and the gRPC health checks the kernel gave the stopped one timed out (audit).
+    Past Heartbeats.STALL_S without a beat, the supervisor says which, kills it, drains the others and exits 1,
+    for the orchestrator to restart the pod."""
+    found = re.search(r"model process (\d+) ready", slow.log.read_text())
+    assert found is not None
+    until(lambda: slow.log.read_text().count("joined the model process") == 2, "both front ends joined")
+    children = Path(f"/proc/{slow.proc.pid}/task/{slow.proc.pid}/children").read_text().split()
+    fronts = [
+        int(pid)
+        for pid in children
+        if int(pid) != int(found[1]) and b"resource_tracker" not in Path(f"/proc/{pid}/cmdline").read_bytes()
+    ]
+    assert len(fronts) == 2
+    os.kill(fronts[1], signal.SIGSTOP)
+    assert slow.proc.wait(timeout=120) == 1
+    log = slow.log.read_text()
+    assert re.search(r"front-end-\d has not run its event loop for 1\d s; stopping", log), log[-2000:]
+    assert not Path(f"/proc/{fronts[1]}").exists() or b"State:\tZ" in Path(f"/proc/{fronts[1]}/status").read_bytes()
+
+
 def test_sigterm_while_the_models_load_stops_the_group_between_two_steps(tmp_path: Path) -> None:
     """As one process does: the model process stops loading at its next step, and nothing is logged as an error
     (it finished loading and warming every model first, 11-13 s of the demo here and minutes of real checkpoints,
