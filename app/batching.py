@@ -464,15 +464,6 @@ def left_s(started: float, expected_s: float, now: float) -> float:
     return max(expected_s - elapsed, OVERRUN_SHARE * elapsed)
 
 
-def decoding_units(units: int, max_batch_size: int, own_s: float, long_s: float) -> int:
-    """The units a request of ``units`` one-unit items, admitted and still decoding, counts as ahead of a new one:
-    all of them, or one batch if it is a large one (more than a batch, its own passes ``own_s`` past ``long_s``).
-    Once queued, a large request takes turns with the others, a batch a turn, and a short request asking now
-    waits for one of its batches, not all of them (audit: a 32-image request counted whole for the 30-60 ms it
-    decoded, and a single image asking then got a 429 with Retry-After 2-5 s for a 0.1-0.3 s wait)."""
-    return max_batch_size if units > max_batch_size and own_s > long_s else units
-
-
 class Lanes:
     """Single-thread executors on which batches (of any model) run side by side, at most one per lane.
 
@@ -732,11 +723,7 @@ class Batcher(Generic[P, R]):
 
         Uncounted, a burst of uploads was all admitted while the queue was short, then waited for the decode
         threads in a queue no estimate saw: at 30x autoencode's capacity its answers took 13 s (0.5 s of it in
-        the batcher's queue), and the 429s of those it refused once decoded came after 6-12 s.
-
-        A large request (``takes_turns``, each item taken as one unit) counts as one batch: once queued it takes
-        turns with the others, a batch a turn (``decoding_units``)."""
-        units = decoding_units(units, self.max_batch_size, self.own_s([1] * units), self._long_s)
+        the batcher's queue), and the 429s of those it refused once decoded came after 6-12 s."""
         self._pending += units
         released = False
 
@@ -1257,13 +1244,8 @@ class Batcher(Generic[P, R]):
         One batch in each of several buckets counts as much as several in one (review: such a request was never
         large, however long, and its batches ran back to back)."""
         batches = sum(self._batch_counts(costs, buckets or [self.home_bucket] * len(costs)).values())
-        large = batches > 1 and self.own_s(units, buckets) > self._long_s
+        large = batches > 1 and self.own_s(units, buckets) > (self.max_queue_delay_s or LONG_REQUEST_S)
         return batches if large else 0
-
-    @property
-    def _long_s(self) -> float:
-        """Own passes past which a request of several batches is a large one."""
-        return self.max_queue_delay_s or LONG_REQUEST_S
 
     def _fits(self, size: int, cost: int, more: int) -> bool:
         """Whether a ticket costing ``more`` joins a batch of ``size`` tickets costing ``cost`` (the first always

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import batching, errors
+from . import errors
 from .batching import AdmissionState
 
 HEADER = struct.Struct("<II")
@@ -469,14 +469,6 @@ def door(
     now = clock()
     rest = max(0.0, state.rest_s - (now - written))
     return state.with_decoding(decoding).refusal(deadline, now, max_queue, max_queue_delay_s, rest=rest)
-
-
-def decoding_units(units: int, state: AdmissionState, max_batch_size: int, max_queue_delay_s: float | None) -> int:
-    """What a request of ``units`` items, admitted by a front end and still decoding, adds to the shared decode
-    counts: as ``Batcher.reserve`` counts it in one process, a large one as one batch. Its passes are taken at the
-    record's per-unit time, spread over the lanes (``unit_s``)."""
-    long_s = max_queue_delay_s or batching.LONG_REQUEST_S
-    return batching.decoding_units(units, max_batch_size, units * state.unit_s, long_s)
 
 
 # ---------------------------------------------------------------------------------------------- decodes in flight

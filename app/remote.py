@@ -239,8 +239,6 @@ class RemoteEngine(Engine):
         slot = client.slot
         if slot is None:
             return _nothing
-        state = client.table.read(self.index)[1]
-        units = channel.decoding_units(units, state, self.policy.max_batch_size, self.max_queue_delay_s)
         client.decoding.add(self.index, slot, units)
         released = False
 

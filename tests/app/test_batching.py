@@ -208,22 +208,6 @@ async def test_requests_still_decoding_are_ahead_of_a_new_one_and_behind_one_tha
     await batcher.stop()
 
 
-def test_a_large_request_still_decoding_counts_as_one_batch_ahead_of_a_short_one() -> None:
-    """A 20-image request decoding (10 batches of 2, 2 s: a large one) counted whole, and a single image asking
-    then with a 1 s deadline got a 429 for the 30-60 ms it decoded (audit: Retry-After 2-5 s for a 0.1-0.3 s
-    wait). Once queued it takes turns, a batch a turn: ahead of a short request it is one of its batches. A request
-    of two batches within the queue-delay target runs first in, first out, and counts whole."""
-    clock = Clock()
-    service = ServiceTime({1: 0.1, 2: 0.1})  # 0.1 s a unit at every size
-    batcher = make(Recorder(), max_batch_size=2, max_delay_s=0.0, service_time=service, clock=clock)
-    batcher.max_queue_delay_s = 0.5
-    release = batcher.reserve(20)
-    assert batcher.admit(clock.now + 1.0) == pytest.approx(0.2 + 0.1)  # one batch of it, then its own pass
-    release()
-    batcher.reserve(4)  # 0.4 s: not a large one
-    assert batcher.admit(clock.now + 1.0) == pytest.approx(0.4 + 0.1)
-
-
 @async_test
 async def test_cancelled_and_expired_requests_never_reach_the_model() -> None:
     run = Recorder()
