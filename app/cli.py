@@ -26,7 +26,7 @@ from fastapi import FastAPI
 
 from perceiver_core import attention
 
-from . import jsonlog
+from . import jsonlog, tracing
 from .access import key_digests
 from .main import create_app
 from .runtime import Runtime
@@ -435,6 +435,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         settings = load_settings(args.config, **{k: v for k, v in given if v is not None})
         key_digests(settings)  # the keys file read and keys set empty refused, before any process starts
+        tracing.check(settings)  # an exporter no package provides, or one its variables break
         for switch in (attention.WIDE_ATTENTION, attention.LAYER_NORM):  # not inside the first forward pass
             switch.choice()
     except Exception as exc:  # one line that names the setting, never a traceback (nor a value: it may be a key)

@@ -65,6 +65,23 @@ def configure(settings: Settings) -> Tracing | None:
     return Tracing(provider)
 
 
+def check(settings: Settings) -> None:
+    """Raise what ``configure`` would raise (the SDK asked for by name and missing, an exporter no package
+    provides, or one its variables break), before any process starts: one line and exit 2, not a traceback from
+    each process (audit). Builds the exporters and drops them: none connects before its first export."""
+    if not wanted(settings):
+        return
+    try:
+        import opentelemetry.sdk.trace  # noqa: F401
+    except ImportError:
+        if settings.tracing:
+            raise RuntimeError("tracing needs OpenTelemetry's SDK: pip install 'perceiver-serve[tracing]'") from None
+        return
+    for exporter in exporters():
+        with contextlib.suppress(Exception):
+            exporter.shutdown()
+
+
 def exporters() -> list[Any]:
     """The span exporters OTEL_TRACES_EXPORTER names (default otlp), from the SDK's entry points."""
     named = os.environ.get("OTEL_TRACES_EXPORTER", "").strip()

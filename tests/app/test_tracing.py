@@ -5,6 +5,7 @@ imports the API itself; without an SDK its calls are no-ops)."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -138,6 +139,22 @@ def test_a_missing_exporter_is_named_as_the_variables_asked_for_it(monkeypatch: 
     with pytest.raises(RuntimeError) as caught:
         exporters()
     assert str(caught.value).startswith("OTEL_TRACES_EXPORTER names 'zipkin', whose exporter (zipkin) no installed")
+
+
+@pytest.mark.parametrize("processes", ["0", "2"])
+def test_an_exporter_that_cannot_be_made_stops_the_start_with_one_line_and_exit_2(processes: str) -> None:
+    """As every other bad setting: it was a 20-line traceback and exit 1, one from each front end (audit)."""
+    env = {
+        **os.environ,
+        "OTEL_TRACES_EXPORTER": "bogus",
+        "PERCEIVER_API_PROCESSES": processes,
+        "PERCEIVER_GRPC_PORT": "0",
+    }
+    done = subprocess.run([sys.executable, "-m", "app.cli"], env=env, capture_output=True, text=True, timeout=120)
+    lines = (done.stdout + done.stderr).strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1, lines
+    line = json.loads(lines[0])
+    assert line["level"] == "ERROR" and line["msg"].startswith("invalid settings: OTEL_TRACES_EXPORTER names 'bogus'")
 
 
 def test_off_by_default_with_no_opentelemetry_sdk_import() -> None:
