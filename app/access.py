@@ -30,9 +30,10 @@ def key_digests(settings: Settings) -> list[bytes]:
     digests = [hashlib.sha256(k.strip().encode()).digest() for k in (settings.api_keys or "").split(",") if k.strip()]
     if settings.api_keys_file is not None:
         for number, line in enumerate(Path(settings.api_keys_file).read_text().splitlines(), 1):
-            text = line.split("#", 1)[0].strip()
-            if not text:
+            fields = line.split("#", 1)[0].split()
+            if not fields:
                 continue
+            text = fields[0]  # what sha256sum writes after the digest ("  -", or "  file") is not part of it
             try:
                 digest = bytes.fromhex(text)
             except ValueError:

@@ -100,6 +100,8 @@ class Runtime:
 
     def check_ready(self, probe: str) -> None:
         """503 (NotReady) while the models load; ``probe`` names the readiness path the client should watch."""
+        if not self.ready and self.load_error is not None:  # the model process exited, or the models failed
+            raise NotReady(f"{self.load_error}; retry on another replica", {"Retry-After": "1"})
         if not self.ready:
             raise NotReady(f"models are still loading; retry when {probe} answers 200", {"Retry-After": "1"})
         if (why := self.unresponsive()) is not None:

@@ -121,7 +121,9 @@ class Settings(BaseSettings):
         description="Served models. Empty: the demo profile (small random-init models for every task).",
     )
     demo_tasks: list[TaskName] | None = Field(
-        None, min_length=1, description="Demo profile only: serve just these tasks (default: all)."
+        None,
+        min_length=1,
+        description="Demo profile only (set with models, an error): serve just these tasks (default: all).",
     )
     max_batch_size: BatchSize = Field(
         "auto",
@@ -323,6 +325,15 @@ class Settings(BaseSettings):
         return self
 
     @model_validator(mode="after")
+    def _demo_tasks_for_the_demo(self) -> Settings:
+        if self.demo_tasks is not None and self.models:
+            raise ValueError(
+                "demo_tasks chooses the demo profile's tasks, and models are configured (no demo profile): unset "
+                "demo_tasks, or models to serve the demo (it was ignored without a word)"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _one_way_to_scale(self) -> Settings:
         if self.workers > 1 and self.api_processes not in (0, "auto"):
             raise ValueError(
@@ -401,7 +412,12 @@ def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Se
         if str(config_file).endswith((".yaml", ".yml")):
             import yaml
 
-            values = yaml.safe_load(text) or {}
+            values = yaml.safe_load(text)
+            if values is None:  # empty, or comments alone: a config that lost its content (an empty ConfigMap)
+                raise ValueError(
+                    f"{config_file} holds no settings; give the models to serve there (models:), or leave out "
+                    "--config to serve the demo profile (it served the demo's random weights without a word)"
+                )
         else:
             values = json.loads(text)
     if not isinstance(values, dict):

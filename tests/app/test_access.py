@@ -122,6 +122,22 @@ def test_without_configuration_everything_is_open_and_no_origin_is_allowed(tmp_p
         server.stop()
 
 
+def test_a_keys_file_made_as_the_readme_says_is_read(tmp_path: Path) -> None:
+    """README's recipe, `printf %s "$KEY" | sha256sum`, writes the digest and then "  -": the server refused the
+    file at start (audit). What follows the digest on its line is not part of it."""
+    import subprocess
+
+    from app.access import key_digests
+    from app.settings import Settings
+
+    made = subprocess.run(["sha256sum"], input=b"sk-test-123", capture_output=True, check=True).stdout
+    assert made.endswith(b"  -\n")
+    keys = tmp_path / "keys"
+    keys.write_bytes(made + hashlib.sha256(b"second").hexdigest().encode() + b"  keyfile\n")
+    expected = [hashlib.sha256(b"sk-test-123").digest(), hashlib.sha256(b"second").digest()]
+    assert key_digests(Settings(api_keys_file=keys)) == expected
+
+
 def test_a_malformed_keys_file_fails_start_up(tmp_path: Path) -> None:
     bad = tmp_path / "keys"
     bad.write_text("not-a-digest\n")

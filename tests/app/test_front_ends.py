@@ -312,6 +312,23 @@ def test_when_the_model_process_dies_requests_get_503_and_the_group_stops(slow: 
     assert slow.proc.wait(timeout=120) == 1
 
 
+def test_a_request_after_the_model_process_has_gone_is_told_so() -> None:
+    """In the moment before the group goes down, a new request was told "models are still loading; retry when
+    /readyz answers 200" (audit): readiness is off then, and the reason is the front end's load_error, which the
+    connection's close sets."""
+    from app.errors import NotReady
+    from app.metrics import Metrics
+    from app.runtime import Runtime
+    from app.settings import Settings
+
+    runtime = Runtime(Settings(demo_tasks=["classify-text"], api_processes=2), Metrics())
+    with pytest.raises(NotReady, match="models are still loading"):
+        runtime.check_ready("/readyz")
+    runtime.load_error = "the model process has exited"  # as remote.ModelClient.close sets it, ready off
+    with pytest.raises(NotReady, match=r"^the model process has exited; retry on another replica$"):
+        runtime.check_ready("/readyz")
+
+
 def test_a_stuck_model_process_fails_liveness_and_readiness_and_requests_get_503(slow: Server) -> None:
     """A model process whose event loop stops (SIGSTOP here; a deadlock alike): the front ends stop seeing its
     heartbeat and, past MODEL_STALL_S, say so. /healthz and /v2/health/live fail (the pod is restarted), readiness

@@ -64,12 +64,25 @@ def test_models_and_demo_tasks_are_read_as_json_from_the_environment(monkeypatch
         "PERCEIVER_MODELS",
         json.dumps([{"task": "classify", "variant": "fourier", "source": "/ckpt/fourier", "max_batch_size": 8}]),
     )
-    monkeypatch.setenv("PERCEIVER_DEMO_TASKS", '["fill-mask", "optical-flow"]')
     settings = Settings()
     assert settings.models == [ModelSpec(task="classify", variant="fourier", source="/ckpt/fourier", max_batch_size=8)]
     assert settings.models[0].revision == "main" and settings.models[0].dtype is None
     assert not settings.demo
-    assert settings.demo_tasks == ["fill-mask", "optical-flow"]
+    # the demo profile's tasks, with models configured (no demo profile): ignored without a word before (audit)
+    monkeypatch.setenv("PERCEIVER_DEMO_TASKS", '["fill-mask", "optical-flow"]')
+    with pytest.raises(ValidationError, match="demo_tasks chooses the demo profile's tasks, and models are configured"):
+        Settings()
+    monkeypatch.delenv("PERCEIVER_MODELS")
+    assert Settings().demo_tasks == ["fill-mask", "optical-flow"]
+
+
+@pytest.mark.parametrize("text", ["", "# models: to come\n"])
+def test_an_empty_config_file_is_refused(tmp_path: Path, text: str) -> None:
+    """It served the demo profile's random weights and answered ready (audit: a ConfigMap rendered empty)."""
+    config = tmp_path / "serve.yaml"
+    config.write_text(text)
+    with pytest.raises(ValueError, match=r"serve\.yaml holds no settings; give the models to serve there"):
+        load_settings(config)
 
 
 def test_out_of_range_values_from_the_environment_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -190,10 +203,6 @@ models:
         ("classify", "learned", "main", 0.0),
         ("optical-flow", "default", "v1", None),
     ]
-
-
-def test_an_empty_yaml_file_gives_the_defaults(tmp_path: Path) -> None:
-    assert load_settings(write(tmp_path / "empty.yaml", "")).port == 8000
 
 
 def test_load_settings_without_a_file_reads_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
