@@ -438,8 +438,8 @@ class Health(health_pb2_grpc.HealthServicer):  # type: ignore[misc]
             if status != last:
                 last = status
                 yield health_pb2.HealthCheckResponse(status=status)
-            if self.runtime.draining:  # NOT_SERVING said: the stream ends, as the server does (held open, it
-                return  # kept an idle server from exiting for the whole drain timeout: audit)
+            if self.runtime.draining and last != health_pb2.HealthCheckResponse.SERVING:
+                return  # NOT_SERVING said: the stream ends (held open, it kept an idle server from exiting: audit)
             await asyncio.sleep(1.0)
 
 
