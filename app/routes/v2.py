@@ -141,6 +141,12 @@ def served_models(runtime: Runtime) -> list[Engine]:
     return [e for e in runtime.engines() if e.task.name in ADAPTERS]
 
 
+def _loading(runtime: Runtime, engines: list[Engine]) -> bool:
+    """Whether the index lists the configured models by name: while none is loaded (or they failed to), and while
+    the rest load, not only those loaded so far (audit: 2 of 5, as UNAVAILABLE)."""
+    return not runtime.ready and (not engines or (runtime.load_error is None and not runtime.draining))
+
+
 def configured_names(runtime: Runtime) -> list[str]:
     """The v2 names of the models the settings ask for, known before any is loaded."""
     settings = runtime.settings
@@ -214,7 +220,7 @@ async def list_models(request: Request) -> ModelList:
     gives their state too."""
     runtime = runtime_of(request)
     engines = served_models(runtime)
-    if not engines and not runtime.ready:
+    if _loading(runtime, engines):
         return ModelList(models=configured_names(runtime))
     return ModelList(models=[v2_name(e) for e in engines])
 
@@ -278,7 +284,7 @@ async def repository_index(request: Request) -> list[RepositoryModel]:
     index = []
     ok = model_ready(runtime)
     engines = served_models(runtime)
-    if not engines and not runtime.ready and not options.ready:  # loading: as Triton lists them, by name
+    if _loading(runtime, engines) and not options.ready:  # loading: as Triton lists them, by name
         loading = "loading" if runtime.load_error is None else "failed to load"
         return [
             RepositoryModel(name=n, version=VERSION, state="LOADING", reason=loading) for n in configured_names(runtime)

@@ -25,6 +25,7 @@ from tritonclient.utils import InferenceServerException
 
 from app.batching import ServiceTime
 from app.oip.protos import open_inference_grpc_pb2 as pb
+from app.routes.v2 import served_models, v2_name
 
 from .conftest import MEDIA, LiveServer, free_port, occupy, release, until
 
@@ -390,6 +391,24 @@ def test_model_ready_while_the_models_load_says_not_ready_as_rest_does() -> None
     finally:
         gate.set()
         server.stop()
+
+
+def test_the_index_lists_every_configured_model_while_the_last_ones_load(demo_server: LiveServer) -> None:
+    """Models are loaded, then started (warmed) one by one: between the first started and readiness, /v2/models
+    and the repository index listed only those started so far, as UNAVAILABLE (audit: 2 of 5). Every configured
+    model is listed, LOADING, until the server is ready."""
+    runtime = demo_server.runtime
+    names = [v2_name(e) for e in served_models(runtime)]
+    runtime.ready = False  # as while the last engines warm
+    try:
+        with httpx.Client(base_url=demo_server.url) as rest:
+            listed = rest.get("/v2/models").json()["models"]
+            index = rest.post("/v2/repository/index").json()
+    finally:
+        runtime.ready = True
+    assert sorted(listed) == sorted(names) and len(names) >= 5
+    assert sorted(m["name"] for m in index) == sorted(names)
+    assert {(m["state"], m["reason"]) for m in index} == {("LOADING", "loading")}
 
 
 def test_typed_contents_are_counted_against_the_shape_before_a_value_is_copied() -> None:
