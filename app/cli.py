@@ -62,10 +62,13 @@ def _server_class() -> Any:
         def handle_exit(self, sig: int, frame: Any) -> None:
             started = self.runtime.drain_started
             if started is not None and time.monotonic() - started < SAME_SIGNAL_S:
-                return  # the same stop delivered twice: Ctrl-C reaches every process, then the supervisor forwards it
+                # the same stop delivered twice: Ctrl-C reaches every process, then the supervisor forwards it
+                log.info("signal %d again within %.0f s: the same stop, still draining", sig, SAME_SIGNAL_S)
+                return
             if self.runtime.draining:  # a second signal: stop now, and say so (exit 1: not a clean drain)
                 if not self.force_exit:
                     log.warning("second signal: stopping now with %d requests in flight", self.runtime.inflight)
+                self.runtime.forced = True
                 self.should_exit = True
                 self.force_exit = True
                 self.exit_code = 1

@@ -325,7 +325,8 @@ class ObservabilityMiddleware:
             # uvicorn's plain-text 500. The request ends here; its task was cancelled to end it.
             if not runtime.draining or started_response:
                 raise
-            cut = Draining("the server stopped before this request finished (drain timeout); retry on another replica")
+            why = "a second signal" if runtime.forced else "drain timeout"
+            cut = Draining(f"the server stopped before this request finished ({why}); retry on another replica")
             await reject(runtime, cut, path, "")(scope, receive, send_wrapper)
         finally:
             release(state)  # a request that ended before it was queued no longer counts as work ahead

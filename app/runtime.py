@@ -40,6 +40,7 @@ class Runtime:
     log_clock: Callable[[], float] = time.monotonic  # what the refusal log's one line a second reads (tests: a clock)
     drain_started: float | None = None
     load_error: str | None = None
+    forced: bool = False  # a second signal stopped the drain: what it cuts is cut by that, not by the timeout
     created: float = field(default_factory=time.monotonic)
     # Why the process that runs the models looks stuck, or None: a front end's watch on the model process's
     # heartbeat (app/remote.py); one process has nothing to watch (a stuck event loop answers nothing at all).

@@ -230,8 +230,11 @@ def test_a_second_signal_stops_at_once_says_so_and_exits_1(tmp_path: Path) -> No
         time.sleep(SAME_SIGNAL_S)  # sooner, it is the first stop delivered twice (Ctrl-C, then the supervisor's)
         server.proc.send_signal(signal.SIGTERM)
         assert server.proc.wait(timeout=60) == 1
+        answer = sock.recv(65536)
     log = server.log.read_text()
     assert "second signal: stopping now with 1 requests in flight" in log
+    # cut by the second signal, and told so (it blamed the drain timeout, 60 s away: audit)
+    assert answer.startswith(b"HTTP/1.1 503") and b"(a second signal); retry on another replica" in answer, answer
     assert "CancelledError" not in log  # uvicorn cancels the lifespan: Starlette logged it as a failed shutdown
 
 
