@@ -26,7 +26,7 @@ from fastapi import FastAPI
 
 from perceiver_core import attention
 
-from . import jsonlog, tracing
+from . import DROPPED_METRICS_DIR, jsonlog, tracing
 from .access import key_digests
 from .main import create_app
 from .runtime import Runtime
@@ -310,6 +310,7 @@ def _supervise(settings: Settings) -> int:
     for sock in sockets:
         sock.set_inheritable(True)
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="perceiver-metrics-")
+    os.environ["PERCEIVER_METRICS_DIR"] = os.environ["PROMETHEUS_MULTIPROC_DIR"]  # ours: the processes keep it
     context = multiprocessing.get_context("spawn")  # never fork a process that may hold a CUDA context
     fronts = settings.front_end_processes()
     if fronts:
@@ -446,6 +447,12 @@ def main(argv: list[str] | None = None) -> None:
         log.error("invalid settings: %s", describe_settings_error(exc, args.config))
         sys.exit(2)
     jsonlog.configure(settings.log_level)
+    if DROPPED_METRICS_DIR is not None:
+        log.warning(
+            "PROMETHEUS_MULTIPROC_DIR=%s from the environment is ignored: this server keeps its own metrics (its "
+            "supervisor shares them between its processes)",
+            DROPPED_METRICS_DIR,
+        )
     raise_open_files_limit()
     several = settings.workers > 1 or settings.front_end_processes() > 0
     sys.exit(_supervise(settings) if several else _serve(settings))

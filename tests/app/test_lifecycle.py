@@ -352,6 +352,36 @@ def test_several_worker_processes_share_the_port_and_drain_together(tmp_path: Pa
     assert server.terminate() == 0
 
 
+@pytest.mark.parametrize("present", [False, True])
+def test_a_prometheus_multiproc_dir_from_the_environment_is_ignored(tmp_path: Path, present: bool) -> None:
+    """Base images made for gunicorn set PROMETHEUS_MULTIPROC_DIR: a one-process server crashed at start on a
+    missing folder (a 33-line traceback), or summed an older process's samples into its own /metrics (audit).
+    It keeps its own metrics, and says the variable is ignored."""
+    folder = tmp_path / "prom"
+    if present:  # an older process's samples in it
+        folder.mkdir()
+        code = (
+            "from prometheus_client import Counter; "
+            "Counter('perceiver_requests', 'x', ['task', 'model', 'status']).labels('classify-text', "
+            "'classify-text', '200').inc(1000)"
+        )
+        subprocess.run([sys.executable, "-c", code], env={**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(folder)})
+        assert list(folder.iterdir())
+    env = {
+        "PERCEIVER_DEMO_TASKS": '["classify-text"]',
+        "PERCEIVER_WARMUP": "false",
+        "PROMETHEUS_MULTIPROC_DIR": str(folder),
+    }
+    server = Server(tmp_path / "log.jsonl", env)
+    server.wait_ready()
+    with httpx.Client(base_url=server.url, timeout=60) as client:
+        assert client.post("/v1/classify-text", json={"text": "hi"}).status_code == 200
+        samples = client.get("/metrics").text
+    assert metric(samples, "perceiver_requests_total", model="classify-text", status="200") == 1
+    assert server.terminate() == 0
+    assert f"PROMETHEUS_MULTIPROC_DIR={folder} from the environment is ignored" in server.log.read_text()
+
+
 def test_decoding_in_processes(tmp_path: Path) -> None:
     """PERCEIVER_DECODE_PROCESSES moves upload decoding out of the server process: same answers."""
     env = {"PERCEIVER_DEMO_TASKS": '["classify"]', "PERCEIVER_WARMUP": "false", "PERCEIVER_DECODE_PROCESSES": "2"}
