@@ -187,15 +187,36 @@ class Heartbeats:
 
     STALL_S = 10.0  # as the front ends' watch on the model process (remote.MODEL_STALL_S)
 
+    LOOK_GAP_S = 1.0  # the supervisor looks every 0.2 s: a longer gap means it was stopped too
+
     def __init__(self, context: Any, count: int) -> None:
         self.times = context.RawArray("d", count)  # 0: no beat yet (loading the models, or starting)
+        self._seen = [0.0] * count  # each process's beat as last seen, and since when (the supervisor's clock)
+        self._since = [0.0] * count
+        self._looked: float | None = None
 
     def beat(self, index: int) -> Beat:
         return Beat(self.times, index)
 
+    def served(self, index: int) -> bool:
+        """Whether the process has run its event loop, serving, at least once."""
+        return bool(self.times[index])
+
     def stalled(self, now: float) -> list[tuple[int, float]]:
-        """The processes whose event loop has not run for ``STALL_S``, with how long."""
-        return [(i, now - t) for i, t in enumerate(self.times) if t and now - t > self.STALL_S]
+        """The processes whose beat has not moved for ``STALL_S`` of the supervisor's own watching, with how long.
+        Not the beat's age: a group stopped and resumed together (Ctrl-Z then fg, docker pause) has old beats, and
+        the supervisor may look before they beat again (review: a healthy process killed in 6 runs of 8). A look
+        more than ``LOOK_GAP_S`` after the last means the supervisor was stopped too: the watch starts over."""
+        if self._looked is None or now - self._looked > self.LOOK_GAP_S:
+            self._since = [now] * len(self._since)
+        self._looked = now
+        found = []
+        for index, beat in enumerate(self.times):
+            if beat != self._seen[index]:
+                self._seen[index], self._since[index] = beat, now
+            elif beat and now - self._since[index] > self.STALL_S:
+                found.append((index, now - self._since[index]))
+        return found
 
 
 def _worker(settings_json: str, sockets: list[socket.socket], parent: int, beat: Callable[[], None]) -> None:
@@ -333,7 +354,6 @@ def _supervise(settings: Settings) -> int:
             for i in range(settings.workers)
         ]
     stopping = False
-    stop_signal: int = signal.SIGTERM
 
     def signal_all(sig: int, group: list[Any]) -> None:
         for proc in group:
@@ -341,18 +361,31 @@ def _supervise(settings: Settings) -> int:
                 os.kill(proc.pid, sig)
 
     def forward(sig: int, frame: Any) -> None:
-        nonlocal stopping, stop_signal
-        stopping, stop_signal = True, sig
+        nonlocal stopping
+        stopping = True
         # Every process at once, the model process too: it serves the front ends until they have drained and
-        # gone, within the same drain_timeout_s (signalled after them, it took a second drain's time)
-        signal_all(sig, [*procs, *last])
+        # gone, within the same drain_timeout_s (signalled after them, it took a second drain's time). SIGTERM
+        # whichever came: a process still starting dies of it quietly (SIGINT printed a KeyboardInterrupt
+        # traceback from each: review); a started one drains on either.
+        signal_all(signal.SIGTERM, [*procs, *last])
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, forward)
     for proc in [*last, *procs]:
         proc.start()
         if stopping:  # the signal came as the processes started: this one may not have had it (audit: it came up,
-            os.kill(proc.pid, stop_signal)  # answered ready and never stopped); twice is once (SAME_SIGNAL_S)
+            os.kill(proc.pid, signal.SIGTERM)  # answered ready and never stopped); twice is once (SAME_SIGNAL_S)
+
+    def quiet_stop(proc: Any) -> bool:
+        """Stopped by the signal before it had served (its handlers not in place yet): a clean stop. A process
+        that had served and dies of a signal was cut (review: a worker whose drain timed out, dying of a second
+        SIGTERM in its teardown, made the group exit 0)."""
+        if not stopping or proc.exitcode not in (-signal.SIGTERM, -signal.SIGINT):
+            return False
+        if proc in procs:
+            return not beats.served(procs.index(proc))
+        return not any(beats.served(i) for i in range(len(procs)))  # the model process: before any front end served
+
     if fronts:
         log.info("started %d front ends and the model process on %s:%d", fronts, settings.host, settings.port)
     else:
@@ -365,9 +398,7 @@ def _supervise(settings: Settings) -> int:
                 continue
             if proc.pid is None or proc.exitcode is None:  # not started yet
                 continue
-            # stopped by the signal before its handlers were in place: it had served nothing, a clean stop
-            clean = stopping and proc.exitcode in (-signal.SIGTERM, -signal.SIGINT)
-            codes[proc.pid] = 0 if clean else proc.exitcode
+            codes[proc.pid] = 0 if quiet_stop(proc) else proc.exitcode
             multiprocess.mark_process_dead(proc.pid)  # type: ignore[no-untyped-call]
             if not stopping:  # a process died on its own: take the rest down, let the orchestrator restart us
                 failed = load_error(path) if fronts else None

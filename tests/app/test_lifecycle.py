@@ -238,6 +238,67 @@ def test_a_second_signal_stops_at_once_says_so_and_exits_1(tmp_path: Path) -> No
     assert "CancelledError" not in log  # uvicorn cancels the lifespan: Starlette logged it as a failed shutdown
 
 
+def test_the_heartbeat_watch_goes_by_the_supervisors_own_watching() -> None:
+    """A beat that has not moved for STALL_S of the supervisor's watching is a stuck process; one not yet written
+    (loading, starting) never is. The beats' age is not the test: a group stopped and resumed together (Ctrl-Z,
+    docker pause) has old beats, and a supervisor that looked before they moved again killed a healthy process
+    (review: 6 runs of 8). A look long after the last means the supervisor was stopped too: the watch restarts."""
+    import multiprocessing
+
+    from app.cli import Heartbeats
+
+    beats = Heartbeats(multiprocessing.get_context("spawn"), 2)
+    beats.times[0] = 100.0  # as Beat writes it
+    now = 100.0
+    while now < 110.0:  # the supervisor looks every 0.2 s; the first process beats no more, the second never did
+        assert beats.stalled(now) == []
+        now += 0.2
+    assert [i for i, _ in beats.stalled(110.3)] == [0]
+    beats.times[0] = 110.4  # it runs again
+    assert beats.stalled(110.5) == [] and beats.served(0) and not beats.served(1)
+    # everything stopped for 30 s, the supervisor resuming first: its looks find the beat of before the stop
+    now = 140.5
+    while now < 150.5:
+        assert beats.stalled(now) == [], now
+        now += 0.2
+    assert [i for i, _ in beats.stalled(150.7)] == [0]  # and the watch goes on: no beat since, 10 s watched
+
+
+@pytest.mark.timeout(180)
+def test_a_signal_while_a_process_starts_reaches_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The supervisor's SIGTERM, handled as its second worker starts (before it has a pid), reached only the first:
+    the second came up and served for ever (audit). Sent it once started, it stops, and the group exits 0."""
+    import multiprocessing.context
+
+    from app.cli import _supervise
+
+    original = multiprocessing.context.SpawnProcess.start
+    started: list[str] = []
+
+    def start(self: multiprocessing.context.SpawnProcess) -> None:
+        started.append(self.name)
+        if len(started) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)  # handled here, in this (the main) thread, before the start
+        original(self)
+
+    monkeypatch.setattr(multiprocessing.context.SpawnProcess, "start", start)
+    environment = dict(os.environ)
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    settings = Settings(
+        workers=2, demo_tasks=["classify-text"], warmup=False, host="127.0.0.1", port=free_port(), grpc_port=0
+    )
+    try:
+        assert _supervise(settings) == 0
+    finally:
+        for child in multiprocessing.active_children():  # none but where it failed: nothing left serving
+            child.kill()
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+        os.environ.clear()
+        os.environ.update(environment)
+    assert started == ["worker-0", "worker-1"]
+
+
 @pytest.mark.parametrize("setting", ["PERCEIVER_WORKERS", "PERCEIVER_API_PROCESSES"])
 def test_a_signal_as_the_processes_start_stops_them_all_and_exits_0(tmp_path: Path, setting: str) -> None:
     """A SIGTERM that came while the supervisor started its processes reached only those already started: the
