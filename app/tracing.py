@@ -67,19 +67,25 @@ def configure(settings: Settings) -> Tracing | None:
 
 def check(settings: Settings) -> None:
     """Raise what ``configure`` would raise (the SDK asked for by name and missing, an exporter no package
-    provides, or one its variables break), before any process starts: one line and exit 2, not a traceback from
-    each process (audit). Builds the exporters and drops them: none connects before its first export."""
+    provides, or one its variables break, the batch processor's variables too), before any process starts: one
+    line and exit 2, not a traceback from each process (audit, review). Builds the provider and shuts it down:
+    no exporter connects before its first export."""
     if not wanted(settings):
         return
     try:
-        import opentelemetry.sdk.trace  # noqa: F401
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor
     except ImportError:
         if settings.tracing:
             raise RuntimeError("tracing needs OpenTelemetry's SDK: pip install 'perceiver-serve[tracing]'") from None
         return
-    for exporter in exporters():
+    provider = TracerProvider(shutdown_on_exit=False)
+    try:
+        for exporter in exporters():
+            provider.add_span_processor(BatchSpanProcessor(exporter))
+    finally:
         with contextlib.suppress(Exception):
-            exporter.shutdown()
+            provider.shutdown()
 
 
 def exporters() -> list[Any]:

@@ -291,7 +291,8 @@ async def repository_index(request: Request) -> list[RepositoryModel]:
         ]
     for engine in engines:
         if ok or not options.ready:
-            reason = "" if ok else ("draining" if runtime.draining else "loading")
+            # why not: the drain, the model process gone or a failed load (it said "loading": review), or loading
+            reason = "" if ok else "draining" if runtime.draining else runtime.load_error or "loading"
             index.append(RepositoryModel(name=v2_name(engine), version=VERSION, state=_state(ok), reason=reason))
     return index
 

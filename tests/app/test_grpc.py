@@ -317,6 +317,27 @@ def test_a_health_watch_ends_once_draining_has_been_said(demo_server: LiveServer
     assert said == [health_pb2.HealthCheckResponse.NOT_SERVING]
 
 
+def test_a_health_watch_says_not_serving_before_it_ends_however_the_drain_falls(demo_server: LiveServer) -> None:
+    """The drain began as the stream had yielded SERVING, before it ran on: it ended without NOT_SERVING (review).
+    The servicer's stream, stepped by hand so that the drain falls exactly there."""
+    import asyncio
+
+    from app.oip.grpc import Health
+
+    async def steps() -> list[int]:
+        stream = Health(demo_server.runtime).Watch(health_pb2.HealthCheckRequest(), None)
+        said = [(await anext(stream)).status]
+        demo_server.runtime.draining = True
+        try:
+            said += [reply.status async for reply in stream]
+        finally:
+            demo_server.runtime.draining = False
+        return said
+
+    serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+    assert asyncio.run(steps()) == [serving, not_serving]
+
+
 def test_the_readmes_grpc_example_runs_as_written_and_prints_what_it_says(demo_server: LiveServer) -> None:
     readme = (ROOT / "README.md").read_text()
     section = readme.split("\n### Over gRPC\n", 1)[1].split("\n## ", 1)[0]
@@ -409,6 +430,15 @@ def test_the_index_lists_every_configured_model_while_the_last_ones_load(demo_se
     assert sorted(listed) == sorted(names) and len(names) >= 5
     assert sorted(m["name"] for m in index) == sorted(names)
     assert {(m["state"], m["reason"]) for m in index} == {("LOADING", "loading")}
+    # the models started, then the model process gone (or a load failed): unavailable, and why
+    runtime.ready, runtime.load_error = False, "the model process has exited"
+    try:
+        with httpx.Client(base_url=demo_server.url) as rest:
+            index = rest.post("/v2/repository/index").json()
+    finally:
+        runtime.ready, runtime.load_error = True, None
+    assert sorted(m["name"] for m in index) == sorted(names)
+    assert {(m["state"], m["reason"]) for m in index} == {("UNAVAILABLE", "the model process has exited")}
 
 
 def test_typed_contents_are_counted_against_the_shape_before_a_value_is_copied() -> None:

@@ -22,7 +22,7 @@ from opentelemetry.trace import SpanKind
 from app.settings import Settings
 from app.tracing import exporters, wanted
 
-from .conftest import MEDIA, LiveServer
+from .conftest import MEDIA, LiveServer, free_port
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 PARENT_ID = "00f067aa0ba902b7"
@@ -141,20 +141,39 @@ def test_a_missing_exporter_is_named_as_the_variables_asked_for_it(monkeypatch: 
     assert str(caught.value).startswith("OTEL_TRACES_EXPORTER names 'zipkin', whose exporter (zipkin) no installed")
 
 
-@pytest.mark.parametrize("processes", ["0", "2"])
-def test_an_exporter_that_cannot_be_made_stops_the_start_with_one_line_and_exit_2(processes: str) -> None:
-    """As every other bad setting: it was a 20-line traceback and exit 1, one from each front end (audit)."""
+@pytest.mark.parametrize(
+    ("processes", "variables", "says"),
+    [
+        ("0", {"OTEL_TRACES_EXPORTER": "bogus"}, "OTEL_TRACES_EXPORTER names 'bogus'"),
+        ("2", {"OTEL_TRACES_EXPORTER": "bogus"}, "OTEL_TRACES_EXPORTER names 'bogus'"),
+        (  # the batch processor's own variables (review)
+            "2",
+            {
+                "OTEL_TRACES_EXPORTER": "console",
+                "OTEL_BSP_MAX_QUEUE_SIZE": "10",
+                "OTEL_BSP_MAX_EXPORT_BATCH_SIZE": "99",
+            },
+            "",
+        ),
+    ],
+)
+def test_tracing_that_cannot_be_set_up_stops_the_start_with_one_line_and_exit_2(
+    processes: str, variables: dict[str, str], says: str
+) -> None:
+    """As every other bad setting: it was a 20-line traceback and exit 1, one from each front end (audit). The
+    port is one no test uses: the server must stop before it binds any."""
     env = {
         **os.environ,
-        "OTEL_TRACES_EXPORTER": "bogus",
+        **variables,
         "PERCEIVER_API_PROCESSES": processes,
+        "PERCEIVER_PORT": str(free_port()),
         "PERCEIVER_GRPC_PORT": "0",
     }
     done = subprocess.run([sys.executable, "-m", "app.cli"], env=env, capture_output=True, text=True, timeout=120)
     lines = (done.stdout + done.stderr).strip().splitlines()
     assert done.returncode == 2 and len(lines) == 1, lines
     line = json.loads(lines[0])
-    assert line["level"] == "ERROR" and line["msg"].startswith("invalid settings: OTEL_TRACES_EXPORTER names 'bogus'")
+    assert line["level"] == "ERROR" and line["msg"].startswith(f"invalid settings: {says}"), line
 
 
 def test_off_by_default_with_no_opentelemetry_sdk_import() -> None:
