@@ -48,6 +48,24 @@ def wanted(settings: Settings) -> bool:
 
 def configure(settings: Settings) -> Tracing | None:
     """The server's tracing, or None when it is off (nothing imported)."""
+    provider = _provider(settings)
+    return None if provider is None else Tracing(provider)
+
+
+def check(settings: Settings) -> None:
+    """Raise what ``configure`` would raise (the SDK asked for by name and missing, an exporter no package
+    provides, or one its variables break, the batch processor's variables too), before any process starts: one
+    line and exit 2, not a traceback from each process (audit, review). The provider is built and shut down: no
+    exporter connects before its first export."""
+    provider = _provider(settings, trial=True)
+    if provider is not None:
+        with contextlib.suppress(Exception):
+            provider.shutdown()
+
+
+def _provider(settings: Settings, trial: bool = False) -> Any:
+    """The tracer provider the settings and OTEL_* variables ask for, or None when tracing is off. ``trial``:
+    ``check``'s, shut down at once (no exit hook, and the missing SDK's warning left to ``configure``)."""
     if not wanted(settings):
         return None
     try:
@@ -57,35 +75,14 @@ def configure(settings: Settings) -> Tracing | None:
         message = "tracing needs OpenTelemetry's SDK: pip install 'perceiver-serve[tracing]'"
         if settings.tracing:  # asked for by name: refuse to start without it
             raise RuntimeError(message) from None
-        log.warning("OTEL_* variables ask for traces, but %s; tracing stays off", message)
+        if not trial:
+            log.warning("OTEL_* variables ask for traces, but %s; tracing stays off", message)
         return None
-    provider = TracerProvider()  # resource (OTEL_SERVICE_NAME, ...) and sampler from the environment
+    # resource (OTEL_SERVICE_NAME, ...) and sampler from the environment
+    provider = TracerProvider(shutdown_on_exit=not trial)
     for exporter in exporters():
         provider.add_span_processor(BatchSpanProcessor(exporter))
-    return Tracing(provider)
-
-
-def check(settings: Settings) -> None:
-    """Raise what ``configure`` would raise (the SDK asked for by name and missing, an exporter no package
-    provides, or one its variables break, the batch processor's variables too), before any process starts: one
-    line and exit 2, not a traceback from each process (audit, review). Builds the provider and shuts it down:
-    no exporter connects before its first export."""
-    if not wanted(settings):
-        return
-    try:
-        from opentelemetry.sdk.trace import TracerProvider
-        from opentelemetry.sdk.trace.export import BatchSpanProcessor
-    except ImportError:
-        if settings.tracing:
-            raise RuntimeError("tracing needs OpenTelemetry's SDK: pip install 'perceiver-serve[tracing]'") from None
-        return
-    provider = TracerProvider(shutdown_on_exit=False)
-    try:
-        for exporter in exporters():
-            provider.add_span_processor(BatchSpanProcessor(exporter))
-    finally:
-        with contextlib.suppress(Exception):
-            provider.shutdown()
+    return provider
 
 
 def exporters() -> list[Any]:

@@ -284,15 +284,15 @@ async def repository_index(request: Request) -> list[RepositoryModel]:
     index = []
     ok = model_ready(runtime)
     engines = served_models(runtime)
+    # why not ready: the drain, the model process gone or a failed load (it said "loading": review), or loading
+    why = "draining" if runtime.draining else runtime.load_error or "loading"
     if _loading(runtime, engines) and not options.ready:  # loading: as Triton lists them, by name
-        loading = "loading" if runtime.load_error is None else "failed to load"
         return [
-            RepositoryModel(name=n, version=VERSION, state="LOADING", reason=loading) for n in configured_names(runtime)
+            RepositoryModel(name=n, version=VERSION, state="LOADING", reason=why) for n in configured_names(runtime)
         ]
     for engine in engines:
         if ok or not options.ready:
-            # why not: the drain, the model process gone or a failed load (it said "loading": review), or loading
-            reason = "" if ok else "draining" if runtime.draining else runtime.load_error or "loading"
+            reason = "" if ok else why
             index.append(RepositoryModel(name=v2_name(engine), version=VERSION, state=_state(ok), reason=reason))
     return index
 
