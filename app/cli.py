@@ -181,9 +181,9 @@ class Beat:
 class Heartbeats:
     """When each server process's event loop last ran (monotonic seconds, shared memory the supervisor made):
     a process writes its own as uvicorn ticks (10 times a second), and the supervisor takes the group down when
-    one is older than ``STALL_S``, so that the orchestrator restarts it. Liveness could not tell: the other
-    processes answer the probes (audit: with one front end stopped, /healthz answered 200 20 times of 20, and
-    9-12 of 20 gRPC health checks, which the kernel gave the stopped one, timed out)."""
+    one has not moved for ``STALL_S`` (``stalled``), so that the orchestrator restarts it. Liveness could not
+    tell: the other processes answer the probes (audit: with one front end stopped, /healthz answered 200 20 times
+    of 20, and 9-12 of 20 gRPC health checks, which the kernel gave the stopped one, timed out)."""
 
     STALL_S = 10.0  # as the front ends' watch on the model process (remote.MODEL_STALL_S)
 
